@@ -1,0 +1,1 @@
+"""MIKEY-TICKET Key Management Service."""

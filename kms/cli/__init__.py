@@ -1,0 +1,65 @@
+"""The ``kms`` command line: the composition root for operators.
+
+Each sub-module registers its own sub-commands; this module only builds the parser and
+turns :class:`CliError` (and key-store errors) into a one-line message and exit status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from kms.keystore import KeyStoreError
+
+
+class CliError(Exception):
+    """A user-facing error: printed as one line, exit status 1."""
+
+
+def default_home() -> Path:
+    """--home, else $KMS_HOME, else ./kms-home."""
+    return Path(os.environ.get("KMS_HOME") or "kms-home")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kms",
+        description="HSM-backed Key Management Service for MIKEY-TICKET (RFC 6043).",
+    )
+    parser.add_argument(
+        "--home",
+        type=Path,
+        default=None,
+        help="KMS home folder (default: $KMS_HOME, else ./kms-home)",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    from kms.cli import admin, mikey_cmd  # sub-commands register themselves
+
+    mikey_cmd.register(sub)
+    admin.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.home is None:
+        args.home = default_home()
+    try:
+        rc: int = args.func(args)
+    except CliError as exc:
+        print(f"kms: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyStoreError as exc:
+        print(f"kms: error: key store: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return rc
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,3 @@
+from kms.cli import main
+
+raise SystemExit(main())

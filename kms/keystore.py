@@ -1,0 +1,163 @@
+"""The HSM boundary: the key-store interface every component uses (interfaces only).
+
+Implementations live in ``hsm/`` (PKCS#11 and software). The KMS core talks to long-term
+keys only through :class:`KeyStore`, by :class:`KeyRef`; it never sees their values.
+Ephemeral per-message keys (MPK, TGK, derived encr/auth/salt keys) are passed as ``bytes``:
+the PKCS#11 implementation turns them into session objects for the operation and destroys
+them afterwards, so that PRF, forking and KEMAC wrapping all run on the token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+from typing import Protocol, runtime_checkable
+
+from kms.mikey.prf import PrfFunc
+
+
+@dataclass(frozen=True, order=True)
+class KeyRef:
+    """Names a long-term key object in the key store (its CKA_LABEL in a token)."""
+
+    label: str
+
+    def __str__(self) -> str:
+        return self.label
+
+
+Key = KeyRef | bytes
+"""A long-term key by reference, or an ephemeral key's bytes."""
+
+
+class KeyType(str, Enum):
+    """What kind of object a key is."""
+
+    SECRET = "secret"  # generic secret used as HMAC / PRF in-key (PSK, TPK, peer PSK)
+    AES = "aes"
+    RSA = "rsa"  # RSA private key (public half alongside)
+    EC = "ec"  # EC private key (public half alongside)
+
+
+class RsaPadding(str, Enum):
+    """RSA encryption schemes accepted for PKE (reference 14.5)."""
+
+    PKCS1V15 = "pkcs1v15"
+    OAEP_SHA1 = "oaep-sha1"
+
+
+class SignScheme(str, Enum):
+    """Signature schemes (reference 14.5: SIGN S type 0 / 1, SHA-256 default)."""
+
+    RSA_PKCS1V15_SHA256 = "rsa-pkcs1v15-sha256"
+    RSA_PKCS1V15_SHA1 = "rsa-pkcs1v15-sha1"
+    RSA_PSS_SHA256 = "rsa-pss-sha256"
+    RSA_PSS_SHA1 = "rsa-pss-sha1"
+    ECDSA_SHA256 = "ecdsa-sha256"
+
+
+@dataclass(frozen=True)
+class KeyInfo:
+    """What may be said about a key without its value."""
+
+    label: str
+    key_type: KeyType
+    length_bits: int
+    sensitive: bool
+    extractable: bool
+    always_sensitive: bool = False
+    never_extractable: bool = False
+
+
+class KeyStoreError(Exception):
+    """Base of all key-store failures. Messages never contain key material."""
+
+
+class KeyNotFound(KeyStoreError):
+    """No key with that label (toward a peer: treat as an authentication failure)."""
+
+
+class KeyExists(KeyStoreError):
+    """A key with that label already exists."""
+
+
+class InvalidSealedData(KeyStoreError):
+    """Decryption or unwrapping failed (bad ciphertext, wrong key): never retried."""
+
+
+class TokenUnavailable(KeyStoreError):
+    """The token cannot be reached now (transient: the caller may retry later)."""
+
+
+class UnsupportedOperation(KeyStoreError):
+    """The key or token cannot perform the requested operation."""
+
+
+@runtime_checkable
+class KeyStore(Protocol):
+    """Cryptographic operations with keys that may never leave the store."""
+
+    # --- operations ---------------------------------------------------------------------
+    def hmac(self, key: Key, data: bytes, func: PrfFunc) -> bytes:
+        """HMAC-SHA-1 (MIKEY_1) or HMAC-SHA-256 (PRF_HMAC_SHA_256) of ``data`` under ``key``."""
+        ...
+
+    def prf(self, key: Key, label: bytes, out_len: int, func: PrfFunc) -> bytes:
+        """The MIKEY PRF (RFC 3830 4.1.2 / RFC 6043 6.1) with ``key`` as in-key."""
+        ...
+
+    def aes_cm(self, key: bytes, iv: bytes, data: bytes) -> bytes:
+        """AES in counter mode (RFC 3711 4.1.1) with the full 16-byte IV as initial block.
+
+        Encryption and decryption are the same operation.
+        """
+        ...
+
+    def random(self, length: int) -> bytes:
+        """``length`` bytes from the store's random generator."""
+        ...
+
+    def rsa_decrypt(self, key: KeyRef, data: bytes, padding: RsaPadding) -> bytes:
+        """Decrypt with a private RSA key. Any failure raises InvalidSealedData."""
+        ...
+
+    def sign(self, key: KeyRef, data: bytes, scheme: SignScheme) -> bytes:
+        """Sign ``data`` (the store hashes it as the scheme says)."""
+        ...
+
+    def public_key_der(self, key: KeyRef) -> bytes:
+        """DER SubjectPublicKeyInfo of an asymmetric key."""
+        ...
+
+    # --- management ---------------------------------------------------------------------
+    def generate_secret(self, label: str, length: int) -> KeyInfo:
+        """Create a sensitive, non-extractable secret of ``length`` bytes (<= 32)."""
+        ...
+
+    def import_secret(self, label: str, value: bytes) -> KeyInfo:
+        """Store a given secret (<= 32 bytes) as a sensitive, non-extractable object."""
+        ...
+
+    def generate_rsa(self, label: str, bits: int) -> KeyInfo:
+        """Create an RSA key pair; the private half is sensitive and non-extractable."""
+        ...
+
+    def generate_ec(self, label: str, curve: str) -> KeyInfo:
+        """Create an EC key pair (curve name, e.g. "secp256r1")."""
+        ...
+
+    def delete(self, label: str) -> None:
+        """Destroy every object with this label. KeyNotFound if there is none."""
+        ...
+
+    def list_keys(self) -> list[KeyInfo]:
+        """All keys, sorted by label; never values."""
+        ...
+
+    def key_info(self, label: str) -> KeyInfo:
+        """One key's description; KeyNotFound if absent."""
+        ...
+
+    def close(self) -> None:
+        """Release sessions and the module."""
+        ...
