@@ -1,0 +1,210 @@
+"""In-memory key store over `cryptography`: same contract as the PKCS#11 store.
+
+For endpoints (which hold their own keys anyway) and fast unit tests. Values live in process
+memory, so "sensitive / non-extractable" is a promise of this API (no method returns a
+long-term value), not a hardware property.
+"""
+
+from __future__ import annotations
+
+import hmac as _hmac
+import secrets
+import threading
+from dataclasses import dataclass, field
+
+from cryptography.exceptions import InvalidKey
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric import padding as asym_padding
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+from hsm._common import (
+    CURVE_BITS,
+    SEALED_DATA_MESSAGE,
+    canonical_curve,
+    check_aes_cm,
+    check_label,
+    check_rsa_bits,
+    check_secret_length,
+    scheme_hash,
+)
+from kms.keystore import (
+    InvalidSealedData,
+    Key,
+    KeyExists,
+    KeyInfo,
+    KeyNotFound,
+    KeyRef,
+    KeyStoreError,
+    KeyType,
+    RsaPadding,
+    SignScheme,
+    UnsupportedOperation,
+)
+from kms.mikey.prf import PrfFunc, digest_name, prf
+
+_PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
+
+
+@dataclass(frozen=True)
+class _Entry:
+    info: KeyInfo
+    secret: bytes | None = field(default=None, repr=False)
+    private: _PrivateKey | None = field(default=None, repr=False)
+
+
+class SoftwareKeyStore:
+    """Pure-software :class:`kms.keystore.KeyStore`. Thread-safe."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._keys: dict[str, _Entry] = {}
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"<SoftwareKeyStore keys={len(self._keys)}>"
+
+    # --- lookup ---------------------------------------------------------------------------
+    def _entry(self, label: str) -> _Entry:
+        with self._lock:
+            if self._closed:
+                raise KeyStoreError("key store is closed")
+            try:
+                return self._keys[label]
+            except KeyError:
+                raise KeyNotFound(f"no key labelled {label!r}") from None
+
+    def _secret(self, key: Key) -> bytes:
+        if isinstance(key, bytes | bytearray):
+            return bytes(key)
+        entry = self._entry(key.label)
+        if entry.secret is None:
+            raise UnsupportedOperation(f"key {key.label!r} is not a secret key")
+        return entry.secret
+
+    def _private(self, key: KeyRef, kind: type) -> _PrivateKey:
+        entry = self._entry(key.label)
+        if entry.private is None or not isinstance(entry.private, kind):
+            raise UnsupportedOperation(f"key {key.label!r} is not a {kind.__name__}")
+        return entry.private
+
+    def _add(self, entry: _Entry) -> KeyInfo:
+        with self._lock:
+            if self._closed:
+                raise KeyStoreError("key store is closed")
+            if entry.info.label in self._keys:
+                raise KeyExists(f"a key labelled {entry.info.label!r} already exists")
+            self._keys[entry.info.label] = entry
+        return entry.info
+
+    # --- operations -----------------------------------------------------------------------
+    def hmac(self, key: Key, data: bytes, func: PrfFunc) -> bytes:
+        return _hmac.new(self._secret(key), data, digest_name(func)).digest()
+
+    def prf(self, key: Key, label: bytes, out_len: int, func: PrfFunc) -> bytes:
+        return prf(self._secret(key), label, out_len, func)
+
+    def aes_cm(self, key: bytes, iv: bytes, data: bytes) -> bytes:
+        check_aes_cm(key, iv)
+        # cryptography's CTR increments the whole 128-bit block, exactly AES-CM (RFC 3711).
+        enc = Cipher(algorithms.AES(key), modes.CTR(iv)).encryptor()
+        return enc.update(data) + enc.finalize()
+
+    def random(self, length: int) -> bytes:
+        if length < 0:
+            raise ValueError("random length must be >= 0")
+        return secrets.token_bytes(length)
+
+    def rsa_decrypt(self, key: KeyRef, data: bytes, padding: RsaPadding) -> bytes:
+        priv = self._private(key, rsa.RSAPrivateKey)
+        assert isinstance(priv, rsa.RSAPrivateKey)
+        pad: asym_padding.AsymmetricPadding
+        if padding == RsaPadding.PKCS1V15:
+            pad = asym_padding.PKCS1v15()
+        elif padding == RsaPadding.OAEP_SHA1:
+            pad = asym_padding.OAEP(
+                mgf=asym_padding.MGF1(scheme_hash(SignScheme.RSA_PSS_SHA1)),
+                algorithm=scheme_hash(SignScheme.RSA_PSS_SHA1),
+                label=None,
+            )
+        else:
+            raise InvalidSealedData(SEALED_DATA_MESSAGE)
+        try:
+            return priv.decrypt(data, pad)
+        except (ValueError, InvalidKey, TypeError):
+            raise InvalidSealedData(SEALED_DATA_MESSAGE) from None
+
+    def sign(self, key: KeyRef, data: bytes, scheme: SignScheme) -> bytes:
+        h = scheme_hash(scheme)
+        if scheme == SignScheme.ECDSA_SHA256:
+            ec_key = self._private(key, ec.EllipticCurvePrivateKey)
+            assert isinstance(ec_key, ec.EllipticCurvePrivateKey)
+            return ec_key.sign(data, ec.ECDSA(h))
+        rsa_key = self._private(key, rsa.RSAPrivateKey)
+        assert isinstance(rsa_key, rsa.RSAPrivateKey)
+        if scheme in (SignScheme.RSA_PKCS1V15_SHA256, SignScheme.RSA_PKCS1V15_SHA1):
+            return rsa_key.sign(data, asym_padding.PKCS1v15(), h)
+        # PSS with salt length = hash length: what the token mechanisms are given too.
+        pss = asym_padding.PSS(mgf=asym_padding.MGF1(h), salt_length=asym_padding.PSS.DIGEST_LENGTH)
+        return rsa_key.sign(data, pss, h)
+
+    def public_key_der(self, key: KeyRef) -> bytes:
+        entry = self._entry(key.label)
+        if entry.private is None:
+            raise UnsupportedOperation(f"key {key.label!r} has no public half")
+        return entry.private.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+
+    # --- management -----------------------------------------------------------------------
+    def generate_secret(self, label: str, length: int) -> KeyInfo:
+        check_label(label)
+        check_secret_length(length)
+        info = KeyInfo(label, KeyType.SECRET, length * 8, sensitive=True, extractable=False,
+                       always_sensitive=True, never_extractable=True)
+        return self._add(_Entry(info, secret=secrets.token_bytes(length)))
+
+    def import_secret(self, label: str, value: bytes) -> KeyInfo:
+        check_label(label)
+        check_secret_length(len(value))
+        # Like a token: an imported value was known outside, so not "always sensitive".
+        info = KeyInfo(label, KeyType.SECRET, len(value) * 8, sensitive=True,
+                       extractable=False, always_sensitive=False, never_extractable=False)
+        return self._add(_Entry(info, secret=bytes(value)))
+
+    def generate_rsa(self, label: str, bits: int) -> KeyInfo:
+        check_label(label)
+        check_rsa_bits(bits)
+        priv = rsa.generate_private_key(public_exponent=65537, key_size=bits)
+        info = KeyInfo(label, KeyType.RSA, bits, sensitive=True, extractable=False,
+                       always_sensitive=True, never_extractable=True)
+        return self._add(_Entry(info, private=priv))
+
+    def generate_ec(self, label: str, curve: str) -> KeyInfo:
+        check_label(label)
+        name = canonical_curve(curve)
+        curve_obj: ec.EllipticCurve = ec.SECP256R1() if name == "secp256r1" else ec.SECP384R1()
+        priv = ec.generate_private_key(curve_obj)
+        info = KeyInfo(label, KeyType.EC, CURVE_BITS[name], sensitive=True, extractable=False,
+                       always_sensitive=True, never_extractable=True)
+        return self._add(_Entry(info, private=priv))
+
+    def delete(self, label: str) -> None:
+        with self._lock:
+            if self._keys.pop(label, None) is None:
+                raise KeyNotFound(f"no key labelled {label!r}")
+
+    def list_keys(self) -> list[KeyInfo]:
+        with self._lock:
+            return [self._keys[k].info for k in sorted(self._keys)]
+
+    def key_info(self, label: str) -> KeyInfo:
+        return self._entry(label).info
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            self._keys.clear()
+
+
+__all__ = ["SoftwareKeyStore"]
