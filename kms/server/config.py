@@ -1,0 +1,459 @@
+"""``kms.toml``: the typed, validated KMS configuration.
+
+Loading is split in two so that it can be tested without files: :func:`parse_config` is a
+pure function from TOML text and the home path to a :class:`KmsConfig`; :func:`load_config`
+only reads ``<home>/kms.toml``. :func:`render_config` writes the commented template that
+``kms init`` installs; it is parsed back before it is written so that init can never produce
+a configuration that the KMS then refuses to load.
+
+Every validation failure is a :class:`ConfigError` whose message is one line naming the
+section and key, e.g. ``kms.toml: [policy] forking: must be one of "allowed", ...``.
+The PIN itself never appears in kms.toml: only where to read it from (``pin_env`` or
+``pin_file``).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from kms.keystore import RsaPadding
+from kms.mikey.prf import PrfFunc
+
+CONFIG_FILE = "kms.toml"
+
+PRF_NAMES: dict[str, PrfFunc] = {
+    "hmac-sha-1": PrfFunc.MIKEY_1,
+    "hmac-sha-256": PrfFunc.PRF_HMAC_SHA_256,
+}
+KEY_TYPES = ("tgk", "tek", "gtgk")
+FORKING_MODES = ("allowed", "required", "forbidden")
+PKE_PADDINGS = tuple(p.value for p in RsaPadding)
+
+# RFC 3986 scheme followed by ":"; used for the KMS id and for URI endpoint identities.
+URI_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*:\S+$")
+
+
+class ConfigError(ValueError):
+    """kms.toml is unreadable or invalid; the message is one line naming the bad key."""
+
+
+@dataclass(frozen=True)
+class TokenSettings:
+    """``[token]``: which PKCS#11 token holds the KMS keys and how to log in."""
+
+    module: str
+    label: str | None = None
+    serial: str | None = None
+    pin_env: str | None = None
+    pin_file: Path | None = None
+    softhsm_conf: Path | None = None
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """``[server]``: the gRPC listener."""
+
+    listen: str = "127.0.0.1:50051"
+    workers: int = 1
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    allow_plaintext_non_loopback: bool = False
+
+    @property
+    def host(self) -> str:
+        return split_listen(self.listen)[0]
+
+    @property
+    def port(self) -> int:
+        return split_listen(self.listen)[1]
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
+
+
+@dataclass(frozen=True)
+class PolicySettings:
+    """``[policy]``: the KMS-wide ticket policy defaults."""
+
+    prf: str = "hmac-sha-1"
+    allowed_key_types: tuple[str, ...] = KEY_TYPES
+    max_lifetime_s: int = 86400
+    default_lifetime_s: int = 3600
+    forking: str = "allowed"
+    reuse_allowed: bool = True
+    timestamp_window_s: int = 120
+    replay_cache_size: int = 100000
+    rate_limit_per_s: int = 50
+
+    @property
+    def prf_func(self) -> PrfFunc:
+        return PRF_NAMES[self.prf]
+
+
+@dataclass(frozen=True)
+class PkSettings:
+    """``[pk]``: public-key (REQUEST_INIT_PK / RESOLVE_INIT_PK) settings."""
+
+    ca_bundle: Path | None = None
+    pke_padding: str = RsaPadding.PKCS1V15.value
+
+    @property
+    def rsa_padding(self) -> RsaPadding:
+        return RsaPadding(self.pke_padding)
+
+
+@dataclass(frozen=True)
+class KmsConfig:
+    """The whole of kms.toml; paths are absolute (relative ones resolved against ``home``)."""
+
+    home: Path
+    kms_id: str
+    token: TokenSettings
+    server: ServerSettings = field(default_factory=ServerSettings)
+    policy: PolicySettings = field(default_factory=PolicySettings)
+    pk: PkSettings = field(default_factory=PkSettings)
+
+    @property
+    def kms_id_bytes(self) -> bytes:
+        """The KMS identity as sent in IDRkms (UTF-8, compared byte for byte)."""
+        return self.kms_id.encode("utf-8")
+
+
+# ------------------------------------------------------------------------------------------
+# validation helpers
+
+
+def split_listen(listen: str) -> tuple[str, int]:
+    """``host:port`` or ``[v6]:port`` -> (host, port); ValueError if malformed."""
+    m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d{1,5})|([^\s:\[\]]+):(\d{1,5})", listen)
+    if not m:
+        raise ValueError("expected HOST:PORT or [IPV6]:PORT")
+    host = m.group(1) or m.group(3)
+    port = int(m.group(2) or m.group(4))
+    if not 0 < port < 65536:
+        raise ValueError("port must be 1..65535")
+    return host, port
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a DNS name other than localhost may resolve anywhere
+
+
+T = TypeVar("T")
+
+
+class _Section:
+    """Reads typed values out of one TOML table and reports the first problem by name."""
+
+    def __init__(self, name: str, table: Any, home: Path, allowed: tuple[str, ...]) -> None:
+        self.name = name
+        self.home = home
+        if table is None:
+            table = {}
+        if not isinstance(table, Mapping):
+            raise ConfigError(f"{CONFIG_FILE}: [{name}] must be a table")
+        unknown = sorted(set(table) - set(allowed))
+        if unknown:
+            # Unknown keys are almost always typos of a real key: refuse instead of ignoring.
+            raise ConfigError(f"{CONFIG_FILE}: [{name}] {unknown[0]}: unknown key")
+        self.table: Mapping[str, Any] = table
+
+    def error(self, key: str, msg: str) -> ConfigError:
+        return ConfigError(f"{CONFIG_FILE}: [{self.name}] {key}: {msg}")
+
+    def _get(self, key: str, default: T, check: Callable[[Any], bool], what: str) -> Any:
+        if key not in self.table:
+            return default
+        value = self.table[key]
+        if not check(value):
+            raise self.error(key, f"must be {what}, got {_show(value)}")
+        return value
+
+    def string(self, key: str, default: str | None = None) -> str | None:
+        value = self._get(key, default, lambda v: isinstance(v, str) and v != "", "a string")
+        return value  # type: ignore[no-any-return]
+
+    def required_string(self, key: str) -> str:
+        value = self.string(key)
+        if value is None:
+            raise self.error(key, "is required")
+        return value
+
+    def boolean(self, key: str, default: bool) -> bool:
+        return bool(self._get(key, default, lambda v: isinstance(v, bool), "true or false"))
+
+    def integer(self, key: str, default: int, minimum: int, maximum: int) -> int:
+        # bool is an int subclass in Python: refuse `workers = true` explicitly.
+        value = self._get(
+            key,
+            default,
+            lambda v: isinstance(v, int) and not isinstance(v, bool) and minimum <= v <= maximum,
+            f"an integer in {minimum}..{maximum}",
+        )
+        return int(value)
+
+    def choice(self, key: str, default: str, choices: tuple[str, ...]) -> str:
+        what = "one of " + ", ".join(json.dumps(c) for c in choices)
+        return str(self._get(key, default, lambda v: v in choices, what))
+
+    def path(self, key: str) -> Path | None:
+        value = self.string(key)
+        if value is None:
+            return None
+        p = Path(value).expanduser()
+        return p if p.is_absolute() else self.home / p
+
+
+def _show(value: Any) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+# ------------------------------------------------------------------------------------------
+# parsing
+
+
+def parse_config(text: str, home: Path) -> KmsConfig:
+    """Validate kms.toml text; relative paths are resolved against ``home`` (no file I/O)."""
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{CONFIG_FILE}: not valid TOML: {exc}") from None
+    unknown = sorted(set(doc) - {"kms", "token", "server", "policy", "pk"})
+    if unknown:
+        raise ConfigError(f"{CONFIG_FILE}: [{unknown[0]}]: unknown section")
+
+    kms = _Section("kms", doc.get("kms"), home, ("id",))
+    kms_id = kms.required_string("id")
+    if not URI_RE.match(kms_id):
+        raise kms.error("id", f"must be a URI such as \"kms:kms.example.org\", got {_show(kms_id)}")
+
+    token = _parse_token(doc, home)
+    server = _parse_server(doc, home)
+    policy = _parse_policy(doc, home)
+
+    pk = _Section("pk", doc.get("pk"), home, ("ca_bundle", "pke_padding"))
+    pk_settings = PkSettings(
+        ca_bundle=pk.path("ca_bundle"),
+        pke_padding=pk.choice("pke_padding", RsaPadding.PKCS1V15.value, PKE_PADDINGS),
+    )
+    return KmsConfig(
+        home=home, kms_id=kms_id, token=token, server=server, policy=policy, pk=pk_settings
+    )
+
+
+def _parse_token(doc: Mapping[str, Any], home: Path) -> TokenSettings:
+    if "token" not in doc:
+        raise ConfigError(f"{CONFIG_FILE}: [token]: section is required")
+    sec = _Section(
+        "token",
+        doc["token"],
+        home,
+        ("module", "label", "serial", "pin_env", "pin_file", "softhsm_conf"),
+    )
+    module = sec.required_string("module")
+    label = sec.string("label")
+    serial = sec.string("serial")
+    if label is None and serial is None:
+        raise sec.error("label", "is required (or give serial)")
+    pin_env = sec.string("pin_env")
+    pin_file = sec.path("pin_file")
+    if pin_env is None and pin_file is None:
+        raise sec.error("pin_file", "is required (or give pin_env)")
+    if pin_env is not None and pin_file is not None:
+        raise sec.error("pin_env", "give either pin_env or pin_file, not both")
+    if pin_env is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", pin_env):
+        raise sec.error("pin_env", f"must be an environment variable name, got {_show(pin_env)}")
+    return TokenSettings(
+        module=module,
+        label=label,
+        serial=serial,
+        pin_env=pin_env,
+        pin_file=pin_file,
+        softhsm_conf=sec.path("softhsm_conf"),
+    )
+
+
+def _parse_server(doc: Mapping[str, Any], home: Path) -> ServerSettings:
+    sec = _Section(
+        "server",
+        doc.get("server"),
+        home,
+        ("listen", "workers", "tls_cert", "tls_key", "tls_client_ca",
+         "allow_plaintext_non_loopback"),
+    )
+    listen = sec.string("listen", ServerSettings.listen)
+    assert listen is not None
+    try:
+        host, _port = split_listen(listen)
+    except ValueError as exc:
+        raise sec.error("listen", f"{exc}, got {_show(listen)}") from None
+    settings = ServerSettings(
+        listen=listen,
+        workers=sec.integer("workers", 1, 1, 256),
+        tls_cert=sec.path("tls_cert"),
+        tls_key=sec.path("tls_key"),
+        tls_client_ca=sec.path("tls_client_ca"),
+        allow_plaintext_non_loopback=sec.boolean("allow_plaintext_non_loopback", False),
+    )
+    if (settings.tls_cert is None) != (settings.tls_key is None):
+        missing = "tls_key" if settings.tls_key is None else "tls_cert"
+        raise sec.error(missing, "tls_cert and tls_key must be given together")
+    if settings.tls_client_ca is not None and settings.tls_cert is None:
+        raise sec.error("tls_client_ca", "needs tls_cert and tls_key")
+    if (
+        settings.tls_cert is None
+        and not is_loopback(host)
+        and not settings.allow_plaintext_non_loopback
+    ):
+        # Plaintext gRPC off the loopback interface exposes tickets and metadata to the
+        # network; it has to be asked for explicitly.
+        raise sec.error(
+            "listen",
+            f"{listen} is not a loopback address and no tls_cert/tls_key is set "
+            "(set allow_plaintext_non_loopback = true to accept plaintext)",
+        )
+    return settings
+
+
+def _parse_policy(doc: Mapping[str, Any], home: Path) -> PolicySettings:
+    sec = _Section(
+        "policy",
+        doc.get("policy"),
+        home,
+        ("prf", "allowed_key_types", "max_lifetime_s", "default_lifetime_s", "forking",
+         "reuse_allowed", "timestamp_window_s", "replay_cache_size", "rate_limit_per_s"),
+    )
+    key_types = sec.table.get("allowed_key_types", list(KEY_TYPES))
+    if (
+        not isinstance(key_types, list)
+        or not key_types
+        or any(k not in KEY_TYPES for k in key_types)
+        or len(set(key_types)) != len(key_types)
+    ):
+        raise sec.error(
+            "allowed_key_types",
+            f"must be a non-empty list of distinct values from {json.dumps(list(KEY_TYPES))}, "
+            f"got {_show(key_types)}",
+        )
+    ten_years = 10 * 366 * 86400
+    policy = PolicySettings(
+        prf=sec.choice("prf", "hmac-sha-1", tuple(PRF_NAMES)),
+        allowed_key_types=tuple(key_types),
+        max_lifetime_s=sec.integer("max_lifetime_s", 86400, 1, ten_years),
+        default_lifetime_s=sec.integer("default_lifetime_s", 3600, 1, ten_years),
+        forking=sec.choice("forking", "allowed", FORKING_MODES),
+        reuse_allowed=sec.boolean("reuse_allowed", True),
+        timestamp_window_s=sec.integer("timestamp_window_s", 120, 1, 86400),
+        replay_cache_size=sec.integer("replay_cache_size", 100000, 1, 100_000_000),
+        rate_limit_per_s=sec.integer("rate_limit_per_s", 50, 0, 1_000_000),
+    )
+    if policy.default_lifetime_s > policy.max_lifetime_s:
+        raise sec.error(
+            "default_lifetime_s",
+            f"must not exceed max_lifetime_s ({policy.default_lifetime_s} > "
+            f"{policy.max_lifetime_s})",
+        )
+    return policy
+
+
+def load_config(home: Path) -> KmsConfig:
+    """Read and validate ``<home>/kms.toml`` (home made absolute first)."""
+    home = home.absolute()
+    path = home / CONFIG_FILE
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read: {exc}") from None
+    return parse_config(text, home)
+
+
+# ------------------------------------------------------------------------------------------
+# the template written by `kms init`
+
+
+def _toml_str(value: str) -> str:
+    # JSON string escapes (\", \\, \n, \uXXXX) are all valid TOML basic-string escapes.
+    return json.dumps(value, ensure_ascii=False)
+
+
+def render_config(
+    kms_id: str,
+    *,
+    module: str,
+    token_label: str | None,
+    token_serial: str | None = None,
+    pin_env: str | None = None,
+    pin_file: str | None = None,
+    softhsm_conf: str | None = None,
+) -> str:
+    """The kms.toml text written by ``kms init``: every setting present, defaults shown."""
+
+    def opt(key: str, value: str | None, comment: str) -> str:
+        if value is None:
+            return f"# {key} = ...  # {comment}"
+        return f"{key} = {_toml_str(value)}"
+
+    d = PolicySettings()
+    lines = [
+        "# MIKEY-TICKET KMS configuration (written by `kms init`).",
+        "# Relative paths are resolved against the KMS home (the folder of this file).",
+        "",
+        "[kms]",
+        "# The KMS identity, sent as IDRkms and used as the certificate's subjectAltName URI.",
+        f"id = {_toml_str(kms_id)}",
+        "",
+        "[token]",
+        "# PKCS#11 module and token holding every long-term key (PSKs, TPKs, RSA keys).",
+        f"module = {_toml_str(module)}",
+        opt("label", token_label, "token label"),
+        opt("serial", token_serial, "token serial number (optional)"),
+        "# Where the user PIN comes from: exactly one of pin_env / pin_file. Never the PIN.",
+        opt("pin_env", pin_env, "environment variable holding the PIN"),
+        opt("pin_file", pin_file, "file holding the PIN (mode 0600)"),
+        opt("softhsm_conf", softhsm_conf, "SOFTHSM2_CONF for a SoftHSM token"),
+        "",
+        "[server]",
+        'listen = "127.0.0.1:50051"',
+        "workers = 1",
+        '# tls_cert = "server.pem"',
+        '# tls_key = "server.key"',
+        '# tls_client_ca = "clients-ca.pem"  # require client certificates',
+        "allow_plaintext_non_loopback = false",
+        "",
+        "[policy]",
+        '# PRF for new tickets: "hmac-sha-1" (MIKEY_1) or "hmac-sha-256" (PRF_HMAC_SHA_256).',
+        f"prf = {_toml_str(d.prf)}",
+        f"allowed_key_types = {json.dumps(list(d.allowed_key_types))}",
+        f"max_lifetime_s = {d.max_lifetime_s}",
+        f"default_lifetime_s = {d.default_lifetime_s}",
+        '# "allowed", "required" or "forbidden"',
+        f"forking = {_toml_str(d.forking)}",
+        f"reuse_allowed = {'true' if d.reuse_allowed else 'false'}",
+        f"timestamp_window_s = {d.timestamp_window_s}",
+        f"replay_cache_size = {d.replay_cache_size}",
+        f"rate_limit_per_s = {d.rate_limit_per_s}",
+        "",
+        "[pk]",
+        '# ca_bundle = "endpoint-ca.pem"  # CA certificates for CERTi / CERTr',
+        '# "pkcs1v15" (RFC 3830 mandatory) or "oaep-sha1"',
+        f"pke_padding = {_toml_str(PkSettings.pke_padding)}",
+        "",
+    ]
+    return "\n".join(lines)
