@@ -240,14 +240,6 @@ class GeneralExtType(IntEnum):
     CSB_ID = 4
 
 
-class KeyIdType(IntEnum):
-    """RFC 4563 Key ID type inside a Key ID general extension."""
-
-    MBMS_MSK = 0
-    MBMS_MUK = 1
-    MBMS_MTK = 2
-
-
 class TsRole(IntEnum):
     """TR TS Role (RFC 6043 T6.9)."""
 
@@ -323,7 +315,6 @@ __all__ = [
     "IdRole",
     "IdType",
     "KeyDataType",
-    "KeyIdType",
     "KvType",
     "MacAlg",
     "PayloadType",
