@@ -1,0 +1,56 @@
+"""The KMS core's outward contract: wire bytes and time in, a reply out (sans-IO).
+
+The gRPC adapter, the federation router and the tests all call :class:`KmsHandler`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Protocol
+
+
+class Outcome(str, Enum):
+    """How a request ended; the adapter maps each to a transport status (gRPC code)."""
+
+    OK = "ok"
+    MALFORMED = "malformed"  # undecodable or wrong-type message       -> INVALID_ARGUMENT
+    UNAUTHENTICATED = "unauthenticated"  # MAC / signature failure    -> UNAUTHENTICATED
+    DENIED = "denied"  # policy refusal (unauthorised responder, ...)  -> PERMISSION_DENIED
+    PRECONDITION = "precondition"  # expired, not yet valid, reused   -> FAILED_PRECONDITION
+    RATE_LIMITED = "rate_limited"  #                                  -> RESOURCE_EXHAUSTED
+    UNAVAILABLE = "unavailable"  # token (or a peer KMS) unavailable  -> UNAVAILABLE
+    INTERNAL = "internal"  # a bug; never carries detail               -> INTERNAL
+
+
+@dataclass(frozen=True)
+class KmsReply:
+    """The result of handling one initial message.
+
+    ``data``: the REQUEST_RESP / RESOLVE_RESP bytes when ``outcome`` is OK.
+    ``error_message``: the MIKEY error message (HDR, T, ERR, [V]) where RFC 6043 calls for
+    one; the adapter sends it in trailing metadata ``mikey-error-bin``.
+    ``detail``: one human-readable line without secrets.
+    """
+
+    outcome: Outcome
+    data: bytes = b""
+    error_message: bytes | None = None
+    detail: str = ""
+    audit: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.outcome is Outcome.OK
+
+
+class KmsHandler(Protocol):
+    """What the server adapter needs from the KMS core."""
+
+    def request_ticket(self, wire: bytes, now: float, *, correlation_id: str = "") -> KmsReply:
+        """Handle a REQUEST_INIT_PSK / REQUEST_INIT_PK; ``now`` is Unix time."""
+        ...
+
+    def resolve_ticket(self, wire: bytes, now: float, *, correlation_id: str = "") -> KmsReply:
+        """Handle a RESOLVE_INIT_PSK / RESOLVE_INIT_PK; ``now`` is Unix time."""
+        ...
