@@ -36,10 +36,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="KMS home folder (default: $KMS_HOME, else ./kms-home)",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    from kms.cli import admin, mikey_cmd  # sub-commands register themselves
+    from kms.cli import admin, call_cmd, mikey_cmd, serve_cmd  # each registers itself
 
     mikey_cmd.register(sub)
     admin.register(sub)
+    serve_cmd.register(sub)
+    call_cmd.register(sub)
     return parser
 
 
