@@ -1,13 +1,547 @@
-"""Operator commands (init, endpoint, group, keys, tpk): filled in by issue 3."""
+"""Operator commands: ``init``, ``endpoint``, ``group``, ``keys``, ``tpk``.
+
+The commands are thin: validation of what the operator typed happens here (before the
+token is opened), the work itself in :mod:`kms.server.home`, which keeps the token and the
+registry consistent. Every expected failure becomes a :class:`CliError` (one line, exit 1);
+no message ever contains a PSK, a PIN or a key value.
+
+Identities are taken from argv as the exact bytes the shell passed (``os.fsencode``), so
+non-UTF-8 byte-string identities can be given too; they are never case-folded.
+"""
 
 from __future__ import annotations
 
 import argparse
+import datetime as dt
+import functools
+import json
+import os
+import re
+import secrets
+import sys
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
+
+from kms.cli import CliError
+from kms.keystore import KeyStoreError
+from kms.server.config import ConfigError
+from kms.server.home import (
+    PSK_MAX_BYTES,
+    PSK_MIN_BYTES,
+    Home,
+    HomeError,
+    guess_id_type,
+    init_home,
+    open_home,
+    validate_identity,
+)
+from kms.store.registry import (
+    DuplicateEndpoint,
+    IdType,
+    RegistryError,
+    TpkState,
+    show_identity,
+)
+
+ID_TYPES = {"nai": IdType.NAI, "uri": IdType.URI, "bytes": IdType.BYTES}
+DEFAULT_GENERATED_PSK = 32
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _errors_to_cli(func: Handler) -> Handler:
+    """Turn the expected failures into CliError. Key-store errors pass through: the root
+    prints them as ``key store: ...``."""
+
+    @functools.wraps(func)
+    def wrapper(args: argparse.Namespace) -> int:
+        try:
+            return func(args)
+        except CliError:
+            raise
+        except (HomeError, RegistryError, ConfigError) as exc:
+            raise CliError(str(exc)) from None
+        except KeyStoreError:
+            raise
+        except OSError as exc:
+            where = f" {exc.filename}" if exc.filename else ""
+            raise CliError(f"{exc.strerror or type(exc).__name__}:{where}") from None
+
+    return wrapper
+
+
+def _open(args: argparse.Namespace) -> Home:
+    return open_home(Path(args.home))
+
+
+def _identity(text: str) -> bytes:
+    # argv was decoded with surrogateescape; fsencode gives back the exact bytes.
+    return os.fsencode(text)
+
+
+def _show_time(ts: int) -> str:
+    return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _print_table(rows: list[list[str]], header: list[str]) -> None:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    for r in [header, *rows]:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+
+
+def _parse_hex_psk(text: str, source: str) -> bytes:
+    compact = re.sub(r"\s+", "", text)
+    if not compact or len(compact) % 2 or not re.fullmatch(r"[0-9A-Fa-f]+", compact):
+        # Never echo the value: it is (meant to be) a secret.
+        raise CliError(f"{source}: PSK is not valid hexadecimal")
+    psk = bytes.fromhex(compact)
+    if not PSK_MIN_BYTES <= len(psk) <= PSK_MAX_BYTES:
+        raise CliError(
+            f"{source}: PSK must be {PSK_MIN_BYTES}..{PSK_MAX_BYTES} bytes, got {len(psk)}"
+        )
+    return psk
+
+
+# ------------------------------------------------------------------------------------------
+# init
+
+
+@_errors_to_cli
+def cmd_init(args: argparse.Namespace) -> int:
+    home = Path(args.home)
+
+    def progress(msg: str) -> None:
+        print(f"kms init: {msg}", file=sys.stderr, flush=True)
+
+    h = init_home(
+        home,
+        args.kms_id,
+        module=args.module,
+        token_label=args.token_label,
+        token_serial=args.token_serial,
+        pin_env=args.pin_env,
+        pin_file=None if args.pin_file is None else Path(args.pin_file),
+        progress=progress,
+    )
+    try:
+        print(f"initialised KMS home {h.path} for {h.config.kms_id}")
+        print(f"  token:       {h.config.token.label or h.config.token.serial} "
+              f"({h.config.token.module})")
+        print(f"  certificate: {h.path / 'kms-cert.pem'}")
+        tpk = h.registry.tpk_current()
+        print(f"  TPK:         version {tpk.version if tpk else '?'} (current)")
+    finally:
+        h.close()
+    return 0
+
+
+# ------------------------------------------------------------------------------------------
+# endpoint
+
+
+@_errors_to_cli
+def cmd_endpoint_add(args: argparse.Namespace) -> int:
+    identity = _identity(args.identity)
+    id_type = ID_TYPES[args.id_type] if args.id_type else guess_id_type(identity)
+    validate_identity(identity, id_type)
+    out: Path | None = None
+    if args.psk_hex is not None:
+        psk = _parse_hex_psk(args.psk_hex, "--psk-hex")
+    elif args.psk_file is not None:
+        try:
+            text = Path(args.psk_file).read_text(encoding="ascii")
+        except UnicodeDecodeError:
+            raise CliError(f"--psk-file {args.psk_file}: PSK is not valid hexadecimal") from None
+        psk = _parse_hex_psk(text, f"--psk-file {args.psk_file}")
+    else:
+        if not PSK_MIN_BYTES <= args.psk_length <= PSK_MAX_BYTES:
+            raise CliError(f"--psk-length must be {PSK_MIN_BYTES}..{PSK_MAX_BYTES}")
+        out = Path(args.generate_psk)
+        if out.exists():
+            raise CliError(f"--generate-psk {out}: file exists; not overwriting it")
+        psk = secrets.token_bytes(args.psk_length)
+
+    with _open(args) as h:
+        if h.registry.find_endpoint(identity) is not None:
+            raise DuplicateEndpoint(f"endpoint {show_identity(identity)} already exists")
+        if out is not None:
+            # Written before the key is registered so that a registered PSK always exists
+            # somewhere the operator can hand to the endpoint; removed again on failure.
+            fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w", encoding="ascii") as f:
+                f.write(psk.hex() + "\n")
+        try:
+            ep = h.add_endpoint(identity, id_type, psk)
+        except BaseException:
+            if out is not None:
+                out.unlink(missing_ok=True)
+            raise
+    print(f"added endpoint {show_identity(ep.identity)} ({ep.id_type.name.lower()}), "
+          f"key {ep.key_label}")
+    if out is not None:
+        print(f"new {len(psk)}-byte PSK written to {out} (mode 0600)")
+    return 0
+
+
+@_errors_to_cli
+def cmd_endpoint_remove(args: argparse.Namespace) -> int:
+    identity = _identity(args.identity)
+    with _open(args) as h:
+        groups = h.registry.groups_of(identity)
+        ep = h.remove_endpoint(identity)
+    print(f"removed endpoint {show_identity(ep.identity)} and destroyed key {ep.key_label}")
+    if groups:
+        print("  removed from groups: " + ", ".join(show_identity(g) for g in groups))
+    return 0
+
+
+@_errors_to_cli
+def cmd_endpoint_list(args: argparse.Namespace) -> int:
+    with _open(args) as h:
+        eps = h.registry.list_endpoints()
+        groups = {ep.identity: h.registry.groups_of(ep.identity) for ep in eps}
+    if args.json:
+        print(json.dumps([
+            {
+                "identity": show_identity(ep.identity),
+                "identity_hex": ep.identity.hex(),
+                "id_type": ep.id_type.name.lower(),
+                "key_label": ep.key_label,
+                "enabled": ep.enabled,
+                "created_at": _show_time(ep.created_at),
+                "groups": [show_identity(g) for g in groups[ep.identity]],
+            }
+            for ep in eps
+        ], indent=2))
+        return 0
+    _print_table(
+        [
+            [show_identity(ep.identity), ep.id_type.name.lower(), ep.key_label,
+             "yes" if ep.enabled else "no", _show_time(ep.created_at),
+             ",".join(show_identity(g) for g in groups[ep.identity]) or "-"]
+            for ep in eps
+        ],
+        ["IDENTITY", "TYPE", "KEY LABEL", "ENABLED", "CREATED", "GROUPS"],
+    )
+    return 0
+
+
+# ------------------------------------------------------------------------------------------
+# group
+
+
+@_errors_to_cli
+def cmd_group_add(args: argparse.Namespace) -> int:
+    group = _identity(args.group)
+    with _open(args) as h:
+        g = h.registry.add_group(group, [_identity(m) for m in args.members])
+    print(f"group {show_identity(g.identity)}: {len(g.members)} member(s)")
+    return 0
+
+
+@_errors_to_cli
+def cmd_group_remove(args: argparse.Namespace) -> int:
+    group = _identity(args.group)
+    with _open(args) as h:
+        if args.members:
+            g = h.registry.remove_group_members(group, [_identity(m) for m in args.members])
+            print(f"group {show_identity(g.identity)}: {len(g.members)} member(s) left")
+        else:
+            g = h.registry.remove_group(group)
+            print(f"removed group {show_identity(g.identity)}")
+    return 0
+
+
+@_errors_to_cli
+def cmd_group_list(args: argparse.Namespace) -> int:
+    with _open(args) as h:
+        groups = h.registry.list_groups()
+    if args.json:
+        print(json.dumps([
+            {"group": show_identity(g.identity), "members": [show_identity(m) for m in g.members]}
+            for g in groups
+        ], indent=2))
+        return 0
+    _print_table(
+        [[show_identity(g.identity), ",".join(show_identity(m) for m in g.members) or "-"]
+         for g in groups],
+        ["GROUP", "MEMBERS"],
+    )
+    return 0
+
+
+# ------------------------------------------------------------------------------------------
+# keys
+
+
+@_errors_to_cli
+def cmd_keys_list(args: argparse.Namespace) -> int:
+    with _open(args) as h:
+        entries = h.key_inventory()
+    if args.json:
+        out: list[dict[str, Any]] = []
+        for e in entries:
+            item: dict[str, Any] = {
+                "label": e.label, "owner": e.owner, "present": e.info is not None
+            }
+            if e.info is not None:
+                item.update(
+                    type=e.info.key_type.value,
+                    bits=e.info.length_bits,
+                    sensitive=e.info.sensitive,
+                    extractable=e.info.extractable,
+                    always_sensitive=e.info.always_sensitive,
+                    never_extractable=e.info.never_extractable,
+                )
+            out.append(item)
+        print(json.dumps(out, indent=2))
+        return 0
+
+    def yn(flag: bool) -> str:
+        return "yes" if flag else "no"
+
+    rows = []
+    for e in entries:
+        owner = e.owner or "ORPHAN (not in the registry)"
+        if e.info is None:
+            rows.append([e.label, "-", "-", "-", "-", "-", f"MISSING from token: {owner}"])
+        else:
+            i = e.info
+            rows.append([e.label, i.key_type.value, str(i.length_bits), yn(i.sensitive),
+                         yn(i.extractable), yn(i.never_extractable), owner])
+    _print_table(rows, ["LABEL", "TYPE", "BITS", "SENSITIVE", "EXTRACTABLE",
+                        "NEVER-EXTRACTABLE", "USED BY"])
+    return 0
+
+
+@_errors_to_cli
+def cmd_keys_delete_orphan(args: argparse.Namespace) -> int:
+    with _open(args) as h:
+        h.delete_orphan(args.label)
+    print(f"destroyed orphan token object {args.label}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------
+# tpk
+
+
+@_errors_to_cli
+def cmd_tpk_rotate(args: argparse.Namespace) -> int:
+    with _open(args) as h:
+        tpk = h.rotate_tpk()
+    print(f"TPK version {tpk.version} ({tpk.key_label}) is now current; "
+          "older versions stay active")
+    return 0
+
+
+@_errors_to_cli
+def cmd_tpk_retire(args: argparse.Namespace) -> int:
+    with _open(args) as h:
+        tpk = h.retire_tpk(args.version)
+    print(f"TPK version {tpk.version} retired and {tpk.key_label} destroyed")
+    return 0
+
+
+@_errors_to_cli
+def cmd_tpk_list(args: argparse.Namespace) -> int:
+    with _open(args) as h:
+        versions = h.registry.tpk_versions()
+    if args.json:
+        print(json.dumps([
+            {"version": t.version, "state": t.state.value, "key_label": t.key_label,
+             "created_at": _show_time(t.created_at)}
+            for t in versions
+        ], indent=2))
+        return 0
+    _print_table(
+        [[str(t.version), t.state.value, t.key_label if t.state is not TpkState.RETIRED
+          else f"({t.key_label} destroyed)", _show_time(t.created_at)] for t in versions],
+        ["VERSION", "STATE", "KEY LABEL", "CREATED"],
+    )
+    return 0
+
+
+# ------------------------------------------------------------------------------------------
+# parser
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive: {value}")
+    return value
+
+
+def _json_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
 def register(sub: Any) -> None:  # argparse._SubParsersAction
-    del sub
+    """Add the operator commands to the ``kms`` parser."""
+    fmt = argparse.RawDescriptionHelpFormatter
+
+    # init -------------------------------------------------------------------------------
+    p = sub.add_parser(
+        "init",
+        help="initialise a KMS home (token, keys, registry, kms.toml)",
+        formatter_class=fmt,
+        description=(
+            "Initialise the KMS home: create (or use) the token, generate TPK version 1, the\n"
+            "RSA-2048 envelope key with a self-signed certificate (kms-cert.pem), the RSA-2048\n"
+            "signing key (kms-signing-cert.pem), the registry and kms.toml.\n\n"
+            "Without --module an embedded SoftHSM2 token is created under <home>/token with\n"
+            "random PINs (user PIN in <home>/token/pin, SO PIN in <home>/token/so-pin, 0600).\n"
+            "With --module the token must already exist; name it with --token-label or\n"
+            "--token-serial and say where its user PIN is with --pin-env or --pin-file.\n"
+            "Refuses a home that already has kms.toml. On failure nothing is left behind."
+        ),
+    )
+    p.add_argument("--kms-id", required=True, metavar="URI",
+                   help="the KMS identity (IDRkms), e.g. kms:kms.example.org")
+    p.add_argument("--module", metavar="PATH",
+                   help="PKCS#11 module of an existing token (default: embedded SoftHSM2)")
+    p.add_argument("--token-label", metavar="LABEL", help="label of the existing token")
+    p.add_argument("--token-serial", metavar="SERIAL", help="serial of the existing token")
+    pin = p.add_mutually_exclusive_group()
+    pin.add_argument("--pin-env", metavar="VAR",
+                     help="name of the environment variable holding the user PIN")
+    pin.add_argument("--pin-file", metavar="FILE", help="file holding the user PIN")
+    p.set_defaults(func=cmd_init)
+
+    # endpoint ---------------------------------------------------------------------------
+    p = sub.add_parser(
+        "endpoint",
+        help="register, remove and list endpoints (identity + PSK)",
+        description="Manage endpoints: identities with a pre-shared key in the token.",
+    )
+    esub = p.add_subparsers(dest="endpoint_command", metavar="SUBCOMMAND", required=True)
+
+    q = esub.add_parser(
+        "add",
+        help="register an endpoint and import its PSK into the token",
+        formatter_class=fmt,
+        description=(
+            "Register IDENTITY and store its PSK (16..32 bytes) in the token as a sensitive,\n"
+            "non-extractable secret. Give the PSK as hex (--psk-hex; visible in `ps`, prefer\n"
+            "--psk-file, a file holding the hex), or let the KMS make one (--generate-psk OUT\n"
+            "writes it as hex to OUT, mode 0600, for provisioning the endpoint).\n\n"
+            "The ID type defaults to uri for scheme:..., nai for other printable text, bytes\n"
+            "otherwise. Identities are stored as exact bytes: no case folding."
+        ),
+    )
+    q.add_argument("identity", metavar="IDENTITY", help="e.g. sip:alice@example.org")
+    src = q.add_mutually_exclusive_group(required=True)
+    src.add_argument("--psk-hex", metavar="HEX", help="the PSK in hexadecimal")
+    src.add_argument("--psk-file", metavar="FILE", help="file holding the PSK in hexadecimal")
+    src.add_argument("--generate-psk", metavar="OUT",
+                     help="generate a random PSK and write it as hex to OUT (0600)")
+    q.add_argument("--psk-length", type=int, default=DEFAULT_GENERATED_PSK, metavar="BYTES",
+                   help=f"length of a generated PSK (default {DEFAULT_GENERATED_PSK})")
+    q.add_argument("--id-type", choices=sorted(ID_TYPES), help="IDR ID type (default: guessed)")
+    q.set_defaults(func=cmd_endpoint_add)
+
+    q = esub.add_parser(
+        "remove",
+        help="unregister an endpoint and destroy its PSK",
+        description="Unregister IDENTITY, remove it from its groups and destroy its PSK.",
+    )
+    q.add_argument("identity", metavar="IDENTITY")
+    q.set_defaults(func=cmd_endpoint_remove)
+
+    q = esub.add_parser(
+        "list",
+        help="list endpoints (identities and key labels, never keys)",
+        description="List registered endpoints with their key labels and groups.",
+    )
+    _json_flag(q)
+    q.set_defaults(func=cmd_endpoint_list)
+
+    # group ------------------------------------------------------------------------------
+    p = sub.add_parser(
+        "group",
+        help="manage groups of endpoints",
+        description="Manage groups: a group identity stands for its member endpoints.",
+    )
+    gsub = p.add_subparsers(dest="group_command", metavar="SUBCOMMAND", required=True)
+    q = gsub.add_parser(
+        "add",
+        help="create a group or add members to it",
+        description="Create GROUP with the given members, or add them to the existing GROUP.\n"
+        "Members must be registered endpoints; nothing changes if one is not.",
+    )
+    q.add_argument("group", metavar="GROUP")
+    q.add_argument("members", metavar="MEMBER", nargs="+")
+    q.set_defaults(func=cmd_group_add)
+    q = gsub.add_parser(
+        "remove",
+        help="remove members from a group, or the whole group",
+        description="With MEMBERs, remove them from GROUP (all or nothing); without, remove "
+        "the group.",
+    )
+    q.add_argument("group", metavar="GROUP")
+    q.add_argument("members", metavar="MEMBER", nargs="*")
+    q.set_defaults(func=cmd_group_remove)
+    q = gsub.add_parser("list", help="list groups and members",
+                        description="List groups and their members.")
+    _json_flag(q)
+    q.set_defaults(func=cmd_group_list)
+
+    # keys -------------------------------------------------------------------------------
+    p = sub.add_parser(
+        "keys",
+        help="inspect the token's keys (never their values)",
+        description="Inspect the token objects and what the registry uses them for.",
+    )
+    ksub = p.add_subparsers(dest="keys_command", metavar="SUBCOMMAND", required=True)
+    q = ksub.add_parser(
+        "list",
+        help="list token keys: label, type, length, flags, owner",
+        description="List every token object with its type, length, sensitive/extractable\n"
+        "flags and what uses it (endpoint, TPK version, KMS key). Objects the registry does\n"
+        "not know are ORPHANs; registry entries without an object are MISSING.",
+    )
+    _json_flag(q)
+    q.set_defaults(func=cmd_keys_list)
+    q = ksub.add_parser(
+        "delete-orphan",
+        help="destroy a token object that the registry does not use",
+        description="Destroy LABEL, only if no endpoint, TPK, peer or KMS key uses it (e.g.\n"
+        "an object left behind by an interrupted command).",
+    )
+    q.add_argument("label", metavar="LABEL")
+    q.set_defaults(func=cmd_keys_delete_orphan)
+
+    # tpk --------------------------------------------------------------------------------
+    p = sub.add_parser(
+        "tpk",
+        help="rotate, retire and list Ticket Protection Keys",
+        description="Manage Ticket Protection Key versions (current / active / retired).",
+    )
+    tsub = p.add_subparsers(dest="tpk_command", metavar="SUBCOMMAND", required=True)
+    q = tsub.add_parser(
+        "rotate",
+        help="create a new TPK version and make it current",
+        description="Create a 32-byte TPK in the token as the new current version. Older\n"
+        "versions stay active, so tickets protected by them still resolve.",
+    )
+    q.set_defaults(func=cmd_tpk_rotate)
+    q = tsub.add_parser(
+        "retire",
+        help="retire a TPK version and destroy its key",
+        description="Retire VERSION: destroy its token object; tickets protected by it no\n"
+        "longer resolve. The current version cannot be retired (rotate first).",
+    )
+    q.add_argument("version", metavar="VERSION", type=_positive_int)
+    q.set_defaults(func=cmd_tpk_retire)
+    q = tsub.add_parser("list", help="list TPK versions and states",
+                        description="List TPK versions, their state and key labels.")
+    _json_flag(q)
+    q.set_defaults(func=cmd_tpk_list)
 
 
-__all__ = ["argparse", "register"]
+__all__ = ["register"]
