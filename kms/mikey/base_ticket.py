@@ -1,0 +1,129 @@
+"""The MIKEY base ticket (RFC 6043 Appendix A): issuing and opening, over a key store.
+
+Ticket Data = THDR, T, RAND, KEMAC, [IDRpsk], V. The KEMAC holds MPK || {TEK|TGK|GTGK}
+encrypted with keys from the TPK (label type 0x05, CSB ID 0xFFFFFFFF and the Ticket Data T in
+the IV); V is a MAC from the TPK over the TICKET payload from Ticket Type to the end of
+Ticket Data (Initiator Data excluded). MPKi and MPKr come from the MPK (label type 0x06).
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+
+from kms.keystore import Key, KeyStore
+from kms.mikey.cipher import CryptoError, compute_mac
+from kms.mikey.constants import IdRole, IdType, KeyDataType, MacAlg, PrfFunc, TsType
+from kms.mikey.derive import ALL_CSB, derive_mpki, derive_mpkr, derive_ticket_keys
+from kms.mikey.errors import DecodeError
+from kms.mikey.ntp import timestamp_t64
+from kms.mikey.payloads import KeyData, Rand, Timestamp
+from kms.mikey.protect import keyed_prf, open_kemac, placeholder_v, seal_kemac, suite_for
+from kms.mikey.ticket import BaseTicketData, Idr, Ticket, TicketPolicy
+
+
+class TicketError(Exception):
+    """The ticket cannot be opened: unknown TPK, bad MAC, malformed or undecryptable.
+
+    ``reason`` is for the audit log; the peer only learns that the ticket was refused.
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class TicketContents:
+    """What a base ticket carries, once opened."""
+
+    mpk: KeyData = field(repr=False)
+    session_keys: tuple[KeyData, ...] = field(repr=False)
+    t: Timestamp
+    rand: bytes
+    tpk_id: bytes | None
+
+
+SESSION_KEY_TYPES = frozenset(
+    {
+        KeyDataType.TGK,
+        KeyDataType.TGK_SALT,
+        KeyDataType.TEK,
+        KeyDataType.TEK_SALT,
+        KeyDataType.GTGK,
+        KeyDataType.GTGK_SALT,
+    }
+)
+
+
+def issue_base_ticket(
+    ks: KeyStore,
+    tpk: Key,
+    tpk_id: bytes,
+    policy: TicketPolicy,
+    t: Timestamp,
+    rand: bytes,
+    mpk: KeyData,
+    session_keys: Sequence[KeyData],
+) -> Ticket:
+    """Build a TICKET payload (Initiator Data empty, RFC 6043 6.10) protected by ``tpk``."""
+    suite = suite_for(policy.prf_func)
+    keys = derive_ticket_keys(
+        keyed_prf(ks, tpk, PrfFunc(policy.prf_func)), rand, suite.encr_alg, suite.mac_alg
+    )
+    t64 = timestamp_t64(TsType(t.ts_type), t.value)
+    kemac = seal_kemac(ks, keys, suite.encr_alg, ALL_CSB, t64, [mpk, *session_keys])
+    idr = Idr(IdRole.IDRPSK, IdType.BYTE_STRING, tpk_id)
+    data = BaseTicketData(t, Rand(rand), kemac, placeholder_v(suite.mac_alg), idr)
+    unsealed = Ticket(policy, data.encode())
+    mac = compute_mac(suite.mac_alg, keys.auth_key, unsealed.mac_input())
+    return Ticket(policy, replace(data, v=replace(data.v, mac=mac)).encode())
+
+
+def open_base_ticket(
+    ks: KeyStore, ticket: Ticket, tpk_for: Callable[[bytes | None], Key | None]
+) -> TicketContents:
+    """Verify and decrypt a base ticket. ``tpk_for(IDRpsk data)`` names the TPK (None: no
+    such key). Raises TicketError for every failure; the MAC is checked before decrypting."""
+    try:
+        data = ticket.base_ticket()
+        suite = suite_for(ticket.policy.prf_func)
+    except (DecodeError, ValueError) as exc:
+        raise TicketError(f"malformed ticket: {exc}") from None
+    tpk_id = data.idr_psk.data if data.idr_psk is not None else None
+    tpk = tpk_for(tpk_id)
+    if tpk is None:
+        raise TicketError("unknown or retired TPK version")
+    keys = derive_ticket_keys(
+        keyed_prf(ks, tpk, PrfFunc(ticket.policy.prf_func)),
+        data.rand.value,
+        suite.encr_alg,
+        suite.mac_alg,
+    )
+    if data.v.mac_alg != suite.mac_alg or data.v.mac_alg == MacAlg.NULL:
+        raise TicketError("ticket MAC algorithm does not match the ticket PRF")
+    expected = compute_mac(suite.mac_alg, keys.auth_key, ticket.mac_input())
+    if not hmac.compare_digest(expected, data.v.mac):
+        raise TicketError("ticket MAC verification failed")
+    if data.kemac.encr_alg != suite.encr_alg:
+        raise TicketError("ticket KEMAC encryption does not match the ticket PRF")
+    t64 = timestamp_t64(TsType(data.t.ts_type), data.t.value)
+    try:
+        key_data = open_kemac(ks, data.kemac, keys, ALL_CSB, t64)
+    except CryptoError:
+        raise TicketError("ticket KEMAC cannot be decrypted") from None
+    if not key_data or key_data[0].key_type != KeyDataType.MPK:
+        raise TicketError("ticket KEMAC must start with the MPK")
+    rest = key_data[1:]
+    if any(k.key_type not in SESSION_KEY_TYPES for k in rest):
+        raise TicketError("ticket KEMAC holds an unexpected key type")
+    return TicketContents(key_data[0], rest, data.t, data.rand.value, tpk_id)
+
+
+def derive_mpk_pair(
+    ks: KeyStore, mpk: bytes, rand: bytes, prf_func: PrfFunc
+) -> tuple[bytes, bytes]:
+    """(MPKi, MPKr) from the ticket MPK and the Ticket Data RAND (RFC 6043 A.2.2)."""
+    prf = keyed_prf(ks, mpk, prf_func)
+    return derive_mpki(prf, rand, len(mpk)), derive_mpkr(prf, rand, len(mpk))

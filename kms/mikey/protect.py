@@ -1,0 +1,166 @@
+"""Message protection shared by the KMS and endpoints: algorithm suites, message keys,
+KEMAC sealing/opening and V MACs (RFC 3830 4.1.4, 4.2.3; RFC 6043 5.1.2, 5.4, 6.2).
+
+Key operations go through a :class:`~kms.keystore.KeyStore`: the KMS passes its token-backed
+store (so PRFs and AES-CM run on the token), endpoints a software one.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from kms.keystore import Key, KeyStore
+from kms.mikey.chain import decode_key_data, encode_key_data
+from kms.mikey.cipher import CryptoError, compute_mac, decrypt_kemac_data, encrypt_kemac_data
+from kms.mikey.constants import MAC_LENGTH, EncrAlg, MacAlg, PrfFunc, TsType
+from kms.mikey.coverage import covered_prefix, seal
+from kms.mikey.derive import KeyDirection, MessageKeys, derive_message_keys
+from kms.mikey.errors import DecodeError
+from kms.mikey.message import Message
+from kms.mikey.ntp import timestamp_t64
+from kms.mikey.payloads import Kemac, KeyData, Timestamp, Verification
+from kms.mikey.prf import KeyedPrf
+from kms.mikey.ticket import Idr, RandR
+
+
+@dataclass(frozen=True)
+class Suite:
+    """The algorithms that protect a message. RFC 6043 12.1: the 256-bit algorithms are used
+    together and never mixed with the 128-bit ones."""
+
+    prf_func: PrfFunc
+    encr_alg: EncrAlg
+    mac_alg: MacAlg
+
+
+SUITE_128 = Suite(PrfFunc.MIKEY_1, EncrAlg.AES_CM_128, MacAlg.HMAC_SHA_1_160)
+SUITE_256 = Suite(PrfFunc.PRF_HMAC_SHA_256, EncrAlg.AES_CM_256, MacAlg.HMAC_SHA_256_256)
+
+
+def suite_for(prf_func: int) -> Suite:
+    """The suite that goes with a PRF func; ValueError for an unknown PRF."""
+    if prf_func == PrfFunc.MIKEY_1:
+        return SUITE_128
+    if prf_func == PrfFunc.PRF_HMAC_SHA_256:
+        return SUITE_256
+    raise ValueError(f"unsupported PRF func {prf_func}")
+
+
+def keyed_prf(ks: KeyStore, key: Key, func: PrfFunc) -> KeyedPrf:
+    """A KeyedPrf computed by the key store (token HMACs for the KMS)."""
+
+    def fn(label: bytes, out_len: int) -> bytes:
+        return ks.prf(key, label, out_len, func)
+
+    return fn
+
+
+# --- reading a message ---------------------------------------------------------------------
+
+
+def timestamp_of(msg: Message) -> Timestamp:
+    t = msg.first(Timestamp)
+    if t is None:
+        raise DecodeError("T", 0, "missing T payload")
+    return t
+
+
+def t64_of(msg: Message) -> bytes:
+    t = timestamp_of(msg)
+    return timestamp_t64(TsType(t.ts_type), t.value)
+
+
+def rand_of(msg: Message, role: int) -> bytes | None:
+    for p in msg.all(RandR):
+        if p.role == role:
+            return p.value
+    return None
+
+
+def idr_of(msg: Message, role: int) -> Idr | None:
+    for p in msg.all(Idr):
+        if p.role == role:
+            return p
+    return None
+
+
+def verification_of(msg: Message) -> Verification:
+    last = msg.payloads[-1] if msg.payloads else None
+    if not isinstance(last, Verification):
+        raise DecodeError("V", len(msg.wire), "the last payload must be V")
+    return last
+
+
+# --- keys, KEMAC, V ----------------------------------------------------------------------
+
+
+def message_keys(
+    ks: KeyStore,
+    key: Key,
+    msg: Message,
+    direction: KeyDirection,
+    rand_i: bytes | None,
+    rand_r: bytes | None,
+    suite: Suite,
+) -> MessageKeys:
+    """encr/auth/salt keys of a message from a PSK, envelope key or MPK (RFC 6043 5.1.2),
+    with the message's CSB ID and the HDR PRF (reference 6.5)."""
+    prf = keyed_prf(ks, key, PrfFunc(msg.header.prf_func))
+    return derive_message_keys(
+        prf, msg.header.csb_id, direction, rand_i, rand_r, suite.encr_alg, suite.mac_alg
+    )
+
+
+def seal_kemac(
+    ks: KeyStore,
+    keys: MessageKeys,
+    encr_alg: EncrAlg,
+    csb_id: int,
+    t64: bytes,
+    key_data: Sequence[KeyData],
+) -> Kemac:
+    """KEMAC = E(encr_key, key data...) with MAC alg NULL: integrity comes from V
+    (RFC 6043 6.2). AES-CM runs in the key store."""
+    plaintext = encode_key_data(key_data)
+    data = encrypt_kemac_data(
+        encr_alg, keys.encr_key, keys.salt_key, csb_id, t64, plaintext, ks.aes_cm
+    )
+    return Kemac(encr_alg, data, MacAlg.NULL, b"")
+
+
+def open_kemac(
+    ks: KeyStore, kemac: Kemac, keys: MessageKeys, csb_id: int, t64: bytes
+) -> tuple[KeyData, ...]:
+    """Decrypt and parse a KEMAC; CryptoError for anything wrong (opaque to the sender)."""
+    try:
+        encr_alg = EncrAlg(kemac.encr_alg)
+        plaintext = decrypt_kemac_data(
+            encr_alg, keys.encr_key, keys.salt_key, csb_id, t64, kemac.encr_data, ks.aes_cm
+        )
+        return decode_key_data(plaintext)
+    except (ValueError, DecodeError) as exc:
+        raise CryptoError("KEMAC cannot be decrypted or parsed") from exc
+
+
+def placeholder_v(mac_alg: MacAlg) -> Verification:
+    """A V payload with a zero MAC of the right length, to be filled by :func:`seal_mac`."""
+    return Verification(mac_alg, bytes(MAC_LENGTH[mac_alg]))
+
+
+def seal_mac(msg: Message, keys: MessageKeys, mac_alg: MacAlg, extra: bytes) -> Message:
+    """Fill the V MAC over the covered bytes || extra (identities or the initial message)."""
+    return seal(msg, lambda data: compute_mac(mac_alg, keys.auth_key, data), extra)
+
+
+def check_mac(msg: Message, keys: MessageKeys, suite: Suite, extra: bytes) -> bool:
+    """Verify the V MAC of a received message over its received bytes (RFC 6043 5.4).
+
+    The V Auth alg must be the suite's: a NULL MAC is never accepted.
+    """
+    v = verification_of(msg)
+    if v.mac_alg != suite.mac_alg or v.mac_alg == MacAlg.NULL:
+        return False
+    expected = compute_mac(suite.mac_alg, keys.auth_key, covered_prefix(msg) + extra)
+    return hmac.compare_digest(expected, v.mac)
