@@ -1,15 +1,1073 @@
-"""PKCS#11 key store (work in progress: full implementation follows)."""
+"""KeyStore over a PKCS#11 token (SoftHSM2 in tests). The only module that imports pkcs11.
+
+Design (facts: /work/shared/notes/pkcs11-softhsm-facts.md):
+
+* Locking: python-pkcs11 calls ``C_Initialize(NULL)``, which makes SoftHSM turn its internal
+  locking off; concurrent sessions then crash. Right after python-pkcs11 loads the module we
+  re-run ``C_Finalize`` / ``C_Initialize`` through ctypes on the *same* loaded module with
+  ``CK_C_INITIALIZE_ARGS.flags = CKF_OS_LOCKING_OK`` (PKCS#11 v2.40 section 5.4 / 11.4), so
+  the module's own mutexes protect its state and several sessions may run in parallel.
+  python-pkcs11 never calls C_Initialize again (we never use ``lib.reinitialize()``).
+* One login session per process, kept open for the process lifetime (closing the session
+  that logged in logs out every session), plus a fixed pool of sessions for operations; a
+  session is used by one thread at a time.
+* Key handles are found in one scan per connection (in each pooled session, because
+  python-pkcs11 binds an object to the session it was found in) and cached by label; requests
+  never search the token. generate/import/delete update the cache.
+* Object creation and destruction go through one lock (SoftHSM issue #573, fixed in 2.7.0).
+* :class:`hsm.locking.Gate`: operations hold it shared; connect / reconnect / close / key
+  management / fork() hold it exclusive.
+* Lost token: device/session errors (and a stale handle for a cached long-term key, which is
+  how SoftHSM reports a token directory that disappeared) mark the connection broken and
+  raise TokenUnavailable. The next call reconnects (finalise, initialise, log in, rescan),
+  at most once per RECONNECT_INTERVAL.
+* fork(): os.register_at_fork holds the gate exclusive across fork (so no token call is in
+  flight and no module mutex is held), and the child re-initialises the module lazily.
+* True secret length: SoftHSM refuses HMAC keys shorter than the digest (20 / 32 bytes), so
+  secrets are stored zero-padded to 32 bytes (HMAC zero-pads keys to the block size anyway,
+  so HMAC(K || 0..0) == HMAC(K), and keys <= 32 bytes are a single PRF slice). The real
+  length is recorded in CKA_ID as ``b"mikey-kms/len=<n>"``: CKA_ID is a standard, searchable
+  byte-string attribute that is free for secret keys and survives backups; CKA_VALUE_LEN has
+  to be the stored length. Objects without the marker count at their CKA_VALUE_LEN.
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import contextlib
+import ctypes
+import logging
+import os
+import queue
+import struct
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, TypeVar
 
-if TYPE_CHECKING:
-    from hsm import TokenConfig
+import pkcs11
+import pkcs11.exceptions as p11e
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from pkcs11 import MGF, Attribute, Mechanism, ObjectClass
+from pkcs11 import KeyType as P11KeyType
+from pkcs11.util.ec import encode_named_curve_parameters
+
+from hsm import TokenConfig
+from hsm._common import (
+    CURVE_BITS,
+    MAX_SECRET_BYTES,
+    SEALED_DATA_MESSAGE,
+    canonical_curve,
+    check_aes_cm,
+    check_label,
+    check_rsa_bits,
+    check_secret_length,
+    raw_ecdsa_to_der,
+    scheme_digest,
+)
+from hsm.locking import Gate
+from kms.keystore import (
+    InvalidSealedData,
+    Key,
+    KeyExists,
+    KeyInfo,
+    KeyNotFound,
+    KeyRef,
+    KeyStoreError,
+    KeyType,
+    RsaPadding,
+    SignScheme,
+    TokenUnavailable,
+    UnsupportedOperation,
+)
+from kms.mikey.prf import HmacFn, PrfFunc, prf_over, split_in_key
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+RECONNECT_INTERVAL = 0.5
+"""Seconds between reconnect attempts while the token is gone."""
+
+DEFAULT_POOL_SIZE = 4
+"""Operation sessions per process (threads beyond this wait for a free session)."""
+
+PADDED_SECRET_BYTES = 32
+"""Stored length of secrets: SoftHSM's minimum for CKM_SHA256_HMAC (20 for SHA-1)."""
+
+LEN_MARKER = b"mikey-kms/len="
+"""CKA_ID prefix recording a secret's true length (see module docstring)."""
+
+UNAVAILABLE_MESSAGE = "token unavailable"
+
+_HMAC_MECHANISM = {
+    PrfFunc.MIKEY_1: Mechanism.SHA_1_HMAC,
+    PrfFunc.PRF_HMAC_SHA_256: Mechanism.SHA256_HMAC,
+}
+
+_CKF_OS_LOCKING_OK = 0x00000002
+_CKR_OK = 0
+_CKR_CRYPTOKI_NOT_INITIALIZED = 0x190
+
+
+class TokenConfigError(KeyStoreError):
+    """The token cannot be opened as configured (module, token, PIN). Not transient."""
+
+
+# --- error conversion: the ONE place where PKCS#11 errors become key-store errors -----------
+
+# The token / session went away: transient, the store reconnects on a later call.
+_UNAVAILABLE_ERRORS: tuple[type[Exception], ...] = (
+    p11e.SessionHandleInvalid,
+    p11e.SessionClosed,
+    p11e.SessionCount,
+    p11e.TokenNotPresent,
+    p11e.TokenNotRecognised,
+    p11e.DeviceRemoved,
+    p11e.DeviceError,
+    p11e.DeviceMemory,
+    p11e.UserNotLoggedIn,
+    p11e.SlotIDInvalid,
+    p11e.NoSuchToken,
+)
+# A cached long-term key's handle is no longer valid: SoftHSM reports a removed token
+# directory this way (measured). Our own deletes update the cache, so this means the token
+# changed under us: reconnect and rescan.
+_STALE_HANDLE_ERRORS: tuple[type[Exception], ...] = (
+    p11e.ObjectHandleInvalid,
+    p11e.KeyHandleInvalid,
+)
+# Bad ciphertext / parameters: the data is wrong, never retried.
+_SEALED_ERRORS: tuple[type[Exception], ...] = (
+    p11e.EncryptedDataInvalid,
+    p11e.EncryptedDataLenRange,
+    p11e.DataInvalid,
+    p11e.DataLenRange,
+    p11e.MechanismParamInvalid,
+    p11e.WrappedKeyInvalid,
+    p11e.WrappedKeyLenRange,
+)
+_UNSUPPORTED_ERRORS: tuple[type[Exception], ...] = (
+    p11e.MechanismInvalid,
+    p11e.KeySizeRange,
+    p11e.KeyTypeInconsistent,
+    p11e.FunctionNotSupported,
+)
+
+
+def _is_not_initialized(exc: BaseException) -> bool:
+    # python-pkcs11 has no class for CKR_CRYPTOKI_NOT_INITIALIZED; it raises PKCS11Error with
+    # a fixed text.
+    return type(exc) is p11e.PKCS11Error and "not initialized" in str(exc)
+
+
+@dataclass(frozen=True)
+class _Converted:
+    error: KeyStoreError
+    broken: bool  # the connection must be rebuilt
+
+
+def _convert(exc: BaseException, *, what: str, sealed: bool, cached_handle: bool) -> _Converted:
+    """Map a PKCS#11 error deliberately (facts note: never treat every error as transient).
+
+    Messages name the operation and the PKCS#11 error class only: never data or key values.
+    """
+    name = type(exc).__name__
+    if isinstance(exc, _UNAVAILABLE_ERRORS) or _is_not_initialized(exc):
+        return _Converted(TokenUnavailable(f"{UNAVAILABLE_MESSAGE} ({what}: {name})"), True)
+    if isinstance(exc, _STALE_HANDLE_ERRORS) and cached_handle:
+        return _Converted(TokenUnavailable(f"{UNAVAILABLE_MESSAGE} ({what}: {name})"), True)
+    if sealed:
+        # rsa_decrypt: one fixed message whatever the token said (no padding oracle).
+        return _Converted(InvalidSealedData(SEALED_DATA_MESSAGE), False)
+    if isinstance(exc, _SEALED_ERRORS):
+        return _Converted(KeyStoreError(f"{what} rejected its input ({name})"), False)
+    if isinstance(exc, _UNSUPPORTED_ERRORS):
+        return _Converted(UnsupportedOperation(f"{what} not supported by the token ({name})"),
+                          False)
+    return _Converted(KeyStoreError(f"{what} failed ({name})"), False)
+
+
+# --- ctypes: re-initialise the loaded module with CKF_OS_LOCKING_OK -------------------------
+
+
+class _CkCInitializeArgs(ctypes.Structure):
+    _fields_ = (
+        ("CreateMutex", ctypes.c_void_p),
+        ("DestroyMutex", ctypes.c_void_p),
+        ("LockMutex", ctypes.c_void_p),
+        ("UnlockMutex", ctypes.c_void_p),
+        ("flags", ctypes.c_ulong),
+        ("pReserved", ctypes.c_void_p),
+    )
+
+
+class _CkVersion(ctypes.Structure):
+    _fields_ = (("major", ctypes.c_ubyte), ("minor", ctypes.c_ubyte))
+
+
+_CkInitFn = ctypes.CFUNCTYPE(ctypes.c_ulong, ctypes.c_void_p)
+
+
+class _CkFunctionListHead(ctypes.Structure):
+    # The first members of CK_FUNCTION_LIST: enough to reach C_Initialize and C_Finalize.
+    _fields_ = (
+        ("version", _CkVersion),
+        ("C_Initialize", _CkInitFn),
+        ("C_Finalize", _CkInitFn),
+    )
+
+
+class _ModuleControl:
+    """C_Initialize / C_Finalize of a loaded module through its function list.
+
+    ctypes.CDLL on the path python-pkcs11 loaded returns the same dlopen handle, so this
+    drives the very instance python-pkcs11 uses. Holding the CDLL also keeps the module
+    mapped across ``pkcs11.unload()``, which is harmless: after C_Finalize it is clean.
+    """
+
+    def __init__(self, path: str) -> None:
+        self._dll = ctypes.CDLL(path)
+        get = self._dll.C_GetFunctionList
+        get.argtypes = [ctypes.POINTER(ctypes.POINTER(_CkFunctionListHead))]
+        get.restype = ctypes.c_ulong
+        ptr = ctypes.POINTER(_CkFunctionListHead)()
+        rv = get(ctypes.byref(ptr))
+        if rv != _CKR_OK or not ptr:
+            raise TokenConfigError(f"C_GetFunctionList failed (CKR 0x{rv:x})")
+        self._fl = ptr.contents
+        self._args = _CkCInitializeArgs(flags=_CKF_OS_LOCKING_OK)
+
+    def finalize(self) -> int:
+        return int(self._fl.C_Finalize(None))
+
+    def initialize_with_os_locking(self) -> int:
+        return int(self._fl.C_Initialize(ctypes.addressof(self._args)))
+
+
+# --- connection state ---------------------------------------------------------------------
+
+
+@dataclass
+class _KeyMeta:
+    info: KeyInfo
+    handles: dict[int, int]  # ObjectClass -> object handle (same in every session)
+    secret_len: int = 0  # true length of a secret key
+    stored_len: int = 0
+    public_der: bytes | None = None
+
+
+@dataclass(eq=False)
+class _PooledSession:
+    session: Any  # pkcs11.Session
+    # label -> {ObjectClass: pkcs11 Object bound to THIS session}
+    bound: dict[str, dict[int, Any]] = field(default_factory=dict)
+
+
+@dataclass(eq=False)
+class _Connection:
+    lib: Any
+    token: Any
+    login_session: Any
+    sessions: list[_PooledSession]
+    idle: queue.SimpleQueue[_PooledSession]
+    keys: dict[str, _KeyMeta]
+    pid: int
+    broken: bool = False
+
+
+_LIVE_STORES: weakref.WeakSet[Pkcs11KeyStore] = weakref.WeakSet()
+_ACTIVE_MODULES: dict[str, weakref.ref[Pkcs11KeyStore]] = {}
+_REGISTRY_LOCK = threading.Lock()
+
+
+def _before_fork() -> None:
+    for store in list(_LIVE_STORES):
+        store._fork_prepare()
+
+
+def _after_fork_parent() -> None:
+    for store in list(_LIVE_STORES):
+        store._fork_parent()
+
+
+def _after_fork_child() -> None:
+    for store in list(_LIVE_STORES):
+        store._fork_child()
+
+
+os.register_at_fork(
+    before=_before_fork, after_in_parent=_after_fork_parent, after_in_child=_after_fork_child
+)
 
 
 class Pkcs11KeyStore:
-    """KeyStore over a PKCS#11 token."""
+    """:class:`kms.keystore.KeyStore` over a PKCS#11 token. Thread-safe and fork-aware.
 
-    def __init__(self, config: TokenConfig) -> None:
-        raise NotImplementedError("Pkcs11KeyStore is being implemented")
+    One open store per PKCS#11 module per process: C_Initialize / C_Finalize and the login
+    state are per process and per module, so two stores would finalise each other.
+    """
+
+    def __init__(self, config: TokenConfig, *, pool_size: int = DEFAULT_POOL_SIZE) -> None:
+        if pool_size < 1:
+            raise ValueError("pool_size must be >= 1")
+        if config.token_label is None and config.token_serial is None:
+            raise TokenConfigError("token_label or token_serial must be set")
+        if not os.path.isfile(config.module):
+            raise TokenConfigError(f"PKCS#11 module not found: {config.module}")
+        self._config = config
+        self._pool_size = pool_size
+        self._gate = Gate()
+        self._object_lock = threading.Lock()  # SoftHSM #573: create/destroy serialised
+        self._conn: _Connection | None = None
+        self._ctl: _ModuleControl | None = None
+        self._next_attempt = 0.0
+        self._closed = False
+        self._pid = os.getpid()
+        self._fork_held = False
+        with _REGISTRY_LOCK:
+            other = _ACTIVE_MODULES.get(config.module)
+            if other is not None and other() is not None:
+                raise TokenConfigError(
+                    f"PKCS#11 module {config.module} is already open in this process "
+                    "(one Pkcs11KeyStore per module per process)"
+                )
+            _ACTIVE_MODULES[config.module] = weakref.ref(self)
+        try:
+            with self._gate.exclusive():
+                self._conn = self._connect(initial=True)
+        except BaseException:
+            self._release_module()
+            raise
+        _LIVE_STORES.add(self)
+
+    def __repr__(self) -> str:
+        who = self._config.token_label or self._config.token_serial
+        state = "closed" if self._closed else ("up" if self._conn_ok() else "down")
+        return f"<Pkcs11KeyStore token={who!r} {state}>"
+
+    # --- connection lifecycle -------------------------------------------------------------
+    def _conn_ok(self) -> bool:
+        c = self._conn
+        return c is not None and not c.broken
+
+    def _load_module(self) -> Any:
+        cfg = self._config
+        if cfg.softhsm_conf is not None:
+            # SoftHSM reads SOFTHSM2_CONF in C_Initialize: set it before every (re)load.
+            os.environ["SOFTHSM2_CONF"] = cfg.softhsm_conf
+        lib = pkcs11.lib(cfg.module)
+        if self._ctl is None:
+            self._ctl = _ModuleControl(cfg.module)
+        # python-pkcs11 initialised with NULL args (no locking); redo it with OS locking.
+        self._ctl.finalize()
+        rv = self._ctl.initialize_with_os_locking()
+        if rv != _CKR_OK:
+            raise _InitFailedError(rv)
+        return lib
+
+    def _unload_module(self) -> None:
+        if self._ctl is not None:
+            # Ignore the result: the module may already be uninitialised (lost token, child
+            # after fork that never connected).
+            self._ctl.finalize()
+        # python-pkcs11 still believes it initialised the module; unload() forgets that (its
+        # own C_Finalize then returns CKR_CRYPTOKI_NOT_INITIALIZED, which it ignores).
+        pkcs11.unload(self._config.module)
+
+    def _find_token(self, lib: Any) -> Any:
+        cfg = self._config
+        kwargs: dict[str, str] = {}
+        if cfg.token_label is not None:
+            kwargs["token_label"] = cfg.token_label
+        if cfg.token_serial is not None:
+            kwargs["token_serial"] = cfg.token_serial
+        try:
+            return lib.get_token(**kwargs)
+        except p11e.NoSuchToken:
+            raise TokenConfigError(f"no token matching {_describe(kwargs)}") from None
+        except p11e.MultipleTokensReturned:
+            raise TokenConfigError(f"several tokens match {_describe(kwargs)}") from None
+
+    def _connect(self, *, initial: bool) -> _Connection:
+        """Load + initialise the module, log in once, open the pool, scan keys. Exclusive."""
+        try:
+            lib = self._load_module()
+        except _InitFailedError as exc:
+            self._unload_module()
+            raise TokenConfigError(
+                f"C_Initialize of {self._config.module} failed (CKR 0x{exc.rv:x})"
+            ) from None
+        except p11e.PKCS11Error as exc:
+            with contextlib.suppress(Exception):
+                self._unload_module()
+            raise TokenConfigError(
+                f"cannot load PKCS#11 module {self._config.module} ({type(exc).__name__})"
+            ) from None
+        try:
+            token = self._find_token(lib)
+            try:
+                login = token.open(rw=True, user_pin=self._config.pin)
+            except (p11e.PinIncorrect, p11e.PinInvalid, p11e.PinLenRange) as exc:
+                raise TokenConfigError(
+                    f"login to token {token.label!r} failed: PIN rejected ({type(exc).__name__})"
+                ) from None
+            except p11e.PinLocked:
+                raise TokenConfigError(f"login to token {token.label!r} failed: PIN locked") \
+                    from None
+            except p11e.UserPinNotInitialized:
+                raise TokenConfigError(
+                    f"login to token {token.label!r} failed: user PIN not initialised"
+                ) from None
+            # Operation sessions: opened without a PIN, they share the login (PKCS#11 login
+            # state is per application and token, not per session).
+            sessions = [_PooledSession(token.open(rw=True)) for _ in range(self._pool_size)]
+            keys = self._scan(sessions)
+        except TokenConfigError:
+            with contextlib.suppress(Exception):
+                self._unload_module()
+            raise
+        except p11e.PKCS11Error as exc:
+            with contextlib.suppress(Exception):
+                self._unload_module()
+            if initial:
+                raise TokenConfigError(f"cannot open token ({type(exc).__name__})") from None
+            raise
+        idle: queue.SimpleQueue[_PooledSession] = queue.SimpleQueue()
+        for ps in sessions:
+            idle.put(ps)
+        log.info("token %s: connected, %d keys cached", token.label, len(keys))
+        return _Connection(lib, token, login, sessions, idle, keys, os.getpid())
+
+    def _scan(self, sessions: list[_PooledSession]) -> dict[str, _KeyMeta]:
+        """The one scan of the token: metadata from session 0, bindings in every session."""
+        keys: dict[str, _KeyMeta] = {}
+        first = sessions[0]
+        for obj in first.session.get_objects():
+            self._remember(keys, first, obj)
+        wanted = {h for m in keys.values() for h in m.handles.values()}
+        for ps in sessions[1:]:
+            self._bind_all(ps, keys, wanted)
+        return keys
+
+    def _bind_all(self, ps: _PooledSession, keys: dict[str, _KeyMeta], wanted: set[int]) -> None:
+        by_handle = {h: (label, cls) for label, m in keys.items() for cls, h in m.handles.items()}
+        for obj in ps.session.get_objects():
+            if obj.handle in wanted:
+                label, cls = by_handle[obj.handle]
+                ps.bound.setdefault(label, {})[cls] = obj
+
+    def _remember(self, keys: dict[str, _KeyMeta], ps: _PooledSession, obj: Any) -> None:
+        """Describe one object found on the token (no values read) and bind it in ``ps``."""
+        try:
+            cls = obj[Attribute.CLASS]
+            label = obj[Attribute.LABEL]
+        except p11e.PKCS11Error:
+            return
+        if not label or cls not in (ObjectClass.SECRET_KEY, ObjectClass.PRIVATE_KEY,
+                                    ObjectClass.PUBLIC_KEY):
+            return  # certificates, data objects, unlabelled keys: not ours to serve
+        meta = keys.get(label)
+        if meta is not None and int(cls) in meta.handles:
+            log.warning("token holds several %s objects labelled %r; using the first",
+                        cls.name, label)
+            return
+        if cls == ObjectClass.SECRET_KEY:
+            if meta is not None:
+                log.warning("label %r names a secret and a key pair; ignoring the secret", label)
+                return
+            meta = self._describe_secret(label, obj)
+        elif cls == ObjectClass.PRIVATE_KEY:
+            if meta is not None and meta.info.key_type == KeyType.SECRET:
+                return
+            described = self._describe_private(label, obj)
+            if described is None:
+                return
+            if meta is not None:  # the public half came first
+                described.handles.update(meta.handles)
+                described.public_der = meta.public_der or described.public_der
+            meta = described
+        else:  # public key
+            der = _public_der(obj)
+            if meta is None:
+                # Placeholder until the private half shows up; dropped if it never does.
+                meta = _KeyMeta(KeyInfo(label, KeyType.RSA, 0, False, True), {}, public_der=der)
+            elif meta.info.key_type == KeyType.SECRET:
+                return
+            else:
+                meta.public_der = der or meta.public_der
+        meta.handles[int(cls)] = obj.handle
+        keys[label] = meta
+        ps.bound.setdefault(label, {})[int(cls)] = obj
+
+    @staticmethod
+    def _describe_secret(label: str, obj: Any) -> _KeyMeta:
+        attrs = obj.get_attributes([
+            Attribute.KEY_TYPE, Attribute.VALUE_LEN, Attribute.ID, Attribute.SENSITIVE,
+            Attribute.EXTRACTABLE, Attribute.ALWAYS_SENSITIVE, Attribute.NEVER_EXTRACTABLE,
+        ])
+        stored = int(attrs.get(Attribute.VALUE_LEN, 0))
+        true_len = _true_length(attrs.get(Attribute.ID), stored)
+        kt = KeyType.AES if attrs.get(Attribute.KEY_TYPE) == P11KeyType.AES else KeyType.SECRET
+        info = KeyInfo(
+            label, kt, true_len * 8,
+            sensitive=bool(attrs.get(Attribute.SENSITIVE, False)),
+            extractable=bool(attrs.get(Attribute.EXTRACTABLE, True)),
+            always_sensitive=bool(attrs.get(Attribute.ALWAYS_SENSITIVE, False)),
+            never_extractable=bool(attrs.get(Attribute.NEVER_EXTRACTABLE, False)),
+        )
+        return _KeyMeta(info, {}, secret_len=true_len, stored_len=stored)
+
+    @staticmethod
+    def _describe_private(label: str, obj: Any) -> _KeyMeta | None:
+        attrs = obj.get_attributes([
+            Attribute.KEY_TYPE, Attribute.SENSITIVE, Attribute.EXTRACTABLE,
+            Attribute.ALWAYS_SENSITIVE, Attribute.NEVER_EXTRACTABLE,
+        ])
+        kt = attrs.get(Attribute.KEY_TYPE)
+        der: bytes | None = None
+        if kt == P11KeyType.RSA:
+            n = obj[Attribute.MODULUS]
+            e = obj[Attribute.PUBLIC_EXPONENT]
+            bits = int.from_bytes(n, "big").bit_length()
+            der = _rsa_der(n, e)
+            key_type = KeyType.RSA
+        elif kt == P11KeyType.EC:
+            curve = _curve_from_params(obj[Attribute.EC_PARAMS])
+            if curve is None:
+                return None
+            bits = CURVE_BITS[curve]
+            key_type = KeyType.EC
+        else:
+            return None
+        info = KeyInfo(
+            label, key_type, bits,
+            sensitive=bool(attrs.get(Attribute.SENSITIVE, False)),
+            extractable=bool(attrs.get(Attribute.EXTRACTABLE, True)),
+            always_sensitive=bool(attrs.get(Attribute.ALWAYS_SENSITIVE, False)),
+            never_extractable=bool(attrs.get(Attribute.NEVER_EXTRACTABLE, False)),
+        )
+        return _KeyMeta(info, {}, public_der=der)
+
+    def _teardown(self, conn: _Connection | None) -> None:
+        """Forget a connection and finalise the module. Exclusive."""
+        if conn is not None and conn.pid == os.getpid() and not conn.broken:
+            # Orderly: close operation sessions, then the login session (logs out).
+            for ps in conn.sessions:
+                with contextlib.suppress(Exception):
+                    ps.session.close()
+            with contextlib.suppress(Exception):
+                conn.login_session.close()
+        with contextlib.suppress(Exception):
+            self._unload_module()
+
+    def _usable_connection(self) -> _Connection:
+        """The live connection, reconnecting (rate-limited) if it is broken. No lock held."""
+        if os.getpid() != self._pid:
+            self._fork_child()  # forked without our hooks (e.g. os.fork from C): start over
+        conn = self._conn
+        if conn is not None and not conn.broken:
+            return conn
+        with self._gate.exclusive():
+            if self._closed:
+                raise KeyStoreError("key store is closed")
+            conn = self._conn
+            if conn is not None and not conn.broken:
+                return conn
+            now = time.monotonic()
+            if now < self._next_attempt:
+                raise TokenUnavailable(UNAVAILABLE_MESSAGE)
+            self._next_attempt = now + RECONNECT_INTERVAL
+            self._conn = None
+            self._teardown(conn)
+            try:
+                self._conn = self._connect(initial=False)
+            except (KeyStoreError, p11e.PKCS11Error, OSError) as exc:
+                log.warning("token reconnect failed (%s)", type(exc).__name__)
+                raise TokenUnavailable(UNAVAILABLE_MESSAGE) from None
+            log.info("token reconnected")
+            return self._conn
+
+    @contextlib.contextmanager
+    def _session(self, what: str, *, sealed: bool = False) -> Iterator[
+            tuple[_Connection, _PooledSession]]:
+        """Borrow a pooled session under the shared gate; convert PKCS#11 errors once."""
+        if self._closed:
+            raise KeyStoreError("key store is closed")
+        conn = self._usable_connection()
+        with self._gate.shared():
+            if self._conn is not conn or conn.broken:
+                # Replaced or broken between the check and the lock: let the caller retry.
+                raise TokenUnavailable(UNAVAILABLE_MESSAGE)
+            ps = conn.idle.get()
+            try:
+                yield conn, ps
+            except p11e.PKCS11Error as exc:
+                converted = _convert(exc, what=what, sealed=sealed, cached_handle=True)
+                if converted.broken:
+                    conn.broken = True
+                    log.warning("token lost during %s (%s)", what, type(exc).__name__)
+                raise converted.error from None
+            finally:
+                conn.idle.put(ps)
+
+    # --- fork -----------------------------------------------------------------------------
+    def _fork_prepare(self) -> None:
+        # No token call may be in flight across fork(): the child could inherit a module
+        # mutex held by a thread that does not exist there, and C_Finalize would deadlock.
+        if not self._closed:
+            self._gate.acquire_exclusive()
+            self._fork_held = True
+
+    def _fork_parent(self) -> None:
+        if self._fork_held:
+            self._fork_held = False
+            self._gate.release_exclusive()
+
+    def _fork_child(self) -> None:
+        # Fresh locks (other parent threads do not exist here); the inherited sessions and
+        # login belong to the parent: re-initialise the module on the next call.
+        self._gate = Gate()
+        self._object_lock = threading.Lock()
+        self._fork_held = False
+        self._pid = os.getpid()
+        if self._conn is not None:
+            self._conn.broken = True
+        self._next_attempt = 0.0
+
+    # --- session-object helpers (ephemeral keys) ------------------------------------------
+    def _create_session_secret(self, ps: _PooledSession, value: bytes) -> Any:
+        # Zero-pad to the SHA-256 HMAC minimum (facts note): HMAC pads keys with zeros.
+        if len(value) < PADDED_SECRET_BYTES:
+            value = value + bytes(PADDED_SECRET_BYTES - len(value))
+        with self._object_lock:
+            return ps.session.create_object({
+                Attribute.CLASS: ObjectClass.SECRET_KEY,
+                Attribute.KEY_TYPE: P11KeyType.GENERIC_SECRET,
+                Attribute.TOKEN: False,
+                Attribute.PRIVATE: True,
+                Attribute.SENSITIVE: True,
+                Attribute.EXTRACTABLE: False,
+                Attribute.SIGN: True,
+                Attribute.VALUE: value,
+            })
+
+    def _destroy(self, obj: Any) -> None:
+        with self._object_lock:
+            obj.destroy()
+
+    @contextlib.contextmanager
+    def _ephemeral(self, ps: _PooledSession, values: list[bytes]) -> Iterator[list[Any]]:
+        objs: list[Any] = []
+        try:
+            for v in values:
+                objs.append(self._create_session_secret(ps, v))
+            yield objs
+        finally:
+            for o in objs:
+                with contextlib.suppress(p11e.PKCS11Error):
+                    self._destroy(o)
+
+    def _bound(self, conn: _Connection, ps: _PooledSession, label: str, cls: ObjectClass,
+               kinds: tuple[KeyType, ...]) -> tuple[_KeyMeta, Any]:
+        meta = conn.keys.get(label)
+        if meta is None:
+            raise KeyNotFound(f"no key labelled {label!r}")
+        if meta.info.key_type not in kinds or int(cls) not in meta.handles:
+            raise UnsupportedOperation(f"key {label!r} cannot be used for this operation")
+        return meta, ps.bound[label][int(cls)]
+
+    # --- operations -----------------------------------------------------------------------
+    def hmac(self, key: Key, data: bytes, func: PrfFunc) -> bytes:
+        mech = _HMAC_MECHANISM[PrfFunc(func)]
+        with self._session("hmac") as (conn, ps):
+            if isinstance(key, KeyRef):
+                _, obj = self._bound(conn, ps, key.label, ObjectClass.SECRET_KEY,
+                                     (KeyType.SECRET,))
+                return bytes(obj.sign(data, mechanism=mech))
+            with self._ephemeral(ps, [bytes(key)]) as (obj,):
+                return bytes(obj.sign(data, mechanism=mech))
+
+    def prf(self, key: Key, label: bytes, out_len: int, func: PrfFunc) -> bytes:
+        func = PrfFunc(func)
+        mech = _HMAC_MECHANISM[func]
+
+        def signer(obj: Any) -> HmacFn:
+            def fn(data: bytes) -> bytes:
+                return bytes(obj.sign(data, mechanism=mech))
+            return fn
+
+        if out_len <= 0:
+            raise ValueError("PRF output length must be positive")
+        with self._session("prf") as (conn, ps):
+            if isinstance(key, KeyRef):
+                meta, obj = self._bound(conn, ps, key.label, ObjectClass.SECRET_KEY,
+                                        (KeyType.SECRET,))
+                if meta.secret_len > MAX_SECRET_BYTES:
+                    # Would need one token object per 256-bit slice (reference section 12).
+                    raise UnsupportedOperation(
+                        f"key {key.label!r} is longer than one PRF slice (32 bytes)"
+                    )
+                return prf_over([signer(obj)], label, out_len, func)
+            # Ephemeral in-key: one session object per 256-bit slice for the whole PRF.
+            with self._ephemeral(ps, split_in_key(bytes(key))) as objs:
+                return prf_over([signer(o) for o in objs], label, out_len, func)
+
+    def aes_cm(self, key: bytes, iv: bytes, data: bytes) -> bytes:
+        check_aes_cm(key, iv)
+        if not data:
+            return b""
+        with self._session("aes_cm") as (_conn, ps):
+            with self._object_lock:
+                obj = ps.session.create_object({
+                    Attribute.CLASS: ObjectClass.SECRET_KEY,
+                    Attribute.KEY_TYPE: P11KeyType.AES,
+                    Attribute.TOKEN: False,
+                    Attribute.PRIVATE: True,
+                    Attribute.SENSITIVE: True,
+                    Attribute.EXTRACTABLE: False,
+                    Attribute.ENCRYPT: True,
+                    Attribute.VALUE: bytes(key),
+                })
+            try:
+                out = bytearray()
+                counter = int.from_bytes(iv, "big")
+                pos = 0
+                while pos < len(data):
+                    # AES-CM counts over the full 128-bit block mod 2^128 (RFC 3711 4.1.1).
+                    # With ulCounterBits = 128 SoftHSM matches that, but refuses (DataLenRange)
+                    # to wrap past 2^128 - 1 (measured), so split there. ulCounterBits = 16
+                    # (as the facts note suggests) is only right while the low 16 bits do not
+                    # wrap; SoftHSM refuses that too.
+                    blocks_left = (1 << 128) - counter
+                    chunk = data[pos : pos + blocks_left * 16]
+                    param = struct.pack("=Q", 128) + counter.to_bytes(16, "big")
+                    out += obj.encrypt(chunk, mechanism=Mechanism.AES_CTR,
+                                       mechanism_param=param, buffer_size=len(chunk) + 32)
+                    pos += len(chunk)
+                    counter = 0
+                return bytes(out)
+            finally:
+                with contextlib.suppress(p11e.PKCS11Error):
+                    self._destroy(obj)
+
+    def random(self, length: int) -> bytes:
+        if length < 0:
+            raise ValueError("random length must be >= 0")
+        if length == 0:
+            return b""
+        with self._session("random") as (_conn, ps):
+            return bytes(ps.session.generate_random(length * 8))
+
+    def rsa_decrypt(self, key: KeyRef, data: bytes, padding: RsaPadding) -> bytes:
+        if padding == RsaPadding.PKCS1V15:
+            mech, param = Mechanism.RSA_PKCS, None
+        elif padding == RsaPadding.OAEP_SHA1:
+            # SoftHSM: OAEP with SHA-1 / MGF1-SHA-1 and no label only (facts note).
+            mech, param = Mechanism.RSA_PKCS_OAEP, (Mechanism.SHA_1, MGF.SHA1, None)
+        else:
+            raise InvalidSealedData(SEALED_DATA_MESSAGE)
+        with self._session("rsa_decrypt", sealed=True) as (conn, ps):
+            _, obj = self._bound(conn, ps, key.label, ObjectClass.PRIVATE_KEY, (KeyType.RSA,))
+            return bytes(obj.decrypt(data, mechanism=mech, mechanism_param=param))
+
+    def sign(self, key: KeyRef, data: bytes, scheme: SignScheme) -> bytes:
+        scheme = SignScheme(scheme)
+        with self._session("sign") as (conn, ps):
+            if scheme == SignScheme.ECDSA_SHA256:
+                _, obj = self._bound(conn, ps, key.label, ObjectClass.PRIVATE_KEY, (KeyType.EC,))
+                # SoftHSM has no CKM_ECDSA_SHA256: hash here, sign the digest raw (facts note).
+                raw = obj.sign(scheme_digest(scheme, data), mechanism=Mechanism.ECDSA)
+                return raw_ecdsa_to_der(bytes(raw))
+            _, obj = self._bound(conn, ps, key.label, ObjectClass.PRIVATE_KEY, (KeyType.RSA,))
+            mech, param = _RSA_SIGN[scheme]
+            return bytes(obj.sign(data, mechanism=mech, mechanism_param=param))
+
+    def public_key_der(self, key: KeyRef) -> bytes:
+        with self._session("public_key_der") as (conn, _ps):
+            meta = conn.keys.get(key.label)
+            if meta is None:
+                raise KeyNotFound(f"no key labelled {key.label!r}")
+            if meta.public_der is None:
+                raise UnsupportedOperation(f"key {key.label!r} has no public half")
+            return meta.public_der
+
+    # --- management -----------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _manage(self, what: str) -> Iterator[tuple[_Connection, _PooledSession]]:
+        """Exclusive section for key management: no operation runs while the cache changes.
+
+        Creating a stored object costs ~8 ms (facts note); management is rare.
+        """
+        if self._closed:
+            raise KeyStoreError("key store is closed")
+        conn = self._usable_connection()
+        with self._gate.exclusive():
+            if self._conn is not conn or conn.broken:
+                raise TokenUnavailable(UNAVAILABLE_MESSAGE)
+            try:
+                with self._object_lock:
+                    yield conn, conn.sessions[0]
+            except p11e.PKCS11Error as exc:
+                converted = _convert(exc, what=what, sealed=False, cached_handle=False)
+                if converted.broken:
+                    conn.broken = True
+                raise converted.error from None
+
+    def _check_new_label(self, conn: _Connection, label: str) -> None:
+        check_label(label)
+        if label in conn.keys:
+            raise KeyExists(f"a key labelled {label!r} already exists")
+
+    def _adopt(self, conn: _Connection, label: str, objs: list[Any]) -> KeyInfo:
+        """Put freshly created objects into the cache and bind them in every session."""
+        first = conn.sessions[0]
+        for obj in objs:
+            self._remember(conn.keys, first, obj)
+        meta = conn.keys[label]
+        for ps in conn.sessions[1:]:
+            for obj in ps.session.get_objects({Attribute.LABEL: label}):
+                for cls, h in meta.handles.items():
+                    if obj.handle == h:
+                        ps.bound.setdefault(label, {})[cls] = obj
+        return meta.info
+
+    _SECRET_TEMPLATE: ClassVar[dict[Attribute, Any]] = {
+        Attribute.TOKEN: True,
+        Attribute.PRIVATE: True,
+        Attribute.SENSITIVE: True,
+        Attribute.EXTRACTABLE: False,
+        # HMAC only: C_Sign / C_Verify (PKCS#11 "generic secret" with SIGN/VERIFY).
+        Attribute.SIGN: True,
+        Attribute.VERIFY: True,
+        Attribute.ENCRYPT: False,
+        Attribute.DECRYPT: False,
+        Attribute.WRAP: False,
+        Attribute.UNWRAP: False,
+        Attribute.DERIVE: False,
+    }
+
+    def generate_secret(self, label: str, length: int) -> KeyInfo:
+        check_secret_length(length)
+        with self._manage("generate_secret") as (conn, ps):
+            self._check_new_label(conn, label)
+            ident = LEN_MARKER + str(length).encode()
+            if length == PADDED_SECRET_BYTES:
+                # Generated inside the token: ALWAYS_SENSITIVE / NEVER_EXTRACTABLE stay true.
+                obj = ps.session.generate_key(
+                    P11KeyType.GENERIC_SECRET, 8 * length, label=label, id=ident, store=True,
+                    template=dict(self._SECRET_TEMPLATE),
+                )
+            else:
+                # A shorter key must be zero-padded, which C_GenerateKey cannot do: take the
+                # token's RNG and import. The value passes host memory once, so the token
+                # reports ALWAYS_SENSITIVE = NEVER_EXTRACTABLE = false.
+                value = bytearray(ps.session.generate_random(8 * length))
+                obj = self._create_secret(ps, label, ident, value)
+            return self._adopt(conn, label, [obj])
+
+    def import_secret(self, label: str, value: bytes) -> KeyInfo:
+        check_secret_length(len(value))
+        with self._manage("import_secret") as (conn, ps):
+            self._check_new_label(conn, label)
+            ident = LEN_MARKER + str(len(value)).encode()
+            obj = self._create_secret(ps, label, ident, bytearray(value))
+            return self._adopt(conn, label, [obj])
+
+    def _create_secret(self, ps: _PooledSession, label: str, ident: bytes,
+                       value: bytearray) -> Any:
+        padded = bytes(value) + bytes(PADDED_SECRET_BYTES - len(value))
+        try:
+            attrs: dict[Attribute, Any] = dict(self._SECRET_TEMPLATE)
+            attrs.update({
+                Attribute.CLASS: ObjectClass.SECRET_KEY,
+                Attribute.KEY_TYPE: P11KeyType.GENERIC_SECRET,
+                Attribute.LABEL: label,
+                Attribute.ID: ident,
+                Attribute.VALUE: padded,
+            })
+            return ps.session.create_object(attrs)
+        finally:
+            value[:] = bytes(len(value))  # best effort: bytes copies cannot be wiped
+
+    def generate_rsa(self, label: str, bits: int) -> KeyInfo:
+        check_rsa_bits(bits)
+        with self._manage("generate_rsa") as (conn, ps):
+            self._check_new_label(conn, label)
+            ident = os.urandom(16)  # CKA_ID links the two halves (PKCS#11 convention)
+            pub, priv = ps.session.generate_keypair(
+                P11KeyType.RSA, bits, label=label, id=ident, store=True,
+                public_template={
+                    Attribute.TOKEN: True, Attribute.VERIFY: True, Attribute.ENCRYPT: True,
+                    Attribute.WRAP: False, Attribute.PUBLIC_EXPONENT: b"\x01\x00\x01",
+                },
+                private_template={
+                    Attribute.TOKEN: True, Attribute.PRIVATE: True, Attribute.SENSITIVE: True,
+                    Attribute.EXTRACTABLE: False, Attribute.DECRYPT: True, Attribute.SIGN: True,
+                    Attribute.UNWRAP: False, Attribute.SIGN_RECOVER: False,
+                    Attribute.DERIVE: False,
+                },
+            )
+            return self._adopt(conn, label, [priv, pub])
+
+    def generate_ec(self, label: str, curve: str) -> KeyInfo:
+        name = canonical_curve(curve)
+        with self._manage("generate_ec") as (conn, ps):
+            self._check_new_label(conn, label)
+            ident = os.urandom(16)
+            params = ps.session.create_domain_parameters(
+                P11KeyType.EC, {Attribute.EC_PARAMS: encode_named_curve_parameters(name)},
+                local=True,
+            )
+            pub, priv = params.generate_keypair(
+                label=label, id=ident, store=True,
+                public_template={Attribute.TOKEN: True, Attribute.VERIFY: True,
+                                 Attribute.DERIVE: False},
+                private_template={
+                    Attribute.TOKEN: True, Attribute.PRIVATE: True, Attribute.SENSITIVE: True,
+                    Attribute.EXTRACTABLE: False, Attribute.SIGN: True, Attribute.DERIVE: False,
+                },
+            )
+            return self._adopt(conn, label, [priv, pub])
+
+    def delete(self, label: str) -> None:
+        with self._manage("delete") as (conn, ps):
+            # A search here is fine (management path): also catches objects with this label
+            # that the cache ignores (certificates, data objects).
+            found = list(ps.session.get_objects({Attribute.LABEL: label}))
+            if not found and label not in conn.keys:
+                raise KeyNotFound(f"no key labelled {label!r}")
+            for obj in found:
+                obj.destroy()
+            conn.keys.pop(label, None)
+            for s in conn.sessions:
+                s.bound.pop(label, None)
+
+    def list_keys(self) -> list[KeyInfo]:
+        with self._session("list_keys") as (conn, _ps):
+            return [conn.keys[k].info for k in sorted(conn.keys)
+                    if conn.keys[k].handles.keys() - {int(ObjectClass.PUBLIC_KEY)}]
+
+    def key_info(self, label: str) -> KeyInfo:
+        with self._session("key_info") as (conn, _ps):
+            meta = conn.keys.get(label)
+            if meta is None or not meta.handles.keys() - {int(ObjectClass.PUBLIC_KEY)}:
+                raise KeyNotFound(f"no key labelled {label!r}")
+            return meta.info
+
+    def refresh(self) -> None:
+        """Rescan the token (picks up keys created by other processes, e.g. the admin CLI)."""
+        with self._manage("refresh") as (conn, _ps):
+            for ps in conn.sessions:
+                ps.bound.clear()
+            conn.keys.clear()
+            conn.keys.update(self._scan(conn.sessions))
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        with self._gate.exclusive():
+            if self._closed:
+                return
+            self._closed = True
+            conn, self._conn = self._conn, None
+            self._teardown(conn)
+        _LIVE_STORES.discard(self)
+        self._release_module()
+
+    def _release_module(self) -> None:
+        with _REGISTRY_LOCK:
+            ref = _ACTIVE_MODULES.get(self._config.module)
+            if ref is not None and ref() in (self, None):
+                del _ACTIVE_MODULES[self._config.module]
+
+    def __enter__(self) -> Pkcs11KeyStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class _InitFailedError(Exception):
+    def __init__(self, rv: int) -> None:
+        super().__init__(f"CKR 0x{rv:x}")
+        self.rv = rv
+
+
+_RSA_SIGN: dict[SignScheme, tuple[Mechanism, Any]] = {
+    SignScheme.RSA_PKCS1V15_SHA256: (Mechanism.SHA256_RSA_PKCS, None),
+    SignScheme.RSA_PKCS1V15_SHA1: (Mechanism.SHA1_RSA_PKCS, None),
+    # Salt length = hash length, as the software store uses.
+    SignScheme.RSA_PSS_SHA256: (Mechanism.SHA256_RSA_PKCS_PSS, (Mechanism.SHA256, MGF.SHA256, 32)),
+    SignScheme.RSA_PSS_SHA1: (Mechanism.SHA1_RSA_PKCS_PSS, (Mechanism.SHA_1, MGF.SHA1, 20)),
+}
+
+
+def _describe(kwargs: dict[str, str]) -> str:
+    return ", ".join(f"{k.removeprefix('token_')}={v!r}" for k, v in kwargs.items())
+
+
+def _true_length(ident: Any, stored: int) -> int:
+    if isinstance(ident, bytes) and ident.startswith(LEN_MARKER):
+        digits = ident[len(LEN_MARKER):]
+        if digits.isdigit() and 0 < int(digits) <= stored:
+            return int(digits)
+    return stored
+
+
+def _rsa_der(n: bytes, e: bytes) -> bytes:
+    pub = rsa.RSAPublicNumbers(int.from_bytes(e, "big"), int.from_bytes(n, "big")).public_key()
+    return pub.public_bytes(serialization.Encoding.DER,
+                            serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+_CURVES: dict[str, Callable[[], ec.EllipticCurve]] = {
+    "secp256r1": ec.SECP256R1,
+    "secp384r1": ec.SECP384R1,
+}
+
+
+def _curve_from_params(params: bytes) -> str | None:
+    for name in _CURVES:
+        if params == encode_named_curve_parameters(name):
+            return name
+    return None
+
+
+def _der_octet_string(data: bytes) -> bytes:
+    """Content of a DER OCTET STRING (CKA_EC_POINT is one in PKCS#11 v2.40)."""
+    if len(data) < 2 or data[0] != 0x04:
+        raise ValueError("not an OCTET STRING")
+    n = data[1]
+    off = 2
+    if n & 0x80:
+        k = n & 0x7F
+        n = int.from_bytes(data[2 : 2 + k], "big")
+        off = 2 + k
+    if off + n != len(data):
+        raise ValueError("bad OCTET STRING length")
+    return data[off:]
+
+
+def _public_der(obj: Any) -> bytes | None:
+    """SubjectPublicKeyInfo of a public key object (public attributes only)."""
+    try:
+        kt = obj[Attribute.KEY_TYPE]
+        if kt == P11KeyType.RSA:
+            return _rsa_der(obj[Attribute.MODULUS], obj[Attribute.PUBLIC_EXPONENT])
+        if kt == P11KeyType.EC:
+            name = _curve_from_params(obj[Attribute.EC_PARAMS])
+            if name is None:
+                return None
+            point = _der_octet_string(obj[Attribute.EC_POINT])
+            pub = ec.EllipticCurvePublicKey.from_encoded_point(_CURVES[name](), point)
+            return pub.public_bytes(serialization.Encoding.DER,
+                                    serialization.PublicFormat.SubjectPublicKeyInfo)
+    except (p11e.PKCS11Error, ValueError):
+        return None
+    return None
+
+
+__all__ = ["RECONNECT_INTERVAL", "Pkcs11KeyStore", "TokenConfigError"]
