@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import hmac
 import logging
 import os
 import queue
@@ -278,24 +279,30 @@ class _Connection:
     broken: bool = False
 
 
-_LIVE_STORES: weakref.WeakSet[Pkcs11KeyStore] = weakref.WeakSet()
-_ACTIVE_MODULES: dict[str, weakref.ref[Pkcs11KeyStore]] = {}
+_LIVE_TOKENS: weakref.WeakSet[_Token] = weakref.WeakSet()
 _REGISTRY_LOCK = threading.Lock()
+_OPEN: dict[str, _Shared] = {}  # module path -> the one open token of this process
+
+
+@dataclass(eq=False)
+class _Shared:
+    token: _Token
+    users: int
 
 
 def _before_fork() -> None:
-    for store in list(_LIVE_STORES):
-        store._fork_prepare()
+    for tok in list(_LIVE_TOKENS):
+        tok._fork_prepare()
 
 
 def _after_fork_parent() -> None:
-    for store in list(_LIVE_STORES):
-        store._fork_parent()
+    for tok in list(_LIVE_TOKENS):
+        tok._fork_parent()
 
 
 def _after_fork_child() -> None:
-    for store in list(_LIVE_STORES):
-        store._fork_child()
+    for tok in list(_LIVE_TOKENS):
+        tok._fork_child()
 
 
 os.register_at_fork(
@@ -303,20 +310,22 @@ os.register_at_fork(
 )
 
 
-class Pkcs11KeyStore:
-    """:class:`kms.keystore.KeyStore` over a PKCS#11 token. Thread-safe and fork-aware.
+def _same_config(a: TokenConfig, b: TokenConfig) -> bool:
+    return (
+        (a.module, a.token_label, a.token_serial, a.softhsm_conf)
+        == (b.module, b.token_label, b.token_serial, b.softhsm_conf)
+        and hmac.compare_digest(a.pin.encode(), b.pin.encode())
+    )
 
-    One open store per PKCS#11 module per process: C_Initialize / C_Finalize and the login
-    state are per process and per module, so two stores would finalise each other.
+
+class _Token:
+    """One initialised module + login + session pool + handle cache: one per module/process.
+
+    C_Initialize / C_Finalize and the login state are per process and per module, so every
+    Pkcs11KeyStore of a process that names the same module shares this object.
     """
 
-    def __init__(self, config: TokenConfig, *, pool_size: int = DEFAULT_POOL_SIZE) -> None:
-        if pool_size < 1:
-            raise ValueError("pool_size must be >= 1")
-        if config.token_label is None and config.token_serial is None:
-            raise TokenConfigError("token_label or token_serial must be set")
-        if not os.path.isfile(config.module):
-            raise TokenConfigError(f"PKCS#11 module not found: {config.module}")
+    def __init__(self, config: TokenConfig, pool_size: int) -> None:
         self._config = config
         self._pool_size = pool_size
         self._gate = Gate()
@@ -327,26 +336,14 @@ class Pkcs11KeyStore:
         self._closed = False
         self._pid = os.getpid()
         self._fork_held = False
-        with _REGISTRY_LOCK:
-            other = _ACTIVE_MODULES.get(config.module)
-            if other is not None and other() is not None:
-                raise TokenConfigError(
-                    f"PKCS#11 module {config.module} is already open in this process "
-                    "(one Pkcs11KeyStore per module per process)"
-                )
-            _ACTIVE_MODULES[config.module] = weakref.ref(self)
-        try:
-            with self._gate.exclusive():
-                self._conn = self._connect(initial=True)
-        except BaseException:
-            self._release_module()
-            raise
-        _LIVE_STORES.add(self)
+        with self._gate.exclusive():
+            self._conn = self._connect(initial=True)
+        _LIVE_TOKENS.add(self)
 
     def __repr__(self) -> str:
         who = self._config.token_label or self._config.token_serial
         state = "closed" if self._closed else ("up" if self._conn_ok() else "down")
-        return f"<Pkcs11KeyStore token={who!r} {state}>"
+        return f"<_Token {who!r} {state}>"
 
     # --- connection lifecycle -------------------------------------------------------------
     def _conn_ok(self) -> bool:
@@ -974,14 +971,116 @@ class Pkcs11KeyStore:
             self._closed = True
             conn, self._conn = self._conn, None
             self._teardown(conn)
-        _LIVE_STORES.discard(self)
-        self._release_module()
+        _LIVE_TOKENS.discard(self)
 
-    def _release_module(self) -> None:
+
+class Pkcs11KeyStore:
+    """:class:`kms.keystore.KeyStore` over a PKCS#11 token. Thread-safe and fork-aware.
+
+    Stores of one process that name the same module share one initialised module, login and
+    session pool (PKCS#11 initialisation and login are per process); they must then agree on
+    the whole TokenConfig. The module is finalised when the last of them is closed.
+    """
+
+    def __init__(self, config: TokenConfig, *, pool_size: int = DEFAULT_POOL_SIZE) -> None:
+        if pool_size < 1:
+            raise ValueError("pool_size must be >= 1")
+        if config.token_label is None and config.token_serial is None:
+            raise TokenConfigError("token_label or token_serial must be set")
+        if not os.path.isfile(config.module):
+            raise TokenConfigError(f"PKCS#11 module not found: {config.module}")
+        self._config = config
+        self._closed = False
         with _REGISTRY_LOCK:
-            ref = _ACTIVE_MODULES.get(self._config.module)
-            if ref is not None and ref() in (self, None):
-                del _ACTIVE_MODULES[self._config.module]
+            shared = _OPEN.get(config.module)
+            if shared is not None and not shared.token._closed:
+                if not _same_config(shared.token._config, config):
+                    raise TokenConfigError(
+                        f"PKCS#11 module {config.module} is already open in this process "
+                        "with another token configuration"
+                    )
+                shared.users += 1
+            else:
+                shared = _Shared(_Token(config, pool_size), 1)
+                _OPEN[config.module] = shared
+        self._token = shared.token
+
+    def __repr__(self) -> str:
+        who = self._config.token_label or self._config.token_serial
+        state = "closed" if self._closed else ("up" if self._token._conn_ok() else "down")
+        return f"<Pkcs11KeyStore token={who!r} {state}>"
+
+    def _t(self) -> _Token:
+        if self._closed:
+            raise KeyStoreError("key store is closed")
+        return self._token
+
+    # KeyStore protocol: every call goes to the shared token.
+    def hmac(self, key: Key, data: bytes, func: PrfFunc) -> bytes:
+        return self._t().hmac(key, data, func)
+
+    def prf(self, key: Key, label: bytes, out_len: int, func: PrfFunc) -> bytes:
+        return self._t().prf(key, label, out_len, func)
+
+    def aes_cm(self, key: bytes, iv: bytes, data: bytes) -> bytes:
+        return self._t().aes_cm(key, iv, data)
+
+    def random(self, length: int) -> bytes:
+        return self._t().random(length)
+
+    def rsa_decrypt(self, key: KeyRef, data: bytes, padding: RsaPadding) -> bytes:
+        return self._t().rsa_decrypt(key, data, padding)
+
+    def sign(self, key: KeyRef, data: bytes, scheme: SignScheme) -> bytes:
+        return self._t().sign(key, data, scheme)
+
+    def public_key_der(self, key: KeyRef) -> bytes:
+        return self._t().public_key_der(key)
+
+    def generate_secret(self, label: str, length: int) -> KeyInfo:
+        return self._t().generate_secret(label, length)
+
+    def import_secret(self, label: str, value: bytes) -> KeyInfo:
+        return self._t().import_secret(label, value)
+
+    def generate_rsa(self, label: str, bits: int) -> KeyInfo:
+        return self._t().generate_rsa(label, bits)
+
+    def generate_ec(self, label: str, curve: str) -> KeyInfo:
+        return self._t().generate_ec(label, curve)
+
+    def delete(self, label: str) -> None:
+        self._t().delete(label)
+
+    def list_keys(self) -> list[KeyInfo]:
+        return self._t().list_keys()
+
+    def key_info(self, label: str) -> KeyInfo:
+        return self._t().key_info(label)
+
+    def refresh(self) -> None:
+        """Rescan the token (picks up keys created by other processes, e.g. the admin CLI)."""
+        self._t().refresh()
+
+    @property
+    def connected(self) -> bool:
+        """Whether the token connection is currently believed to be up (no token call)."""
+        return not self._closed and self._token._conn_ok()
+
+    def close(self) -> None:
+        with _REGISTRY_LOCK:
+            if self._closed:
+                return
+            self._closed = True
+            shared = _OPEN.get(self._config.module)
+            if shared is None or shared.token is not self._token:
+                self._token.close()
+                return
+            shared.users -= 1
+            if shared.users > 0:
+                return
+            del _OPEN[self._config.module]
+            self._token.close()
 
     def __enter__(self) -> Pkcs11KeyStore:
         return self
