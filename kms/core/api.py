@@ -6,11 +6,11 @@ The gRPC adapter, the federation router and the tests all call :class:`KmsHandle
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from typing import Protocol
 
 
-class Outcome(str, Enum):
+class Outcome(StrEnum):
     """How a request ended; the adapter maps each to a transport status (gRPC code)."""
 
     OK = "ok"
