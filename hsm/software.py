@@ -118,21 +118,16 @@ class SoftwareKeyStore:
     def rsa_decrypt(self, key: KeyRef, data: bytes, padding: RsaPadding) -> bytes:
         priv = self._private(key, rsa.RSAPrivateKey)
         assert isinstance(priv, rsa.RSAPrivateKey)
-        pad: asym_padding.AsymmetricPadding
-        if padding == RsaPadding.PKCS1V15:
-            pad = asym_padding.PKCS1v15()
-        elif padding == RsaPadding.OAEP_SHA1:
-            pad = asym_padding.OAEP(
-                mgf=asym_padding.MGF1(scheme_hash(SignScheme.RSA_PSS_SHA1)),
-                algorithm=scheme_hash(SignScheme.RSA_PSS_SHA1),
-                label=None,
-            )
-        else:
-            raise InvalidSealedData(SEALED_DATA_MESSAGE)
         try:
-            return priv.decrypt(data, pad)
+            if padding == RsaPadding.PKCS1V15:
+                return _pkcs1v15_decrypt(priv, data)
+            if padding == RsaPadding.OAEP_SHA1:
+                sha1 = scheme_hash(SignScheme.RSA_PSS_SHA1)
+                oaep = asym_padding.OAEP(mgf=asym_padding.MGF1(sha1), algorithm=sha1, label=None)
+                return priv.decrypt(data, oaep)
         except (ValueError, InvalidKey, TypeError):
-            raise InvalidSealedData(SEALED_DATA_MESSAGE) from None
+            pass
+        raise InvalidSealedData(SEALED_DATA_MESSAGE)
 
     def sign(self, key: KeyRef, data: bytes, scheme: SignScheme) -> bytes:
         h = scheme_hash(scheme)
@@ -205,6 +200,43 @@ class SoftwareKeyStore:
         with self._lock:
             self._closed = True
             self._keys.clear()
+
+
+def _pkcs1v15_decrypt(priv: rsa.RSAPrivateKey, data: bytes) -> bytes:
+    """RSAES-PKCS1-v1_5 decryption with explicit rejection (RFC 8017 7.2.2).
+
+    cryptography (OpenSSL >= 3.2) uses implicit rejection: a bad ciphertext "decrypts" to a
+    pseudo-random message. PKCS#11 tokens (SoftHSM) reject explicitly, and the contract says
+    bad input raises InvalidSealedData, so unpad here. The exponentiation is blinded; the
+    padding check runs over the whole block before deciding.
+    """
+    nums = priv.private_numbers()
+    n, e = nums.public_numbers.n, nums.public_numbers.e
+    k = (n.bit_length() + 7) // 8
+    if len(data) != k:
+        raise ValueError("bad ciphertext length")
+    c = int.from_bytes(data, "big")
+    if c >= n:
+        raise ValueError("ciphertext out of range")
+    while True:
+        r = secrets.randbelow(n - 2) + 2
+        try:
+            r_inv = pow(r, -1, n)
+            break
+        except ValueError:  # r shares a factor with n: astronomically unlikely
+            continue
+    blinded = (c * pow(r, e, n)) % n
+    # CRT exponentiation with the private factors.
+    m1 = pow(blinded, nums.dmp1, nums.p)
+    m2 = pow(blinded, nums.dmq1, nums.q)
+    h = (nums.iqmp * (m1 - m2)) % nums.p
+    em = ((m2 + h * nums.q) * r_inv % n).to_bytes(k, "big")
+    # EM = 0x00 || 0x02 || PS (>= 8 non-zero bytes) || 0x00 || M
+    sep = em.find(b"\x00", 2)
+    ok = em[0] == 0 and em[1] == 2 and sep >= 10
+    if not ok:
+        raise ValueError("bad padding")
+    return em[sep + 1 :]
 
 
 __all__ = ["SoftwareKeyStore"]
