@@ -3,13 +3,58 @@ key store, registry, replay cache and audit sink implementations)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from kms.core.api import KmsHandler
+from kms.core.context import Deps, PkAuthenticator
+from kms.core.policy import Forking, KmsPolicy
+from kms.core.service import Kms
+from kms.mikey.constants import KeyDataType
+from kms.server.config import KmsConfig
+from kms.server.directory import RegistryDirectory
+from kms.server.home import Home, guess_id_type
+from kms.store.audit import JsonLinesAuditSink
+from kms.store.memory import TokenBucketRateLimiter
+from kms.store.state import SqliteReplayCache, SqliteResolveLedger
 
-if TYPE_CHECKING:
-    from kms.core.api import KmsHandler
-    from kms.server.home import Home
+STATE_DIR = "state"
+AUDIT_LOG = "audit.log"
+
+_KEY_TYPE_NAMES = {
+    "tgk": (KeyDataType.TGK, KeyDataType.TGK_SALT),
+    "tek": (KeyDataType.TEK, KeyDataType.TEK_SALT),
+    "gtgk": (KeyDataType.GTGK, KeyDataType.GTGK_SALT),
+}
 
 
-def build_handler(home: Home) -> KmsHandler:
+def kms_policy(config: KmsConfig) -> KmsPolicy:
+    """The core's policy from kms.toml ``[policy]``."""
+    p = config.policy
+    types = frozenset(t for name in p.allowed_key_types for t in _KEY_TYPE_NAMES[name])
+    kms_id = config.kms_id_bytes
+    return KmsPolicy(
+        kms_id=kms_id,
+        kms_id_type=guess_id_type(kms_id),
+        key_types=types,
+        max_lifetime_s=p.max_lifetime_s,
+        default_lifetime_s=p.default_lifetime_s,
+        forking=Forking(p.forking),
+        reuse_allowed=p.reuse_allowed,
+        timestamp_window_s=p.timestamp_window_s,
+    )
+
+
+def build_handler(home: Home, pk: PkAuthenticator | None = None) -> KmsHandler:
     """The KMS core wired to this home's token, registry and stores."""
-    raise NotImplementedError("the KMS core is being written (issue 4)")
+    config = home.config
+    state = config.home / STATE_DIR
+    state.mkdir(mode=0o700, exist_ok=True)
+    deps = Deps(
+        keystore=home.keystore(),
+        directory=RegistryDirectory(home.registry.path),
+        replay=SqliteReplayCache(state / "replay.sqlite3", config.policy.replay_cache_size),
+        ledger=SqliteResolveLedger(state / "resolved.sqlite3"),
+        rate=TokenBucketRateLimiter(config.policy.rate_limit_per_s),
+        audit=JsonLinesAuditSink(config.home / AUDIT_LOG),
+        policy=kms_policy(config),
+        pk=pk,
+    )
+    return Kms(deps)

@@ -1,0 +1,117 @@
+"""Authenticating initial messages: identity, timestamp window, PSK MAC, rate and replay
+(RFC 6043 4.2.1.2, 4.2.3.2, 5.4; RFC 3830 5.4; reference 14.7-14.9).
+
+Order matters: nothing that costs state (rate counters, the replay cache) is touched before
+the MAC has been verified, so unauthenticated messages never build state in the KMS.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+from kms.core.api import Outcome
+from kms.core.context import Authenticated, Deps, Exchange
+from kms.core.errors import Refusal, auth_failure, denied, malformed, precondition
+from kms.keystore import KeyNotFound
+from kms.mikey.constants import ErrorNo, IdRole, IdType, RandRole, TsType
+from kms.mikey.derive import KeyDirection
+from kms.mikey.message import Message
+from kms.mikey.ntp import decode_ts_value
+from kms.mikey.protect import (
+    Suite,
+    check_mac,
+    idr_of,
+    message_keys,
+    rand_of,
+    suite_for,
+    timestamp_of,
+)
+from kms.mikey.ticket import Idr
+
+
+def message_suite(msg: Message) -> Suite:
+    try:
+        return suite_for(msg.header.prf_func)
+    except ValueError:
+        raise Refusal(
+            ErrorNo.INVALID_PRF, Outcome.MALFORMED, "PRF function not supported"
+        ) from None
+
+
+def check_timestamp(msg: Message, deps: Deps, now: float) -> None:
+    """RFC 3830 5.4: the timestamp must fall inside the window around the KMS clock."""
+    t = timestamp_of(msg)
+    if t.ts_type == TsType.COUNTER:
+        raise precondition(ErrorNo.INVALID_TS, "COUNTER timestamps are not accepted by the KMS")
+    sent = decode_ts_value(TsType(t.ts_type), t.value)
+    if abs(sent - now) > deps.policy.timestamp_window_s:
+        raise precondition(
+            ErrorNo.INVALID_TS,
+            "timestamp outside the accepted window",
+            f"timestamp off by {sent - now:+.0f} s",
+        )
+
+
+def check_kms_identity(msg: Message, deps: Deps) -> bytes:
+    """IDRkms, when present, must name this KMS; the MAC covers this KMS's identity."""
+    idr = idr_of(msg, IdRole.IDRKMS)
+    if idr is not None and idr.data != deps.policy.kms_id:
+        raise denied(ErrorNo.INVALID_ID, "message addressed to another KMS")
+    return deps.policy.kms_id
+
+
+def sender_identity(msg: Message, role: IdRole) -> Idr:
+    """The sender's identity: its IDRi/IDRr, else the owner named by IDRpsk (reference 14.7)."""
+    idr = idr_of(msg, role)
+    psk = idr_of(msg, IdRole.IDRPSK)
+    if idr is not None and psk is not None and psk.data != idr.data:
+        raise auth_failure("IDRpsk names another identity than the sender's IDR")
+    if idr is not None:
+        return idr
+    if psk is not None:
+        return Idr(role, IdType.URI, psk.data)
+    raise Refusal(
+        ErrorNo.INVALID_ID, Outcome.UNAUTHENTICATED, "sender identity missing", "no IDR or IDRpsk"
+    )
+
+
+def authenticate_psk(
+    msg: Message, deps: Deps, ex: Exchange, now: float, role: IdRole
+) -> Authenticated:
+    """Authenticate REQUEST_INIT_PSK (role IDRi) or RESOLVE_INIT_PSK (role IDRr)."""
+    suite = message_suite(msg)
+    identity = sender_identity(msg, role)
+    ex.audit["sender"] = identity.data.decode("utf-8", "replace")
+    kms_id = check_kms_identity(msg, deps)
+    psk = deps.directory.psk_for(identity.data)
+    if psk is None:
+        raise Refusal(
+            ErrorNo.INVALID_ID, Outcome.UNAUTHENTICATED, "authentication failed", "unknown identity"
+        )
+    check_timestamp(msg, deps, now)
+    rand_role = RandRole.RANDRI if role == IdRole.IDRI else RandRole.RANDRR
+    rand = rand_of(msg, rand_role)
+    if rand is None:  # pragma: no cover - the composition check requires it
+        raise malformed("missing RANDR")
+    rand_i, rand_r = (rand, None) if role == IdRole.IDRI else (None, rand)
+    try:
+        keys = message_keys(deps.keystore, psk, msg, KeyDirection.INITIAL, rand_i, rand_r, suite)
+    except KeyNotFound:
+        raise auth_failure("PSK registered but missing in the token") from None
+    if not check_mac(msg, keys, suite, identity.data + kms_id):
+        raise auth_failure("MAC verification failed")
+    auth = Authenticated(identity, psk, suite, rand_i, rand_r, kms_id, "psk")
+    ex.auth = auth
+    admit(msg, deps, now, identity.data)
+    return auth
+
+
+def admit(msg: Message, deps: Deps, now: float, identity: bytes) -> None:
+    """After authentication: per-identity rate limit, then the replay cache."""
+    if not deps.rate.allow(identity, now):
+        raise Refusal(ErrorNo.UNSPECIFIED, Outcome.RATE_LIMITED, "rate limit exceeded")
+    digest = hashlib.sha256(msg.wire).digest()
+    # Keep each digest as long as its timestamp could still be accepted.
+    expires = now + 2 * deps.policy.timestamp_window_s
+    if not deps.replay.check_and_store(digest, expires, now):
+        raise precondition(ErrorNo.INVALID_TS, "replayed message", "replay of an accepted message")

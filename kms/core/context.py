@@ -1,0 +1,58 @@
+"""What every exchange handler needs: the ports, the policy, and per-request state."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from kms.core.policy import KmsPolicy
+from kms.core.ports import AuditSink, Directory, RateLimiter, ReplayCache, ResolveLedger
+from kms.keystore import Key, KeyStore
+from kms.mikey.derive import MessageKeys
+from kms.mikey.message import Message
+from kms.mikey.protect import Suite
+from kms.mikey.ticket import Idr
+
+
+@dataclass(frozen=True)
+class Authenticated:
+    """An initial message whose sender the KMS has authenticated.
+
+    ``response_key`` protects the response: the PSK (by reference) or the envelope key.
+    """
+
+    identity: Idr
+    response_key: Key = field(repr=False)
+    suite: Suite
+    rand_i: bytes | None
+    rand_r: bytes | None
+    kms_identity: bytes
+    method: str  # "psk" or "pk"
+
+
+class PkAuthenticator(Protocol):
+    """Authenticates REQUEST_INIT_PK / RESOLVE_INIT_PK (certificate, SIGN, PKE)."""
+
+    def authenticate(self, msg: Message, now: float, role: int) -> Authenticated: ...
+
+
+@dataclass
+class Deps:
+    keystore: KeyStore
+    directory: Directory
+    replay: ReplayCache
+    ledger: ResolveLedger
+    rate: RateLimiter
+    audit: AuditSink
+    policy: KmsPolicy
+    pk: PkAuthenticator | None = None
+
+
+@dataclass
+class Exchange:
+    """Per-request state: filled as the request is processed, read by the error path."""
+
+    msg: Message | None = None
+    auth: Authenticated | None = None
+    response_keys: MessageKeys | None = field(default=None, repr=False)
+    audit: dict[str, object] = field(default_factory=dict)

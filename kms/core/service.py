@@ -1,0 +1,151 @@
+"""The KMS: Ticket Request and Ticket Resolve as functions of wire bytes and time (sans-IO).
+
+gather (decode, composition) -> check (authenticate, policy) -> issue (keys, ticket,
+response), as in MIT krb5's KDC. Every decision is written to the audit sink as one record.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from kms.core.api import KmsReply, Outcome
+from kms.core.authn import authenticate_psk
+from kms.core.context import Authenticated, Deps, Exchange
+from kms.core.errors import Refusal, malformed
+from kms.core.request import fresh_timestamp, handle_request
+from kms.core.resolve import handle_resolve
+from kms.keystore import KeyStoreError, TokenUnavailable
+from kms.mikey.compose import check_composition
+from kms.mikey.constants import DataType, ErrorNo, IdRole, TsType
+from kms.mikey.derive import KeyDirection
+from kms.mikey.errors import DecodeError
+from kms.mikey.header import EmptyMap, Header
+from kms.mikey.message import Message
+from kms.mikey.ntp import encode_ts_value
+from kms.mikey.payloads import Error, Payload, Timestamp
+from kms.mikey.protect import message_keys, placeholder_v, seal_mac, timestamp_of
+
+log = logging.getLogger("kms.core")
+
+Handler = Callable[[Message, Authenticated, Deps, Exchange, float], bytes]
+
+_REQUEST_TYPES = {DataType.REQUEST_INIT_PSK, DataType.REQUEST_INIT_PK}
+_RESOLVE_TYPES = {DataType.RESOLVE_INIT_PSK, DataType.RESOLVE_INIT_PK}
+
+
+class Kms:
+    """Implements :class:`kms.core.api.KmsHandler` over the ports in ``deps``."""
+
+    def __init__(self, deps: Deps) -> None:
+        self.deps = deps
+
+    def request_ticket(self, wire: bytes, now: float, *, correlation_id: str = "") -> KmsReply:
+        return self._handle(wire, now, correlation_id, _REQUEST_TYPES, IdRole.IDRI, handle_request)
+
+    def resolve_ticket(self, wire: bytes, now: float, *, correlation_id: str = "") -> KmsReply:
+        return self._handle(wire, now, correlation_id, _RESOLVE_TYPES, IdRole.IDRR, handle_resolve)
+
+    # ---------------------------------------------------------------------------------------
+
+    def _authenticate(self, msg: Message, ex: Exchange, now: float, role: IdRole) -> Authenticated:
+        if msg.data_type in (DataType.REQUEST_INIT_PSK, DataType.RESOLVE_INIT_PSK):
+            return authenticate_psk(msg, self.deps, ex, now, role)
+        if self.deps.pk is None:
+            raise Refusal(
+                ErrorNo.UNSUPPORTED_MESSAGE_TYPE,
+                Outcome.MALFORMED,
+                "public-key messages are not enabled on this KMS",
+            )
+        auth = self.deps.pk.authenticate(msg, now, role)
+        ex.auth = auth
+        return auth
+
+    def _handle(
+        self,
+        wire: bytes,
+        now: float,
+        cid: str,
+        types: set[DataType],
+        role: IdRole,
+        handler: Handler,
+    ) -> KmsReply:
+        ex = Exchange(audit={"correlation_id": cid, "time": round(now, 3), "size": len(wire)})
+        try:
+            try:
+                msg = Message.decode(wire)
+            except DecodeError as exc:
+                raise malformed(str(exc)) from None
+            ex.msg = msg
+            ex.audit["data_type"] = DataType(msg.data_type).name
+            ex.audit["csb_id"] = f"{msg.header.csb_id:08x}"
+            if msg.data_type not in types:
+                raise Refusal(ErrorNo.INVALID_DT, Outcome.MALFORMED, "wrong message type")
+            try:
+                check_composition(msg)
+            except DecodeError as exc:
+                raise malformed(str(exc)) from None
+            auth = self._authenticate(msg, ex, now, role)
+            ex.audit["method"] = auth.method
+            data = handler(msg, auth, self.deps, ex, now)
+        except Refusal as refusal:
+            return self._refuse(ex, refusal, now)
+        except TokenUnavailable:
+            unavailable = Refusal(ErrorNo.UNSPECIFIED, Outcome.UNAVAILABLE, "token unavailable")
+            return self._refuse(ex, unavailable, now, sign=False)
+        except KeyStoreError as exc:
+            log.error("key store error (correlation id %s): %s", cid, type(exc).__name__)
+            internal = Refusal(
+                ErrorNo.UNSPECIFIED, Outcome.INTERNAL, "internal error", type(exc).__name__
+            )
+            return self._refuse(ex, internal, now, sign=False)
+        ex.audit["outcome"] = Outcome.OK.value
+        self.deps.audit.emit(ex.audit)
+        return KmsReply(Outcome.OK, data, audit=ex.audit)
+
+    def _refuse(self, ex: Exchange, r: Refusal, now: float, *, sign: bool = True) -> KmsReply:
+        ex.audit.setdefault("event", "refused")
+        if ex.audit["event"] in ("ticket.issued", "ticket.resolved"):
+            ex.audit["event"] = "refused"
+        ex.audit.update(
+            {"outcome": r.outcome.value, "error_no": int(r.error_no), "reason": r.reason}
+        )
+        self.deps.audit.emit(ex.audit)
+        try:
+            err = self._error_message(ex, r, now, sign)
+        except (KeyStoreError, ValueError, DecodeError):
+            err = self._error_message(ex, r, now, False)
+        return KmsReply(r.outcome, b"", err, r.detail, audit=ex.audit)
+
+    def _error_message(self, ex: Exchange, r: Refusal, now: float, sign: bool) -> bytes:
+        """RFC 6043 5.4 / 6.12: HDR, T, ERR, [V]. V only once the sender was authenticated,
+        keyed like the response would have been (reference 8: "same key")."""
+        msg = ex.msg
+        if msg is not None:
+            h = msg.header
+            prf = h.prf_func if h.prf_func <= 1 else 0
+            header = Header(DataType.ERROR, h.csb_id, EmptyMap(0), False, prf, h.version)
+            try:
+                t = fresh_timestamp(timestamp_of(msg), now)
+            except DecodeError:
+                t = Timestamp(TsType.NTP_UTC, encode_ts_value(TsType.NTP_UTC, now))
+        else:
+            header = Header(DataType.ERROR, 0, EmptyMap(0))
+            t = Timestamp(TsType.NTP_UTC, encode_ts_value(TsType.NTP_UTC, now))
+        payloads: list[Payload] = [t, Error(r.error_no)]
+        auth = ex.auth
+        if not (sign and auth is not None and msg is not None):
+            return Message(header, tuple(payloads)).encode()
+        keys = ex.response_keys
+        if keys is None:
+            keys = message_keys(
+                self.deps.keystore,
+                auth.response_key,
+                msg,
+                KeyDirection.RESPONSE,
+                auth.rand_i,
+                auth.rand_r,
+                auth.suite,
+            )
+        payloads.append(placeholder_v(auth.suite.mac_alg))
+        return seal_mac(Message(header, tuple(payloads)), keys, auth.suite.mac_alg, b"").wire

@@ -1,0 +1,67 @@
+"""The core's Directory port over the registry (SQLite). Reads per request, no caching of
+group membership: a removed member is refused at once (issue 4)."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+from kms.keystore import KeyRef
+from kms.store.registry import Registry, TpkState
+
+TPK_ID_PREFIX = b"tpk/"
+
+
+class RegistryDirectory:
+    """One registry connection per thread: sqlite3 connections belong to their thread, and the
+    gRPC server calls the core from a pool of threads."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._local = threading.local()
+        Registry.open(path).close()  # fail early, in the caller's thread, if it is missing
+
+    @property
+    def registry(self) -> Registry:
+        reg: Registry | None = getattr(self._local, "registry", None)
+        if reg is None:
+            reg = Registry.open(self.path)
+            self._local.registry = reg
+        return reg
+
+    def psk_for(self, identity: bytes) -> KeyRef | None:
+        ep = self.registry.find_endpoint(identity)
+        if ep is None or not ep.enabled:
+            return None
+        return KeyRef(ep.key_label)
+
+    def is_member(self, group: bytes, identity: bytes) -> bool:
+        return group in self.registry.groups_of(identity)
+
+    def is_known(self, identity: bytes) -> bool:
+        return (
+            self.registry.find_endpoint(identity) is not None
+            or self.registry.find_group(identity) is not None
+        )
+
+    def current_tpk(self) -> tuple[bytes, KeyRef]:
+        tpk = self.registry.tpk_current()
+        if tpk is None:
+            raise LookupError("no current TPK: run `kms init`")
+        return tpk.key_label.encode("ascii"), KeyRef(tpk.key_label)
+
+    def tpk(self, tpk_id: bytes) -> KeyRef | None:
+        # IDRpsk in a base ticket carries the TPK's token label, e.g. b"tpk/3".
+        if not tpk_id.startswith(TPK_ID_PREFIX):
+            return None
+        try:
+            version = int(tpk_id[len(TPK_ID_PREFIX) :].decode("ascii"))
+        except (UnicodeDecodeError, ValueError):
+            return None
+        for t in self.registry.tpk_versions():
+            if t.version == version and t.state in (TpkState.CURRENT, TpkState.ACTIVE):
+                return KeyRef(t.key_label)
+        return None
+
+    def applications(self) -> frozenset[bytes]:
+        return frozenset(a.identity for a in self.registry.list_applications())
