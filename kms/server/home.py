@@ -90,11 +90,11 @@ class HomeError(Exception):
     """A user-facing problem with the KMS home; one line, never a secret."""
 
 
-class HomeNotInitialised(HomeError):  # noqa: N818 - reads as a state, like KeyNotFound
+class HomeNotInitialised(HomeError):
     """The folder has no kms.toml."""
 
 
-class HomeExists(HomeError):  # noqa: N818
+class HomeExists(HomeError):
     """init was asked to overwrite an initialised home."""
 
 

@@ -17,10 +17,6 @@ Every method runs in its own transaction, or joins the one opened by
 or destroys the matching token object and roll the row back if the token step fails.
 """
 
-# The error names (DuplicateEndpoint, UnknownIdentity, ...) are part of the issue's API and
-# read better without an "Error" suffix, like kms.keystore's KeyNotFound.
-# ruff: noqa: N818
-
 from __future__ import annotations
 
 import sqlite3
@@ -507,6 +503,17 @@ class Registry:
             (member,),
         )
         return [bytes(r[0]) for r in rows]
+
+    def is_member(self, group: bytes, member: bytes) -> bool:
+        """Whether ``member`` is in ``group`` now (one indexed query; False if either is
+        unknown). Not cached: a removed member is refused at once."""
+        rows = self._q(
+            "SELECT 1 FROM group_members gm "
+            "JOIN groups g ON g.id = gm.group_id JOIN endpoints e ON e.id = gm.member_id "
+            "WHERE g.identity = ? AND e.identity = ?",
+            (group, member),
+        )
+        return bool(rows)
 
     def list_groups(self) -> list[Group]:
         rows = self._q("SELECT identity FROM groups ORDER BY identity")

@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 import hsm
 import hsm.provision
 from kms.keystore import KeyExists, KeyRef, KeyStoreError
+from kms.server import certs as certs_mod
 from kms.server import home as home_mod
 from kms.server.home import (
     ENVELOPE_LABEL,
@@ -146,7 +147,7 @@ def test_init_failure_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyP
     def boom(*args: object, **kwargs: object) -> bytes:
         raise KeyStoreError("injected failure")
 
-    monkeypatch.setattr(home_mod.certs, "build_self_signed_cert", boom)
+    monkeypatch.setattr(certs_mod, "build_self_signed_cert", boom)
     with pytest.raises(HomeError, match="init failed: injected failure"):
         init_home(path, KMS_ID)
     assert not path.exists()  # we created it, so it is removed again
@@ -166,7 +167,7 @@ def test_init_with_external_token(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
         raise KeyStoreError("injected failure")
 
     with monkeypatch.context() as m:
-        m.setattr(home_mod.certs, "build_self_signed_cert", boom)
+        m.setattr(certs_mod, "build_self_signed_cert", boom)
         with pytest.raises(HomeError, match="injected"):
             init_home(tmp_path / "h", KMS_ID, module=module, token_label="ext",
                       pin_file=tmp_path / "pin")

@@ -133,6 +133,9 @@ def test_groups(reg: Registry) -> None:
     assert g.members == (ALICE, BOB)
     assert reg.groups_of(ALICE) == [b"sip:team@example.org"]
     assert reg.groups_of(b"sip:nobody@x") == []
+    assert reg.is_member(b"sip:team@example.org", BOB)
+    assert not reg.is_member(b"sip:team@example.org", b"sip:bob@example.org ")
+    assert not reg.is_member(b"sip:nope@example.org", BOB)
 
     # unknown member: nothing changes (all members are checked first)
     with pytest.raises(UnknownMember, match="nobody"):
@@ -153,6 +156,7 @@ def test_groups(reg: Registry) -> None:
 
     g = reg.remove_group_members(b"sip:team@example.org", [ALICE])
     assert g.members == (BOB,)
+    assert not reg.is_member(b"sip:team@example.org", ALICE)
     # removing an endpoint drops its memberships
     reg.remove_endpoint(BOB)
     assert reg.group_members(b"sip:team@example.org") == []
