@@ -183,8 +183,8 @@ class Home:
                     f"PKCS#11 module {t.module} not found ([token] module in "
                     f"{self.path / CONFIG_FILE})"
                 )
-            if t.softhsm_conf is not None and not t.softhsm_conf.exists():
-                raise HomeError(f"SoftHSM configuration {t.softhsm_conf} not found")
+            if t.softhsm_conf is not None:
+                self._check_embedded_softhsm_conf(t.softhsm_conf)
             config = self.token_config()
             what = t.label if t.label is not None else f"serial {t.serial}"
             try:
@@ -192,6 +192,26 @@ class Home:
             except KeyStoreError as exc:
                 raise HomeError(f"cannot open token {what!r} ({t.module}): {exc}") from None
         return self._keystore
+
+    def _check_embedded_softhsm_conf(self, conf: Path) -> None:
+        """softhsm2.conf names its token directory by absolute path. If this home was moved
+        or copied, the embedded conf would still point at the *original* token, and the copy
+        would silently operate on someone else's keys: refuse instead."""
+        if not conf.exists():
+            raise HomeError(f"SoftHSM configuration {conf} not found")
+        embedded = self.path / SOFTHSM_CONF
+        if conf != embedded:
+            return  # an operator-managed conf: not ours to judge
+        expected = (self.path / TOKEN_DIR / "tokens").resolve()
+        for line in conf.read_text(encoding="utf-8").splitlines():
+            key, _, value = line.partition("=")
+            if key.strip() == "directories.tokendir":
+                actual = Path(value.strip()).resolve()
+                if actual != expected:
+                    raise HomeError(
+                        f"{conf} points at token directory {actual}, not this home's "
+                        f"{expected} (home moved or copied?); fix directories.tokendir"
+                    )
 
     def close(self) -> None:
         if self._keystore is not None:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
+import sqlite3
 import stat
 from collections.abc import Callable
 from pathlib import Path
@@ -232,8 +234,6 @@ def test_generate_psk_file_removed_when_add_fails(home: Path, kms: Run, kms_fail
     kms(home, "endpoint", "add", BOB, "--psk-hex", PSK_HEX)
     label = _endpoints(kms, home)[BOB]["key_label"]
     # Remove only the registry row (as if a crash lost it): the token object stays, orphaned.
-    import sqlite3
-
     conn = sqlite3.connect(home / "registry.sqlite3")
     conn.execute("DELETE FROM endpoints")
     conn.commit()
@@ -358,3 +358,11 @@ def test_keys_list_table(pristine_home: Path, kms: Run) -> None:
                                 "NEVER-EXTRACTABLE", "USED", "BY"]
     row = next(ln for ln in lines if ln.startswith("tpk/1"))
     assert row.split()[:6] == ["tpk/1", "secret", "256", "yes", "no", "yes"]
+
+
+def test_copied_home_does_not_use_the_original_token(
+    pristine_home: Path, kms_fails: Run, tmp_path: Path
+) -> None:
+    copy = tmp_path / "copy"
+    shutil.copytree(pristine_home, copy)  # softhsm2.conf still names the original token
+    kms_fails(copy, "keys", "list", match=r"points at token directory .*fix directories")
