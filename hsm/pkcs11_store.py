@@ -92,6 +92,11 @@ T = TypeVar("T")
 RECONNECT_INTERVAL = 0.5
 """Seconds between reconnect attempts while the token is gone."""
 
+CONNECT_TRIES_INITIAL = 5
+CONNECT_TRIES_RECONNECT = 3
+CONNECT_RETRY_DELAY = 0.02
+"""Quick retries inside one connect attempt (SoftHSM token.object rewrite race)."""
+
 DEFAULT_POOL_SIZE = 4
 """Operation sessions per process (threads beyond this wait for a free session)."""
 
@@ -333,6 +338,7 @@ class _Token:
         self._conn: _Connection | None = None
         self._ctl: _ModuleControl | None = None
         self._next_attempt = 0.0
+        self._last_failure = "connection lost"
         self._closed = False
         self._pid = os.getpid()
         self._fork_held = False
@@ -384,24 +390,46 @@ class _Token:
         try:
             return lib.get_token(**kwargs)
         except p11e.NoSuchToken:
-            raise TokenConfigError(f"no token matching {_describe(kwargs)}") from None
+            raise _TransientConnectError(f"no token matching {_describe(kwargs)}") from None
         except p11e.MultipleTokensReturned:
             raise TokenConfigError(f"several tokens match {_describe(kwargs)}") from None
 
     def _connect(self, *, initial: bool) -> _Connection:
-        """Load + initialise the module, log in once, open the pool, scan keys. Exclusive."""
+        """Connect, retrying briefly while the token looks transiently absent. Exclusive.
+
+        SoftHSM 2.6.1 rewrites token.object on every C_Login (measured: its mtime changes),
+        so a process initialising while another one logs in can read a torn file and see
+        "no such token" or CKR_GENERAL_ERROR. A few quick retries absorb that; PIN errors
+        are never retried (a real HSM counts failed logins).
+        """
+        tries = CONNECT_TRIES_INITIAL if initial else CONNECT_TRIES_RECONNECT
+        delay = CONNECT_RETRY_DELAY
+        for attempt in range(1, tries + 1):
+            try:
+                return self._connect_once()
+            except _TransientConnectError as exc:
+                if attempt == tries:
+                    raise TokenConfigError(str(exc)) from None
+                log.info("token not ready (%s); retrying", exc)
+                time.sleep(delay)
+                delay *= 2
+        raise AssertionError("unreachable")
+
+    def _connect_once(self) -> _Connection:
+        """Load + initialise the module, log in once, open the pool, scan keys."""
         try:
             lib = self._load_module()
         except _InitFailedError as exc:
-            self._unload_module()
-            raise TokenConfigError(
+            with contextlib.suppress(Exception):
+                self._unload_module()
+            raise _TransientConnectError(
                 f"C_Initialize of {self._config.module} failed (CKR 0x{exc.rv:x})"
             ) from None
         except p11e.PKCS11Error as exc:
             with contextlib.suppress(Exception):
                 self._unload_module()
-            raise TokenConfigError(
-                f"cannot load PKCS#11 module {self._config.module} ({type(exc).__name__})"
+            raise _TransientConnectError(
+                f"cannot initialise PKCS#11 module {self._config.module} ({type(exc).__name__})"
             ) from None
         try:
             token = self._find_token(lib)
@@ -429,9 +457,7 @@ class _Token:
         except p11e.PKCS11Error as exc:
             with contextlib.suppress(Exception):
                 self._unload_module()
-            if initial:
-                raise TokenConfigError(f"cannot open token ({type(exc).__name__})") from None
-            raise
+            raise _TransientConnectError(f"cannot open token ({type(exc).__name__})") from None
         idle: queue.SimpleQueue[_PooledSession] = queue.SimpleQueue()
         for ps in sessions:
             idle.put(ps)
@@ -575,15 +601,18 @@ class _Token:
                 return conn
             now = time.monotonic()
             if now < self._next_attempt:
-                raise TokenUnavailable(UNAVAILABLE_MESSAGE)
+                raise TokenUnavailable(f"{UNAVAILABLE_MESSAGE} ({self._last_failure})")
             self._next_attempt = now + RECONNECT_INTERVAL
             self._conn = None
             self._teardown(conn)
             try:
                 self._conn = self._connect(initial=False)
             except (KeyStoreError, p11e.PKCS11Error, OSError) as exc:
-                log.warning("token reconnect failed (%s)", type(exc).__name__)
-                raise TokenUnavailable(UNAVAILABLE_MESSAGE) from None
+                # Our messages and python-pkcs11's carry no secrets; keep the reason.
+                reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+                log.warning("token reconnect failed (%s)", reason)
+                self._last_failure = reason
+                raise TokenUnavailable(f"{UNAVAILABLE_MESSAGE} (reconnect: {reason})") from None
             log.info("token reconnected")
             return self._conn
 
@@ -1087,6 +1116,10 @@ class Pkcs11KeyStore:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class _TransientConnectError(TokenConfigError):
+    """Connecting failed in a way that may go away by itself (token file being rewritten)."""
 
 
 class _InitFailedError(Exception):

@@ -1,0 +1,260 @@
+"""PKCS#11-specific properties on a real SoftHSM2 token: key protection seen from outside the
+store (python-pkcs11 in another process, pkcs11-tool), persistence, handle caching, sharing,
+and concurrency (threads x forked processes).
+"""
+
+from __future__ import annotations
+
+import hmac as std_hmac
+import multiprocessing
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+from hsm import open_keystore
+from hsm.pkcs11_store import Pkcs11KeyStore, TokenConfigError
+from kms.keystore import KeyNotFound, KeyRef
+from kms.mikey.prf import PrfFunc, prf
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+PSK16 = bytes(range(16))
+PSK32 = bytes(range(32, 64))
+
+
+@pytest.fixture(scope="module")
+def token(new_softhsm_token: Callable[[str], Any]) -> Any:
+    return new_softhsm_token("kms-props")
+
+
+@pytest.fixture(scope="module")
+def store(token: Any) -> Iterator[Pkcs11KeyStore]:
+    ks = open_keystore(token.config())
+    ks.import_secret("psk16", PSK16)
+    ks.import_secret("psk32", PSK32)
+    ks.generate_secret("gen32", 32)
+    yield ks
+    ks.close()
+
+
+# --- key protection, checked independently of the store -------------------------------------
+
+_READ_VALUE = textwrap.dedent(
+    """
+    import sys, pkcs11
+    from pkcs11 import Attribute, ObjectClass
+    from pkcs11.exceptions import AttributeSensitive
+    module, label, pin, key_label = sys.argv[1:5]
+    tok = pkcs11.lib(module).get_token(token_label=label)
+    with tok.open(user_pin=pin) as s:
+        objs = list(s.get_objects({Attribute.LABEL: key_label,
+                                   Attribute.CLASS: ObjectClass.SECRET_KEY}))
+        assert len(objs) == 1, len(objs)
+        o = objs[0]
+        flags = (o[Attribute.SENSITIVE], o[Attribute.EXTRACTABLE], o[Attribute.TOKEN])
+        try:
+            o[Attribute.VALUE]
+        except AttributeSensitive:
+            print("SENSITIVE", *flags)
+        else:
+            print("READABLE", *flags)
+    """
+)
+
+
+_CREATE_SECRET = textwrap.dedent(
+    """
+    import sys, pkcs11
+    from pkcs11 import Attribute, KeyType, ObjectClass
+    module, label, pin, key_label, hexvalue = sys.argv[1:6]
+    tok = pkcs11.lib(module).get_token(token_label=label)
+    with tok.open(rw=True, user_pin=pin) as s:
+        s.create_object({Attribute.CLASS: ObjectClass.SECRET_KEY,
+                         Attribute.KEY_TYPE: KeyType.GENERIC_SECRET, Attribute.TOKEN: True,
+                         Attribute.LABEL: key_label, Attribute.SIGN: True,
+                         Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False,
+                         Attribute.VALUE: bytes.fromhex(hexvalue)})
+    """
+)
+
+
+@pytest.mark.parametrize("label", ["psk16", "psk32", "gen32"])
+def test_value_unreadable_through_python_pkcs11(store: Pkcs11KeyStore, token: Any,
+                                                label: str) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-c", _READ_VALUE, token.module, token.label, token.user_pin, label],
+        env=token.env(), capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["SENSITIVE", "True", "False", "True"]
+
+
+@pytest.mark.parametrize(("label", "value"), [("psk16", PSK16), ("psk32", PSK32)])
+def test_value_unreadable_through_pkcs11_tool(store: Pkcs11KeyStore, token: Any, tmp_path: Any,
+                                              label: str, value: bytes) -> None:
+    out = tmp_path / "value.bin"
+    proc = subprocess.run(
+        ["pkcs11-tool", "--module", token.module, "--login", "--pin", token.user_pin,
+         "--read-object", "--type", "secrkey", "--label", label, "--output-file", str(out)],
+        env=token.env(), capture_output=True, timeout=60, check=False,
+    )
+    assert proc.returncode != 0
+    assert b"CKR_ATTRIBUTE_SENSITIVE" in proc.stderr
+    assert not out.exists() or value not in out.read_bytes()
+    assert value not in proc.stdout
+    assert value.hex().encode() not in proc.stdout
+
+
+def test_key_info_flags(store: Pkcs11KeyStore) -> None:
+    for label in ("psk16", "psk32", "gen32"):
+        info = store.key_info(label)
+        assert info.sensitive
+        assert not info.extractable
+    # Imported values were known outside the token; the token says so (PKCS#11 2.40 4.9).
+    assert not store.key_info("psk16").always_sensitive
+    assert store.key_info("gen32").always_sensitive
+    assert store.key_info("gen32").never_extractable
+    assert store.key_info("psk16").length_bits == 128
+
+
+# --- persistence, cache, sharing ------------------------------------------------------------
+
+
+def test_true_length_survives_reopen(store: Pkcs11KeyStore, token: Any) -> None:
+    # A second store in this process shares the connection; a new process would rescan.
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(
+            """
+            import sys
+            from hsm import TokenConfig, open_keystore
+            from kms.keystore import KeyRef
+            from kms.mikey.prf import PrfFunc
+            ks = open_keystore(TokenConfig(sys.argv[1], sys.argv[2], None, sys.argv[3],
+                                           sys.argv[4]))
+            print(ks.key_info("psk16").length_bits, ks.key_info("psk32").length_bits)
+            print(ks.prf(KeyRef("psk16"), b"lbl", 48, PrfFunc.MIKEY_1).hex())
+            ks.close()
+            """
+        ), token.module, token.label, token.user_pin, str(token.conf)],
+        env={**token.env(), "PYTHONPATH": REPO}, capture_output=True, text=True, timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    lengths, out = proc.stdout.split("\n")[:2]
+    assert lengths == "128 256"
+    assert bytes.fromhex(out) == prf(PSK16, b"lbl", 48, PrfFunc.MIKEY_1)
+
+
+def test_handles_are_cached_not_searched(store: Pkcs11KeyStore, token: Any) -> None:
+    # A key created behind the store's back (another process) is invisible until refresh():
+    # requests use the start-up scan, they never search the token.
+    value = os.urandom(32)
+    proc = subprocess.run(
+        [sys.executable, "-c", _CREATE_SECRET, token.module, token.label, token.user_pin,
+         "outside", value.hex()],
+        env=token.env(), capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    with pytest.raises(KeyNotFound):
+        store.hmac(KeyRef("outside"), b"x", PrfFunc.MIKEY_1)
+    store.refresh()
+    assert store.hmac(KeyRef("outside"), b"x", PrfFunc.MIKEY_1) == std_hmac.new(
+        value, b"x", "sha1"
+    ).digest()
+    assert store.key_info("outside").length_bits == 256  # no marker: the stored length
+    store.delete("outside")
+
+
+def test_stores_share_one_module(store: Pkcs11KeyStore, token: Any) -> None:
+    second = open_keystore(token.config())
+    try:
+        assert second.hmac(KeyRef("psk16"), b"d", PrfFunc.MIKEY_1) == std_hmac.new(
+            PSK16, b"d", "sha1"
+        ).digest()
+    finally:
+        second.close()
+    # Closing the second store leaves the first one working.
+    assert store.prf(KeyRef("psk16"), b"l", 16, PrfFunc.MIKEY_1) == prf(PSK16, b"l", 16)
+    with pytest.raises(TokenConfigError, match="another token configuration"):
+        open_keystore(token.config(token_label="other"))
+
+
+# --- concurrency ----------------------------------------------------------------------------
+
+THREADS = 8
+ROUNDS = 40
+
+
+def _hammer(store: Pkcs11KeyStore, errors: list[str], counter: list[int], seed: int) -> None:
+    """Mixed PRF load: long-term keys, ephemeral two-slice keys (session objects), AES-CM."""
+    try:
+        for i in range(ROUNDS):
+            label = f"lbl-{seed}-{i}".encode()
+            func = PrfFunc(i % 2)
+            if store.prf(KeyRef("psk16"), label, 48, func) != prf(PSK16, label, 48, func):
+                errors.append("prf psk16")
+            if store.prf(KeyRef("psk32"), label, 20, func) != prf(PSK32, label, 20, func):
+                errors.append("prf psk32")
+            eph = os.urandom(48)
+            if store.prf(eph, label, 32, func) != prf(eph, label, 32, func):
+                errors.append("prf ephemeral")
+            if i % 4 == 0:
+                key, iv, data = os.urandom(16), os.urandom(16), os.urandom(40)
+                enc = Cipher(algorithms.AES(key), modes.CTR(iv)).encryptor()
+                if store.aes_cm(key, iv, data) != enc.update(data):
+                    errors.append("aes_cm")
+            counter[0] += 1
+    except Exception as exc:  # report, do not hide: the test asserts on errors
+        errors.append(f"{type(exc).__name__}: {exc}")
+
+
+def _run_threads(store: Pkcs11KeyStore, seed: int) -> tuple[list[str], int]:
+    errors: list[str] = []
+    counters = [[0] for _ in range(THREADS)]
+    threads = [
+        threading.Thread(target=_hammer, args=(store, errors, counters[t], seed * 100 + t))
+        for t in range(THREADS)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    return errors, sum(c[0] for c in counters)
+
+
+def _child(store: Pkcs11KeyStore, seed: int, results: Any) -> None:
+    # Runs in a forked child: the inherited store must re-initialise the module itself.
+    errors, done = _run_threads(store, seed)
+    results.put((seed, errors[:5], done, os.getpid()))
+
+
+def test_threads_in_forked_processes(store: Pkcs11KeyStore) -> None:
+    # Warm the parent so the children inherit a live, logged-in connection.
+    assert store.prf(KeyRef("psk16"), b"x", 16, PrfFunc.MIKEY_1) == prf(PSK16, b"x", 16)
+    ctx = multiprocessing.get_context("fork")
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_child, args=(store, seed, results)) for seed in (1, 2)]
+    for p in procs:
+        p.start()
+    # The parent hammers at the same time: its connection must survive the children.
+    parent_errors, parent_done = _run_threads(store, 3)
+    got = [results.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0, f"child crashed with exit code {p.exitcode}"
+    assert parent_errors == []
+    assert parent_done == THREADS * ROUNDS
+    for seed, errors, done, pid in got:
+        assert errors == [], (seed, errors)
+        assert done == THREADS * ROUNDS
+        assert pid != os.getpid()
+    # And the parent still works after the children are gone.
+    assert store.hmac(KeyRef("psk32"), b"after", PrfFunc.PRF_HMAC_SHA_256) == std_hmac.new(
+        PSK32, b"after", "sha256"
+    ).digest()
