@@ -1,0 +1,115 @@
+"""Building and checking the messages an endpoint exchanges with a KMS (RFC 6043 4.2.1,
+4.2.3): the initial message with its V MAC, and the response's MAC and KEMAC."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from kms.endpoint.session import EndpointError
+from kms.keystore import KeyStore
+from kms.mikey.cipher import CryptoError
+from kms.mikey.compose import check_composition
+from kms.mikey.constants import DataType, IdType, TsType
+from kms.mikey.derive import KeyDirection, MessageKeys
+from kms.mikey.errors import DecodeError
+from kms.mikey.header import EmptyMap, Header
+from kms.mikey.message import Message
+from kms.mikey.ntp import decode_ts_value, encode_ts_value
+from kms.mikey.payloads import Kemac, KeyData, Payload, Timestamp
+from kms.mikey.protect import (
+    Suite,
+    check_mac,
+    message_keys,
+    open_kemac,
+    placeholder_v,
+    seal_mac,
+    t64_of,
+    timestamp_of,
+)
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """An endpoint's identity and the PSK it shares with its KMS (RFC 6043 4.2.1.2)."""
+
+    identity: bytes
+    psk: bytes = field(repr=False)
+    kms_id: bytes
+    id_type: int = IdType.URI
+    kms_id_type: int = IdType.URI
+
+
+def new_csb_id() -> int:
+    """RFC 3830 5.1: a random CSB ID."""
+    return secrets.randbits(32)
+
+
+def now_timestamp(now: float, ts_type: TsType = TsType.NTP_UTC) -> Timestamp:
+    return Timestamp(ts_type, encode_ts_value(ts_type, now))
+
+
+def initial_message(
+    ks: KeyStore,
+    data_type: DataType,
+    csb_id: int,
+    prf_func: int,
+    payloads: Sequence[Payload],
+    key: bytes,
+    suite: Suite,
+    rand_i: bytes | None,
+    rand_r: bytes | None,
+    extra: bytes,
+) -> tuple[Message, MessageKeys]:
+    """HDR (Empty map, V = 1 as 4.2.1.1 / 4.2.3.1 say) + payloads + V sealed with ``key``."""
+    header = Header(data_type, csb_id, EmptyMap(0), True, prf_func)
+    draft = Message(header, (*payloads, placeholder_v(suite.mac_alg)))
+    keys = message_keys(ks, key, draft, KeyDirection.INITIAL, rand_i, rand_r, suite)
+    return seal_mac(draft, keys, suite.mac_alg, extra), keys
+
+
+def accept_kms_response(
+    ks: KeyStore,
+    data: bytes,
+    expected: DataType,
+    initial: Message,
+    key: bytes,
+    suite: Suite,
+    rand_i: bytes | None,
+    rand_r: bytes | None,
+) -> tuple[Message, tuple[KeyData, ...]]:
+    """Verify a REQUEST_RESP / RESOLVE_RESP against the initial message and open its KEMAC.
+
+    RFC 6043 4.2.1.6: a response that does not verify is discarded (EndpointError here).
+    """
+    try:
+        msg = Message.decode(data)
+    except DecodeError as exc:
+        raise EndpointError(f"undecodable response: {exc}") from None
+    if msg.data_type == DataType.ERROR:
+        raise EndpointError("the KMS answered with an error message")
+    if msg.data_type != expected or msg.header.csb_id != initial.header.csb_id:
+        raise EndpointError("response does not answer this request")
+    try:
+        check_composition(msg)
+    except DecodeError as exc:
+        raise EndpointError(f"malformed response: {exc}") from None
+    keys = message_keys(ks, key, initial, KeyDirection.RESPONSE, rand_i, rand_r, suite)
+    if not check_mac(msg, keys, suite, initial.wire):
+        raise EndpointError("response MAC verification failed")
+    kemac = msg.one(Kemac)
+    try:
+        key_data = open_kemac(ks, kemac, keys, msg.header.csb_id, t64_of(msg))
+    except CryptoError:
+        raise EndpointError("response KEMAC cannot be decrypted") from None
+    return msg, key_data
+
+
+def check_fresh(msg: Message, now: float, window: float) -> None:
+    """RFC 3830 5.4: the sender's timestamp must be within the window of our clock."""
+    t = timestamp_of(msg)
+    if t.ts_type == TsType.COUNTER:
+        return
+    if abs(decode_ts_value(TsType(t.ts_type), t.value) - now) > window:
+        raise EndpointError("timestamp outside the accepted window")
