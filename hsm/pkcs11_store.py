@@ -387,8 +387,12 @@ class _Token:
             kwargs["token_label"] = cfg.token_label
         if cfg.token_serial is not None:
             kwargs["token_serial"] = cfg.token_serial
+        query: dict[str, str | bytes] = dict(kwargs)
+        if cfg.token_serial is not None:
+            # python-pkcs11 0.10 exposes Token.serial as bytes and compares with ==.
+            query["token_serial"] = cfg.token_serial.encode("ascii", "replace")
         try:
-            return lib.get_token(**kwargs)
+            return lib.get_token(**query)
         except p11e.NoSuchToken:
             raise _TransientConnectError(f"no token matching {_describe(kwargs)}") from None
         except p11e.MultipleTokensReturned:
