@@ -36,7 +36,7 @@ class RegistryDirectory:
         return KeyRef(ep.key_label)
 
     def is_member(self, group: bytes, identity: bytes) -> bool:
-        return group in self.registry.groups_of(identity)
+        return self.registry.is_member(group, identity)
 
     def is_known(self, identity: bytes) -> bool:
         return (
