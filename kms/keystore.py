@@ -10,7 +10,7 @@ them afterwards, so that PRF, forking and KEMAC wrapping all run on the token.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 from typing import Protocol, runtime_checkable
 
 from kms.mikey.prf import PrfFunc
@@ -30,23 +30,23 @@ Key = KeyRef | bytes
 """A long-term key by reference, or an ephemeral key's bytes."""
 
 
-class KeyType(str, Enum):
+class KeyType(StrEnum):
     """What kind of object a key is."""
 
-    SECRET = "secret"  # generic secret used as HMAC / PRF in-key (PSK, TPK, peer PSK)
+    SECRET = "secret"  # noqa: S105 - a key type name. Generic secret used as HMAC / PRF in-key (PSK, TPK, peer PSK)
     AES = "aes"
     RSA = "rsa"  # RSA private key (public half alongside)
     EC = "ec"  # EC private key (public half alongside)
 
 
-class RsaPadding(str, Enum):
+class RsaPadding(StrEnum):
     """RSA encryption schemes accepted for PKE (reference 14.5)."""
 
     PKCS1V15 = "pkcs1v15"
     OAEP_SHA1 = "oaep-sha1"
 
 
-class SignScheme(str, Enum):
+class SignScheme(StrEnum):
     """Signature schemes (reference 14.5: SIGN S type 0 / 1, SHA-256 default)."""
 
     RSA_PKCS1V15_SHA256 = "rsa-pkcs1v15-sha256"

@@ -32,7 +32,9 @@ def test_request_transfer_resolve_gives_both_ends_the_same_srtp_keys(world: Worl
     # The granted policy names the authenticated Initiator and this KMS (reference 14.7).
     tp = grant.policy
     assert tp.flags & TpFlag.D and not tp.flags & TpFlag.K
-    assert any(isinstance(p, Idr) and p.role == IdRole.IDRI and p.data == ALICE for p in tp.payloads)
+    assert any(
+        isinstance(p, Idr) and p.role == IdRole.IDRI and p.data == ALICE for p in tp.payloads
+    )
     assert [p.role for p in tp.payloads if isinstance(p, Tr)] == [TsRole.TRS, TsRole.TRE]
     # The default KEMAC holds one TGK (RFC 6043 4.2.1.5).
     assert [k.key_type for k in grant.session_keys] == [KeyDataType.TGK]
@@ -100,7 +102,9 @@ def test_256_bit_suite_end_to_end(world: World) -> None:
 
 def test_initiator_supplied_tek_is_carried_to_the_responder(world: World) -> None:
     """Appendix B.2 (key translation): the Initiator's TEK travels in the ticket."""
-    tek = KeyData(KeyDataType.TEK_SALT, bytes(range(16)), bytes(range(100, 114)), KvSpi(b"\x00\x00\x00\x07"))
+    tek = KeyData(
+        KeyDataType.TEK_SALT, bytes(range(16)), bytes(range(100, 114)), KvSpi(b"\x00\x00\x00\x07")
+    )
     grant = world.grant(DesiredPolicy(responders=(BOB,), supplied_teks=(tek,)))
     assert grant.policy.flags & TpFlag.L
     keys_a, call, _ = world.call(grant, BOB)
@@ -150,5 +154,7 @@ def test_grant_keeps_desired_flags_that_policy_allows(world: World) -> None:
     desired = DesiredPolicy(responders=(BOB, CAROL), flags=DEFAULT_FLAGS | TpFlag.M)
     grant = world.grant(desired)
     assert grant.policy.flags & TpFlag.M
-    assert [p.data for p in grant.policy.payloads if isinstance(p, Idr) and p.role == IdRole.IDRR] == [BOB, CAROL]
+    assert [
+        p.data for p in grant.policy.payloads if isinstance(p, Idr) and p.role == IdRole.IDRR
+    ] == [BOB, CAROL]
     assert replace(desired, flags=desired.flags) == desired

@@ -105,5 +105,3 @@ def make_world(path: Path) -> Iterator[World]:
         yield World(home, build_handler(home), float(int(time.time())))
     finally:
         home.close()
-
-
