@@ -296,6 +296,8 @@ class _Shared:
 
 
 def _before_fork() -> None:
+    # Lock order everywhere: _REGISTRY_LOCK, then a token's gate.
+    _REGISTRY_LOCK.acquire()
     for tok in list(_LIVE_TOKENS):
         tok._fork_prepare()
 
@@ -303,11 +305,14 @@ def _before_fork() -> None:
 def _after_fork_parent() -> None:
     for tok in list(_LIVE_TOKENS):
         tok._fork_parent()
+    _REGISTRY_LOCK.release()
 
 
 def _after_fork_child() -> None:
+    global _REGISTRY_LOCK
     for tok in list(_LIVE_TOKENS):
         tok._fork_child()
+    _REGISTRY_LOCK = threading.Lock()  # the parent's holder does not exist here
 
 
 os.register_at_fork(
