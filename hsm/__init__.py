@@ -22,6 +22,10 @@ class PinError(KeyStoreError, ValueError):
     """The token PIN could not be read (the message never contains a PIN)."""
 
 
+class TokenConfigError(KeyStoreError):
+    """The token cannot be opened as configured (module, token, PIN). Not transient."""
+
+
 @dataclass(frozen=True)
 class TokenConfig:
     """Where the token is and how to log in to it.
@@ -83,4 +87,4 @@ def open_keystore(config: TokenConfig) -> Pkcs11KeyStore:
     return Pkcs11KeyStore(config)
 
 
-__all__ = ["PinError", "TokenConfig", "open_keystore", "read_pin"]
+__all__ = ["PinError", "TokenConfig", "TokenConfigError", "open_keystore", "read_pin"]

@@ -55,7 +55,7 @@ from pkcs11 import MGF, Attribute, Mechanism, ObjectClass
 from pkcs11 import KeyType as P11KeyType
 from pkcs11.util.ec import encode_named_curve_parameters
 
-from hsm import TokenConfig
+from hsm import TokenConfig, TokenConfigError
 from hsm._common import (
     CURVE_BITS,
     MAX_SECRET_BYTES,
@@ -116,10 +116,6 @@ _HMAC_MECHANISM = {
 _CKF_OS_LOCKING_OK = 0x00000002
 _CKR_OK = 0
 _CKR_CRYPTOKI_NOT_INITIALIZED = 0x190
-
-
-class TokenConfigError(KeyStoreError):
-    """The token cannot be opened as configured (module, token, PIN). Not transient."""
 
 
 # --- error conversion: the ONE place where PKCS#11 errors become key-store errors -----------
@@ -631,11 +627,8 @@ class _Token:
         """Borrow a pooled session under the shared gate; convert PKCS#11 errors once."""
         if self._closed:
             raise KeyStoreError("key store is closed")
-        conn = self._usable_connection()
-        with self._gate.shared():
-            if self._conn is not conn or conn.broken:
-                # Replaced or broken between the check and the lock: let the caller retry.
-                raise TokenUnavailable(UNAVAILABLE_MESSAGE)
+        gate, conn = self._enter(exclusive=False)
+        try:
             ps = conn.idle.get()
             try:
                 yield conn, ps
@@ -647,6 +640,29 @@ class _Token:
                 raise converted.error from None
             finally:
                 conn.idle.put(ps)
+        finally:
+            gate.release_shared()
+
+    def _enter(self, *, exclusive: bool) -> tuple[Gate, _Connection]:
+        """Take the gate with a live connection (reconnecting first if needed).
+
+        Another thread may replace the connection between our check and taking the gate;
+        then check again rather than fail a call on a token that is fine.
+        """
+        for _ in range(3):
+            conn = self._usable_connection()
+            gate = self._gate
+            if exclusive:
+                gate.acquire_exclusive()
+            else:
+                gate.acquire_shared()
+            if self._conn is conn and not conn.broken:
+                return gate, conn
+            if exclusive:
+                gate.release_exclusive()
+            else:
+                gate.release_shared()
+        raise TokenUnavailable(f"{UNAVAILABLE_MESSAGE} ({self._last_failure})")
 
     # --- fork -----------------------------------------------------------------------------
     def _fork_prepare(self) -> None:
@@ -838,18 +854,17 @@ class _Token:
         """
         if self._closed:
             raise KeyStoreError("key store is closed")
-        conn = self._usable_connection()
-        with self._gate.exclusive():
-            if self._conn is not conn or conn.broken:
-                raise TokenUnavailable(UNAVAILABLE_MESSAGE)
-            try:
-                with self._object_lock:
-                    yield conn, conn.sessions[0]
-            except p11e.PKCS11Error as exc:
-                converted = _convert(exc, what=what, sealed=False, cached_handle=False)
-                if converted.broken:
-                    conn.broken = True
-                raise converted.error from None
+        gate, conn = self._enter(exclusive=True)
+        try:
+            with self._object_lock:
+                yield conn, conn.sessions[0]
+        except p11e.PKCS11Error as exc:
+            converted = _convert(exc, what=what, sealed=False, cached_handle=False)
+            if converted.broken:
+                conn.broken = True
+            raise converted.error from None
+        finally:
+            gate.release_exclusive()
 
     def _check_new_label(self, conn: _Connection, label: str) -> None:
         check_label(label)
