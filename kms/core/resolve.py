@@ -3,16 +3,19 @@ A.3), with key forking bound to the resolving Responder's identity."""
 
 from __future__ import annotations
 
-import hmac
 from collections.abc import Callable
 
 from kms.core.context import Authenticated, Deps, Exchange
 from kms.core.errors import auth_failure, denied, precondition
-from kms.core.policy import TGK_TYPES, idr_in_policy, responders_of, validity_of
+from kms.core.policy import (
+    check_flag_rules,
+    idr_in_policy,
+    responders_of,
+    validity_of,
+)
 from kms.core.request import fresh_timestamp, response_header, ticket_id
 from kms.keystore import Key
-from kms.mikey.base_ticket import TicketContents, TicketError, derive_mpk_pair, open_base_ticket
-from kms.mikey.cipher import compute_mac
+from kms.mikey.base_ticket import TicketContents, TicketError, open_base_ticket
 from kms.mikey.constants import (
     BASE_TICKET_SUBTYPE,
     BASE_TICKET_VERSION,
@@ -20,30 +23,24 @@ from kms.mikey.constants import (
     ErrorNo,
     IdRole,
     KeyDataType,
-    MacAlg,
-    PrfFunc,
     RandRole,
     TicketType,
     TsType,
 )
 from kms.mikey.derive import (
     KeyDirection,
-    derive_forked_mpkr,
-    derive_forked_tgk,
-    derive_vr_auth_key,
 )
 from kms.mikey.message import Message
 from kms.mikey.ntp import timestamp_t64
-from kms.mikey.payloads import KeyData, Payload
+from kms.mikey.payloads import Payload
 from kms.mikey.protect import (
-    keyed_prf,
     message_keys,
     placeholder_v,
     seal_kemac,
     seal_mac,
-    suite_for,
     timestamp_of,
 )
+from kms.mikey.resolution import resolve_ticket_keys
 from kms.mikey.ticket import Idr, RandR, Ticket, TpFlag
 
 
@@ -58,17 +55,33 @@ def check_ticket_type(ticket: Ticket) -> None:
 
 
 def open_ticket(ticket: Ticket, deps: Deps) -> TicketContents:
+    if not ticket.policy.flags & TpFlag.D:
+        # An Initiator-made ticket never passed grant_policy: check the RFC 6043 6.10 rules.
+        why = check_flag_rules(ticket.policy.flags, has_tgk=False)
+        if why is not None:
+            raise denied(ErrorNo.INVALID_TPPAR, "ticket policy is inconsistent", why)
     try:
-        return open_base_ticket(deps.keystore, ticket, _tpk_lookup(deps))
+        return open_base_ticket(deps.keystore, ticket, _tpk_lookup(deps, ticket))
     except TicketError as exc:
         raise auth_failure(f"ticket refused: {exc.reason}") from None
 
 
-def _tpk_lookup(deps: Deps) -> Callable[[bytes | None], Key | None]:
+def _tpk_lookup(deps: Deps, ticket: Ticket) -> Callable[[bytes | None], Key | None]:
+    kms_generated = bool(ticket.policy.flags & TpFlag.D)
+    creator = idr_in_policy(ticket.policy, IdRole.IDRI)
+
     def lookup(tpk_id: bytes | None) -> Key | None:
-        if tpk_id is None:
-            return deps.directory.current_tpk()[1]
-        return deps.directory.tpk(tpk_id)
+        if kms_generated:
+            if tpk_id is None:
+                return deps.directory.current_tpk()[1]
+            return deps.directory.tpk(tpk_id)
+        # Mode 3 (RFC 6043 4.1.1): an Initiator-generated ticket (D = 0) is protected by a
+        # key the Initiator shares with the KMS: its PSK, named by IDRpsk. IDRpsk must name
+        # the IDRi of the ticket policy, so nobody can create tickets in another's name; the
+        # label type byte (0x05 versus 0x01/0x02) separates this use from message keys.
+        if tpk_id is None or creator is None or tpk_id != creator.data:
+            return None
+        return deps.directory.psk_for(creator.data)
 
     return lookup
 
@@ -93,55 +106,6 @@ def check_responder(ticket: Ticket, identity: bytes, deps: Deps) -> None:
     raise denied(ErrorNo.INVALID_ID, "not an authorised responder for this ticket")
 
 
-def verify_vr(ticket: Ticket, mpkr: bytes, deps: Deps) -> None:
-    """RFC 6043 6.10: with forking the KMS verifies Vr in Initiator Data, keyed from the
-    unforked MPKr (label type 0x04, TP PRF: reference 14.3)."""
-    init = ticket.initiator_data
-    if init is None:
-        raise auth_failure("forking ticket without Initiator Data")
-    suite = suite_for(ticket.policy.prf_func)
-    if init.vr.mac_alg != suite.mac_alg or init.vr.mac_alg == MacAlg.NULL:
-        raise auth_failure("Vr uses an unexpected MAC algorithm")
-    key = derive_vr_auth_key(
-        keyed_prf(deps.keystore, mpkr, PrfFunc(ticket.policy.prf_func)), suite.mac_alg
-    )
-    expected = compute_mac(suite.mac_alg, key, init.vr_mac_input())
-    if not hmac.compare_digest(expected, init.vr.mac):
-        raise auth_failure("Initiator Data Vr verification failed")
-
-
-def resolve_keys(
-    ticket: Ticket,
-    contents: TicketContents,
-    responder: bytes,
-    deps: Deps,
-) -> tuple[list[KeyData], bytes | None]:
-    """KEMAC content of RESOLVE_RESP: MPKi || [MPKr'] || {TEK|TGK'|GTGK}, and RANDRkms when
-    forking (RFC 6043 4.2.3.5, 5.1.1). GTGKs and TEKs are never forked."""
-    ks = deps.keystore
-    tp_prf = PrfFunc(ticket.policy.prf_func)
-    mpk = contents.mpk
-    mpki, mpkr = derive_mpk_pair(ks, mpk.key, contents.rand, tp_prf)
-    keys = [KeyData(KeyDataType.MPK, mpki, None, mpk.kv)]
-    if not ticket.policy.flags & TpFlag.I:
-        keys.extend(contents.session_keys)
-        return keys, None
-    verify_vr(ticket, mpkr, deps)
-    longest = max([len(mpkr), *(len(k.key) for k in contents.session_keys)])
-    rand_kms = ks.random(max(16, longest))  # RFC 6043 12.1: RANDRkms >= longest MPKr/TGK
-    forked_mpkr = derive_forked_mpkr(keyed_prf(ks, mpkr, tp_prf), responder, rand_kms, len(mpkr))
-    keys.append(KeyData(KeyDataType.MPK, forked_mpkr, None, mpk.kv))
-    for k in contents.session_keys:
-        if k.key_type in TGK_TYPES:
-            forked = derive_forked_tgk(
-                keyed_prf(ks, k.key, tp_prf), responder, rand_kms, len(k.key)
-            )
-            keys.append(KeyData(k.key_type, forked, k.salt, k.kv))
-        else:
-            keys.append(k)
-    return keys, rand_kms
-
-
 def handle_resolve(
     msg: Message, auth: Authenticated, deps: Deps, ex: Exchange, now: float
 ) -> bytes:
@@ -161,7 +125,11 @@ def handle_resolve(
         bytes.fromhex(tid), responder, expires
     ):
         raise precondition(ErrorNo.UNSPECIFIED, "ticket already resolved (reuse not allowed)")
-    keys, rand_kms = resolve_keys(ticket, contents, responder, deps)
+    try:
+        resolution = resolve_ticket_keys(ks, ticket, contents, responder)
+    except TicketError as exc:
+        raise auth_failure(f"ticket refused: {exc.reason}") from None
+    keys, rand_kms = list(resolution.keys), resolution.rand_kms
 
     t = fresh_timestamp(timestamp_of(msg), now)
     resp_keys = message_keys(

@@ -130,15 +130,41 @@ class Responder:
             None,
             pending.rand_r,
         )
-        ti = pending.transfer_init
-        ticket = ti.one(Ticket)
-        policy = ticket.policy
-        forking = bool(policy.flags & TpFlag.I)
+        ticket = pending.transfer_init.one(Ticket)
+        forking = bool(ticket.policy.flags & TpFlag.I)
         mpks = [k for k in keys if k.key_type == KeyDataType.MPK]
         if len(mpks) != (2 if forking else 1) or keys[: len(mpks)] != tuple(mpks):
             raise EndpointError("RESOLVE_RESP KEMAC must start with MPKi [and MPKr']")
-        mpki = mpks[0].key
-        session_keys = tuple(keys[len(mpks) :])
+        modifier = None
+        if forking:
+            kms_idr = idr_of(resp, IdRole.IDRR)
+            rand_kms = rand_of(resp, RandRole.RANDRKMS)
+            if kms_idr is None or rand_kms is None:
+                raise EndpointError("forking RESOLVE_RESP lacks IDRr or RANDRkms")
+            modifier = (kms_idr, rand_kms)
+        return self.finish(
+            pending.transfer_init,
+            mpks[0].key,
+            mpks[1].key if forking else None,
+            tuple(keys[len(mpks) :]),
+            modifier,
+            now,
+        )
+
+    def finish(
+        self,
+        ti: Message,
+        mpki: bytes,
+        forked_mpkr: bytes | None,
+        session_keys: tuple[KeyData, ...],
+        modifier: tuple[Idr, bytes] | None,
+        now: float,
+    ) -> ResolvedCall:
+        """With the ticket's keys in hand (from the KMS or resolved locally): verify
+        TRANSFER_INIT, derive SRTP keys and build TRANSFER_RESP (RFC 6043 4.2.2.3)."""
+        ticket = ti.one(Ticket)
+        policy = ticket.policy
+        forking = bool(policy.flags & TpFlag.I)
         suite = suite_for(policy.prf_func)
 
         # TRANSFER_INIT can be verified only now that MPKi is known (RFC 6043 4.2.2).
@@ -171,12 +197,10 @@ class Responder:
             body.append(RandR(RandRole.RANDRR, rand_r))
         mac_key = mpki
         if forking:
-            kms_idr = idr_of(resp, IdRole.IDRR)
-            rand_kms = rand_of(resp, RandRole.RANDRKMS)
-            if kms_idr is None or rand_kms is None:
-                raise EndpointError("forking RESOLVE_RESP lacks IDRr or RANDRkms")
-            body += [kms_idr, RandR(RandRole.RANDRKMS, rand_kms)]
-            mac_key = mpks[1].key
+            if modifier is None or forked_mpkr is None:
+                raise EndpointError("a forking ticket needs IDRr, RANDRkms and MPKr'")
+            body += [modifier[0], RandR(RandRole.RANDRKMS, modifier[1])]
+            mac_key = forked_mpkr
         body.append(placeholder_v(suite.mac_alg))
         h = ti.header
         header = Header(DataType.TRANSFER_RESP, h.csb_id, h.cs_map, False, h.prf_func, h.version)

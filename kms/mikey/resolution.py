@@ -1,0 +1,83 @@
+"""Resolving an opened MIKEY base ticket (RFC 6043 4.2.3.5, 5.1.1, 6.10): the key content of
+RESOLVE_RESP, with key forking bound to the resolving Responder's identity.
+
+Shared by the KMS (Ticket Resolve) and by a Responder that holds the ticket protection key
+and resolves locally (modes 2 and 4 of RFC 6043 4.1.1).
+"""
+
+from __future__ import annotations
+
+import hmac
+from dataclasses import dataclass, field
+
+from kms.keystore import KeyStore
+from kms.mikey.base_ticket import TicketContents, TicketError, derive_mpk_pair
+from kms.mikey.cipher import compute_mac
+from kms.mikey.constants import KeyDataType, MacAlg, PrfFunc
+from kms.mikey.derive import derive_forked_mpkr, derive_forked_tgk, derive_vr_auth_key
+from kms.mikey.payloads import KeyData
+from kms.mikey.protect import keyed_prf, suite_for
+from kms.mikey.ticket import Ticket, TpFlag
+
+TGK_TYPES = frozenset({KeyDataType.TGK, KeyDataType.TGK_SALT})
+
+
+@dataclass(frozen=True)
+class Resolution:
+    """MPKi || [MPKr'] || {TEK|TGK'|GTGK} and, with forking, the modifier RANDRkms."""
+
+    keys: tuple[KeyData, ...] = field(repr=False)
+    rand_kms: bytes | None
+
+    @property
+    def mpki(self) -> bytes:
+        return self.keys[0].key
+
+    @property
+    def forked_mpkr(self) -> bytes | None:
+        return self.keys[1].key if self.rand_kms is not None else None
+
+    @property
+    def session_keys(self) -> tuple[KeyData, ...]:
+        return self.keys[2:] if self.rand_kms is not None else self.keys[1:]
+
+
+def verify_vr(ks: KeyStore, ticket: Ticket, mpkr: bytes) -> None:
+    """RFC 6043 6.10: Vr in Initiator Data, keyed from the unforked MPKr (label type 0x04,
+    TP PRF: reference 14.3). TicketError if absent or wrong."""
+    init = ticket.initiator_data
+    if init is None:
+        raise TicketError("forking ticket without Initiator Data")
+    suite = suite_for(ticket.policy.prf_func)
+    if init.vr.mac_alg != suite.mac_alg or init.vr.mac_alg == MacAlg.NULL:
+        raise TicketError("Vr uses an unexpected MAC algorithm")
+    key = derive_vr_auth_key(keyed_prf(ks, mpkr, PrfFunc(ticket.policy.prf_func)), suite.mac_alg)
+    expected = compute_mac(suite.mac_alg, key, init.vr_mac_input())
+    if not hmac.compare_digest(expected, init.vr.mac):
+        raise TicketError("Initiator Data Vr verification failed")
+
+
+def resolve_ticket_keys(
+    ks: KeyStore, ticket: Ticket, contents: TicketContents, responder: bytes
+) -> Resolution:
+    """The keys a resolver hands to ``responder`` (RFC 6043 4.2.3.5, 5.1.1): forking (I = 1)
+    forks MPKr and every TGK with the responder's ID Data and a fresh RANDRkms; GTGKs and
+    TEKs are never forked."""
+    tp_prf = PrfFunc(ticket.policy.prf_func)
+    mpk = contents.mpk
+    mpki, mpkr = derive_mpk_pair(ks, mpk.key, contents.rand, tp_prf)
+    keys = [KeyData(KeyDataType.MPK, mpki, None, mpk.kv)]
+    if not ticket.policy.flags & TpFlag.I:
+        return Resolution((*keys, *contents.session_keys), None)
+    verify_vr(ks, ticket, mpkr)
+    longest = max([len(mpkr), *(len(k.key) for k in contents.session_keys)])
+    rand_kms = ks.random(max(16, longest))  # RFC 6043 12.1: RANDRkms >= longest MPKr/TGK
+    forked = derive_forked_mpkr(keyed_prf(ks, mpkr, tp_prf), responder, rand_kms, len(mpkr))
+    keys.append(KeyData(KeyDataType.MPK, forked, None, mpk.kv))
+    for k in contents.session_keys:
+        if k.key_type in TGK_TYPES:
+            tgk = derive_forked_tgk(keyed_prf(ks, k.key, tp_prf), responder, rand_kms, len(k.key))
+            keys.append(KeyData(k.key_type, tgk, k.salt, k.kv))
+        else:
+            keys.append(k)
+    return Resolution(tuple(keys), rand_kms)
