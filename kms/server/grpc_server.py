@@ -1,0 +1,307 @@
+"""The gRPC adapter: ``mikey.kms.v1.KeyManagement`` over a :class:`KmsHandler`.
+
+This is the one place where KMS outcomes become gRPC statuses. The adapter is deliberately
+thin: it passes the request bytes, ``time.time()`` and a correlation id to the handler and
+turns the :class:`KmsReply` into a response or a status; it never parses MIKEY.
+
+* OK: status OK, ``data`` = the reply bytes.
+* Refusal: the status code of :data:`STATUS_BY_OUTCOME`, ``details`` = the reply's one-line
+  detail (INTERNAL never carries one), and the MIKEY error message, when the core made one,
+  as trailing metadata ``mikey-error-bin``.
+* An exception escaping the handler: INTERNAL with a fixed detail; the log gets the
+  correlation id and where it happened, never the message bytes or the exception text
+  (which could quote them).
+
+Every response carries ``x-correlation-id`` in its initial and trailing metadata: the
+client's own (sanitised) if it sent one, else a fresh one.
+
+The sync server (thread pool) is used on purpose: measured faster than grpc.aio here, and
+the handler is blocking code (PKCS#11 calls release the GIL).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+import traceback
+import uuid
+from collections.abc import Callable, Sequence
+from concurrent import futures
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from kms.core.api import KmsHandler, KmsReply, Outcome
+from kms.server import stubs
+
+log = logging.getLogger("kms.server.grpc")
+
+SERVICE_NAME = stubs.SERVICE_NAME
+CORRELATION_KEY = "x-correlation-id"
+ERROR_TRAILER = "mikey-error-bin"
+# A MIKEY message is a few hundred bytes (a PK request with two certificates a few KiB);
+# anything near this limit is not a request we want to spend token time on.
+MAX_REQUEST_BYTES = 64 * 1024
+MAX_CORRELATION_ID = 64
+MAX_DETAIL = 256
+INTERNAL_DETAIL = "internal error"
+# Threads per process. maximum_concurrent_rpcs is set to the same number so that a call the
+# server accepts always has a thread at once (no hidden executor queue: overload becomes
+# RESOURCE_EXHAUSTED immediately, and draining can count in-flight calls exactly).
+DEFAULT_THREADS = 32
+HEALTH_SERVICES = ("", SERVICE_NAME)
+
+STATUS_BY_OUTCOME: dict[Outcome, grpc.StatusCode] = {
+    Outcome.OK: grpc.StatusCode.OK,
+    Outcome.MALFORMED: grpc.StatusCode.INVALID_ARGUMENT,
+    Outcome.UNAUTHENTICATED: grpc.StatusCode.UNAUTHENTICATED,
+    Outcome.DENIED: grpc.StatusCode.PERMISSION_DENIED,
+    Outcome.PRECONDITION: grpc.StatusCode.FAILED_PRECONDITION,
+    Outcome.RATE_LIMITED: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    Outcome.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+    Outcome.INTERNAL: grpc.StatusCode.INTERNAL,
+}
+
+_CID_DROP = re.compile(r"[^A-Za-z0-9._:\-]")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
+
+Clock = Callable[[], float]
+
+
+class ServerError(Exception):
+    """The server cannot start (bind failure, unreadable TLS files); one line."""
+
+
+def correlation_id(metadata: Sequence[Any] | None) -> str:
+    """The client's ``x-correlation-id`` reduced to ``[A-Za-z0-9._:-]``, at most 64
+    characters; a fresh uuid4 hex when absent or empty after that (it ends up in logs and
+    in the audit record, so it must not carry arbitrary text)."""
+    for item in metadata or ():
+        key, value = item[0], item[1]
+        if key == CORRELATION_KEY and isinstance(value, str):
+            cid = _CID_DROP.sub("", value)[:MAX_CORRELATION_ID]
+            if cid:
+                return cid
+            break
+    return uuid.uuid4().hex
+
+
+def one_line(text: str) -> str:
+    """``details`` as promised: one line, bounded."""
+    text = _CONTROL.sub(" ", text).strip()
+    return text if len(text) <= MAX_DETAIL else text[: MAX_DETAIL - 3] + "..."
+
+
+class KmsServicer:
+    """RequestTicket / ResolveTicket; counts in-flight calls for draining."""
+
+    def __init__(self, handler: KmsHandler, *, clock: Clock = time.time) -> None:
+        self._handler = handler
+        self._clock = clock
+        self._inflight = 0
+        self._idle = threading.Condition()
+
+    # The method names are the proto's (the generated registration looks them up).
+    def RequestTicket(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
+        return self._call("RequestTicket", self._handler.request_ticket, request, context)
+
+    def ResolveTicket(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
+        return self._call("ResolveTicket", self._handler.resolve_ticket, request, context)
+
+    @property
+    def inflight(self) -> int:
+        with self._idle:
+            return self._inflight
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until no call is being handled; False on timeout."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._inflight == 0, timeout=max(timeout, 0.0))
+
+    def _call(
+        self,
+        method: str,
+        fn: Callable[..., KmsReply],
+        request: Any,
+        context: grpc.ServicerContext,
+    ) -> Any:
+        with self._idle:
+            self._inflight += 1
+        started = time.monotonic()
+        cid = correlation_id(context.invocation_metadata())
+        try:
+            context.send_initial_metadata(((CORRELATION_KEY, cid),))
+            wire: bytes = request.data
+            try:
+                reply = fn(wire, self._clock(), correlation_id=cid)
+                if not isinstance(reply, KmsReply):
+                    raise TypeError(f"handler returned {type(reply).__name__}, not KmsReply")
+                code = STATUS_BY_OUTCOME[reply.outcome]
+            except Exception as exc:
+                # Type and location only: the exception text may quote the request.
+                frames = traceback.extract_tb(exc.__traceback__)[-3:]
+                where = " <- ".join(f"{f.filename}:{f.lineno}" for f in reversed(frames))
+                log.error(
+                    "handler raised %s",
+                    type(exc).__name__,
+                    extra={"fields": {"correlation_id": cid, "method": method, "at": where}},
+                )
+                context.set_trailing_metadata(((CORRELATION_KEY, cid),))
+                context.set_code(grpc.StatusCode.INTERNAL)
+                context.set_details(INTERNAL_DETAIL)
+                return stubs.MikeyMessage()
+
+            trailing: list[tuple[str, str | bytes]] = [(CORRELATION_KEY, cid)]
+            if code is grpc.StatusCode.OK:
+                response = stubs.MikeyMessage(data=reply.data)
+            else:
+                response = stubs.MikeyMessage()
+                if reply.error_message is not None:
+                    trailing.append((ERROR_TRAILER, bytes(reply.error_message)))
+                context.set_code(code)
+                detail = INTERNAL_DETAIL if code is grpc.StatusCode.INTERNAL else reply.detail
+                context.set_details(one_line(detail) or code.name.lower())
+            context.set_trailing_metadata(tuple(trailing))
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug(
+                    "call",
+                    extra={
+                        "fields": {
+                            "correlation_id": cid,
+                            "method": method,
+                            "outcome": reply.outcome.value,
+                            "code": code.name,
+                            "in_bytes": len(wire),
+                            "out_bytes": len(reply.data),
+                            "ms": round((time.monotonic() - started) * 1000, 3),
+                        }
+                    },
+                )
+            return response
+        finally:
+            with self._idle:
+                self._inflight -= 1
+                if self._inflight == 0:
+                    self._idle.notify_all()
+
+
+def tls_credentials(
+    cert: Path, key: Path, client_ca: Path | None = None
+) -> grpc.ServerCredentials:
+    """Server TLS credentials; with ``client_ca`` clients must present a certificate issued
+    by it (mutual TLS)."""
+
+    def read(path: Path, what: str) -> bytes:
+        try:
+            return path.read_bytes()
+        except OSError as exc:
+            raise ServerError(f"cannot read {what} {path}: {exc.strerror}") from None
+
+    cert_pem = read(cert, "TLS certificate")
+    key_pem = read(key, "TLS key")
+    ca_pem = None if client_ca is None else read(client_ca, "client CA")
+    return grpc.ssl_server_credentials(
+        [(key_pem, cert_pem)],
+        root_certificates=ca_pem,
+        require_client_auth=ca_pem is not None,
+    )
+
+
+class KmsServer:
+    """One gRPC server (one process): KeyManagement, health checking and reflection."""
+
+    def __init__(
+        self,
+        handler: KmsHandler,
+        listen: str,
+        *,
+        credentials: grpc.ServerCredentials | None = None,
+        threads: int = DEFAULT_THREADS,
+        max_request_bytes: int = MAX_REQUEST_BYTES,
+        reuse_port: bool = False,
+        clock: Clock = time.time,
+    ) -> None:
+        self.listen = listen
+        self.servicer = KmsServicer(handler, clock=clock)
+        self.health = health.HealthServicer(experimental_non_blocking=True)
+        self._executor = futures.ThreadPoolExecutor(
+            max_workers=threads, thread_name_prefix="kms-grpc"
+        )
+        options: list[tuple[str, Any]] = [
+            ("grpc.max_receive_message_length", max_request_bytes),
+            # Several worker processes share the port only when asked to. Otherwise keep the
+            # port exclusive (gRPC turns SO_REUSEPORT on by default), so that a second server
+            # on the same port fails to start instead of silently taking half the traffic.
+            ("grpc.so_reuseport", 1 if reuse_port else 0),
+            # SO_REUSEPORT spreads connections, not calls: a client keeps its connection to
+            # one worker. Ageing connections out makes long-lived clients rebalance.
+            ("grpc.max_connection_age_ms", 5 * 60 * 1000),
+            ("grpc.max_connection_age_grace_ms", 30 * 1000),
+        ]
+        self._server = grpc.server(
+            self._executor,
+            options=options,
+            maximum_concurrent_rpcs=threads,
+        )
+        stubs.kms_pb2_grpc.add_KeyManagementServicer_to_server(self.servicer, self._server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server
+        )
+        try:
+            if credentials is None:
+                self.port = self._server.add_insecure_port(listen)
+            else:
+                self.port = self._server.add_secure_port(listen, credentials)
+        except RuntimeError:
+            raise ServerError(f"cannot listen on {listen} (address in use?)") from None
+        if self.port == 0:  # older grpc versions report failure this way
+            raise ServerError(f"cannot listen on {listen} (address in use?)")
+
+    def start(self) -> None:
+        self._server.start()
+        for service in HEALTH_SERVICES:
+            self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+
+    def drain(self, grace: float) -> bool:
+        """Stop: NOT_SERVING, refuse new calls, let in-flight KMS calls finish within
+        ``grace`` seconds, then cancel whatever is left. True if nothing had to be cut off.
+
+        Health ``Watch`` streams never end by themselves; waiting for the server's own grace
+        would make every shutdown last the full grace period whenever a load balancer
+        watches. So the wait is for the KMS calls only, and the rest is cancelled after.
+        """
+        deadline = time.monotonic() + grace
+        self.health.enter_graceful_shutdown()  # watchers see NOT_SERVING now
+        stopped = self._server.stop(grace)
+        clean = self.servicer.wait_idle(deadline - time.monotonic())
+        self._server.stop(None)  # cancel what is left (health watches, reflection streams)
+        stopped.wait(max(deadline - time.monotonic(), 0.0) + 1.0)
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        return clean
+
+    def stop(self) -> None:
+        """Stop at once (tests, error paths)."""
+        self.health.enter_graceful_shutdown()
+        self._server.stop(None).wait(5)
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+__all__ = [
+    "CORRELATION_KEY",
+    "ERROR_TRAILER",
+    "HEALTH_SERVICES",
+    "MAX_REQUEST_BYTES",
+    "SERVICE_NAME",
+    "STATUS_BY_OUTCOME",
+    "KmsServer",
+    "KmsServicer",
+    "ServerError",
+    "correlation_id",
+    "tls_credentials",
+]
