@@ -115,7 +115,7 @@ def stops_tshark(p: Payload) -> bool:
 
 
 def ip_checksum(header: bytes) -> int:
-    total = sum(struct.unpack(f"!{len(header) // 2}H", header))
+    total = sum(int(w) for w in struct.unpack(f"!{len(header) // 2}H", header))
     while total >> 16:
         total = (total & 0xFFFF) + (total >> 16)
     return ~total & 0xFFFF
@@ -576,9 +576,8 @@ def test_tshark_dissects_like_our_codec(case: Case, dissected: list[dict[str, An
     assert keys == expected_keys
     following = [*case.payloads[1:], None]
     by_key: dict[str, list[tuple[Payload, int]]] = {}
-    for p, nxt in zip(case.payloads, following, strict=True):
-        if p in visible:
-            by_key.setdefault(TS_KEY[p.TYPE], []).append((p, nxt.TYPE if nxt else 0))
+    for p, after in list(zip(case.payloads, following, strict=True))[: len(visible)]:
+        by_key.setdefault(TS_KEY[p.TYPE], []).append((p, after.TYPE if after else 0))
     for key, items in by_key.items():
         fields = as_list(mikey[key])
         assert len(fields) == len(items), key
