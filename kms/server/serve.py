@@ -226,8 +226,9 @@ def serve_lock(home: Path) -> Iterator[None]:
 
 
 def check_port_free(listen: str) -> None:
-    """With SO_REUSEPORT the workers would silently share the port with any other server
-    of the same user; probe it exclusively first (SO_REUSEADDR only skips TIME_WAIT)."""
+    """Probe the port exclusively (SO_REUSEADDR only skips TIME_WAIT). With SO_REUSEPORT the
+    workers would otherwise silently share the port with any other server of the same
+    user."""
     host, port = split_listen(listen)
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
@@ -523,10 +524,11 @@ def serve(
             extra={"fields": {"home": str(home), "listen": plan.listen, "workers": n,
                               "threads": plan.threads, "tls": plan.mode}},
         )
+        # Before the token is opened: a clear one-line error instead of gRPC's own log line.
+        check_port_free(plan.listen)
         if n == 1:
             serve_once(plan, ready=announce)
             return 0
-        check_port_free(plan.listen)
         return Supervisor(plan).run(announce)
 
 
