@@ -16,6 +16,7 @@ from kms.endpoint.common import (
 )
 from kms.endpoint.session import (
     AES_CM_128_HMAC_SHA1_80,
+    CallState,
     CryptoSession,
     EndpointError,
     SrtpKeys,
@@ -41,6 +42,7 @@ from kms.mikey.constants import (
 )
 from kms.mikey.derive import (
     KeyDirection,
+    MessageKeys,
     derive_forked_mpkr,
     derive_forked_tgk,
     derive_vr_auth_key,
@@ -110,6 +112,8 @@ class PendingTransfer:
     rand_i: bytes
     sessions: tuple[CryptoSession, ...]
     policies: tuple[SecurityPolicy, ...]
+    keys: MessageKeys = field(repr=False)  # protected the TRANSFER_INIT
+    responder: bytes = b""
 
 
 class Initiator:
@@ -279,13 +283,24 @@ class Initiator:
             final_ticket = replace(ticket, initiator_data=InitiatorData(mac, vr))
             payloads = tuple(final_ticket if isinstance(p, Ticket) else p for p in sealed.payloads)
             sealed = Message.decode(Message(sealed.header, payloads).encode())
-        return sealed.wire, PendingTransfer(grant, sealed, rand_i, tuple(sessions), policies)
+        pending = PendingTransfer(grant, sealed, rand_i, tuple(sessions), policies, keys, responder)
+        return sealed.wire, pending
 
     def accept_transfer_resp(
         self, pending: PendingTransfer, data: bytes, now: float
     ) -> list[SrtpKeys]:
-        """Verify TRANSFER_RESP (RFC 6043 4.2.2.4) and derive the SRTP keys; with forking,
-        MPKr' and TGK' are derived from the IDRr and RANDRkms it carries (5.1.1)."""
+        """Verify TRANSFER_RESP (RFC 6043 4.2.2.4) and derive the SRTP keys."""
+        return list(self.establish(pending, data, now).srtp)
+
+    def keys_without_response(self, pending: PendingTransfer) -> list[SrtpKeys]:
+        """With F = 0 no TRANSFER_RESP comes: keys from RANDRi alone (H = 1, G = 0)."""
+        return list(self.establish(pending, None, 0.0).srtp)
+
+    def establish(self, pending: PendingTransfer, data: bytes | None, now: float) -> CallState:
+        """The call after TRANSFER_RESP (or without one when F = 0): SRTP keys and what a CSB
+        update needs. With forking, MPKr' and TGK' come from its IDRr and RANDRkms (5.1.1)."""
+        if data is None:
+            return self._without_response(pending)
         grant = pending.grant
         policy = grant.policy
         suite = suite_for(policy.prf_func)
@@ -336,29 +351,44 @@ class Initiator:
         )
         if not check_mac(msg, keys, suite, pending.message.wire):
             raise EndpointError("TRANSFER_RESP MAC verification failed")
-        return srtp_keys(
+        return self._state(pending, keys, session_keys, rand_r)
+
+    def _without_response(self, pending: PendingTransfer) -> CallState:
+        if pending.grant.policy.flags & (TpFlag.F | TpFlag.G | TpFlag.I):
+            raise EndpointError("this ticket needs the TRANSFER_RESP")
+        return self._state(pending, pending.keys, pending.grant.session_keys, None)
+
+    def _state(
+        self,
+        pending: PendingTransfer,
+        keys: MessageKeys,
+        session_keys: tuple[KeyData, ...],
+        rand_r: bytes | None,
+    ) -> CallState:
+        policy = pending.grant.policy
+        hdr = pending.message.header
+        srtp = srtp_keys(
             self.ks,
             session_keys,
             pending.sessions,
             pending.policies,
             policy,
-            pending.message.header.prf_func,
+            hdr.prf_func,
             pending.rand_i,
             rand_r,
         )
-
-    def keys_without_response(self, pending: PendingTransfer) -> list[SrtpKeys]:
-        """With F = 0 no TRANSFER_RESP comes: keys from RANDRi alone (H = 1, G = 0)."""
-        policy = pending.grant.policy
-        if policy.flags & (TpFlag.F | TpFlag.G | TpFlag.I):
-            raise EndpointError("this ticket needs the TRANSFER_RESP")
-        return srtp_keys(
-            self.ks,
-            pending.grant.session_keys,
+        return CallState(
+            hdr.csb_id,
+            hdr.prf_func,
+            suite_for(policy.prf_func),
+            keys,
+            self.creds.identity,
+            pending.responder,
+            pending.rand_i,
+            rand_r,
+            policy,
+            session_keys,
             pending.sessions,
             pending.policies,
-            policy,
-            pending.message.header.prf_func,
-            pending.rand_i,
-            None,
+            tuple(srtp),
         )

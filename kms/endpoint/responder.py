@@ -15,7 +15,7 @@ from kms.endpoint.common import (
     new_csb_id,
     now_timestamp,
 )
-from kms.endpoint.session import EndpointError, SrtpKeys, sessions_of, srtp_keys
+from kms.endpoint.session import CallState, EndpointError, SrtpKeys, sessions_of, srtp_keys
 from kms.keystore import KeyStore
 from kms.mikey.compose import check_composition
 from kms.mikey.constants import (
@@ -27,7 +27,7 @@ from kms.mikey.constants import (
     RandRole,
     TicketType,
 )
-from kms.mikey.derive import KeyDirection
+from kms.mikey.derive import KeyDirection, MessageKeys
 from kms.mikey.errors import DecodeError
 from kms.mikey.header import Header
 from kms.mikey.message import Message
@@ -63,6 +63,7 @@ class ResolvedCall:
     srtp: list[SrtpKeys] = field(repr=False)
     initiator: bytes
     session_keys: tuple[KeyData, ...] = field(repr=False)
+    state: CallState | None = field(default=None, repr=False)
 
 
 class Responder:
@@ -187,8 +188,28 @@ class Responder:
         srtp = srtp_keys(
             self.ks, session_keys, sessions, sps, policy, ti.header.prf_func, rand_i, rand_r
         )
+
+        def state(keys: MessageKeys) -> CallState:
+            return CallState(
+                ti.header.csb_id,
+                ti.header.prf_func,
+                suite,
+                keys,
+                # The identities the initial TRANSFER_INIT MAC covered (IDRr as sent there, maybe
+                # a group): CSB updates cover the same pair (RFC 6043 5.4).
+                id_r,
+                id_i,
+                rand_i,
+                rand_r,
+                policy,
+                session_keys,
+                tuple(sessions),
+                sps,
+                tuple(srtp),
+            )
+
         if not policy.flags & TpFlag.F:
-            return ResolvedCall(None, srtp, id_i, session_keys)
+            return ResolvedCall(None, srtp, id_i, session_keys, state(ti_keys))
 
         # TRANSFER_RESP = HDR, T, [RANDRr], [IDRr], [RANDRkms], V (RFC 6043 4.2.2.3): with
         # forking, the IDRr and RANDRkms the KMS returned, and a MAC from MPKr'.
@@ -207,4 +228,4 @@ class Responder:
         draft = Message(header, tuple(body))
         resp_keys = message_keys(self.ks, mac_key, ti, KeyDirection.RESPONSE, rand_i, rand_r, suite)
         sealed = seal_mac(draft, resp_keys, suite.mac_alg, ti.wire)
-        return ResolvedCall(sealed.wire, srtp, id_i, session_keys)
+        return ResolvedCall(sealed.wire, srtp, id_i, session_keys, state(resp_keys))

@@ -11,10 +11,10 @@ from dataclasses import dataclass, field
 
 from kms.keystore import KeyStore
 from kms.mikey.constants import KeyDataType, PrfFunc, ProtType, SrtpParam
-from kms.mikey.derive import derive_srtp_salt, derive_tek
+from kms.mikey.derive import MessageKeys, derive_srtp_salt, derive_tek
 from kms.mikey.header import GenericIdEntry, GenericIdMap
 from kms.mikey.payloads import KeyData, KvSpi, PolicyParam, SecurityPolicy
-from kms.mikey.protect import keyed_prf
+from kms.mikey.protect import Suite, keyed_prf
 from kms.mikey.ticket import TicketPolicy, TpFlag
 
 
@@ -166,3 +166,22 @@ def srtp_keys(
             raise EndpointError(f"no session key for crypto session {cs.cs_id}")
         out.append(SrtpKeys(cs.cs_id, cs.ssrc, profile, tek, salt[: profile.salt_len], spi))
     return out
+
+
+@dataclass(frozen=True)
+class CallState:
+    """What an endpoint keeps after the Ticket Transfer, for CSB updates (RFC 6043 5.2)."""
+
+    csb_id: int
+    prf_func: int
+    suite: Suite
+    keys: MessageKeys = field(repr=False)  # protected the last message of the initial exchange
+    local_id: bytes
+    peer_id: bytes
+    rand_i: bytes | None = field(repr=False)
+    rand_r: bytes | None = field(repr=False)
+    policy: TicketPolicy
+    session_keys: tuple[KeyData, ...] = field(repr=False)
+    sessions: tuple[CryptoSession, ...]
+    policies: tuple[SecurityPolicy, ...]
+    srtp: tuple[SrtpKeys, ...] = field(repr=False)
