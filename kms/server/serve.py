@@ -485,7 +485,7 @@ def serve(
     *,
     listen: str | None = None,
     workers: int | None = None,
-    threads: int = DEFAULT_THREADS,
+    threads: int | None = None,
     grace: float = DEFAULT_GRACE_S,
     log_level: str = "INFO",
     kms_id: str | None = None,
@@ -511,7 +511,8 @@ def serve(
                 f"({load_config(home).kms_id}); it only applies to an empty home"
             )
         plan = make_plan(
-            home, listen=listen, workers=workers, threads=threads, grace=grace,
+            home, listen=listen, workers=workers, threads=threads or DEFAULT_THREADS,
+            grace=grace,
             log_level=log_level,
         )
         n = plan.workers
