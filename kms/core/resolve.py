@@ -32,7 +32,7 @@ from kms.mikey.derive import (
 )
 from kms.mikey.message import Message
 from kms.mikey.ntp import timestamp_t64
-from kms.mikey.payloads import Payload
+from kms.mikey.payloads import KeyData, Payload
 from kms.mikey.protect import (
     message_keys,
     placeholder_v,
@@ -106,31 +106,19 @@ def check_responder(ticket: Ticket, identity: bytes, deps: Deps) -> None:
     raise denied(ErrorNo.INVALID_ID, "not an authorised responder for this ticket")
 
 
-def handle_resolve(
-    msg: Message, auth: Authenticated, deps: Deps, ex: Exchange, now: float
-) -> bytes:
+def build_resolve_resp(
+    msg: Message,
+    auth: Authenticated,
+    deps: Deps,
+    ex: Exchange,
+    now: float,
+    keys: list[KeyData],
+    rand_kms: bytes | None,
+    bound_to: bytes,
+) -> Message:
+    """RESOLVE_RESP = HDR, T, IDRkms, KEMAC, [IDRr, RANDRkms], V (RFC 6043 4.2.3.5),
+    protected with keys from the resolver's PSK or envelope key (0x02 label, RANDRr)."""
     ks = deps.keystore
-    ticket = msg.one(Ticket)
-    check_ticket_type(ticket)
-    issuer = idr_in_policy(ticket.policy, IdRole.IDRKMS)
-    if issuer is not None and issuer.data != deps.policy.kms_id:
-        raise denied(ErrorNo.INVALID_TICKET, "ticket issued by another KMS", "foreign ticket")
-    tid = ticket_id(ticket.ticket_data)
-    ex.audit["ticket_id"] = tid
-    contents = open_ticket(ticket, deps)
-    expires = check_validity(ticket, deps, now)
-    responder = auth.identity.data
-    check_responder(ticket, responder, deps)
-    if not ticket.policy.flags & TpFlag.J and not deps.ledger.first_resolve(
-        bytes.fromhex(tid), responder, expires
-    ):
-        raise precondition(ErrorNo.UNSPECIFIED, "ticket already resolved (reuse not allowed)")
-    try:
-        resolution = resolve_ticket_keys(ks, ticket, contents, responder)
-    except TicketError as exc:
-        raise auth_failure(f"ticket refused: {exc.reason}") from None
-    keys, rand_kms = list(resolution.keys), resolution.rand_kms
-
     t = fresh_timestamp(timestamp_of(msg), now)
     resp_keys = message_keys(
         ks, auth.response_key, msg, KeyDirection.RESPONSE, None, auth.rand_r, auth.suite
@@ -150,13 +138,46 @@ def handle_resolve(
         kemac,
     ]
     if rand_kms is not None:
-        # RFC 6043 4.2.3.5: with forking, IDRr (the identity the keys are bound to) and the
-        # modifier RANDRkms, which the Responder echoes in TRANSFER_RESP.
-        payloads.append(Idr(IdRole.IDRR, auth.identity.id_type, responder))
+        # With forking, IDRr (the identity the keys are bound to) and the modifier RANDRkms,
+        # which the Responder echoes in TRANSFER_RESP.
+        payloads.append(Idr(IdRole.IDRR, auth.identity.id_type, bound_to))
         payloads.append(RandR(RandRole.RANDRKMS, rand_kms))
     payloads.append(placeholder_v(auth.suite.mac_alg))
     resp = Message(response_header(msg, DataType.RESOLVE_RESP), tuple(payloads))
-    sealed = seal_mac(resp, resp_keys, auth.suite.mac_alg, msg.wire)
+    return seal_mac(resp, resp_keys, auth.suite.mac_alg, msg.wire)
+
+
+def handle_resolve(
+    msg: Message, auth: Authenticated, deps: Deps, ex: Exchange, now: float
+) -> bytes:
+    ks = deps.keystore
+    ticket = msg.one(Ticket)
+    check_ticket_type(ticket)
+    tid = ticket_id(ticket.ticket_data)
+    ex.audit["ticket_id"] = tid
+    issuer = idr_in_policy(ticket.policy, IdRole.IDRKMS)
+    if issuer is not None and issuer.data != deps.policy.kms_id:
+        # RFC 6043 9: not ours; ask the KMS that issued it, as a Responder ourselves.
+        from kms.core.federation import forward_resolve
+
+        return forward_resolve(msg, auth, deps, ex, now, ticket, issuer)
+    contents = open_ticket(ticket, deps)
+    expires = check_validity(ticket, deps, now)
+    responder = auth.identity.data
+    check_responder(ticket, responder, deps)
+    try:
+        resolution = resolve_ticket_keys(ks, ticket, contents, responder)
+    except TicketError as exc:
+        raise auth_failure(f"ticket refused: {exc.reason}") from None
+    keys, rand_kms = list(resolution.keys), resolution.rand_kms
+
+    sealed = build_resolve_resp(msg, auth, deps, ex, now, keys, rand_kms, responder)
+    # J = 0: record the resolve last, once every check (Vr included) has passed and the
+    # response is built, so that a refused RESOLVE_INIT never uses up the responder's resolve.
+    if not ticket.policy.flags & TpFlag.J and not deps.ledger.first_resolve(
+        bytes.fromhex(tid), responder, expires
+    ):
+        raise precondition(ErrorNo.UNSPECIFIED, "ticket already resolved (reuse not allowed)")
     ex.audit.update(
         {
             "event": "ticket.resolved",
