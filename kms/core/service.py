@@ -10,12 +10,13 @@ import logging
 from collections.abc import Callable
 
 from kms.core.api import KmsReply, Outcome
-from kms.core.authn import authenticate_psk
+from kms.core.authn import authenticate_peer, authenticate_psk, forwarding_peer
 from kms.core.context import Authenticated, Deps, Exchange
 from kms.core.errors import Refusal, malformed
 from kms.core.request import fresh_timestamp, handle_request
 from kms.core.resolve import handle_resolve
 from kms.keystore import KeyStoreError, TokenUnavailable
+from kms.mikey.buffer import Reader
 from kms.mikey.compose import check_composition
 from kms.mikey.constants import DataType, ErrorNo, IdRole, TsType
 from kms.mikey.derive import KeyDirection
@@ -34,6 +35,15 @@ _REQUEST_TYPES = {DataType.REQUEST_INIT_PSK, DataType.REQUEST_INIT_PK}
 _RESOLVE_TYPES = {DataType.RESOLVE_INIT_PSK, DataType.RESOLVE_INIT_PK}
 
 
+def _header_only(wire: bytes) -> Message | None:
+    """The HDR of an otherwise undecodable message (no payloads), if the HDR itself decodes."""
+    try:
+        header, _ = Header.decode(Reader(wire))
+    except DecodeError:
+        return None
+    return Message(header)
+
+
 class Kms:
     """Implements :class:`kms.core.api.KmsHandler` over the ports in ``deps``."""
 
@@ -43,13 +53,21 @@ class Kms:
     def request_ticket(self, wire: bytes, now: float, *, correlation_id: str = "") -> KmsReply:
         return self._handle(wire, now, correlation_id, _REQUEST_TYPES, IdRole.IDRI, handle_request)
 
-    def resolve_ticket(self, wire: bytes, now: float, *, correlation_id: str = "") -> KmsReply:
-        return self._handle(wire, now, correlation_id, _RESOLVE_TYPES, IdRole.IDRR, handle_resolve)
+    def resolve_ticket(
+        self, wire: bytes, now: float, *, correlation_id: str = "", hops: int = 0
+    ) -> KmsReply:
+        """``hops``: how many KMSs forwarded this request already (RFC 6043 9 federation)."""
+        return self._handle(
+            wire, now, correlation_id, _RESOLVE_TYPES, IdRole.IDRR, handle_resolve, hops
+        )
 
     # ---------------------------------------------------------------------------------------
 
     def _authenticate(self, msg: Message, ex: Exchange, now: float, role: IdRole) -> Authenticated:
         if msg.data_type in (DataType.REQUEST_INIT_PSK, DataType.RESOLVE_INIT_PSK):
+            peer = forwarding_peer(msg, self.deps)
+            if peer is not None:
+                return authenticate_peer(msg, self.deps, ex, now, peer)
             return authenticate_psk(msg, self.deps, ex, now, role)
         if self.deps.pk is None:
             raise Refusal(
@@ -69,12 +87,20 @@ class Kms:
         types: set[DataType],
         role: IdRole,
         handler: Handler,
+        hops: int = 0,
     ) -> KmsReply:
-        ex = Exchange(audit={"correlation_id": cid, "time": round(now, 3), "size": len(wire)})
+        ex = Exchange(
+            audit={"correlation_id": cid, "time": round(now, 3), "size": len(wire)},
+            correlation_id=cid,
+            hops=hops,
+        )
+        if hops:
+            ex.audit["hops"] = hops
         try:
             try:
                 msg = Message.decode(wire)
             except DecodeError as exc:
+                ex.msg = _header_only(wire)  # so that the error answers the request's CSB ID
                 raise malformed(str(exc)) from None
             ex.msg = msg
             ex.audit["data_type"] = DataType(msg.data_type).name
