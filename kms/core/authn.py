@@ -7,13 +7,15 @@ the MAC has been verified, so unauthenticated messages never build state in the 
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 
 from kms.core.api import Outcome
 from kms.core.context import Authenticated, Deps, Exchange
 from kms.core.errors import Refusal, auth_failure, denied, malformed, precondition
+from kms.core.ports import PeerKms
 from kms.keystore import KeyNotFound
-from kms.mikey.constants import ErrorNo, IdRole, IdType, RandRole, TsType
+from kms.mikey.constants import DataType, ErrorNo, IdRole, IdType, RandRole, TsType
 from kms.mikey.derive import KeyDirection
 from kms.mikey.message import Message
 from kms.mikey.ntp import decode_ts_value
@@ -115,3 +117,59 @@ def admit(msg: Message, deps: Deps, now: float, identity: bytes) -> None:
     expires = now + 2 * deps.policy.timestamp_window_s
     if not deps.replay.check_and_store(digest, expires, now):
         raise precondition(ErrorNo.INVALID_TS, "replayed message", "replay of an accepted message")
+
+
+def forwarding_peer(msg: Message, deps: Deps) -> PeerKms | None:
+    """RFC 6043 9: a RESOLVE_INIT_PSK whose IDRpsk names a registered peer KMS comes from
+    that KMS, resolving on behalf of the Responder named by IDRr."""
+    if msg.data_type != DataType.RESOLVE_INIT_PSK:
+        return None
+    psk = idr_of(msg, IdRole.IDRPSK)
+    if psk is None:
+        return None
+    return deps.directory.peer(psk.data)
+
+
+def authenticate_peer(
+    msg: Message, deps: Deps, ex: Exchange, now: float, peer: PeerKms
+) -> Authenticated:
+    """A peer KMS forwarding a Ticket Resolve: MAC with the key shared with that peer over
+    RESOLVE_INIT || IDRr || IDRkms, then the issuing side's trust: may this peer resolve for
+    that identity, and within its quota (issue 6)."""
+    suite = message_suite(msg)
+    ex.audit["peer"] = peer.kms_id.decode("utf-8", "replace")
+    identity = idr_of(msg, IdRole.IDRR)
+    if identity is None:
+        raise Refusal(
+            ErrorNo.INVALID_ID,
+            Outcome.UNAUTHENTICATED,
+            "sender identity missing",
+            "peer without IDRr",
+        )
+    ex.audit["sender"] = identity.data.decode("utf-8", "replace")
+    kms_id = check_kms_identity(msg, deps)
+    if peer.psk is None:
+        raise auth_failure("peer has no shared key for RESOLVE_INIT_PSK")
+    check_timestamp(msg, deps, now)
+    rand_r = rand_of(msg, RandRole.RANDRR)
+    try:
+        keys = message_keys(deps.keystore, peer.psk, msg, KeyDirection.INITIAL, None, rand_r, suite)
+    except KeyNotFound:
+        raise auth_failure("peer key registered but missing in the token") from None
+    if not check_mac(msg, keys, suite, identity.data + kms_id):
+        raise auth_failure("peer MAC verification failed")
+    shown = identity.data.decode("utf-8", "replace")
+    if not any(fnmatch.fnmatchcase(shown, pattern) for pattern in peer.resolve_for):
+        raise denied(
+            ErrorNo.INVALID_ID,
+            "peer KMS may not resolve for this identity",
+            f"peer not trusted for {shown}",
+        )
+    auth = Authenticated(identity, peer.psk, suite, None, rand_r, kms_id, "peer", peer.kms_id)
+    ex.auth = auth
+    if deps.peer_quota is not None and not deps.peer_quota.allow(peer.kms_id, peer.rate_per_s, now):
+        raise Refusal(ErrorNo.UNSPECIFIED, Outcome.RATE_LIMITED, "peer quota exceeded")
+    digest = hashlib.sha256(msg.wire).digest()
+    if not deps.replay.check_and_store(digest, now + 2 * deps.policy.timestamp_window_s, now):
+        raise precondition(ErrorNo.INVALID_TS, "replayed message", "replay of an accepted message")
+    return auth

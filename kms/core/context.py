@@ -6,7 +6,15 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from kms.core.policy import KmsPolicy
-from kms.core.ports import AuditSink, Directory, RateLimiter, ReplayCache, ResolveLedger
+from kms.core.ports import (
+    AuditSink,
+    Directory,
+    PeerResolver,
+    QuotaLimiter,
+    RateLimiter,
+    ReplayCache,
+    ResolveLedger,
+)
 from kms.keystore import Key, KeyStore
 from kms.mikey.derive import MessageKeys
 from kms.mikey.message import Message
@@ -27,7 +35,8 @@ class Authenticated:
     rand_i: bytes | None
     rand_r: bytes | None
     kms_identity: bytes
-    method: str  # "psk" or "pk"
+    method: str  # "psk", "pk", or "peer" (a peer KMS resolving on behalf of ``identity``)
+    peer: bytes | None = None
 
 
 class PkAuthenticator(Protocol):
@@ -46,6 +55,8 @@ class Deps:
     audit: AuditSink
     policy: KmsPolicy
     pk: PkAuthenticator | None = None
+    peers: PeerResolver | None = None  # federation: reaching the KMS that issued a ticket
+    peer_quota: QuotaLimiter | None = None  # per-peer quotas, keyed by peer KMS id
 
 
 @dataclass
@@ -56,3 +67,5 @@ class Exchange:
     auth: Authenticated | None = None
     response_keys: MessageKeys | None = field(default=None, repr=False)
     audit: dict[str, object] = field(default_factory=dict)
+    correlation_id: str = ""
+    hops: int = 0  # how many KMSs this request has already crossed (gRPC metadata)

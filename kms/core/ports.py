@@ -7,6 +7,7 @@ replay cache and the audit log; tests may use the in-memory ones in ``kms.store.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Protocol
 
 from kms.keystore import KeyRef
@@ -39,6 +40,10 @@ class Directory(Protocol):
         """Authorised application identities (IDRapp); empty: no restriction."""
         ...
 
+    def peer(self, kms_id: bytes) -> PeerKms | None:
+        """A registered peer KMS, None if unknown."""
+        ...
+
 
 class ReplayCache(Protocol):
     """Remembers authenticated initial messages inside the timestamp window."""
@@ -60,7 +65,49 @@ class RateLimiter(Protocol):
     def allow(self, identity: bytes, now: float) -> bool: ...
 
 
+class QuotaLimiter(Protocol):
+    """Rate limits whose rate is given per call (per-peer quotas from the registry)."""
+
+    def allow(self, key: bytes, rate: float, now: float) -> bool: ...
+
+
 class AuditSink(Protocol):
     def emit(self, record: Mapping[str, object]) -> None:
         """Write one structured audit record (never key material)."""
+        ...
+
+
+@dataclass(frozen=True)
+class PeerKms:
+    """A peer KMS (RFC 6043 9) as the core sees it: how to authenticate it, what it may do."""
+
+    kms_id: bytes
+    psk: KeyRef | None  # key shared with the peer, in the token (None: certificate peer)
+    resolve_for: tuple[str, ...] = ()  # identity patterns it may resolve for (issuing side)
+    rate_per_s: float = 0.0  # resolves per second it may ask of us (0: unlimited)
+    deadline_s: float = 2.0  # how long we wait for it
+    kms_id_type: int = 1  # URI
+
+
+class PeerError(Exception):
+    """A forwarded resolve failed. ``kind``: "unavailable" (down, slow, unreachable),
+    "refused" (the peer answered with a refusal) or "invalid" (its answer did not verify)."""
+
+    def __init__(
+        self, kind: str, detail: str, status: str = "", error_message: bytes | None = None
+    ) -> None:
+        super().__init__(detail)
+        self.kind = kind
+        self.detail = detail
+        self.status = status
+        self.error_message = error_message
+
+
+class PeerResolver(Protocol):
+    """Sends a RESOLVE_INIT to the KMS that issued a ticket and returns its RESOLVE_RESP."""
+
+    def forward_resolve(
+        self, peer: PeerKms, wire: bytes, *, correlation_id: str, hops: int
+    ) -> bytes:
+        """Raise PeerError on failure; never hang past ``peer.deadline_s`` (retries included)."""
         ...

@@ -6,8 +6,10 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
+from kms.core.ports import PeerKms
 from kms.keystore import KeyRef
-from kms.store.registry import Registry, TpkState
+from kms.server.home import guess_id_type
+from kms.store.registry import Registry, TpkState, UnknownPeer
 
 TPK_ID_PREFIX = b"tpk/"
 
@@ -62,6 +64,20 @@ class RegistryDirectory:
             if t.version == version and t.state in (TpkState.CURRENT, TpkState.ACTIVE):
                 return KeyRef(t.key_label)
         return None
+
+    def peer(self, kms_id: bytes) -> PeerKms | None:
+        try:
+            p = self.registry.get_peer(kms_id)
+        except UnknownPeer:
+            return None
+        return PeerKms(
+            kms_id=p.kms_id,
+            psk=KeyRef(p.key_label) if p.key_label else None,
+            resolve_for=p.resolve_for,
+            rate_per_s=p.rate_limit,
+            deadline_s=p.deadline_ms / 1000.0,
+            kms_id_type=guess_id_type(p.kms_id),
+        )
 
     def applications(self) -> frozenset[bytes]:
         return frozenset(a.identity for a in self.registry.list_applications())

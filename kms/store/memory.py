@@ -74,6 +74,21 @@ class TokenBucketRateLimiter:
             return ok
 
 
+class PerKeyQuota:
+    """Token buckets whose rate comes with each call (per-peer quotas from the registry)."""
+
+    def __init__(self) -> None:
+        self._limiters: dict[tuple[bytes, float], TokenBucketRateLimiter] = {}
+        self._lock = threading.Lock()
+
+    def allow(self, key: bytes, rate: float, now: float) -> bool:
+        if rate <= 0:
+            return True
+        with self._lock:
+            limiter = self._limiters.setdefault((key, rate), TokenBucketRateLimiter(rate))
+        return limiter.allow(key, now)
+
+
 class ListAuditSink:
     """Keeps audit records in memory (tests, and the in-process benchmark)."""
 

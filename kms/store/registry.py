@@ -164,6 +164,9 @@ class Peer:
     cert_pem: str | None
     ca_pem: str | None
     created_at: int
+    resolve_for: tuple[str, ...] = ()
+    rate_limit: float = 0.0
+    deadline_ms: int = 2000
 
 
 @dataclass(frozen=True)
@@ -231,6 +234,14 @@ MIGRATIONS: Sequence[str] = (
     );
     -- at most one current TPK, enforced by the database rather than by every caller
     CREATE UNIQUE INDEX tpk_one_current ON tpk_versions(state) WHERE state = 'current';
+    """,
+    # 2: federation trust (issue 6): which identities a peer KMS may resolve tickets for
+    # (glob patterns, one per line, e.g. "sip:*@b.example.org"; empty: none), its quota in
+    # resolves per second (0: unlimited) and the deadline for calls to it.
+    """
+    ALTER TABLE peers ADD COLUMN resolve_for TEXT NOT NULL DEFAULT '';
+    ALTER TABLE peers ADD COLUMN rate_limit REAL NOT NULL DEFAULT 0;
+    ALTER TABLE peers ADD COLUMN deadline_ms INTEGER NOT NULL DEFAULT 2000;
     """,
 )
 
@@ -632,8 +643,15 @@ class Registry:
         key_label: str | None = None,
         cert_pem: str | None = None,
         ca_pem: str | None = None,
+        resolve_for: Sequence[str] = (),
+        rate_limit: float = 0.0,
+        deadline_ms: int = 2000,
     ) -> Peer:
         _check_identity(kms_id)
+        if any("\n" in p or not p for p in resolve_for):
+            raise RegistryError("resolve-for patterns must be non-empty single lines")
+        if rate_limit < 0 or deadline_ms <= 0:
+            raise RegistryError("peer rate limit must be >= 0 and deadline > 0")
         auth = PeerAuth(auth)
         if auth is PeerAuth.PSK and key_label is None:
             raise RegistryError("a psk peer needs a key label")
@@ -645,14 +663,38 @@ class Registry:
             now = _now()
             self._q(
                 "INSERT INTO peers (kms_id, address, auth, key_label, cert_pem, ca_pem, "
-                "created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (kms_id, address, auth.value, key_label, cert_pem, ca_pem, now),
+                "created_at, resolve_for, rate_limit, deadline_ms) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    kms_id,
+                    address,
+                    auth.value,
+                    key_label,
+                    cert_pem,
+                    ca_pem,
+                    now,
+                    "\n".join(resolve_for),
+                    float(rate_limit),
+                    int(deadline_ms),
+                ),
             )
-        return Peer(kms_id, address, auth, key_label, cert_pem, ca_pem, now)
+        return Peer(
+            kms_id,
+            address,
+            auth,
+            key_label,
+            cert_pem,
+            ca_pem,
+            now,
+            tuple(resolve_for),
+            float(rate_limit),
+            int(deadline_ms),
+        )
 
     def get_peer(self, kms_id: bytes) -> Peer:
         rows = self._q(
-            "SELECT kms_id, address, auth, key_label, cert_pem, ca_pem, created_at FROM peers "
+            "SELECT kms_id, address, auth, key_label, cert_pem, ca_pem, created_at, resolve_for, "
+            "rate_limit, deadline_ms FROM peers "
             "WHERE kms_id = ?",
             (kms_id,),
         )
@@ -662,7 +704,8 @@ class Registry:
 
     def list_peers(self) -> list[Peer]:
         rows = self._q(
-            "SELECT kms_id, address, auth, key_label, cert_pem, ca_pem, created_at FROM peers "
+            "SELECT kms_id, address, auth, key_label, cert_pem, ca_pem, created_at, resolve_for, "
+            "rate_limit, deadline_ms FROM peers "
             "ORDER BY kms_id"
         )
         return [_peer(r) for r in rows]
@@ -736,4 +779,7 @@ def _peer(r: Any) -> Peer:
         cert_pem=None if r[4] is None else str(r[4]),
         ca_pem=None if r[5] is None else str(r[5]),
         created_at=int(r[6]),
+        resolve_for=tuple(x for x in str(r[7]).split("\n") if x),
+        rate_limit=float(r[8]),
+        deadline_ms=int(r[9]),
     )

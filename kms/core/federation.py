@@ -1,0 +1,191 @@
+"""Federation (RFC 6043 9): resolving a ticket that another KMS issued.
+
+The Responder's KMS authenticates its Responder as usual, then acts as a Responder itself
+toward the issuing KMS: a RESOLVE_INIT_PSK of its own (new CSB ID, T and RANDRr) carrying the
+end Responder's IDRr and the TICKET unchanged, MACed with the key shared with that peer and
+naming itself in IDRpsk. It verifies the issuing KMS's RESOLVE_RESP and re-protects the keys
+for its Responder. Forked keys stay bound to the end Responder's identity, which the issuing
+KMS checks against its trust in this peer (kms.core.authn.authenticate_peer).
+"""
+
+from __future__ import annotations
+
+from kms.core.api import Outcome
+from kms.core.context import Authenticated, Deps, Exchange
+from kms.core.errors import Refusal, denied
+from kms.core.ports import PeerError, PeerKms
+from kms.core.request import fresh_timestamp
+from kms.core.resolve import build_resolve_resp
+from kms.mikey.cipher import CryptoError
+from kms.mikey.compose import check_composition
+from kms.mikey.constants import DataType, ErrorNo, IdRole, KeyDataType, RandRole
+from kms.mikey.derive import KeyDirection
+from kms.mikey.errors import DecodeError
+from kms.mikey.header import EmptyMap, Header
+from kms.mikey.message import Message
+from kms.mikey.payloads import Error, Kemac, KeyData, Payload
+from kms.mikey.protect import (
+    check_mac,
+    idr_of,
+    message_keys,
+    open_kemac,
+    placeholder_v,
+    rand_of,
+    seal_mac,
+    t64_of,
+    timestamp_of,
+)
+from kms.mikey.ticket import Idr, RandR, Ticket, TpFlag
+
+# gRPC status names a peer may answer with, and what the Responder then gets.
+_PEER_STATUS = {
+    "UNAUTHENTICATED": Outcome.DENIED,  # the peer did not accept *us*: a trust problem
+    "PERMISSION_DENIED": Outcome.DENIED,
+    "FAILED_PRECONDITION": Outcome.PRECONDITION,
+    "INVALID_ARGUMENT": Outcome.MALFORMED,
+    "RESOURCE_EXHAUSTED": Outcome.RATE_LIMITED,
+}
+
+
+def _invalid(reason: str) -> Refusal:
+    return Refusal(
+        ErrorNo.UNSPECIFIED,
+        Outcome.UNAVAILABLE,
+        "issuing KMS returned an invalid response",
+        f"peer response rejected: {reason}",
+    )
+
+
+def _peer_error_no(error_message: bytes | None) -> ErrorNo:
+    if error_message:
+        try:
+            err = Message.decode(error_message).first(Error)
+            if err is not None:
+                return ErrorNo(err.error_no)
+        except (DecodeError, ValueError):
+            pass
+    return ErrorNo.UNSPECIFIED
+
+
+def forward_resolve(
+    msg: Message,
+    auth: Authenticated,
+    deps: Deps,
+    ex: Exchange,
+    now: float,
+    ticket: Ticket,
+    issuer: Idr,
+) -> bytes:
+    ex.audit["issuer"] = issuer.data.decode("utf-8", "replace")
+    if auth.method == "peer":
+        # A peer asked us to resolve a ticket we did not issue: never forward again, so
+        # that a routing loop (A -> B -> A) stops at the first hop.
+        raise denied(ErrorNo.INVALID_TICKET, "ticket not issued by this KMS", "no second hop")
+    if ex.hops >= 1:
+        raise denied(ErrorNo.INVALID_TICKET, "federation hop limit reached", "hop limit")
+    peer = deps.directory.peer(issuer.data)
+    if peer is None or deps.peers is None:
+        raise denied(ErrorNo.INVALID_TICKET, "ticket issued by an unknown KMS", "unknown issuer")
+    if peer.psk is None:
+        raise denied(ErrorNo.INVALID_TICKET, "issuing KMS not reachable by PSK", "cert peer")
+    ex.audit["event"] = "ticket.forwarded"
+    ex.audit["peer"] = peer.kms_id.decode("utf-8", "replace")
+    fwd, rand_r = _forwarded_resolve_init(msg, auth, deps, now, ticket, issuer, peer)
+    try:
+        answer = deps.peers.forward_resolve(
+            peer, fwd.wire, correlation_id=ex.correlation_id, hops=ex.hops + 1
+        )
+    except PeerError as exc:
+        if exc.kind == "refused":
+            outcome = _PEER_STATUS.get(exc.status, Outcome.UNAVAILABLE)
+            raise Refusal(
+                _peer_error_no(exc.error_message),
+                outcome,
+                f"issuing KMS refused: {exc.detail}"[:200],
+                f"peer refused ({exc.status}): {exc.detail}",
+            ) from None
+        if exc.kind == "invalid":
+            raise _invalid(exc.detail) from None
+        raise Refusal(
+            ErrorNo.UNSPECIFIED,
+            Outcome.UNAVAILABLE,
+            "issuing KMS unavailable",
+            f"peer unavailable: {exc.detail}",
+        ) from None
+    keys, rand_kms = _verify_peer_answer(answer, fwd, auth, deps, ticket, peer, rand_r)
+    sealed = build_resolve_resp(msg, auth, deps, ex, now, keys, rand_kms, auth.identity.data)
+    ex.audit["event"] = "ticket.resolved"
+    ex.audit["via_peer"] = True
+    ex.audit["forking"] = rand_kms is not None
+    return sealed.wire
+
+
+def _forwarded_resolve_init(
+    msg: Message,
+    auth: Authenticated,
+    deps: Deps,
+    now: float,
+    ticket: Ticket,
+    issuer: Idr,
+    peer: PeerKms,
+) -> tuple[Message, bytes]:
+    """RESOLVE_INIT_PSK = HDR, T, RANDRr, IDRr (end Responder), IDRkms (issuer), TICKET,
+    IDRpsk (this KMS: names the key shared with the issuer), V."""
+    ks = deps.keystore
+    assert peer.psk is not None
+    rand_r = ks.random(32)
+    csb = int.from_bytes(ks.random(4), "big")
+    header = Header(DataType.RESOLVE_INIT_PSK, csb, EmptyMap(0), True, msg.header.prf_func)
+    payloads: list[Payload] = [
+        fresh_timestamp(timestamp_of(msg), now),
+        RandR(RandRole.RANDRR, rand_r),
+        Idr(IdRole.IDRR, auth.identity.id_type, auth.identity.data),
+        Idr(IdRole.IDRKMS, issuer.id_type, issuer.data),
+        ticket,
+        Idr(IdRole.IDRPSK, deps.policy.kms_id_type, deps.policy.kms_id),
+        placeholder_v(auth.suite.mac_alg),
+    ]
+    draft = Message(header, tuple(payloads))
+    keys = message_keys(ks, peer.psk, draft, KeyDirection.INITIAL, None, rand_r, auth.suite)
+    return seal_mac(draft, keys, auth.suite.mac_alg, auth.identity.data + issuer.data), rand_r
+
+
+def _verify_peer_answer(
+    answer: bytes,
+    fwd: Message,
+    auth: Authenticated,
+    deps: Deps,
+    ticket: Ticket,
+    peer: PeerKms,
+    rand_r: bytes,
+) -> tuple[list[KeyData], bytes | None]:
+    """Check the issuing KMS's RESOLVE_RESP like a Responder would (RFC 6043 4.2.3.6), and
+    that forked keys are bound to the end Responder, not to some other identity."""
+    assert peer.psk is not None
+    try:
+        resp = Message.decode(answer)
+        check_composition(resp)
+    except DecodeError as exc:
+        raise _invalid(f"undecodable: {exc}") from None
+    if resp.data_type != DataType.RESOLVE_RESP or resp.header.csb_id != fwd.header.csb_id:
+        raise _invalid("not a RESOLVE_RESP to our RESOLVE_INIT")
+    ks = deps.keystore
+    keys = message_keys(ks, peer.psk, fwd, KeyDirection.RESPONSE, None, rand_r, auth.suite)
+    if not check_mac(resp, keys, auth.suite, fwd.wire):
+        raise _invalid("MAC verification failed")
+    kemac = resp.one(Kemac)
+    try:
+        key_data = list(open_kemac(ks, kemac, keys, resp.header.csb_id, t64_of(resp)))
+    except CryptoError:
+        raise _invalid("KEMAC cannot be decrypted") from None
+    forking = bool(ticket.policy.flags & TpFlag.I)
+    mpks = [k for k in key_data if k.key_type == KeyDataType.MPK]
+    if len(mpks) != (2 if forking else 1) or key_data[: len(mpks)] != mpks:
+        raise _invalid("KEMAC does not start with MPKi [and MPKr']")
+    rand_kms = None
+    if forking:
+        bound = idr_of(resp, IdRole.IDRR)
+        rand_kms = rand_of(resp, RandRole.RANDRKMS)
+        if bound is None or bound.data != auth.identity.data or rand_kms is None:
+            raise _invalid("forked keys not bound to the resolving Responder")
+    return key_data, rand_kms
