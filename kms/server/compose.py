@@ -3,14 +3,18 @@ key store, registry, replay cache and audit sink implementations)."""
 
 from __future__ import annotations
 
+from cryptography.hazmat.primitives.serialization import Encoding
+
 from kms.core.api import KmsHandler
 from kms.core.context import Deps, PkAuthenticator
+from kms.core.pk import CertificateAuthenticator, EnvelopeKey, load_pem_certificates
 from kms.core.policy import Forking, KmsPolicy
 from kms.core.service import Kms
+from kms.keystore import KeyRef
 from kms.mikey.constants import KeyDataType
 from kms.server.config import KmsConfig
 from kms.server.directory import RegistryDirectory
-from kms.server.home import Home, guess_id_type
+from kms.server.home import CERT_FILE, ENVELOPE_LABEL, Home, HomeError, guess_id_type
 from kms.store.audit import JsonLinesAuditSink
 from kms.store.memory import TokenBucketRateLimiter
 from kms.store.state import SqliteReplayCache, SqliteResolveLedger
@@ -57,4 +61,21 @@ def build_handler(home: Home, pk: PkAuthenticator | None = None) -> KmsHandler:
         policy=kms_policy(config),
         pk=pk,
     )
+    if pk is None and config.pk.ca_bundle is not None:
+        # REQUEST_INIT_PK / RESOLVE_INIT_PK (RFC 6043 4.2.1.1, 4.2.3.1): endpoint
+        # certificates chain to the [pk] ca_bundle; PKE is encrypted to the envelope key,
+        # whose certificate (kms-cert.pem) CHASH names (reference 9).
+        try:
+            roots = load_pem_certificates(config.pk.ca_bundle.read_bytes())
+            kms_cert = load_pem_certificates((config.home / CERT_FILE).read_bytes())[0]
+            authenticator = CertificateAuthenticator(
+                deps,
+                roots,
+                [EnvelopeKey(KeyRef(ENVELOPE_LABEL), kms_cert.public_bytes(Encoding.DER))],
+                pke_padding=config.pk.rsa_padding,
+            )
+            authenticator.check_envelope_keys()
+        except (OSError, ValueError) as exc:
+            raise HomeError(f"[pk] cannot be enabled: {exc}") from None
+        deps.pk = authenticator
     return Kms(deps)

@@ -1,0 +1,316 @@
+"""Public-key authentication of REQUEST_INIT_PK and RESOLVE_INIT_PK (RFC 6043 4.2.1.1,
+4.2.3.1; RFC 3830 3.2, 4.2.5; reference 5.1, 8, 9, 14.5, 14.7-14.8).
+
+REQUEST_INIT_PK = HDR, T, RANDRi, [IDRi], {CERTi}, [IDRkms], TP, [CHASH], PKE, SIGNi
+RESOLVE_INIT_PK = HDR, T, RANDRr, [IDRr], {CERTr}, [IDRkms], TICKET, [CHASH], PKE, SIGNr
+
+The sender proves its identity with a certificate chain (own certificate first, each next
+one certifying the previous, RFC 6043 6.7) and the SIGN payload; PKE carries a fresh
+envelope key (env_key) encrypted to one of the KMS's RSA keys, and the KMS protects its
+response with keys derived from env_key (RFC 6043 5.1.2, label type 0x02).
+
+Order of the checks (every step before the PKE is pure software; the token is touched only
+for a message whose signature verified and whose timestamp is fresh):
+
+1. PRF func and IDRkms (as for PSK messages: Identity_kms is part of the signed data);
+2. certificate chain against the configured CA bundle -> ERR Invalid Cert (8);
+3. identity binding: the certificate's subjectAltName URI equals IDRi / IDRr byte for byte
+   (reference 14.8), or becomes the identity when the IDR is omitted (14.7) -> Auth failure;
+4. SIGN over the message up to the Signature field || Identity_i/r || Identity_kms
+   (reference 8), S type 0 RSASSA-PKCS1-v1_5 or 1 RSASSA-PSS, SHA-256 unless configured
+   (14.5) -> Auth failure;
+5. timestamp window (RFC 3830 5.4; now authenticated by SIGN) -> Invalid TS;
+6. CHASH selects the envelope key (hash of that key's certificate) -> Auth failure;
+7. PKE decrypted in the token (PKCS#1 v1.5 or OAEP-SHA1 per configuration, 14.5); every
+   PKE failure, including a too short env_key, is the same opaque Auth failure;
+8. only then rate limit and replay cache (:func:`kms.core.authn.admit`), so unauthenticated
+   messages never build state in the KMS.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import hmac
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from cryptography.hazmat.primitives.serialization import load_der_public_key
+from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
+
+from kms.core.api import Outcome
+from kms.core.authn import admit, check_kms_identity, check_timestamp, message_suite
+from kms.core.context import Authenticated, Deps
+from kms.core.errors import Refusal, auth_failure, malformed
+from kms.keystore import InvalidSealedData, KeyRef, RsaPadding
+from kms.mikey.constants import CertType, ErrorNo, HashFunc, IdRole, IdType, RandRole, SignType
+from kms.mikey.coverage import initial_mac_input
+from kms.mikey.message import Message
+from kms.mikey.payloads import Cert, Chash, Pke, Sign
+from kms.mikey.protect import idr_of, rand_of
+from kms.mikey.ticket import Idr
+
+ENV_KEY_MIN_BYTES = 16  # RFC 6043 12.1: keys of at least 128 bits
+MAX_CHAIN_CERTS = 8  # CERT payloads accepted in one message (own certificate included)
+
+# CERT types that carry a DER X.509v3 certificate (RFC 3830 T6.7.b); URLs are not fetched.
+_DER_CERT_TYPES = frozenset({CertType.X509V3, CertType.X509V3_SIGN})
+
+
+class SignHash(StrEnum):
+    """The hash under SIGN, which MIKEY does not signal (reference 9, 14.5): SHA-256 by
+    project default; SHA-1 (RFC 3830 4.2.1's mandatory hash) where a profile asks for it."""
+
+    SHA256 = "sha256"
+    SHA1 = "sha1"
+
+    def algorithm(self) -> hashes.HashAlgorithm:
+        if self is SignHash.SHA256:
+            return hashes.SHA256()
+        return hashes.SHA1()  # noqa: S303 - only where a deployment profile selects it
+
+
+def chash_digest(hash_func: int, cert_der: bytes) -> bytes | None:
+    """CHASH value of a certificate (RFC 3830 6.8, RFC 6043 T6.12); None for MD5/unknown."""
+    if hash_func == HashFunc.SHA_256:
+        return hashlib.sha256(cert_der).digest()
+    if hash_func == HashFunc.SHA_1:
+        return hashlib.sha1(cert_der, usedforsecurity=False).digest()
+    return None
+
+
+@dataclass(frozen=True)
+class EnvelopeKey:
+    """An RSA key of the KMS that endpoints encrypt env_key to, and its certificate (DER),
+    which CHASH names (reference 9)."""
+
+    key: KeyRef
+    cert_der: bytes = field(repr=False)
+
+
+def load_pem_certificates(data: bytes) -> list[x509.Certificate]:
+    """Every certificate of a PEM bundle; ValueError if there is none or one is malformed."""
+    certs = x509.load_pem_x509_certificates(data)
+    if not certs:  # pragma: no cover - cryptography already refuses an empty bundle
+        raise ValueError("no certificate in the PEM data")
+    return certs
+
+
+def invalid_cert(reason: str) -> Refusal:
+    """RFC 3830 T6.12 error 8: the sender's certificate is not acceptable. Certificates are
+    public, so saying so helps an honest sender and no attacker."""
+    return Refusal(
+        ErrorNo.INVALID_CERT, Outcome.UNAUTHENTICATED, "certificate not accepted", reason
+    )
+
+
+class CertificateAuthenticator:
+    """:class:`kms.core.context.PkAuthenticator` over X.509 certificates, SIGN and PKE.
+
+    ``deps`` is read at call time (key store, policy, rate limiter, replay cache), so the
+    composition root can create it before it stores it in ``deps.pk``. ``envelope_keys``:
+    the first one is used when the message has no CHASH.
+    """
+
+    def __init__(
+        self,
+        deps: Deps,
+        roots: Sequence[x509.Certificate],
+        envelope_keys: Sequence[EnvelopeKey],
+        *,
+        pke_padding: RsaPadding = RsaPadding.PKCS1V15,
+        sign_hash: SignHash = SignHash.SHA256,
+    ) -> None:
+        if not roots:
+            raise ValueError("the CA bundle holds no certificate")
+        if not envelope_keys:
+            raise ValueError("at least one envelope key is needed")
+        self._deps = deps
+        self._store = Store(list(roots))
+        self._envelope_keys = tuple(envelope_keys)
+        self.pke_padding = RsaPadding(pke_padding)
+        self.sign_hash = SignHash(sign_hash)
+
+    def check_envelope_keys(self) -> None:
+        """Each envelope certificate must certify the key the token holds under its label
+        (a mismatch would make every PK request fail as an opaque PKE failure)."""
+        for env in self._envelope_keys:
+            cert = x509.load_der_x509_certificate(env.cert_der)
+            token_key = load_der_public_key(self._deps.keystore.public_key_der(env.key))
+            if cert.public_key() != token_key:
+                raise ValueError(f"the certificate for {env.key} does not match its key")
+
+    # --- PkAuthenticator ------------------------------------------------------------------
+
+    def authenticate(self, msg: Message, now: float, role: int) -> Authenticated:
+        deps = self._deps
+        id_role = IdRole(role)
+        if id_role not in (IdRole.IDRI, IdRole.IDRR):
+            raise ValueError("role must be IDRi (Ticket Request) or IDRr (Ticket Resolve)")
+        suite = message_suite(msg)
+        kms_id = check_kms_identity(msg, deps)
+
+        leaf = self._validate_chain(msg, now)
+        identity = _bind_identity(msg, id_role, leaf)
+        self._verify_signature(msg, leaf, identity.data, kms_id)
+
+        check_timestamp(msg, deps, now)
+        env_key = self._open_envelope(msg)
+
+        rand_role = RandRole.RANDRI if id_role == IdRole.IDRI else RandRole.RANDRR
+        rand = rand_of(msg, rand_role)
+        if rand is None:  # pragma: no cover - the composition check requires it
+            raise malformed("missing RANDR")
+        rand_i, rand_r = (rand, None) if id_role == IdRole.IDRI else (None, rand)
+        auth = Authenticated(identity, env_key, suite, rand_i, rand_r, kms_id, "pk")
+        admit(msg, deps, now, identity.data)
+        return auth
+
+    # --- steps --------------------------------------------------------------------------
+
+    def _validate_chain(self, msg: Message, now: float) -> x509.Certificate:
+        """CERTi / CERTr: own certificate first, each next one certifying the previous
+        (RFC 6043 6.7, reference 5.1), ending at (or issued by) a CA of the bundle.
+
+        Path validation is cryptography's X.509 verifier with its client (end-entity)
+        profile: RFC 5280 chain building, signatures, validity periods at ``now``,
+        basicConstraints / pathLen, keyUsage on CAs, name constraints and the CA/B-style
+        algorithm floor (RSA >= 2048, no SHA-1 certificate signatures).
+        """
+        payloads = msg.all(Cert)
+        if not payloads:
+            # The KMS does not know certificates out of band, so CERT is required here.
+            raise invalid_cert("no certificate in the message")
+        if len(payloads) > MAX_CHAIN_CERTS:
+            raise invalid_cert(f"more than {MAX_CHAIN_CERTS} certificates")
+        certs: list[x509.Certificate] = []
+        for p in payloads:
+            if p.cert_type not in _DER_CERT_TYPES:
+                raise invalid_cert(f"CERT type {p.cert_type} not supported")
+            try:
+                certs.append(x509.load_der_x509_certificate(p.data))
+            except ValueError:
+                raise invalid_cert("undecodable certificate") from None
+        for child, parent in itertools.pairwise(certs):
+            try:
+                child.verify_directly_issued_by(parent)
+            except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
+                raise invalid_cert("CERT payloads do not form a chain in order") from None
+        verifier = (
+            PolicyBuilder()
+            .store(self._store)
+            .time(dt.datetime.fromtimestamp(now, dt.UTC))
+            .build_client_verifier()
+        )
+        leaf = certs[0]
+        try:
+            verifier.verify(leaf, certs[1:])
+        except VerificationError as exc:
+            raise invalid_cert(f"certificate path not valid: {_one_line(exc)}") from None
+        try:
+            key = leaf.public_key()
+        except (ValueError, UnsupportedAlgorithm):  # pragma: no cover - verifier parsed it
+            raise invalid_cert("unusable public key") from None
+        if not isinstance(key, rsa.RSAPublicKey):
+            # RFC 3830 T6.5: SIGN is defined for RSA only.
+            raise invalid_cert("certificate key is not RSA")
+        try:
+            usage = leaf.extensions.get_extension_for_class(x509.KeyUsage).value
+        except x509.ExtensionNotFound:
+            usage = None
+        if usage is not None and not usage.digital_signature:
+            raise invalid_cert("certificate keyUsage does not allow digitalSignature")
+        return leaf
+
+    def _verify_signature(
+        self, msg: Message, leaf: x509.Certificate, identity: bytes, kms_id: bytes
+    ) -> None:
+        """SIGNi / SIGNr over the message up to the Signature field || Identity_i/r ||
+        Identity_kms (RFC 6043 5.4, reference 8)."""
+        sign = msg.payloads[-1]
+        if not isinstance(sign, Sign):  # pragma: no cover - the composition check requires it
+            raise malformed("the last payload must be SIGN")
+        key = leaf.public_key()
+        assert isinstance(key, rsa.RSAPublicKey)  # _validate_chain checked it
+        algorithm = self.sign_hash.algorithm()
+        scheme: padding.AsymmetricPadding
+        if sign.sign_type == SignType.RSA_PKCS1_V1_5:
+            scheme = padding.PKCS1v15()
+        elif sign.sign_type == SignType.RSA_PSS:
+            # The salt length is not signalled in MIKEY: accept what the signer chose.
+            scheme = padding.PSS(mgf=padding.MGF1(algorithm), salt_length=padding.PSS.AUTO)
+        else:
+            raise auth_failure(f"SIGN S type {sign.sign_type} not supported")
+        try:
+            data = initial_mac_input(msg, identity, kms_id)
+            key.verify(sign.signature, data, scheme, algorithm)
+        except InvalidSignature:
+            raise auth_failure("signature verification failed") from None
+
+    def _envelope_key(self, msg: Message) -> EnvelopeKey:
+        """CHASH names the KMS certificate (hence key) the PKE is encrypted to (RFC 3830
+        6.8, reference 9); without CHASH the first envelope key is meant."""
+        chash = msg.first(Chash)
+        if chash is None:
+            return self._envelope_keys[0]
+        for env in self._envelope_keys:
+            digest = chash_digest(chash.hash_func, env.cert_der)
+            if digest is None:
+                raise Refusal(
+                    ErrorNo.INVALID_HA,
+                    Outcome.UNAUTHENTICATED,
+                    "CHASH hash function not supported",
+                )
+            if hmac.compare_digest(digest, chash.digest):
+                return env
+        raise auth_failure("CHASH names no envelope key of this KMS")
+
+    def _open_envelope(self, msg: Message) -> bytes:
+        """PKE = E(KMS public key, env_key) (RFC 3830 4.2.5, reference 9). The C field only
+        allows the receiver to cache env_key; the KMS never does, so any value is fine.
+        Every failure is the same Auth failure to the sender (reference 14.5)."""
+        env = self._envelope_key(msg)
+        pke = msg.one(Pke)
+        try:
+            env_key = self._deps.keystore.rsa_decrypt(env.key, pke.data, self.pke_padding)
+        except InvalidSealedData:
+            raise auth_failure("PKE cannot be decrypted") from None
+        if len(env_key) < ENV_KEY_MIN_BYTES:
+            raise auth_failure("PKE envelope key shorter than 128 bits")
+        return env_key
+
+
+def _bind_identity(msg: Message, role: IdRole, leaf: x509.Certificate) -> Idr:
+    """The sender's identity: IDRi / IDRr must be one of the certificate's subjectAltName
+    URIs (exact bytes, reference 14.8); without the IDR, the certificate's single URI is the
+    identity (14.7)."""
+    try:
+        san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        uris = [u.encode("utf-8") for u in san.get_values_for_type(x509.UniformResourceIdentifier)]
+    except x509.ExtensionNotFound:
+        uris = []
+    if not uris:
+        raise invalid_cert("certificate has no subjectAltName URI")
+    idr = idr_of(msg, role)
+    if idr is None:
+        if len(uris) != 1:
+            raise Refusal(
+                ErrorNo.INVALID_ID,
+                Outcome.UNAUTHENTICATED,
+                "sender identity missing",
+                "no IDR and the certificate names several URIs",
+            )
+        return Idr(role, IdType.URI, uris[0])
+    if idr.data not in uris:
+        raise auth_failure("the certificate does not certify the sender's IDR")
+    return Idr(role, idr.id_type, idr.data)
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:200]
