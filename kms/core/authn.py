@@ -87,9 +87,9 @@ def authenticate_psk(
     kms_id = check_kms_identity(msg, deps)
     psk = deps.directory.psk_for(identity.data)
     if psk is None:
-        raise Refusal(
-            ErrorNo.INVALID_ID, Outcome.UNAUTHENTICATED, "authentication failed", "unknown identity"
-        )
+        # Answered exactly like a wrong MAC: an "Invalid ID" here would tell anyone which
+        # identities are registered. The audit log keeps the real reason.
+        raise auth_failure("unknown identity")
     check_timestamp(msg, deps, now)
     rand_role = RandRole.RANDRI if role == IdRole.IDRI else RandRole.RANDRR
     rand = rand_of(msg, rand_role)

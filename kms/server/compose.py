@@ -9,6 +9,7 @@ from kms.core.api import KmsHandler
 from kms.core.context import Deps, PkAuthenticator
 from kms.core.pk import CertificateAuthenticator, EnvelopeKey, load_pem_certificates
 from kms.core.policy import Forking, KmsPolicy
+from kms.core.ports import PeerResolver
 from kms.core.service import Kms
 from kms.keystore import KeyRef
 from kms.mikey.constants import KeyDataType
@@ -16,7 +17,7 @@ from kms.server.config import KmsConfig
 from kms.server.directory import RegistryDirectory
 from kms.server.home import CERT_FILE, ENVELOPE_LABEL, Home, HomeError, guess_id_type
 from kms.store.audit import JsonLinesAuditSink
-from kms.store.memory import TokenBucketRateLimiter
+from kms.store.memory import PerKeyQuota, TokenBucketRateLimiter
 from kms.store.state import SqliteReplayCache, SqliteResolveLedger
 
 STATE_DIR = "state"
@@ -46,7 +47,9 @@ def kms_policy(config: KmsConfig) -> KmsPolicy:
     )
 
 
-def build_handler(home: Home, pk: PkAuthenticator | None = None) -> KmsHandler:
+def build_handler(
+    home: Home, pk: PkAuthenticator | None = None, peers: PeerResolver | None = None
+) -> KmsHandler:
     """The KMS core wired to this home's token, registry and stores."""
     config = home.config
     state = config.home / STATE_DIR
@@ -60,6 +63,8 @@ def build_handler(home: Home, pk: PkAuthenticator | None = None) -> KmsHandler:
         audit=JsonLinesAuditSink(config.home / AUDIT_LOG),
         policy=kms_policy(config),
         pk=pk,
+        peers=peers,
+        peer_quota=PerKeyQuota(),
     )
     if pk is None and config.pk.ca_bundle is not None:
         # REQUEST_INIT_PK / RESOLVE_INIT_PK (RFC 6043 4.2.1.1, 4.2.3.1): endpoint

@@ -105,6 +105,7 @@ class KmsServicer:
         self._clock = clock
         self._inflight = 0
         self._idle = threading.Condition()
+        self._draining = False
 
     # The method names are the proto's (the generated registration looks them up).
     def RequestTicket(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
@@ -117,6 +118,10 @@ class KmsServicer:
     def inflight(self) -> int:
         with self._idle:
             return self._inflight
+
+    def start_draining(self) -> None:
+        with self._idle:
+            self._draining = True
 
     def wait_idle(self, timeout: float) -> bool:
         """Wait until no call is being handled; False on timeout."""
@@ -131,6 +136,10 @@ class KmsServicer:
         context: grpc.ServicerContext,
     ) -> Any:
         with self._idle:
+            if self._draining:
+                # Between NOT_SERVING and the server refusing connections, calls that still
+                # arrive are refused here, so that none starts after draining began.
+                context.abort(grpc.StatusCode.UNAVAILABLE, "server is shutting down")
             self._inflight += 1
         started = time.monotonic()
         cid = correlation_id(context.invocation_metadata())
@@ -277,6 +286,7 @@ class KmsServer:
         watches. So the wait is for the KMS calls only, and the rest is cancelled after.
         """
         deadline = time.monotonic() + grace
+        self.servicer.start_draining()  # before NOT_SERVING: a client that saw it is refused
         self.health.enter_graceful_shutdown()  # watchers see NOT_SERVING now
         stopped = self._server.stop(grace)
         clean = self.servicer.wait_idle(deadline - time.monotonic())

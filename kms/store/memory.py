@@ -63,7 +63,8 @@ class TokenBucketRateLimiter:
             return True
         with self._lock:
             tokens, last = self._buckets.get(identity, (self.burst, now))
-            tokens = min(self.burst, tokens + (now - last) * self.rate)
+            # A clock stepping back must not take tokens away (max 0).
+            tokens = min(self.burst, tokens + max(0.0, now - last) * self.rate)
             ok = tokens >= 1.0
             if ok:
                 tokens -= 1.0
