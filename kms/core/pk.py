@@ -45,7 +45,7 @@ from cryptography.hazmat.primitives.serialization import load_der_public_key
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
 from kms.core.api import Outcome
-from kms.core.authn import admit, check_kms_identity, check_timestamp, message_suite
+from kms.core.authn import check_kms_identity, check_timestamp, message_suite
 from kms.core.context import Authenticated, Deps
 from kms.core.errors import Refusal, auth_failure, malformed
 from kms.keystore import InvalidSealedData, KeyRef, RsaPadding
@@ -168,9 +168,9 @@ class CertificateAuthenticator:
         if rand is None:  # pragma: no cover - the composition check requires it
             raise malformed("missing RANDR")
         rand_i, rand_r = (rand, None) if id_role == IdRole.IDRI else (None, rand)
-        auth = Authenticated(identity, env_key, suite, rand_i, rand_r, kms_id, "pk")
-        admit(msg, deps, now, identity.data)
-        return auth
+        # The service admits it (rate limit, replay cache) once it has recorded the
+        # authentication, so that those refusals are MACed with env_key like any other.
+        return Authenticated(identity, env_key, suite, rand_i, rand_r, kms_id, "pk")
 
     # --- steps --------------------------------------------------------------------------
 

@@ -10,7 +10,7 @@ import logging
 from collections.abc import Callable
 
 from kms.core.api import KmsReply, Outcome
-from kms.core.authn import authenticate_peer, authenticate_psk, forwarding_peer
+from kms.core.authn import admit, authenticate_peer, authenticate_psk, forwarding_peer
 from kms.core.context import Authenticated, Deps, Exchange
 from kms.core.errors import Refusal, malformed
 from kms.core.request import fresh_timestamp, handle_request
@@ -77,6 +77,8 @@ class Kms:
             )
         auth = self.deps.pk.authenticate(msg, now, role)
         ex.auth = auth
+        ex.audit["sender"] = auth.identity.data.decode("utf-8", "replace")
+        admit(msg, self.deps, now, auth.identity.data)
         return auth
 
     def _handle(

@@ -433,7 +433,10 @@ def test_stale_timestamp_and_replay(pk_world: PkWorld) -> None:
     assert pk_world.counting.rsa_decrypts == 0  # authentic but stale: token untouched
     wire, _ = ini.request_ticket(DesiredPolicy(responders=(BOB,)), pk_world.now)
     assert pk_world.request(wire).ok
-    assert_refused(pk_world.request(wire), ErrorNo.INVALID_TS, Outcome.PRECONDITION)
+    replayed = assert_refused(pk_world.request(wire), ErrorNo.INVALID_TS, Outcome.PRECONDITION)
+    # The replay is authentic (signature, PKE): its refusal is MACed like a response would be.
+    assert replayed.first(Verification) is not None
+    assert pk_world.world.audit()[-1]["sender"] == ALICE.decode()
 
 
 def test_refusal_after_authentication_is_maced_with_env_key(pk_world: PkWorld) -> None:
