@@ -112,6 +112,23 @@ class PkSettings:
 
 
 @dataclass(frozen=True)
+class FederationSettings:
+    """``[federation]``: how this KMS calls peer KMSs (RFC 6043 9) to resolve their tickets.
+
+    Mutual TLS by default: the client certificate is ``client_cert``/``client_key``, else the
+    server's own ``[server] tls_cert``/``tls_key``; the peer's server certificate is checked
+    against the CA given with ``kms peer add --ca``. Plaintext only to loopback peers
+    registered without a CA, and only with ``allow_plaintext = true`` (tests, one-host demos).
+    """
+
+    client_cert: Path | None = None
+    client_key: Path | None = None
+    allow_plaintext: bool = False
+    max_retries: int = 1  # extra attempts, on UNAVAILABLE only, inside the peer's deadline
+    default_deadline_ms: int = 2000  # for `kms peer add` without --deadline-ms
+
+
+@dataclass(frozen=True)
 class KmsConfig:
     """The whole of kms.toml; paths are absolute (relative ones resolved against ``home``)."""
 
@@ -121,6 +138,7 @@ class KmsConfig:
     server: ServerSettings = field(default_factory=ServerSettings)
     policy: PolicySettings = field(default_factory=PolicySettings)
     pk: PkSettings = field(default_factory=PkSettings)
+    federation: FederationSettings = field(default_factory=FederationSettings)
 
     @property
     def kms_id_bytes(self) -> bytes:
@@ -233,7 +251,7 @@ def parse_config(text: str, home: Path) -> KmsConfig:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{CONFIG_FILE}: not valid TOML: {exc}") from None
-    unknown = sorted(set(doc) - {"kms", "token", "server", "policy", "pk"})
+    unknown = sorted(set(doc) - {"kms", "token", "server", "policy", "pk", "federation"})
     if unknown:
         raise ConfigError(f"{CONFIG_FILE}: [{unknown[0]}]: unknown section")
 
@@ -252,8 +270,34 @@ def parse_config(text: str, home: Path) -> KmsConfig:
         pke_padding=pk.choice("pke_padding", RsaPadding.PKCS1V15.value, PKE_PADDINGS),
     )
     return KmsConfig(
-        home=home, kms_id=kms_id, token=token, server=server, policy=policy, pk=pk_settings
+        home=home,
+        kms_id=kms_id,
+        token=token,
+        server=server,
+        policy=policy,
+        pk=pk_settings,
+        federation=_parse_federation(doc, home),
     )
+
+
+def _parse_federation(doc: Mapping[str, Any], home: Path) -> FederationSettings:
+    sec = _Section(
+        "federation",
+        doc.get("federation"),
+        home,
+        ("client_cert", "client_key", "allow_plaintext", "max_retries", "default_deadline_ms"),
+    )
+    settings = FederationSettings(
+        client_cert=sec.path("client_cert"),
+        client_key=sec.path("client_key"),
+        allow_plaintext=sec.boolean("allow_plaintext", False),
+        max_retries=sec.integer("max_retries", 1, 0, 5),
+        default_deadline_ms=sec.integer("default_deadline_ms", 2000, 1, 60_000),
+    )
+    if (settings.client_cert is None) != (settings.client_key is None):
+        missing = "client_key" if settings.client_key is None else "client_cert"
+        raise sec.error(missing, "client_cert and client_key must be given together")
+    return settings
 
 
 def _parse_token(doc: Mapping[str, Any], home: Path) -> TokenSettings:
@@ -454,6 +498,17 @@ def render_config(
         '# ca_bundle = "endpoint-ca.pem"  # CA certificates for CERTi / CERTr',
         '# "pkcs1v15" (RFC 3830 mandatory) or "oaep-sha1"',
         f"pke_padding = {_toml_str(PkSettings.pke_padding)}",
+        "",
+        "[federation]",
+        "# Calls to peer KMSs (`kms peer add`): mutual TLS, the peer checked against its --ca.",
+        '# client_cert = "federation.pem"  # default: [server] tls_cert',
+        '# client_key = "federation.key"   # default: [server] tls_key',
+        "# Plaintext to loopback peers registered without --ca (tests, one-host demos only).",
+        "allow_plaintext = false",
+        "# Extra attempts when a peer is unreachable (inside its deadline).",
+        f"max_retries = {FederationSettings.max_retries}",
+        "# Deadline for `kms peer add` without --deadline-ms.",
+        f"default_deadline_ms = {FederationSettings.default_deadline_ms}",
         "",
     ]
     return "\n".join(lines)

@@ -21,6 +21,7 @@ the handler is blocking code (PKCS#11 calls release the GIL).
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import threading
@@ -48,6 +49,10 @@ ERROR_TRAILER = "mikey-error-bin"
 # anything near this limit is not a request we want to spend token time on.
 MAX_REQUEST_BYTES = 64 * 1024
 MAX_CORRELATION_ID = 64
+# RFC 6043 9 federation: how many KMSs a ResolveTicket already crossed (set by the forwarding
+# KMS). Bounded: a garbled or absurd value counts as "too many", so it is never forwarded.
+HOPS_KEY = "mikey-hops"
+MAX_HOPS = 8
 MAX_DETAIL = 256
 INTERNAL_DETAIL = "internal error"
 # Threads per process. maximum_concurrent_rpcs is set to the same number so that a call the
@@ -91,6 +96,17 @@ def correlation_id(metadata: Sequence[Any] | None) -> str:
     return uuid.uuid4().hex
 
 
+def peer_hops(metadata: Sequence[Any] | None) -> int:
+    """``mikey-hops`` as an int in 0..MAX_HOPS; 0 when absent, MAX_HOPS when unparsable."""
+    for item in metadata or ():
+        if item[0] == HOPS_KEY:
+            value = item[1]
+            if isinstance(value, str) and re.fullmatch(r"[0-9]{1,3}", value):
+                return min(int(value), MAX_HOPS)
+            return MAX_HOPS
+    return 0
+
+
 def one_line(text: str) -> str:
     """``details`` as promised: one line, bounded."""
     text = _CONTROL.sub(" ", text).strip()
@@ -112,7 +128,11 @@ class KmsServicer:
         return self._call("RequestTicket", self._handler.request_ticket, request, context)
 
     def ResolveTicket(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
-        return self._call("ResolveTicket", self._handler.resolve_ticket, request, context)
+        fn: Callable[..., KmsReply] = self._handler.resolve_ticket
+        hops = peer_hops(context.invocation_metadata())
+        if hops:  # only then: handlers without federation need not know the keyword
+            fn = functools.partial(fn, hops=hops)
+        return self._call("ResolveTicket", fn, request, context)
 
     @property
     def inflight(self) -> int:
@@ -313,5 +333,6 @@ __all__ = [
     "KmsServicer",
     "ServerError",
     "correlation_id",
+    "peer_hops",
     "tls_credentials",
 ]

@@ -62,6 +62,8 @@ from kms.store.registry import (
     Endpoint,
     IdType,
     InvalidTpkState,
+    Peer,
+    PeerAuth,
     Registry,
     RegistryError,
     TpkState,
@@ -259,6 +261,62 @@ class Home:
             with contextlib.suppress(KeyNotFound):  # already gone: nothing to destroy
                 ks.delete(endpoint.key_label)
         return endpoint
+
+    # --- peers (federation, RFC 6043 9) --------------------------------------------------
+    def add_peer(
+        self,
+        kms_id: bytes,
+        address: str,
+        *,
+        psk: bytes | None = None,
+        cert_pem: str | None = None,
+        ca_pem: str | None = None,
+        resolve_for: tuple[str, ...] = (),
+        rate_limit: float = 0.0,
+        deadline_ms: int = 2000,
+    ) -> Peer:
+        """Register a peer KMS; its PSK (when given) goes into the token like an endpoint's,
+        under peer_label(kms_id), all or nothing with the registry row."""
+        if psk is not None and not PSK_MIN_BYTES <= len(psk) <= PSK_MAX_BYTES:
+            raise HomeError(
+                f"PSK must be {PSK_MIN_BYTES}..{PSK_MAX_BYTES} bytes, got {len(psk)}"
+            )
+        if kms_id == self.config.kms_id_bytes:
+            raise HomeError("a KMS cannot be its own peer")
+        auth = PeerAuth.PSK if psk is not None else PeerAuth.CERT
+        if psk is None:
+            return self.registry.add_peer(
+                kms_id, address, auth, cert_pem=cert_pem, ca_pem=ca_pem,
+                resolve_for=resolve_for, rate_limit=rate_limit, deadline_ms=deadline_ms,
+            )  # fmt: skip
+        ks = self.keystore()
+        created: str | None = None
+        try:
+            with self.registry.transaction():
+                label = peer_label(kms_id)
+                peer = self.registry.add_peer(
+                    kms_id, address, auth, key_label=label, cert_pem=cert_pem, ca_pem=ca_pem,
+                    resolve_for=resolve_for, rate_limit=rate_limit, deadline_ms=deadline_ms,
+                )  # fmt: skip
+                self._create(label, lambda: ks.import_secret(label, psk))
+                created = label
+        except BaseException:
+            self._undo_create(ks, created)
+            raise
+        return peer
+
+    def remove_peer(self, kms_id: bytes) -> Peer:
+        """Unregister a peer KMS and destroy the key shared with it."""
+        peer = self.registry.get_peer(kms_id)  # UnknownPeer before the token is opened
+        if peer.key_label is None:
+            return self.registry.remove_peer(kms_id)
+        ks = self.keystore()
+        with self.registry.transaction():
+            peer = self.registry.remove_peer(kms_id)
+            if peer.key_label is not None:
+                with contextlib.suppress(KeyNotFound):
+                    ks.delete(peer.key_label)
+        return peer
 
     # --- TPK ----------------------------------------------------------------------------
     def rotate_tpk(self) -> TpkVersion:

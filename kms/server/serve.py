@@ -46,6 +46,7 @@ from typing import Any
 from kms.keystore import KeyStoreError
 from kms.server.compose import build_handler
 from kms.server.config import CONFIG_FILE, ConfigError, is_loopback, load_config, split_listen
+from kms.server.federation import FederationConfigError, GrpcPeerResolver
 from kms.server.grpc_server import DEFAULT_THREADS, KmsServer, ServerError, tls_credentials
 from kms.server.home import HomeError, init_home, open_home
 from kms.store.registry import RegistryError
@@ -66,7 +67,8 @@ class ServeError(Exception):
 
 # What an operator can cause and fix (printed as one line, no traceback).
 EXPECTED_ERRORS = (
-    ServeError, ServerError, HomeError, ConfigError, RegistryError, KeyStoreError, OSError
+    ServeError, ServerError, HomeError, ConfigError, RegistryError, KeyStoreError, OSError,
+    FederationConfigError,
 )
 
 
@@ -267,8 +269,11 @@ def serve_once(
 
     home = open_home(plan.home)
     handler: Any = None
+    peers: GrpcPeerResolver | None = None
     try:
-        handler = build_handler(home)
+        # RFC 6043 9: tickets issued by a peer KMS are resolved by asking it (per process).
+        peers = GrpcPeerResolver.from_config(home.config, home.registry.path)
+        handler = build_handler(home, peers=peers)
         server = KmsServer(
             handler,
             plan.listen,
@@ -298,6 +303,8 @@ def serve_once(
         if callable(close):
             with contextlib.suppress(Exception):
                 close()
+        if peers is not None:
+            peers.close()
         home.close()
 
 
