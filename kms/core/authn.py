@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+from dataclasses import replace
 
 from kms.core.api import Outcome
 from kms.core.context import Authenticated, Deps, Exchange
 from kms.core.errors import Refusal, auth_failure, denied, malformed, precondition
 from kms.core.ports import PeerKms
 from kms.keystore import KeyNotFound
-from kms.mikey.constants import DataType, ErrorNo, IdRole, IdType, RandRole, TsType
+from kms.mikey.constants import DataType, EncrAlg, ErrorNo, IdRole, IdType, RandRole, TsType
 from kms.mikey.derive import KeyDirection
 from kms.mikey.message import Message
 from kms.mikey.ntp import decode_ts_value
@@ -96,8 +97,13 @@ def authenticate_psk(
     if rand is None:  # pragma: no cover - the composition check requires it
         raise malformed("missing RANDR")
     rand_i, rand_r = (rand, None) if role == IdRole.IDRI else (None, rand)
+    # Verifying V needs the auth key only: with a NULL encryption algorithm the encryption
+    # and salt keys (two more PRFs under the PSK in the token) are not derived.
+    mac_only = replace(suite, encr_alg=EncrAlg.NULL)
     try:
-        keys = message_keys(deps.keystore, psk, msg, KeyDirection.INITIAL, rand_i, rand_r, suite)
+        keys = message_keys(
+            deps.keystore, psk, msg, KeyDirection.INITIAL, rand_i, rand_r, mac_only
+        )
     except KeyNotFound:
         raise auth_failure("PSK registered but missing in the token") from None
     if not check_mac(msg, keys, suite, identity.data + kms_id):
