@@ -161,6 +161,10 @@ class KmsServicer:
                 # arrive are refused here, so that none starts after draining began.
                 context.abort(grpc.StatusCode.UNAVAILABLE, "server is shutting down")
             self._inflight += 1
+        # The call counts as in flight until gRPC has finished it (response and status sent,
+        # or the call cancelled), not merely until the handler returns: otherwise drain()
+        # could see "idle" and its final stop cut off a response the KMS already issued.
+        registered = bool(context.add_callback(self._release))
         started = time.monotonic()
         cid = correlation_id(context.invocation_metadata())
         try:
@@ -213,10 +217,14 @@ class KmsServicer:
                 )
             return response
         finally:
-            with self._idle:
-                self._inflight -= 1
-                if self._inflight == 0:
-                    self._idle.notify_all()
+            if not registered:  # the call had already ended: nothing will call back
+                self._release()
+
+    def _release(self) -> None:
+        with self._idle:
+            self._inflight -= 1
+            if self._inflight == 0:
+                self._idle.notify_all()
 
 
 def tls_credentials(
