@@ -18,8 +18,11 @@ verifies the answer; this module only carries the bytes, through the
   peer costs the Responder at most that long.
 * Bounded retries: at most ``[federation] max_retries`` more attempts, only when the call
   failed with UNAVAILABLE (nothing answered), after a short backoff, and only if the deadline
-  leaves room. A refusal is never retried (the peer decided), nor DEADLINE_EXCEEDED (the
-  time is spent).
+  leaves room. A retry waits up to ``RETRY_WAIT_S`` for the connection (a peer that has just
+  come back is reached after the channel's reconnect backoff, at most a second). A refusal is
+  never retried (the peer decided), nor DEADLINE_EXCEEDED (the time is spent). Resending the
+  same RESOLVE_INIT is safe: if the first copy did reach the peer, its replay cache refuses
+  the second, so a resolve is never performed twice.
 * Metadata: ``x-correlation-id`` (so both audit logs carry one linked event) and
   ``mikey-hops`` (how many KMSs the request crossed; the issuing side never forwards again).
 * Errors become :class:`kms.core.ports.PeerError`: UNAVAILABLE, DEADLINE_EXCEEDED and
@@ -50,6 +53,7 @@ log = logging.getLogger("kms.server.federation")
 
 BACKOFF_S = 0.05  # first pause before a retry; doubles per attempt
 MIN_ATTEMPT_S = 0.05  # no retry that would have less than this left of the deadline
+RETRY_WAIT_S = 1.2  # a retry waits this long at most for a connection (> max reconnect backoff)
 MAX_DETAIL = 200
 MAX_MESSAGE_BYTES = 64 * 1024  # a RESOLVE_RESP is a few hundred bytes
 
@@ -176,6 +180,7 @@ class GrpcPeerResolver:
         request = stubs.MikeyMessage(data=wire)
         deadline = self._clock() + peer.deadline_s
         attempt = 0
+        first: str | None = None  # why the first attempt failed, when it is retried
         while True:
             attempt += 1
             remaining = deadline - self._clock()
@@ -186,17 +191,25 @@ class GrpcPeerResolver:
                     correlation_id,
                     attempt - 1,
                 )
+            # A retry waits (briefly) for the channel to connect: after a failure the channel
+            # sits in its reconnect backoff, and a fail-fast retry inside it would fail too,
+            # even though the peer may be back already.
+            retry = attempt > 1
+            timeout = min(remaining, RETRY_WAIT_S) if retry else remaining
             try:
-                response = stub.ResolveTicket(request, timeout=remaining, metadata=metadata)
+                response = stub.ResolveTicket(
+                    request, timeout=timeout, metadata=metadata, wait_for_ready=retry
+                )
             except grpc.RpcError as exc:
                 err: Any = exc  # also a grpc.Call: code(), details(), trailing_metadata()
                 code: grpc.StatusCode = err.code()
                 if code is grpc.StatusCode.UNAVAILABLE and attempt <= self._max_retries:
                     pause = self._backoff_s * 2 ** (attempt - 1)
                     if deadline - self._clock() > pause + MIN_ATTEMPT_S:
+                        first = first or _one_line(err.details() or "")
                         self._sleep(pause)
                         continue
-                raise self._rpc_error(err, code, name, correlation_id, attempt) from None
+                raise self._rpc_error(err, code, name, correlation_id, attempt, first) from None
             return bytes(response.data)
 
     def close(self) -> None:
@@ -240,11 +253,20 @@ class GrpcPeerResolver:
             return stub
 
     def _rpc_error(
-        self, err: Any, code: grpc.StatusCode, name: str, cid: str, attempts: int
+        self,
+        err: Any,
+        code: grpc.StatusCode,
+        name: str,
+        cid: str,
+        attempts: int,
+        first: str | None = None,
     ) -> PeerError:
         detail = _one_line(err.details() or code.name.lower())
         if code in _UNAVAILABLE:
-            return self._fail("unavailable", f"{name}: {code.name}: {detail}", cid, attempts)
+            if first is not None:  # the retry only waited: the first failure says why
+                detail = f"{detail}; first attempt: {first}"
+            text = _one_line(f"{name}: {code.name} after {attempts} attempt(s): {detail}")
+            return self._fail("unavailable", text, cid, attempts)
         raw = dict(err.trailing_metadata() or ()).get(ERROR_TRAILER)
         error_message = bytes(raw) if isinstance(raw, bytes) else None
         return self._fail("refused", detail, cid, attempts, code.name, error_message)
