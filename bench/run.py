@@ -1,0 +1,381 @@
+#!/usr/bin/env python3
+"""The KMS benchmark suite: every figure measured in one run on this machine, printed as a
+table and written as JSON (bench/results/bench-<time>.json).
+
+    .venv/bin/python -m bench.run            # full run (about 6-9 minutes on 2 cores)
+    .venv/bin/python -m bench.run --quick    # fewer cases, 1 s windows (under 2 minutes)
+
+Phases, all on 127.0.0.1 and a throwaway KMS home (see bench/world.py for its settings):
+
+1. in-process, no gRPC: the token floor of each exchange (its PKCS#11 operations replayed
+   alone), then each exchange called straight on the core with the PKCS#11 key store and
+   with the pure-software key store;
+2. the echo floor: the same server stack (``kms serve``'s supervisor, workers, thread pool,
+   servicer) with a handler that echoes the request, 1 / 8 / 64 clients;
+3. Ticket Request and Ticket Resolve over gRPC (PSK and PK, with and without forking), 1 / 8
+   / 64 concurrent clients from separate processes, p50 / p99 latency; then each at half of
+   its peak rate (open loop) for the p99 target;
+4. 1 -> 2 worker processes (echo and every exchange, 64 clients);
+5. the echo floor again, to show how much the machine drifted during the run.
+
+Every rate is also shown as a ratio to the echo floor (same worker count) of this run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import platform
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.load import LoadResult, run_load  # noqa: E402
+from bench.messages import WORKLOADS, Workload, obtain_grant  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results"
+
+# Targets (issue): exchange >= 0.8 x composed floor; 2 workers >= 1.6 x 1 worker; p99 at half
+# of peak < 10 ms; token path <= 2.5 x the software key store.
+T_FLOOR = 0.8
+T_SCALE = 1.6
+T_P99_MS = 10.0
+T_TOKEN_SW = 2.5
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def server(home: Path, workers: int, echo: bool, logdir: Path) -> Any:
+    port = free_port()
+    listen = f"127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "bench.echo", "--home", str(home), "--listen", listen,
+           "--workers", str(workers)] + (["--echo"] if echo else [])
+    errlog = open(logdir / f"server-{'echo' if echo else 'kms'}-w{workers}.log", "ab")  # noqa: SIM115
+    p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=errlog, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        assert p.stdout is not None
+        while True:
+            line = p.stdout.readline()
+            if "serving on" in line:
+                break
+            if not line or time.monotonic() > deadline:
+                raise RuntimeError(f"server did not start (see {errlog.name})")
+        yield listen, p.pid
+    finally:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        errlog.close()
+
+
+def load_row(name: str, workers: int, r: LoadResult, echo: float, **extra: Any) -> dict[str, Any]:
+    return {
+        "workload": name,
+        "workers": workers,
+        "clients": r.clients,
+        "client_processes": r.processes,
+        "rate": r.rate,
+        "x_echo": r.rate / echo if echo else math.nan,
+        "p50_ms": r.pct(0.50),
+        "p99_ms": r.pct(0.99),
+        "calls": r.completed,
+        "errors": dict(r.errors),
+        "retried_resource_exhausted": r.retries,
+        "exhausted_clients": r.exhausted,
+        "server_cores": r.server_cores,
+        "client_cores": r.client_cores,
+        "server_cpu_ms_per_call": r.server_cpu_ms_per_call,
+        **extra,
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="fewer cases, 1 s windows")
+    ap.add_argument("--seconds", type=float, help="timed window per gRPC case")
+    ap.add_argument("--out", type=Path, help="JSON output path")
+    ap.add_argument("--keep-home", action="store_true", help="keep the throwaway KMS home")
+    args = ap.parse_args()
+    quick = args.quick
+    duration = args.seconds or (1.0 if quick else 3.0)
+    warmup = 0.3 if quick else 0.5
+    inproc_s = 0.6 if quick else 1.5
+    clients_list = (1, 8, 64)
+    scale_clients = (64,) if quick else (8, 64)
+    workloads = [w for w in WORKLOADS if not (quick and w[2])]
+    started = time.time()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out = args.out or RESULTS / f"bench-{stamp}.json"
+    tmp = Path(tempfile.mkdtemp(prefix="kms-bench-"))
+    home_path = tmp / "home"
+    logdir = RESULTS / f"logs-{stamp}"
+    logdir.mkdir(parents=True, exist_ok=True)
+    result: dict[str, Any] = {
+        "command": " ".join(["python -m bench.run", *sys.argv[1:]]),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                    "platform": platform.platform()},
+        "settings": {"duration_s": duration, "warmup_s": warmup, "inproc_s": inproc_s,
+                     "quick": quick},
+    }
+    try:
+        # --- setup ---------------------------------------------------------------------
+        from bench.world import create_home
+
+        log(f"creating the bench KMS home in {home_path}")
+        setup = create_home(home_path)
+
+        # --- 1. in-process: token floor, token key store, software key store ------------
+        from bench import inproc
+        from kms.server.compose import build_handler
+        from kms.server.home import open_home
+
+        home = open_home(home_path)
+        token_kms: Any = build_handler(home)
+        sw_kms, sw_cert = inproc.software_kms(token_kms, setup)
+        token_ks = token_kms.deps.keystore
+        grants: dict[bool, Any] = {}
+        floors: dict[str, Any] = {}
+        inproc_rows: list[dict[str, Any]] = []
+        for ex, auth, fork in workloads:
+            name = Workload(ex, auth, fork).name
+            base_t = Workload(ex, auth, fork, setup.kms_cert_der, setup.pk)
+            base_s = Workload(ex, auth, fork, sw_cert, setup.pk)
+            if ex == "resolve":
+                if fork not in grants:
+                    grants[fork] = obtain_grant(base_t, inproc.request_sender(token_kms),
+                                                time.time())
+                sw_grant = obtain_grant(base_s, inproc.request_sender(sw_kms), time.time())
+                base_t = dataclasses.replace(base_t, grant=grants[fork])
+                base_s = dataclasses.replace(base_s, grant=sw_grant)
+            from bench.messages import generate
+
+            calls = inproc.record_ops(token_kms, base_t, generate(base_t, 1, time.time())[0])
+            tf = inproc.token_floor(token_ks, calls, 0.25 if quick else 0.6)
+            floors[name] = {"seconds": tf.seconds, "ops": dict(tf.ops),
+                            "by_kind_s": tf.by_kind_s}
+            rt = inproc.measure_inproc(token_kms, base_t, inproc_s)
+            rs = inproc.measure_inproc(sw_kms, base_s, inproc_s)
+            inproc_rows.append({
+                "workload": name,
+                "token_rate": rt.rate, "token_p50_ms": rt.p50_ms, "token_p99_ms": rt.p99_ms,
+                "software_rate": rs.rate, "software_p50_ms": rs.p50_ms,
+                "software_p99_ms": rs.p99_ms,
+                "token_over_software": rs.rate / rt.rate,
+            })
+            log(f"in-process {name}: token floor {tf.seconds * 1e3:.3f} ms "
+                f"({sum(tf.ops.values())} ops), token {rt.rate:.0f}/s, "
+                f"software {rs.rate:.0f}/s")
+        home.close()
+        del token_kms, sw_kms
+        result["token_floor"] = floors
+        result["inproc"] = inproc_rows
+        inproc_rate = {r["workload"]: r["token_rate"] for r in inproc_rows}
+
+        # --- 2-4. gRPC -----------------------------------------------------------------
+        echo_w = Workload("echo")
+        echo_floor: dict[int, float] = {}
+        grpc_rows: list[dict[str, Any]] = []
+        half_rows: list[dict[str, Any]] = []
+
+        def echo_runs(workers: int, clients: tuple[int, ...], tag: str = "") -> None:
+            with server(home_path, workers, True, logdir) as (target, spid):
+                best = 0.0
+                rows = []
+                for n in clients:
+                    per = math.ceil(15000 * (warmup + duration) / n) + 5
+                    r = run_load(target, echo_w, clients=n, per_client_msgs=per,
+                                 warmup=warmup, duration=duration, server_pid=spid)
+                    rows.append(r)
+                    best = max(best, r.rate)
+                    log(f"echo{tag} w={workers} c={n}: {r.rate:.0f} RPC/s "
+                        f"p50 {r.pct(0.5):.2f} ms p99 {r.pct(0.99):.2f} ms")
+                if not tag:
+                    echo_floor[workers] = best
+                for r in rows:
+                    grpc_rows.append(load_row("echo" + tag, workers, r, echo_floor[workers]))
+
+        def exchange_runs(workers: int, clients: tuple[int, ...], half: bool) -> None:
+            with server(home_path, workers, False, logdir) as (target, spid):
+                for ex, auth, fork in workloads:
+                    name = Workload(ex, auth, fork).name
+                    w = Workload(ex, auth, fork, setup.kms_cert_der, setup.pk,
+                                 grants.get(fork) if ex == "resolve" else None)
+                    cap = min(echo_floor[workers], workers * 2.0 * inproc_rate[name])
+                    peak = 0.0
+                    for n in clients:
+                        per = math.ceil(cap * (warmup + duration) * 1.3 / n) + 3
+                        r = run_load(target, w, clients=n, per_client_msgs=per,
+                                     warmup=warmup, duration=duration, server_pid=spid)
+                        peak = max(peak, r.rate)
+                        grpc_rows.append(load_row(name, workers, r, echo_floor[workers]))
+                        log(f"{name} w={workers} c={n}: {r.rate:.0f}/s p50 "
+                            f"{r.pct(0.5):.2f} ms p99 {r.pct(0.99):.2f} ms"
+                            + (f" errors {dict(r.errors)}" if r.errors else "")
+                            + (f" EXHAUSTED {r.exhausted}" if r.exhausted else ""))
+                    if half:
+                        rate = peak / 2
+                        n = 8
+                        per = math.ceil(rate * (warmup + duration) * 1.3 / n) + 3
+                        r = run_load(target, w, clients=n, per_client_msgs=per,
+                                     warmup=warmup, duration=duration, rate=rate,
+                                     server_pid=spid)
+                        half_rows.append(load_row(name, workers, r, echo_floor[workers],
+                                                  offered_rate=rate, peak_rate=peak))
+                        log(f"{name} half load ({rate:.0f}/s offered, 8 clients): "
+                            f"{r.rate:.0f}/s p50 {r.pct(0.5):.2f} ms "
+                            f"p99 {r.pct(0.99):.2f} ms")
+
+        echo_runs(1, clients_list)
+        exchange_runs(1, clients_list, half=True)
+        echo_runs(2, scale_clients)
+        exchange_runs(2, scale_clients, half=False)
+        echo_runs(1, (64,), tag=" (again, end of run)")
+        result["echo_floor"] = {str(k): v for k, v in echo_floor.items()}
+        result["grpc"] = grpc_rows
+        result["half_load"] = half_rows
+        result["elapsed_s"] = time.time() - started
+        result["summary"] = summarise(result, workloads)
+        out.write_text(json.dumps(result, indent=2, default=str))
+        print_tables(result)
+        print(f"\nJSON: {out}\nelapsed: {result['elapsed_s']:.0f} s")
+    finally:
+        if args.keep_home:
+            log(f"kept {home_path}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+def _peak(rows: list[dict[str, Any]], name: str, workers: int) -> float:
+    return max((r["rate"] for r in rows if r["workload"] == name and r["workers"] == workers),
+               default=math.nan)
+
+
+def summarise(res: dict[str, Any], workloads: list[tuple[str, str, bool]]) -> dict[str, Any]:
+    echo1 = res["echo_floor"]["1"]
+    echo2 = res["echo_floor"].get("2", math.nan)
+    t_echo = 1.0 / echo1
+    grpc = res["grpc"]
+    out: dict[str, Any] = {"echo_call_ms": t_echo * 1e3,
+                           "echo_scaling": echo2 / echo1, "exchanges": {}}
+    for ex, auth, fork in workloads:
+        name = Workload(ex, auth, fork).name
+        floor_s = res["token_floor"][name]["seconds"]
+        composed = 1.0 / (t_echo + floor_s)
+        p1 = _peak(grpc, name, 1)
+        p2 = _peak(grpc, name, 2)
+        half = next((r for r in res["half_load"] if r["workload"] == name), None)
+        ip = next(r for r in res["inproc"] if r["workload"] == name)
+        out["exchanges"][name] = {
+            "token_floor_ms": floor_s * 1e3,
+            "composed_floor": composed,
+            "peak_w1": p1,
+            "peak_w1_over_composed": p1 / composed,
+            "peak_w2": p2,
+            "peak_w2_over_2x_composed": p2 / (2 * composed),
+            "scaling_w2_over_w1": p2 / p1,
+            "half_load_p99_ms": half["p99_ms"] if half else math.nan,
+            "token_over_software": ip["token_over_software"],
+            "targets": {
+                "floor>=0.8": p1 / composed >= T_FLOOR,
+                "scaling>=1.6": p2 / p1 >= T_SCALE,
+                "p99@half<10ms": bool(half and half["p99_ms"] < T_P99_MS),
+                "token<=2.5xsw": ip["token_over_software"] <= T_TOKEN_SW,
+            },
+        }
+    return out
+
+
+def print_tables(res: dict[str, Any]) -> None:
+    s = res["summary"]
+    echo1 = res["echo_floor"]["1"]
+    print(f"\nEcho floor (same server stack, 1 worker): {echo1:,.0f} RPC/s "
+          f"({s['echo_call_ms']:.3f} ms per call); 2 workers: "
+          f"{res['echo_floor'].get('2', math.nan):,.0f} RPC/s (x{s['echo_scaling']:.2f})")
+    again = [r for r in res["grpc"] if r["workload"].startswith("echo (again")]
+    if again:
+        print(f"Echo at the end of the run (64 clients): {again[0]['rate']:,.0f} RPC/s "
+              f"(x{again[0]['rate'] / echo1:.2f} of the first): machine drift")
+    print("\nToken floor (PKCS#11 operations of one exchange, each replayed alone)")
+    print(f"{'exchange':<18} {'ms':>7} {'x echo call':>11}  operations")
+    for name, f in res["token_floor"].items():
+        ops = ", ".join(f"{k} x{v}" for k, v in sorted(f["ops"].items()))
+        x_call = f["seconds"] / s["echo_call_ms"] * 1e3
+        print(f"{name:<18} {f['seconds'] * 1e3:>7.3f} {x_call:>11.2f}  {ops}")
+    print("\nIn-process, no gRPC, one thread (rate, and ratio to the echo floor)")
+    print(f"{'exchange':<18} {'token/s':>8} {'x echo':>7} {'p50 ms':>7} {'software/s':>10} "
+          f"{'x echo':>7} {'p50 ms':>7} {'sw/token':>8}")
+    for r in res["inproc"]:
+        print(f"{r['workload']:<18} {r['token_rate']:>8,.0f} {r['token_rate'] / echo1:>7.3f} "
+              f"{r['token_p50_ms']:>7.2f} {r['software_rate']:>10,.0f} "
+              f"{r['software_rate'] / echo1:>7.3f} {r['software_p50_ms']:>7.2f} "
+              f"{r['token_over_software']:>8.2f}")
+    print("\ngRPC (rate, ratio to the echo floor of the same worker count, latency)")
+    print(f"{'workload':<28} {'w':>2} {'clients':>7} {'rate/s':>8} {'x echo':>7} "
+          f"{'p50 ms':>7} {'p99 ms':>7} {'srv cores':>9} {'cli cores':>9} {'srv ms/call':>11}"
+          "  notes")
+    for r in res["grpc"]:
+        notes = []
+        if r["errors"]:
+            notes.append(f"errors {r['errors']}")
+        if r["retried_resource_exhausted"]:
+            notes.append(f"{r['retried_resource_exhausted']} retries (all threads busy)")
+        if r["exhausted_clients"]:
+            notes.append(f"{r['exhausted_clients']} clients ran out of messages")
+        print(f"{r['workload']:<28} {r['workers']:>2} {r['clients']:>7} {r['rate']:>8,.0f} "
+              f"{r['x_echo']:>7.3f} {r['p50_ms']:>7.2f} {r['p99_ms']:>7.2f} "
+              f"{r['server_cores']:>9.2f} {r['client_cores']:>9.2f} "
+              f"{r['server_cpu_ms_per_call']:>11.3f}  {'; '.join(notes)}")
+    print("\nHalf of peak load (open loop, 8 clients, 1 worker)")
+    print(f"{'exchange':<18} {'offered/s':>9} {'done/s':>8} {'x echo':>7} {'p50 ms':>7} "
+          f"{'p99 ms':>7}")
+    for r in res["half_load"]:
+        print(f"{r['workload']:<18} {r['offered_rate']:>9,.0f} {r['rate']:>8,.0f} "
+              f"{r['x_echo']:>7.3f} {r['p50_ms']:>7.2f} {r['p99_ms']:>7.2f}")
+    print("\nTargets (composed floor = 1 / (echo call time + token floor), per worker)")
+    print(f"{'exchange':<18} {'composed/s':>10} {'peak w1':>8} {'ratio':>6} {'>=0.8':>5} "
+          f"{'w2/w1':>6} {'>=1.6':>5} {'p99@½':>6} {'<10':>4} {'tok/sw':>6} {'<=2.5':>5}")
+    for name, e in s["exchanges"].items():
+        t = e["targets"]
+
+        def yn(ok: bool) -> str:
+            return "yes" if ok else "NO"
+
+        print(f"{name:<18} {e['composed_floor']:>10,.0f} {e['peak_w1']:>8,.0f} "
+              f"{e['peak_w1_over_composed']:>6.2f} {yn(t['floor>=0.8']):>5} "
+              f"{e['scaling_w2_over_w1']:>6.2f} {yn(t['scaling>=1.6']):>5} "
+              f"{e['half_load_p99_ms']:>6.2f} {yn(t['p99@half<10ms']):>4} "
+              f"{e['token_over_software']:>6.2f} {yn(t['token<=2.5xsw']):>5}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
