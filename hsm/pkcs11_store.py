@@ -39,6 +39,7 @@ import hmac
 import logging
 import os
 import queue
+import struct
 import threading
 import time
 import weakref
@@ -50,7 +51,6 @@ import pkcs11
 import pkcs11.exceptions as p11e
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from pkcs11 import MGF, Attribute, Mechanism, ObjectClass
 from pkcs11 import KeyType as P11KeyType
 from pkcs11.util.ec import encode_named_curve_parameters
@@ -83,8 +83,7 @@ from kms.keystore import (
     TokenUnavailable,
     UnsupportedOperation,
 )
-from kms.mikey.prf import HmacFn, PrfFunc, digest_name, prf_over
-from kms.mikey.prf import prf as host_prf
+from kms.mikey.prf import HmacFn, PrfFunc, prf_over, split_in_key
 
 log = logging.getLogger(__name__)
 
@@ -689,6 +688,39 @@ class _Token:
             self._conn.broken = True
         self._next_attempt = 0.0
 
+    # --- session-object helpers (ephemeral keys) ------------------------------------------
+    def _create_session_secret(self, ps: _PooledSession, value: bytes) -> Any:
+        # Zero-pad to the SHA-256 HMAC minimum (facts note): HMAC pads keys with zeros.
+        if len(value) < PADDED_SECRET_BYTES:
+            value = value + bytes(PADDED_SECRET_BYTES - len(value))
+        with self._object_lock:
+            return ps.session.create_object({
+                Attribute.CLASS: ObjectClass.SECRET_KEY,
+                Attribute.KEY_TYPE: P11KeyType.GENERIC_SECRET,
+                Attribute.TOKEN: False,
+                Attribute.PRIVATE: True,
+                Attribute.SENSITIVE: True,
+                Attribute.EXTRACTABLE: False,
+                Attribute.SIGN: True,
+                Attribute.VALUE: value,
+            })
+
+    def _destroy(self, obj: Any) -> None:
+        with self._object_lock:
+            obj.destroy()
+
+    @contextlib.contextmanager
+    def _ephemeral(self, ps: _PooledSession, values: list[bytes]) -> Iterator[list[Any]]:
+        objs: list[Any] = []
+        try:
+            for v in values:
+                objs.append(self._create_session_secret(ps, v))
+            yield objs
+        finally:
+            for o in objs:
+                with contextlib.suppress(p11e.PKCS11Error):
+                    self._destroy(o)
+
     def _bound(self, conn: _Connection, ps: _PooledSession, label: str, cls: ObjectClass,
                kinds: tuple[KeyType, ...]) -> tuple[_KeyMeta, Any]:
         meta = conn.keys.get(label)
@@ -699,26 +731,15 @@ class _Token:
         return meta, ps.bound[label][int(cls)]
 
     # --- operations -----------------------------------------------------------------------
-    # Operations under a key given by value (session keys: PRF outputs, MPKs, envelope
-    # keys) run in host memory. The value is already there (SoftHSM has no HMAC-based
-    # C_DeriveKey, so every PRF output passes host memory), so importing it as a session
-    # object adds a create + destroy per call (~0.1-0.2 ms, about half of an exchange's
-    # token time, bench/inproc.py) and no protection. Long-term keys (KeyRef) never leave
-    # the token. They still fail like every other operation while the store is closed or
-    # the token unavailable (the same contract as before, and no exchange half-succeeds).
-    def _check_open(self) -> None:
-        if self._closed:
-            raise KeyStoreError("key store is closed")
-        self._usable_connection()
-
     def hmac(self, key: Key, data: bytes, func: PrfFunc) -> bytes:
         mech = _HMAC_MECHANISM[PrfFunc(func)]
-        if not isinstance(key, KeyRef):
-            self._check_open()
-            return hmac.new(bytes(key), data, digest_name(func)).digest()
         with self._session("hmac") as (conn, ps):
-            _, obj = self._bound(conn, ps, key.label, ObjectClass.SECRET_KEY, (KeyType.SECRET,))
-            return bytes(obj.sign(data, mechanism=mech))
+            if isinstance(key, KeyRef):
+                _, obj = self._bound(conn, ps, key.label, ObjectClass.SECRET_KEY,
+                                     (KeyType.SECRET,))
+                return bytes(obj.sign(data, mechanism=mech))
+            with self._ephemeral(ps, [bytes(key)]) as (obj,):
+                return bytes(obj.sign(data, mechanism=mech))
 
     def prf(self, key: Key, label: bytes, out_len: int, func: PrfFunc) -> bytes:
         func = PrfFunc(func)
@@ -731,26 +752,57 @@ class _Token:
 
         if out_len <= 0:
             raise ValueError("PRF output length must be positive")
-        if not isinstance(key, KeyRef):
-            self._check_open()
-            return host_prf(bytes(key), label, out_len, func)
         with self._session("prf") as (conn, ps):
-            meta, obj = self._bound(conn, ps, key.label, ObjectClass.SECRET_KEY,
-                                    (KeyType.SECRET,))
-            if meta.secret_len > MAX_SECRET_BYTES:
-                # Would need one token object per 256-bit slice (reference section 12).
-                raise UnsupportedOperation(
-                    f"key {key.label!r} is longer than one PRF slice (32 bytes)"
-                )
-            return prf_over([signer(obj)], label, out_len, func)
+            if isinstance(key, KeyRef):
+                meta, obj = self._bound(conn, ps, key.label, ObjectClass.SECRET_KEY,
+                                        (KeyType.SECRET,))
+                if meta.secret_len > MAX_SECRET_BYTES:
+                    # Would need one token object per 256-bit slice (reference section 12).
+                    raise UnsupportedOperation(
+                        f"key {key.label!r} is longer than one PRF slice (32 bytes)"
+                    )
+                return prf_over([signer(obj)], label, out_len, func)
+            # Ephemeral in-key: one session object per 256-bit slice for the whole PRF.
+            with self._ephemeral(ps, split_in_key(bytes(key))) as objs:
+                return prf_over([signer(o) for o in objs], label, out_len, func)
 
     def aes_cm(self, key: bytes, iv: bytes, data: bytes) -> bytes:
-        # Session keys only (see hmac): AES-CM is AES-CTR over the whole 128-bit block
-        # (RFC 3711 4.1.1), which is what cryptography's CTR mode does.
         check_aes_cm(key, iv)
-        self._check_open()
-        enc = Cipher(algorithms.AES(bytes(key)), modes.CTR(bytes(iv))).encryptor()
-        return enc.update(data) + enc.finalize()
+        if not data:
+            return b""
+        with self._session("aes_cm") as (_conn, ps):
+            with self._object_lock:
+                obj = ps.session.create_object({
+                    Attribute.CLASS: ObjectClass.SECRET_KEY,
+                    Attribute.KEY_TYPE: P11KeyType.AES,
+                    Attribute.TOKEN: False,
+                    Attribute.PRIVATE: True,
+                    Attribute.SENSITIVE: True,
+                    Attribute.EXTRACTABLE: False,
+                    Attribute.ENCRYPT: True,
+                    Attribute.VALUE: bytes(key),
+                })
+            try:
+                out = bytearray()
+                counter = int.from_bytes(iv, "big")
+                pos = 0
+                while pos < len(data):
+                    # AES-CM counts over the full 128-bit block mod 2^128 (RFC 3711 4.1.1).
+                    # With ulCounterBits = 128 SoftHSM matches that, but refuses (DataLenRange)
+                    # to wrap past 2^128 - 1 (measured), so split there. ulCounterBits = 16
+                    # (as the facts note suggests) is only right while the low 16 bits do not
+                    # wrap; SoftHSM refuses that too.
+                    blocks_left = (1 << 128) - counter
+                    chunk = data[pos : pos + blocks_left * 16]
+                    param = struct.pack("=Q", 128) + counter.to_bytes(16, "big")
+                    out += obj.encrypt(chunk, mechanism=Mechanism.AES_CTR,
+                                       mechanism_param=param, buffer_size=len(chunk) + 32)
+                    pos += len(chunk)
+                    counter = 0
+                return bytes(out)
+            finally:
+                with contextlib.suppress(p11e.PKCS11Error):
+                    self._destroy(obj)
 
     def random(self, length: int) -> bytes:
         if length < 0:
