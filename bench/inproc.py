@@ -53,8 +53,9 @@ class RecordingKeyStore:
 
 
 def op_kind(name: str, args: tuple[Any, ...]) -> str:
-    """E.g. ``prf[long-term]`` (a KeyRef: runs in the token), ``prf[session]`` (a key given
-    by value: host memory since 5391082), ``aes_cm[session]``, ``random``."""
+    """E.g. ``prf[long-term]`` (a KeyRef: a token key object), ``prf[session]`` (a key
+    given by value: a session object created, used and destroyed in the token),
+    ``aes_cm[session]``, ``random``."""
     if name in ("hmac", "prf"):
         return f"{name}[{'long-term' if isinstance(args[0], KeyRef) else 'session'}]"
     if name in ("rsa_decrypt", "sign"):
@@ -65,8 +66,9 @@ def op_kind(name: str, args: tuple[Any, ...]) -> str:
 
 
 def is_token_op(kind: str) -> bool:
-    """Whether the PKCS#11 key store sends this operation to the token."""
-    return "[session]" not in kind
+    """Whether the PKCS#11 key store sends this operation to the token: all of them (issue
+    3: session keys too are used as token session objects, destroyed after use)."""
+    return True
 
 
 @dataclass

@@ -22,6 +22,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -80,7 +81,7 @@ def main() -> int:
                                                         setup.pk)
         if w.exchange == "resolve":
             home = open_home(setup.home)
-            kms = build_handler(home)
+            kms: Any = build_handler(home)
             w = dataclasses.replace(w, grant=obtain_grant(w, inproc.request_sender(kms),
                                                           time.time()))
             home.close()
