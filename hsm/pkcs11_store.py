@@ -280,6 +280,9 @@ class _Connection:
     broken: bool = False
 
 
+MISSING_KEY_RESCAN_S = 1.0  # at most one rescan per second after handle-cache misses
+_R = TypeVar("_R")
+
 _LIVE_TOKENS: weakref.WeakSet[_Token] = weakref.WeakSet()
 _REGISTRY_LOCK = threading.Lock()
 _OPEN: dict[str, _Shared] = {}  # module path -> the one open token of this process
@@ -336,6 +339,8 @@ class _Token:
         self._pool_size = pool_size
         self._gate = Gate()
         self._object_lock = threading.Lock()  # SoftHSM #573: create/destroy serialised
+        self._rescan_lock = threading.Lock()
+        self._last_rescan = -MISSING_KEY_RESCAN_S
         self._conn: _Connection | None = None
         self._ctl: _ModuleControl | None = None
         self._next_attempt = 0.0
@@ -1007,6 +1012,16 @@ class _Token:
                 raise KeyNotFound(f"no key labelled {label!r}")
             return meta.info
 
+    def rescan_for_missing(self) -> bool:
+        """Rescan after a cache miss, at most once per MISSING_KEY_RESCAN_S; True if done."""
+        now = time.monotonic()
+        with self._rescan_lock:
+            if now - self._last_rescan < MISSING_KEY_RESCAN_S:
+                return False
+            self._last_rescan = now
+        self.refresh()
+        return True
+
     def refresh(self) -> None:
         """Rescan the token (picks up keys created by other processes, e.g. the admin CLI)."""
         with self._manage("refresh") as (conn, _ps):
@@ -1069,11 +1084,26 @@ class Pkcs11KeyStore:
         return self._token
 
     # KeyStore protocol: every call goes to the shared token.
+    def _with_missing_refresh(self, key: Key, op: Callable[[], _R]) -> _R:
+        """Run ``op``; if a long-term key is not in the handle cache, rescan the token once
+        and retry. Keys created by another process (``kms endpoint add`` while ``kms serve``
+        runs) become usable without a restart, while the normal path never searches the
+        token. Rescans are rate-limited process-wide (MISSING_KEY_RESCAN_S): callers only
+        name keys the registry knows, and an unknown identity never reaches the store."""
+        try:
+            return op()
+        except KeyNotFound:
+            if not isinstance(key, KeyRef) or not self._token.rescan_for_missing():
+                raise
+            return op()
+
     def hmac(self, key: Key, data: bytes, func: PrfFunc) -> bytes:
-        return self._t().hmac(key, data, func)
+        return self._with_missing_refresh(key, lambda: self._t().hmac(key, data, func))
 
     def prf(self, key: Key, label: bytes, out_len: int, func: PrfFunc) -> bytes:
-        return self._t().prf(key, label, out_len, func)
+        return self._with_missing_refresh(
+            key, lambda: self._t().prf(key, label, out_len, func)
+        )
 
     def aes_cm(self, key: bytes, iv: bytes, data: bytes) -> bytes:
         return self._t().aes_cm(key, iv, data)
@@ -1082,13 +1112,15 @@ class Pkcs11KeyStore:
         return self._t().random(length)
 
     def rsa_decrypt(self, key: KeyRef, data: bytes, padding: RsaPadding) -> bytes:
-        return self._t().rsa_decrypt(key, data, padding)
+        return self._with_missing_refresh(
+            key, lambda: self._t().rsa_decrypt(key, data, padding)
+        )
 
     def sign(self, key: KeyRef, data: bytes, scheme: SignScheme) -> bytes:
-        return self._t().sign(key, data, scheme)
+        return self._with_missing_refresh(key, lambda: self._t().sign(key, data, scheme))
 
     def public_key_der(self, key: KeyRef) -> bytes:
-        return self._t().public_key_der(key)
+        return self._with_missing_refresh(key, lambda: self._t().public_key_der(key))
 
     def generate_secret(self, label: str, length: int) -> KeyInfo:
         return self._t().generate_secret(label, length)

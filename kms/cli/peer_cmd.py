@@ -102,7 +102,6 @@ def cmd_peer_add(args: argparse.Namespace) -> int:
             else "TLS checked against the system CA roots (give --ca for a private CA)"
         )
         print(f"  transport: {how}")
-    print("  restart `kms serve` so that it loads the new key")
     return 0
 
 
@@ -174,7 +173,7 @@ def register(sub: Any) -> None:  # argparse._SubParsersAction
             "peer may resolve OUR tickets for; none given: it may resolve none. --rate: how\n"
             "many resolves per second it may ask of us (0: unlimited). --deadline-ms: how\n"
             "long we wait for it, retries included (default [federation] default_deadline_ms).\n"
-            "Restart `kms serve` afterwards so that it loads the key."
+            "A running `kms serve` picks the new peer up on its first use."
         ),
     )
     q.add_argument("kms_id", metavar="KMS-ID", help="e.g. kms:kms.b.example.org")

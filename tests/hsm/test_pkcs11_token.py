@@ -12,6 +12,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -19,7 +20,7 @@ import pytest
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from hsm import open_keystore
-from hsm.pkcs11_store import Pkcs11KeyStore, TokenConfigError
+from hsm.pkcs11_store import MISSING_KEY_RESCAN_S, Pkcs11KeyStore, TokenConfigError
 from kms.keystore import KeyNotFound, KeyRef
 from kms.mikey.prf import PrfFunc, prf
 
@@ -152,8 +153,9 @@ def test_true_length_survives_reopen(store: Pkcs11KeyStore, token: Any) -> None:
 
 
 def test_handles_are_cached_not_searched(store: Pkcs11KeyStore, token: Any) -> None:
-    # A key created behind the store's back (another process) is invisible until refresh():
-    # requests use the start-up scan, they never search the token.
+    # Requests use the start-up scan; a key created behind the store's back (another
+    # process: `kms endpoint add` while `kms serve` runs) is found by one rate-limited rescan
+    # on its first use, and a second miss inside the window does not rescan.
     value = os.urandom(32)
     proc = subprocess.run(
         [sys.executable, "-c", _CREATE_SECRET, token.module, token.label, token.user_pin,
@@ -161,12 +163,14 @@ def test_handles_are_cached_not_searched(store: Pkcs11KeyStore, token: Any) -> N
         env=token.env(), capture_output=True, text=True, timeout=60, check=False,
     )
     assert proc.returncode == 0, proc.stderr
-    with pytest.raises(KeyNotFound):
-        store.hmac(KeyRef("outside"), b"x", PrfFunc.MIKEY_1)
-    store.refresh()
+    time.sleep(MISSING_KEY_RESCAN_S)  # other tests' misses may have just rescanned
     assert store.hmac(KeyRef("outside"), b"x", PrfFunc.MIKEY_1) == std_hmac.new(
         value, b"x", "sha1"
     ).digest()
+    rescanned_at = store._token._last_rescan
+    with pytest.raises(KeyNotFound):
+        store.hmac(KeyRef("still-missing"), b"x", PrfFunc.MIKEY_1)
+    assert store._token._last_rescan == rescanned_at  # rate-limited: no second scan
     assert store.key_info("outside").length_bits == 256  # no marker: the stored length
     store.delete("outside")
 
@@ -258,3 +262,4 @@ def test_threads_in_forked_processes(store: Pkcs11KeyStore) -> None:
     assert store.hmac(KeyRef("psk32"), b"after", PrfFunc.PRF_HMAC_SHA_256) == std_hmac.new(
         PSK32, b"after", "sha256"
     ).digest()
+
