@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from kms.cli import CliError
+from kms.mikey.base_ticket import ticket_id
 from kms.server.home import PSK_MAX_BYTES, PSK_MIN_BYTES
 
 FINGERPRINT_LABEL = b"kms call: SRTP key fingerprint\x00"
@@ -93,7 +94,8 @@ def describe_grant(grant: Any) -> dict[str, Any]:
     policy = grant.policy
     flags = "".join(f.name or "" for f in TpFlag if policy.flags & f)
     out: dict[str, Any] = {
-        "ticket_id": hashlib.sha256(grant.ticket.ticket_data).hexdigest(),
+        # The same handle the KMS's audit log records for this ticket.
+        "ticket_id": ticket_id(grant.ticket.ticket_data),
         "ticket_type": policy.ticket_type,
         "prf": PrfFunc(policy.prf_func).name
         if policy.prf_func in set(PrfFunc)

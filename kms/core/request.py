@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import hashlib
-
 from kms.core.context import Authenticated, Deps, Exchange
 from kms.core.policy import Grant, KeyRequest, grant_policy, invalid_tp
-from kms.mikey.base_ticket import derive_mpk_pair, issue_base_ticket
+from kms.mikey.base_ticket import derive_mpk_pair, issue_base_ticket, ticket_id
 from kms.mikey.chain import decode_key_data
 from kms.mikey.cipher import CryptoError
 from kms.mikey.constants import (
@@ -173,8 +171,3 @@ def handle_request(
 
 def _t64(t: Timestamp) -> bytes:
     return timestamp_t64(TsType(t.ts_type), t.value)
-
-
-def ticket_id(ticket_data: bytes) -> str:
-    """A stable, non-secret handle for a ticket in logs and the resolve ledger."""
-    return hashlib.sha256(ticket_data).hexdigest()[:32]

@@ -13,9 +13,9 @@ from kms.core.policy import (
     responders_of,
     validity_of,
 )
-from kms.core.request import fresh_timestamp, response_header, ticket_id
+from kms.core.request import fresh_timestamp, response_header
 from kms.keystore import Key
-from kms.mikey.base_ticket import TicketContents, TicketError, open_base_ticket
+from kms.mikey.base_ticket import TicketContents, TicketError, open_base_ticket, ticket_id
 from kms.mikey.constants import (
     BASE_TICKET_SUBTYPE,
     BASE_TICKET_VERSION,

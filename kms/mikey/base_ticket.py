@@ -8,6 +8,7 @@ Ticket Data (Initiator Data excluded). MPKi and MPKr come from the MPK (label ty
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -119,6 +120,12 @@ def open_base_ticket(
     if any(k.key_type not in SESSION_KEY_TYPES for k in rest):
         raise TicketError("ticket KEMAC holds an unexpected key type")
     return TicketContents(key_data[0], rest, data.t, data.rand.value, tpk_id)
+
+
+def ticket_id(ticket_data: bytes) -> str:
+    """A stable, non-secret handle for a ticket: what the audit log records and `kms call`
+    prints (first 128 bits of SHA-256 over Ticket Data, in hex)."""
+    return hashlib.sha256(ticket_data).hexdigest()[:32]
 
 
 def derive_mpk_pair(
