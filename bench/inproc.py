@@ -257,6 +257,8 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=1.5)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--only", help="substring of the workload name, e.g. 'request psk'")
+    ap.add_argument("--threads", type=int, nargs="*", default=[],
+                    help="also run the token KMS with these thread counts (contention)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="kms-bench-") as tmp:
         setup = create_home(Path(tmp) / "home")
@@ -294,7 +296,35 @@ def main() -> None:
                   f"{sum(timing.by_kind.values()) / n * 1e3:>11.3f} {floor.seconds * 1e3:>8.3f}"
                   f"   in token: " + ", ".join(f"{k} {v / n * 1e3:.3f}"
                                                for k, v in sorted(timing.by_kind.items())))
+            for n in args.threads:
+                threaded(token, wt, n, 1500)
         home.close()
+
+
+def threaded(kms: Kms, w: Workload, threads: int, count: int) -> None:
+    """``count`` calls from ``threads`` threads: rate and CPU per call (GIL contention)."""
+    import threading
+
+    it = iter(generate(w, count, time.time()))
+    lock = threading.Lock()
+
+    def run() -> None:
+        while True:
+            with lock:
+                wire = next(it, None)
+            if wire is None:
+                return
+            _check(call(kms, w, wire), w)
+
+    c0, t0 = time.process_time(), time.perf_counter()
+    ts = [threading.Thread(target=run) for _ in range(threads)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    el, cpu = time.perf_counter() - t0, time.process_time() - c0
+    print(f"  {w.name}, token, {threads} thread(s): {count / el:,.0f}/s, "
+          f"{cpu / count * 1e3:.3f} ms CPU per call")
 
 
 if __name__ == "__main__":
