@@ -7,7 +7,6 @@ re-encoding, so a peer's harmless encoding choice can never break or forge a MAC
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import replace
 
 from kms.mikey.constants import DataType
 from kms.mikey.errors import DecodeError, EncodeError
@@ -83,16 +82,20 @@ def seal(msg: Message, compute: MacFn, extra: bytes = b"") -> Message:
     are fine): the MAC input includes length fields, so they must not change afterwards.
     Returns the decoded sealed message (with ``wire`` set).
     """
-    placeholder = Message.decode(msg.encode())
-    value = compute(covered_prefix(placeholder) + extra)
-    if len(value) != len(protected_tail(placeholder)):
-        raise EncodeError("MAC/signature length differs from the placeholder's")
-    last = msg.payloads[-1]
-    sealed_last: Verification | Sign
+    last = msg.payloads[-1] if msg.payloads else None
     if isinstance(last, Verification):
-        sealed_last = replace(last, mac=value)
+        n = len(last.mac)
     elif isinstance(last, Sign):
-        sealed_last = replace(last, signature=value)
-    else:  # pragma: no cover - protected_tail already refused this
+        n = len(last.signature)
+    else:
         raise EncodeError("last payload is neither V nor SIGN")
-    return Message.decode(replace(msg, payloads=(*msg.payloads[:-1], sealed_last)).encode())
+    wire = msg.encode()
+    body = wire[: len(wire) - n]  # the MAC / signature field is the last n bytes
+    if msg.data_type == DataType.TRANSFER_INIT and msg.first(Ticket) is not None:
+        covered = _without_initiator_data(Message.decode(wire), body)
+    else:
+        covered = body
+    value = compute(covered + extra)
+    if len(value) != n:
+        raise EncodeError("MAC/signature length differs from the placeholder's")
+    return Message.decode(body + value)
