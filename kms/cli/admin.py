@@ -16,7 +16,6 @@ import datetime as dt
 import functools
 import json
 import os
-import re
 import secrets
 import sys
 from collections.abc import Callable
@@ -24,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from kms.cli import CliError
+from kms.cli.psk_input import read_psk
 from kms.keystore import KeyStoreError
 from kms.server.config import ConfigError
 from kms.server.home import (
@@ -90,19 +90,6 @@ def _print_table(rows: list[list[str]], header: list[str]) -> None:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
 
 
-def _parse_hex_psk(text: str, source: str) -> bytes:
-    compact = re.sub(r"\s+", "", text)
-    if not compact or len(compact) % 2 or not re.fullmatch(r"[0-9A-Fa-f]+", compact):
-        # Never echo the value: it is (meant to be) a secret.
-        raise CliError(f"{source}: PSK is not valid hexadecimal")
-    psk = bytes.fromhex(compact)
-    if not PSK_MIN_BYTES <= len(psk) <= PSK_MAX_BYTES:
-        raise CliError(
-            f"{source}: PSK must be {PSK_MIN_BYTES}..{PSK_MAX_BYTES} bytes, got {len(psk)}"
-        )
-    return psk
-
-
 # ------------------------------------------------------------------------------------------
 # init
 
@@ -146,14 +133,8 @@ def cmd_endpoint_add(args: argparse.Namespace) -> int:
     id_type = ID_TYPES[args.id_type] if args.id_type else guess_id_type(identity)
     validate_identity(identity, id_type)
     out: Path | None = None
-    if args.psk_hex is not None:
-        psk = _parse_hex_psk(args.psk_hex, "--psk-hex")
-    elif args.psk_file is not None:
-        try:
-            text = Path(args.psk_file).read_text(encoding="ascii")
-        except UnicodeDecodeError:
-            raise CliError(f"--psk-file {args.psk_file}: PSK is not valid hexadecimal") from None
-        psk = _parse_hex_psk(text, f"--psk-file {args.psk_file}")
+    if args.psk_hex is not None or args.psk_file is not None:
+        psk = read_psk(args.psk_hex, args.psk_file, "--psk")
     else:
         if not PSK_MIN_BYTES <= args.psk_length <= PSK_MAX_BYTES:
             raise CliError(f"--psk-length must be {PSK_MIN_BYTES}..{PSK_MAX_BYTES}")

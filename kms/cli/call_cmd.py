@@ -17,41 +17,19 @@ import datetime as dt
 import hashlib
 import json
 import os
-import re
 import sys
 from pathlib import Path
 from typing import Any
 
 from kms.cli import CliError
+from kms.cli.psk_input import read_psk
 from kms.mikey.base_ticket import ticket_id
-from kms.server.home import PSK_MAX_BYTES, PSK_MIN_BYTES
 
 FINGERPRINT_LABEL = b"kms call: SRTP key fingerprint\x00"
 
 
 def _identity(text: str) -> bytes:
     return os.fsencode(text)
-
-
-def _read_psk(hex_text: str | None, file: str | None, what: str) -> bytes:
-    if hex_text is not None:
-        text, source = hex_text, f"{what}-hex"
-    else:
-        assert file is not None
-        source = f"{what}-file {file}"
-        try:
-            text = Path(file).read_text(encoding="ascii")
-        except UnicodeDecodeError:
-            raise CliError(f"{source}: PSK is not valid hexadecimal") from None
-        except OSError as exc:
-            raise CliError(f"{source}: {exc.strerror or type(exc).__name__}") from None
-    compact = re.sub(r"\s+", "", text)
-    if not compact or len(compact) % 2 or not re.fullmatch(r"[0-9A-Fa-f]+", compact):
-        raise CliError(f"{source}: PSK is not valid hexadecimal")  # never echo the value
-    psk = bytes.fromhex(compact)
-    if not PSK_MIN_BYTES <= len(psk) <= PSK_MAX_BYTES:
-        raise CliError(f"{source}: PSK must be {PSK_MIN_BYTES}..{PSK_MAX_BYTES} bytes")
-    return psk
 
 
 def _kms_id(args: argparse.Namespace) -> bytes:
@@ -158,7 +136,7 @@ def cmd_call(args: argparse.Namespace) -> int:
 
     kms_id = _kms_id(args)
     identity = _identity(args.identity)
-    psk = _read_psk(args.psk_hex, args.psk_file, "--psk")
+    psk = read_psk(args.psk_hex, args.psk_file, "--psk")
     responders = tuple(_identity(r) for r in args.to)
     flags = DEFAULT_FLAGS | (TpFlag.I if args.forking else TpFlag(0))
     flags |= TpFlag.J if args.reusable else TpFlag(0)
@@ -181,7 +159,7 @@ def cmd_call(args: argparse.Namespace) -> int:
     if args.resolve_as is not None:
         if args.resolve_psk_hex is None and args.resolve_psk_file is None:
             raise CliError("--resolve-as needs --resolve-psk-hex or --resolve-psk-file")
-        rpsk = _read_psk(args.resolve_psk_hex, args.resolve_psk_file, "--resolve-psk")
+        rpsk = read_psk(args.resolve_psk_hex, args.resolve_psk_file, "--resolve-psk")
         resolver = Responder(creds(_identity(args.resolve_as), rpsk), ks)
 
     stage = "RequestTicket"

@@ -26,10 +26,10 @@ from kms.cli.admin import (
     _errors_to_cli,
     _json_flag,
     _open,
-    _parse_hex_psk,
     _print_table,
     _show_time,
 )
+from kms.cli.psk_input import read_psk
 from kms.server.config import URI_RE, is_loopback, split_listen
 from kms.store.registry import show_identity
 
@@ -60,14 +60,8 @@ def cmd_peer_add(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise CliError(f"--address {args.address}: {exc}") from None
     psk: bytes | None = None
-    if args.psk_hex is not None:
-        psk = _parse_hex_psk(args.psk_hex, "--psk-hex")
-    elif args.psk_file is not None:
-        try:
-            text = Path(args.psk_file).read_text(encoding="ascii")
-        except UnicodeDecodeError:
-            raise CliError(f"--psk-file {args.psk_file}: PSK is not valid hexadecimal") from None
-        psk = _parse_hex_psk(text, f"--psk-file {args.psk_file}")
+    if args.psk_hex is not None or args.psk_file is not None:
+        psk = read_psk(args.psk_hex, args.psk_file, "--psk")
     cert_pem = None if args.cert is None else _read_pem(args.cert, "--cert")
     ca_pem = None if args.ca is None else _read_pem(args.ca, "--ca")
     if args.rate < 0:
