@@ -22,6 +22,7 @@ from typing import Any
 
 import grpc
 
+import kms.server.stubs as stubs
 from kms.endpoint.initiator import DesiredPolicy, Initiator, TicketGrant
 from kms.endpoint.responder import ResolvedCall, Responder
 from kms.endpoint.session import AES_CM_128_HMAC_SHA1_80, CallState, CryptoSession, SrtpProfile
@@ -29,7 +30,6 @@ from kms.mikey.constants import DataType, ErrorNo
 from kms.mikey.errors import DecodeError
 from kms.mikey.message import Message
 from kms.mikey.payloads import Error
-from kms.server import stubs
 
 ERROR_TRAILER = "mikey-error-bin"
 CORRELATION_KEY = "x-correlation-id"
