@@ -36,13 +36,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="KMS home folder (default: $KMS_HOME, else ./kms-home)",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    from kms.cli import admin, call_cmd, mikey_cmd, peer_cmd, serve_cmd  # each registers itself
+    from kms.cli import (  # each registers itself
+        admin,
+        app_cmd,
+        call_cmd,
+        mikey_cmd,
+        peer_cmd,
+        serve_cmd,
+    )
 
     mikey_cmd.register(sub)
     admin.register(sub)
     serve_cmd.register(sub)
     call_cmd.register(sub)
     peer_cmd.register(sub)
+    app_cmd.register(sub)
     return parser
 
 

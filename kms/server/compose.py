@@ -43,6 +43,7 @@ def kms_policy(config: KmsConfig) -> KmsPolicy:
         default_lifetime_s=p.default_lifetime_s,
         forking=Forking(p.forking),
         reuse_allowed=p.reuse_allowed,
+        responders_must_be_known=p.responders == "registered",
         timestamp_window_s=p.timestamp_window_s,
     )
 

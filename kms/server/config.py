@@ -34,6 +34,7 @@ PRF_NAMES: dict[str, PrfFunc] = {
 }
 KEY_TYPES = ("tgk", "tek", "gtgk")
 FORKING_MODES = ("allowed", "required", "forbidden")
+RESPONDER_MODES = ("any", "registered")
 PKE_PADDINGS = tuple(p.value for p in RsaPadding)
 
 # RFC 3986 scheme followed by ":"; used for the KMS id and for URI endpoint identities.
@@ -90,6 +91,7 @@ class PolicySettings:
     default_lifetime_s: int = 3600
     forking: str = "allowed"
     reuse_allowed: bool = True
+    responders: str = "any"  # "registered": every IDRr must be a registered endpoint or group
     timestamp_window_s: int = 120
     replay_cache_size: int = 100000
     rate_limit_per_s: int = 50
@@ -380,7 +382,8 @@ def _parse_policy(doc: Mapping[str, Any], home: Path) -> PolicySettings:
         doc.get("policy"),
         home,
         ("prf", "allowed_key_types", "max_lifetime_s", "default_lifetime_s", "forking",
-         "reuse_allowed", "timestamp_window_s", "replay_cache_size", "rate_limit_per_s"),
+         "reuse_allowed", "timestamp_window_s", "replay_cache_size", "rate_limit_per_s",
+         "responders"),
     )
     key_types = sec.table.get("allowed_key_types", list(KEY_TYPES))
     if (
@@ -402,6 +405,7 @@ def _parse_policy(doc: Mapping[str, Any], home: Path) -> PolicySettings:
         default_lifetime_s=sec.integer("default_lifetime_s", 3600, 1, ten_years),
         forking=sec.choice("forking", "allowed", FORKING_MODES),
         reuse_allowed=sec.boolean("reuse_allowed", True),
+        responders=sec.choice("responders", "any", RESPONDER_MODES),
         timestamp_window_s=sec.integer("timestamp_window_s", 120, 1, 86400),
         replay_cache_size=sec.integer("replay_cache_size", 100000, 1, 100_000_000),
         rate_limit_per_s=sec.integer("rate_limit_per_s", 50, 0, 1_000_000),
@@ -490,6 +494,9 @@ def render_config(
         '# "allowed", "required" or "forbidden"',
         f"forking = {_toml_str(d.forking)}",
         f"reuse_allowed = {'true' if d.reuse_allowed else 'false'}",
+        "# \"any\" responder identity, or only \"registered\" endpoints and groups (federation:",
+        "# responders of other domains are never registered here, so keep \"any\" there)",
+        f"responders = {json.dumps(d.responders)}",
         f"timestamp_window_s = {d.timestamp_window_s}",
         f"replay_cache_size = {d.replay_cache_size}",
         f"rate_limit_per_s = {d.rate_limit_per_s}",
