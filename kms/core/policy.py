@@ -19,7 +19,6 @@ from kms.mikey.constants import (
     IdRole,
     IdType,
     KeyDataType,
-    PayloadType,
     PrfFunc,
     TicketType,
     TsRole,
@@ -318,5 +317,3 @@ def idr_in_policy(policy: TicketPolicy, role: IdRole) -> Idr | None:
             return p
     return None
 
-
-__all__ = ["PayloadType"]
