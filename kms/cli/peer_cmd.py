@@ -9,6 +9,9 @@ A peer entry serves both directions of a federated resolve:
 
 The key shared with the peer (``--psk-hex`` / ``--psk-file``: generated once, given to both
 operators) goes into the token as a sensitive, non-extractable secret like an endpoint PSK.
+Instead of a shared key, ``--cert`` names the peer's KMS certificates (its ``kms-cert.pem``
+and ``kms-signing-cert.pem`` concatenated): resolves then travel as RESOLVE_INIT_PK signed
+with this KMS's token-held signing key, env_key encrypted to the peer's envelope key.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from kms.cli import CliError
 from kms.cli.admin import (
@@ -52,6 +56,38 @@ def _read_pem(path: str, option: str) -> str:
     return data.decode("ascii")
 
 
+def _check_peer_certs(pem: str, kms_id: bytes) -> None:
+    """``--cert``: the peer's envelope certificate (keyUsage keyEncipherment) and signing
+    certificate (digitalSignature), RSA, each naming the peer's KMS id as a SAN URI."""
+    has_envelope = has_signing = False
+    for cert in x509.load_pem_x509_certificates(pem.encode("ascii")):
+        try:
+            san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+            uris = san.get_values_for_type(x509.UniformResourceIdentifier)
+        except x509.ExtensionNotFound:
+            uris = []
+        if kms_id not in [u.encode("utf-8") for u in uris]:
+            raise CliError(
+                f"--cert: certificate {cert.subject.rfc4514_string()!r} does not name "
+                f"{show_identity(kms_id)} as a subjectAltName URI"
+            )
+        if not isinstance(cert.public_key(), rsa.RSAPublicKey):
+            raise CliError("--cert: peer KMS certificates must hold RSA keys")
+        try:
+            usage: x509.KeyUsage | None = cert.extensions.get_extension_for_class(
+                x509.KeyUsage
+            ).value
+        except x509.ExtensionNotFound:
+            usage = None
+        has_envelope |= usage is None or usage.key_encipherment
+        has_signing |= usage is None or usage.digital_signature
+    if not (has_envelope and has_signing):
+        raise CliError(
+            "--cert must hold the peer's envelope certificate (kms-cert.pem) and its signing "
+            "certificate (kms-signing-cert.pem), e.g. both files concatenated"
+        )
+
+
 @_errors_to_cli
 def cmd_peer_add(args: argparse.Namespace) -> int:
     kms_id = _kms_id(args.kms_id)
@@ -63,6 +99,8 @@ def cmd_peer_add(args: argparse.Namespace) -> int:
     if args.psk_hex is not None or args.psk_file is not None:
         psk = read_psk(args.psk_hex, args.psk_file, "--psk")
     cert_pem = None if args.cert is None else _read_pem(args.cert, "--cert")
+    if cert_pem is not None:
+        _check_peer_certs(cert_pem, kms_id)
     ca_pem = None if args.ca is None else _read_pem(args.ca, "--ca")
     if args.rate < 0:
         raise CliError("--rate must be >= 0 (0: unlimited)")
@@ -85,10 +123,7 @@ def cmd_peer_add(args: argparse.Namespace) -> int:
     )
     print("  may resolve for: " + (", ".join(patterns) if patterns else "nobody"))
     if psk is None:
-        print(
-            "  note: certificate-authenticated peers (RESOLVE_INIT_PK between KMSs) are not "
-            "implemented yet; resolves through this peer are refused until it has a PSK"
-        )
+        print("  authenticated by certificate: RESOLVE_INIT_PK signed with our kms/signing key")
     if ca_pem is None:
         how = (
             "plaintext (loopback, [federation] allow_plaintext)"
@@ -163,6 +198,12 @@ def register(sub: Any) -> None:  # argparse._SubParsersAction
             "against --ca, else the system roots). The key shared with the peer (16..32 bytes\n"
             "hex; generate it once and give it to both operators) is stored in the token as\n"
             "a sensitive, non-extractable secret.\n\n"
+            "--cert instead of a shared key: the peer's KMS certificates, i.e. its\n"
+            "kms-cert.pem (envelope key: we encrypt env_key to it) and kms-signing-cert.pem\n"
+            "(pinned: its RESOLVE_INIT_PK must be signed with that key) concatenated in one\n"
+            "PEM file; both must name KMS-ID as subjectAltName URI. We sign our RESOLVE_INIT_PK\n"
+            "to the peer with our token-held kms/signing key, so the peer needs our two\n"
+            "certificates too. The issuing side needs [pk] enabled (ca_bundle) to accept it.\n\n"
             "--resolve-for: identity patterns (shell globs, e.g. 'sip:*@b.example.org') the\n"
             "peer may resolve OUR tickets for; none given: it may resolve none. --rate: how\n"
             "many resolves per second it may ask of us (0: unlimited). --deadline-ms: how\n"
@@ -180,7 +221,7 @@ def register(sub: Any) -> None:  # argparse._SubParsersAction
     src.add_argument(
         "--cert",
         metavar="PEM",
-        help="the peer's certificate (certificate peers: not implemented yet)",
+        help="the peer's kms-cert.pem + kms-signing-cert.pem (certificate peer, no shared key)",
     )
     q.add_argument("--ca", metavar="PEM", help="CA certificate(s) of the peer's TLS server")
     q.add_argument(

@@ -6,9 +6,20 @@ end Responder's IDRr and the TICKET unchanged, MACed with the key shared with th
 naming itself in IDRpsk. It verifies the issuing KMS's RESOLVE_RESP and re-protects the keys
 for its Responder. Forked keys stay bound to the end Responder's identity, which the issuing
 KMS checks against its trust in this peer (kms.core.authn.authenticate_peer).
+
+A certificate peer (no shared key) is sent a RESOLVE_INIT_PK instead: CERT is this KMS's
+signing certificate, CHASH and PKE name the peer's envelope certificate (a fresh env_key,
+RSAES-PKCS1-v1_5), and SIGN is computed by the token with this KMS's signing key over the
+message || IDRr || IDRkms; the answer is checked with keys from env_key
+(kms.core.pk.CertificateAuthenticator accepts it on the issuing side).
 """
 
 from __future__ import annotations
+
+import hashlib
+
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from kms.core.api import Outcome
 from kms.core.context import Authenticated, Deps, Exchange
@@ -16,14 +27,25 @@ from kms.core.errors import Refusal, denied
 from kms.core.ports import PeerError, PeerKms
 from kms.core.request import fresh_timestamp
 from kms.core.resolve import build_resolve_resp
+from kms.keystore import Key, SignScheme
 from kms.mikey.cipher import CryptoError
 from kms.mikey.compose import check_composition
-from kms.mikey.constants import DataType, ErrorNo, IdRole, KeyDataType, RandRole
+from kms.mikey.constants import (
+    CertType,
+    DataType,
+    ErrorNo,
+    HashFunc,
+    IdRole,
+    KeyDataType,
+    RandRole,
+    SignType,
+)
+from kms.mikey.coverage import seal
 from kms.mikey.derive import KeyDirection
 from kms.mikey.errors import DecodeError
 from kms.mikey.header import EmptyMap, Header
 from kms.mikey.message import Message
-from kms.mikey.payloads import Error, Kemac, KeyData, Payload
+from kms.mikey.payloads import Cert, Chash, Error, Kemac, KeyData, Payload, Pke, Sign
 from kms.mikey.protect import (
     check_mac,
     idr_of,
@@ -86,11 +108,17 @@ def forward_resolve(
     peer = deps.directory.peer(issuer.data)
     if peer is None or deps.peers is None:
         raise denied(ErrorNo.INVALID_TICKET, "ticket issued by an unknown KMS", "unknown issuer")
-    if peer.psk is None:
-        raise denied(ErrorNo.INVALID_TICKET, "issuing KMS not reachable by PSK", "cert peer")
+    if peer.psk is None and not _reachable_by_pk(peer):
+        raise denied(ErrorNo.INVALID_TICKET, "issuing KMS not reachable", "cert peer incomplete")
     ex.audit["event"] = "ticket.forwarded"
     ex.audit["peer"] = peer.kms_id.decode("utf-8", "replace")
-    fwd, rand_r = _forwarded_resolve_init(msg, auth, deps, now, ticket, issuer, peer)
+    key: Key
+    if peer.psk is None:
+        ex.audit["peer_auth"] = "pk"
+        fwd, rand_r, key = _forwarded_resolve_init_pk(msg, auth, deps, now, ticket, issuer, peer)
+    else:
+        fwd, rand_r = _forwarded_resolve_init(msg, auth, deps, now, ticket, issuer, peer)
+        key = peer.psk
     try:
         answer = deps.peers.forward_resolve(
             peer, fwd.wire, correlation_id=ex.correlation_id, hops=ex.hops + 1
@@ -112,7 +140,7 @@ def forward_resolve(
             "issuing KMS unavailable",
             f"peer unavailable: {exc.detail}",
         ) from None
-    keys, rand_kms = _verify_peer_answer(answer, fwd, auth, deps, ticket, peer, rand_r)
+    keys, rand_kms = _verify_peer_answer(answer, fwd, auth, deps, ticket, key, rand_r)
     sealed = build_resolve_resp(msg, auth, deps, ex, now, keys, rand_kms, auth.identity.data)
     ex.audit["event"] = "ticket.resolved"
     ex.audit["via_peer"] = True
@@ -150,18 +178,69 @@ def _forwarded_resolve_init(
     return seal_mac(draft, keys, auth.suite.mac_alg, auth.identity.data + issuer.data), rand_r
 
 
+def _reachable_by_pk(peer: PeerKms) -> bool:
+    return (
+        peer.envelope_cert_der is not None
+        and peer.local_signing_key is not None
+        and peer.local_signing_cert_der is not None
+    )
+
+
+def _forwarded_resolve_init_pk(
+    msg: Message,
+    auth: Authenticated,
+    deps: Deps,
+    now: float,
+    ticket: Ticket,
+    issuer: Idr,
+    peer: PeerKms,
+) -> tuple[Message, bytes, bytes]:
+    """RESOLVE_INIT_PK = HDR, T, RANDRr, IDRr (end Responder), CERT (this KMS's signing
+    certificate), IDRkms (issuer), TICKET, CHASH, PKE, SIGN (RFC 6043 4.2.3.1): the PK
+    counterpart of :func:`_forwarded_resolve_init`. Returns it, RANDRr and env_key."""
+    ks = deps.keystore
+    assert peer.envelope_cert_der is not None
+    assert peer.local_signing_key is not None and peer.local_signing_cert_der is not None
+    envelope = x509.load_der_x509_certificate(peer.envelope_cert_der).public_key()
+    own = x509.load_der_x509_certificate(peer.local_signing_cert_der).public_key()
+    if not isinstance(envelope, rsa.RSAPublicKey) or not isinstance(own, rsa.RSAPublicKey):
+        raise denied(ErrorNo.INVALID_TICKET, "issuing KMS not reachable", "cert peer not RSA")
+    rand_r = ks.random(32)
+    env_key = ks.random(32)
+    csb = int.from_bytes(ks.random(4), "big")
+    header = Header(DataType.RESOLVE_INIT_PK, csb, EmptyMap(0), True, msg.header.prf_func)
+    payloads: list[Payload] = [
+        fresh_timestamp(timestamp_of(msg), now),
+        RandR(RandRole.RANDRR, rand_r),
+        Idr(IdRole.IDRR, auth.identity.id_type, auth.identity.data),
+        Cert(CertType.X509V3, peer.local_signing_cert_der),
+        Idr(IdRole.IDRKMS, issuer.id_type, issuer.data),
+        ticket,
+        Chash(HashFunc.SHA_256, hashlib.sha256(peer.envelope_cert_der).digest()),
+        Pke(0, envelope.encrypt(env_key, padding.PKCS1v15())),  # C = 0: no cache
+        Sign(SignType.RSA_PKCS1_V1_5, bytes((own.key_size + 7) // 8)),
+    ]
+    key = peer.local_signing_key
+    fwd = seal(
+        Message(header, tuple(payloads)),
+        lambda data: ks.sign(key, data, SignScheme.RSA_PKCS1V15_SHA256),
+        auth.identity.data + issuer.data,
+    )
+    return fwd, rand_r, env_key
+
+
 def _verify_peer_answer(
     answer: bytes,
     fwd: Message,
     auth: Authenticated,
     deps: Deps,
     ticket: Ticket,
-    peer: PeerKms,
+    key: Key,
     rand_r: bytes,
 ) -> tuple[list[KeyData], bytes | None]:
     """Check the issuing KMS's RESOLVE_RESP like a Responder would (RFC 6043 4.2.3.6), and
-    that forked keys are bound to the end Responder, not to some other identity."""
-    assert peer.psk is not None
+    that forked keys are bound to the end Responder, not to some other identity. ``key``:
+    the key shared with the peer, or the env_key of a RESOLVE_INIT_PK."""
     try:
         resp = Message.decode(answer)
         check_composition(resp)
@@ -170,7 +249,7 @@ def _verify_peer_answer(
     if resp.data_type != DataType.RESOLVE_RESP or resp.header.csb_id != fwd.header.csb_id:
         raise _invalid("not a RESOLVE_RESP to our RESOLVE_INIT")
     ks = deps.keystore
-    keys = message_keys(ks, peer.psk, fwd, KeyDirection.RESPONSE, None, rand_r, auth.suite)
+    keys = message_keys(ks, key, fwd, KeyDirection.RESPONSE, None, rand_r, auth.suite)
     if not check_mac(resp, keys, auth.suite, fwd.wire):
         raise _invalid("MAC verification failed")
     kemac = resp.one(Kemac)

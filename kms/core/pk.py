@@ -25,11 +25,18 @@ for a message whose signature verified and whose timestamp is fresh):
    PKE failure, including a too short env_key, is the same opaque Auth failure;
 8. only then rate limit and replay cache (:func:`kms.core.authn.admit`), so unauthenticated
    messages never build state in the KMS.
+
+A RESOLVE_INIT_PK whose CERT names (subjectAltName URI) a registered certificate peer KMS is
+that KMS resolving on behalf of the end Responder in IDRr (RFC 6043 9): its certificate must
+be the peer's pinned signing certificate (`kms peer add --cert`), SIGN is verified with IDRr
+as the signed identity, PKE is opened as above, then the peer trust of the PSK peer path
+applies (``--resolve-for`` patterns, per-peer quota; replay as for any PK message).
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import fnmatch
 import hashlib
 import hmac
 import itertools
@@ -41,13 +48,14 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
-from cryptography.hazmat.primitives.serialization import load_der_public_key
+from cryptography.hazmat.primitives.serialization import Encoding, load_der_public_key
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
 from kms.core.api import Outcome
 from kms.core.authn import check_kms_identity, check_timestamp, message_suite
 from kms.core.context import Authenticated, Deps
-from kms.core.errors import Refusal, auth_failure, malformed
+from kms.core.errors import Refusal, auth_failure, denied, malformed
+from kms.core.ports import PeerKms
 from kms.keystore import InvalidSealedData, KeyRef, RsaPadding
 from kms.mikey.constants import CertType, ErrorNo, HashFunc, IdRole, IdType, RandRole, SignType
 from kms.mikey.coverage import initial_mac_input
@@ -153,6 +161,10 @@ class CertificateAuthenticator:
         id_role = IdRole(role)
         if id_role not in (IdRole.IDRI, IdRole.IDRR):
             raise ValueError("role must be IDRi (Ticket Request) or IDRr (Ticket Resolve)")
+        if id_role == IdRole.IDRR:
+            peer = self._certificate_peer(msg)
+            if peer is not None:
+                return self._authenticate_peer_pk(msg, now, *peer)
         suite = message_suite(msg)
         kms_id = check_kms_identity(msg, deps)
 
@@ -171,6 +183,74 @@ class CertificateAuthenticator:
         # The service admits it (rate limit, replay cache) once it has recorded the
         # authentication, so that those refusals are MACed with env_key like any other.
         return Authenticated(identity, env_key, suite, rand_i, rand_r, kms_id, "pk")
+
+    # --- a peer KMS forwarding a Ticket Resolve (RFC 6043 9) ------------------------------
+
+    def _certificate_peer(self, msg: Message) -> tuple[PeerKms, x509.Certificate] | None:
+        """The registered certificate peer KMS that the first CERT's subjectAltName URI
+        names, with that certificate; None (the endpoint path) for anything else."""
+        first = msg.first(Cert)
+        if first is None or first.cert_type not in _DER_CERT_TYPES:
+            return None
+        try:
+            leaf = x509.load_der_x509_certificate(first.data)
+            san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+            uris = san.get_values_for_type(x509.UniformResourceIdentifier)
+        except (ValueError, x509.ExtensionNotFound):
+            return None
+        for uri in uris:
+            peer = self._deps.directory.peer(uri.encode("utf-8"))
+            if peer is not None and peer.psk is None and peer.signing_certs_der:
+                return peer, leaf
+        return None
+
+    def _authenticate_peer_pk(
+        self, msg: Message, now: float, peer: PeerKms, leaf: x509.Certificate
+    ) -> Authenticated:
+        """RESOLVE_INIT_PK from a certificate peer: pinned certificate, SIGN by the peer over
+        RESOLVE_INIT || IDRr || IDRkms, PKE, then the peer's trust (as authenticate_peer)."""
+        deps = self._deps
+        suite = message_suite(msg)
+        kms_id = check_kms_identity(msg, deps)
+        der = leaf.public_bytes(Encoding.DER)
+        if not any(hmac.compare_digest(der, pinned) for pinned in peer.signing_certs_der):
+            raise invalid_cert("not the registered signing certificate of this peer KMS")
+        when = dt.datetime.fromtimestamp(now, dt.UTC)
+        if not leaf.not_valid_before_utc <= when <= leaf.not_valid_after_utc:
+            raise invalid_cert("peer certificate expired or not yet valid")
+        if not isinstance(leaf.public_key(), rsa.RSAPublicKey):
+            raise invalid_cert("certificate key is not RSA")
+        identity = idr_of(msg, IdRole.IDRR)
+        if identity is None:
+            raise Refusal(
+                ErrorNo.INVALID_ID,
+                Outcome.UNAUTHENTICATED,
+                "sender identity missing",
+                "peer without IDRr",
+            )
+        try:
+            self._verify_signature(msg, leaf, identity.data, kms_id)
+        except Refusal as refusal:
+            raise auth_failure(f"peer {refusal.reason}") from None
+        check_timestamp(msg, deps, now)
+        env_key = self._open_envelope(msg)
+        shown = identity.data.decode("utf-8", "replace")
+        if not any(fnmatch.fnmatchcase(shown, pattern) for pattern in peer.resolve_for):
+            raise denied(
+                ErrorNo.INVALID_ID,
+                "peer KMS may not resolve for this identity",
+                f"peer {peer.kms_id.decode('utf-8', 'replace')} not trusted for {shown}",
+            )
+        if deps.peer_quota is not None and not deps.peer_quota.allow(
+            peer.kms_id, peer.rate_per_s, now
+        ):
+            raise Refusal(ErrorNo.UNSPECIFIED, Outcome.RATE_LIMITED, "peer quota exceeded")
+        rand_r = rand_of(msg, RandRole.RANDRR)
+        if rand_r is None:  # pragma: no cover - the composition check requires it
+            raise malformed("missing RANDR")
+        # The replay cache (and the Responder's rate limit) follow in the service's admit().
+        idr = Idr(IdRole.IDRR, identity.id_type, identity.data)
+        return Authenticated(idr, env_key, suite, None, rand_r, kms_id, "peer", peer.kms_id)
 
     # --- steps --------------------------------------------------------------------------
 

@@ -7,7 +7,7 @@ replay cache and the audit log; tests may use the in-memory ones in ``kms.store.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from kms.keystore import KeyRef
@@ -87,6 +87,15 @@ class PeerKms:
     rate_per_s: float = 0.0  # resolves per second it may ask of us (0: unlimited)
     deadline_s: float = 2.0  # how long we wait for it
     kms_id_type: int = 1  # URI
+    # Certificate peers (psk None; RESOLVE_INIT_PK between KMSs), from `peer add --cert`:
+    # the peer's envelope certificate (DER: we encrypt env_key to it, CHASH names it) and its
+    # signing certificate(s) (DER, pinned: the CERT of its RESOLVE_INIT_PK must be one).
+    envelope_cert_der: bytes | None = field(default=None, repr=False)
+    signing_certs_der: tuple[bytes, ...] = field(default=(), repr=False)
+    # What this KMS signs its own RESOLVE_INIT_PK to the peer with: its signing key in the
+    # token and that key's certificate (sent as CERT). None: we cannot reach it by PK.
+    local_signing_key: KeyRef | None = None
+    local_signing_cert_der: bytes | None = field(default=None, repr=False)
 
 
 class PeerError(Exception):

@@ -3,12 +3,16 @@ group membership: a removed member is refused at once (issue 4)."""
 
 from __future__ import annotations
 
+import functools
 import threading
 from pathlib import Path
 
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+
 from kms.core.ports import PeerKms
 from kms.keystore import KeyRef
-from kms.server.home import guess_id_type
+from kms.server.home import SIGNING_CERT_FILE, SIGNING_LABEL, guess_id_type
 from kms.store.registry import Registry, TpkState, UnknownPeer
 
 TPK_ID_PREFIX = b"tpk/"
@@ -18,9 +22,13 @@ class RegistryDirectory:
     """One registry connection per thread: sqlite3 connections belong to their thread, and the
     gRPC server calls the core from a pool of threads."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, signing_cert: Path | None = None) -> None:
         self.path = path
+        # This KMS's SIGNkms certificate (sent to certificate peers): by default the one
+        # `kms init` wrote next to the registry.
+        self.signing_cert = signing_cert or path.parent / SIGNING_CERT_FILE
         self._local = threading.local()
+        self._own_cert: bytes | None = None
         Registry.open(path).close()  # fail early, in the caller's thread, if it is missing
 
     @property
@@ -70,6 +78,10 @@ class RegistryDirectory:
             p = self.registry.get_peer(kms_id)
         except UnknownPeer:
             return None
+        envelope: bytes | None = None
+        signing: tuple[bytes, ...] = ()
+        if p.key_label is None and p.cert_pem:
+            envelope, signing = split_peer_certs(p.cert_pem)
         return PeerKms(
             kms_id=p.kms_id,
             psk=KeyRef(p.key_label) if p.key_label else None,
@@ -77,7 +89,46 @@ class RegistryDirectory:
             rate_per_s=p.rate_limit,
             deadline_s=p.deadline_ms / 1000.0,
             kms_id_type=guess_id_type(p.kms_id),
+            envelope_cert_der=envelope,
+            signing_certs_der=signing,
+            local_signing_key=KeyRef(SIGNING_LABEL) if envelope is not None else None,
+            local_signing_cert_der=self._own_signing_cert() if envelope is not None else None,
         )
+
+    def _own_signing_cert(self) -> bytes | None:
+        if self._own_cert is None:
+            try:
+                certs = x509.load_pem_x509_certificates(self.signing_cert.read_bytes())
+            except (OSError, ValueError):
+                return None
+            self._own_cert = certs[0].public_bytes(Encoding.DER)
+        return self._own_cert
 
     def applications(self) -> frozenset[bytes]:
         return frozenset(a.identity for a in self.registry.list_applications())
+
+
+@functools.lru_cache(maxsize=64)
+def split_peer_certs(cert_pem: str) -> tuple[bytes | None, tuple[bytes, ...]]:
+    """A certificate peer's `--cert` PEM (its kms-cert.pem and kms-signing-cert.pem): (the
+    envelope certificate, keyUsage keyEncipherment; the signing certificates, keyUsage
+    digitalSignature), as DER. A certificate without keyUsage counts as both."""
+    try:
+        certs = x509.load_pem_x509_certificates(cert_pem.encode("ascii"))
+    except ValueError:
+        return None, ()
+    envelope: bytes | None = None
+    signing: list[bytes] = []
+    for cert in certs:
+        der = cert.public_bytes(Encoding.DER)
+        try:
+            usage: x509.KeyUsage | None = cert.extensions.get_extension_for_class(
+                x509.KeyUsage
+            ).value
+        except x509.ExtensionNotFound:
+            usage = None
+        if envelope is None and (usage is None or usage.key_encipherment):
+            envelope = der
+        if usage is None or usage.digital_signature:
+            signing.append(der)
+    return envelope, tuple(signing)
