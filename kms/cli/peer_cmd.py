@@ -203,7 +203,7 @@ def register(sub: Any) -> None:  # argparse._SubParsersAction
             "(pinned: its RESOLVE_INIT_PK must be signed with that key) concatenated in one\n"
             "PEM file; both must name KMS-ID as subjectAltName URI. We sign our RESOLVE_INIT_PK\n"
             "to the peer with our token-held kms/signing key, so the peer needs our two\n"
-            "certificates too. The issuing side needs [pk] enabled (ca_bundle) to accept it.\n\n"
+            "certificates too. No [pk] ca_bundle is needed for that: the peer is pinned.\n\n"
             "--resolve-for: identity patterns (shell globs, e.g. 'sip:*@b.example.org') the\n"
             "peer may resolve OUR tickets for; none given: it may resolve none. --rate: how\n"
             "many resolves per second it may ask of us (0: unlimited). --deadline-ms: how\n"

@@ -135,12 +135,13 @@ class CertificateAuthenticator:
         pke_padding: RsaPadding = RsaPadding.PKCS1V15,
         sign_hash: SignHash = SignHash.SHA256,
     ) -> None:
-        if not roots:
-            raise ValueError("the CA bundle holds no certificate")
+        # No roots: endpoint certificates cannot be validated, so only certificate peer KMSs
+        # (pinned certificates, RFC 6043 9) are accepted; endpoints get "not enabled".
+        self._endpoints_enabled = bool(roots)
         if not envelope_keys:
             raise ValueError("at least one envelope key is needed")
         self._deps = deps
-        self._store = Store(list(roots))
+        self._store = Store(list(roots)) if roots else None
         self._envelope_keys = tuple(envelope_keys)
         self.pke_padding = RsaPadding(pke_padding)
         self.sign_hash = SignHash(sign_hash)
@@ -165,6 +166,12 @@ class CertificateAuthenticator:
             peer = self._certificate_peer(msg)
             if peer is not None:
                 return self._authenticate_peer_pk(msg, now, *peer)
+        if not self._endpoints_enabled:
+            raise Refusal(
+                ErrorNo.UNSUPPORTED_MESSAGE_TYPE,
+                Outcome.MALFORMED,
+                "public-key messages are not enabled on this KMS",
+            )
         suite = message_suite(msg)
         kms_id = check_kms_identity(msg, deps)
 
@@ -282,6 +289,8 @@ class CertificateAuthenticator:
                 child.verify_directly_issued_by(parent)
             except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
                 raise invalid_cert("CERT payloads do not form a chain in order") from None
+        if self._store is None:  # pragma: no cover - authenticate() refuses endpoints first
+            raise invalid_cert("no CA bundle configured")
         verifier = (
             PolicyBuilder()
             .store(self._store)

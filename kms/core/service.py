@@ -78,6 +78,8 @@ class Kms:
         auth = self.deps.pk.authenticate(msg, now, role)
         ex.auth = auth
         ex.audit["sender"] = auth.identity.data.decode("utf-8", "replace")
+        if auth.peer is not None:
+            ex.audit["peer"] = auth.peer.decode("utf-8", "replace")
         admit(msg, self.deps, now, auth.identity.data)
         return auth
 

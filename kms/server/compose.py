@@ -67,12 +67,15 @@ def build_handler(
         peers=peers,
         peer_quota=PerKeyQuota(),
     )
-    if pk is None and config.pk.ca_bundle is not None:
+    cert_peers = any(p.auth == "cert" for p in home.registry.list_peers())
+    if pk is None and (config.pk.ca_bundle is not None or cert_peers):
         # REQUEST_INIT_PK / RESOLVE_INIT_PK (RFC 6043 4.2.1.1, 4.2.3.1): endpoint
         # certificates chain to the [pk] ca_bundle; PKE is encrypted to the envelope key,
-        # whose certificate (kms-cert.pem) CHASH names (reference 9).
+        # whose certificate (kms-cert.pem) CHASH names (reference 9). Without a CA bundle,
+        # only certificate peer KMSs (pinned certificates) may send them.
         try:
-            roots = load_pem_certificates(config.pk.ca_bundle.read_bytes())
+            bundle = config.pk.ca_bundle
+            roots = load_pem_certificates(bundle.read_bytes()) if bundle is not None else []
             kms_cert = load_pem_certificates((config.home / CERT_FILE).read_bytes())[0]
             authenticator = CertificateAuthenticator(
                 deps,

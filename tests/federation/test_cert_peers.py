@@ -103,7 +103,9 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
         ).stdout  # fmt: skip
         assert "not implemented" not in out and "certificate" in out
         _enable_mtls(me.home, me.cert, ca.path)
-        _enable_pk(me.home, ca.path)
+        if me is b:
+            # A runs without [pk] ca_bundle: certificate peers need none (pinned certificates).
+            _enable_pk(me.home, ca.path)
     endpoint_cert = ca.issue("endpoints")
     clients = {
         d.name: KmsClient(
@@ -164,6 +166,7 @@ def test_alice_at_a_calls_bob_at_b_by_certificate(pair: Pair, flags: TpFlag) -> 
     assert b_rec["via_peer"] is True and b_rec["peer"] == A_ID and b_rec["peer_auth"] == "pk"
     assert b_rec["sender"] == BOB.decode() and b_rec["method"] == "psk"
     assert a_rec["method"] == "peer" and a_rec["data_type"] == "RESOLVE_INIT_PK"
+    assert a_rec["peer"] == B_ID
     assert a_rec["sender"] == BOB.decode() and a_rec["hops"] == 1
     assert a_rec["forking"] is (flags == FORKING) is b_rec["forking"]
 
@@ -250,10 +253,11 @@ def test_unknown_certificate_is_refused(pair: Pair) -> None:
 
 
 def test_unregistered_kms_certificate_is_refused(pair: Pair) -> None:
-    """A KMS certificate A has no peer entry for goes the endpoint way: not in [pk] ca_bundle."""
+    """A KMS certificate A has no peer entry for goes the endpoint way, and A (no [pk]
+    ca_bundle) accepts public-key messages from certificate peers only."""
     key, der = _self_signed("kms:c.example")
     correlation, refused = _as_peer_b(pair, der, key)
-    assert refused.code is grpc.StatusCode.UNAUTHENTICATED
-    assert error_no(refused) == ErrorNo.INVALID_CERT
+    assert refused.code is grpc.StatusCode.INVALID_ARGUMENT
+    assert error_no(refused) == ErrorNo.UNSUPPORTED_MESSAGE_TYPE
     (a_rec,) = pair.a.audit(correlation)
-    assert a_rec["reason"].startswith("certificate path not valid")
+    assert a_rec["reason"] == "public-key messages are not enabled on this KMS"
