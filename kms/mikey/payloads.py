@@ -290,6 +290,20 @@ class Sign(Payload):
         return cls(as_known(SignType, v >> 12), r.pull_bytes(v & 0x0FFF, "Signature"))
 
 
+def push_ts(w: Writer, ts_type: int, value: bytes, payload: str) -> None:
+    """TS type | TS value (RFC 3830 6.6, RFC 6043 6.3/6.4), the value's length by its type."""
+    if ts_type not in TS_VALUE_LENGTH or len(value) != TS_VALUE_LENGTH[TsType(ts_type)]:
+        raise EncodeError(f"{payload}: TS value length does not match its TS type")
+    w.push_u8(ts_type, "TS type")
+    w.push_bytes(value)
+
+
+def pull_ts(r: Reader) -> tuple[TsType, bytes]:
+    at = r.pos
+    ts_type = known(TsType, r.pull_u8("TS type"), r, "TS type", at)
+    return ts_type, r.pull_bytes(TS_VALUE_LENGTH[ts_type], "TS value")
+
+
 @dataclass(frozen=True)
 class Timestamp(Payload):
     """Timestamp payload T (RFC 3830 6.6, RFC 6043 6.3): TS type | TS value."""
@@ -301,18 +315,13 @@ class Timestamp(Payload):
     value: bytes
 
     def encode_body(self) -> bytes:
-        if (
-            self.ts_type not in TS_VALUE_LENGTH
-            or len(self.value) != TS_VALUE_LENGTH[TsType(self.ts_type)]
-        ):
-            raise EncodeError("T: TS value length does not match its TS type")
-        return bytes([self.ts_type]) + self.value
+        w = Writer()
+        push_ts(w, self.ts_type, self.value, self.NAME)
+        return w.getvalue()
 
     @classmethod
     def decode_body(cls, r: Reader) -> Self:
-        at = r.pos
-        ts_type = known(TsType, r.pull_u8("TS type"), r, "TS type", at)
-        return cls(ts_type, r.pull_bytes(TS_VALUE_LENGTH[ts_type], "TS value"))
+        return cls(*pull_ts(r))
 
 
 @dataclass(frozen=True)

@@ -11,14 +11,12 @@ from kms.mikey.buffer import Reader, Writer
 from kms.mikey.constants import (
     BASE_TICKET_SUBTYPE,
     BASE_TICKET_VERSION,
-    TS_VALUE_LENGTH,
     IdRole,
     IdType,
     PayloadType,
     RandRole,
     TicketType,
     TsRole,
-    TsType,
 )
 from kms.mikey.errors import DecodeError, EncodeError
 from kms.mikey.payloads import (
@@ -28,7 +26,8 @@ from kms.mikey.payloads import (
     Timestamp,
     Verification,
     as_known,
-    known,
+    pull_ts,
+    push_ts,
 )
 
 
@@ -44,25 +43,16 @@ class Tr(Payload):
     value: bytes
 
     def encode_body(self) -> bytes:
-        if (
-            self.ts_type not in TS_VALUE_LENGTH
-            or len(self.value) != TS_VALUE_LENGTH[TsType(self.ts_type)]
-        ):
-            raise EncodeError("TR: TS value length does not match its TS type")
         w = Writer()
         w.push_u8(self.role, "TS Role")
-        w.push_u8(self.ts_type, "TS type")
-        w.push_bytes(self.value)
+        push_ts(w, self.ts_type, self.value, self.NAME)
         return w.getvalue()
 
     @classmethod
     def decode_body(cls, r: Reader) -> Self:
         role = r.pull_u8("TS Role")
-        at = r.pos
-        ts_type = known(TsType, r.pull_u8("TS type"), r, "TS type", at)
-        return cls(
-            as_known(TsRole, role), ts_type, r.pull_bytes(TS_VALUE_LENGTH[ts_type], "TS value")
-        )
+        ts_type, value = pull_ts(r)
+        return cls(as_known(TsRole, role), ts_type, value)
 
 
 @dataclass(frozen=True)
