@@ -118,6 +118,11 @@ def admit(msg: Message, deps: Deps, now: float, identity: bytes) -> None:
     """After authentication: per-identity rate limit, then the replay cache."""
     if not deps.rate.allow(identity, now):
         raise Refusal(ErrorNo.UNSPECIFIED, Outcome.RATE_LIMITED, "rate limit exceeded")
+    check_replay(msg, deps, now)
+
+
+def check_replay(msg: Message, deps: Deps, now: float) -> None:
+    """RFC 3830 5.4: refuse a second copy of an accepted initial message (keyed by its hash)."""
     digest = hashlib.sha256(msg.wire).digest()
     # Keep each digest as long as its timestamp could still be accepted.
     expires = now + 2 * deps.policy.timestamp_window_s
@@ -175,7 +180,5 @@ def authenticate_peer(
     ex.auth = auth
     if deps.peer_quota is not None and not deps.peer_quota.allow(peer.kms_id, peer.rate_per_s, now):
         raise Refusal(ErrorNo.UNSPECIFIED, Outcome.RATE_LIMITED, "peer quota exceeded")
-    digest = hashlib.sha256(msg.wire).digest()
-    if not deps.replay.check_and_store(digest, now + 2 * deps.policy.timestamp_window_s, now):
-        raise precondition(ErrorNo.INVALID_TS, "replayed message", "replay of an accepted message")
+    check_replay(msg, deps, now)
     return auth

@@ -28,8 +28,6 @@ from kms.core.ports import PeerError, PeerKms
 from kms.core.request import fresh_timestamp
 from kms.core.resolve import build_resolve_resp
 from kms.keystore import Key, SignScheme
-from kms.mikey.cipher import CryptoError
-from kms.mikey.compose import check_composition
 from kms.mikey.constants import (
     CertType,
     DataType,
@@ -45,16 +43,15 @@ from kms.mikey.derive import KeyDirection
 from kms.mikey.errors import DecodeError
 from kms.mikey.header import EmptyMap, Header
 from kms.mikey.message import Message
-from kms.mikey.payloads import Cert, Chash, Error, Kemac, KeyData, Payload, Pke, Sign
+from kms.mikey.payloads import Cert, Chash, Error, KeyData, Payload, Pke, Sign
 from kms.mikey.protect import (
-    check_mac,
+    ResponseRejected,
     idr_of,
     message_keys,
-    open_kemac,
+    open_response,
     placeholder_v,
     rand_of,
     seal_mac,
-    t64_of,
     timestamp_of,
 )
 from kms.mikey.ticket import Idr, RandR, Ticket, TpFlag
@@ -242,21 +239,12 @@ def _verify_peer_answer(
     that forked keys are bound to the end Responder, not to some other identity. ``key``:
     the key shared with the peer, or the env_key of a RESOLVE_INIT_PK."""
     try:
-        resp = Message.decode(answer)
-        check_composition(resp)
-    except DecodeError as exc:
-        raise _invalid(f"undecodable: {exc}") from None
-    if resp.data_type != DataType.RESOLVE_RESP or resp.header.csb_id != fwd.header.csb_id:
-        raise _invalid("not a RESOLVE_RESP to our RESOLVE_INIT")
-    ks = deps.keystore
-    keys = message_keys(ks, key, fwd, KeyDirection.RESPONSE, None, rand_r, auth.suite)
-    if not check_mac(resp, keys, auth.suite, fwd.wire):
-        raise _invalid("MAC verification failed")
-    kemac = resp.one(Kemac)
-    try:
-        key_data = list(open_kemac(ks, kemac, keys, resp.header.csb_id, t64_of(resp)))
-    except CryptoError:
-        raise _invalid("KEMAC cannot be decrypted") from None
+        resp, opened = open_response(
+            deps.keystore, answer, DataType.RESOLVE_RESP, fwd, key, auth.suite, None, rand_r
+        )
+    except ResponseRejected as exc:
+        raise _invalid(exc.reason) from None
+    key_data = list(opened)
     forking = bool(ticket.policy.flags & TpFlag.I)
     mpks = [k for k in key_data if k.key_type == KeyDataType.MPK]
     if len(mpks) != (2 if forking else 1) or key_data[: len(mpks)] != mpks:

@@ -9,23 +9,19 @@ from dataclasses import dataclass, field
 
 from kms.endpoint.session import EndpointError
 from kms.keystore import KeyStore
-from kms.mikey.cipher import CryptoError
-from kms.mikey.compose import check_composition
 from kms.mikey.constants import DataType, IdType, TsType
 from kms.mikey.derive import KeyDirection, MessageKeys
-from kms.mikey.errors import DecodeError
 from kms.mikey.header import EmptyMap, Header
 from kms.mikey.message import Message
 from kms.mikey.ntp import decode_ts_value, encode_ts_value
-from kms.mikey.payloads import Kemac, KeyData, Payload, Timestamp
+from kms.mikey.payloads import KeyData, Payload, Timestamp
 from kms.mikey.protect import (
+    ResponseRejected,
     Suite,
-    check_mac,
     message_keys,
-    open_kemac,
+    open_response,
     placeholder_v,
     seal_mac,
-    t64_of,
     timestamp_of,
 )
 
@@ -84,26 +80,9 @@ def accept_kms_response(
     RFC 6043 4.2.1.6: a response that does not verify is discarded (EndpointError here).
     """
     try:
-        msg = Message.decode(data)
-    except DecodeError as exc:
-        raise EndpointError(f"undecodable response: {exc}") from None
-    if msg.data_type == DataType.ERROR:
-        raise EndpointError("the KMS answered with an error message")
-    if msg.data_type != expected or msg.header.csb_id != initial.header.csb_id:
-        raise EndpointError("response does not answer this request")
-    try:
-        check_composition(msg)
-    except DecodeError as exc:
-        raise EndpointError(f"malformed response: {exc}") from None
-    keys = message_keys(ks, key, initial, KeyDirection.RESPONSE, rand_i, rand_r, suite)
-    if not check_mac(msg, keys, suite, initial.wire):
-        raise EndpointError("response MAC verification failed")
-    kemac = msg.one(Kemac)
-    try:
-        key_data = open_kemac(ks, kemac, keys, msg.header.csb_id, t64_of(msg))
-    except CryptoError:
-        raise EndpointError("response KEMAC cannot be decrypted") from None
-    return msg, key_data
+        return open_response(ks, data, expected, initial, key, suite, rand_i, rand_r)
+    except ResponseRejected as exc:
+        raise EndpointError(f"KMS response rejected: {exc.reason}") from None
 
 
 def check_fresh(msg: Message, now: float, window: float) -> None:

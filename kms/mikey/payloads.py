@@ -342,7 +342,6 @@ class Id(Payload):
 
     @classmethod
     def decode_body(cls, r: Reader) -> Self:
-
         id_type = r.pull_u8("ID type")
         return cls(as_known(IdType, id_type), r.pull_bytes(r.pull_u16("ID len"), "ID data"))
 
@@ -365,7 +364,6 @@ class Cert(Payload):
 
     @classmethod
     def decode_body(cls, r: Reader) -> Self:
-
         ct = r.pull_u8("Cert type")
         return cls(as_known(CertType, ct), r.pull_bytes(r.pull_u16("Cert len"), "Certificate"))
 
@@ -456,7 +454,6 @@ class SecurityPolicy(Payload):
 
     @classmethod
     def decode_body(cls, r: Reader) -> Self:
-
         policy_no = r.pull_u8("Policy no")
         prot = r.pull_u8("Prot type")
         sub = r.sub(r.pull_u16("Policy param length"), "Policy param")
@@ -506,7 +503,6 @@ class Error(Payload):
 
     @classmethod
     def decode_body(cls, r: Reader) -> Self:
-
         no = r.pull_u8("Error no")
         return cls(as_known(ErrorNo, no), r.pull_u16("Reserved"))
 

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from kms.keystore import Key, KeyStore
 from kms.mikey.chain import decode_key_data, encode_key_data
 from kms.mikey.cipher import CryptoError, compute_mac, decrypt_kemac_data, encrypt_kemac_data
-from kms.mikey.constants import MAC_LENGTH, EncrAlg, MacAlg, PrfFunc, TsType
+from kms.mikey.compose import check_composition
+from kms.mikey.constants import MAC_LENGTH, DataType, EncrAlg, MacAlg, PrfFunc, TsType
 from kms.mikey.coverage import covered_prefix, seal
 from kms.mikey.derive import KeyDirection, MessageKeys, derive_message_keys
 from kms.mikey.errors import DecodeError
@@ -164,3 +165,49 @@ def check_mac(msg: Message, keys: MessageKeys, suite: Suite, extra: bytes) -> bo
         return False
     expected = compute_mac(suite.mac_alg, keys.auth_key, covered_prefix(msg) + extra)
     return hmac.compare_digest(expected, v.mac)
+
+
+class ResponseRejected(Exception):
+    """A response to our initial message does not verify; ``reason`` says why (no secrets)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def open_response(
+    ks: KeyStore,
+    data: bytes,
+    expected: int,
+    initial: Message,
+    key: Key,
+    suite: Suite,
+    rand_i: bytes | None,
+    rand_r: bytes | None,
+) -> tuple[Message, tuple[KeyData, ...]]:
+    """Verify a REQUEST_RESP / RESOLVE_RESP against the initial message it answers and open its
+    KEMAC (RFC 6043 4.2.1.6, 4.2.3.6): decoded and composed as RFC 6043 lays it out, same CSB
+    ID, V MAC over response || initial message with the 0x02 keys from ``key``. Used by
+    endpoints and by a KMS that resolved through a peer. Raises ResponseRejected."""
+    try:
+        msg = Message.decode(data)
+    except DecodeError as exc:
+        raise ResponseRejected(f"undecodable: {exc}") from None
+    if msg.data_type == DataType.ERROR:
+        raise ResponseRejected("answered with an error message")
+    if msg.data_type != expected or msg.header.csb_id != initial.header.csb_id:
+        raise ResponseRejected(
+            f"not a {DataType(expected).name} to our {DataType(initial.data_type).name}"
+        )
+    try:
+        check_composition(msg)
+    except DecodeError as exc:
+        raise ResponseRejected(f"malformed: {exc}") from None
+    keys = message_keys(ks, key, initial, KeyDirection.RESPONSE, rand_i, rand_r, suite)
+    if not check_mac(msg, keys, suite, initial.wire):
+        raise ResponseRejected("MAC verification failed")
+    try:
+        key_data = open_kemac(ks, msg.one(Kemac), keys, msg.header.csb_id, t64_of(msg))
+    except CryptoError:
+        raise ResponseRejected("KEMAC cannot be decrypted") from None
+    return msg, key_data
