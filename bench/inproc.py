@@ -28,9 +28,9 @@ from hsm.software import SoftwareKeyStore
 from kms.core.api import KmsReply
 from kms.core.service import Kms
 from kms.keystore import KeyRef, KeyStore, RsaPadding
-from kms.server.home import ENVELOPE_LABEL, psk_label
+from kms.server.home import ENVELOPE_LABEL
 
-_OPS = ("hmac", "prf", "aes_cm", "random", "rsa_decrypt", "sign")
+_OPS = ("hmac", "prf", "prf_many", "aes_cm", "random", "rsa_decrypt", "sign")
 
 
 class RecordingKeyStore:
@@ -56,7 +56,7 @@ def op_kind(name: str, args: tuple[Any, ...]) -> str:
     """E.g. ``prf[long-term]`` (a KeyRef: a token key object), ``prf[session]`` (a key
     given by value: a session object created, used and destroyed in the token),
     ``aes_cm[session]``, ``random``."""
-    if name in ("hmac", "prf"):
+    if name in ("hmac", "prf", "prf_many"):
         return f"{name}[{'long-term' if isinstance(args[0], KeyRef) else 'session'}]"
     if name in ("rsa_decrypt", "sign"):
         return f"{name}[long-term]"
@@ -130,7 +130,9 @@ def software_kms(token_kms: Kms, setup: BenchSetup) -> tuple[Kms, bytes]:
 
     sw = SoftwareKeyStore()
     for ident, psk in PSKS.items():
-        sw.import_secret(psk_label(ident), psk)
+        ref = token_kms.deps.directory.psk_for(ident)
+        assert ref is not None
+        sw.import_secret(ref.label, psk)
     _, tpk = token_kms.deps.directory.current_tpk()
     sw.generate_secret(tpk.label, 32)
     sw.generate_rsa(ENVELOPE_LABEL, 2048)

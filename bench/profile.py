@@ -65,6 +65,8 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=8.0)
     ap.add_argument("--top", type=int, default=40)
     ap.add_argument("--native", action="store_true", help="py-spy --native")
+    ap.add_argument("--all-threads", action="store_true",
+                    help="sample every active thread, not only the GIL holder")
     args = ap.parse_args()
     pyspy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     from bench import inproc
@@ -89,7 +91,8 @@ def main() -> int:
         raw = RESULTS / f"profile-{w.name.replace(' ', '-')}.txt"
         with server(setup.home, 1, args.echo, RESULTS) as (target, spid):
             spy = subprocess.Popen(
-                [pyspy, "record", "--pid", str(spid), "--format", "raw", "--rate", "200", "--gil",
+                [pyspy, "record", "--pid", str(spid), "--format", "raw", "--rate", "200",
+                 *([] if args.all_threads else ["--gil"]),
                  "--duration", str(math.ceil(args.seconds)), "--output", str(raw),
                  *(["--native"] if args.native else [])],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

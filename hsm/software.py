@@ -10,6 +10,7 @@ from __future__ import annotations
 import hmac as _hmac
 import secrets
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from cryptography.exceptions import InvalidKey
@@ -103,6 +104,12 @@ class SoftwareKeyStore:
 
     def prf(self, key: Key, label: bytes, out_len: int, func: PrfFunc) -> bytes:
         return prf(self._secret(key), label, out_len, func)
+
+    def prf_many(
+        self, key: Key, requests: Sequence[tuple[bytes, int]], func: PrfFunc
+    ) -> list[bytes]:
+        secret = self._secret(key)
+        return [prf(secret, label, n, func) for label, n in requests]
 
     def aes_cm(self, key: bytes, iv: bytes, data: bytes) -> bytes:
         check_aes_cm(key, iv)

@@ -9,6 +9,7 @@ them afterwards, so that PRF, forking and KEMAC wrapping all run on the token.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Protocol, runtime_checkable
@@ -104,6 +105,14 @@ class KeyStore(Protocol):
 
     def prf(self, key: Key, label: bytes, out_len: int, func: PrfFunc) -> bytes:
         """The MIKEY PRF (RFC 3830 4.1.2 / RFC 6043 6.1) with ``key`` as in-key."""
+        ...
+
+    def prf_many(
+        self, key: Key, requests: Sequence[tuple[bytes, int]], func: PrfFunc
+    ) -> list[bytes]:
+        """``[prf(key, label, out_len, func) for label, out_len in requests]`` as one
+        operation: one token session, and for a key given by value one set of session
+        objects (e.g. the encr/auth/salt keys of a message, or MPKi and MPKr)."""
         ...
 
     def aes_cm(self, key: bytes, iv: bytes, data: bytes) -> bytes:

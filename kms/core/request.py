@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from kms.core.context import Authenticated, Deps, Exchange
 from kms.core.policy import Grant, KeyRequest, grant_policy, invalid_tp
+from kms.keystore import KeyStore
 from kms.mikey.base_ticket import derive_mpk_pair, issue_base_ticket, ticket_id
 from kms.mikey.chain import decode_key_data
 from kms.mikey.cipher import CryptoError
@@ -79,8 +80,28 @@ def _desired_keys(
         raise invalid_tp("desired KEMAC cannot be parsed") from None
 
 
-def _session_key(deps: Deps, req: KeyRequest) -> KeyData:
-    ks = deps.keystore
+class _ExchangeRandom:
+    """Random bytes for one Ticket Request, drawn from the key store in as few calls as
+    possible (typically one C_GenerateRandom instead of five; the values are sent in KEMACs
+    and a ticket anyway, so they pass host memory either way). Local to one exchange."""
+
+    CHUNK = 128  # covers SPIs, TEK/TGK/salt, MPK and RAND of a typical 1-3 key request
+
+    def __init__(self, ks: KeyStore) -> None:
+        self._ks = ks
+        self._buf = b""
+        self._pos = 0
+
+    def random(self, n: int) -> bytes:
+        if self._pos + n > len(self._buf):
+            self._buf = self._ks.random(max(n, self.CHUNK))
+            self._pos = 0
+        out = self._buf[self._pos : self._pos + n]
+        self._pos += n
+        return out
+
+
+def _session_key(ks: _ExchangeRandom, req: KeyRequest) -> KeyData:
     if req.supplied is not None:
         kv = req.supplied.kv if req.supplied.kv is not None else KvSpi(ks.random(SPI_LENGTH))
         return KeyData(req.supplied.key_type, req.supplied.key, req.supplied.salt, kv)
@@ -109,11 +130,12 @@ def handle_request(
     policy = grant.policy
     tp_prf = PrfFunc(policy.prf_func)
     mpk_len = 32 if tp_prf == PrfFunc.PRF_HMAC_SHA_256 else 16
-    session = [_session_key(deps, k) for k in grant.keys]
-    mpk_spi = KvSpi(ks.random(SPI_LENGTH))
-    mpk = KeyData(KeyDataType.MPK, ks.random(mpk_len), None, mpk_spi)
+    rng = _ExchangeRandom(ks)
+    session = [_session_key(rng, k) for k in grant.keys]
+    mpk_spi = KvSpi(rng.random(SPI_LENGTH))
+    mpk = KeyData(KeyDataType.MPK, rng.random(mpk_len), None, mpk_spi)
     # RFC 6043 12.1: the base-ticket RAND is at least as long as the TPK and the MPK.
-    rand = ks.random(max(32, mpk_len))
+    rand = rng.random(max(32, mpk_len))
     t_ticket = Timestamp(TsType.NTP_UTC, encode_ts_value(TsType.NTP_UTC, now))
     tpk_id, tpk = deps.directory.current_tpk()
     ticket = issue_base_ticket(ks, tpk, tpk_id, policy, t_ticket, rand, mpk, session)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 from kms.keystore import Key, KeyStore
 from kms.mikey.cipher import CryptoError, compute_mac
 from kms.mikey.constants import IdRole, IdType, KeyDataType, MacAlg, PrfFunc, TsType
-from kms.mikey.derive import ALL_CSB, derive_mpki, derive_mpkr, derive_ticket_keys
+from kms.mikey.derive import ALL_CSB, derive_mpki_mpkr, derive_ticket_keys
 from kms.mikey.errors import DecodeError
 from kms.mikey.ntp import timestamp_t64
 from kms.mikey.payloads import KeyData, Rand, Timestamp
@@ -132,5 +132,4 @@ def derive_mpk_pair(
     ks: KeyStore, mpk: bytes, rand: bytes, prf_func: PrfFunc
 ) -> tuple[bytes, bytes]:
     """(MPKi, MPKr) from the ticket MPK and the Ticket Data RAND (RFC 6043 A.2.2)."""
-    prf = keyed_prf(ks, mpk, prf_func)
-    return derive_mpki(prf, rand, len(mpk)), derive_mpkr(prf, rand, len(mpk))
+    return derive_mpki_mpkr(keyed_prf(ks, mpk, prf_func), rand, len(mpk))

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 
 from kms.mikey.constants import ENCR_KEY_LENGTH, MAC_LENGTH, EncrAlg, MacAlg, PrfLabel
-from kms.mikey.prf import KeyedPrf
+from kms.mikey.prf import KeyedPrf, prf_outputs
 
 ALL_CSB = 0xFFFF_FFFF  # RFC 6043 5.1.1/5.1.3: the 0xFFFFFFFF field in non-message labels
 NO_CS_ID = 0xFF  # RFC 6043 5.1.2 / RFC 3830 4.1.4: cs_id byte of message-key labels
@@ -206,10 +206,20 @@ def _message_keys(
 ) -> MessageKeys:
     encr_alg = EncrAlg(encr_alg)
     mac_alg = MacAlg(mac_alg)
+    lengths = {
+        PrfLabel.ENCR: ENCR_KEY_LENGTH[encr_alg],
+        PrfLabel.AUTH: AUTH_KEY_LENGTH[mac_alg],
+        PrfLabel.SALT: SALT_KEY_LENGTH[encr_alg],
+    }
+    # The three keys under one in-key in one go (one token operation for the KMS); a NULL
+    # algorithm derives no key (b"").
+    wanted = [c for c in _MESSAGE_CONSTS if lengths[c]]
+    outputs = dict(zip(wanted, prf_outputs(prf, [(label_for[c], lengths[c]) for c in wanted]),
+                       strict=True))
     return MessageKeys(
-        encr_key=_prf_or_empty(prf, label_for[PrfLabel.ENCR], ENCR_KEY_LENGTH[encr_alg]),
-        auth_key=_prf_or_empty(prf, label_for[PrfLabel.AUTH], AUTH_KEY_LENGTH[mac_alg]),
-        salt_key=_prf_or_empty(prf, label_for[PrfLabel.SALT], SALT_KEY_LENGTH[encr_alg]),
+        encr_key=outputs.get(PrfLabel.ENCR, b""),
+        auth_key=outputs.get(PrfLabel.AUTH, b""),
+        salt_key=outputs.get(PrfLabel.SALT, b""),
     )
 
 
@@ -249,6 +259,14 @@ def derive_mpki(prf_mpk: KeyedPrf, rand: bytes, length: int) -> bytes:
 def derive_mpkr(prf_mpk: KeyedPrf, rand: bytes, length: int) -> bytes:
     """MPKr from the ticket MPK (RFC 6043 A.2.2); ``length`` is the MPK length."""
     return prf_mpk(mpk_label(PrfLabel.MPKR, rand), length)
+
+
+def derive_mpki_mpkr(prf_mpk: KeyedPrf, rand: bytes, length: int) -> tuple[bytes, bytes]:
+    """(MPKi, MPKr) in one go (RFC 6043 A.2.2): for the KMS, one token session object of the
+    MPK for both."""
+    labels = (mpk_label(PrfLabel.MPKI, rand), mpk_label(PrfLabel.MPKR, rand))
+    mpki, mpkr = prf_outputs(prf_mpk, [(label, length) for label in labels])
+    return mpki, mpkr
 
 
 def derive_forked_mpkr(prf_mpkr: KeyedPrf, id_data: bytes, rand_kms: bytes, length: int) -> bytes:
@@ -305,6 +323,22 @@ def derive_vr_auth_key(prf_mpkr: KeyedPrf, mac_alg: MacAlg) -> bytes:
     return _prf_or_empty(prf_mpkr, vr_key_label(PrfLabel.AUTH), AUTH_KEY_LENGTH[MacAlg(mac_alg)])
 
 
+def derive_vr_key_and_forked_mpkr(
+    prf_mpkr: KeyedPrf, mac_alg: MacAlg, id_data: bytes, rand_kms: bytes, length: int
+) -> tuple[bytes, bytes]:
+    """(Vr auth_key, MPKr') in one go: both are keyed by the unforked MPKr (RFC 6043 6.10,
+    5.1.1), so the KMS needs one token session object of MPKr for both. The caller must not
+    hand out MPKr' unless Vr verifies."""
+    auth_len = AUTH_KEY_LENGTH[MacAlg(mac_alg)]
+    if not auth_len:
+        raise ValueError("Vr needs a MAC algorithm")
+    vr_key, forked = prf_outputs(prf_mpkr, [
+        (vr_key_label(PrfLabel.AUTH), auth_len),
+        (forking_label(PrfLabel.FORK_MPKR, id_data, rand_kms), length),
+    ])
+    return vr_key, forked
+
+
 # --- RFC 3830 compatibility ---------------------------------------------------------------
 
 
@@ -343,6 +377,7 @@ __all__ = [
     "derive_message_keys",
     "derive_mpki",
     "derive_mpkr",
+    "derive_mpki_mpkr",
     "derive_rfc3830_message_keys",
     "derive_rfc3830_srtp_salt",
     "derive_rfc3830_tek",
@@ -351,6 +386,7 @@ __all__ = [
     "derive_tek",
     "derive_ticket_keys",
     "derive_vr_auth_key",
+    "derive_vr_key_and_forked_mpkr",
     "forking_label",
     "message_key_label",
     "mpk_label",

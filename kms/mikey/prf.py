@@ -14,7 +14,20 @@ HmacFn = Callable[[bytes], bytes]
 """data -> HMAC tag; the key is held by whoever built the function."""
 
 KeyedPrf = Callable[[bytes, int], bytes]
-"""(label, out_len_bytes) -> PRF output; the in-key is held by whoever built the function."""
+"""(label, out_len_bytes) -> PRF output; the in-key is held by whoever built the function.
+A KeyedPrf may also have a ``many`` attribute, [(label, out_len), ...] -> outputs, that
+computes several outputs in one go (one token operation); see :func:`prf_outputs`."""
+
+
+def prf_outputs(prf: KeyedPrf, requests: Sequence[tuple[bytes, int]]) -> list[bytes]:
+    """Several outputs under the same in-key: through ``prf.many`` when the PRF has it (one
+    key-store call instead of one per output), else one call each."""
+    many: Callable[[Sequence[tuple[bytes, int]]], list[bytes]] | None = getattr(
+        prf, "many", None
+    )
+    if many is not None:
+        return many(requests)
+    return [prf(label, n) for label, n in requests]
 
 
 class PrfFunc(IntEnum):
@@ -103,6 +116,7 @@ __all__ = [
     "PrfFunc",
     "block_bytes",
     "digest_name",
+    "prf_outputs",
     "p_function",
     "prf",
     "prf_over",

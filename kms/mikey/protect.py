@@ -49,13 +49,25 @@ def suite_for(prf_func: int) -> Suite:
     raise ValueError(f"unsupported PRF func {prf_func}")
 
 
+class _StorePrf:
+    """A KeyedPrf computed by the key store, with ``many`` for several outputs in one
+    key-store operation (:func:`kms.mikey.prf.prf_outputs`)."""
+
+    __slots__ = ("_func", "_key", "_ks")
+
+    def __init__(self, ks: KeyStore, key: Key, func: PrfFunc) -> None:
+        self._ks, self._key, self._func = ks, key, func
+
+    def __call__(self, label: bytes, out_len: int) -> bytes:
+        return self._ks.prf(self._key, label, out_len, self._func)
+
+    def many(self, requests: Sequence[tuple[bytes, int]]) -> list[bytes]:
+        return self._ks.prf_many(self._key, requests, self._func)
+
+
 def keyed_prf(ks: KeyStore, key: Key, func: PrfFunc) -> KeyedPrf:
     """A KeyedPrf computed by the key store (token HMACs for the KMS)."""
-
-    def fn(label: bytes, out_len: int) -> bytes:
-        return ks.prf(key, label, out_len, func)
-
-    return fn
+    return _StorePrf(ks, key, func)
 
 
 # --- reading a message ---------------------------------------------------------------------

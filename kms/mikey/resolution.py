@@ -14,7 +14,10 @@ from kms.keystore import KeyStore
 from kms.mikey.base_ticket import TicketContents, TicketError, derive_mpk_pair
 from kms.mikey.cipher import compute_mac
 from kms.mikey.constants import KeyDataType, MacAlg, PrfFunc
-from kms.mikey.derive import derive_forked_mpkr, derive_forked_tgk, derive_vr_auth_key
+from kms.mikey.derive import (
+    derive_forked_tgk,
+    derive_vr_key_and_forked_mpkr,
+)
 from kms.mikey.payloads import KeyData
 from kms.mikey.protect import keyed_prf, suite_for
 from kms.mikey.ticket import Ticket, TpFlag
@@ -42,17 +45,20 @@ class Resolution:
         return self.keys[2:] if self.rand_kms is not None else self.keys[1:]
 
 
-def verify_vr(ks: KeyStore, ticket: Ticket, mpkr: bytes) -> None:
-    """RFC 6043 6.10: Vr in Initiator Data, keyed from the unforked MPKr (label type 0x04,
-    TP PRF: reference 14.3). TicketError if absent or wrong."""
+def _check_vr_alg(ticket: Ticket) -> MacAlg:
     init = ticket.initiator_data
     if init is None:
         raise TicketError("forking ticket without Initiator Data")
     suite = suite_for(ticket.policy.prf_func)
     if init.vr.mac_alg != suite.mac_alg or init.vr.mac_alg == MacAlg.NULL:
         raise TicketError("Vr uses an unexpected MAC algorithm")
-    key = derive_vr_auth_key(keyed_prf(ks, mpkr, PrfFunc(ticket.policy.prf_func)), suite.mac_alg)
-    expected = compute_mac(suite.mac_alg, key, init.vr_mac_input())
+    return suite.mac_alg
+
+
+def _check_vr(ticket: Ticket, mac_alg: MacAlg, key: bytes) -> None:
+    init = ticket.initiator_data
+    assert init is not None  # _check_vr_alg ran first
+    expected = compute_mac(mac_alg, key, init.vr_mac_input())
     if not hmac.compare_digest(expected, init.vr.mac):
         raise TicketError("Initiator Data Vr verification failed")
 
@@ -69,10 +75,15 @@ def resolve_ticket_keys(
     keys = [KeyData(KeyDataType.MPK, mpki, None, mpk.kv)]
     if not ticket.policy.flags & TpFlag.I:
         return Resolution((*keys, *contents.session_keys), None)
-    verify_vr(ks, ticket, mpkr)
+    mac_alg = _check_vr_alg(ticket)
     longest = max([len(mpkr), *(len(k.key) for k in contents.session_keys)])
     rand_kms = ks.random(max(16, longest))  # RFC 6043 12.1: RANDRkms >= longest MPKr/TGK
-    forked = derive_forked_mpkr(keyed_prf(ks, mpkr, tp_prf), responder, rand_kms, len(mpkr))
+    # Vr key and MPKr' come from the same MPKr: one key-store call; MPKr' is used only
+    # once Vr has verified.
+    vr_key, forked = derive_vr_key_and_forked_mpkr(
+        keyed_prf(ks, mpkr, tp_prf), mac_alg, responder, rand_kms, len(mpkr)
+    )
+    _check_vr(ticket, mac_alg, vr_key)
     keys.append(KeyData(KeyDataType.MPK, forked, None, mpk.kv))
     for k in contents.session_keys:
         if k.key_type in TGK_TYPES:

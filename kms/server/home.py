@@ -100,12 +100,21 @@ class HomeExists(HomeError):
     """init was asked to overwrite an initialised home."""
 
 
+# Token labels of secrets are never reused: each import gets a fresh suffix, and the registry
+# row records the label. A process that cached a key under a label (the token store keeps
+# working copies in session objects) can then never use it for a different key, even when
+# another process removes an endpoint and adds it again with a new PSK. Homes made before
+# the suffix keep their labels (the registry holds them).
+
+
 def psk_label(identity: bytes) -> str:
-    return "psk/" + hashlib.sha256(identity).hexdigest()[:32]
+    """``psk/<identity hash>.<fresh suffix>`` (no raw identity in token labels)."""
+    return f"psk/{hashlib.sha256(identity).hexdigest()[:32]}.{secrets.token_hex(4)}"
 
 
 def peer_label(kms_id: bytes) -> str:
-    return "peer/" + hashlib.sha256(kms_id).hexdigest()[:32]
+    """``peer/<KMS ID hash>.<fresh suffix>``."""
+    return f"peer/{hashlib.sha256(kms_id).hexdigest()[:32]}.{secrets.token_hex(4)}"
 
 
 def tpk_label(version: int) -> str:

@@ -229,27 +229,24 @@ def test_generate_psk_refuses_existing_file(home: Path, kms_fails: Run, tmp_path
 
 def test_generate_psk_file_removed_when_add_fails(home: Path, kms: Run, kms_fails: Run,
                                                   tmp_path: Path, snapshot: Run) -> None:
-    # An orphan token object with BOB's label makes the token step fail after the PSK file
-    # was written: the file must go again (a PSK that is not registered must not linger).
-    kms(home, "endpoint", "add", BOB, "--psk-hex", PSK_HEX)
-    label = _endpoints(kms, home)[BOB]["key_label"]
-    # Remove only the registry row (as if a crash lost it): the token object stays, orphaned.
+    # The registry step fails after the PSK file was written (a trigger refuses the row):
+    # the file must go again (a PSK that is not registered must not linger), and neither
+    # the registry nor the token may change.
     conn = sqlite3.connect(home / "registry.sqlite3")
-    conn.execute("DELETE FROM endpoints")
+    conn.execute("CREATE TRIGGER refuse BEFORE INSERT ON endpoints "
+                 "BEGIN SELECT RAISE(ABORT, 'injected refusal'); END")
     conn.commit()
-    conn.close()
-    keys = _keys(kms, home)
-    assert keys[label]["owner"] is None
-    assert "ORPHAN" in kms(home, "keys", "list").stdout
     before = snapshot(home)
     out = tmp_path / "bob.psk"
-    kms_fails(home, "endpoint", "add", BOB, "--generate-psk", str(out),
-              match=f"already holds an object labelled {label}.*delete-orphan")
+    kms_fails(home, "endpoint", "add", BOB, "--generate-psk", str(out), match="injected")
     assert not out.exists()
     assert snapshot(home) == before
-    kms(home, "keys", "delete-orphan", label)
+    conn.execute("DROP TRIGGER refuse")
+    conn.commit()
+    conn.close()
     kms(home, "endpoint", "add", BOB, "--generate-psk", str(out))
     assert out.exists()
+    assert BOB in _endpoints(kms, home)
 
 
 # --- token access ----------------------------------------------------------------------------

@@ -110,7 +110,26 @@ def test_ephemeral_prf_equals_software(store: KeyStore, key_len: int, func: PrfF
         assert store.prf(key, lbl, out_len, func) == prf(key, lbl, out_len, func)
 
 
+@pytest.mark.parametrize("func", list(PrfFunc))
+@pytest.mark.parametrize("key_len", [16, 32, 48])
+def test_prf_many_equals_one_at_a_time(store: KeyStore, func: PrfFunc, key_len: int) -> None:
+    value = os.urandom(key_len)
+    requests = [(os.urandom(43), n) for n in (16, 20, 14, 48)]
+    expected = [prf(value, lbl, n, func) for lbl, n in requests]
+    assert store.prf_many(value, requests, func) == expected  # ephemeral in-key
+    if key_len <= 32:  # a long-term key is one PRF slice at most
+        label = fresh("many")
+        store.import_secret(label, value)
+        assert store.prf_many(KeyRef(label), requests, func) == expected
+        assert store.prf_many(KeyRef(label), [], func) == []
+        store.delete(label)
+        with pytest.raises(KeyNotFound):
+            store.prf_many(KeyRef(label), requests, func)
+
+
 def test_prf_rejects_bad_arguments(store: KeyStore) -> None:
+    with pytest.raises(ValueError, match="positive"):
+        store.prf_many(os.urandom(16), [(b"l", 16), (b"m", 0)], PrfFunc.MIKEY_1)
     with pytest.raises(ValueError, match="empty"):
         store.prf(b"", b"l", 16, PrfFunc.MIKEY_1)
     with pytest.raises(ValueError, match="positive"):

@@ -263,3 +263,100 @@ def test_threads_in_forked_processes(store: Pkcs11KeyStore) -> None:
         PSK32, b"after", "sha256"
     ).digest()
 
+
+
+# --- working copies of long-term secrets (session objects inside the token) -----------------
+
+_DELETE_AND_RECREATE = textwrap.dedent(
+    """
+    import sys, pkcs11
+    from pkcs11 import Attribute, KeyType, ObjectClass
+    module, label, pin, key_label, hexvalue = sys.argv[1:6]
+    tok = pkcs11.lib(module).get_token(token_label=label)
+    with tok.open(rw=True, user_pin=pin) as s:
+        for o in s.get_objects({Attribute.LABEL: key_label}):
+            o.destroy()
+        s.create_object({Attribute.CLASS: ObjectClass.SECRET_KEY,
+                         Attribute.KEY_TYPE: KeyType.GENERIC_SECRET, Attribute.TOKEN: True,
+                         Attribute.LABEL: key_label, Attribute.SIGN: True,
+                         Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False,
+                         Attribute.VALUE: bytes.fromhex(hexvalue)})
+    """
+)
+
+
+def _copies(store: Pkcs11KeyStore, label: str) -> list[Any]:
+    conn = store._token._conn
+    assert conn is not None
+    return [ps.working[label][0] for ps in conn.sessions if label in ps.working]
+
+
+def test_working_copies_are_sensitive_session_objects(store: Pkcs11KeyStore) -> None:
+    from pkcs11 import Attribute
+    from pkcs11.exceptions import AttributeSensitive
+
+    for _ in range(8):  # several pooled sessions
+        assert store.prf(KeyRef("psk32"), b"lbl", 20, PrfFunc.MIKEY_1) == prf(
+            PSK32, b"lbl", 20, PrfFunc.MIKEY_1
+        )
+    copies = _copies(store, "psk32")
+    assert copies
+    for obj in copies:
+        assert obj[Attribute.TOKEN] is False
+        assert obj[Attribute.SENSITIVE] is True
+        assert obj[Attribute.EXTRACTABLE] is False
+        assert obj[Attribute.LABEL] == ""
+        with pytest.raises(AttributeSensitive):
+            obj[Attribute.VALUE]
+    assert "" not in [k.label for k in store.list_keys()]  # copies are not keys of the store
+
+
+def test_delete_destroys_working_copies(store: Pkcs11KeyStore) -> None:
+    from pkcs11 import Mechanism
+    from pkcs11.exceptions import KeyHandleInvalid, ObjectHandleInvalid
+
+    store.import_secret("short-lived", PSK16)
+    expected = prf(PSK16, b"x", 16, PrfFunc.MIKEY_1)
+    assert store.prf(KeyRef("short-lived"), b"x", 16, PrfFunc.MIKEY_1) == expected
+    copies = _copies(store, "short-lived")
+    assert copies
+    store.delete("short-lived")
+    assert _copies(store, "short-lived") == []
+    for obj in copies:
+        with pytest.raises((ObjectHandleInvalid, KeyHandleInvalid)):
+            obj.sign(b"x", mechanism=Mechanism.SHA_1_HMAC)
+    with pytest.raises(KeyNotFound):
+        store.prf(KeyRef("short-lived"), b"x", 16, PrfFunc.MIKEY_1)
+
+
+def test_key_replaced_by_another_process_does_not_live_on_in_its_copy(
+    store: Pkcs11KeyStore, token: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The KMS never reuses a label, but another tool may: the copy is checked against its
+    # stored object (every WORKING_COPY_CHECK_S, 0 here), and a replaced key is picked up.
+    import hsm.pkcs11_store as mod
+
+    old, new = os.urandom(32), os.urandom(32)
+    store.import_secret("replaced", old)
+    ref = KeyRef("replaced")
+    assert store.hmac(ref, b"x", PrfFunc.MIKEY_1) == std_hmac.new(old, b"x", "sha1").digest()
+    proc = subprocess.run(
+        [sys.executable, "-c", _DELETE_AND_RECREATE, token.module, token.label,
+         token.user_pin, "replaced", new.hex()],
+        env=token.env(), capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    monkeypatch.setattr(mod, "WORKING_COPY_CHECK_S", 0.0)
+    seen: list[bytes] = []
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            seen.append(store.hmac(ref, b"x", PrfFunc.MIKEY_1))
+        except mod.TokenUnavailable:
+            time.sleep(0.2)  # the store reconnects and rescans
+            continue
+        if seen[-1] == std_hmac.new(new, b"x", "sha1").digest():
+            break
+    assert seen and seen[-1] == std_hmac.new(new, b"x", "sha1").digest()
+    assert std_hmac.new(old, b"x", "sha1").digest() not in seen  # never the replaced key
+    store.delete("replaced")

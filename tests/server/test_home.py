@@ -247,27 +247,37 @@ def test_add_endpoint_token_failure_leaves_no_row(
     assert home.registry.list_endpoints() == []
 
 
-def test_orphan_object_blocks_add_until_deleted(home: Home) -> None:
+def test_orphan_object_is_listed_and_never_reused(home: Home) -> None:
     ks = home.keystore()
-    ks.import_secret(psk_label(ALICE), PSK)  # as if a crash happened before the commit
-    with pytest.raises(HomeError, match="delete-orphan"):
-        home.add_endpoint(ALICE, IdType.URI, PSK)
-    assert home.registry.list_endpoints() == []
+    orphan = psk_label(ALICE)
+    ks.import_secret(orphan, PSK)  # as if a crash happened before the commit
+    ep = home.add_endpoint(ALICE, IdType.URI, PSK)
+    assert ep.key_label != orphan  # labels are fresh per import: the orphan is not adopted
     orphans = [e.label for e in home.key_inventory() if e.owner is None]
-    assert orphans == [psk_label(ALICE)]
+    assert orphans == [orphan]
     with pytest.raises(HomeError, match="in use"):
         home.delete_orphan("tpk/1")
-    home.delete_orphan(psk_label(ALICE))
-    home.add_endpoint(ALICE, IdType.URI, PSK)
+    with pytest.raises(HomeError, match="in use"):
+        home.delete_orphan(ep.key_label)
+    home.delete_orphan(orphan)
+    assert [e.label for e in home.key_inventory() if e.owner is None] == []
     with pytest.raises(DuplicateEndpoint):
         home.add_endpoint(ALICE, IdType.URI, PSK)
     with pytest.raises(KeyExists):
-        ks.import_secret(psk_label(ALICE), PSK)
+        ks.import_secret(ep.key_label, PSK)
+
+
+def test_labels_are_never_reused(home: Home) -> None:
+    first = home.add_endpoint(ALICE, IdType.URI, PSK).key_label
+    home.remove_endpoint(ALICE)
+    second = home.add_endpoint(ALICE, IdType.URI, PSK).key_label
+    assert first != second
+    assert first.split(".")[0] == second.split(".")[0]  # same identity hash, fresh suffix
 
 
 def test_endpoint_and_tpk_lifecycle(home: Home) -> None:
     ep = home.add_endpoint(ALICE, IdType.URI, PSK)
-    assert ep.key_label == psk_label(ALICE)
+    assert ep.key_label.startswith("psk/")
     assert ALICE.hex() not in ep.key_label  # no raw identity in token labels
     info = home.keystore().key_info(ep.key_label)
     assert (info.length_bits, info.sensitive, info.extractable) == (128, True, False)
