@@ -701,18 +701,27 @@ class _Token:
         self._next_attempt = 0.0
 
     # --- session-object helpers (ephemeral keys) ------------------------------------------
+    # Per-message keys (MPK, TGK, derived encr/auth/salt keys) become session objects for
+    # one operation. CKA_PRIVATE is false for them: a session object is visible only inside
+    # this process, which holds the same bytes in its own memory, so SoftHSM's in-memory
+    # encryption of private attributes protects nothing here, and costs ~15 us per object and
+    # ~3 us per HMAC (measured, docs/performance.md). Sensitive and non-extractable as ever.
+    _EPHEMERAL: ClassVar[dict[Attribute, Any]] = {
+        Attribute.CLASS: ObjectClass.SECRET_KEY,
+        Attribute.TOKEN: False,
+        Attribute.PRIVATE: False,
+        Attribute.SENSITIVE: True,
+        Attribute.EXTRACTABLE: False,
+    }
+
     def _create_session_secret(self, ps: _PooledSession, value: bytes) -> Any:
         # Zero-pad to the SHA-256 HMAC minimum (facts note): HMAC pads keys with zeros.
         if len(value) < PADDED_SECRET_BYTES:
             value = value + bytes(PADDED_SECRET_BYTES - len(value))
         with self._object_lock:
             return ps.session.create_object({
-                Attribute.CLASS: ObjectClass.SECRET_KEY,
+                **self._EPHEMERAL,
                 Attribute.KEY_TYPE: P11KeyType.GENERIC_SECRET,
-                Attribute.TOKEN: False,
-                Attribute.PRIVATE: True,
-                Attribute.SENSITIVE: True,
-                Attribute.EXTRACTABLE: False,
                 Attribute.SIGN: True,
                 Attribute.VALUE: value,
             })
@@ -847,12 +856,8 @@ class _Token:
         with self._session("aes_cm") as (_conn, ps):
             with self._object_lock:
                 obj = ps.session.create_object({
-                    Attribute.CLASS: ObjectClass.SECRET_KEY,
+                    **self._EPHEMERAL,
                     Attribute.KEY_TYPE: P11KeyType.AES,
-                    Attribute.TOKEN: False,
-                    Attribute.PRIVATE: True,
-                    Attribute.SENSITIVE: True,
-                    Attribute.EXTRACTABLE: False,
                     Attribute.ENCRYPT: True,
                     Attribute.VALUE: bytes(key),
                 })

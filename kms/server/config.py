@@ -67,6 +67,8 @@ class ServerSettings:
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
     allow_plaintext_non_loopback: bool = False
+    # How many KMS core calls run at once in one worker; 0 = auto (see core_slots_for).
+    core_concurrency: int = 0
 
     @property
     def host(self) -> str:
@@ -340,7 +342,7 @@ def _parse_server(doc: Mapping[str, Any], home: Path) -> ServerSettings:
         doc.get("server"),
         home,
         ("listen", "workers", "tls_cert", "tls_key", "tls_client_ca",
-         "allow_plaintext_non_loopback"),
+         "allow_plaintext_non_loopback", "core_concurrency"),
     )
     listen = sec.string("listen", ServerSettings.listen)
     assert listen is not None
@@ -355,6 +357,7 @@ def _parse_server(doc: Mapping[str, Any], home: Path) -> ServerSettings:
         tls_key=sec.path("tls_key"),
         tls_client_ca=sec.path("tls_client_ca"),
         allow_plaintext_non_loopback=sec.boolean("allow_plaintext_non_loopback", False),
+        core_concurrency=sec.integer("core_concurrency", 0, 0, 256),
     )
     if (settings.tls_cert is None) != (settings.tls_key is None):
         missing = "tls_key" if settings.tls_key is None else "tls_cert"
@@ -484,6 +487,10 @@ def render_config(
         '# tls_key = "server.key"',
         '# tls_client_ca = "clients-ca.pem"  # require client certificates',
         "allow_plaintext_non_loopback = false",
+        "# KMS calls computed at once per worker; 0 = auto: 1 for SoftHSM (it computes in",
+        "# this process, and threads only convoy on the GIL), 8 for other (hardware) modules.",
+        "# Scale a software token with workers instead.",
+        "core_concurrency = 0",
         "",
         "[policy]",
         '# PRF for new tickets: "hmac-sha-1" (MIKEY_1) or "hmac-sha-256" (PRF_HMAC_SHA_256).',

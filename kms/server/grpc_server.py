@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import re
 import threading
 import time
@@ -40,6 +39,7 @@ from grpc_reflection.v1alpha import reflection
 
 from kms.core.api import KmsHandler, KmsReply, Outcome
 from kms.server import stubs
+from kms.server.slots import CoreSlots
 
 log = logging.getLogger("kms.server.grpc")
 
@@ -114,24 +114,17 @@ def one_line(text: str) -> str:
     return text if len(text) <= MAX_DETAIL else text[: MAX_DETAIL - 3] + "..."
 
 
-DEFAULT_CORE_CONCURRENCY = 32
-
-
 class KmsServicer:
     """RequestTicket / ResolveTicket; counts in-flight calls for draining."""
 
     def __init__(
-        self, handler: KmsHandler, *, clock: Clock = time.time, concurrency: int | None = None
+        self, handler: KmsHandler, *, clock: Clock = time.time, slots: CoreSlots | None = None
     ) -> None:
         self._handler = handler
         self._clock = clock
-        # How many core calls run at once in this worker. Every exchange makes ~20 PKCS#11
-        # calls, each releasing and re-taking the GIL: with many threads inside the core at
-        # once they convoy (docs/performance.md: 2.1 -> 4.6-5.4 ms CPU per call in-process
-        # with 8 threads). Parallelism comes from worker processes instead.
-        env = os.environ.get("KMS_CORE_CONCURRENCY")
-        n = concurrency or (int(env) if env else DEFAULT_CORE_CONCURRENCY)
-        self._core_slots = threading.BoundedSemaphore(max(1, n))
+        # How many core calls run at once in this worker (kms.server.slots: threads in the
+        # core convoy on the GIL with an in-process token).
+        self.slots = slots or CoreSlots(DEFAULT_THREADS)
         self._inflight = 0
         self._idle = threading.Condition()
         self._draining = False
@@ -184,7 +177,7 @@ class KmsServicer:
             context.send_initial_metadata(((CORRELATION_KEY, cid),))
             wire: bytes = request.data
             try:
-                with self._core_slots:
+                with self.slots.held():
                     reply = fn(wire, self._clock(), correlation_id=cid)
                 if not isinstance(reply, KmsReply):
                     raise TypeError(f"handler returned {type(reply).__name__}, not KmsReply")
@@ -276,9 +269,10 @@ class KmsServer:
         max_request_bytes: int = MAX_REQUEST_BYTES,
         reuse_port: bool = False,
         clock: Clock = time.time,
+        slots: CoreSlots | None = None,
     ) -> None:
         self.listen = listen
-        self.servicer = KmsServicer(handler, clock=clock)
+        self.servicer = KmsServicer(handler, clock=clock, slots=slots)
         self.health = health.HealthServicer(experimental_non_blocking=True)
         self._executor = futures.ThreadPoolExecutor(
             max_workers=threads, thread_name_prefix="kms-grpc"

@@ -49,6 +49,7 @@ from kms.server.config import CONFIG_FILE, ConfigError, is_loopback, load_config
 from kms.server.federation import FederationConfigError, GrpcPeerResolver
 from kms.server.grpc_server import DEFAULT_THREADS, KmsServer, ServerError, tls_credentials
 from kms.server.home import HomeError, init_home, open_home
+from kms.server.slots import CoreSlots, SlotReleasingPeers, core_slots_for
 from kms.store.registry import RegistryError
 
 log = logging.getLogger("kms.server.serve")
@@ -271,20 +272,24 @@ def serve_once(
     handler: Any = None
     peers: GrpcPeerResolver | None = None
     try:
-        # RFC 6043 9: tickets issued by a peer KMS are resolved by asking it (per process).
+        slots = CoreSlots(core_slots_for(home.config))
+        # RFC 6043 9: tickets issued by a peer KMS are resolved by asking it (per process),
+        # without holding a core slot while the peer answers.
         peers = GrpcPeerResolver.from_config(home.config, home.registry.path)
-        handler = build_handler(home, peers=peers)
+        handler = build_handler(home, peers=SlotReleasingPeers(peers, slots))
         server = KmsServer(
             handler,
             plan.listen,
             credentials=plan.credentials(),
             threads=plan.threads,
             reuse_port=plan.workers > 1,
+            slots=slots,
         )
         server.start()
         log.info(
             "serving",
-            extra={"fields": {"listen": plan.listen, "port": server.port, "tls": plan.mode}},
+            extra={"fields": {"listen": plan.listen, "port": server.port, "tls": plan.mode,
+                              "core_slots": slots.size}},
         )
         ready(server)
         while not stop.wait(PARENT_CHECK_S):

@@ -360,3 +360,42 @@ def test_key_replaced_by_another_process_does_not_live_on_in_its_copy(
     assert seen and seen[-1] == std_hmac.new(new, b"x", "sha1").digest()
     assert std_hmac.new(old, b"x", "sha1").digest() not in seen  # never the replaced key
     store.delete("replaced")
+
+
+def test_ephemeral_keys_are_sensitive_and_destroyed_after_use(
+    store: Pkcs11KeyStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Per-message keys become session objects for one operation: sensitive, non-extractable,
+    # and gone afterwards (no session object is left behind by aes_cm / prf / prf_many).
+    from pkcs11 import Attribute
+    from pkcs11.exceptions import AttributeSensitive
+
+    tok = store._token
+    conn = tok._conn
+    assert conn is not None
+    seen: list[tuple[bool, bool, bool, bool]] = []
+    real_destroy = tok._destroy
+
+    def inspecting_destroy(obj: Any) -> None:
+        try:
+            obj[Attribute.VALUE]
+            readable = True
+        except AttributeSensitive:
+            readable = False
+        seen.append((obj[Attribute.TOKEN], obj[Attribute.SENSITIVE],
+                     obj[Attribute.EXTRACTABLE], readable))
+        real_destroy(obj)
+
+    def session_objects() -> int:
+        ps = conn.sessions[0]
+        return len(list(ps.session.get_objects({Attribute.TOKEN: False})))
+
+    before = session_objects()
+    monkeypatch.setattr(tok, "_destroy", inspecting_destroy)
+    key, iv = os.urandom(16), os.urandom(16)
+    enc = Cipher(algorithms.AES(key), modes.CTR(iv)).encryptor()
+    assert store.aes_cm(key, iv, b"m" * 50) == enc.update(b"m" * 50) + enc.finalize()
+    assert store.prf(os.urandom(48), b"l", 16, PrfFunc.MIKEY_1)  # two slices
+    assert len(store.prf_many(os.urandom(16), [(b"a", 16), (b"b", 16)], PrfFunc.MIKEY_1)) == 2
+    assert seen == [(False, True, False, False)] * 4
+    assert session_objects() == before

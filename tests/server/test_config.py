@@ -39,6 +39,7 @@ def test_defaults() -> None:
     assert c.server.listen == "127.0.0.1:50051"
     assert (c.server.host, c.server.port) == ("127.0.0.1", 50051)
     assert c.server.workers == 1
+    assert c.server.core_concurrency == 0  # auto
     assert not c.server.tls
     assert not c.server.allow_plaintext_non_loopback
     assert c.policy == PolicySettings()
@@ -107,6 +108,8 @@ pke_padding = "oaep-sha1"
          r"\[server\] listen: .*allow_plaintext_non_loopback"),
         (("", "[server]\nworkers = 0\n"), r"\[server\] workers: must be an integer in 1\.\.256"),
         (("", "[server]\nworkers = true\n"), r"\[server\] workers: must be an integer"),
+        (("", "[server]\ncore_concurrency = -1\n"),
+         r"\[server\] core_concurrency: must be an integer in 0\.\.256"),
         (("", "[server]\ntls_cert = \"c.pem\"\n"), r"\[server\] tls_key: .*together"),
         (("", "[server]\ntls_client_ca = \"c.pem\"\n"), r"\[server\] tls_client_ca: needs"),
         (("", "[server]\nallow_plaintext_non_loopback = \"yes\"\n"),

@@ -1,0 +1,105 @@
+"""How many KMS core calls one worker process computes at once.
+
+Every exchange makes about ten PKCS#11 calls, and each releases and re-takes the GIL. With a
+token that computes inside this process (SoftHSM), several threads in the core at once hand
+the GIL back and forth (a convoy) and every call gets slower: Ticket Request PSK with 8
+clients on one worker, 272/s and 3.6 ms handler CPU per call with 32 threads in the core,
+403/s and 1.8 ms with one (docs/performance.md). A hardware or network HSM waits on the
+device instead, and there parallel calls help. Parallelism for a software token comes from
+worker processes.
+
+A call that waits on the network, a federated resolve forwarded to a peer KMS, gives its
+slot up while it waits (:class:`SlotReleasingPeers`), so a slow peer never holds up the
+calls this worker can compute.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from kms.core.ports import PeerKms, PeerResolver
+from kms.server.config import KmsConfig
+
+ENV = "KMS_CORE_CONCURRENCY"  # overrides [server] core_concurrency (benchmarks)
+SOFTWARE_TOKEN_SLOTS = 1
+HARDWARE_TOKEN_SLOTS = 8
+
+
+def core_slots_for(config: KmsConfig) -> int:
+    """``KMS_CORE_CONCURRENCY``, else ``[server] core_concurrency``, else (0 = auto) 1 for a
+    SoftHSM module and 8 for any other."""
+    env = os.environ.get(ENV)
+    if env:
+        try:
+            n = int(env)
+        except ValueError:
+            raise ValueError(f"{ENV} must be an integer, got {env!r}") from None
+        if n < 1:
+            raise ValueError(f"{ENV} must be >= 1, got {n}")
+        return n
+    if config.server.core_concurrency:
+        return config.server.core_concurrency
+    module = os.path.basename(str(config.token.module)).lower()
+    return SOFTWARE_TOKEN_SLOTS if "softhsm" in module else HARDWARE_TOKEN_SLOTS
+
+
+class CoreSlots:
+    """A semaphore of core slots that remembers, per thread, whether the thread holds one."""
+
+    def __init__(self, n: int) -> None:
+        if n < 1:
+            raise ValueError("at least one core slot")
+        self.size = n
+        self._sem = threading.BoundedSemaphore(n)
+        self._local = threading.local()
+
+    @contextmanager
+    def held(self) -> Iterator[None]:
+        self._sem.acquire()
+        self._local.held = True
+        try:
+            yield
+        finally:
+            self._local.held = False
+            self._sem.release()
+
+    @contextmanager
+    def released(self) -> Iterator[None]:
+        """Give this thread's slot up for the block (no-op if it holds none)."""
+        if not getattr(self._local, "held", False):
+            yield
+            return
+        self._local.held = False
+        self._sem.release()
+        try:
+            yield
+        finally:
+            self._sem.acquire()
+            self._local.held = True
+
+
+class SlotReleasingPeers:
+    """A :class:`PeerResolver` that waits for the peer without holding a core slot."""
+
+    def __init__(self, inner: PeerResolver, slots: CoreSlots) -> None:
+        self._inner = inner
+        self._slots = slots
+
+    def forward_resolve(
+        self, peer: PeerKms, wire: bytes, *, correlation_id: str, hops: int
+    ) -> bytes:
+        with self._slots.released():
+            return self._inner.forward_resolve(
+                peer, wire, correlation_id=correlation_id, hops=hops
+            )
+
+    def close(self) -> None:
+        close = getattr(self._inner, "close", None)
+        if close is not None:
+            close()
+
+
+__all__ = ["ENV", "CoreSlots", "SlotReleasingPeers", "core_slots_for"]
