@@ -31,7 +31,8 @@ class Gate:
     def release_shared(self) -> None:
         with self._cond:
             self._readers -= 1
-            if self._readers == 0:
+            # Only a writer ever waits for the readers to leave (readers wait for writers).
+            if self._readers == 0 and self._writers_waiting:
                 self._cond.notify_all()
 
     def acquire_exclusive(self) -> None:

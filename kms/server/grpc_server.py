@@ -58,8 +58,12 @@ MAX_DETAIL = 256
 INTERNAL_DETAIL = "internal error"
 # Threads per process. maximum_concurrent_rpcs is set to the same number so that a call the
 # server accepts always has a thread at once (no hidden executor queue: overload becomes
-# RESOURCE_EXHAUSTED immediately, and draining can count in-flight calls exactly).
-DEFAULT_THREADS = 32
+# RESOURCE_EXHAUSTED immediately, and draining can count in-flight calls exactly). Accepted
+# calls wait for a core slot (kms.server.slots), which costs nothing while they wait; a
+# refused call that the client retries costs the server a call each time. So admit many:
+# 64 clients on one worker gave 135/s with 32 threads and 259/s with 128 (bench, Ticket
+# Request PSK, docs/performance.md).
+DEFAULT_THREADS = 128
 HEALTH_SERVICES = ("", SERVICE_NAME)
 
 STATUS_BY_OUTCOME: dict[Outcome, grpc.StatusCode] = {
