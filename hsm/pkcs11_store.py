@@ -286,6 +286,7 @@ class _Connection:
     no_copy: set[str] = field(default_factory=set)
 
 
+MAX_WORKING_COPIES = 1024  # per pooled session
 WORKING_COPY_CHECK_S = 2.0  # how often a working copy's stored object is checked to exist
 MISSING_KEY_RESCAN_S = 1.0  # at most one rescan per second after handle-cache misses
 _R = TypeVar("_R")
@@ -782,6 +783,13 @@ class _Token:
                      label, type(exc).__name__)
             conn.no_copy.add(label)
             return meta, stored
+        if len(ps.working) >= MAX_WORKING_COPIES:
+            # Bounded: a KMS with many endpoints must not keep a session object per key per
+            # pooled session forever. Drop the oldest copy (remade on its next use).
+            oldest = next(iter(ps.working))
+            old_obj, _ = ps.working.pop(oldest)
+            with contextlib.suppress(p11e.PKCS11Error), self._object_lock:
+                old_obj.destroy()
         ps.working[label] = (obj, time.monotonic())
         return meta, obj
 

@@ -399,3 +399,24 @@ def test_ephemeral_keys_are_sensitive_and_destroyed_after_use(
     assert len(store.prf_many(os.urandom(16), [(b"a", 16), (b"b", 16)], PrfFunc.MIKEY_1)) == 2
     assert seen == [(False, True, False, False)] * 4
     assert session_objects() == before
+
+
+def test_working_copies_are_bounded(store: Pkcs11KeyStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    import hsm.pkcs11_store as mod
+
+    monkeypatch.setattr(mod, "MAX_WORKING_COPIES", 3)
+    values = {f"bounded-{i}": os.urandom(32) for i in range(6)}
+    for label, value in values.items():
+        store.import_secret(label, value)
+    try:
+        for _ in range(3):
+            for label, value in values.items():
+                assert store.prf(KeyRef(label), b"l", 16, PrfFunc.MIKEY_1) == prf(
+                    value, b"l", 16, PrfFunc.MIKEY_1
+                )
+        conn = store._token._conn
+        assert conn is not None
+        assert all(len(ps.working) <= 3 for ps in conn.sessions)
+    finally:
+        for label in values:
+            store.delete(label)
