@@ -35,6 +35,7 @@ from kms.cli.admin import (
 )
 from kms.cli.psk_input import read_psk
 from kms.server.config import URI_RE, is_loopback, split_listen
+from kms.server.directory import split_peer_certs
 from kms.store.registry import show_identity
 
 
@@ -59,7 +60,6 @@ def _read_pem(path: str, option: str) -> str:
 def _check_peer_certs(pem: str, kms_id: bytes) -> None:
     """``--cert``: the peer's envelope certificate (keyUsage keyEncipherment) and signing
     certificate (digitalSignature), RSA, each naming the peer's KMS id as a SAN URI."""
-    has_envelope = has_signing = False
     for cert in x509.load_pem_x509_certificates(pem.encode("ascii")):
         try:
             san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
@@ -73,15 +73,9 @@ def _check_peer_certs(pem: str, kms_id: bytes) -> None:
             )
         if not isinstance(cert.public_key(), rsa.RSAPublicKey):
             raise CliError("--cert: peer KMS certificates must hold RSA keys")
-        try:
-            usage: x509.KeyUsage | None = cert.extensions.get_extension_for_class(
-                x509.KeyUsage
-            ).value
-        except x509.ExtensionNotFound:
-            usage = None
-        has_envelope |= usage is None or usage.key_encipherment
-        has_signing |= usage is None or usage.digital_signature
-    if not (has_envelope and has_signing):
+    # Classified exactly as the serving KMS will read them (keyUsage; none counts as both).
+    envelope, signing = split_peer_certs(pem)
+    if envelope is None or not signing:
         raise CliError(
             "--cert must hold the peer's envelope certificate (kms-cert.pem) and its signing "
             "certificate (kms-signing-cert.pem), e.g. both files concatenated"

@@ -149,14 +149,7 @@ def authenticate_peer(
     that identity, and within its quota (issue 6)."""
     suite = message_suite(msg)
     ex.audit["peer"] = peer.kms_id.decode("utf-8", "replace")
-    identity = idr_of(msg, IdRole.IDRR)
-    if identity is None:
-        raise Refusal(
-            ErrorNo.INVALID_ID,
-            Outcome.UNAUTHENTICATED,
-            "sender identity missing",
-            "peer without IDRr",
-        )
+    identity = peer_responder(msg)
     ex.audit["sender"] = identity.data.decode("utf-8", "replace")
     kms_id = check_kms_identity(msg, deps)
     if peer.psk is None:
@@ -169,16 +162,43 @@ def authenticate_peer(
         raise auth_failure("peer key registered but missing in the token") from None
     if not check_mac(msg, keys, suite, identity.data + kms_id):
         raise auth_failure("peer MAC verification failed")
-    shown = identity.data.decode("utf-8", "replace")
+    check_peer_resolves_for(peer, identity.data, "peer")
+    auth = Authenticated(identity, peer.psk, suite, None, rand_r, kms_id, "peer", peer.kms_id)
+    ex.auth = auth
+    check_peer_quota(peer, deps, now)
+    check_replay(msg, deps, now)
+    return auth
+
+
+# --- the issuing side's trust in a peer KMS (PSK and certificate peers alike) ---------------
+
+
+def peer_responder(msg: Message) -> Idr:
+    """The end Responder a peer KMS resolves for (IDRr); refused when absent."""
+    identity = idr_of(msg, IdRole.IDRR)
+    if identity is None:
+        raise Refusal(
+            ErrorNo.INVALID_ID,
+            Outcome.UNAUTHENTICATED,
+            "sender identity missing",
+            "peer without IDRr",
+        )
+    return identity
+
+
+def check_peer_resolves_for(peer: PeerKms, identity: bytes, who: str) -> None:
+    """The peer's ``--resolve-for`` patterns must cover the end Responder (issue 6); ``who``
+    names the peer in the audit reason."""
+    shown = identity.decode("utf-8", "replace")
     if not any(fnmatch.fnmatchcase(shown, pattern) for pattern in peer.resolve_for):
         raise denied(
             ErrorNo.INVALID_ID,
             "peer KMS may not resolve for this identity",
-            f"peer not trusted for {shown}",
+            f"{who} not trusted for {shown}",
         )
-    auth = Authenticated(identity, peer.psk, suite, None, rand_r, kms_id, "peer", peer.kms_id)
-    ex.auth = auth
+
+
+def check_peer_quota(peer: PeerKms, deps: Deps, now: float) -> None:
+    """The per-peer resolve quota (``--rate-limit``)."""
     if deps.peer_quota is not None and not deps.peer_quota.allow(peer.kms_id, peer.rate_per_s, now):
         raise Refusal(ErrorNo.UNSPECIFIED, Outcome.RATE_LIMITED, "peer quota exceeded")
-    check_replay(msg, deps, now)
-    return auth

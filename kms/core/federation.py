@@ -145,6 +145,23 @@ def forward_resolve(
     return sealed.wire
 
 
+def _forwarded_head(
+    data_type: DataType, msg: Message, auth: Authenticated, deps: Deps, now: float
+) -> tuple[Header, list[Payload], bytes]:
+    """What both forms of the forwarded RESOLVE_INIT start with: a fresh HDR (own CSB ID),
+    T, RANDRr and IDRr naming the end Responder. Returns them and RANDRr."""
+    ks = deps.keystore
+    rand_r = ks.random(32)
+    csb = int.from_bytes(ks.random(4), "big")
+    header = Header(data_type, csb, EmptyMap(0), True, msg.header.prf_func)
+    head: list[Payload] = [
+        fresh_timestamp(timestamp_of(msg), now),
+        RandR(RandRole.RANDRR, rand_r),
+        Idr(IdRole.IDRR, auth.identity.id_type, auth.identity.data),
+    ]
+    return header, head, rand_r
+
+
 def _forwarded_resolve_init(
     msg: Message,
     auth: Authenticated,
@@ -158,13 +175,9 @@ def _forwarded_resolve_init(
     IDRpsk (this KMS: names the key shared with the issuer), V."""
     ks = deps.keystore
     assert peer.psk is not None
-    rand_r = ks.random(32)
-    csb = int.from_bytes(ks.random(4), "big")
-    header = Header(DataType.RESOLVE_INIT_PSK, csb, EmptyMap(0), True, msg.header.prf_func)
+    header, head, rand_r = _forwarded_head(DataType.RESOLVE_INIT_PSK, msg, auth, deps, now)
     payloads: list[Payload] = [
-        fresh_timestamp(timestamp_of(msg), now),
-        RandR(RandRole.RANDRR, rand_r),
-        Idr(IdRole.IDRR, auth.identity.id_type, auth.identity.data),
+        *head,
         Idr(IdRole.IDRKMS, issuer.id_type, issuer.data),
         ticket,
         Idr(IdRole.IDRPSK, deps.policy.kms_id_type, deps.policy.kms_id),
@@ -202,14 +215,10 @@ def _forwarded_resolve_init_pk(
     own = x509.load_der_x509_certificate(peer.local_signing_cert_der).public_key()
     if not isinstance(envelope, rsa.RSAPublicKey) or not isinstance(own, rsa.RSAPublicKey):
         raise denied(ErrorNo.INVALID_TICKET, "issuing KMS not reachable", "cert peer not RSA")
-    rand_r = ks.random(32)
+    header, head, rand_r = _forwarded_head(DataType.RESOLVE_INIT_PK, msg, auth, deps, now)
     env_key = ks.random(32)
-    csb = int.from_bytes(ks.random(4), "big")
-    header = Header(DataType.RESOLVE_INIT_PK, csb, EmptyMap(0), True, msg.header.prf_func)
     payloads: list[Payload] = [
-        fresh_timestamp(timestamp_of(msg), now),
-        RandR(RandRole.RANDRR, rand_r),
-        Idr(IdRole.IDRR, auth.identity.id_type, auth.identity.data),
+        *head,
         Cert(CertType.X509V3, peer.local_signing_cert_der),
         Idr(IdRole.IDRKMS, issuer.id_type, issuer.data),
         ticket,

@@ -36,7 +36,6 @@ applies (``--resolve-for`` patterns, per-peer quota; replay as for any PK messag
 from __future__ import annotations
 
 import datetime as dt
-import fnmatch
 import hashlib
 import hmac
 import itertools
@@ -52,9 +51,16 @@ from cryptography.hazmat.primitives.serialization import Encoding, load_der_publ
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
 from kms.core.api import Outcome
-from kms.core.authn import check_kms_identity, check_timestamp, message_suite
+from kms.core.authn import (
+    check_kms_identity,
+    check_peer_quota,
+    check_peer_resolves_for,
+    check_timestamp,
+    message_suite,
+    peer_responder,
+)
 from kms.core.context import Authenticated, Deps
-from kms.core.errors import Refusal, auth_failure, denied, malformed
+from kms.core.errors import Refusal, auth_failure, malformed
 from kms.core.ports import PeerKms
 from kms.keystore import InvalidSealedData, KeyRef, RsaPadding
 from kms.mikey.constants import CertType, ErrorNo, HashFunc, IdRole, IdType, RandRole, SignType
@@ -227,31 +233,17 @@ class CertificateAuthenticator:
             raise invalid_cert("peer certificate expired or not yet valid")
         if not isinstance(leaf.public_key(), rsa.RSAPublicKey):
             raise invalid_cert("certificate key is not RSA")
-        identity = idr_of(msg, IdRole.IDRR)
-        if identity is None:
-            raise Refusal(
-                ErrorNo.INVALID_ID,
-                Outcome.UNAUTHENTICATED,
-                "sender identity missing",
-                "peer without IDRr",
-            )
+        identity = peer_responder(msg)
         try:
             self._verify_signature(msg, leaf, identity.data, kms_id)
         except Refusal as refusal:
             raise auth_failure(f"peer {refusal.reason}") from None
         check_timestamp(msg, deps, now)
         env_key = self._open_envelope(msg)
-        shown = identity.data.decode("utf-8", "replace")
-        if not any(fnmatch.fnmatchcase(shown, pattern) for pattern in peer.resolve_for):
-            raise denied(
-                ErrorNo.INVALID_ID,
-                "peer KMS may not resolve for this identity",
-                f"peer {peer.kms_id.decode('utf-8', 'replace')} not trusted for {shown}",
-            )
-        if deps.peer_quota is not None and not deps.peer_quota.allow(
-            peer.kms_id, peer.rate_per_s, now
-        ):
-            raise Refusal(ErrorNo.UNSPECIFIED, Outcome.RATE_LIMITED, "peer quota exceeded")
+        check_peer_resolves_for(
+            peer, identity.data, f"peer {peer.kms_id.decode('utf-8', 'replace')}"
+        )
+        check_peer_quota(peer, deps, now)
         rand_r = rand_of(msg, RandRole.RANDRR)
         if rand_r is None:  # pragma: no cover - the composition check requires it
             raise malformed("missing RANDR")

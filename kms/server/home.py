@@ -107,14 +107,17 @@ class HomeExists(HomeError):
 # the suffix keep their labels (the registry holds them).
 
 
+def _fresh_label(kind: str, identity: bytes) -> str:
+    """``<kind>/<identity hash>.<fresh suffix>`` (no raw identity in token labels)."""
+    return f"{kind}/{hashlib.sha256(identity).hexdigest()[:32]}.{secrets.token_hex(4)}"
+
+
 def psk_label(identity: bytes) -> str:
-    """``psk/<identity hash>.<fresh suffix>`` (no raw identity in token labels)."""
-    return f"psk/{hashlib.sha256(identity).hexdigest()[:32]}.{secrets.token_hex(4)}"
+    return _fresh_label("psk", identity)
 
 
 def peer_label(kms_id: bytes) -> str:
-    """``peer/<KMS ID hash>.<fresh suffix>``."""
-    return f"peer/{hashlib.sha256(kms_id).hexdigest()[:32]}.{secrets.token_hex(4)}"
+    return _fresh_label("peer", kms_id)
 
 
 def tpk_label(version: int) -> str:

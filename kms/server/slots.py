@@ -96,10 +96,5 @@ class SlotReleasingPeers:
                 peer, wire, correlation_id=correlation_id, hops=hops
             )
 
-    def close(self) -> None:
-        close = getattr(self._inner, "close", None)
-        if close is not None:
-            close()
-
 
 __all__ = ["ENV", "CoreSlots", "SlotReleasingPeers", "core_slots_for"]

@@ -18,6 +18,7 @@ from kms.mikey.derive import (
     derive_forked_tgk,
     derive_message_keys,
     derive_mpki,
+    derive_mpki_mpkr,
     derive_mpkr,
     derive_rfc3830_message_keys,
     derive_rfc3830_srtp_salt,
@@ -27,6 +28,7 @@ from kms.mikey.derive import (
     derive_tek,
     derive_ticket_keys,
     derive_vr_auth_key,
+    derive_vr_key_and_forked_mpkr,
     forking_label,
     message_key_label,
     mpk_label,
@@ -291,6 +293,20 @@ def test_mpk_derivations() -> None:
     ]
     assert len(mpki) == 16
     assert len(mpkr) == 32
+
+
+def test_batched_derivations_equal_the_single_ones() -> None:
+    # The KMS derives MPKi/MPKr and (Vr key, MPKr') in one key-store call each; the labels
+    # and outputs must be exactly those of the one-at-a-time derivations above.
+    rec = RecordingPrf()
+    pair = derive_mpki_mpkr(rec, RAND, 16)
+    assert pair == (derive_mpki(rec, RAND, 16), derive_mpkr(rec, RAND, 16))
+    assert rec.calls[:2] == rec.calls[2:]
+    p = software_prf(K, PrfFunc.MIKEY_1)
+    assert derive_vr_key_and_forked_mpkr(p, MacAlg.HMAC_SHA_1_160, b"bob", b"\x01\x02", 16) == (
+        derive_vr_auth_key(p, MacAlg.HMAC_SHA_1_160),
+        derive_forked_mpkr(p, b"bob", b"\x01\x02", 16),
+    )
 
 
 def test_forked_derivations() -> None:
