@@ -3,6 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+bash scripts/test-services.sh
 echo "== ruff"
 .venv/bin/ruff check kms hsm tests bench
 echo "== mypy"
