@@ -43,7 +43,7 @@ import struct
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
@@ -69,6 +69,7 @@ from hsm._common import (
     scheme_digest,
 )
 from hsm.locking import Gate
+from hsm.mechanisms import MechanismPlan, Operation, Way, plan_for, read_mechanisms
 from kms.keystore import (
     InvalidSealedData,
     Key,
@@ -284,6 +285,8 @@ class _Connection:
     # Labels whose working copy the token refused (CKA_COPYABLE false, or no C_CopyObject):
     # those keys are used as the stored objects themselves.
     no_copy: set[str] = field(default_factory=set)
+    # How each operation is done on this module (hsm.mechanisms), read once per connection.
+    plan: MechanismPlan = field(default_factory=lambda: MechanismPlan({}))
 
 
 MAX_WORKING_COPIES = 1024  # per pooled session
@@ -356,6 +359,7 @@ class _Token:
         self._closed = False
         self._pid = os.getpid()
         self._fork_held = False
+        self._plan = MechanismPlan({})
         with self._gate.exclusive():
             self._conn = self._connect(initial=True)
         _LIVE_TOKENS.add(self)
@@ -364,6 +368,14 @@ class _Token:
         who = self._config.token_label or self._config.token_serial
         state = "closed" if self._closed else ("up" if self._conn_ok() else "down")
         return f"<_Token {who!r} {state}>"
+
+    def _t_plan(self) -> MechanismPlan:
+        """The mechanism plan of the last connection (no token call)."""
+        return self._plan
+
+    @property
+    def plan(self) -> MechanismPlan:
+        return self._plan
 
     # --- connection lifecycle -------------------------------------------------------------
     def _conn_ok(self) -> bool:
@@ -451,6 +463,8 @@ class _Token:
             ) from None
         try:
             token = self._find_token(lib)
+            plan = plan_for(read_mechanisms(token.slot),
+                            has_rng=bool(token.flags & pkcs11.TokenFlag.RNG))
             try:
                 login = token.open(rw=True, user_pin=self._config.pin)
             except (p11e.PinIncorrect, p11e.PinInvalid, p11e.PinLenRange) as exc:
@@ -480,7 +494,8 @@ class _Token:
         for ps in sessions:
             idle.put(ps)
         log.info("token %s: connected, %d keys cached", token.label, len(keys))
-        return _Connection(lib, token, login, sessions, idle, keys, os.getpid())
+        self._plan = plan
+        return _Connection(lib, token, login, sessions, idle, keys, os.getpid(), plan=plan)
 
     def _scan(self, sessions: list[_PooledSession]) -> dict[str, _KeyMeta]:
         """The one scan of the token: metadata from session 0, bindings in every session."""
@@ -861,7 +876,9 @@ class _Token:
         check_aes_cm(key, iv)
         if not data:
             return b""
-        with self._session("aes_cm") as (_conn, ps):
+        op = Operation.AES_CM_128 if len(key) == 16 else Operation.AES_CM_256
+        with self._session("aes_cm") as (conn, ps):
+            method = conn.plan.method(op)
             with self._object_lock:
                 obj = ps.session.create_object({
                     **self._EPHEMERAL,
@@ -870,6 +887,8 @@ class _Token:
                     Attribute.VALUE: bytes(key),
                 })
             try:
+                if method.way is Way.ECB_COUNTER_BLOCKS:
+                    return _aes_cm_by_ecb(obj, iv, data)
                 out = bytearray()
                 counter = int.from_bytes(iv, "big")
                 pos = 0
@@ -901,12 +920,14 @@ class _Token:
 
     def rsa_decrypt(self, key: KeyRef, data: bytes, padding: RsaPadding) -> bytes:
         if padding == RsaPadding.PKCS1V15:
-            mech, param = Mechanism.RSA_PKCS, None
+            op, mech, param = Operation.RSA_DECRYPT_PKCS1V15, Mechanism.RSA_PKCS, None
         elif padding == RsaPadding.OAEP_SHA1:
             # SoftHSM: OAEP with SHA-1 / MGF1-SHA-1 and no label only (facts note).
-            mech, param = Mechanism.RSA_PKCS_OAEP, (Mechanism.SHA_1, MGF.SHA1, None)
+            op, mech = Operation.RSA_DECRYPT_OAEP_SHA1, Mechanism.RSA_PKCS_OAEP
+            param = (Mechanism.SHA_1, MGF.SHA1, None)
         else:
             raise InvalidSealedData(SEALED_DATA_MESSAGE)
+        self._t_plan().method(op)  # a padding the module lacks: UnsupportedOperation, not sealed
         with self._session("rsa_decrypt", sealed=True) as (conn, ps):
             _, obj = self._bound(conn, ps, key.label, ObjectClass.PRIVATE_KEY, (KeyType.RSA,))
             return bytes(obj.decrypt(data, mechanism=mech, mechanism_param=param))
@@ -914,6 +935,7 @@ class _Token:
     def sign(self, key: KeyRef, data: bytes, scheme: SignScheme) -> bytes:
         scheme = SignScheme(scheme)
         with self._session("sign") as (conn, ps):
+            method = conn.plan.method(_SIGN_OPERATION[scheme])
             if scheme == SignScheme.ECDSA_SHA256:
                 _, obj = self._bound(conn, ps, key.label, ObjectClass.PRIVATE_KEY, (KeyType.EC,))
                 # SoftHSM has no CKM_ECDSA_SHA256: hash here, sign the digest raw (facts note).
@@ -921,6 +943,15 @@ class _Token:
                 return raw_ecdsa_to_der(bytes(raw))
             _, obj = self._bound(conn, ps, key.label, ObjectClass.PRIVATE_KEY, (KeyType.RSA,))
             mech, param = _RSA_SIGN[scheme]
+            if method.way is Way.DIGEST_INFO:
+                # RFC 8017 section 9.2: EMSA-PKCS1-v1_5 signs DER(DigestInfo); CKM_RSA_PKCS
+                # adds the type-1 padding in the token. Only the public digest is made here.
+                tbs = _DIGEST_INFO_PREFIX[scheme] + scheme_digest(scheme, data)
+                return bytes(obj.sign(tbs, mechanism=Mechanism.RSA_PKCS))
+            if method.way is Way.PSS_OVER_DIGEST:
+                # PKCS#11 v2.40 2.1.14: CKM_RSA_PKCS_PSS signs a digest computed outside.
+                return bytes(obj.sign(scheme_digest(scheme, data), mechanism=Mechanism.RSA_PKCS_PSS,
+                                      mechanism_param=param))
             return bytes(obj.sign(data, mechanism=mech, mechanism_param=param))
 
     def public_key_der(self, key: KeyRef) -> bytes:
@@ -1052,6 +1083,7 @@ class _Token:
     def generate_ec(self, label: str, curve: str) -> KeyInfo:
         name = canonical_curve(curve)
         with self._manage("generate_ec") as (conn, ps):
+            conn.plan.method(Operation.GENERATE_EC)
             self._check_new_label(conn, label)
             ident = os.urandom(16)
             params = ps.session.create_domain_parameters(
@@ -1241,6 +1273,17 @@ class Pkcs11KeyStore:
         self._t().refresh()
 
     @property
+    def mechanisms(self) -> MechanismPlan:
+        """How this module does each KMS operation (read at connect; hsm.mechanisms)."""
+        return self._t().plan
+
+    def require(self, operations: Iterable[Operation | str]) -> None:
+        """Refuse (TokenConfigError, one line naming the missing mechanism) a module that
+        cannot do one of ``operations``; called when the KMS opens its token."""
+        who = self._config.token_label or f"serial {self._config.token_serial}"
+        self._t().plan.require(operations, who)
+
+    @property
     def connected(self) -> bool:
         """Whether the token connection is currently believed to be up (no token call)."""
         return not self._closed and self._token._conn_ok()
@@ -1291,11 +1334,45 @@ def _describe(kwargs: dict[str, str]) -> str:
 
 
 def _true_length(ident: Any, stored: int) -> int:
+    # openCryptoki leaves CKA_VALUE_LEN at 0 for secrets made with C_CreateObject (measured):
+    # then the marker is bounded by the padded length we always store.
+    bound = stored or PADDED_SECRET_BYTES
     if isinstance(ident, bytes) and ident.startswith(LEN_MARKER):
         digits = ident[len(LEN_MARKER):]
-        if digits.isdigit() and 0 < int(digits) <= stored:
+        if digits.isdigit() and 0 < int(digits) <= bound:
             return int(digits)
     return stored
+
+
+def _aes_cm_by_ecb(obj: Any, iv: bytes, data: bytes) -> bytes:
+    """AES-CM (RFC 3711 section 4.1.1) from the token's AES-ECB: the keystream is the ECB
+    encryption of IV, IV+1, ... (mod 2^128), XORed with the data here. The AES key stays a
+    token object; out comes only the keystream, no more than the ciphertext reveals."""
+    blocks = (len(data) + 15) // 16
+    start = int.from_bytes(iv, "big")
+    counters = b"".join(((start + i) & _MASK128).to_bytes(16, "big") for i in range(blocks))
+    stream = bytes(obj.encrypt(counters, mechanism=Mechanism.AES_ECB,
+                               buffer_size=len(counters) + 16))
+    n = len(data)
+    x = int.from_bytes(data, "big") ^ int.from_bytes(stream[:n], "big")
+    return x.to_bytes(n, "big")
+
+
+_MASK128 = (1 << 128) - 1
+
+# RFC 8017 section 9.2, note 1: DER of DigestInfo up to the digest.
+_DIGEST_INFO_PREFIX: dict[SignScheme, bytes] = {
+    SignScheme.RSA_PKCS1V15_SHA1: bytes.fromhex("3021300906052b0e03021a05000414"),
+    SignScheme.RSA_PKCS1V15_SHA256: bytes.fromhex("3031300d060960864801650304020105000420"),
+}
+
+_SIGN_OPERATION: dict[SignScheme, Operation] = {
+    SignScheme.RSA_PKCS1V15_SHA256: Operation.SIGN_RSA_PKCS1V15_SHA256,
+    SignScheme.RSA_PKCS1V15_SHA1: Operation.SIGN_RSA_PKCS1V15_SHA1,
+    SignScheme.RSA_PSS_SHA256: Operation.SIGN_RSA_PSS_SHA256,
+    SignScheme.RSA_PSS_SHA1: Operation.SIGN_RSA_PSS_SHA1,
+    SignScheme.ECDSA_SHA256: Operation.SIGN_ECDSA_SHA256,
+}
 
 
 def _rsa_der(n: bytes, e: bytes) -> bytes:
