@@ -935,13 +935,14 @@ class _Token:
     def sign(self, key: KeyRef, data: bytes, scheme: SignScheme) -> bytes:
         scheme = SignScheme(scheme)
         with self._session("sign") as (conn, ps):
-            method = conn.plan.method(_SIGN_OPERATION[scheme])
             if scheme == SignScheme.ECDSA_SHA256:
                 _, obj = self._bound(conn, ps, key.label, ObjectClass.PRIVATE_KEY, (KeyType.EC,))
+                conn.plan.method(Operation.SIGN_ECDSA_SHA256)
                 # SoftHSM has no CKM_ECDSA_SHA256: hash here, sign the digest raw (facts note).
                 raw = obj.sign(scheme_digest(scheme, data), mechanism=Mechanism.ECDSA)
                 return raw_ecdsa_to_der(bytes(raw))
             _, obj = self._bound(conn, ps, key.label, ObjectClass.PRIVATE_KEY, (KeyType.RSA,))
+            method = conn.plan.method(_SIGN_OPERATION[scheme])
             mech, param = _RSA_SIGN[scheme]
             if method.way is Way.DIGEST_INFO:
                 # RFC 8017 section 9.2: EMSA-PKCS1-v1_5 signs DER(DigestInfo); CKM_RSA_PKCS
@@ -1083,8 +1084,8 @@ class _Token:
     def generate_ec(self, label: str, curve: str) -> KeyInfo:
         name = canonical_curve(curve)
         with self._manage("generate_ec") as (conn, ps):
-            conn.plan.method(Operation.GENERATE_EC)
             self._check_new_label(conn, label)
+            conn.plan.method(Operation.GENERATE_EC)
             ident = os.urandom(16)
             params = ps.session.create_domain_parameters(
                 P11KeyType.EC, {Attribute.EC_PARAMS: encode_named_curve_parameters(name)},

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Sets up openCryptoki's software token ("swtok", slot 3) for the test suite, as root:
 #   opencryptoki-token.sh reset LABEL SO_PIN USER_PIN   fresh token with these PINs (4-8 chars)
-#   opencryptoki-token.sh stop                          stop the slot daemon this script started
+#   opencryptoki-token.sh stop                          stop the slot daemon, remove the token state
+#   opencryptoki-token.sh daemon-stop | daemon-start    only the slot daemon (token loss tests)
 # The token state is machine-global (one swtok per machine): callers serialise on a lock file.
 # Writes a minimal /etc/opencryptoki/opencryptoki.conf naming only the soft token (the original
 # is kept once as opencryptoki.conf.orig), creates the folders, (re)starts pkcsslotd (it must run
@@ -56,10 +57,21 @@ reset)
     grep -q "Label: $label" <<<"$flags" || die "token label not set"
     echo "opencryptoki-token: token $label ready in slot $SLOT"
     ;;
-stop)
+daemon-stop)
+    # Only the slot daemon (token state kept): openCryptoki cannot be initialised without it.
     stop_daemon
     ;;
+daemon-start)
+    [ -f "$PIDFILE" ] && kill -0 "$(cat "$PIDFILE")" 2>/dev/null || pkcsslotd
+    ;;
+stop)
+    # Stop the daemon and remove the token state (objects, PINs, the /dev/shm cache).
+    stop_daemon
+    rm -rf /var/lib/opencryptoki/swtok/TOK_OBJ/* /var/lib/opencryptoki/swtok/NVTOK.DAT \
+        /var/lib/opencryptoki/swtok/MK_* 2>/dev/null || true
+    rm -f /dev/shm/*swtok* /dev/shm/var.lib.opencryptoki* 2>/dev/null || true
+    ;;
 *)
-    die "usage: $0 reset LABEL SO_PIN USER_PIN | stop"
+    die "usage: $0 reset LABEL SO_PIN USER_PIN | stop | daemon-stop | daemon-start"
     ;;
 esac
