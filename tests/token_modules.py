@@ -63,7 +63,7 @@ class OckToken:
 
 
 def _run(*args: str) -> None:
-    proc = subprocess.run(  # noqa: S603 - our own script, no shell
+    proc = subprocess.run(
         ["bash", str(SCRIPT), *args], capture_output=True, text=True, timeout=120, check=False
     )
     if proc.returncode != 0:

@@ -5,12 +5,11 @@ the stdlib hmac module and `cryptography`.
 
 from __future__ import annotations
 
-import hmac as std_hmac
 import contextlib
+import hmac as std_hmac
 import itertools
 import os
 from collections.abc import Callable, Iterator
-from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives import hashes, serialization

@@ -203,7 +203,7 @@ def test_eight_threads_of_hmacs(store: tuple[Pkcs11KeyStore, dict[str, str]]) ->
                 if ks.hmac(key, data, PrfFunc.PRF_HMAC_SHA_256) != std_hmac.new(
                         key, data, "sha256").digest():
                     errors.append(f"thread {i}: wrong ephemeral HMAC")
-        except Exception as exc:  # noqa: BLE001 - reported below
+        except Exception as exc:
             errors.append(f"thread {i}: {type(exc).__name__}: {exc}")
 
     threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
