@@ -90,10 +90,12 @@ class Method:
 
     mechanism: int
     way: Way = Way.DIRECT
+    function: str | None = None
+    """A PKCS#11 function used instead of a mechanism (C_GenerateRandom)."""
 
     @property
     def mechanism_name(self) -> str:
-        return mechanism_name(self.mechanism)
+        return self.function or mechanism_name(self.mechanism)
 
     @property
     def fallback(self) -> bool:
@@ -229,7 +231,7 @@ def plan_for(table: MechanismTable, *, has_rng: bool = True) -> MechanismPlan:
             methods[op] = method
     if has_rng:
         # C_GenerateRandom is a function, not a mechanism; CKF_RNG in the token flags.
-        methods[Operation.RANDOM] = Method(0, Way.DIRECT)
+        methods[Operation.RANDOM] = Method(-1, Way.DIRECT, function="C_GenerateRandom")
     else:
         missing[Operation.RANDOM] = "a token random number generator (CKF_RNG)"
     return MechanismPlan(methods, missing)

@@ -69,7 +69,7 @@ from hsm._common import (
     scheme_digest,
 )
 from hsm.locking import Gate
-from hsm.mechanisms import MechanismPlan, Operation, Way, plan_for, read_mechanisms
+from hsm.mechanisms import MechanismPlan, MechInfo, Operation, Way, plan_for, read_mechanisms
 from kms.keystore import (
     InvalidSealedData,
     Key,
@@ -360,6 +360,7 @@ class _Token:
         self._pid = os.getpid()
         self._fork_held = False
         self._plan = MechanismPlan({})
+        self._table: dict[int, MechInfo] = {}
         with self._gate.exclusive():
             self._conn = self._connect(initial=True)
         _LIVE_TOKENS.add(self)
@@ -463,8 +464,8 @@ class _Token:
             ) from None
         try:
             token = self._find_token(lib)
-            plan = plan_for(read_mechanisms(token.slot),
-                            has_rng=bool(token.flags & pkcs11.TokenFlag.RNG))
+            table = read_mechanisms(token.slot)
+            plan = plan_for(table, has_rng=bool(token.flags & pkcs11.TokenFlag.RNG))
             try:
                 login = token.open(rw=True, user_pin=self._config.pin)
             except (p11e.PinIncorrect, p11e.PinInvalid, p11e.PinLenRange) as exc:
@@ -495,6 +496,7 @@ class _Token:
             idle.put(ps)
         log.info("token %s: connected, %d keys cached", token.label, len(keys))
         self._plan = plan
+        self._table = table
         return _Connection(lib, token, login, sessions, idle, keys, os.getpid(), plan=plan)
 
     def _scan(self, sessions: list[_PooledSession]) -> dict[str, _KeyMeta]:
@@ -889,23 +891,7 @@ class _Token:
             try:
                 if method.way is Way.ECB_COUNTER_BLOCKS:
                     return _aes_cm_by_ecb(obj, iv, data)
-                out = bytearray()
-                counter = int.from_bytes(iv, "big")
-                pos = 0
-                while pos < len(data):
-                    # AES-CM counts over the full 128-bit block mod 2^128 (RFC 3711 4.1.1).
-                    # With ulCounterBits = 128 SoftHSM matches that, but refuses (DataLenRange)
-                    # to wrap past 2^128 - 1 (measured), so split there. ulCounterBits = 16
-                    # (as the facts note suggests) is only right while the low 16 bits do not
-                    # wrap; SoftHSM refuses that too.
-                    blocks_left = (1 << 128) - counter
-                    chunk = data[pos : pos + blocks_left * 16]
-                    param = struct.pack("=Q", 128) + counter.to_bytes(16, "big")
-                    out += obj.encrypt(chunk, mechanism=Mechanism.AES_CTR,
-                                       mechanism_param=param, buffer_size=len(chunk) + 32)
-                    pos += len(chunk)
-                    counter = 0
-                return bytes(out)
+                return _aes_cm_by_ctr(obj, iv, data)
             finally:
                 with contextlib.suppress(p11e.PKCS11Error):
                     self._destroy(obj)
@@ -942,18 +928,7 @@ class _Token:
                 raw = obj.sign(scheme_digest(scheme, data), mechanism=Mechanism.ECDSA)
                 return raw_ecdsa_to_der(bytes(raw))
             _, obj = self._bound(conn, ps, key.label, ObjectClass.PRIVATE_KEY, (KeyType.RSA,))
-            method = conn.plan.method(_SIGN_OPERATION[scheme])
-            mech, param = _RSA_SIGN[scheme]
-            if method.way is Way.DIGEST_INFO:
-                # RFC 8017 section 9.2: EMSA-PKCS1-v1_5 signs DER(DigestInfo); CKM_RSA_PKCS
-                # adds the type-1 padding in the token. Only the public digest is made here.
-                tbs = _DIGEST_INFO_PREFIX[scheme] + scheme_digest(scheme, data)
-                return bytes(obj.sign(tbs, mechanism=Mechanism.RSA_PKCS))
-            if method.way is Way.PSS_OVER_DIGEST:
-                # PKCS#11 v2.40 2.1.14: CKM_RSA_PKCS_PSS signs a digest computed outside.
-                return bytes(obj.sign(scheme_digest(scheme, data), mechanism=Mechanism.RSA_PKCS_PSS,
-                                      mechanism_param=param))
-            return bytes(obj.sign(data, mechanism=mech, mechanism_param=param))
+            return rsa_sign(obj, conn.plan, scheme, data)
 
     def public_key_der(self, key: KeyRef) -> bytes:
         with self._session("public_key_der") as (conn, _ps):
@@ -1278,6 +1253,14 @@ class Pkcs11KeyStore:
         """How this module does each KMS operation (read at connect; hsm.mechanisms)."""
         return self._t().plan
 
+    @contextlib.contextmanager
+    def probe(self) -> Iterator[tuple[Any, Any, Any, dict[int, MechInfo]]]:
+        """For ``kms token check`` (hsm.token_check) only: a pooled python-pkcs11 session with
+        the module and token objects and the mechanism table, PKCS#11 errors converted."""
+        tok = self._t()
+        with tok._session("token check") as (conn, ps):
+            yield conn.lib, conn.token, ps.session, dict(tok._table)
+
     def require(self, operations: Iterable[Operation | str]) -> None:
         """Refuse (TokenConfigError, one line naming the missing mechanism) a module that
         cannot do one of ``operations``; called when the KMS opens its token."""
@@ -1345,6 +1328,26 @@ def _true_length(ident: Any, stored: int) -> int:
     return stored
 
 
+def _aes_cm_by_ctr(obj: Any, iv: bytes, data: bytes) -> bytes:
+    """AES-CM (RFC 3711 section 4.1.1) with the token's CKM_AES_CTR."""
+    out = bytearray()
+    counter = int.from_bytes(iv, "big")
+    pos = 0
+    while pos < len(data):
+        # AES-CM counts over the full 128-bit block mod 2^128 (RFC 3711 4.1.1). With
+        # ulCounterBits = 128 SoftHSM matches that, but refuses (DataLenRange) to wrap past
+        # 2^128 - 1 (measured), so split there. ulCounterBits = 16 (as the facts note
+        # suggests) is only right while the low 16 bits do not wrap; SoftHSM refuses that too.
+        blocks_left = (1 << 128) - counter
+        chunk = data[pos : pos + blocks_left * 16]
+        param = struct.pack("=Q", 128) + counter.to_bytes(16, "big")
+        out += obj.encrypt(chunk, mechanism=Mechanism.AES_CTR,
+                           mechanism_param=param, buffer_size=len(chunk) + 32)
+        pos += len(chunk)
+        counter = 0
+    return bytes(out)
+
+
 def _aes_cm_by_ecb(obj: Any, iv: bytes, data: bytes) -> bytes:
     """AES-CM (RFC 3711 section 4.1.1) from the token's AES-ECB: the keystream is the ECB
     encryption of IV, IV+1, ... (mod 2^128), XORed with the data here. The AES key stays a
@@ -1366,6 +1369,22 @@ _DIGEST_INFO_PREFIX: dict[SignScheme, bytes] = {
     SignScheme.RSA_PKCS1V15_SHA1: bytes.fromhex("3021300906052b0e03021a05000414"),
     SignScheme.RSA_PKCS1V15_SHA256: bytes.fromhex("3031300d060960864801650304020105000420"),
 }
+
+def rsa_sign(obj: Any, plan: MechanismPlan, scheme: SignScheme, data: bytes) -> bytes:
+    """Sign ``data`` with the private key object ``obj`` the way ``plan`` says."""
+    method = plan.method(_SIGN_OPERATION[scheme])
+    mech, param = _RSA_SIGN[scheme]
+    if method.way is Way.DIGEST_INFO:
+        # RFC 8017 section 9.2: EMSA-PKCS1-v1_5 signs DER(DigestInfo); CKM_RSA_PKCS adds the
+        # type-1 padding in the token. Only the public digest is made here.
+        tbs = _DIGEST_INFO_PREFIX[scheme] + scheme_digest(scheme, data)
+        return bytes(obj.sign(tbs, mechanism=Mechanism.RSA_PKCS))
+    if method.way is Way.PSS_OVER_DIGEST:
+        # PKCS#11 v2.40 section 2.1.14: CKM_RSA_PKCS_PSS signs a digest computed outside.
+        return bytes(obj.sign(scheme_digest(scheme, data), mechanism=Mechanism.RSA_PKCS_PSS,
+                              mechanism_param=param))
+    return bytes(obj.sign(data, mechanism=mech, mechanism_param=param))
+
 
 _SIGN_OPERATION: dict[SignScheme, Operation] = {
     SignScheme.RSA_PKCS1V15_SHA256: Operation.SIGN_RSA_PKCS1V15_SHA256,

@@ -24,6 +24,7 @@ from typing import Any
 
 from kms.cli import CliError
 from kms.cli.psk_input import read_psk
+from kms.cli.token_cmd import add_token_uri_option, token_options
 from kms.keystore import KeyStoreError
 from kms.server.config import ConfigError
 from kms.server.home import (
@@ -101,15 +102,17 @@ def cmd_init(args: argparse.Namespace) -> int:
     def progress(msg: str) -> None:
         print(f"kms init: {msg}", file=sys.stderr, flush=True)
 
+    token = token_options(args)
     h = init_home(
         home,
         args.kms_id,
-        module=args.module,
-        token_label=args.token_label,
-        token_serial=args.token_serial,
-        pin_env=args.pin_env,
-        pin_file=None if args.pin_file is None else Path(args.pin_file),
+        module=token.module,
+        token_label=token.label,
+        token_serial=token.serial,
+        pin_env=token.pin_env,
+        pin_file=None if token.pin_file is None else Path(token.pin_file),
         progress=progress,
+        token_uri=args.token_uri,
     )
     try:
         print(f"initialised KMS home {h.path} for {h.config.kms_id}")
@@ -392,6 +395,7 @@ def register(sub: Any) -> None:  # argparse._SubParsersAction
     pin.add_argument("--pin-env", metavar="VAR",
                      help="name of the environment variable holding the user PIN")
     pin.add_argument("--pin-file", metavar="FILE", help="file holding the user PIN")
+    add_token_uri_option(p)
     p.set_defaults(func=cmd_init)
 
     # endpoint ---------------------------------------------------------------------------
