@@ -393,9 +393,12 @@ def render_text(report: CheckReport) -> str:
             lines.append(f"{p.name:<34} {'yes' if p.needed else 'no':<6}  "
                          f"{'ok' if p.ok else 'FAILED'}: {p.detail}")
     if report.operations:
-        lines += ["", "Timings: medians of single calls on 64 bytes. aes-cm and the per-message HMAC",
-                  "go through the key store, creating and destroying the session key each time",
-                  "(as the KMS does per message); HMAC and RSA rows use a key already in the token."]
+        lines += [
+            "",
+            "Timings: medians of single calls on 64 bytes. aes-cm and the per-message HMAC go",
+            "through the key store, creating and destroying the session key each time (as the",
+            "KMS does per message); the HMAC and RSA rows use a key already in the token.",
+        ]
     lines += ["", "verdict: the KMS can run on this token" if report.can_run else
               "verdict: the KMS CANNOT run on this token (see MISSING / FAILED / ERROR above)"]
     return "\n".join(lines)
