@@ -327,11 +327,11 @@ def _parse_token(doc: Mapping[str, Any], home: Path) -> TokenSettings:
     pin_env = sec.string("pin_env")
     pin_file = sec.path("pin_file")
     if from_uri.get("pin_env") is not None or from_uri.get("pin_file") is not None:
-        if pin_env is not None or pin_file is not None:
-            raise sec.error("uri", "pin-source and pin_env / pin_file are both given")
-        pin_env = from_uri.get("pin_env")
         uri_pin_file = from_uri.get("pin_file")
-        pin_file = None if uri_pin_file is None else Path(uri_pin_file)
+        uri_pin = (from_uri.get("pin_env"), None if uri_pin_file is None else Path(uri_pin_file))
+        if (pin_env is not None or pin_file is not None) and (pin_env, pin_file) != uri_pin:
+            raise sec.error("uri", "pin-source differs from pin_env / pin_file")
+        pin_env, pin_file = uri_pin
     if pin_env is None and pin_file is None:
         raise sec.error("pin_file", "is required (or give pin_env)")
     if pin_env is not None and pin_file is not None:

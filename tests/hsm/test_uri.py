@@ -141,7 +141,7 @@ def test_token_uri_beside_the_classic_keys(tmp_path: Path) -> None:
      "names a key"),
     ('uri = "pkcs11:token=kms?pin-source=env:P"', r"\[token\] module: is required"),
     (f'uri = "pkcs11:token=kms?module-path={SOFTHSM}&pin-source=env:P"\npin_file = "pin"',
-     "pin-source and pin_env / pin_file are both given"),
+     "pin-source differs from pin_env / pin_file"),
     ('uri = "pkcs11:?module-path=/m.so&pin-source=env:P"', r"\[token\] label: is required"),
 ])
 def test_bad_token_uri_in_config(tmp_path: Path, token: str, message: str) -> None:
