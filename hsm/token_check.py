@@ -326,7 +326,7 @@ def _time_store_ops(store: Pkcs11KeyStore, report: CheckReport,
     if rows[Operation.RANDOM.value].uses is not None:
         _timed(rows[Operation.RANDOM.value], lambda: len(store.random(32)) == 32, iterations)
     ephemeral = os.urandom(16)
-    row = OperationRow("hmac-sha1 (per-message key: create, sign, destroy)", False,
+    row = OperationRow("hmac-sha1-per-message-key", False,
                        rows[Operation.HMAC_SHA1.value].uses, None, None)
     if row.uses is not None:
         _timed(row, lambda: store.hmac(ephemeral, DATA, PrfFunc.MIKEY_1)
@@ -395,7 +395,7 @@ def render_text(report: CheckReport) -> str:
     if report.operations:
         lines += [
             "",
-            "Timings: medians of single calls on 64 bytes. aes-cm and the per-message HMAC go",
+            "Timings: medians of single calls on 64 bytes. aes-cm and hmac-sha1-per-message-key go",
             "through the key store, creating and destroying the session key each time (as the",
             "KMS does per message); the HMAC and RSA rows use a key already in the token.",
         ]
