@@ -107,3 +107,29 @@ def test_verdict_follows_needed_operations_and_probes() -> None:
     report.operations.pop()
     report.probes.append(Probe("4 threads at once", True, False, "wrong HMAC"))
     assert not report.can_run
+
+
+def test_keys_are_named_by_pkcs11_uris(home: Path, kms: Any,
+                                       kms_fails: Callable[..., str]) -> None:
+    from hsm.uri import parse_uri
+    from kms.server.home import open_home
+
+    with open_home(home) as h:
+        h.keystore().import_secret("orphan/x", bytes(16))
+        token = h.config.token.label
+    assert token is not None
+    keys = {k["label"]: k for k in json.loads(kms(home, "keys", "list", "--json").stdout)}
+    uri = keys["orphan/x"]["uri"]
+    assert uri == f"pkcs11:token={token};object=orphan%2Fx;type=secret-key"
+    assert parse_uri(keys["tpk/1"]["uri"]).object_label == "tpk/1"
+    rsa_uris = [k["uri"] for k in keys.values() if k.get("type") == "rsa"]
+    assert len(rsa_uris) == 2
+    assert all(u.endswith(";type=private") for u in rsa_uris)
+    kms_fails(home, "keys", "delete-orphan", "pkcs11:token=other;object=orphan%2Fx",
+              match=r"names token 'other', not this home's")
+    kms_fails(home, "keys", "delete-orphan", f"pkcs11:token={token}",
+              match=r"names no key")
+    out = kms(home, "keys", "delete-orphan", uri).stdout
+    assert out.strip() == "destroyed orphan token object orphan/x"
+    assert "orphan/x" not in {k["label"] for k in json.loads(
+        kms(home, "keys", "list", "--json").stdout)}
