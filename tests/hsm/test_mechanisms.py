@@ -3,6 +3,8 @@ of SoftHSM2, openCryptoki and made-up modules), and refusal when the token is op
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from pkcs11 import Mechanism as M  # noqa: N817 - short in the tables below
 
@@ -106,13 +108,10 @@ def test_no_rng_is_missing_random() -> None:
     assert "CKF_RNG" in plan.missing[Operation.RANDOM]
 
 
-def test_required_operations_are_known_and_follow_pke_padding(tmp_path: object) -> None:
-    from pathlib import Path
-
+def test_required_operations_are_known_and_follow_pke_padding(tmp_path: Path) -> None:
     from kms.server.config import parse_config, render_config
 
-    assert tmp_path is not None
-    home = Path(str(tmp_path))
+    home = tmp_path
     text = render_config("sip:kms.example.org", module="/m.so", token_label="t", pin_env="P")
     ops = required_operations(parse_config(text, home))
     for op in ops:
@@ -135,3 +134,34 @@ def test_open_keystore_refuses_a_module_without_a_required_mechanism(ock_token: 
     )
     with open_keystore(ock_token.config(), require=BASE_OPERATIONS) as ks:
         assert ks.mechanisms.method(Operation.AES_CM_128).way is Way.ECB_COUNTER_BLOCKS
+
+
+def test_the_home_refuses_the_token_when_it_opens_it(ock_token: OckToken, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """`kms serve`, `kms init` and every operator command open the token through
+    Home.keystore(): a configuration needing something the module lacks stops there, in one
+    line. (No KMS setting needs EC today, so the test adds ECDSA to what the home needs.)"""
+    from kms.server import home as home_mod
+    from kms.server.config import parse_config, render_config
+    from kms.store.registry import Registry
+
+    pin = tmp_path / "pin"
+    pin.write_text(ock_token.user_pin)
+    config = parse_config(render_config("sip:kms.example.org", module=ock_token.module,
+                                        token_label=ock_token.label, pin_file=str(pin)),
+                          tmp_path)
+    home = home_mod.Home(tmp_path, config, Registry.open(tmp_path / "r.sqlite3", create=True))
+    try:
+        home.keystore()  # what the configuration needs: all there (with fallbacks)
+    finally:
+        home.close()
+    monkeypatch.setattr(home_mod, "required_operations",
+                        lambda c: (*required_operations(c), "sign-ecdsa-sha256"))
+    home = home_mod.Home(tmp_path, config, Registry.open(tmp_path / "r.sqlite3"))
+    with pytest.raises(home_mod.HomeError) as ei:
+        home.keystore()
+    home.close()
+    assert str(ei.value) == (
+        f"cannot open token 'kms-ock' ({ock_token.module}): token 'kms-ock' cannot serve this "
+        "configuration: sign-ecdsa-sha256 needs CKM_ECDSA (not offered)"
+    )
