@@ -33,6 +33,7 @@ from typing import Any
 from pkcs11 import Mechanism
 from pkcs11.exceptions import PKCS11Error
 
+from hsm import TokenConfigError
 from kms.keystore import UnsupportedOperation
 
 
@@ -128,8 +129,6 @@ class MechanismPlan:
 
     def require(self, ops: Iterable[Operation | str], token: str) -> None:
         """Raise :class:`hsm.TokenConfigError` (one line) if any of ``ops`` has no way."""
-        from hsm import TokenConfigError  # hsm/__init__ imports nothing from here
-
         lacking = [Operation(op) for op in ops if Operation(op) not in self.methods]
         if lacking:
             what = "; ".join(f"{op.value} needs {self.missing[op]}" for op in lacking)

@@ -39,7 +39,6 @@ import hmac
 import logging
 import os
 import queue
-import struct
 import threading
 import time
 import weakref
@@ -70,6 +69,7 @@ from hsm._common import (
 )
 from hsm.locking import Gate
 from hsm.mechanisms import MechanismPlan, MechInfo, Operation, Way, plan_for, read_mechanisms
+from hsm.token_ops import aes_cm_by_ctr, aes_cm_by_ecb, rsa_sign
 from kms.keystore import (
     InvalidSealedData,
     Key,
@@ -370,12 +370,9 @@ class _Token:
         state = "closed" if self._closed else ("up" if self._conn_ok() else "down")
         return f"<_Token {who!r} {state}>"
 
-    def _t_plan(self) -> MechanismPlan:
-        """The mechanism plan of the last connection (no token call)."""
-        return self._plan
-
     @property
     def plan(self) -> MechanismPlan:
+        """The mechanism plan of the last connection (no token call)."""
         return self._plan
 
     # --- connection lifecycle -------------------------------------------------------------
@@ -890,8 +887,8 @@ class _Token:
                 })
             try:
                 if method.way is Way.ECB_COUNTER_BLOCKS:
-                    return _aes_cm_by_ecb(obj, iv, data)
-                return _aes_cm_by_ctr(obj, iv, data)
+                    return aes_cm_by_ecb(obj, iv, data)
+                return aes_cm_by_ctr(obj, iv, data)
             finally:
                 with contextlib.suppress(p11e.PKCS11Error):
                     self._destroy(obj)
@@ -913,7 +910,7 @@ class _Token:
             param = (Mechanism.SHA_1, MGF.SHA1, None)
         else:
             raise InvalidSealedData(SEALED_DATA_MESSAGE)
-        self._t_plan().method(op)  # a padding the module lacks: UnsupportedOperation, not sealed
+        self._plan.method(op)  # a padding the module lacks: UnsupportedOperation, not sealed
         with self._session("rsa_decrypt", sealed=True) as (conn, ps):
             _, obj = self._bound(conn, ps, key.label, ObjectClass.PRIVATE_KEY, (KeyType.RSA,))
             return bytes(obj.decrypt(data, mechanism=mech, mechanism_param=param))
@@ -1304,15 +1301,6 @@ class _InitFailedError(Exception):
         self.rv = rv
 
 
-_RSA_SIGN: dict[SignScheme, tuple[Mechanism, Any]] = {
-    SignScheme.RSA_PKCS1V15_SHA256: (Mechanism.SHA256_RSA_PKCS, None),
-    SignScheme.RSA_PKCS1V15_SHA1: (Mechanism.SHA1_RSA_PKCS, None),
-    # Salt length = hash length, as the software store uses.
-    SignScheme.RSA_PSS_SHA256: (Mechanism.SHA256_RSA_PKCS_PSS, (Mechanism.SHA256, MGF.SHA256, 32)),
-    SignScheme.RSA_PSS_SHA1: (Mechanism.SHA1_RSA_PKCS_PSS, (Mechanism.SHA_1, MGF.SHA1, 20)),
-}
-
-
 def _describe(kwargs: dict[str, str]) -> str:
     return ", ".join(f"{k.removeprefix('token_')}={v!r}" for k, v in kwargs.items())
 
@@ -1326,73 +1314,6 @@ def _true_length(ident: Any, stored: int) -> int:
         if digits.isdigit() and 0 < int(digits) <= bound:
             return int(digits)
     return stored
-
-
-def _aes_cm_by_ctr(obj: Any, iv: bytes, data: bytes) -> bytes:
-    """AES-CM (RFC 3711 section 4.1.1) with the token's CKM_AES_CTR."""
-    out = bytearray()
-    counter = int.from_bytes(iv, "big")
-    pos = 0
-    while pos < len(data):
-        # AES-CM counts over the full 128-bit block mod 2^128 (RFC 3711 4.1.1). With
-        # ulCounterBits = 128 SoftHSM matches that, but refuses (DataLenRange) to wrap past
-        # 2^128 - 1 (measured), so split there. ulCounterBits = 16 (as the facts note
-        # suggests) is only right while the low 16 bits do not wrap; SoftHSM refuses that too.
-        blocks_left = (1 << 128) - counter
-        chunk = data[pos : pos + blocks_left * 16]
-        param = struct.pack("=Q", 128) + counter.to_bytes(16, "big")
-        out += obj.encrypt(chunk, mechanism=Mechanism.AES_CTR,
-                           mechanism_param=param, buffer_size=len(chunk) + 32)
-        pos += len(chunk)
-        counter = 0
-    return bytes(out)
-
-
-def _aes_cm_by_ecb(obj: Any, iv: bytes, data: bytes) -> bytes:
-    """AES-CM (RFC 3711 section 4.1.1) from the token's AES-ECB: the keystream is the ECB
-    encryption of IV, IV+1, ... (mod 2^128), XORed with the data here. The AES key stays a
-    token object; out comes only the keystream, no more than the ciphertext reveals."""
-    blocks = (len(data) + 15) // 16
-    start = int.from_bytes(iv, "big")
-    counters = b"".join(((start + i) & _MASK128).to_bytes(16, "big") for i in range(blocks))
-    stream = bytes(obj.encrypt(counters, mechanism=Mechanism.AES_ECB,
-                               buffer_size=len(counters) + 16))
-    n = len(data)
-    x = int.from_bytes(data, "big") ^ int.from_bytes(stream[:n], "big")
-    return x.to_bytes(n, "big")
-
-
-_MASK128 = (1 << 128) - 1
-
-# RFC 8017 section 9.2, note 1: DER of DigestInfo up to the digest.
-_DIGEST_INFO_PREFIX: dict[SignScheme, bytes] = {
-    SignScheme.RSA_PKCS1V15_SHA1: bytes.fromhex("3021300906052b0e03021a05000414"),
-    SignScheme.RSA_PKCS1V15_SHA256: bytes.fromhex("3031300d060960864801650304020105000420"),
-}
-
-def rsa_sign(obj: Any, plan: MechanismPlan, scheme: SignScheme, data: bytes) -> bytes:
-    """Sign ``data`` with the private key object ``obj`` the way ``plan`` says."""
-    method = plan.method(_SIGN_OPERATION[scheme])
-    mech, param = _RSA_SIGN[scheme]
-    if method.way is Way.DIGEST_INFO:
-        # RFC 8017 section 9.2: EMSA-PKCS1-v1_5 signs DER(DigestInfo); CKM_RSA_PKCS adds the
-        # type-1 padding in the token. Only the public digest is made here.
-        tbs = _DIGEST_INFO_PREFIX[scheme] + scheme_digest(scheme, data)
-        return bytes(obj.sign(tbs, mechanism=Mechanism.RSA_PKCS))
-    if method.way is Way.PSS_OVER_DIGEST:
-        # PKCS#11 v2.40 section 2.1.14: CKM_RSA_PKCS_PSS signs a digest computed outside.
-        return bytes(obj.sign(scheme_digest(scheme, data), mechanism=Mechanism.RSA_PKCS_PSS,
-                              mechanism_param=param))
-    return bytes(obj.sign(data, mechanism=mech, mechanism_param=param))
-
-
-_SIGN_OPERATION: dict[SignScheme, Operation] = {
-    SignScheme.RSA_PKCS1V15_SHA256: Operation.SIGN_RSA_PKCS1V15_SHA256,
-    SignScheme.RSA_PKCS1V15_SHA1: Operation.SIGN_RSA_PKCS1V15_SHA1,
-    SignScheme.RSA_PSS_SHA256: Operation.SIGN_RSA_PSS_SHA256,
-    SignScheme.RSA_PSS_SHA1: Operation.SIGN_RSA_PSS_SHA1,
-    SignScheme.ECDSA_SHA256: Operation.SIGN_ECDSA_SHA256,
-}
 
 
 def _rsa_der(n: bytes, e: bytes) -> bytes:

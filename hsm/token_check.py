@@ -32,7 +32,8 @@ from pkcs11 import KeyType as P11KeyType
 
 from hsm import TokenConfig
 from hsm.mechanisms import MechanismPlan, MechInfo, Operation
-from hsm.pkcs11_store import Pkcs11KeyStore, _public_der, rsa_sign
+from hsm.pkcs11_store import Pkcs11KeyStore, _public_der
+from hsm.token_ops import rsa_sign
 from kms.keystore import KeyStoreError, SignScheme
 from kms.mikey.prf import PrfFunc
 
