@@ -8,6 +8,7 @@ a PKCS#11 module.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -80,11 +81,22 @@ def read_pin(pin_env: str | None, pin_file: str | None) -> str:
     return text
 
 
-def open_keystore(config: TokenConfig) -> Pkcs11KeyStore:
-    """Open the token described by ``config`` (loads the module, logs in, caches handles)."""
+def open_keystore(config: TokenConfig, require: Iterable[str] = ()) -> Pkcs11KeyStore:
+    """Open the token described by ``config`` (loads the module, logs in, caches handles).
+
+    ``require`` names operations (:class:`hsm.mechanisms.Operation` values) the caller will
+    use: a module without a way to do one of them is refused here, with one line naming the
+    missing mechanism (TokenConfigError), rather than at the first call.
+    """
     from hsm.pkcs11_store import Pkcs11KeyStore  # lazy: keep python-pkcs11 out of endpoints
 
-    return Pkcs11KeyStore(config)
+    store = Pkcs11KeyStore(config)
+    try:
+        store.require(require)
+    except BaseException:
+        store.close()
+        raise
+    return store
 
 
 __all__ = ["PinError", "TokenConfig", "TokenConfigError", "open_keystore", "read_pin"]

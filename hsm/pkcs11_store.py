@@ -39,11 +39,10 @@ import hmac
 import logging
 import os
 import queue
-import struct
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
@@ -69,6 +68,8 @@ from hsm._common import (
     scheme_digest,
 )
 from hsm.locking import Gate
+from hsm.mechanisms import MechanismPlan, MechInfo, Operation, Way, plan_for, read_mechanisms
+from hsm.token_ops import aes_cm_by_ctr, aes_cm_by_ecb, rsa_sign
 from kms.keystore import (
     InvalidSealedData,
     Key,
@@ -284,6 +285,8 @@ class _Connection:
     # Labels whose working copy the token refused (CKA_COPYABLE false, or no C_CopyObject):
     # those keys are used as the stored objects themselves.
     no_copy: set[str] = field(default_factory=set)
+    # How each operation is done on this module (hsm.mechanisms), read once per connection.
+    plan: MechanismPlan = field(default_factory=lambda: MechanismPlan({}))
 
 
 MAX_WORKING_COPIES = 1024  # per pooled session
@@ -356,6 +359,8 @@ class _Token:
         self._closed = False
         self._pid = os.getpid()
         self._fork_held = False
+        self._plan = MechanismPlan({})
+        self._table: dict[int, MechInfo] = {}
         with self._gate.exclusive():
             self._conn = self._connect(initial=True)
         _LIVE_TOKENS.add(self)
@@ -364,6 +369,11 @@ class _Token:
         who = self._config.token_label or self._config.token_serial
         state = "closed" if self._closed else ("up" if self._conn_ok() else "down")
         return f"<_Token {who!r} {state}>"
+
+    @property
+    def plan(self) -> MechanismPlan:
+        """The mechanism plan of the last connection (no token call)."""
+        return self._plan
 
     # --- connection lifecycle -------------------------------------------------------------
     def _conn_ok(self) -> bool:
@@ -451,6 +461,8 @@ class _Token:
             ) from None
         try:
             token = self._find_token(lib)
+            table = read_mechanisms(token.slot)
+            plan = plan_for(table, has_rng=bool(token.flags & pkcs11.TokenFlag.RNG))
             try:
                 login = token.open(rw=True, user_pin=self._config.pin)
             except (p11e.PinIncorrect, p11e.PinInvalid, p11e.PinLenRange) as exc:
@@ -480,7 +492,9 @@ class _Token:
         for ps in sessions:
             idle.put(ps)
         log.info("token %s: connected, %d keys cached", token.label, len(keys))
-        return _Connection(lib, token, login, sessions, idle, keys, os.getpid())
+        self._plan = plan
+        self._table = table
+        return _Connection(lib, token, login, sessions, idle, keys, os.getpid(), plan=plan)
 
     def _scan(self, sessions: list[_PooledSession]) -> dict[str, _KeyMeta]:
         """The one scan of the token: metadata from session 0, bindings in every session."""
@@ -861,7 +875,9 @@ class _Token:
         check_aes_cm(key, iv)
         if not data:
             return b""
-        with self._session("aes_cm") as (_conn, ps):
+        op = Operation.AES_CM_128 if len(key) == 16 else Operation.AES_CM_256
+        with self._session("aes_cm") as (conn, ps):
+            method = conn.plan.method(op)
             with self._object_lock:
                 obj = ps.session.create_object({
                     **self._EPHEMERAL,
@@ -870,23 +886,9 @@ class _Token:
                     Attribute.VALUE: bytes(key),
                 })
             try:
-                out = bytearray()
-                counter = int.from_bytes(iv, "big")
-                pos = 0
-                while pos < len(data):
-                    # AES-CM counts over the full 128-bit block mod 2^128 (RFC 3711 4.1.1).
-                    # With ulCounterBits = 128 SoftHSM matches that, but refuses (DataLenRange)
-                    # to wrap past 2^128 - 1 (measured), so split there. ulCounterBits = 16
-                    # (as the facts note suggests) is only right while the low 16 bits do not
-                    # wrap; SoftHSM refuses that too.
-                    blocks_left = (1 << 128) - counter
-                    chunk = data[pos : pos + blocks_left * 16]
-                    param = struct.pack("=Q", 128) + counter.to_bytes(16, "big")
-                    out += obj.encrypt(chunk, mechanism=Mechanism.AES_CTR,
-                                       mechanism_param=param, buffer_size=len(chunk) + 32)
-                    pos += len(chunk)
-                    counter = 0
-                return bytes(out)
+                if method.way is Way.ECB_COUNTER_BLOCKS:
+                    return aes_cm_by_ecb(obj, iv, data)
+                return aes_cm_by_ctr(obj, iv, data)
             finally:
                 with contextlib.suppress(p11e.PKCS11Error):
                     self._destroy(obj)
@@ -901,12 +903,14 @@ class _Token:
 
     def rsa_decrypt(self, key: KeyRef, data: bytes, padding: RsaPadding) -> bytes:
         if padding == RsaPadding.PKCS1V15:
-            mech, param = Mechanism.RSA_PKCS, None
+            op, mech, param = Operation.RSA_DECRYPT_PKCS1V15, Mechanism.RSA_PKCS, None
         elif padding == RsaPadding.OAEP_SHA1:
             # SoftHSM: OAEP with SHA-1 / MGF1-SHA-1 and no label only (facts note).
-            mech, param = Mechanism.RSA_PKCS_OAEP, (Mechanism.SHA_1, MGF.SHA1, None)
+            op, mech = Operation.RSA_DECRYPT_OAEP_SHA1, Mechanism.RSA_PKCS_OAEP
+            param = (Mechanism.SHA_1, MGF.SHA1, None)
         else:
             raise InvalidSealedData(SEALED_DATA_MESSAGE)
+        self._plan.method(op)  # a padding the module lacks: UnsupportedOperation, not sealed
         with self._session("rsa_decrypt", sealed=True) as (conn, ps):
             _, obj = self._bound(conn, ps, key.label, ObjectClass.PRIVATE_KEY, (KeyType.RSA,))
             return bytes(obj.decrypt(data, mechanism=mech, mechanism_param=param))
@@ -916,12 +920,12 @@ class _Token:
         with self._session("sign") as (conn, ps):
             if scheme == SignScheme.ECDSA_SHA256:
                 _, obj = self._bound(conn, ps, key.label, ObjectClass.PRIVATE_KEY, (KeyType.EC,))
+                conn.plan.method(Operation.SIGN_ECDSA_SHA256)
                 # SoftHSM has no CKM_ECDSA_SHA256: hash here, sign the digest raw (facts note).
                 raw = obj.sign(scheme_digest(scheme, data), mechanism=Mechanism.ECDSA)
                 return raw_ecdsa_to_der(bytes(raw))
             _, obj = self._bound(conn, ps, key.label, ObjectClass.PRIVATE_KEY, (KeyType.RSA,))
-            mech, param = _RSA_SIGN[scheme]
-            return bytes(obj.sign(data, mechanism=mech, mechanism_param=param))
+            return rsa_sign(obj, conn.plan, scheme, data)
 
     def public_key_der(self, key: KeyRef) -> bytes:
         with self._session("public_key_der") as (conn, _ps):
@@ -1053,6 +1057,7 @@ class _Token:
         name = canonical_curve(curve)
         with self._manage("generate_ec") as (conn, ps):
             self._check_new_label(conn, label)
+            conn.plan.method(Operation.GENERATE_EC)
             ident = os.urandom(16)
             params = ps.session.create_domain_parameters(
                 P11KeyType.EC, {Attribute.EC_PARAMS: encode_named_curve_parameters(name)},
@@ -1241,6 +1246,25 @@ class Pkcs11KeyStore:
         self._t().refresh()
 
     @property
+    def mechanisms(self) -> MechanismPlan:
+        """How this module does each KMS operation (read at connect; hsm.mechanisms)."""
+        return self._t().plan
+
+    @contextlib.contextmanager
+    def probe(self) -> Iterator[tuple[Any, Any, Any, dict[int, MechInfo]]]:
+        """For ``kms token check`` (hsm.token_check) only: a pooled python-pkcs11 session with
+        the module and token objects and the mechanism table, PKCS#11 errors converted."""
+        tok = self._t()
+        with tok._session("token check") as (conn, ps):
+            yield conn.lib, conn.token, ps.session, dict(tok._table)
+
+    def require(self, operations: Iterable[Operation | str]) -> None:
+        """Refuse (TokenConfigError, one line naming the missing mechanism) a module that
+        cannot do one of ``operations``; called when the KMS opens its token."""
+        who = self._config.token_label or f"serial {self._config.token_serial}"
+        self._t().plan.require(operations, who)
+
+    @property
     def connected(self) -> bool:
         """Whether the token connection is currently believed to be up (no token call)."""
         return not self._closed and self._token._conn_ok()
@@ -1277,23 +1301,17 @@ class _InitFailedError(Exception):
         self.rv = rv
 
 
-_RSA_SIGN: dict[SignScheme, tuple[Mechanism, Any]] = {
-    SignScheme.RSA_PKCS1V15_SHA256: (Mechanism.SHA256_RSA_PKCS, None),
-    SignScheme.RSA_PKCS1V15_SHA1: (Mechanism.SHA1_RSA_PKCS, None),
-    # Salt length = hash length, as the software store uses.
-    SignScheme.RSA_PSS_SHA256: (Mechanism.SHA256_RSA_PKCS_PSS, (Mechanism.SHA256, MGF.SHA256, 32)),
-    SignScheme.RSA_PSS_SHA1: (Mechanism.SHA1_RSA_PKCS_PSS, (Mechanism.SHA_1, MGF.SHA1, 20)),
-}
-
-
 def _describe(kwargs: dict[str, str]) -> str:
     return ", ".join(f"{k.removeprefix('token_')}={v!r}" for k, v in kwargs.items())
 
 
 def _true_length(ident: Any, stored: int) -> int:
+    # openCryptoki leaves CKA_VALUE_LEN at 0 for secrets made with C_CreateObject (measured):
+    # then the marker is bounded by the padded length we always store.
+    bound = stored or PADDED_SECRET_BYTES
     if isinstance(ident, bytes) and ident.startswith(LEN_MARKER):
         digits = ident[len(LEN_MARKER):]
-        if digits.isdigit() and 0 < int(digits) <= stored:
+        if digits.isdigit() and 0 < int(digits) <= bound:
             return int(digits)
     return stored
 

@@ -28,6 +28,17 @@ DEFAULT_SOFTHSM_MODULE: str = _first_existing(_SOFTHSM_MODULE_CANDIDATES)
 """First existing SoftHSM2 module among the usual install locations."""
 
 
+_OPENCRYPTOKI_MODULE_CANDIDATES = (
+    "/usr/lib/x86_64-linux-gnu/pkcs11/libopencryptoki.so",
+    "/usr/lib/aarch64-linux-gnu/pkcs11/libopencryptoki.so",
+    "/usr/lib64/pkcs11/libopencryptoki.so",
+    "/usr/lib/pkcs11/libopencryptoki.so",
+)
+
+DEFAULT_OPENCRYPTOKI_MODULE: str = _first_existing(_OPENCRYPTOKI_MODULE_CANDIDATES)
+"""First existing openCryptoki module (a second, independent software token for tests)."""
+
+
 class ProvisioningError(KeyStoreError):
     """Creating a token failed (the message never contains a PIN)."""
 
@@ -96,6 +107,7 @@ def _redact(text: str, secrets: tuple[str, ...]) -> str:
 
 
 __all__ = [
+    "DEFAULT_OPENCRYPTOKI_MODULE",
     "DEFAULT_SOFTHSM_MODULE",
     "ProvisioningError",
     "create_softhsm_token",

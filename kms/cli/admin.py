@@ -22,8 +22,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from hsm.uri import Pkcs11UriError, key_uri, parse_uri
 from kms.cli import CliError
 from kms.cli.psk_input import read_psk
+from kms.cli.token_cmd import add_token_uri_option, token_options
 from kms.keystore import KeyStoreError
 from kms.server.config import ConfigError
 from kms.server.home import (
@@ -101,15 +103,17 @@ def cmd_init(args: argparse.Namespace) -> int:
     def progress(msg: str) -> None:
         print(f"kms init: {msg}", file=sys.stderr, flush=True)
 
+    token = token_options(args)
     h = init_home(
         home,
         args.kms_id,
-        module=args.module,
-        token_label=args.token_label,
-        token_serial=args.token_serial,
-        pin_env=args.pin_env,
-        pin_file=None if args.pin_file is None else Path(args.pin_file),
+        module=token.module,
+        token_label=token.label,
+        token_serial=token.serial,
+        pin_env=token.pin_env,
+        pin_file=None if token.pin_file is None else Path(token.pin_file),
         progress=progress,
+        token_uri=args.token_uri,
     )
     try:
         print(f"initialised KMS home {h.path} for {h.config.kms_id}")
@@ -260,6 +264,7 @@ def cmd_group_list(args: argparse.Namespace) -> int:
 def cmd_keys_list(args: argparse.Namespace) -> int:
     with _open(args) as h:
         entries = h.key_inventory()
+        token_label = h.config.token.label
     if args.json:
         out: list[dict[str, Any]] = []
         for e in entries:
@@ -268,6 +273,10 @@ def cmd_keys_list(args: argparse.Namespace) -> int:
             }
             if e.info is not None:
                 item.update(
+                    # RFC 7512: the key as p11-kit / OpenSSL / GnuTLS users name it.
+                    uri=key_uri(token_label, e.label,
+                                "secret-key" if e.info.key_type.value in ("secret", "aes")
+                                else "private"),
                     type=e.info.key_type.value,
                     bits=e.info.length_bits,
                     sensitive=e.info.sensitive,
@@ -298,10 +307,27 @@ def cmd_keys_list(args: argparse.Namespace) -> int:
 
 @_errors_to_cli
 def cmd_keys_delete_orphan(args: argparse.Namespace) -> int:
+    label = args.label
     with _open(args) as h:
-        h.delete_orphan(args.label)
-    print(f"destroyed orphan token object {args.label}")
+        if label.lower().startswith("pkcs11:"):
+            label = _label_from_key_uri(label, h.config.token.label)
+        h.delete_orphan(label)
+    print(f"destroyed orphan token object {label}")
     return 0
+
+
+def _label_from_key_uri(text: str, token_label: str | None) -> str:
+    """LABEL from a key's PKCS#11 URI (RFC 7512 ``object=``), which must name this token."""
+    try:
+        uri = parse_uri(text)
+    except Pkcs11UriError as exc:
+        raise CliError(f"{text}: {exc}") from None
+    if uri.object_label is None:
+        raise CliError("the PKCS#11 URI names no key (object=LABEL)")
+    if uri.token_label is not None and uri.token_label != token_label:
+        raise CliError(f"the PKCS#11 URI names token {uri.token_label!r}, not this home's "
+                       f"{token_label!r}")
+    return uri.object_label
 
 
 # ------------------------------------------------------------------------------------------
@@ -392,6 +418,7 @@ def register(sub: Any) -> None:  # argparse._SubParsersAction
     pin.add_argument("--pin-env", metavar="VAR",
                      help="name of the environment variable holding the user PIN")
     pin.add_argument("--pin-file", metavar="FILE", help="file holding the user PIN")
+    add_token_uri_option(p)
     p.set_defaults(func=cmd_init)
 
     # endpoint ---------------------------------------------------------------------------
@@ -492,7 +519,8 @@ def register(sub: Any) -> None:  # argparse._SubParsersAction
         "delete-orphan",
         help="destroy a token object that the registry does not use",
         description="Destroy LABEL, only if no endpoint, TPK, peer or KMS key uses it (e.g.\n"
-        "an object left behind by an interrupted command).",
+        "an object left behind by an interrupted command). LABEL may be the key's PKCS#11\n"
+        "URI (RFC 7512), as `kms keys list --json` prints it: pkcs11:token=T;object=LABEL.",
     )
     q.add_argument("label", metavar="LABEL")
     q.set_defaults(func=cmd_keys_delete_orphan)

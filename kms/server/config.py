@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from hsm.uri import Pkcs11UriError, parse_uri
 from kms.keystore import RsaPadding
 from kms.mikey.prf import PrfFunc
 
@@ -55,6 +56,8 @@ class TokenSettings:
     pin_env: str | None = None
     pin_file: Path | None = None
     softhsm_conf: Path | None = None
+    uri: str | None = None
+    """The PKCS#11 URI (RFC 7512) the settings above were (partly) taken from, if any."""
 
 
 @dataclass(frozen=True)
@@ -311,15 +314,24 @@ def _parse_token(doc: Mapping[str, Any], home: Path) -> TokenSettings:
         "token",
         doc["token"],
         home,
-        ("module", "label", "serial", "pin_env", "pin_file", "softhsm_conf"),
+        ("module", "label", "serial", "pin_env", "pin_file", "softhsm_conf", "uri"),
     )
-    module = sec.required_string("module")
-    label = sec.string("label")
-    serial = sec.string("serial")
+    from_uri = _token_from_uri(sec)
+    module = _merge_token_key(sec, "module", sec.string("module"), from_uri.get("module"))
+    if module is None:
+        raise sec.error("module", "is required (or give module-path in uri)")
+    label = _merge_token_key(sec, "label", sec.string("label"), from_uri.get("label"))
+    serial = _merge_token_key(sec, "serial", sec.string("serial"), from_uri.get("serial"))
     if label is None and serial is None:
         raise sec.error("label", "is required (or give serial)")
     pin_env = sec.string("pin_env")
     pin_file = sec.path("pin_file")
+    if from_uri.get("pin_env") is not None or from_uri.get("pin_file") is not None:
+        uri_pin_file = from_uri.get("pin_file")
+        uri_pin = (from_uri.get("pin_env"), None if uri_pin_file is None else Path(uri_pin_file))
+        if (pin_env is not None or pin_file is not None) and (pin_env, pin_file) != uri_pin:
+            raise sec.error("uri", "pin-source differs from pin_env / pin_file")
+        pin_env, pin_file = uri_pin
     if pin_env is None and pin_file is None:
         raise sec.error("pin_file", "is required (or give pin_env)")
     if pin_env is not None and pin_file is not None:
@@ -333,7 +345,33 @@ def _parse_token(doc: Mapping[str, Any], home: Path) -> TokenSettings:
         pin_env=pin_env,
         pin_file=pin_file,
         softhsm_conf=sec.path("softhsm_conf"),
+        uri=sec.string("uri"),
     )
+
+
+def _token_from_uri(sec: _Section) -> dict[str, str | None]:
+    """``[token] uri``: a PKCS#11 URI (RFC 7512) naming the token, its module and PIN source,
+    beside (or instead of) module / label / serial / pin_env / pin_file."""
+    text = sec.string("uri")
+    if text is None:
+        return {}
+    try:
+        uri = parse_uri(text)
+        if uri.object_label is not None or uri.object_type is not None:
+            raise Pkcs11UriError("names a key (object= / type=); [token] uri names a token")
+        pin_env, pin_file = uri.pin_location()
+        module = uri.resolve_module()
+    except Pkcs11UriError as exc:
+        raise sec.error("uri", str(exc)) from None
+    return {"module": module, "label": uri.token_label, "serial": uri.token_serial,
+            "pin_env": pin_env, "pin_file": pin_file}
+
+
+def _merge_token_key(sec: _Section, key: str, direct: str | None,
+                     from_uri: str | None) -> str | None:
+    if direct is not None and from_uri is not None and direct != from_uri:
+        raise sec.error(key, f"{_show(direct)} differs from the uri's {_show(from_uri)}")
+    return direct if direct is not None else from_uri
 
 
 def _parse_server(doc: Mapping[str, Any], home: Path) -> ServerSettings:
@@ -453,6 +491,7 @@ def render_config(
     pin_env: str | None = None,
     pin_file: str | None = None,
     softhsm_conf: str | None = None,
+    token_uri: str | None = None,
 ) -> str:
     """The kms.toml text written by ``kms init``: every setting present, defaults shown."""
 
@@ -479,6 +518,9 @@ def render_config(
         opt("pin_env", pin_env, "environment variable holding the PIN"),
         opt("pin_file", pin_file, "file holding the PIN (mode 0600)"),
         opt("softhsm_conf", softhsm_conf, "SOFTHSM2_CONF for a SoftHSM token"),
+        "# Or a PKCS#11 URI (RFC 7512) for the same, e.g. pkcs11:token=kms?module-path=",
+        "# /usr/lib/softhsm/libsofthsm2.so&pin-source=file:/etc/kms/pin (docs/hsm.md).",
+        opt("uri", token_uri, "PKCS#11 URI of the token"),
         "",
         "[server]",
         'listen = "127.0.0.1:50051"',

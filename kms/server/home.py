@@ -56,6 +56,7 @@ from kms.server.config import (
     parse_config,
     render_config,
 )
+from kms.server.token_needs import required_operations
 from kms.store.registry import (
     REGISTRY_FILE,
     DuplicateEndpoint,
@@ -202,7 +203,9 @@ class Home:
             config = self.token_config()
             what = t.label if t.label is not None else f"serial {t.serial}"
             try:
-                self._keystore = hsm.open_keystore(config)
+                self._keystore = hsm.open_keystore(
+                    config, require=required_operations(self.config)
+                )
             except KeyStoreError as exc:
                 raise HomeError(f"cannot open token {what!r} ({t.module}): {exc}") from None
         return self._keystore
@@ -535,6 +538,7 @@ def init_home(
     pin_env: str | None = None,
     pin_file: Path | None = None,
     progress: Callable[[str], None] | None = None,
+    token_uri: str | None = None,
 ) -> Home:
     """Initialise a KMS home and return it opened.
 
@@ -576,6 +580,7 @@ def init_home(
         pin_env=pin_env,
         pin_file=pin_file_text,
         softhsm_conf=SOFTHSM_CONF if embedded else None,
+        token_uri=token_uri,
     )
     try:
         config = parse_config(text, home)

@@ -15,6 +15,7 @@ import pytest
 
 from hsm import TokenConfig
 from hsm.provision import DEFAULT_SOFTHSM_MODULE, create_softhsm_token
+from tests.token_modules import OckToken
 
 USER_PIN = "4711-user"
 SO_PIN = "0815-so"
@@ -71,3 +72,13 @@ def new_softhsm_token(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str
 def softhsm_token(new_softhsm_token: Callable[[str], SoftToken]) -> SoftToken:
     """A fresh token for one test."""
     return new_softhsm_token("kms-test")
+
+
+def token_on(module: str, request: pytest.FixtureRequest, label: str) -> SoftToken | OckToken:
+    """A token on ``module`` ("softhsm2": a fresh one; "opencryptoki": the session's)."""
+    if module == "softhsm2":
+        make: Callable[[str], SoftToken] = request.getfixturevalue("new_softhsm_token")
+        return make(label)
+    assert module == "opencryptoki", module
+    token: OckToken = request.getfixturevalue("ock_token")
+    return token
