@@ -12,7 +12,7 @@ from kms.core.policy import Forking, KmsPolicy
 from kms.core.ports import PeerResolver
 from kms.core.service import Kms
 from kms.keystore import KeyRef
-from kms.mikey.constants import KeyDataType
+from kms.mikey.constants import KeyDataType, PrfFunc
 from kms.server.config import KmsConfig
 from kms.server.directory import RegistryDirectory
 from kms.server.home import CERT_FILE, ENVELOPE_LABEL, Home, HomeError, guess_id_type
@@ -30,6 +30,15 @@ _KEY_TYPE_NAMES = {
 }
 
 
+def accepted_prfs(weakest: PrfFunc) -> frozenset[int]:
+    """``[policy] prf`` names the weakest PRF the KMS accepts, in message headers and in
+    ticket policies: "hmac-sha-1" accepts MIKEY-1 and PRF-HMAC-SHA-256 (RFC 6043 12.1),
+    "hmac-sha-256" only PRF-HMAC-SHA-256."""
+    if weakest == PrfFunc.PRF_HMAC_SHA_256:
+        return frozenset({PrfFunc.PRF_HMAC_SHA_256})
+    return frozenset({PrfFunc.MIKEY_1, PrfFunc.PRF_HMAC_SHA_256})
+
+
 def kms_policy(config: KmsConfig) -> KmsPolicy:
     """The core's policy from kms.toml ``[policy]``."""
     p = config.policy
@@ -38,6 +47,7 @@ def kms_policy(config: KmsConfig) -> KmsPolicy:
     return KmsPolicy(
         kms_id=kms_id,
         kms_id_type=guess_id_type(kms_id),
+        prf_funcs=accepted_prfs(p.prf_func),
         key_types=types,
         max_lifetime_s=p.max_lifetime_s,
         default_lifetime_s=p.default_lifetime_s,
