@@ -14,6 +14,7 @@ from kms.core.service import Kms
 from kms.keystore import KeyRef
 from kms.mikey.constants import KeyDataType, PrfFunc
 from kms.server.config import KmsConfig
+from kms.server.crl import CrlStore
 from kms.server.directory import RegistryDirectory
 from kms.server.home import CERT_FILE, ENVELOPE_LABEL, Home, HomeError, guess_id_type
 from kms.store.audit import JsonLinesAuditSink
@@ -87,11 +88,15 @@ def build_handler(
             bundle = config.pk.ca_bundle
             roots = load_pem_certificates(bundle.read_bytes()) if bundle is not None else []
             kms_cert = load_pem_certificates((config.home / CERT_FILE).read_bytes())[0]
+            # [pk] crl: revocation for endpoint chains and certificate peers; the store
+            # re-reads the CRLs when they change and fails closed when one has expired.
+            crls = CrlStore(config.pk.crl) if config.pk.crl is not None else None
             authenticator = CertificateAuthenticator(
                 deps,
                 roots,
                 [EnvelopeKey(KeyRef(ENVELOPE_LABEL), kms_cert.public_bytes(Encoding.DER))],
                 pke_padding=config.pk.rsa_padding,
+                revocation=crls,
             )
             authenticator.check_envelope_keys()
         except (OSError, ValueError) as exc:
