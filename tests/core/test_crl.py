@@ -2,8 +2,7 @@
 real KMS core, a SoftHSM2 token and CRLs made here with ``cryptography``: a revoked leaf or
 intermediate is refused with Invalid Cert (8) before the token is touched, a CRL is re-read
 when its file changes, an expired or unverifiable CRL fails closed, and a certificate peer
-is checked like an endpoint. Also: certificate peers are limited by their peer quota only,
-not by the per-identity rate limit (the same rule as PSK peers)."""
+is checked like an endpoint."""
 
 from __future__ import annotations
 
@@ -30,7 +29,6 @@ from kms.server.compose import build_handler
 from kms.server.config import load_config, parse_config
 from kms.server.crl import CrlError, CrlStore
 from kms.server.home import HomeError
-from kms.store.memory import TokenBucketRateLimiter
 from tests.core.pki import Ca, Pki, der, rsa_key
 from tests.core.test_pk import PkWorld, enable_pk, pki  # noqa: F401 - the pki fixture
 from tests.core.world import ALICE, BOB, KMS_ID, World, make_world
@@ -317,22 +315,6 @@ def test_revoked_certificate_peer_is_refused(tmp_path: Path, pki: Pki) -> None: 
         write(crl_file, pem_of(make_crl(peer_ca, now=pki.now, next_update=-HOUR / 2)))
         reply = world.resolve(pw.forwarded_resolve())
         assert_invalid_cert(reply, "peer certificate revocation status unknown")
-
-
-def test_certificate_peer_is_limited_by_its_quota_not_the_identity_rate(
-    tmp_path: Path,
-    pki: Pki,  # noqa: F811
-) -> None:
-    for world in make_world(tmp_path / "home"):
-        pw = PeerWorld(world, pki, None, rate_limit=1.0)  # peer quota: 1/s, bursts of 2
-        deps = world.kms.deps  # type: ignore[attr-defined]
-        deps.rate = TokenBucketRateLimiter(1.0, burst=1.0)  # one call per identity per second
-        grant = pw.grant()
-        replies = [world.resolve(pw.forwarded_resolve(grant)) for _ in range(3)]  # same second
-        # Two forwarded resolves for Bob@b pass (the identity rate would stop the second);
-        # the third meets the peer's quota.
-        assert [r.outcome for r in replies] == [Outcome.OK, Outcome.OK, Outcome.RATE_LIMITED]
-        assert replies[2].audit["reason"] == "peer quota exceeded"
 
 
 def test_crl_setting_is_parsed_relative_to_the_home(tmp_path: Path) -> None:
