@@ -27,10 +27,11 @@ import datetime as dt
 import logging
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 
 from kms.core.ports import Revocation
@@ -38,6 +39,7 @@ from kms.core.ports import Revocation
 log = logging.getLogger("kms.server.crl")
 
 Fingerprint = tuple[tuple[str, int, int, int], ...]
+MAX_VERIFIED = 4096  # remembered (CRL, issuer) signature checks per loaded set
 
 
 class CrlError(ValueError):
@@ -45,9 +47,17 @@ class CrlError(ValueError):
 
 
 @dataclass(frozen=True)
+class _Crl:
+    crl: x509.CertificateRevocationList
+    serials: frozenset[int]  # revoked serial numbers, read once per load (a set lookup)
+
+
+@dataclass(frozen=True)
 class _Loaded:
-    crls: tuple[x509.CertificateRevocationList, ...]
+    crls: tuple[_Crl, ...]
     error: str | None  # set: the set could not be read; every check is UNKNOWN
+    # (index in crls, issuer certificate fingerprint) -> whether its key verifies that CRL
+    verified: dict[tuple[int, bytes], bool] = field(default_factory=dict)
 
 
 def _files(path: Path) -> list[Path]:
@@ -135,7 +145,10 @@ class CrlStore:
                 why = str(exc) if isinstance(exc, CrlError) else f"{self.path}: {exc}"
                 self._set(fp, _Loaded((), why))
                 return
-            self._set(fp, _Loaded(tuple(crls), None))
+            self._set(
+                fp,
+                _Loaded(tuple(_Crl(c, frozenset(r.serial_number for r in c)) for c in crls), None),
+            )
 
     def _set(self, fp: Fingerprint | None, loaded: _Loaded) -> None:
         if loaded.error is not None and loaded.error != self._loaded.error:
@@ -151,7 +164,19 @@ class CrlStore:
 
     @property
     def crls(self) -> tuple[x509.CertificateRevocationList, ...]:
-        return self._loaded.crls
+        return tuple(c.crl for c in self._loaded.crls)
+
+    def _signed_by(self, loaded: _Loaded, index: int, issuer: x509.Certificate) -> bool:
+        """Whether ``issuer``'s key verifies CRL ``index`` of ``loaded``, remembered with
+        that loaded set (a reload starts afresh)."""
+        key = (index, issuer.fingerprint(hashes.SHA256()))
+        ok = loaded.verified.get(key)
+        if ok is None:
+            ok = _verifies(loaded.crls[index].crl, issuer)
+            with self._lock:
+                if len(loaded.verified) < MAX_VERIFIED:
+                    loaded.verified[key] = ok
+        return ok
 
     def check(
         self, cert: x509.Certificate, issuers: Sequence[x509.Certificate], now: float
@@ -160,17 +185,19 @@ class CrlStore:
         loaded = self._loaded
         if loaded.error is not None:
             return Revocation.UNKNOWN, f"CRLs unusable: {loaded.error}"
-        named = [c for c in loaded.crls if c.issuer == cert.issuer]
+        named = [n for n, c in enumerate(loaded.crls) if c.crl.issuer == cert.issuer]
         if not named:
             return Revocation.GOOD, "no CRL for the issuer"
-        valid = [c for c in named if any(_verifies(c, i) for i in issuers)]
+        valid = [
+            loaded.crls[n] for n in named if any(self._signed_by(loaded, n, i) for i in issuers)
+        ]
         if not valid:
             return Revocation.UNKNOWN, "CRL for the issuer does not verify"
         when = dt.datetime.fromtimestamp(now, dt.UTC)
-        for crl in valid:
-            if crl.get_revoked_certificate_by_serial_number(cert.serial_number) is not None:
+        for c in valid:
+            if cert.serial_number in c.serials:
                 return Revocation.REVOKED, f"certificate serial {cert.serial_number:x} revoked"
-        newest = max(valid, key=lambda c: c.last_update_utc)
+        newest = max(valid, key=lambda c: c.crl.last_update_utc).crl
         if newest.next_update_utc is not None and newest.next_update_utc < when:
             return Revocation.UNKNOWN, "CRL expired (nextUpdate passed)"
         return Revocation.GOOD, "not revoked"
