@@ -17,6 +17,7 @@ from kms.endpoint.initiator import DesiredPolicy, Initiator
 from kms.mikey.constants import DataType, ErrorNo, IdType
 from kms.mikey.message import Message
 from kms.mikey.payloads import Error
+from kms.server.config import load_config
 from kms.server.home import REGISTRY_FILE
 from tests.server.test_grpc_serve import request
 
@@ -29,8 +30,9 @@ def test_registry_gone_is_unavailable_with_one_audit_record(
     p.wait_ready()
     for suffix in ("", "-wal", "-shm"):
         (serve_home / (REGISTRY_FILE + suffix)).unlink(missing_ok=True)
+    kms_id = load_config(serve_home).kms_id_bytes
     ini = Initiator(
-        Credentials(b"sip:alice@example.org", bytes(16), b"kms:x", IdType.URI),
+        Credentials(b"sip:alice@example.org", bytes(16), kms_id, IdType.URI),
         SoftwareKeyStore(),
     )
     wire, _ = ini.request_ticket(DesiredPolicy((b"sip:bob@example.org",)), time.time())
