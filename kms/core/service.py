@@ -7,6 +7,7 @@ response), as in MIT krb5's KDC. Every decision is written to the audit sink as 
 from __future__ import annotations
 
 import logging
+import traceback
 from collections.abc import Callable
 
 from kms.core.api import KmsReply, Outcome
@@ -183,7 +184,9 @@ class Kms:
         except Exception as exc:
             # Whatever escaped (a lookup error, a bug): still one audit record and a MIKEY
             # error. Type only: the text of an exception may quote the request.
-            log.exception("unexpected %s (correlation id %s)", type(exc).__name__, cid)
+            frames = traceback.extract_tb(exc.__traceback__)[-3:]
+            where = " <- ".join(f"{f.filename}:{f.lineno}" for f in reversed(frames))
+            log.error("unexpected %s (correlation id %s) at %s", type(exc).__name__, cid, where)
             internal = Refusal(
                 ErrorNo.UNSPECIFIED,
                 Outcome.INTERNAL,

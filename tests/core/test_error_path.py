@@ -4,9 +4,12 @@ or unreadable (UNAVAILABLE), no current TPK (INTERNAL), each with a MIKEY error 
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 import threading
 from collections.abc import Callable
+
+import pytest
 
 from kms.core.api import KmsReply, Outcome
 from kms.endpoint.initiator import DesiredPolicy
@@ -72,7 +75,9 @@ def test_registry_unreadable_is_unavailable_and_audited(world: World) -> None:
     assert str(record["reason"]).startswith("registry: ")
 
 
-def test_lookup_error_escaping_a_handler_is_internal_and_audited(world: World) -> None:
+def test_lookup_error_escaping_a_handler_is_internal_and_audited(
+    world: World, caplog: pytest.LogCaptureFixture
+) -> None:
     # No current TPK (a damaged registry): the directory raises LookupError from the handler.
     conn = sqlite3.connect(world.home.path / REGISTRY_FILE)
     with conn:
@@ -80,7 +85,12 @@ def test_lookup_error_escaping_a_handler_is_internal_and_audited(world: World) -
     conn.close()
     wire, _ = world.initiator().request_ticket(DesiredPolicy((BOB,), lifetime_s=600), world.now)
     before = len(world.audit())
-    reply = in_new_thread(lambda: world.request(ALICE, wire))
+    with caplog.at_level(logging.ERROR, logger="kms.core"):
+        reply = in_new_thread(lambda: world.request(ALICE, wire))
+    # Logged by type and place only: an exception's text may quote the request.
+    logged = [r for r in caplog.records if r.name == "kms.core"]
+    assert [r.getMessage().split(" (")[0] for r in logged] == ["unexpected LookupError"]
+    assert logged[0].exc_info is None and "run `kms init`" not in caplog.text
     record = one_refusal(world, before, reply, Outcome.INTERNAL)
     assert record["reason"] == "unexpected LookupError"
     assert reply.detail == "internal error"
