@@ -60,8 +60,9 @@ class Kms:
         self.deps = deps
 
     def close(self) -> None:
-        """Close the ports that hold resources (state stores, audit sink, directory), each
-        once, in reverse order of use; the process that built the KMS calls it on exit."""
+        """Close the ports that hold resources (audit sink, resolve ledger, replay cache,
+        and any other port with a ``close``), each once, all of them even if one fails; the
+        process that built the KMS (``kms serve``) calls it on exit."""
         seen: set[int] = set()
         first: Exception | None = None
         d = self.deps
