@@ -225,7 +225,8 @@ def _print_report(report: dict[str, Any]) -> None:
             t["flags"] + (" (policy changed by the KMS)" if t["policy_changed_by_kms"] else ""),
         ),
         ("prf", str(t["prf"])),
-        ("valid", f"{t.get('valid_from', '?')} .. {t.get('valid_to', '?')}"),
+        # RFC 6043 6.10: an omitted TRs / TRe means no lower / upper bound.
+        ("valid", f"{t.get('valid_from', 'any time')} .. {t.get('valid_to', 'no end')}"),
     ]
     for k in t["keys"]:
         spi = f" spi {k['spi']}" if "spi" in k else ""
@@ -298,7 +299,8 @@ def register(sub: Any) -> None:  # argparse._SubParsersAction
         "--lifetime",
         type=_positive_int,
         metavar="S",
-        help="desired ticket lifetime in seconds (default: the KMS's)",
+        help="desired ticket lifetime in seconds (default: none asked; the KMS then sets its "
+        "default end and says so with flag K)",
     )
     p.add_argument("--resolve-as", metavar="ID", help="also resolve the ticket as ID")
     rsrc = p.add_mutually_exclusive_group()

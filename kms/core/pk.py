@@ -13,7 +13,9 @@ Order of the checks (every step before the PKE is pure software; the token is to
 for a message whose signature verified and whose timestamp is fresh):
 
 1. PRF func and IDRkms (as for PSK messages: Identity_kms is part of the signed data);
-2. certificate chain against the configured CA bundle -> ERR Invalid Cert (8);
+2. certificate chain against the configured CA bundle, then revocation of each certificate
+   of the validated chain (``[pk] crl``; revoked, or a CRL expired -> fail closed)
+   -> ERR Invalid Cert (8);
 3. identity binding: the certificate's subjectAltName URI equals IDRi / IDRr byte for byte
    (reference 14.8), or becomes the identity when the IDR is omitted (14.7) -> Auth failure;
 4. SIGN over the message up to the Signature field || Identity_i/r || Identity_kms
@@ -28,7 +30,8 @@ for a message whose signature verified and whose timestamp is fresh):
 
 A RESOLVE_INIT_PK whose CERT names (subjectAltName URI) a registered certificate peer KMS is
 that KMS resolving on behalf of the end Responder in IDRr (RFC 6043 9): its certificate must
-be the peer's pinned signing certificate (`kms peer add --cert`), SIGN is verified with IDRr
+be the peer's pinned signing certificate (`kms peer add --cert`), not revoked (as above; its
+issuer is itself when self-issued, else a CA of the bundle), SIGN is verified with IDRr
 as the signed identity, PKE is opened as above, then the peer trust of the PSK peer path
 applies (``--resolve-for`` patterns, per-peer quota; replay as for any PK message).
 """
@@ -61,7 +64,7 @@ from kms.core.authn import (
 )
 from kms.core.context import Authenticated, Deps
 from kms.core.errors import Refusal, auth_failure, malformed
-from kms.core.ports import PeerKms
+from kms.core.ports import PeerKms, Revocation, RevocationChecker
 from kms.keystore import InvalidSealedData, KeyRef, RsaPadding
 from kms.mikey.constants import CertType, ErrorNo, HashFunc, IdRole, IdType, RandRole, SignType
 from kms.mikey.coverage import initial_mac_input
@@ -140,6 +143,7 @@ class CertificateAuthenticator:
         *,
         pke_padding: RsaPadding = RsaPadding.PKCS1V15,
         sign_hash: SignHash = SignHash.SHA256,
+        revocation: RevocationChecker | None = None,
     ) -> None:
         # No roots: endpoint certificates cannot be validated, so only certificate peer KMSs
         # (pinned certificates, RFC 6043 9) are accepted; endpoints get "not enabled".
@@ -148,6 +152,8 @@ class CertificateAuthenticator:
             raise ValueError("at least one envelope key is needed")
         self._deps = deps
         self._store = Store(list(roots)) if roots else None
+        self._roots = tuple(roots)
+        self.revocation = revocation  # None: no revocation source configured
         self._envelope_keys = tuple(envelope_keys)
         self.pke_padding = RsaPadding(pke_padding)
         self.sign_hash = SignHash(sign_hash)
@@ -231,6 +237,10 @@ class CertificateAuthenticator:
         when = dt.datetime.fromtimestamp(now, dt.UTC)
         if not leaf.not_valid_before_utc <= when <= leaf.not_valid_after_utc:
             raise invalid_cert("peer certificate expired or not yet valid")
+        issuers = [r for r in self._roots if r.subject == leaf.issuer]
+        if leaf.issuer == leaf.subject:
+            issuers.insert(0, leaf)  # self-issued: only its own key can sign its CRL
+        self._check_revocation(leaf, issuers, now, "peer ")
         if not isinstance(leaf.public_key(), rsa.RSAPublicKey):
             raise invalid_cert("certificate key is not RSA")
         identity = peer_responder(msg)
@@ -291,9 +301,13 @@ class CertificateAuthenticator:
         )
         leaf = certs[0]
         try:
-            verifier.verify(leaf, certs[1:])
+            chain = verifier.verify(leaf, certs[1:]).chain
         except VerificationError as exc:
             raise invalid_cert(f"certificate path not valid: {_one_line(exc)}") from None
+        # RFC 5280 6.3: each certificate of the validated path (the trust anchor aside) is
+        # checked against its issuer's CRL, verified with that issuer's key.
+        for cert, issuer in itertools.pairwise(chain):
+            self._check_revocation(cert, [issuer], now, "")
         try:
             key = leaf.public_key()
         except (ValueError, UnsupportedAlgorithm):  # pragma: no cover - verifier parsed it
@@ -308,6 +322,19 @@ class CertificateAuthenticator:
         if usage is not None and not usage.digital_signature:
             raise invalid_cert("certificate keyUsage does not allow digitalSignature")
         return leaf
+
+    def _check_revocation(
+        self, cert: x509.Certificate, issuers: Sequence[x509.Certificate], now: float, who: str
+    ) -> None:
+        """Refuse a revoked certificate, and fail closed when its issuer's CRL is configured
+        but expired or unusable: both Invalid Cert (8), the audit log says which."""
+        if self.revocation is None:
+            return
+        status, why = self.revocation.check(cert, issuers, now)
+        if status is Revocation.REVOKED:
+            raise invalid_cert(f"{who}certificate revoked ({why})")
+        if status is not Revocation.GOOD:
+            raise invalid_cert(f"{who}certificate revocation status unknown ({why})")
 
     def _verify_signature(
         self, msg: Message, leaf: x509.Certificate, identity: bytes, kms_id: bytes

@@ -1,14 +1,17 @@
 """Ticket policy: validate the desired TP and grant one within the KMS's own policy
 (RFC 6043 4.2.1.4, 4.2.1.5, 6.10).
 
-The KMS honours what it can, changes what its policy requires (and then sets flag K), and
-refuses with Invalid TPpar what it cannot honour.
+The KMS honours what it can, changes what its policy requires, and refuses with Invalid
+TPpar what it cannot honour. Flag K (RFC 6043 6.10: "the KMS changed the desired ticket policy
+or the desired KEMAC") is not tracked change by change: it is set exactly when the granted TP
+(flags other than D and K, PRF, TP Data other than KEMAC) or the granted keys (types, lengths,
+number) differ from what the desired TP means (:func:`policy_differs`, :func:`keys_differ`).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
 from kms.core.errors import Refusal, denied
@@ -122,37 +125,131 @@ def _tr(role: TsRole, unix: float) -> Tr:
     return Tr(role, TsType.NTP_UTC_32, encode_ts_value(TsType.NTP_UTC_32, unix))
 
 
+def _key_length(asked: int, supplied: bool, pol: KmsPolicy, default_length: int) -> int:
+    """The length granted for a requested key: the asked one if allowed (0: the KMS's
+    default), else the default (or the longest allowed); a supplied key cannot change."""
+    length = asked or default_length
+    if length in pol.key_lengths:
+        return length
+    if supplied:
+        raise invalid_tp(f"key length {length} not allowed for a supplied key")
+    return default_length if default_length in pol.key_lengths else max(pol.key_lengths)
+
+
 def _key_requests(
     kemac: Kemac | None,
     requested: tuple[KeyData, ...],
     supplied: bool,
     pol: KmsPolicy,
     default_length: int,
-) -> tuple[tuple[KeyRequest, ...], bool]:
-    """The session keys to put in the ticket, and whether the KMS changed the request."""
+) -> tuple[KeyRequest, ...]:
+    """The session keys to put in the ticket. The KMS changes what its policy does not allow
+    (a key type it does not issue is dropped, a length or salt length it does not issue is
+    replaced, keys beyond ``max_session_keys`` are dropped) and refuses only what it cannot
+    change: no key left, a non-session key type, a supplied key it would have to alter."""
     if kemac is None:
         # RFC 6043 4.2.1.5: with no desired KEMAC, a single TGK is RECOMMENDED.
-        return (KeyRequest(KeyDataType.TGK, default_length, None, None),), False
-    if not requested or len(requested) > pol.max_session_keys:
+        return (KeyRequest(KeyDataType.TGK, default_length, None, None),)
+    if not requested:
         raise invalid_tp(f"desired KEMAC must list 1..{pol.max_session_keys} keys")
     out = []
     for kd in requested:
         kt = kd.key_type
-        if kt not in SESSION_KEY_TYPES or kt not in pol.key_types:
-            raise invalid_tp(f"key type {kt} not allowed")
-        length = len(kd.key) or default_length
-        if length not in pol.key_lengths:
-            raise invalid_tp(f"key length {length} not allowed")
+        if kt not in SESSION_KEY_TYPES:
+            raise invalid_tp(f"key type {kt} is not a session key type")
+        if supplied and kt not in (KeyDataType.TEK, KeyDataType.TEK_SALT):
+            # Appendix B.2: the KMS translates Initiator-chosen TEKs only.
+            raise invalid_tp("only TEKs may be supplied by the Initiator")
+        if kt not in pol.key_types:
+            if supplied:
+                raise invalid_tp(f"key type {kt} not allowed")
+            continue  # dropped: flag K tells the Initiator (keys_differ)
+        length = _key_length(len(kd.key), supplied, pol, default_length)
         salt_len = None
         if kt in SALTED:
             salt_len = len(kd.salt or b"") or pol.salt_length
             if not 1 <= salt_len <= 32:
-                raise invalid_tp("salt length not allowed")
-        if supplied and kt not in (KeyDataType.TEK, KeyDataType.TEK_SALT):
-            # Appendix B.2: the KMS translates Initiator-chosen TEKs only.
-            raise invalid_tp("only TEKs may be supplied by the Initiator")
+                if supplied:
+                    raise invalid_tp("salt length not allowed")
+                salt_len = pol.salt_length
         out.append(KeyRequest(KeyDataType(kt), length, salt_len, kd.kv, kd if supplied else None))
-    return tuple(out), False
+    if not out:
+        raise invalid_tp("no requested key type is allowed by this KMS")
+    return tuple(out[: pol.max_session_keys])
+
+
+def keys_differ(
+    kemac: Kemac | None, requested: tuple[KeyData, ...], granted: tuple[KeyRequest, ...]
+) -> bool:
+    """Whether the granted keys differ from the desired KEMAC's (RFC 6043 6.10 flag K): number,
+    types, lengths and salt lengths; a zero length asks for the KMS's default and is honoured
+    by any length. Without a desired KEMAC the KMS's default (one TGK, 4.2.1.5) is no change."""
+    if kemac is None:
+        return False
+    if len(requested) != len(granted):
+        return True
+    for kd, kr in zip(requested, granted, strict=True):
+        if kd.key_type != kr.key_type:
+            return True
+        if kd.key and len(kd.key) != kr.length:
+            return True
+        if kd.salt and len(kd.salt) != kr.salt_length:
+            return True
+    return False
+
+
+# TP Data order (RFC 6043 6.10): [IDRkms], [IDRi], [TRs], [TRe], [TRr], [KEMAC], {IDRapp}, (IDRr)
+_TP_ORDER: dict[tuple[type, int], int] = {
+    (Idr, IdRole.IDRKMS): 0,
+    (Idr, IdRole.IDRI): 1,
+    (Tr, TsRole.TRS): 2,
+    (Tr, TsRole.TRE): 3,
+    (Tr, TsRole.TRR): 4,
+    (Idr, IdRole.IDRAPP): 6,
+    (Idr, IdRole.IDRR): 7,
+}
+
+
+def _tp_data_meaning(
+    payloads: tuple[Payload, ...], initiator: Idr, pol: KmsPolicy
+) -> list[tuple[int, Payload]]:
+    """TP Data without KEMAC, in RFC 6043 6.10 order, with the identities an omitted payload
+    stands for made explicit: no IDRkms means this KMS, no IDRi the authenticated Initiator
+    (reference 14.7). An omitted TRs / TRe means no bound (reference 10) and stays omitted.
+    Anything else (TRi, other roles) keeps its own rank, so that dropping it is a change."""
+    out: list[tuple[int, Payload]] = []
+    for p in payloads:
+        if isinstance(p, Kemac):
+            continue
+        role = p.role if isinstance(p, Idr | Tr) else -1
+        out.append((_TP_ORDER.get((type(p), role), 5), p))
+    present = {rank for rank, _ in out}
+    if 0 not in present:
+        out.append((0, Idr(IdRole.IDRKMS, pol.kms_id_type, pol.kms_id)))
+    if 1 not in present:
+        out.append((1, Idr(IdRole.IDRI, initiator.id_type, initiator.data)))
+    return sorted(out, key=lambda rp: rp[0])  # stable: IDRapp / IDRr keep their order
+
+
+def policy_differs(
+    desired: TicketPolicy, granted: TicketPolicy, initiator: Idr, pol: KmsPolicy
+) -> bool:
+    """Whether the granted TP differs from the desired one (RFC 6043 6.10 flag K): ticket
+    type, PRF, flags other than D (the KMS generates every ticket it issues) and K, and TP
+    Data other than KEMAC as :func:`_tp_data_meaning` reads it."""
+    if (desired.ticket_type, desired.subtype, desired.version, desired.prf_func) != (
+        granted.ticket_type,
+        granted.subtype,
+        granted.version,
+        granted.prf_func,
+    ):
+        return True
+    mask = ~(TpFlag.D | TpFlag.K)
+    if desired.flags & mask != granted.flags & mask:
+        return True
+    return _tp_data_meaning(desired.payloads, initiator, pol) != _tp_data_meaning(
+        granted.payloads, initiator, pol
+    )
 
 
 def grant_policy(
@@ -181,8 +278,9 @@ def grant_policy(
             "ticket type not supported",
             f"desired ticket type {desired.ticket_type}/{desired.subtype}/{desired.version}",
         )
-    if desired.prf_func not in pol.prf_funcs:
-        raise invalid_tp(f"TP PRF func {desired.prf_func} not allowed")
+    # PRF for the ticket (RFC 6043 6.10): the desired one if the KMS allows it, else the
+    # strongest the KMS allows (a change, so flag K).
+    prf = desired.prf_func if desired.prf_func in pol.prf_funcs else max(pol.prf_funcs)
     if desired.reserved:
         raise invalid_tp("reserved TP bits set")
 
@@ -199,7 +297,7 @@ def grant_policy(
                 tre = p
             elif p.role == TsRole.TRR:
                 trr = p
-            # TRi is the KMS's to set; a desired one is ignored.
+            # TRi is the KMS's to set; a desired one is dropped (a change).
         elif isinstance(p, Kemac):
             kemac = p
         elif isinstance(p, Idr):
@@ -212,38 +310,37 @@ def grant_policy(
             # IDRi in TP Data is the KMS's to set (the authenticated Initiator).
     if not responders:
         raise invalid_tp("desired TP names no responder (IDRr)")
-    changed = False
     if pol.responders_must_be_known and callable(is_known):
         kept = [r for r in responders if is_known(r.data)]
         if not kept:
             raise denied(ErrorNo.INVALID_ID, "no authorised responder", "unknown responders")
-        changed |= len(kept) != len(responders)
         responders = kept
     if applications and apps:
         kept_apps = [a for a in apps if a.data in applications]
         if not kept_apps:
             raise denied(ErrorNo.INVALID_ID, "application not authorised")
-        changed |= len(kept_apps) != len(apps)
         apps = kept_apps
 
     # RFC 6043 12.1: the 256-bit suite goes with 256-bit session keys by default.
-    default_length = 32 if desired.prf_func == PrfFunc.PRF_HMAC_SHA_256 else 16
-    keys, keys_changed = _key_requests(kemac, requested_keys, keys_supplied, pol, default_length)
-    changed |= keys_changed
+    default_length = 32 if prf == PrfFunc.PRF_HMAC_SHA_256 else 16
+    keys = _key_requests(kemac, requested_keys, keys_supplied, pol, default_length)
     has_tgk = any(k.key_type in TGK_TYPES for k in keys)
 
     # --- validity window ----------------------------------------------------------------
-    start = now if trs is None else _time_of(trs)
-    end_cap = max(start, now) + pol.max_lifetime_s
-    if tre is None:
-        end = max(start, now) + pol.default_lifetime_s
+    # An omitted TRs means no lower bound (reference 10) and is granted as such: the KMS
+    # adds no TRs of its own (docs/design.md). A desired TR that is honoured is kept as sent.
+    start = None if trs is None else _time_of(trs)
+    begin = now if start is None else max(start, now)
+    end_cap = begin + pol.max_lifetime_s
+    tre_out: Tr
+    if tre is None:  # no upper bound asked: the KMS sets its default (a change, flag K)
+        tre_out = _tr(TsRole.TRE, begin + pol.default_lifetime_s)
     else:
         end = _time_of(tre)
-        if end <= now or end <= start:
+        if end <= now or (start is not None and end <= start):
             raise invalid_tp("desired validity ends before it starts or in the past")
-        if end > end_cap:
-            end, changed = end_cap, True
-    if start > now + pol.max_lifetime_s:
+        tre_out = tre if end <= end_cap else _tr(TsRole.TRE, end_cap)
+    if start is not None and start > now + pol.max_lifetime_s:
         raise invalid_tp("desired validity starts too far in the future")
 
     # --- flags ---------------------------------------------------------------------------
@@ -252,34 +349,24 @@ def grant_policy(
     if why is not None:
         raise invalid_tp(why)
     flags = d_flags | TpFlag.D | TpFlag.E  # KMS-generated; base tickets resolve at the KMS
-    if not desired.flags & TpFlag.E:
-        changed = True
     if pol.forking is Forking.REQUIRED and not flags & TpFlag.I:
         flags |= TpFlag.I
-        changed = True
     if pol.forking is Forking.FORBIDDEN and flags & TpFlag.I:
         flags &= ~TpFlag.I
-        changed = True
     if flags & TpFlag.I and has_tgk and not flags & TpFlag.F:
         flags |= TpFlag.F  # RFC 6043 6.10: forking a TGK needs the TRANSFER_RESP
-        changed = True
     if not pol.reuse_allowed and flags & TpFlag.J:
         flags &= ~TpFlag.J
-        changed = True
     if keys_supplied and not pol.initiator_keys_allowed:
         raise invalid_tp("Initiator-supplied keys are not allowed")
-    if changed:
-        flags |= TpFlag.K
-    why = check_flag_rules(flags, has_tgk)
-    if why is not None:  # pragma: no cover - the changes above keep the rules
-        raise invalid_tp(why)
 
     data: list[Payload] = [
         Idr(IdRole.IDRKMS, pol.kms_id_type, pol.kms_id),
         Idr(IdRole.IDRI, initiator.id_type, initiator.data),
-        _tr(TsRole.TRS, start),
-        _tr(TsRole.TRE, end),
     ]
+    if trs is not None:
+        data.append(trs)
+    data.append(tre_out)
     if trr is not None:
         data.append(trr)
     data.extend(apps)
@@ -288,10 +375,18 @@ def grant_policy(
         TicketType.MIKEY_BASE_TICKET,
         BASE_TICKET_SUBTYPE,
         BASE_TICKET_VERSION,
-        desired.prf_func,
+        prf,
         TpFlag(flags),
         tuple(data),
     )
+    changed = policy_differs(desired, granted, initiator, pol) or keys_differ(
+        kemac, requested_keys, keys
+    )
+    if changed:
+        granted = replace(granted, flags=TpFlag(flags | TpFlag.K))
+    why = check_flag_rules(granted.flags, has_tgk)
+    if why is not None:  # pragma: no cover - the changes above keep the rules
+        raise invalid_tp(why)
     return Grant(granted, keys, changed)
 
 

@@ -6,11 +6,24 @@ replay cache and the audit log; tests may use the in-memory ones in ``kms.store.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Protocol
 
+from cryptography import x509
+
 from kms.keystore import KeyRef
+
+
+class StoreUnavailable(Exception):
+    """A store behind a port (registry, replay cache, resolve ledger) cannot answer now
+    (database locked, missing, unreadable). ``what`` is one line without secrets; the core
+    refuses the call as UNAVAILABLE and audits it."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__(what)
+        self.what = what
 
 
 class Directory(Protocol):
@@ -119,4 +132,24 @@ class PeerResolver(Protocol):
         self, peer: PeerKms, wire: bytes, *, correlation_id: str, hops: int
     ) -> bytes:
         """Raise PeerError on failure; never hang past ``peer.deadline_s`` (retries included)."""
+        ...
+
+
+class Revocation(StrEnum):
+    """What a revocation source says about a certificate."""
+
+    GOOD = "good"  # not revoked, or no CRL is configured for its issuer
+    REVOKED = "revoked"
+    UNKNOWN = "unknown"  # a CRL for its issuer is configured but expired or unusable
+
+
+class RevocationChecker(Protocol):
+    """Is a certificate revoked (RFC 5280 6.3)? Implemented over CRL files by
+    :class:`kms.server.crl.CrlStore`; the core refuses REVOKED and UNKNOWN (fail closed)."""
+
+    def check(
+        self, cert: x509.Certificate, issuers: Sequence[x509.Certificate], now: float
+    ) -> tuple[Revocation, str]:
+        """``issuers``: certificates that may have issued ``cert`` (their keys verify the
+        CRL). Returns the status and a one-line reason for the audit log."""
         ...

@@ -7,18 +7,26 @@ response), as in MIT krb5's KDC. Every decision is written to the audit sink as 
 from __future__ import annotations
 
 import logging
+import traceback
 from collections.abc import Callable
 
 from kms.core.api import KmsReply, Outcome
-from kms.core.authn import admit, authenticate_peer, authenticate_psk, forwarding_peer
+from kms.core.authn import (
+    admit,
+    authenticate_peer,
+    authenticate_psk,
+    check_replay,
+    forwarding_peer,
+)
 from kms.core.context import Authenticated, Deps, Exchange
 from kms.core.errors import Refusal, malformed
+from kms.core.ports import StoreUnavailable
 from kms.core.request import fresh_timestamp, handle_request
 from kms.core.resolve import handle_resolve
 from kms.keystore import KeyStoreError, TokenUnavailable
 from kms.mikey.buffer import Reader
 from kms.mikey.compose import check_composition
-from kms.mikey.constants import DataType, ErrorNo, IdRole, TsType
+from kms.mikey.constants import DataType, ErrorNo, IdRole, PrfFunc, TsType
 from kms.mikey.derive import KeyDirection
 from kms.mikey.errors import DecodeError
 from kms.mikey.header import EmptyMap, Header
@@ -33,6 +41,7 @@ Handler = Callable[[Message, Authenticated, Deps, Exchange, float], bytes]
 
 _REQUEST_TYPES = {DataType.REQUEST_INIT_PSK, DataType.REQUEST_INIT_PK}
 _RESOLVE_TYPES = {DataType.RESOLVE_INIT_PSK, DataType.RESOLVE_INIT_PK}
+_KNOWN_PRFS = frozenset({PrfFunc.MIKEY_1, PrfFunc.PRF_HMAC_SHA_256})
 
 
 def _header_only(wire: bytes) -> Message | None:
@@ -50,6 +59,25 @@ class Kms:
     def __init__(self, deps: Deps) -> None:
         self.deps = deps
 
+    def close(self) -> None:
+        """Close the ports that hold resources (audit sink, resolve ledger, replay cache,
+        and any other port with a ``close``), each once, all of them even if one fails; the
+        process that built the KMS (``kms serve``) calls it on exit."""
+        seen: set[int] = set()
+        first: Exception | None = None
+        d = self.deps
+        for port in (d.audit, d.ledger, d.replay, d.rate, d.peer_quota, d.directory):
+            close = getattr(port, "close", None)
+            if port is None or id(port) in seen or not callable(close):
+                continue
+            seen.add(id(port))
+            try:
+                close()
+            except Exception as exc:  # close the others anyway; report the first failure
+                first = first or exc
+        if first is not None:
+            raise first
+
     def request_ticket(self, wire: bytes, now: float, *, correlation_id: str = "") -> KmsReply:
         return self._handle(wire, now, correlation_id, _REQUEST_TYPES, IdRole.IDRI, handle_request)
 
@@ -62,6 +90,18 @@ class Kms:
         )
 
     # ---------------------------------------------------------------------------------------
+
+    def _check_prf(self, msg: Message) -> None:
+        """``[policy] prf``: a PRF the KMS knows but does not accept (RFC 3830 T6.12 error 6,
+        Invalid PRF). Unknown PRF values are refused as malformed when the suite is chosen."""
+        prf = msg.header.prf_func
+        if prf in _KNOWN_PRFS and prf not in self.deps.policy.prf_funcs:
+            raise Refusal(
+                ErrorNo.INVALID_PRF,
+                Outcome.DENIED,
+                "PRF function not allowed by this KMS",
+                f"header PRF func {prf} not accepted by [policy] prf",
+            )
 
     def _authenticate(self, msg: Message, ex: Exchange, now: float, role: IdRole) -> Authenticated:
         if msg.data_type in (DataType.REQUEST_INIT_PSK, DataType.RESOLVE_INIT_PSK):
@@ -80,7 +120,12 @@ class Kms:
         ex.audit["sender"] = auth.identity.data.decode("utf-8", "replace")
         if auth.peer is not None:
             ex.audit["peer"] = auth.peer.decode("utf-8", "replace")
-        admit(msg, self.deps, now, auth.identity.data)
+        if auth.method == "peer":
+            # A peer KMS resolving for its Responder: the per-peer quota (checked with the
+            # peer's trust) limits it, not the per-identity rate (same rule as PSK peers).
+            check_replay(msg, self.deps, now)
+        else:
+            admit(msg, self.deps, now, auth.identity.data)
         return auth
 
     def _handle(
@@ -115,6 +160,7 @@ class Kms:
                 check_composition(msg)
             except DecodeError as exc:
                 raise malformed(str(exc)) from None
+            self._check_prf(msg)
             auth = self._authenticate(msg, ex, now, role)
             ex.audit["method"] = auth.method
             data = handler(msg, auth, self.deps, ex, now)
@@ -127,6 +173,26 @@ class Kms:
             log.error("key store error (correlation id %s): %s", cid, type(exc).__name__)
             internal = Refusal(
                 ErrorNo.UNSPECIFIED, Outcome.INTERNAL, "internal error", type(exc).__name__
+            )
+            return self._refuse(ex, internal, now, sign=False)
+        except StoreUnavailable as exc:
+            # The registry or a state store cannot answer (database locked, gone): transient.
+            log.error("store unavailable (correlation id %s): %s", cid, exc.what)
+            unavailable = Refusal(
+                ErrorNo.UNSPECIFIED, Outcome.UNAVAILABLE, "KMS store unavailable", exc.what
+            )
+            return self._refuse(ex, unavailable, now, sign=False)
+        except Exception as exc:
+            # Whatever escaped (a lookup error, a bug): still one audit record and a MIKEY
+            # error. Type only: the text of an exception may quote the request.
+            frames = traceback.extract_tb(exc.__traceback__)[-3:]
+            where = " <- ".join(f"{f.filename}:{f.lineno}" for f in reversed(frames))
+            log.error("unexpected %s (correlation id %s) at %s", type(exc).__name__, cid, where)
+            internal = Refusal(
+                ErrorNo.UNSPECIFIED,
+                Outcome.INTERNAL,
+                "internal error",
+                f"unexpected {type(exc).__name__}",
             )
             return self._refuse(ex, internal, now, sign=False)
         ex.audit["outcome"] = Outcome.OK.value

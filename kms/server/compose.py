@@ -12,8 +12,9 @@ from kms.core.policy import Forking, KmsPolicy
 from kms.core.ports import PeerResolver
 from kms.core.service import Kms
 from kms.keystore import KeyRef
-from kms.mikey.constants import KeyDataType
+from kms.mikey.constants import KeyDataType, PrfFunc
 from kms.server.config import KmsConfig
+from kms.server.crl import CrlStore
 from kms.server.directory import RegistryDirectory
 from kms.server.home import CERT_FILE, ENVELOPE_LABEL, Home, HomeError, guess_id_type
 from kms.store.audit import JsonLinesAuditSink
@@ -30,6 +31,15 @@ _KEY_TYPE_NAMES = {
 }
 
 
+def accepted_prfs(weakest: PrfFunc) -> frozenset[int]:
+    """``[policy] prf`` names the weakest PRF the KMS accepts, in message headers and in
+    ticket policies: "hmac-sha-1" accepts MIKEY-1 and PRF-HMAC-SHA-256 (RFC 6043 12.1),
+    "hmac-sha-256" only PRF-HMAC-SHA-256."""
+    if weakest == PrfFunc.PRF_HMAC_SHA_256:
+        return frozenset({PrfFunc.PRF_HMAC_SHA_256})
+    return frozenset({PrfFunc.MIKEY_1, PrfFunc.PRF_HMAC_SHA_256})
+
+
 def kms_policy(config: KmsConfig) -> KmsPolicy:
     """The core's policy from kms.toml ``[policy]``."""
     p = config.policy
@@ -38,6 +48,7 @@ def kms_policy(config: KmsConfig) -> KmsPolicy:
     return KmsPolicy(
         kms_id=kms_id,
         kms_id_type=guess_id_type(kms_id),
+        prf_funcs=accepted_prfs(p.prf_func),
         key_types=types,
         max_lifetime_s=p.max_lifetime_s,
         default_lifetime_s=p.default_lifetime_s,
@@ -77,11 +88,15 @@ def build_handler(
             bundle = config.pk.ca_bundle
             roots = load_pem_certificates(bundle.read_bytes()) if bundle is not None else []
             kms_cert = load_pem_certificates((config.home / CERT_FILE).read_bytes())[0]
+            # [pk] crl: revocation for endpoint chains and certificate peers; the store
+            # re-reads the CRLs when they change and fails closed when one has expired.
+            crls = CrlStore(config.pk.crl) if config.pk.crl is not None else None
             authenticator = CertificateAuthenticator(
                 deps,
                 roots,
                 [EnvelopeKey(KeyRef(ENVELOPE_LABEL), kms_cert.public_bytes(Encoding.DER))],
                 pke_padding=config.pk.rsa_padding,
+                revocation=crls,
             )
             authenticator.check_envelope_keys()
         except (OSError, ValueError) as exc:

@@ -90,6 +90,8 @@ class ServerSettings:
 class PolicySettings:
     """``[policy]``: the KMS-wide ticket policy defaults."""
 
+    # The weakest PRF accepted in message headers and granted in tickets: "hmac-sha-1"
+    # accepts MIKEY-1 and PRF-HMAC-SHA-256, "hmac-sha-256" only the latter.
     prf: str = "hmac-sha-1"
     allowed_key_types: tuple[str, ...] = KEY_TYPES
     max_lifetime_s: int = 86400
@@ -112,6 +114,8 @@ class PkSettings:
 
     ca_bundle: Path | None = None
     pke_padding: str = RsaPadding.PKCS1V15.value
+    # CRL file or folder (PEM/DER) checked for CERTi / CERTr and certificate peers.
+    crl: Path | None = None
 
     @property
     def rsa_padding(self) -> RsaPadding:
@@ -271,10 +275,11 @@ def parse_config(text: str, home: Path) -> KmsConfig:
     server = _parse_server(doc, home)
     policy = _parse_policy(doc, home)
 
-    pk = _Section("pk", doc.get("pk"), home, ("ca_bundle", "pke_padding"))
+    pk = _Section("pk", doc.get("pk"), home, ("ca_bundle", "pke_padding", "crl"))
     pk_settings = PkSettings(
         ca_bundle=pk.path("ca_bundle"),
         pke_padding=pk.choice("pke_padding", RsaPadding.PKCS1V15.value, PKE_PADDINGS),
+        crl=pk.path("crl"),
     )
     return KmsConfig(
         home=home,
@@ -535,7 +540,8 @@ def render_config(
         "core_concurrency = 0",
         "",
         "[policy]",
-        '# PRF for new tickets: "hmac-sha-1" (MIKEY_1) or "hmac-sha-256" (PRF_HMAC_SHA_256).',
+        '# Weakest PRF accepted (message headers) and granted (tickets): "hmac-sha-1" accepts',
+        '# MIKEY_1 and PRF_HMAC_SHA_256; "hmac-sha-256" only PRF_HMAC_SHA_256.',
         f"prf = {_toml_str(d.prf)}",
         f"allowed_key_types = {json.dumps(list(d.allowed_key_types))}",
         f"max_lifetime_s = {d.max_lifetime_s}",
@@ -554,6 +560,9 @@ def render_config(
         '# ca_bundle = "endpoint-ca.pem"  # CA certificates for CERTi / CERTr',
         '# "pkcs1v15" (RFC 3830 mandatory) or "oaep-sha1"',
         f"pke_padding = {_toml_str(PkSettings.pke_padding)}",
+        "# CRLs (a PEM/DER file or a folder of them), re-read when they change; a revoked",
+        "# certificate is refused, and so is every certificate of an issuer whose CRL expired.",
+        '# crl = "crls"',
         "",
         "[federation]",
         "# Calls to peer KMSs (`kms peer add`): mutual TLS, the peer checked against its --ca.",

@@ -4,18 +4,38 @@ group membership: a removed member is refused at once (issue 4)."""
 from __future__ import annotations
 
 import functools
+import sqlite3
 import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import ParamSpec, TypeVar
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from kms.core.ports import PeerKms
+from kms.core.ports import PeerKms, StoreUnavailable
 from kms.keystore import KeyRef
 from kms.server.home import SIGNING_CERT_FILE, SIGNING_LABEL, guess_id_type
-from kms.store.registry import Registry, TpkState, UnknownPeer
+from kms.store.registry import Registry, RegistryUnavailable, TpkState, UnknownPeer
 
 TPK_ID_PREFIX = b"tpk/"
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _store_errors(fn: Callable[_P, _R]) -> Callable[_P, _R]:
+    """A registry that cannot answer (locked past the busy timeout, deleted, corrupt) is
+    the core's StoreUnavailable: the call is refused as UNAVAILABLE and audited."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        try:
+            return fn(*args, **kwargs)
+        except (sqlite3.Error, RegistryUnavailable) as exc:
+            raise StoreUnavailable(f"registry: {type(exc).__name__}") from None
+
+    return wrapper
 
 
 class RegistryDirectory:
@@ -39,27 +59,32 @@ class RegistryDirectory:
             self._local.registry = reg
         return reg
 
+    @_store_errors
     def psk_for(self, identity: bytes) -> KeyRef | None:
         ep = self.registry.find_endpoint(identity)
         if ep is None or not ep.enabled:
             return None
         return KeyRef(ep.key_label)
 
+    @_store_errors
     def is_member(self, group: bytes, identity: bytes) -> bool:
         return self.registry.is_member(group, identity)
 
+    @_store_errors
     def is_known(self, identity: bytes) -> bool:
         return (
             self.registry.find_endpoint(identity) is not None
             or self.registry.find_group(identity) is not None
         )
 
+    @_store_errors
     def current_tpk(self) -> tuple[bytes, KeyRef]:
         tpk = self.registry.tpk_current()
         if tpk is None:
             raise LookupError("no current TPK: run `kms init`")
         return tpk.key_label.encode("ascii"), KeyRef(tpk.key_label)
 
+    @_store_errors
     def tpk(self, tpk_id: bytes) -> KeyRef | None:
         # IDRpsk in a base ticket carries the TPK's token label, e.g. b"tpk/3".
         if not tpk_id.startswith(TPK_ID_PREFIX):
@@ -73,6 +98,7 @@ class RegistryDirectory:
                 return KeyRef(t.key_label)
         return None
 
+    @_store_errors
     def peer(self, kms_id: bytes) -> PeerKms | None:
         try:
             p = self.registry.get_peer(kms_id)
@@ -104,6 +130,7 @@ class RegistryDirectory:
             self._own_cert = certs[0].public_bytes(Encoding.DER)
         return self._own_cert
 
+    @_store_errors
     def applications(self) -> frozenset[bytes]:
         return frozenset(a.identity for a in self.registry.list_applications())
 

@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
+
+from kms.core.ports import StoreUnavailable
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS seen (
@@ -29,17 +33,30 @@ class SqliteSeenSet:
         self._local = threading.local()
         self._count = 0
         self._lock = threading.Lock()
+        self._conns: list[sqlite3.Connection] = []  # every thread's, for close()
         with self._conn() as conn:
             conn.executescript(_SCHEMA)
 
     def _conn(self) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is None:
-            conn = sqlite3.connect(self.path, timeout=10.0, isolation_level=None)
+            # Used by its own thread only; close() may close it from another one.
+            conn = sqlite3.connect(
+                self.path, timeout=10.0, isolation_level=None, check_same_thread=False
+            )
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
             self._local.conn = conn
+            with self._lock:
+                self._conns.append(conn)
         return conn
+
+    def close(self) -> None:
+        """Close every thread's connection (the last one checkpoints the WAL)."""
+        with self._lock:
+            conns, self._conns = self._conns, []
+        for conn in conns:
+            conn.close()
 
     def add(self, key: bytes, expires_at: float, now: float) -> bool:
         """Insert ``key``; False if a live copy is already there."""
@@ -77,12 +94,35 @@ class SqliteReplayCache:
     def check_and_store(self, digest: bytes, expires_at: float, now: float) -> bool:
         return self._set.add(b"r" + digest, expires_at, now)
 
+    def close(self) -> None:
+        self._set.close()
+
 
 class SqliteResolveLedger:
-    def __init__(self, path: Path, capacity: int = 1_000_000) -> None:
-        self._set = SqliteSeenSet(path, capacity)
+    """``clock``: the wall clock the rows' ``expires_at`` (the ticket's TRe) is compared
+    with. An expired row is pruned (every ``prune_every`` resolves, and by :meth:`prune`)
+    and may be taken over: its ticket is refused as expired before the ledger is asked."""
+
+    def __init__(
+        self,
+        path: Path,
+        capacity: int = 1_000_000,
+        clock: Callable[[], float] = time.time,
+        prune_every: int = 1000,
+    ) -> None:
+        self._set = SqliteSeenSet(path, capacity, prune_every)
+        self._clock = clock
 
     def first_resolve(self, ticket_id: bytes, responder: bytes, expires_at: float) -> bool:
-        # The ledger ignores wall-clock expiry on insert: a ticket stays "resolved" until its
-        # own validity ends (expires_at), after which it cannot resolve anyway.
-        return self._set.add(b"t" + ticket_id + b"\x00" + responder, expires_at, 0.0)
+        # A ticket stays "resolved" until its own validity ends (expires_at).
+        key = b"t" + ticket_id + b"\x00" + responder
+        try:
+            return self._set.add(key, expires_at, self._clock())
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"resolve ledger: {type(exc).__name__}") from None
+
+    def prune(self) -> None:
+        self._set.prune(self._clock())
+
+    def close(self) -> None:
+        self._set.close()

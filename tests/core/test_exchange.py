@@ -20,7 +20,7 @@ FORKING = TpFlag.E | TpFlag.F | TpFlag.G | TpFlag.H | TpFlag.I
 
 
 def test_request_transfer_resolve_gives_both_ends_the_same_srtp_keys(world: World) -> None:
-    grant = world.grant(DesiredPolicy(responders=(BOB,)))
+    grant = world.grant(DesiredPolicy(responders=(BOB,), lifetime_s=3600))
     sessions = (CryptoSession(1, 0xAAAA0001), CryptoSession(2, 0xBBBB0002))
     keys_a, call, _ = world.call(grant, BOB, sessions=sessions)
     keys_b = call.srtp
@@ -35,7 +35,8 @@ def test_request_transfer_resolve_gives_both_ends_the_same_srtp_keys(world: Worl
     assert any(
         isinstance(p, Idr) and p.role == IdRole.IDRI and p.data == ALICE for p in tp.payloads
     )
-    assert [p.role for p in tp.payloads if isinstance(p, Tr)] == [TsRole.TRS, TsRole.TRE]
+    # No TRs asked (no lower bound): none granted; the TRe asked for is kept.
+    assert [p.role for p in tp.payloads if isinstance(p, Tr)] == [TsRole.TRE]
     # The default KEMAC holds one TGK (RFC 6043 4.2.1.5).
     assert [k.key_type for k in grant.session_keys] == [KeyDataType.TGK]
     events = [r["event"] for r in world.audit()]

@@ -47,9 +47,13 @@ def kemac_for(keys: Sequence[KeyData]) -> Kemac:
     return Kemac(EncrAlg.NULL, encode_key_data(keys), MacAlg.NULL, b"")
 
 
+def tre_default() -> Tr:
+    return tr(TsRole.TRE, NOW + POL.default_lifetime_s)
+
+
 def grant(
     flags: TpFlag = DEFAULT_FLAGS,
-    payloads: Sequence[Payload] = (BOB,),
+    payloads: Sequence[Payload] | None = None,
     *,
     pol: KmsPolicy = POL,
     keys: Sequence[KeyData] = (),
@@ -59,7 +63,8 @@ def grant(
     applications: frozenset[bytes] = frozenset(),
     tp: TicketPolicy | None = None,
 ) -> Grant:
-    data = list(payloads)
+    # Default: a desired TP the KMS grants unchanged (a TRe inside the policy, one IDRr).
+    data = list((tre_default(), BOB) if payloads is None else payloads)
     if keys:
         data.insert(0, kemac_for(keys))
     desired = tp or TicketPolicy(prf_func=prf, flags=flags, payloads=tuple(data))
@@ -84,10 +89,16 @@ def refused(error_no: ErrorNo, reason: str, **kw: object) -> Refusal:
     return r
 
 
-def window(g: Grant) -> tuple[float, float]:
-    trs = [p for p in g.policy.payloads if isinstance(p, Tr)]
-    assert [t.role for t in trs] == [TsRole.TRS, TsRole.TRE]
-    return tuple(decode_ts_value(TsType(t.ts_type), t.value) for t in trs)  # type: ignore[return-value]
+def window(g: Grant) -> tuple[float | None, float]:
+    """(TRs or None, TRe) of a granted policy; the KMS always sets TRe."""
+    trs = {p.role: p for p in g.policy.payloads if isinstance(p, Tr)}
+    assert set(trs) <= {TsRole.TRS, TsRole.TRE} and TsRole.TRE in trs
+
+    def at(t: Tr) -> float:
+        return decode_ts_value(TsType(t.ts_type), t.value)
+
+    start = at(trs[TsRole.TRS]) if TsRole.TRS in trs else None
+    return start, at(trs[TsRole.TRE])
 
 
 # --- check_flag_rules: each RFC 6043 6.10 dependency ---------------------------------------
@@ -138,7 +149,7 @@ def test_default_grant() -> None:
         ALICE,
         BOB,
     ]
-    assert window(g) == (NOW, NOW + POL.default_lifetime_s)
+    assert window(g) == (None, NOW + POL.default_lifetime_s)
     # No desired KEMAC: a single TGK (RFC 6043 4.2.1.5), 128 bits with MIKEY-1.
     assert [(k.key_type, k.length) for k in g.keys] == [(KeyDataType.TGK, 16)]
 
@@ -246,10 +257,14 @@ def test_inconsistent_desired_flags_are_invalid_tppar(flags: TpFlag, why: str) -
     refused(ErrorNo.INVALID_TPPAR, why, flags=flags)
 
 
-def test_unsupported_prf_is_invalid_tppar() -> None:
-    refused(ErrorNo.INVALID_TPPAR, "PRF func", prf=5)
+def test_prf_outside_the_policy_is_changed_and_flagged() -> None:
+    # RFC 6043 6.10: the KMS may change the desired TP; it grants its strongest PRF.
+    g = grant(prf=5)
+    assert g.policy.prf_func == PrfFunc.PRF_HMAC_SHA_256 and g.policy.flags & F.K
     pol = KmsPolicy(kms_id=KMS, prf_funcs=frozenset({PrfFunc.PRF_HMAC_SHA_256}))
-    refused(ErrorNo.INVALID_TPPAR, "PRF func", pol=pol)
+    g = grant(pol=pol)
+    assert g.policy.prf_func == PrfFunc.PRF_HMAC_SHA_256 and g.policy.flags & F.K
+    assert g.keys[0].length == 32  # the granted PRF's default key length (RFC 6043 12.1)
 
 
 def test_reserved_bits_are_invalid_tppar() -> None:
@@ -281,14 +296,12 @@ def test_no_authorised_application_is_invalid_id() -> None:
     ("keys", "why"),
     [
         ([KeyData(KeyDataType.MPK, bytes(16))], "key type"),
-        ([KeyData(KeyDataType.TGK, bytes(24))], "key length 24"),
-        ([KeyData(KeyDataType.TEK_SALT, bytes(16), bytes(40))], "salt length"),
-        ([KeyData(KeyDataType.TEK, bytes(16))] * 9, "1..8 keys"),
+        ([KeyData(KeyDataType.TEK_SALT, bytes(24), bytes(12))], "key length 24"),
     ],
-    ids=["MPK", "length-24", "salt-40", "nine-keys"],
+    ids=["MPK", "supplied-length-24"],
 )
 def test_ungrantable_keys_are_invalid_tppar(keys: list[KeyData], why: str) -> None:
-    refused(ErrorNo.INVALID_TPPAR, why, keys=keys)
+    refused(ErrorNo.INVALID_TPPAR, why, keys=keys, supplied=why != "key type")
 
 
 def test_empty_desired_kemac_is_invalid_tppar() -> None:

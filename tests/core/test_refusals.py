@@ -624,9 +624,8 @@ def test_non_reusable_ticket_resolves_once_per_responder(world: World) -> None:
         (DesiredPolicy((BOB,), flags=TpFlag.E | TpFlag.H | TpFlag.M), "M=1 needs F=1"),
         (DesiredPolicy(()), "no responder"),
         (DesiredPolicy((BOB,), key_types=(KeyDataType.MPK,), key_length=16), "key type"),
-        (DesiredPolicy((BOB,), key_types=(KeyDataType.TGK,), key_length=24), "key length"),
     ],
-    ids=["G0-H0", "I1-E0", "M1-F0", "no-IDRr", "key-type-MPK", "key-length-24"],
+    ids=["G0-H0", "I1-E0", "M1-F0", "no-IDRr", "key-type-MPK"],
 )
 def test_ungrantable_policy_is_invalid_tppar(
     world: World, desired: DesiredPolicy, reason: str
