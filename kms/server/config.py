@@ -69,6 +69,12 @@ class ServerSettings:
     allow_plaintext_non_loopback: bool = False
     # How many KMS core calls run at once in one worker; 0 = auto (see core_slots_for).
     core_concurrency: int = 0
+    # Call admission per worker (kms.server.admission): how long a call may take to send
+    # its request message, how many calls one peer address may hold, HTTP/2 streams per
+    # connection.
+    request_timeout_ms: int = 2000
+    max_calls_per_peer: int = 96
+    max_streams_per_connection: int = 32
 
     @property
     def host(self) -> str:
@@ -342,7 +348,8 @@ def _parse_server(doc: Mapping[str, Any], home: Path) -> ServerSettings:
         doc.get("server"),
         home,
         ("listen", "workers", "tls_cert", "tls_key", "tls_client_ca",
-         "allow_plaintext_non_loopback", "core_concurrency"),
+         "allow_plaintext_non_loopback", "core_concurrency", "request_timeout_ms",
+         "max_calls_per_peer", "max_streams_per_connection"),
     )
     listen = sec.string("listen", ServerSettings.listen)
     assert listen is not None
@@ -358,6 +365,9 @@ def _parse_server(doc: Mapping[str, Any], home: Path) -> ServerSettings:
         tls_client_ca=sec.path("tls_client_ca"),
         allow_plaintext_non_loopback=sec.boolean("allow_plaintext_non_loopback", False),
         core_concurrency=sec.integer("core_concurrency", 0, 0, 256),
+        request_timeout_ms=sec.integer("request_timeout_ms", 2000, 50, 60_000),
+        max_calls_per_peer=sec.integer("max_calls_per_peer", 96, 1, 100_000),
+        max_streams_per_connection=sec.integer("max_streams_per_connection", 32, 1, 1024),
     )
     if (settings.tls_cert is None) != (settings.tls_key is None):
         missing = "tls_key" if settings.tls_key is None else "tls_cert"

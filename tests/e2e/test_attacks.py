@@ -3,20 +3,26 @@ it, and named after the attack (the regression tests of the hardening pass)."""
 
 from __future__ import annotations
 
+import collections
 import json
+import threading
 import time
+from collections.abc import Iterator
+from typing import Any
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from kms.endpoint.client import KmsClient, KmsRefused
+from kms.endpoint.client import KmsClient, KmsRefused, obtain_ticket
 from kms.endpoint.common import Credentials
 from kms.endpoint.initiator import DesiredPolicy, Initiator
 from kms.mikey.constants import DataType, IdType
 from kms.mikey.message import Message
 from kms.mikey.payloads import Error, Verification
+from kms.server.grpc_server import SERVICE_NAME
 from kms.server.home import open_home
-from tests.e2e.harness import BOB, CAROL, KMS_ID, Kms
+from tests.e2e.harness import BOB, CAROL, ERIN, KMS_ID, Kms
 
 UNKNOWN = b"sip:nobody@example.org"
 
@@ -72,3 +78,112 @@ def test_dummy_key_is_in_the_token_and_not_an_endpoint(kms: Kms) -> None:
         labels = {k.label for k in h.keystore().list_keys()}
         assert "authn/dummy" in labels
         assert h.registry.find_endpoint(b"authn/dummy") is None
+
+
+# ------------------------------------------------------------------------------------------
+# stalled calls: HEADERS without the request message, no deadline
+
+OWN_CONNECTION = (("grpc.use_local_subchannel_pool", 1),)
+
+
+class StalledCalls:
+    """Keeps ``count`` RequestTicket calls open on ONE connection that never send their
+    request message (HEADERS only, no deadline); a call the server ends is re-opened at
+    once, as the attacker would."""
+
+    def __init__(self, target: str, count: int) -> None:
+        self.channel = grpc.insecure_channel(target, options=list(OWN_CONNECTION))
+        self.method = self.channel.stream_unary(f"/{SERVICE_NAME}/RequestTicket")
+        self.stop = threading.Event()
+        self.ended: collections.Counter[grpc.StatusCode] = collections.Counter()
+        self._lock = threading.Lock()
+        self.open = 0
+        self.details: set[str] = set()
+        for _ in range(count):
+            self._open()
+
+    def _never(self) -> Iterator[Any]:
+        self.stop.wait()
+        return
+        yield  # a generator that never yields a request
+
+    def _open(self) -> None:
+        with self._lock:
+            self.open += 1
+        future = self.method.future(self._never())
+        future.add_done_callback(self._done)
+
+    def _done(self, future: Any) -> None:
+        with self._lock:
+            self.open -= 1
+            self.ended[future.code()] += 1
+            self.details.add(str(future.details()))
+        if not self.stop.is_set():
+            self._open()
+
+    def close(self) -> None:
+        self.stop.set()
+        self.channel.close()
+
+
+def test_attack_stalled_calls_lock_out_everyone(kms: Kms) -> None:
+    """300 stalled calls on one connection, re-opened as soon as they end (more than the
+    128 a worker admits): a victim on its own connection and the health check are still
+    served, each within 2 s, and the server ends the stalled calls and logs it."""
+    attack = StalledCalls(kms.target, 300)
+    try:
+        time.sleep(1.0)  # the attack is in place
+        victim = KmsClient(kms.target, timeout=2.0, options=OWN_CONNECTION)
+        try:
+            for _ in range(5):
+                t0 = time.monotonic()
+                obtain_ticket(victim, kms.initiator(ERIN), DesiredPolicy(responders=(BOB,)))
+                assert time.monotonic() - t0 < 2.0
+                with grpc.insecure_channel(kms.target, options=list(OWN_CONNECTION)) as ch:
+                    status = health_pb2_grpc.HealthStub(ch).Check(
+                        health_pb2.HealthCheckRequest(service=""), timeout=2.0
+                    )
+                assert status.status == health_pb2.HealthCheckResponse.SERVING
+        finally:
+            victim.close()
+        ended = dict(attack.ended)
+    finally:
+        attack.close()
+    # Every stalled call was ended by the server: cancelled (no request in time, or shed)
+    # or refused as a stream over the connection's limit (REFUSED_STREAM: UNAVAILABLE).
+    assert sum(ended.values()) >= 300, (ended, attack.details)
+    assert grpc.StatusCode.CANCELLED in ended, (ended, attack.details)
+    assert set(ended) <= {grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE}, ended
+    # Logged, rate-limited: a few lines, not one per cancelled call.
+    lines = [ln for ln in kms.serve.stderr.splitlines() if "call cancelled" in ln]
+    assert lines and len(lines) < 20, len(lines)
+
+
+# ------------------------------------------------------------------------------------------
+# bodies that are not protobuf at all
+
+
+def test_attack_non_protobuf_body(kms: Kms) -> None:
+    """``ff ff ff`` as the body: INVALID_ARGUMENT with a one-line detail (not INTERNAL and a
+    traceback), a MIKEY error message, one audit record per call, and at most one log line
+    for many such calls."""
+    audit = kms.home / "audit.log"
+    before = len(audit.read_text().splitlines())
+    with grpc.insecure_channel(kms.target, options=list(OWN_CONNECTION)) as ch:
+        for method in ("RequestTicket", "ResolveTicket"):
+            raw = ch.unary_unary(f"/{SERVICE_NAME}/{method}")
+            for _ in range(10):
+                with pytest.raises(grpc.RpcError) as info:
+                    raw(b"\xff\xff\xff", timeout=5)
+                err = info.value
+                assert err.code() is grpc.StatusCode.INVALID_ARGUMENT, err
+                assert err.details() == "request is not a mikey.kms.v1.MikeyMessage"
+                trailer = dict(err.trailing_metadata() or ())["mikey-error-bin"]
+                assert Message.decode(trailer).one(Error).error_no == 12  # Unspecified
+    records = [json.loads(x) for x in audit.read_text().splitlines()[before:]]
+    refused = [r for r in records if r.get("reason") == "request body is not a transport message"]
+    assert len(refused) == 20 and all(r["outcome"] == "malformed" for r in refused)
+    assert all(r["size"] == 3 for r in refused)
+    stderr = kms.serve.stderr
+    assert "Exception deserializing" not in stderr and "Traceback" not in stderr
+    assert 1 <= stderr.count("request body is not a MikeyMessage") <= 2
