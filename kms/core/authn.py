@@ -16,7 +16,7 @@ from dataclasses import replace
 from kms.core.api import Outcome
 from kms.core.context import Authenticated, Deps, Exchange
 from kms.core.errors import Refusal, auth_failure, denied, malformed, precondition
-from kms.core.ports import PeerKms
+from kms.core.ports import PeerKms, ReplayCacheFull
 from kms.keystore import KeyNotFound
 from kms.mikey.constants import DataType, EncrAlg, ErrorNo, IdRole, IdType, RandRole, TsType
 from kms.mikey.derive import KeyDirection
@@ -138,7 +138,16 @@ def check_replay(msg: Message, deps: Deps, now: float) -> None:
     digest = hashlib.sha256(msg.wire).digest()
     # Keep each digest as long as its timestamp could still be accepted.
     expires = now + 2 * deps.policy.timestamp_window_s
-    if not deps.replay.check_and_store(digest, expires, now):
+    try:
+        fresh = deps.replay.check_and_store(digest, expires, now)
+    except ReplayCacheFull:
+        # Over the rate the cache was sized for: refuse (the client may retry) rather than
+        # forget a live digest, which would let its replay through.
+        raise Refusal(
+            ErrorNo.UNSPECIFIED, Outcome.RATE_LIMITED, "server busy, retry later",
+            "replay cache full of live entries",
+        ) from None
+    if not fresh:
         raise precondition(ErrorNo.INVALID_TS, "replayed message", "replay of an accepted message")
 
 

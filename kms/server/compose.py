@@ -77,8 +77,26 @@ def dummy_psk(keystore: KeyStore, lock_path: Path) -> KeyRef:
     return KeyRef(DUMMY_PSK_LABEL)
 
 
+# Ticket Requests one worker process can serve per second, with headroom (measured about
+# 500/s with SoftHSM, docs/performance.md): what the default replay cache is sized for.
+REPLAY_RATE_PER_WORKER = 1000
+
+
+def replay_capacity(config: KmsConfig, workers: int | None = None) -> int:
+    """``[policy] replay_cache_size``, or when 0 (auto): every digest the KMS can accept
+    during a digest's lifetime (2 x timestamp_window_s, see check_replay), for
+    ``workers`` processes (default ``[server] workers``) at REPLAY_RATE_PER_WORKER each."""
+    if config.policy.replay_cache_size:
+        return config.policy.replay_cache_size
+    n = workers if workers is not None else config.server.workers
+    return 2 * config.policy.timestamp_window_s * REPLAY_RATE_PER_WORKER * max(1, n)
+
+
 def build_handler(
-    home: Home, pk: PkAuthenticator | None = None, peers: PeerResolver | None = None
+    home: Home,
+    pk: PkAuthenticator | None = None,
+    peers: PeerResolver | None = None,
+    workers: int | None = None,
 ) -> KmsHandler:
     """The KMS core wired to this home's token, registry and stores."""
     config = home.config
@@ -88,7 +106,7 @@ def build_handler(
     deps = Deps(
         keystore=keystore,
         directory=RegistryDirectory(home.registry.path),
-        replay=SqliteReplayCache(state / "replay.sqlite3", config.policy.replay_cache_size),
+        replay=SqliteReplayCache(state / "replay.sqlite3", replay_capacity(config, workers)),
         ledger=SqliteResolveLedger(state / "resolved.sqlite3"),
         rate=TokenBucketRateLimiter(config.policy.rate_limit_per_s),
         audit=JsonLinesAuditSink(config.home / AUDIT_LOG),

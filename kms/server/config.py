@@ -101,7 +101,7 @@ class PolicySettings:
     reuse_allowed: bool = True
     responders: str = "any"  # "registered": every IDRr must be a registered endpoint or group
     timestamp_window_s: int = 120
-    replay_cache_size: int = 100000
+    replay_cache_size: int = 0  # 0 = auto: sized from the rate workers can serve x window
     rate_limit_per_s: int = 50
 
     @property
@@ -420,7 +420,7 @@ def _parse_policy(doc: Mapping[str, Any], home: Path) -> PolicySettings:
         reuse_allowed=sec.boolean("reuse_allowed", True),
         responders=sec.choice("responders", "any", RESPONDER_MODES),
         timestamp_window_s=sec.integer("timestamp_window_s", 120, 1, 86400),
-        replay_cache_size=sec.integer("replay_cache_size", 100000, 1, 100_000_000),
+        replay_cache_size=sec.integer("replay_cache_size", 0, 0, 100_000_000),
         rate_limit_per_s=sec.integer("rate_limit_per_s", 50, 0, 1_000_000),
     )
     if policy.default_lifetime_s > policy.max_lifetime_s:
@@ -515,6 +515,9 @@ def render_config(
         "# responders of other domains are never registered here, so keep \"any\" there)",
         f"responders = {json.dumps(d.responders)}",
         f"timestamp_window_s = {d.timestamp_window_s}",
+        "# Replay cache entries (live ones are never dropped: when it is full, new messages",
+        "# are refused with RESOURCE_EXHAUSTED). 0 = auto: 2 x timestamp_window_s x 1000/s",
+        "# per worker.",
         f"replay_cache_size = {d.replay_cache_size}",
         f"rate_limit_per_s = {d.rate_limit_per_s}",
         "",

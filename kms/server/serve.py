@@ -277,7 +277,9 @@ def serve_once(
         # RFC 6043 9: tickets issued by a peer KMS are resolved by asking it (per process),
         # without holding a core slot while the peer answers.
         peers = GrpcPeerResolver.from_config(home.config, home.registry.path)
-        handler = build_handler(home, peers=SlotReleasingPeers(peers, slots))
+        handler = build_handler(
+            home, peers=SlotReleasingPeers(peers, slots), workers=plan.workers
+        )
         server = KmsServer(
             handler,
             plan.listen,

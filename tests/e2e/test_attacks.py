@@ -22,7 +22,18 @@ from kms.mikey.message import Message
 from kms.mikey.payloads import Error, Verification
 from kms.server.grpc_server import SERVICE_NAME
 from kms.server.home import open_home
-from tests.e2e.harness import BOB, CAROL, ERIN, KMS_ID, Kms
+from tests.e2e.harness import (
+    ALICE,
+    BOB,
+    CAROL,
+    ERIN,
+    KMS_ID,
+    PSKS,
+    Kms,
+    make_home,
+    running_kms,
+    set_policy,
+)
 
 UNKNOWN = b"sip:nobody@example.org"
 
@@ -187,3 +198,46 @@ def test_attack_non_protobuf_body(kms: Kms) -> None:
     stderr = kms.serve.stderr
     assert "Exception deserializing" not in stderr and "Traceback" not in stderr
     assert 1 <= stderr.count("request body is not a MikeyMessage") <= 2
+
+
+# ------------------------------------------------------------------------------------------
+# replay cache full of live entries
+
+
+@pytest.fixture(scope="module")
+def small_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kms]:
+    home = make_home(tmp_path_factory.mktemp("e2e-replay") / "home", {ALICE: PSKS[ALICE]}, {})
+    set_policy(home, replay_cache_size=20, rate_limit_per_s=0)
+    with running_kms(home) as k:
+        yield k
+
+
+def test_attack_replay_cache_eviction(small_cache: Kms) -> None:
+    """More fresh messages than the replay cache holds: the excess is refused
+    (RESOURCE_EXHAUSTED, retry later), and a replay of an accepted message is still refused
+    as a replay (before, its digest had been evicted and the replay was accepted)."""
+    c = small_cache.client()
+    ini = small_cache.initiator(ALICE)
+    first = []
+    for _ in range(10):
+        wire, _ = ini.request_ticket(DesiredPolicy(responders=(BOB,)), time.time())
+        c.request_ticket(wire)
+        first.append(wire)
+    codes: collections.Counter[grpc.StatusCode] = collections.Counter()
+    details = set()
+    for _ in range(30):
+        wire, _ = ini.request_ticket(DesiredPolicy(responders=(BOB,)), time.time())
+        try:
+            c.request_ticket(wire)
+            codes[grpc.StatusCode.OK] += 1
+        except KmsRefused as exc:
+            codes[exc.code] += 1
+            details.add(exc.detail)
+    assert codes == {grpc.StatusCode.OK: 10, grpc.StatusCode.RESOURCE_EXHAUSTED: 20}
+    assert details == {"server busy, retry later"}
+    for wire in first:
+        code, detail, error_no, has_v = answer(c, wire)
+        assert (code, detail, error_no, has_v) == (
+            grpc.StatusCode.FAILED_PRECONDITION, "replayed message", 1, True,
+        )  # fmt: skip
+    assert "replay cache full of live entries" in small_cache.serve.stderr
