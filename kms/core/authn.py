@@ -80,13 +80,26 @@ def sender_identity(msg: Message, role: IdRole) -> Idr:
     )
 
 
+MAX_CLAIMED_IDENTITY = 128
+
+
+def claimed_identity(data: bytes) -> str:
+    """An identity as the audit log records it before it has authenticated: at most
+    MAX_CLAIMED_IDENTITY characters (an unauthenticated caller must not decide how much the
+    KMS writes); a longer one is cut, with its length and a digest to tell them apart."""
+    if len(data) <= MAX_CLAIMED_IDENTITY:
+        return data.decode("utf-8", "replace")
+    head = data[:64].decode("utf-8", "replace")
+    return f"{head}...({len(data)} bytes, sha256:{hashlib.sha256(data).hexdigest()[:16]})"
+
+
 def authenticate_psk(
     msg: Message, deps: Deps, ex: Exchange, now: float, role: IdRole
 ) -> Authenticated:
     """Authenticate REQUEST_INIT_PSK (role IDRi) or RESOLVE_INIT_PSK (role IDRr)."""
     suite = message_suite(msg)
     identity = sender_identity(msg, role)
-    ex.audit["sender"] = identity.data.decode("utf-8", "replace")
+    ex.audit["sender"] = claimed_identity(identity.data)
     kms_id = check_kms_identity(msg, deps)
     registered = deps.directory.psk_for(identity.data)
     # Registered or not, the same work in the same order: an unknown identity's MAC is
@@ -119,6 +132,7 @@ def authenticate_psk(
         raise auth_failure("unknown identity")
     if not verified:
         raise auth_failure("MAC verification failed")
+    ex.audit["sender"] = identity.data.decode("utf-8", "replace")  # a registered identity
     auth = Authenticated(identity, registered, suite, rand_i, rand_r, kms_id, "psk")
     ex.auth = auth  # from here on, refusals carry a V (the sender is authenticated)
     check_timestamp(msg, deps, now)
@@ -171,7 +185,7 @@ def authenticate_peer(
     suite = message_suite(msg)
     ex.audit["peer"] = peer.kms_id.decode("utf-8", "replace")
     identity = peer_responder(msg)
-    ex.audit["sender"] = identity.data.decode("utf-8", "replace")
+    ex.audit["sender"] = claimed_identity(identity.data)
     kms_id = check_kms_identity(msg, deps)
     if peer.psk is None:
         raise auth_failure("peer has no shared key for RESOLVE_INIT_PSK")
@@ -182,6 +196,7 @@ def authenticate_peer(
         raise auth_failure("peer key registered but missing in the token") from None
     if not check_mac(msg, keys, suite, identity.data + kms_id):
         raise auth_failure("peer MAC verification failed")
+    ex.audit["sender"] = identity.data.decode("utf-8", "replace")  # vouched for by the peer
     check_timestamp(msg, deps, now)  # after the MAC, as for endpoints
     check_peer_resolves_for(peer, identity.data, "peer")
     auth = Authenticated(identity, peer.psk, suite, None, rand_r, kms_id, "peer", peer.kms_id)

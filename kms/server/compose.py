@@ -109,7 +109,9 @@ def build_handler(
         replay=SqliteReplayCache(state / "replay.sqlite3", replay_capacity(config, workers)),
         ledger=SqliteResolveLedger(state / "resolved.sqlite3"),
         rate=TokenBucketRateLimiter(config.policy.rate_limit_per_s),
-        audit=JsonLinesAuditSink(config.home / AUDIT_LOG),
+        audit=JsonLinesAuditSink(
+            config.home / AUDIT_LOG, config.audit.max_bytes, config.audit.keep
+        ),
         policy=kms_policy(config),
         pk=pk,
         peers=peers,

@@ -139,6 +139,14 @@ class FederationSettings:
 
 
 @dataclass(frozen=True)
+class AuditSettings:
+    """``[audit]``: the audit log's size-based rotation (kms.store.audit)."""
+
+    max_bytes: int = 64 * 1024 * 1024  # 0: never rotate (the system's logrotate does)
+    keep: int = 5
+
+
+@dataclass(frozen=True)
 class KmsConfig:
     """The whole of kms.toml; paths are absolute (relative ones resolved against ``home``)."""
 
@@ -149,6 +157,7 @@ class KmsConfig:
     policy: PolicySettings = field(default_factory=PolicySettings)
     pk: PkSettings = field(default_factory=PkSettings)
     federation: FederationSettings = field(default_factory=FederationSettings)
+    audit: AuditSettings = field(default_factory=AuditSettings)
 
     @property
     def kms_id_bytes(self) -> bytes:
@@ -261,7 +270,7 @@ def parse_config(text: str, home: Path) -> KmsConfig:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{CONFIG_FILE}: not valid TOML: {exc}") from None
-    unknown = sorted(set(doc) - {"kms", "token", "server", "policy", "pk", "federation"})
+    unknown = sorted(set(doc) - {"kms", "token", "server", "policy", "pk", "federation", "audit"})
     if unknown:
         raise ConfigError(f"{CONFIG_FILE}: [{unknown[0]}]: unknown section")
 
@@ -287,7 +296,16 @@ def parse_config(text: str, home: Path) -> KmsConfig:
         policy=policy,
         pk=pk_settings,
         federation=_parse_federation(doc, home),
+        audit=_parse_audit(doc, home),
     )
+
+
+def _parse_audit(doc: Mapping[str, Any], home: Path) -> AuditSettings:
+    sec = _Section("audit", doc.get("audit"), home, ("max_bytes", "keep"))
+    max_bytes = sec.integer("max_bytes", AuditSettings.max_bytes, 0, 1 << 40)
+    if 0 < max_bytes < 4096:
+        raise sec.error("max_bytes", f"must be 0 (no rotation) or at least 4096, got {max_bytes}")
+    return AuditSettings(max_bytes=max_bytes, keep=sec.integer("keep", AuditSettings.keep, 0, 1000))
 
 
 def _parse_federation(doc: Mapping[str, Any], home: Path) -> FederationSettings:
@@ -536,6 +554,12 @@ def render_config(
         f"max_retries = {FederationSettings.max_retries}",
         "# Deadline for `kms peer add` without --deadline-ms.",
         f"default_deadline_ms = {FederationSettings.default_deadline_ms}",
+        "",
+        "[audit]",
+        "# audit.log is rotated at max_bytes (audit.log.1 .. audit.log.<keep>); 0 = never:",
+        "# leave it to logrotate (rename, no copytruncate: the KMS reopens a renamed log).",
+        f"max_bytes = {AuditSettings.max_bytes}",
+        f"keep = {AuditSettings.keep}",
         "",
     ]
     return "\n".join(lines)

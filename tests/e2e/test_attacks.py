@@ -207,7 +207,7 @@ def test_attack_non_protobuf_body(kms: Kms) -> None:
 @pytest.fixture(scope="module")
 def small_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kms]:
     home = make_home(tmp_path_factory.mktemp("e2e-replay") / "home", {ALICE: PSKS[ALICE]}, {})
-    set_policy(home, replay_cache_size=20, rate_limit_per_s=0)
+    set_policy(home, replay_cache_size=20, rate_limit_per_s=0, max_bytes=4096, keep=2)
     with running_kms(home) as k:
         yield k
 
@@ -241,3 +241,39 @@ def test_attack_replay_cache_eviction(small_cache: Kms) -> None:
             grpc.StatusCode.FAILED_PRECONDITION, "replayed message", 1, True,
         )  # fmt: skip
     assert "replay cache full of live entries" in small_cache.serve.stderr
+
+
+# ------------------------------------------------------------------------------------------
+# audit amplification
+
+
+def test_attack_audit_amplification(kms: Kms) -> None:
+    """An unregistered 60,000-byte IDRi is not copied into the refusal's audit record:
+    what an unauthenticated call writes is bounded (under 1 KiB here, against 60 KB)."""
+    audit = kms.home / "audit.log"
+    huge = b"sip:" + b"a" * 59_984 + b"@example.org"  # 60,000 bytes
+    c = kms.client()
+    before = audit.stat().st_size
+    for _ in range(10):
+        wire = forged(kms, huge, time.time())
+        assert len(wire) > 60_000
+        assert answer(c, wire)[0] is grpc.StatusCode.UNAUTHENTICATED
+    written = audit.stat().st_size - before
+    assert written < 10 * 1024, written
+    last = json.loads(audit.read_text().splitlines()[-1])
+    assert last["reason"] == "unknown identity"
+    assert last["sender"].startswith("sip:aaaa") and "60000 bytes, sha256:" in last["sender"]
+    assert len(last["sender"]) < 160
+
+
+def test_audit_log_rotates_under_kms_serve(small_cache: Kms) -> None:
+    """[audit] max_bytes: the log of a running KMS is rotated and stays bounded."""
+    c = small_cache.client()
+    for _ in range(60):
+        with pytest.raises(KmsRefused):
+            c.request_ticket(forged(small_cache, b"sip:x" * 100, time.time()))
+    home = small_cache.home
+    assert (home / "audit.log.1").exists() and (home / "audit.log.2").exists()
+    assert not (home / "audit.log.3").exists()  # keep = 2
+    for name in ("audit.log", "audit.log.1", "audit.log.2"):
+        assert (home / name).stat().st_size < 4096 + 2048
