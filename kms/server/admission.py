@@ -106,6 +106,14 @@ class RateLimitedLog:
         self._log.warning(msg, extra={"fields": {**fields, "events": count}})
 
 
+def request_arrived(call: object) -> bool:
+    """Whether gRPC already holds the call's request message (received, not yet read by the
+    handler thread, which may not have run yet on a busy machine). Reads the sync server's
+    call state; False when that is not there (another gRPC version, or a test double)."""
+    state = getattr(call, "_state", None)
+    return getattr(state, "request", None) is not None
+
+
 class _Waiting:
     __slots__ = ("call", "deadline", "peer")
 
@@ -113,6 +121,10 @@ class _Waiting:
         self.call = call
         self.peer = peer
         self.deadline = deadline
+
+    @property
+    def sheddable(self) -> bool:
+        return not request_arrived(self.call)
 
 
 class CallGuard:
@@ -169,9 +181,9 @@ class CallGuard:
             self._waiting[ticket] = entry
             self._waiting_per_peer[peer] += 1
             if self._waiting_per_peer[peer] > self.limits.max_waiting_per_peer:
-                shed.append(self._pop(self._oldest_of(peer)))
+                shed.append(self._pop(self._oldest(peer)))
             if len(self._waiting) > self.limits.max_waiting:
-                shed.append(self._pop(next(iter(self._waiting))))
+                shed.append(self._pop(self._oldest(None)))
             self.counters["shed_waiting"] += len(shed)
             self._cond.notify()
         for victim in shed:
@@ -193,8 +205,11 @@ class CallGuard:
         with self._cond:
             return len(self._waiting)
 
-    def _oldest_of(self, peer: str) -> int:
-        return next(t for t, w in self._waiting.items() if w.peer == peer)
+    def _oldest(self, peer: str | None) -> int:
+        """The oldest waiting call (of ``peer``) whose request has not arrived; the oldest
+        one at all if every one has (the bound holds either way)."""
+        mine = [(t, w) for t, w in self._waiting.items() if peer is None or w.peer == peer]
+        return next((t for t, w in mine if w.sheddable), mine[0][0])
 
     def _pop(self, ticket: int) -> _Waiting:
         entry = self._waiting.pop(ticket)

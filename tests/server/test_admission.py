@@ -151,3 +151,31 @@ def test_oversized_metadata_is_refused_clearly(small_server: KmsServer) -> None:
         assert stub.RequestTicket(
             stubs.MikeyMessage(data=b"ok"), metadata=[("x-correlation-id", "c" * 64)], timeout=5
         ).data
+
+
+class _State:
+    def __init__(self) -> None:
+        self.request: object | None = None
+
+
+class ArrivedCall(FakeCall):
+    """A call whose request gRPC has already received (the handler has not read it yet)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._state = _State()
+        self._state.request = object()
+
+
+def test_a_call_whose_request_arrived_is_not_shed() -> None:
+    guard = CallGuard(Limits(request_timeout_s=60, max_waiting=8, max_waiting_per_peer=2))
+    try:
+        victim = ArrivedCall()  # oldest, but its request is there: its thread is just late
+        guard.waiting(victim, "p")
+        stalled = [FakeCall() for _ in range(3)]
+        for call in stalled:
+            guard.waiting(call, "p")
+        assert not victim.cancelled.is_set()
+        assert [c.cancelled.is_set() for c in stalled] == [True, True, False]
+    finally:
+        guard.stop()
