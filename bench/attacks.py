@@ -159,9 +159,9 @@ def bench_stalled(kms: Kms, stalled: int, calls: int, reopen_per_s: float) -> No
 # --- registration oracle ---------------------------------------------------------------------
 
 
-def forged(kms: Kms, who: bytes) -> bytes:
+def forged(kms: Kms, who: bytes, skew: float = 0.0) -> bytes:
     ini = Initiator(Credentials(who, bytes(range(16)), KMS_ID, IdType.URI), kms.ks)
-    wire, _ = ini.request_ticket(DesiredPolicy(responders=(BOB,)), time.time() - 1000)
+    wire, _ = ini.request_ticket(DesiredPolicy(responders=(BOB,)), time.time() + skew)
     return wire
 
 
@@ -187,18 +187,21 @@ def bench_oracle(kms: Kms, pairs: int) -> None:
         rng.shuffle(order)
         got = {}
         for name, who in order:
-            wire = forged(kms, who)
-            got[name] = one(client, wire)
+            got[name] = one(client, forged(kms, who))
         if i < 20:
             continue  # warm-up
         for name, (ms, ans) in got.items():
             times[name].append(ms)
             answers[name][ans] += 1
         slower += got["registered"][0] > got["unknown"][0]
-    print(f"forged REQUEST_INIT (wrong MAC, timestamp 1000 s old), {pairs} pairs")
+    print(f"forged REQUEST_INIT (wrong MAC, fresh timestamp), {pairs} pairs")
     for name in times:
         print(show(name, times[name]), " answers", dict(answers[name]))
     print(f"registered slower in {slower} of {pairs} pairs")
+    for skew in (-1000.0, 1000.0):
+        stale = {name: one(client, forged(kms, who, skew))[1]
+                 for name, who in (("registered", CAROL), ("unknown", unknown))}  # fmt: skip
+        print(f"timestamp {skew:+.0f} s, wrong MAC: {stale}")
 
     audit = kms.home / "audit.log"
     huge = b"sip:" + b"a" * 59_984 + b"@example.org"
