@@ -14,6 +14,10 @@ call unchanged), and this guard:
 * refuses a new call (RESOURCE_EXHAUSTED) when its peer address already holds
   ``max_calls_per_peer`` admitted calls.
 
+Health ``Watch`` streams (which never end by themselves and also hold an admitted call)
+are bounded to ``MAX_WATCHES`` per worker and count toward their peer's calls
+(:class:`GuardedHealth`).
+
 Everything it does is counted (:attr:`CallGuard.counters`) and logged, at most one line
 per ``LOG_EVERY_S`` for each kind of event (an attacker controls how often they happen).
 """
@@ -27,7 +31,10 @@ import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
+
+import grpc
+from grpc_health.v1 import health
 
 from kms.server.config import ServerSettings
 
@@ -248,3 +255,50 @@ class CallGuard:
             self._stopped = True
             self._cond.notify_all()
         self._thread.join(5)
+
+
+# Health Watch streams per worker (a load balancer or orchestrator needs one or two).
+MAX_WATCHES = 16
+
+
+class GuardedHealth(health.HealthServicer):  # type: ignore[misc]
+    """grpc.health.v1 whose ``Watch`` streams are bounded: they never end by themselves and
+    each holds one of the admitted calls, so at most ``max_watches`` per worker, and they
+    count toward their peer address's calls."""
+
+    def __init__(self, guard: CallGuard, max_watches: int = MAX_WATCHES) -> None:
+        super().__init__(experimental_non_blocking=True)
+        self._guard = guard
+        self._max_watches = max_watches
+        self._watches = 0
+        self._watch_lock = threading.Lock()
+
+    @property
+    def watches(self) -> int:
+        with self._watch_lock:
+            return self._watches
+
+    def Watch(  # noqa: N802 - the proto's method name
+        self, request: Any, context: Any, send_response_callback: Any = None
+    ) -> Any:
+        peer = peer_address(context.peer())
+        with self._watch_lock:
+            full = self._watches >= self._max_watches
+            if not full:
+                self._watches += 1
+        if full:
+            self._guard.counters["refused_watches"] += 1
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many health watches")
+        if not self._guard.admit(peer):
+            with self._watch_lock:
+                self._watches -= 1
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many calls from this address")
+
+        def release() -> None:
+            with self._watch_lock:
+                self._watches -= 1
+            self._guard.leave(peer)
+
+        if not context.add_callback(release):
+            release()
+        return super().Watch(request, context, send_response_callback)

@@ -40,7 +40,13 @@ from grpc_reflection.v1alpha import reflection
 
 from kms.core.api import KmsHandler, KmsReply, Outcome
 from kms.server import stubs
-from kms.server.admission import CallGuard, Limits, RateLimitedLog, peer_address
+from kms.server.admission import (
+    CallGuard,
+    GuardedHealth,
+    Limits,
+    RateLimitedLog,
+    peer_address,
+)
 from kms.server.slots import CoreSlots
 
 log = logging.getLogger("kms.server.grpc")
@@ -329,7 +335,7 @@ class KmsServer:
         self.servicer = KmsServicer(handler, clock=clock, slots=slots)
         self.limits = limits or Limits()
         self.guard = CallGuard(self.limits)
-        self.health = health.HealthServicer(experimental_non_blocking=True)
+        self.health = GuardedHealth(self.guard)
         self._executor = futures.ThreadPoolExecutor(
             max_workers=threads, thread_name_prefix="kms-grpc"
         )

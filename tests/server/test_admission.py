@@ -4,6 +4,7 @@ and the transport limits (streams per connection, metadata size), on a real gRPC
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -179,3 +180,39 @@ def test_a_call_whose_request_arrived_is_not_shed() -> None:
         assert [c.cancelled.is_set() for c in stalled] == [True, True, False]
     finally:
         guard.stop()
+
+
+def test_health_watches_are_bounded(free_port: Any) -> None:
+    """Watch streams never end by themselves: at most MAX_WATCHES per worker, so that they
+    cannot take every admitted call; Check and the KMS methods stay served."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from kms.server.admission import MAX_WATCHES
+
+    s = KmsServer(ScriptedHandler(), f"127.0.0.1:{free_port()}", threads=32)
+    s.start()
+    try:
+        target = f"127.0.0.1:{s.port}"
+        with grpc.insecure_channel(target, options=OWN) as ch:
+            stub = health_pb2_grpc.HealthStub(ch)
+            watches = [stub.Watch(health_pb2.HealthCheckRequest(service="")) for _ in range(24)]
+            first = []
+            for w in watches:
+                try:
+                    first.append(next(w).status)
+                except grpc.RpcError as exc:
+                    first.append(exc.code())
+            assert first.count(health_pb2.HealthCheckResponse.SERVING) == MAX_WATCHES
+            assert first.count(grpc.StatusCode.RESOURCE_EXHAUSTED) == 24 - MAX_WATCHES
+            assert s.health.watches == MAX_WATCHES
+            assert stub.Check(health_pb2.HealthCheckRequest(), timeout=5).status == 1
+            kms = stubs.kms_pb2_grpc.KeyManagementStub(ch)
+            assert kms.RequestTicket(stubs.MikeyMessage(data=b"ok"), timeout=5).data
+            for w in watches:
+                w.cancel()
+        deadline = time.monotonic() + 10
+        while s.health.watches and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert s.health.watches == 0 and s.guard.calls_of("ipv4:127.0.0.1") == 0
+    finally:
+        s.stop()
