@@ -216,3 +216,15 @@ def test_health_watches_are_bounded(free_port: Any) -> None:
         assert s.health.watches == 0 and s.guard.calls_of("ipv4:127.0.0.1") == 0
     finally:
         s.stop()
+
+
+def test_non_protobuf_body_without_core_auditing(small_server: KmsServer) -> None:
+    """A handler without ``refuse_undecodable`` still gets INVALID_ARGUMENT, counted."""
+    target = f"127.0.0.1:{small_server.port}"
+    with grpc.insecure_channel(target) as ch:
+        raw = ch.unary_unary(f"/{SERVICE_NAME}/ResolveTicket")
+        with pytest.raises(grpc.RpcError) as info:
+            raw(b"\xff\xff\xff", timeout=5)
+    assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.details() == "request is not a mikey.kms.v1.MikeyMessage"
+    assert small_server.servicer.counters["undecodable_body"] == 1
