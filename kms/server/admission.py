@@ -69,13 +69,14 @@ class Limits:
 
 def limits_for(server: ServerSettings, threads: int) -> Limits:
     """Limits from kms.toml ``[server]`` for a worker admitting ``threads`` calls: at most
-    half of them wait for their request, a quarter of that per peer address; one address
-    holds at most three quarters of them (and never more than ``max_calls_per_peer``)."""
+    half of them wait for their request, a quarter of that (at least 4) per peer address;
+    one address holds at most three quarters of them (never more than
+    ``max_calls_per_peer``)."""
     waiting = max(1, threads // 2)
     return Limits(
         request_timeout_s=server.request_timeout_ms / 1000,
         max_waiting=waiting,
-        max_waiting_per_peer=max(1, waiting // 4),
+        max_waiting_per_peer=max(min(waiting, 4), waiting // 4),
         max_calls_per_peer=max(1, min(server.max_calls_per_peer, threads * 3 // 4)),
         max_streams_per_connection=server.max_streams_per_connection,
     )

@@ -405,7 +405,11 @@ class KmsServer:
                     # which gRPC ends silently.
                     request = next(requests, None)
                 finally:
-                    guard.received(ticket)
+                    in_time = guard.received(ticket)
+                if not in_time:
+                    # The guard cancelled the call just as its request arrived: the client
+                    # sees CANCELLED, so nothing may be issued for it.
+                    context.abort(grpc.StatusCode.CANCELLED, "request arrived too late")
                 if request is None:
                     context.abort(grpc.StatusCode.INVALID_ARGUMENT, "no request message")
                 return target(request, context)
