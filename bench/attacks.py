@@ -33,6 +33,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from bench.load import tree_cpu
 from kms.endpoint.client import KmsClient, KmsRefused
 from kms.endpoint.common import Credentials
 from kms.endpoint.initiator import DesiredPolicy, Initiator
@@ -106,6 +107,11 @@ def _attacker(
         ch.close()
 
 
+def cpu_share(pids: list[int], seconds: float, cpu0: float) -> float:
+    """CPU seconds per second that ``pids`` (and their children) used since ``cpu0``."""
+    return (tree_cpu(pids) - cpu0) / seconds
+
+
 def victim_calls(kms: Kms, n: int) -> tuple[list[float], list[float]]:
     """``n`` RequestTickets and health checks on the victim's own connection: latencies."""
     client = KmsClient(kms.target, timeout=10.0, options=OWN)
@@ -128,7 +134,10 @@ def victim_calls(kms: Kms, n: int) -> tuple[list[float], list[float]]:
 
 def bench_stalled(kms: Kms, stalled: int, calls: int, reopen_per_s: float) -> None:
     victim_calls(kms, 20)  # warm-up (token working copies, connections)
+    server = [kms.serve.proc.pid]
+    t0, cpu0 = time.monotonic(), tree_cpu(server)
     base, base_h = victim_calls(kms, calls)
+    base_cpu = cpu_share(server, time.monotonic() - t0, cpu0)
     ctx = multiprocessing.get_context("spawn")
     manager = ctx.Manager()
     stop, stats = ctx.Event(), manager.dict()
@@ -138,7 +147,11 @@ def bench_stalled(kms: Kms, stalled: int, calls: int, reopen_per_s: float) -> No
     attacker.start()
     time.sleep(3.0)  # the attack is in place
     try:
+        t0, cpu0, att0 = time.monotonic(), tree_cpu(server), tree_cpu([attacker.pid or 0])
         loaded, loaded_h = victim_calls(kms, calls)
+        spent = time.monotonic() - t0
+        loaded_cpu = cpu_share(server, spent, cpu0)
+        attacker_cpu = cpu_share([attacker.pid or 0], spent, att0)
     finally:
         stop.set()
         attacker.join(30)
@@ -152,6 +165,8 @@ def bench_stalled(kms: Kms, stalled: int, calls: int, reopen_per_s: float) -> No
     print(f"p99 ratio (attack / unloaded): {pct(loaded, 99) / pct(base, 99):.2f}; "
           f"slowest victim call {max(loaded):.1f} ms")  # fmt: skip
     print(f"attacker calls ended by the server: {result}")
+    print(f"server CPU (s/s): unloaded {base_cpu:.2f}, under attack {loaded_cpu:.2f}; "
+          f"attacker process {attacker_cpu:.2f} (2 cores, shared)")  # fmt: skip
     lines = [x for x in kms.serve.stderr.splitlines() if "call cancelled" in x]
     print(f"server log lines about it: {len(lines)}")
 
