@@ -2,7 +2,9 @@
 (RFC 6043 4.2.1.2, 4.2.3.2, 5.4; RFC 3830 5.4; reference 14.7-14.9).
 
 Order matters: nothing that costs state (rate counters, the replay cache) is touched before
-the MAC has been verified, so unauthenticated messages never build state in the KMS.
+the MAC has been verified, so unauthenticated messages never build state in the KMS; and
+nothing that depends on the sender (the timestamp window included) is answered before it,
+so a forged message gets the same answer whether its identity is registered or not.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from dataclasses import replace
 from kms.core.api import Outcome
 from kms.core.context import Authenticated, Deps, Exchange
 from kms.core.errors import Refusal, auth_failure, denied, malformed, precondition
-from kms.core.ports import PeerKms
+from kms.core.ports import PeerKms, ReplayCacheFull
 from kms.keystore import KeyNotFound
 from kms.mikey.constants import DataType, EncrAlg, ErrorNo, IdRole, IdType, RandRole, TsType
 from kms.mikey.derive import KeyDirection
@@ -78,20 +80,33 @@ def sender_identity(msg: Message, role: IdRole) -> Idr:
     )
 
 
+MAX_CLAIMED_IDENTITY = 128
+
+
+def claimed_identity(data: bytes) -> str:
+    """An identity as the audit log records it before it has authenticated: at most
+    MAX_CLAIMED_IDENTITY characters (an unauthenticated caller must not decide how much the
+    KMS writes); a longer one is cut, with its length and a digest to tell them apart."""
+    if len(data) <= MAX_CLAIMED_IDENTITY:
+        return data.decode("utf-8", "replace")
+    head = data[:64].decode("utf-8", "replace")
+    return f"{head}...({len(data)} bytes, sha256:{hashlib.sha256(data).hexdigest()[:16]})"
+
+
 def authenticate_psk(
     msg: Message, deps: Deps, ex: Exchange, now: float, role: IdRole
 ) -> Authenticated:
     """Authenticate REQUEST_INIT_PSK (role IDRi) or RESOLVE_INIT_PSK (role IDRr)."""
     suite = message_suite(msg)
     identity = sender_identity(msg, role)
-    ex.audit["sender"] = identity.data.decode("utf-8", "replace")
+    ex.audit["sender"] = claimed_identity(identity.data)
     kms_id = check_kms_identity(msg, deps)
-    psk = deps.directory.psk_for(identity.data)
-    if psk is None:
-        # Answered exactly like a wrong MAC: an "Invalid ID" here would tell anyone which
-        # identities are registered. The audit log keeps the real reason.
-        raise auth_failure("unknown identity")
-    check_timestamp(msg, deps, now)
+    registered = deps.directory.psk_for(identity.data)
+    # Registered or not, the same work in the same order: an unknown identity's MAC is
+    # verified against the dummy key, and every check that depends on the identity (the
+    # timestamp window included) comes only after the MAC has verified. Otherwise the
+    # answer, or the time it takes, tells a prober which identities are registered.
+    psk = registered if registered is not None else deps.dummy_psk
     rand_role = RandRole.RANDRI if role == IdRole.IDRI else RandRole.RANDRR
     rand = rand_of(msg, rand_role)
     if rand is None:  # pragma: no cover - the composition check requires it
@@ -100,16 +115,27 @@ def authenticate_psk(
     # Verifying V needs the auth key only: with a NULL encryption algorithm the encryption
     # and salt keys (two more PRFs under the PSK in the token) are not derived.
     mac_only = replace(suite, encr_alg=EncrAlg.NULL)
-    try:
-        keys = message_keys(
-            deps.keystore, psk, msg, KeyDirection.INITIAL, rand_i, rand_r, mac_only
-        )
-    except KeyNotFound:
-        raise auth_failure("PSK registered but missing in the token") from None
-    if not check_mac(msg, keys, suite, identity.data + kms_id):
+    verified = False
+    if psk is not None:
+        try:
+            keys = message_keys(
+                deps.keystore, psk, msg, KeyDirection.INITIAL, rand_i, rand_r, mac_only
+            )
+        except KeyNotFound:
+            if registered is not None:
+                raise auth_failure("PSK registered but missing in the token") from None
+        else:
+            verified = check_mac(msg, keys, suite, identity.data + kms_id)
+    if registered is None:
+        # Answered exactly like a wrong MAC: an "Invalid ID" here would tell anyone which
+        # identities are registered. The audit log keeps the real reason.
+        raise auth_failure("unknown identity")
+    if not verified:
         raise auth_failure("MAC verification failed")
-    auth = Authenticated(identity, psk, suite, rand_i, rand_r, kms_id, "psk")
-    ex.auth = auth
+    ex.audit["sender"] = identity.data.decode("utf-8", "replace")  # a registered identity
+    auth = Authenticated(identity, registered, suite, rand_i, rand_r, kms_id, "psk")
+    ex.auth = auth  # from here on, refusals carry a V (the sender is authenticated)
+    check_timestamp(msg, deps, now)
     admit(msg, deps, now, identity.data)
     return auth
 
@@ -126,7 +152,16 @@ def check_replay(msg: Message, deps: Deps, now: float) -> None:
     digest = hashlib.sha256(msg.wire).digest()
     # Keep each digest as long as its timestamp could still be accepted.
     expires = now + 2 * deps.policy.timestamp_window_s
-    if not deps.replay.check_and_store(digest, expires, now):
+    try:
+        fresh = deps.replay.check_and_store(digest, expires, now)
+    except ReplayCacheFull:
+        # Over the rate the cache was sized for: refuse (the client may retry) rather than
+        # forget a live digest, which would let its replay through.
+        raise Refusal(
+            ErrorNo.UNSPECIFIED, Outcome.RATE_LIMITED, "server busy, retry later",
+            "replay cache full of live entries",
+        ) from None
+    if not fresh:
         raise precondition(ErrorNo.INVALID_TS, "replayed message", "replay of an accepted message")
 
 
@@ -150,11 +185,10 @@ def authenticate_peer(
     suite = message_suite(msg)
     ex.audit["peer"] = peer.kms_id.decode("utf-8", "replace")
     identity = peer_responder(msg)
-    ex.audit["sender"] = identity.data.decode("utf-8", "replace")
+    ex.audit["sender"] = claimed_identity(identity.data)
     kms_id = check_kms_identity(msg, deps)
     if peer.psk is None:
         raise auth_failure("peer has no shared key for RESOLVE_INIT_PSK")
-    check_timestamp(msg, deps, now)
     rand_r = rand_of(msg, RandRole.RANDRR)
     try:
         keys = message_keys(deps.keystore, peer.psk, msg, KeyDirection.INITIAL, None, rand_r, suite)
@@ -162,6 +196,8 @@ def authenticate_peer(
         raise auth_failure("peer key registered but missing in the token") from None
     if not check_mac(msg, keys, suite, identity.data + kms_id):
         raise auth_failure("peer MAC verification failed")
+    ex.audit["sender"] = identity.data.decode("utf-8", "replace")  # vouched for by the peer
+    check_timestamp(msg, deps, now)  # after the MAC, as for endpoints
     check_peer_resolves_for(peer, identity.data, "peer")
     auth = Authenticated(identity, peer.psk, suite, None, rand_r, kms_id, "peer", peer.kms_id)
     ex.auth = auth

@@ -15,7 +15,7 @@ from kms.core.ports import (
     ReplayCache,
     ResolveLedger,
 )
-from kms.keystore import Key, KeyStore
+from kms.keystore import Key, KeyRef, KeyStore
 from kms.mikey.derive import MessageKeys
 from kms.mikey.message import Message
 from kms.mikey.protect import Suite
@@ -57,6 +57,10 @@ class Deps:
     pk: PkAuthenticator | None = None
     peers: PeerResolver | None = None  # federation: reaching the KMS that issued a ticket
     peer_quota: QuotaLimiter | None = None  # per-peer quotas, keyed by peer KMS id
+    # A secret in the key store that no endpoint knows: the MAC of a message from an
+    # unregistered identity is verified against it, so that registered and unknown
+    # identities cost the same token work and get the same answer (threat model: probing).
+    dummy_psk: KeyRef | None = None
 
 
 @dataclass

@@ -58,11 +58,18 @@ class Directory(Protocol):
         ...
 
 
+class ReplayCacheFull(Exception):
+    """The replay cache holds its capacity of live digests (still inside the window): a new
+    message cannot be remembered, so it must be refused. A live digest is never dropped to
+    make room, because that would let a replay of it through (RFC 3830 5.4)."""
+
+
 class ReplayCache(Protocol):
     """Remembers authenticated initial messages inside the timestamp window."""
 
     def check_and_store(self, digest: bytes, expires_at: float, now: float) -> bool:
-        """Store ``digest``; return False if it was already there (a replay)."""
+        """Store ``digest``; return False if it was already there (a replay). Raise
+        :class:`ReplayCacheFull` when it cannot be stored without forgetting a live one."""
         ...
 
 

@@ -89,6 +89,23 @@ class Kms:
             wire, now, correlation_id, _RESOLVE_TYPES, IdRole.IDRR, handle_resolve, hops
         )
 
+    def refuse_undecodable(
+        self, size: int, now: float, *, correlation_id: str = "", detail: str = ""
+    ) -> KmsReply:
+        """A call whose transport body could not be decoded at all (no MIKEY bytes to read):
+        refused and audited like any other malformed input."""
+        ex = Exchange(
+            audit={"correlation_id": correlation_id, "time": round(now, 3), "size": size},
+            correlation_id=correlation_id,
+        )
+        refusal = Refusal(
+            ErrorNo.UNSPECIFIED,
+            Outcome.MALFORMED,
+            detail or "malformed request",
+            "request body is not a transport message",
+        )
+        return self._refuse(ex, refusal, now)
+
     # ---------------------------------------------------------------------------------------
 
     def _check_prf(self, msg: Message) -> None:

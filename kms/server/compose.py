@@ -3,6 +3,10 @@ key store, registry, replay cache and audit sink implementations)."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+from pathlib import Path
+
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from kms.core.api import KmsHandler
@@ -11,7 +15,7 @@ from kms.core.pk import CertificateAuthenticator, EnvelopeKey, load_pem_certific
 from kms.core.policy import Forking, KmsPolicy
 from kms.core.ports import PeerResolver
 from kms.core.service import Kms
-from kms.keystore import KeyRef
+from kms.keystore import KeyExists, KeyNotFound, KeyRef, KeyStore
 from kms.mikey.constants import KeyDataType, PrfFunc
 from kms.server.config import KmsConfig
 from kms.server.crl import CrlStore
@@ -23,6 +27,10 @@ from kms.store.state import SqliteReplayCache, SqliteResolveLedger
 
 STATE_DIR = "state"
 AUDIT_LOG = "audit.log"
+# A token secret no endpoint knows: MACs of messages from unregistered identities are
+# verified against it (same work, same answer as a registered identity with a wrong MAC).
+DUMMY_PSK_LABEL = "authn/dummy"
+DUMMY_PSK_BYTES = 32
 
 _KEY_TYPE_NAMES = {
     "tgk": (KeyDataType.TGK, KeyDataType.TGK_SALT),
@@ -59,24 +67,67 @@ def kms_policy(config: KmsConfig) -> KmsPolicy:
     )
 
 
+def dummy_psk(keystore: KeyStore, lock_path: Path) -> KeyRef:
+    """The dummy PSK, generated inside the token on first use (it never leaves it)."""
+    try:
+        keystore.key_info(DUMMY_PSK_LABEL)
+        return KeyRef(DUMMY_PSK_LABEL)
+    except KeyNotFound:
+        pass
+    # Several workers may start at once: one creates it, the others find it after a rescan.
+    with lock_path.open("a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        refresh = getattr(keystore, "refresh", None)
+        if callable(refresh):
+            refresh()
+        try:
+            keystore.key_info(DUMMY_PSK_LABEL)
+        except KeyNotFound:
+            with contextlib.suppress(KeyExists):
+                keystore.generate_secret(DUMMY_PSK_LABEL, DUMMY_PSK_BYTES)
+    return KeyRef(DUMMY_PSK_LABEL)
+
+
+# Ticket Requests one worker process can serve per second, with headroom (measured about
+# 500/s with SoftHSM, docs/performance.md): what the default replay cache is sized for.
+REPLAY_RATE_PER_WORKER = 1000
+
+
+def replay_capacity(config: KmsConfig, workers: int | None = None) -> int:
+    """``[policy] replay_cache_size``, or when 0 (auto): every digest the KMS can accept
+    during a digest's lifetime (2 x timestamp_window_s, see check_replay), for
+    ``workers`` processes (default ``[server] workers``) at REPLAY_RATE_PER_WORKER each."""
+    if config.policy.replay_cache_size:
+        return config.policy.replay_cache_size
+    n = workers if workers is not None else config.server.workers
+    return 2 * config.policy.timestamp_window_s * REPLAY_RATE_PER_WORKER * max(1, n)
+
+
 def build_handler(
-    home: Home, pk: PkAuthenticator | None = None, peers: PeerResolver | None = None
+    home: Home,
+    pk: PkAuthenticator | None = None,
+    peers: PeerResolver | None = None,
+    workers: int | None = None,
 ) -> KmsHandler:
     """The KMS core wired to this home's token, registry and stores."""
     config = home.config
     state = config.home / STATE_DIR
     state.mkdir(mode=0o700, exist_ok=True)
+    keystore = home.keystore()
     deps = Deps(
-        keystore=home.keystore(),
+        keystore=keystore,
         directory=RegistryDirectory(home.registry.path),
-        replay=SqliteReplayCache(state / "replay.sqlite3", config.policy.replay_cache_size),
+        replay=SqliteReplayCache(state / "replay.sqlite3", replay_capacity(config, workers)),
         ledger=SqliteResolveLedger(state / "resolved.sqlite3"),
         rate=TokenBucketRateLimiter(config.policy.rate_limit_per_s),
-        audit=JsonLinesAuditSink(config.home / AUDIT_LOG),
+        audit=JsonLinesAuditSink(
+            config.home / AUDIT_LOG, config.audit.max_bytes, config.audit.keep
+        ),
         policy=kms_policy(config),
         pk=pk,
         peers=peers,
         peer_quota=PerKeyQuota(),
+        dummy_psk=dummy_psk(keystore, state / "dummy-psk.lock"),
     )
     cert_peers = any(p.auth == "cert" for p in home.registry.list_peers())
     if pk is None and (config.pk.ca_bundle is not None or cert_peers):

@@ -72,6 +72,12 @@ class ServerSettings:
     allow_plaintext_non_loopback: bool = False
     # How many KMS core calls run at once in one worker; 0 = auto (see core_slots_for).
     core_concurrency: int = 0
+    # Call admission per worker (kms.server.admission): how long a call may take to send
+    # its request message, how many calls one peer address may hold, HTTP/2 streams per
+    # connection.
+    request_timeout_ms: int = 2000
+    max_calls_per_peer: int = 96
+    max_streams_per_connection: int = 32
 
     @property
     def host(self) -> str:
@@ -100,7 +106,7 @@ class PolicySettings:
     reuse_allowed: bool = True
     responders: str = "any"  # "registered": every IDRr must be a registered endpoint or group
     timestamp_window_s: int = 120
-    replay_cache_size: int = 100000
+    replay_cache_size: int = 0  # 0 = auto: sized from the rate workers can serve x window
     rate_limit_per_s: int = 50
 
     @property
@@ -140,6 +146,14 @@ class FederationSettings:
 
 
 @dataclass(frozen=True)
+class AuditSettings:
+    """``[audit]``: the audit log's size-based rotation (kms.store.audit)."""
+
+    max_bytes: int = 64 * 1024 * 1024  # 0: never rotate (the system's logrotate does)
+    keep: int = 5
+
+
+@dataclass(frozen=True)
 class KmsConfig:
     """The whole of kms.toml; paths are absolute (relative ones resolved against ``home``)."""
 
@@ -150,6 +164,7 @@ class KmsConfig:
     policy: PolicySettings = field(default_factory=PolicySettings)
     pk: PkSettings = field(default_factory=PkSettings)
     federation: FederationSettings = field(default_factory=FederationSettings)
+    audit: AuditSettings = field(default_factory=AuditSettings)
 
     @property
     def kms_id_bytes(self) -> bytes:
@@ -262,7 +277,7 @@ def parse_config(text: str, home: Path) -> KmsConfig:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{CONFIG_FILE}: not valid TOML: {exc}") from None
-    unknown = sorted(set(doc) - {"kms", "token", "server", "policy", "pk", "federation"})
+    unknown = sorted(set(doc) - {"kms", "token", "server", "policy", "pk", "federation", "audit"})
     if unknown:
         raise ConfigError(f"{CONFIG_FILE}: [{unknown[0]}]: unknown section")
 
@@ -289,7 +304,16 @@ def parse_config(text: str, home: Path) -> KmsConfig:
         policy=policy,
         pk=pk_settings,
         federation=_parse_federation(doc, home),
+        audit=_parse_audit(doc, home),
     )
+
+
+def _parse_audit(doc: Mapping[str, Any], home: Path) -> AuditSettings:
+    sec = _Section("audit", doc.get("audit"), home, ("max_bytes", "keep"))
+    max_bytes = sec.integer("max_bytes", AuditSettings.max_bytes, 0, 1 << 40)
+    if 0 < max_bytes < 4096:
+        raise sec.error("max_bytes", f"must be 0 (no rotation) or at least 4096, got {max_bytes}")
+    return AuditSettings(max_bytes=max_bytes, keep=sec.integer("keep", AuditSettings.keep, 0, 1000))
 
 
 def _parse_federation(doc: Mapping[str, Any], home: Path) -> FederationSettings:
@@ -385,7 +409,8 @@ def _parse_server(doc: Mapping[str, Any], home: Path) -> ServerSettings:
         doc.get("server"),
         home,
         ("listen", "workers", "tls_cert", "tls_key", "tls_client_ca",
-         "allow_plaintext_non_loopback", "core_concurrency"),
+         "allow_plaintext_non_loopback", "core_concurrency", "request_timeout_ms",
+         "max_calls_per_peer", "max_streams_per_connection"),
     )
     listen = sec.string("listen", ServerSettings.listen)
     assert listen is not None
@@ -401,6 +426,9 @@ def _parse_server(doc: Mapping[str, Any], home: Path) -> ServerSettings:
         tls_client_ca=sec.path("tls_client_ca"),
         allow_plaintext_non_loopback=sec.boolean("allow_plaintext_non_loopback", False),
         core_concurrency=sec.integer("core_concurrency", 0, 0, 256),
+        request_timeout_ms=sec.integer("request_timeout_ms", 2000, 50, 60_000),
+        max_calls_per_peer=sec.integer("max_calls_per_peer", 96, 1, 100_000),
+        max_streams_per_connection=sec.integer("max_streams_per_connection", 32, 1, 1024),
     )
     if (settings.tls_cert is None) != (settings.tls_key is None):
         missing = "tls_key" if settings.tls_key is None else "tls_cert"
@@ -453,7 +481,7 @@ def _parse_policy(doc: Mapping[str, Any], home: Path) -> PolicySettings:
         reuse_allowed=sec.boolean("reuse_allowed", True),
         responders=sec.choice("responders", "any", RESPONDER_MODES),
         timestamp_window_s=sec.integer("timestamp_window_s", 120, 1, 86400),
-        replay_cache_size=sec.integer("replay_cache_size", 100000, 1, 100_000_000),
+        replay_cache_size=sec.integer("replay_cache_size", 0, 0, 100_000_000),
         rate_limit_per_s=sec.integer("rate_limit_per_s", 50, 0, 1_000_000),
     )
     if policy.default_lifetime_s > policy.max_lifetime_s:
@@ -553,6 +581,9 @@ def render_config(
         "# responders of other domains are never registered here, so keep \"any\" there)",
         f"responders = {json.dumps(d.responders)}",
         f"timestamp_window_s = {d.timestamp_window_s}",
+        "# Replay cache entries (live ones are never dropped: when it is full, new messages",
+        "# are refused with RESOURCE_EXHAUSTED). 0 = auto: 2 x timestamp_window_s x 1000/s",
+        "# per worker.",
         f"replay_cache_size = {d.replay_cache_size}",
         f"rate_limit_per_s = {d.rate_limit_per_s}",
         "",
@@ -574,6 +605,12 @@ def render_config(
         f"max_retries = {FederationSettings.max_retries}",
         "# Deadline for `kms peer add` without --deadline-ms.",
         f"default_deadline_ms = {FederationSettings.default_deadline_ms}",
+        "",
+        "[audit]",
+        "# audit.log is rotated at max_bytes (audit.log.1 .. audit.log.<keep>); 0 = never:",
+        "# leave it to logrotate (rename, no copytruncate: the KMS reopens a renamed log).",
+        f"max_bytes = {AuditSettings.max_bytes}",
+        f"keep = {AuditSettings.keep}",
         "",
     ]
     return "\n".join(lines)

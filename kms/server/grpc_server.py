@@ -28,7 +28,8 @@ import threading
 import time
 import traceback
 import uuid
-from collections.abc import Callable, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
 from concurrent import futures
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,13 @@ from grpc_reflection.v1alpha import reflection
 
 from kms.core.api import KmsHandler, KmsReply, Outcome
 from kms.server import stubs
+from kms.server.admission import (
+    CallGuard,
+    GuardedHealth,
+    Limits,
+    RateLimitedLog,
+    peer_address,
+)
 from kms.server.slots import CoreSlots
 
 log = logging.getLogger("kms.server.grpc")
@@ -65,6 +73,10 @@ INTERNAL_DETAIL = "internal error"
 # Request PSK, docs/performance.md).
 DEFAULT_THREADS = 128
 HEALTH_SERVICES = ("", SERVICE_NAME)
+# Request metadata a KMS client needs is small (x-correlation-id, mikey-hops and gRPC's
+# own); more is refused with RESOURCE_EXHAUSTED by the transport before any handler runs.
+MAX_METADATA_BYTES = 4096
+UNDECODABLE_DETAIL = "request is not a mikey.kms.v1.MikeyMessage"
 
 STATUS_BY_OUTCOME: dict[Outcome, grpc.StatusCode] = {
     Outcome.OK: grpc.StatusCode.OK,
@@ -118,6 +130,24 @@ def one_line(text: str) -> str:
     return text if len(text) <= MAX_DETAIL else text[: MAX_DETAIL - 3] + "..."
 
 
+class Undecodable:
+    """A request body that is not a protobuf ``MikeyMessage`` (the deserializer's answer
+    instead of an exception, which gRPC would turn into INTERNAL and a traceback)."""
+
+    __slots__ = ("size",)
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+
+def parse_request(body: bytes) -> Any:
+    """``MikeyMessage.FromString`` that never raises: garbage becomes :class:`Undecodable`."""
+    try:
+        return stubs.MikeyMessage.FromString(body)
+    except Exception:  # protobuf's DecodeError (and whatever a C parser raises instead)
+        return Undecodable(len(body))
+
+
 class KmsServicer:
     """RequestTicket / ResolveTicket; counts in-flight calls for draining."""
 
@@ -132,6 +162,8 @@ class KmsServicer:
         self._inflight = 0
         self._idle = threading.Condition()
         self._draining = False
+        self.counters: Counter[str] = Counter()
+        self._log = RateLimitedLog(log)
 
     # The method names are the proto's (the generated registration looks them up).
     def RequestTicket(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
@@ -179,7 +211,11 @@ class KmsServicer:
         cid = correlation_id(context.invocation_metadata())
         try:
             context.send_initial_metadata(((CORRELATION_KEY, cid),))
-            wire: bytes = request.data
+            if isinstance(request, Undecodable):
+                fn = functools.partial(self._undecodable, method, request.size, context)
+                wire = b""
+            else:
+                wire = request.data
             try:
                 with self.slots.held():
                     reply = fn(wire, self._clock(), correlation_id=cid)
@@ -231,6 +267,25 @@ class KmsServicer:
             if not registered:  # the call had already ended: nothing will call back
                 self._release()
 
+    def _undecodable(
+        self, method: str, size: int, context: grpc.ServicerContext, _wire: bytes, now: float,
+        *, correlation_id: str,
+    ) -> KmsReply:
+        """Malformed input like any other: INVALID_ARGUMENT, counted, audited by the core
+        when it can (``refuse_undecodable``), one rate-limited log line."""
+        self.counters["undecodable_body"] += 1
+        self._log.warning(
+            "undecodable", "request body is not a MikeyMessage",
+            method=method, size=size, peer=peer_address(context.peer()),
+            correlation_id=correlation_id,
+        )  # fmt: skip
+        refuse = getattr(self._handler, "refuse_undecodable", None)
+        if callable(refuse):
+            reply = refuse(size, now, correlation_id=correlation_id, detail=UNDECODABLE_DETAIL)
+            if isinstance(reply, KmsReply):
+                return reply
+        return KmsReply(Outcome.MALFORMED, detail=UNDECODABLE_DETAIL)
+
     def _release(self) -> None:
         with self._idle:
             self._inflight -= 1
@@ -274,10 +329,13 @@ class KmsServer:
         reuse_port: bool = False,
         clock: Clock = time.time,
         slots: CoreSlots | None = None,
+        limits: Limits | None = None,
     ) -> None:
         self.listen = listen
         self.servicer = KmsServicer(handler, clock=clock, slots=slots)
-        self.health = health.HealthServicer(experimental_non_blocking=True)
+        self.limits = limits or Limits()
+        self.guard = CallGuard(self.limits)
+        self.health = GuardedHealth(self.guard)
         self._executor = futures.ThreadPoolExecutor(
             max_workers=threads, thread_name_prefix="kms-grpc"
         )
@@ -291,13 +349,31 @@ class KmsServer:
             # one worker. Ageing connections out makes long-lived clients rebalance.
             ("grpc.max_connection_age_ms", 5 * 60 * 1000),
             ("grpc.max_connection_age_grace_ms", 30 * 1000),
+            # What one connection can hold: HTTP/2 streams beyond this wait in the client
+            # (SETTINGS_MAX_CONCURRENT_STREAMS), not in the server.
+            ("grpc.max_concurrent_streams", self.limits.max_streams_per_connection),
+            ("grpc.max_metadata_size", MAX_METADATA_BYTES),
+            ("grpc.absolute_max_metadata_size", MAX_METADATA_BYTES),
         ]
         self._server = grpc.server(
             self._executor,
             options=options,
             maximum_concurrent_rpcs=threads,
         )
-        stubs.kms_pb2_grpc.add_KeyManagementServicer_to_server(self.servicer, self._server)
+        # The KMS methods read their one request message themselves (stream-request
+        # handlers; unary clients call them unchanged), under the call guard: a call whose
+        # request does not arrive is cancelled instead of holding an admitted call forever.
+        methods = {
+            name: grpc.stream_unary_rpc_method_handler(
+                self._guarded(name),
+                request_deserializer=parse_request,
+                response_serializer=stubs.MikeyMessage.SerializeToString,
+            )
+            for name in ("RequestTicket", "ResolveTicket")
+        }
+        self._server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(SERVICE_NAME, methods),)
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server
@@ -311,6 +387,36 @@ class KmsServer:
             raise ServerError(f"cannot listen on {listen} (address in use?)") from None
         if self.port == 0:  # older grpc versions report failure this way
             raise ServerError(f"cannot listen on {listen} (address in use?)")
+
+    def _guarded(self, method: str) -> Callable[[Iterator[Any], grpc.ServicerContext], Any]:
+        target = getattr(self.servicer, method)
+        guard = self.guard
+
+        def call(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
+            peer = peer_address(context.peer())
+            if not guard.admit(peer):
+                context.abort(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED, "too many calls from this address"
+                )
+            try:
+                ticket = guard.waiting(context, peer)
+                try:
+                    # Cancelled by the guard (no request in time): raises grpc.RpcError,
+                    # which gRPC ends silently.
+                    request = next(requests, None)
+                finally:
+                    in_time = guard.received(ticket)
+                if not in_time:
+                    # The guard cancelled the call just as its request arrived: the client
+                    # sees CANCELLED, so nothing may be issued for it.
+                    context.abort(grpc.StatusCode.CANCELLED, "request arrived too late")
+                if request is None:
+                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, "no request message")
+                return target(request, context)
+            finally:
+                guard.leave(peer)
+
+        return call
 
     def start(self) -> None:
         self._server.start()
@@ -333,6 +439,7 @@ class KmsServer:
         self._server.stop(None)  # cancel what is left (health watches, reflection streams)
         stopped.wait(max(deadline - time.monotonic(), 0.0) + 1.0)
         self._executor.shutdown(wait=False, cancel_futures=True)
+        self.guard.stop()
         return clean
 
     def stop(self) -> None:
@@ -340,6 +447,7 @@ class KmsServer:
         self.health.enter_graceful_shutdown()
         self._server.stop(None).wait(5)
         self._executor.shutdown(wait=False, cancel_futures=True)
+        self.guard.stop()
 
 
 __all__ = [

@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from kms.keystore import KeyStoreError
+from kms.server.admission import limits_for
 from kms.server.compose import build_handler
 from kms.server.config import CONFIG_FILE, ConfigError, is_loopback, load_config, split_listen
 from kms.server.federation import FederationConfigError, GrpcPeerResolver
@@ -276,7 +277,9 @@ def serve_once(
         # RFC 6043 9: tickets issued by a peer KMS are resolved by asking it (per process),
         # without holding a core slot while the peer answers.
         peers = GrpcPeerResolver.from_config(home.config, home.registry.path)
-        handler = build_handler(home, peers=SlotReleasingPeers(peers, slots))
+        handler = build_handler(
+            home, peers=SlotReleasingPeers(peers, slots), workers=plan.workers
+        )
         server = KmsServer(
             handler,
             plan.listen,
@@ -284,6 +287,7 @@ def serve_once(
             threads=plan.threads,
             reuse_port=plan.workers > 1,
             slots=slots,
+            limits=limits_for(home.config.server, plan.threads),
         )
         server.start()
         log.info(

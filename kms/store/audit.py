@@ -1,31 +1,123 @@
 """Audit sinks: one JSON object per line, to a file or a logger. Never key material: the
-core puts only identities, ticket ids, decisions and reasons in records."""
+core puts only identities, ticket ids, decisions and reasons in records.
+
+What one call can write is bounded: every string field is cut to ``MAX_FIELD_CHARS`` (with
+the length and a digest of what was cut, so that records stay comparable), and a record
+that is still longer than ``MAX_RECORD_BYTES`` keeps only its fixed fields. The file sink
+rotates by size (``max_bytes``, ``keep`` old files), safely across worker processes, and
+reopens its file when someone else renamed it (logrotate without ``copytruncate``).
+"""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
 import json
 import logging
+import os
 import threading
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TextIO
+
+MAX_FIELD_CHARS = 256
+MAX_RECORD_BYTES = 2048
+# Fields kept when a record is too long even after cutting (all short by construction).
+ESSENTIAL = ("correlation_id", "time", "size", "event", "outcome", "error_no", "data_type")
+DEFAULT_MAX_BYTES = 64 * 1024 * 1024
+DEFAULT_KEEP = 5
+
+
+def bounded_text(text: str, limit: int = MAX_FIELD_CHARS) -> str:
+    """``text`` if short; else its start, its length and a digest of the whole."""
+    if len(text) <= limit:
+        return text
+    digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+    tail = f"...({len(text)} chars, sha256:{digest})"
+    return text[: max(0, limit - len(tail))] + tail
+
+
+def bounded_record(record: Mapping[str, object]) -> str:
+    """The record as one JSON line of at most MAX_RECORD_BYTES (UTF-8)."""
+    cut = {
+        bounded_text(str(k), 64): bounded_text(v) if isinstance(v, str) else v
+        for k, v in record.items()
+    }
+    line = json.dumps(cut, sort_keys=True, default=str, separators=(",", ":"))
+    if len(line.encode("utf-8")) <= MAX_RECORD_BYTES:
+        return line
+    small = {k: cut[k] for k in ESSENTIAL if k in cut}
+    small["truncated"] = True
+    small["reason"] = "audit record over size limit"
+    return json.dumps(small, sort_keys=True, default=str, separators=(",", ":"))[
+        :MAX_RECORD_BYTES
+    ]
 
 
 class JsonLinesAuditSink:
-    def __init__(self, path: Path) -> None:
+    """Appends records to ``path``; rotates at ``max_bytes`` (0: never, leave it to the
+    system's log rotation) keeping ``keep`` old files ``path.1`` .. ``path.<keep>``."""
+
+    def __init__(
+        self, path: Path, max_bytes: int = DEFAULT_MAX_BYTES, keep: int = DEFAULT_KEEP
+    ) -> None:
         self.path = path
+        self.max_bytes = max_bytes
+        self.keep = keep
         self._lock = threading.Lock()
         path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock_path = path.with_name(path.name + ".lock")
+        self._fh = self._open()
+
+    def _open(self) -> TextIO:
         # Line-buffered append: each record is one write(2) of one line, so records of
         # several worker processes interleave whole.
-        self._fh = open(path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
+        return open(self.path, "a", buffering=1, encoding="utf-8")
+
+    def _reopen_if_moved(self) -> None:
+        """Another process (or logrotate) renamed the file: write to the new one."""
+        try:
+            current = os.stat(self.path).st_ino
+        except FileNotFoundError:
+            current = -1
+        if current != os.fstat(self._fh.fileno()).st_ino:
+            self._fh.close()
+            self._fh = self._open()
+
+    def _rotate(self) -> None:
+        with open(self._lock_path, "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                st = os.stat(self.path)
+            except FileNotFoundError:
+                st = None
+            # Another worker may have rotated already: only the file we hold, once.
+            if st is not None and st.st_ino == os.fstat(self._fh.fileno()).st_ino and (
+                st.st_size >= self.max_bytes
+            ):
+                for n in range(self.keep - 1, 0, -1):
+                    older = self.path.with_name(f"{self.path.name}.{n}")
+                    if older.exists():
+                        os.replace(older, self.path.with_name(f"{self.path.name}.{n + 1}"))
+                if self.keep > 0:
+                    os.replace(self.path, self.path.with_name(f"{self.path.name}.1"))
+                else:
+                    os.unlink(self.path)
+            self._fh.close()
+            self._fh = self._open()
 
     def emit(self, record: Mapping[str, object]) -> None:
-        line = json.dumps(record, sort_keys=True, default=str, separators=(",", ":"))
+        line = bounded_record(record)
         with self._lock:
+            self._reopen_if_moved()
             self._fh.write(line + "\n")
+            if self.max_bytes and os.fstat(self._fh.fileno()).st_size >= self.max_bytes:
+                self._rotate()
 
     def close(self) -> None:
-        self._fh.close()
+        with self._lock, contextlib.suppress(OSError):
+            self._fh.close()
 
 
 class LoggingAuditSink:
@@ -33,4 +125,4 @@ class LoggingAuditSink:
         self.logger = logger or logging.getLogger("kms.audit")
 
     def emit(self, record: Mapping[str, object]) -> None:
-        self.logger.info(json.dumps(record, sort_keys=True, default=str))
+        self.logger.info(bounded_record(record))

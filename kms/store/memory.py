@@ -7,16 +7,21 @@ import threading
 from collections import OrderedDict
 from collections.abc import Mapping
 
+from kms.core.ports import ReplayCacheFull
+
 
 class MemoryReplayCache:
-    """Bounded: at most ``capacity`` digests; expired ones are dropped first, then the oldest.
-
-    Dropping a live digest early can only let a replay through after ``capacity`` newer
-    authenticated messages, never refuse a fresh one: size it above peak rate x window.
+    """Bounded: at most ``capacity`` live digests. Expired ones are dropped; when all
+    ``capacity`` are still live, a new digest is refused (:class:`ReplayCacheFull`), never
+    stored by forgetting a live one (that would re-admit its replay). ``evict_live`` keeps
+    the older "drop the oldest" behaviour for stores where that is safe (the resolve ledger,
+    whose keys are bounded by ticket validity). Size it as peak rate x digest lifetime.
     """
 
-    def __init__(self, capacity: int = 100_000) -> None:
+    def __init__(self, capacity: int = 100_000, *, evict_live: bool = False) -> None:
         self.capacity = capacity
+        self.evict_live = evict_live
+        self.refused_full = 0
         self._items: OrderedDict[bytes, float] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -28,20 +33,26 @@ class MemoryReplayCache:
             exp = self._items.get(digest)
             if exp is not None and exp > now:
                 return False
-            self._items[digest] = expires_at
-            self._items.move_to_end(digest)
+            # Expiry times grow with insertion (now + a fixed lifetime): expired digests
+            # are at the front.
             while self._items:
                 first, first_exp = next(iter(self._items.items()))
-                if first_exp <= now or len(self._items) > self.capacity:
-                    del self._items[first]
-                else:
+                if first_exp > now:
                     break
+                del self._items[first]
+            if digest not in self._items and len(self._items) >= self.capacity:
+                if not self.evict_live:
+                    self.refused_full += 1
+                    raise ReplayCacheFull(f"{self.capacity} live entries")
+                self._items.popitem(last=False)
+            self._items[digest] = expires_at
+            self._items.move_to_end(digest)
             return True
 
 
 class MemoryResolveLedger:
     def __init__(self, capacity: int = 100_000) -> None:
-        self._cache = MemoryReplayCache(capacity)
+        self._cache = MemoryReplayCache(capacity, evict_live=True)
 
     def first_resolve(self, ticket_id: bytes, responder: bytes, expires_at: float) -> bool:
         key = ticket_id + b"\x00" + responder

@@ -6,13 +6,18 @@ so two workers receiving copies of the same message cannot both accept it.
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from kms.core.ports import StoreUnavailable
+from kms.core.ports import ReplayCacheFull, StoreUnavailable
+
+log = logging.getLogger("kms.store.state")
+
+FULL_LOG_EVERY_S = 10.0
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS seen (
@@ -24,14 +29,37 @@ CREATE INDEX IF NOT EXISTS seen_expiry ON seen(expires_at);
 
 
 class SqliteSeenSet:
-    """A set of keys with expiry times, bounded in rows, safe across processes."""
+    """A set of keys with expiry times, bounded in rows, safe across processes.
 
-    def __init__(self, path: Path, capacity: int = 100_000, prune_every: int = 1000) -> None:
+    ``evict_live`` (the resolve ledger): beyond ``capacity`` rows the rows that expire first
+    are dropped. Without it (the replay cache) a live row is never dropped: once
+    ``capacity`` live rows are there, :meth:`add` raises :class:`ReplayCacheFull`. Each
+    process counts the live rows at every prune (every ``prune_every`` of its inserts) and
+    adds its own inserts in between, so with N worker processes the table may exceed
+    ``capacity`` by up to N x ``prune_every`` rows before they notice. Before a message is
+    refused the live rows are counted again (when rows have expired since, or at most
+    every ``RECOUNT_S`` otherwise: other processes may have pruned).
+    """
+
+    RECOUNT_S = 0.05
+
+    def __init__(
+        self,
+        path: Path,
+        capacity: int = 100_000,
+        prune_every: int | None = None,
+        *,
+        evict_live: bool = True,
+    ) -> None:
         self.path = path
         self.capacity = capacity
-        self.prune_every = prune_every
+        self.prune_every = prune_every or max(1, min(1000, capacity // 10))
+        self.evict_live = evict_live
+        self.refused_full = 0
         self._local = threading.local()
         self._count = 0
+        self._live = 0  # live rows at the last count, plus this process's inserts since
+        self._counted_at = -1.0
         self._lock = threading.Lock()
         self._conns: list[sqlite3.Connection] = []  # every thread's, for close()
         with self._conn() as conn:
@@ -64,11 +92,31 @@ class SqliteSeenSet:
         with self._lock:
             self._count += 1
             prune = self._count % self.prune_every == 0
-        if prune:
+            full = not self.evict_live and self._live >= self.capacity
+            recount = full and time.monotonic() - self._counted_at >= self.RECOUNT_S
+        if full and not recount:
+            # Rows that have expired since the last count make room: count again now.
+            recount = (
+                conn.execute("SELECT 1 FROM seen WHERE expires_at <= ? LIMIT 1", (now,))
+                .fetchone() is not None
+            )
+        if prune or recount:
             self.prune(now)
+            with self._lock:
+                full = not self.evict_live and self._live >= self.capacity
+        if full:
+            # A replay must still be answered as one: only a new key is refused.
+            row = conn.execute(
+                "SELECT 1 FROM seen WHERE digest = ? AND expires_at > ?", (key, now)
+            ).fetchone()
+            if row is not None:
+                return False
+            with self._lock:
+                self.refused_full += 1
+            log_full(self.path, self.capacity)
+            raise ReplayCacheFull(f"{self.capacity} live entries")
         try:
             conn.execute("INSERT INTO seen(digest, expires_at) VALUES (?, ?)", (key, expires_at))
-            return True
         except sqlite3.IntegrityError:
             # Present: a replay, unless that row has expired (then take it over atomically).
             cur = conn.execute(
@@ -76,20 +124,48 @@ class SqliteSeenSet:
                 (expires_at, key, now),
             )
             return cur.rowcount == 1
+        with self._lock:
+            self._live += 1
+        return True
 
     def prune(self, now: float) -> None:
         conn = self._conn()
         conn.execute("DELETE FROM seen WHERE expires_at <= ?", (now,))
-        conn.execute(
-            "DELETE FROM seen WHERE digest IN (SELECT digest FROM seen ORDER BY expires_at "
-            "LIMIT max(0, (SELECT count(*) FROM seen) - ?))",
-            (self.capacity,),
+        if self.evict_live:
+            conn.execute(
+                "DELETE FROM seen WHERE digest IN (SELECT digest FROM seen ORDER BY expires_at "
+                "LIMIT max(0, (SELECT count(*) FROM seen) - ?))",
+                (self.capacity,),
+            )
+            return
+        live = int(conn.execute("SELECT count(*) FROM seen").fetchone()[0])
+        with self._lock:
+            self._live = live
+            self._counted_at = time.monotonic()
+
+
+_last_full_log = [0.0]
+
+
+def log_full(path: Path, capacity: int) -> None:
+    """One warning per ``FULL_LOG_EVERY_S`` (an overload repeats it for every request)."""
+    now = time.monotonic()
+    if now - _last_full_log[0] >= FULL_LOG_EVERY_S:
+        _last_full_log[0] = now
+        log.warning(
+            "replay cache full of live entries: new messages refused",
+            extra={"fields": {"cache": path.name, "capacity": capacity}},
         )
 
 
 class SqliteReplayCache:
     def __init__(self, path: Path, capacity: int = 100_000) -> None:
-        self._set = SqliteSeenSet(path, capacity)
+        self._set = SqliteSeenSet(path, capacity, evict_live=False)
+
+    @property
+    def refused_full(self) -> int:
+        """New messages refused because the cache was full of live entries."""
+        return self._set.refused_full
 
     def check_and_store(self, digest: bytes, expires_at: float, now: float) -> bool:
         return self._set.add(b"r" + digest, expires_at, now)

@@ -463,6 +463,7 @@ def test_stale_or_future_timestamp_is_invalid_ts(world: World, skew: int) -> Non
         ErrorNo.INVALID_TS,
         csb_id=csb_of(wire),
         reason="timestamp off by",
+        signer=signer(ALICE, wire),  # the MAC is verified before the timestamp is judged
     )
     serves(world)
 

@@ -12,7 +12,11 @@ import textwrap
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
+import pytest
+
+from kms.core.ports import ReplayCacheFull
 from kms.store.memory import (
     ListAuditSink,
     MemoryReplayCache,
@@ -45,13 +49,42 @@ def test_memory_replay_cache_accepts_a_digest_once_while_it_lives() -> None:
 
 def test_memory_replay_cache_is_bounded() -> None:
     c = MemoryReplayCache(capacity=3)
-    for i in range(5):
+    for i in range(3):
         assert c.check_and_store(digest(i), T0 + 240, T0)
-    assert len(c) == 3
-    # The newest digests are kept (a replay of those is still refused) ...
-    assert not c.check_and_store(digest(4), T0 + 240, T0)
-    # ... the oldest were dropped first.
-    assert c.check_and_store(digest(0), T0 + 240, T0)
+    # Full of live digests: a new one is refused, never stored by forgetting a live one ...
+    with pytest.raises(ReplayCacheFull):
+        c.check_and_store(digest(3), T0 + 240, T0)
+    assert len(c) == 3 and c.refused_full == 1
+    # ... a replay is still answered as a replay ...
+    assert not c.check_and_store(digest(0), T0 + 240, T0 + 1)
+    # ... and once the oldest have expired there is room again.
+    assert c.check_and_store(digest(3), T0 + 500, T0 + 240)
+
+
+@pytest.mark.parametrize("kind", ["memory", "sqlite"])
+def test_attack_replay_cache_eviction(kind: str, tmp_path: Path) -> None:
+    """Size 100, then 1,100 other messages inside the window, then ten 2-second-old
+    messages again: none may be accepted (before: 10 of 10 were, their digests evicted)."""
+    cache: Any = (
+        MemoryReplayCache(capacity=100)
+        if kind == "memory"
+        else SqliteReplayCache(tmp_path / "replay.sqlite3", capacity=100)
+    )
+    window = 120
+    for i in range(10):
+        assert cache.check_and_store(digest(i), T0 + 2 * window, T0)
+    accepted = full = 0
+    for i in range(1000, 2100):
+        try:
+            accepted += cache.check_and_store(digest(i), T0 + 1 + 2 * window, T0 + 1)
+        except ReplayCacheFull:
+            full += 1
+    assert (accepted, full) == (90, 1010)
+    assert cache.refused_full == 1010
+    replays = [cache.check_and_store(digest(i), T0 + 2 + 2 * window, T0 + 2) for i in range(10)]
+    assert replays == [False] * 10
+    # After the window the digests expire and new messages are accepted again.
+    assert cache.check_and_store(digest(5000), T0 + 4 * window, T0 + 2 * window + 2)
 
 
 def test_memory_replay_cache_drops_expired_digests_first() -> None:

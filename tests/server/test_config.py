@@ -48,7 +48,7 @@ def test_defaults() -> None:
     assert (c.policy.max_lifetime_s, c.policy.default_lifetime_s) == (86400, 3600)
     assert c.policy.forking == "allowed"
     assert c.policy.reuse_allowed
-    assert (c.policy.timestamp_window_s, c.policy.replay_cache_size) == (120, 100000)
+    assert (c.policy.timestamp_window_s, c.policy.replay_cache_size) == (120, 0)  # 0: auto
     assert c.policy.rate_limit_per_s == 50
     assert c.pk.ca_bundle is None
     assert c.pk.rsa_padding is RsaPadding.PKCS1V15

@@ -1,0 +1,230 @@
+"""The call guard: request-arrival timeout, shedding of waiting calls, per-peer admission,
+and the transport limits (streams per connection, metadata size), on a real gRPC server."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+import pytest
+
+from kms.server import stubs
+from kms.server.admission import CallGuard, Limits, peer_address
+from kms.server.grpc_server import SERVICE_NAME, KmsServer
+from tests.server.test_grpc_adapter import ScriptedHandler
+
+OWN = [("grpc.use_local_subchannel_pool", 1)]
+
+
+class FakeCall:
+    def __init__(self) -> None:
+        self.cancelled = threading.Event()
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+
+def test_peer_address_drops_the_port() -> None:
+    assert peer_address("ipv4:127.0.0.1:5000") == "ipv4:127.0.0.1"
+    assert peer_address("ipv6:[::1]:5000") == "ipv6:[::1]"
+    assert peer_address("unix:/tmp/s") == "unix:/tmp/s"
+
+
+def test_limits_are_validated() -> None:
+    with pytest.raises(ValueError, match="request_timeout_s"):
+        Limits(request_timeout_s=0)
+    with pytest.raises(ValueError, match="max_waiting"):
+        Limits(max_waiting=0)
+
+
+def test_waiting_call_is_cancelled_after_the_timeout() -> None:
+    guard = CallGuard(Limits(request_timeout_s=0.2))
+    try:
+        slow, fast = FakeCall(), FakeCall()
+        t_slow = guard.waiting(slow, "p")
+        t_fast = guard.waiting(fast, "p")
+        assert guard.received(t_fast)  # its request arrived in time
+        assert slow.cancelled.wait(5)
+        assert not fast.cancelled.is_set()
+        assert not guard.received(t_slow)  # the guard had cancelled it
+        assert guard.counters["request_timeouts"] == 1
+        assert guard.waiting_count == 0
+    finally:
+        guard.stop()
+
+
+def test_oldest_waiting_call_is_shed_per_peer_and_overall() -> None:
+    guard = CallGuard(Limits(request_timeout_s=60, max_waiting=4, max_waiting_per_peer=2))
+    try:
+        a = [FakeCall() for _ in range(3)]
+        for call in a:
+            guard.waiting(call, "attacker")
+        assert a[0].cancelled.is_set() and not a[1].cancelled.is_set()
+        others = [FakeCall() for _ in range(3)]
+        for i, call in enumerate(others):
+            guard.waiting(call, f"other-{i}")
+        # 2 of the attacker + 3 others = 5 > 4: the oldest overall (attacker's a[1]) goes.
+        assert a[1].cancelled.is_set()
+        assert not any(c.cancelled.is_set() for c in others)
+        assert guard.counters["shed_waiting"] == 2
+        assert guard.waiting_count == 4
+    finally:
+        guard.stop()
+
+
+def test_calls_per_peer_are_bounded() -> None:
+    guard = CallGuard(Limits(max_calls_per_peer=2))
+    try:
+        assert guard.admit("p") and guard.admit("p")
+        assert not guard.admit("p")
+        assert guard.admit("q")  # another address is not affected
+        guard.leave("p")
+        assert guard.admit("p")
+        assert guard.counters["refused_peer_limit"] == 1
+    finally:
+        guard.stop()
+
+
+@pytest.fixture
+def small_server(free_port: Any) -> Iterator[KmsServer]:
+    limits = Limits(request_timeout_s=0.5, max_waiting=8, max_waiting_per_peer=4,
+                    max_calls_per_peer=8, max_streams_per_connection=4)  # fmt: skip
+    s = KmsServer(ScriptedHandler(), f"127.0.0.1:{free_port()}", limits=limits, threads=16)
+    s.start()
+    yield s
+    s.stop()
+
+
+def never(stop: threading.Event) -> Iterator[Any]:
+    stop.wait()
+    return
+    yield
+
+
+def test_stalled_call_is_cancelled_and_others_served(small_server: KmsServer) -> None:
+    target = f"127.0.0.1:{small_server.port}"
+    stop = threading.Event()
+    with grpc.insecure_channel(target, options=OWN) as attacker, grpc.insecure_channel(
+        target, options=OWN
+    ) as victim:
+        method = attacker.stream_unary(f"/{SERVICE_NAME}/RequestTicket")
+        futures = [method.future(never(stop)) for _ in range(20)]  # > 16 admitted calls
+        stub = stubs.kms_pb2_grpc.KeyManagementStub(victim)
+        for _ in range(5):
+            assert stub.RequestTicket(stubs.MikeyMessage(data=b"ok"), timeout=5).data
+        for f in futures:
+            assert f.exception(timeout=10) is not None
+            assert f.code() in (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE)
+        stop.set()
+    counters = small_server.guard.counters
+    assert counters["shed_waiting"] + counters["request_timeouts"] >= 1
+    assert small_server.guard.waiting_count == 0
+
+
+def test_unary_client_still_works_and_empty_stream_is_invalid(small_server: KmsServer) -> None:
+    target = f"127.0.0.1:{small_server.port}"
+    with grpc.insecure_channel(target) as ch:
+        method = ch.stream_unary(
+            f"/{SERVICE_NAME}/RequestTicket",
+            request_serializer=stubs.MikeyMessage.SerializeToString,
+            response_deserializer=stubs.MikeyMessage.FromString,
+        )
+        with pytest.raises(grpc.RpcError) as info:
+            method(iter(()), timeout=5)  # half-closed without a request message
+        assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        assert info.value.details() == "no request message"
+
+
+def test_oversized_metadata_is_refused_clearly(small_server: KmsServer) -> None:
+    target = f"127.0.0.1:{small_server.port}"
+    with grpc.insecure_channel(target) as ch:
+        stub = stubs.kms_pb2_grpc.KeyManagementStub(ch)
+        with pytest.raises(grpc.RpcError) as info:
+            stub.RequestTicket(
+                stubs.MikeyMessage(data=b"ok"), metadata=[("x-junk", "a" * 4096)], timeout=5
+            )
+        assert info.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "metadata size exceeds" in (info.value.details() or "")
+        # Ordinary metadata (a correlation id) is fine.
+        assert stub.RequestTicket(
+            stubs.MikeyMessage(data=b"ok"), metadata=[("x-correlation-id", "c" * 64)], timeout=5
+        ).data
+
+
+class _State:
+    def __init__(self) -> None:
+        self.request: object | None = None
+
+
+class ArrivedCall(FakeCall):
+    """A call whose request gRPC has already received (the handler has not read it yet)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._state = _State()
+        self._state.request = object()
+
+
+def test_a_call_whose_request_arrived_is_not_shed() -> None:
+    guard = CallGuard(Limits(request_timeout_s=60, max_waiting=8, max_waiting_per_peer=2))
+    try:
+        victim = ArrivedCall()  # oldest, but its request is there: its thread is just late
+        guard.waiting(victim, "p")
+        stalled = [FakeCall() for _ in range(3)]
+        for call in stalled:
+            guard.waiting(call, "p")
+        assert not victim.cancelled.is_set()
+        assert [c.cancelled.is_set() for c in stalled] == [True, True, False]
+    finally:
+        guard.stop()
+
+
+def test_health_watches_are_bounded(free_port: Any) -> None:
+    """Watch streams never end by themselves: at most MAX_WATCHES per worker, so that they
+    cannot take every admitted call; Check and the KMS methods stay served."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from kms.server.admission import MAX_WATCHES
+
+    s = KmsServer(ScriptedHandler(), f"127.0.0.1:{free_port()}", threads=32)
+    s.start()
+    try:
+        target = f"127.0.0.1:{s.port}"
+        with grpc.insecure_channel(target, options=OWN) as ch:
+            stub = health_pb2_grpc.HealthStub(ch)
+            watches = [stub.Watch(health_pb2.HealthCheckRequest(service="")) for _ in range(24)]
+            first = []
+            for w in watches:
+                try:
+                    first.append(next(w).status)
+                except grpc.RpcError as exc:
+                    first.append(exc.code())
+            assert first.count(health_pb2.HealthCheckResponse.SERVING) == MAX_WATCHES
+            assert first.count(grpc.StatusCode.RESOURCE_EXHAUSTED) == 24 - MAX_WATCHES
+            assert s.health.watches == MAX_WATCHES
+            assert stub.Check(health_pb2.HealthCheckRequest(), timeout=5).status == 1
+            kms = stubs.kms_pb2_grpc.KeyManagementStub(ch)
+            assert kms.RequestTicket(stubs.MikeyMessage(data=b"ok"), timeout=5).data
+            for w in watches:
+                w.cancel()
+        deadline = time.monotonic() + 10
+        while s.health.watches and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert s.health.watches == 0 and s.guard.calls_of("ipv4:127.0.0.1") == 0
+    finally:
+        s.stop()
+
+
+def test_non_protobuf_body_without_core_auditing(small_server: KmsServer) -> None:
+    """A handler without ``refuse_undecodable`` still gets INVALID_ARGUMENT, counted."""
+    target = f"127.0.0.1:{small_server.port}"
+    with grpc.insecure_channel(target) as ch:
+        raw = ch.unary_unary(f"/{SERVICE_NAME}/ResolveTicket")
+        with pytest.raises(grpc.RpcError) as info:
+            raw(b"\xff\xff\xff", timeout=5)
+    assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.details() == "request is not a mikey.kms.v1.MikeyMessage"
+    assert small_server.servicer.counters["undecodable_body"] == 1
