@@ -11,7 +11,7 @@ from kms.core.pk import CertificateAuthenticator, EnvelopeKey, load_pem_certific
 from kms.core.policy import Forking, KmsPolicy
 from kms.core.ports import PeerResolver
 from kms.core.service import Kms
-from kms.keystore import KeyRef
+from kms.keystore import KeyRef, KeyStore
 from kms.mikey.constants import KeyDataType
 from kms.server.config import KmsConfig
 from kms.server.directory import RegistryDirectory
@@ -49,14 +49,18 @@ def kms_policy(config: KmsConfig) -> KmsPolicy:
 
 
 def build_handler(
-    home: Home, pk: PkAuthenticator | None = None, peers: PeerResolver | None = None
+    home: Home,
+    pk: PkAuthenticator | None = None,
+    peers: PeerResolver | None = None,
+    keystore: KeyStore | None = None,
 ) -> KmsHandler:
-    """The KMS core wired to this home's token, registry and stores."""
+    """The KMS core wired to this home's token, registry and stores (``keystore``: a
+    decorator around ``home.keystore()``, e.g. the metered one, instead of the token)."""
     config = home.config
     state = config.home / STATE_DIR
     state.mkdir(mode=0o700, exist_ok=True)
     deps = Deps(
-        keystore=home.keystore(),
+        keystore=home.keystore() if keystore is None else keystore,
         directory=RegistryDirectory(home.registry.path),
         replay=SqliteReplayCache(state / "replay.sqlite3", config.policy.replay_cache_size),
         ledger=SqliteResolveLedger(state / "resolved.sqlite3"),

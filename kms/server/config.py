@@ -133,6 +133,26 @@ class FederationSettings:
 
 
 @dataclass(frozen=True)
+class MetricsSettings:
+    """``[metrics]``: the Prometheus ``/metrics`` listener (off unless ``listen`` is set).
+
+    Plain HTTP only on loopback unless ``tls_cert``/``tls_key`` are set or
+    ``allow_plaintext_non_loopback = true``. ``tpk_max_age_s``: how long a TPK may stay
+    current before the ``KmsTpkNotRotated`` alert fires (exported as a gauge).
+    """
+
+    listen: str | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    allow_plaintext_non_loopback: bool = False
+    tpk_max_age_s: int = 90 * 86400
+
+    @property
+    def enabled(self) -> bool:
+        return self.listen is not None
+
+
+@dataclass(frozen=True)
 class KmsConfig:
     """The whole of kms.toml; paths are absolute (relative ones resolved against ``home``)."""
 
@@ -143,6 +163,7 @@ class KmsConfig:
     policy: PolicySettings = field(default_factory=PolicySettings)
     pk: PkSettings = field(default_factory=PkSettings)
     federation: FederationSettings = field(default_factory=FederationSettings)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
 
     @property
     def kms_id_bytes(self) -> bytes:
@@ -255,7 +276,8 @@ def parse_config(text: str, home: Path) -> KmsConfig:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{CONFIG_FILE}: not valid TOML: {exc}") from None
-    unknown = sorted(set(doc) - {"kms", "token", "server", "policy", "pk", "federation"})
+    unknown = sorted(set(doc) - {"kms", "token", "server", "policy", "pk", "federation",
+                                "metrics"})
     if unknown:
         raise ConfigError(f"{CONFIG_FILE}: [{unknown[0]}]: unknown section")
 
@@ -281,7 +303,48 @@ def parse_config(text: str, home: Path) -> KmsConfig:
         policy=policy,
         pk=pk_settings,
         federation=_parse_federation(doc, home),
+        metrics=_parse_metrics(doc, home),
     )
+
+
+def check_metrics_listen(listen: str, tls: bool, allow_plaintext: bool) -> None:
+    """``HOST:PORT`` for ``/metrics``; plain HTTP off loopback only when allowed. ValueError
+    with the reason (the caller names the setting)."""
+    host, _port = split_listen(listen)
+    if not tls and not is_loopback(host) and not allow_plaintext:
+        raise ValueError(
+            f"{listen} is not a loopback address and [metrics] has no tls_cert/tls_key "
+            "(set allow_plaintext_non_loopback = true in [metrics] to accept plain HTTP)"
+        )
+
+
+def _parse_metrics(doc: Mapping[str, Any], home: Path) -> MetricsSettings:
+    sec = _Section(
+        "metrics",
+        doc.get("metrics"),
+        home,
+        ("listen", "tls_cert", "tls_key", "allow_plaintext_non_loopback", "tpk_max_age_s"),
+    )
+    settings = MetricsSettings(
+        listen=sec.string("listen"),
+        tls_cert=sec.path("tls_cert"),
+        tls_key=sec.path("tls_key"),
+        allow_plaintext_non_loopback=sec.boolean("allow_plaintext_non_loopback", False),
+        tpk_max_age_s=sec.integer("tpk_max_age_s", MetricsSettings.tpk_max_age_s, 60,
+                                  10 * 366 * 86400),
+    )
+    if (settings.tls_cert is None) != (settings.tls_key is None):
+        missing = "tls_key" if settings.tls_key is None else "tls_cert"
+        raise sec.error(missing, "tls_cert and tls_key must be given together")
+    if settings.listen is not None:
+        try:
+            check_metrics_listen(
+                settings.listen, settings.tls_cert is not None,
+                settings.allow_plaintext_non_loopback,
+            )
+        except ValueError as exc:
+            raise sec.error("listen", str(exc)) from None
+    return settings
 
 
 def _parse_federation(doc: Mapping[str, Any], home: Path) -> FederationSettings:
@@ -523,6 +586,16 @@ def render_config(
         f"max_retries = {FederationSettings.max_retries}",
         "# Deadline for `kms peer add` without --deadline-ms.",
         f"default_deadline_ms = {FederationSettings.default_deadline_ms}",
+        "",
+        "[metrics]",
+        "# Prometheus /metrics over HTTP (off unless listen is set; `kms serve",
+        "# --metrics-listen` overrides). Loopback only, unless TLS or the explicit setting.",
+        '# listen = "127.0.0.1:9464"',
+        '# tls_cert = "metrics.pem"',
+        '# tls_key = "metrics.key"',
+        "allow_plaintext_non_loopback = false",
+        "# Seconds a TPK may stay current before the KmsTpkNotRotated alert fires.",
+        f"tpk_max_age_s = {MetricsSettings.tpk_max_age_s}",
         "",
     ]
     return "\n".join(lines)

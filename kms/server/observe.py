@@ -1,0 +1,100 @@
+"""Metrics wiring for ``kms serve`` (composition root): which process serves ``/metrics``,
+and the metered decorators around the token, the peer resolver and the handler.
+
+* One process: it keeps its metric families in memory and serves them itself, with the
+  process collector (CPU, memory, open files of the KMS process).
+* Several workers: the supervisor serves ``/metrics`` from the workers' multiprocess files
+  (:mod:`kms.server.metrics_http`); a worker only writes its values.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import ProcessCollector
+
+from kms.core.api import KmsHandler
+from kms.core.ports import PeerResolver
+from kms.server.compose import STATE_DIR, build_handler
+from kms.server.config import load_config
+from kms.server.home import Home
+from kms.server.metrics import MeteredKeyStore, MeteredPeers, ServerMetrics, TokenProbe
+from kms.server.metrics_http import (
+    MULTIPROC_ENV,
+    MetricsServer,
+    exposition_registry,
+    multiproc_dir,
+    worker_exited,
+)
+from kms.store.registry import REGISTRY_FILE
+
+if TYPE_CHECKING:
+    from kms.server.serve import Plan, Supervisor
+
+log = logging.getLogger("kms.server.metrics")
+
+TOKEN_PROBE_S = 5.0
+
+
+class ObservedProcess:
+    """The metrics of one serving process (a worker, or the only process)."""
+
+    def __init__(self, plan: Plan, home: Home) -> None:
+        assert plan.metrics is not None
+        self.home = home
+        self.server: MetricsServer | None = None
+        self._probe: TokenProbe | None = None
+        if plan.workers > 1 and os.environ.get(MULTIPROC_ENV):
+            self.metrics = ServerMetrics(None)  # values go to the multiprocess files
+            return
+        registry = exposition_registry(home.config, home.registry.path, None)
+        ProcessCollector(registry=registry)
+        self.metrics = ServerMetrics(registry)
+        self.server = MetricsServer(plan.metrics, registry)
+        log.info(
+            "serving metrics",
+            extra={"fields": {"metrics_listen": plan.metrics.listen, "port": self.server.port,
+                              "tls": self.server.tls}},
+        )
+
+    def peers(self, inner: PeerResolver) -> MeteredPeers:
+        return self.metrics.peers(inner)
+
+    def build_handler(self, peers: PeerResolver) -> KmsHandler:
+        store: MeteredKeyStore = self.metrics.keystore(self.home.keystore())
+        self._probe = TokenProbe(store, TOKEN_PROBE_S)
+        self._probe.start()
+        return self.metrics.handler(build_handler(self.home, peers=peers, keystore=store))
+
+    def close(self) -> None:
+        if self._probe is not None:
+            self._probe.stop()
+        if self.server is not None:
+            self.server.close()
+
+
+def supervise_with_metrics(sup: Supervisor, announce: Callable[[], Any]) -> int:
+    """Run the supervisor with a multiprocess metrics folder and the ``/metrics`` listener
+    (started before any worker: a busy port is refused up front)."""
+    plan = sup.plan
+    assert plan.metrics is not None
+    config = load_config(plan.home)
+    with multiproc_dir(plan.home / STATE_DIR) as folder:
+        registry = exposition_registry(config, plan.home / REGISTRY_FILE, folder)
+        server = MetricsServer(plan.metrics, registry)
+        log.info(
+            "serving metrics",
+            extra={"fields": {"metrics_listen": plan.metrics.listen, "port": server.port,
+                              "tls": server.tls, "workers": plan.workers}},
+        )
+        sup.on_worker_exit = lambda pid: worker_exited(folder, pid)
+        try:
+            return sup.run(announce)
+        finally:
+            server.close()
+
+
+__all__ = ["ObservedProcess", "supervise_with_metrics"]
