@@ -4,7 +4,9 @@ metrics` while calls run, and no identity, ticket id or correlation id becomes a
 
 from __future__ import annotations
 
+import contextlib
 import json
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -17,7 +19,7 @@ from kms.endpoint.client import KmsClient, KmsRefused, obtain_ticket, resolve, r
 from kms.endpoint.initiator import DesiredPolicy
 from kms.endpoint.session import CryptoSession
 from kms.mikey.ticket import TpFlag
-from tests.e2e.harness import ALICE, BOB, CAROL, ERIN, FRANK, MALLORY, TEAM, run_kms
+from tests.e2e.harness import ALICE, BOB, CAROL, ERIN, FRANK, GRACE, MALLORY, TEAM, run_kms
 from tests.observability.conftest import Observed
 from tests.observability.helpers import has, promtool, samples, scrape, value
 
@@ -233,3 +235,38 @@ def test_registry_gauges_follow_tpk_rotation(observed: Observed) -> None:
     assert value(s, "kms_tpk_current_created_timestamp_seconds") >= created
     # Tickets under the new TPK are issued and resolved; the counter keeps going.
     run_call(fresh_client(o), o.kms.initiator(ALICE), fresh_client(o), o.kms.responder(BOB))
+
+
+def test_token_loss_shows_as_down_then_reconnects(observed: Observed) -> None:
+    """Last in this module: the token folder goes away and comes back."""
+    o = observed
+    tokens = o.kms.home / "token" / "tokens"
+    away = o.kms.home.parent / "tokens-moved-away"
+    before = samples(scrape(o.metrics_port))
+    shutil.move(tokens, away)
+    try:
+        codes = []
+        for _ in range(6):  # fresh connections: both workers see the token gone
+            with pytest.raises(KmsRefused) as info:
+                obtain_ticket(fresh_client(o), o.kms.initiator(GRACE),
+                              DesiredPolicy(responders=(BOB,)))
+            codes.append(info.value.code)
+        assert codes == [grpc.StatusCode.UNAVAILABLE] * 6
+        down = samples(scrape(o.metrics_port))
+        assert value(down, "kms_token_up") == 0
+        assert value(down, "kms_calls_total", outcome="unavailable", code="UNAVAILABLE") - value(
+            before, "kms_calls_total", outcome="unavailable", code="UNAVAILABLE") == 6
+        assert value(down, "kms_token_operation_errors_total", error="unavailable") > value(
+            before, "kms_token_operation_errors_total", error="unavailable")
+    finally:
+        shutil.move(away, tokens)
+    # Calls and the token probe find the token again in every worker.
+    deadline = time.monotonic() + 30
+    s = samples(scrape(o.metrics_port))
+    while value(s, "kms_token_up") != 1 and time.monotonic() < deadline:
+        with contextlib.suppress(KmsRefused):
+            obtain_ticket(fresh_client(o), o.kms.initiator(GRACE), DesiredPolicy(responders=(BOB,)))
+        time.sleep(0.5)
+        s = samples(scrape(o.metrics_port))
+    assert value(s, "kms_token_up") == 1
+    assert value(s, "kms_token_reconnects_total") >= 1
