@@ -206,11 +206,17 @@ class ServerMetrics:
         )
         self._token_down = False
         self._token_lock = threading.Lock()
+        # Label children by label values: labels() costs a lock and a tuple per call.
+        self._children: dict[tuple[object, ...], Any] = {}
         # When this thread's current call was admitted (set by TimedSlots, read by
         # MeteredHandler), so that the call latency includes the wait for a slot.
         self._local = threading.local()
 
     # --- token state ------------------------------------------------------------------------
+    @property
+    def token_down(self) -> bool:
+        return self._token_down
+
     def token_ok(self) -> None:
         with self._token_lock:
             if self._token_down:
@@ -237,6 +243,14 @@ class ServerMetrics:
         return TimedSlots(n, self)
 
     # --- per call -----------------------------------------------------------------------------
+    def child(self, metric: Any, *labels: str) -> Any:
+        """``metric.labels(*labels)``, cached (label values are bounded, so is the cache)."""
+        key = (id(metric), *labels)
+        c = self._children.get(key)
+        if c is None:
+            c = self._children[key] = metric.labels(*labels)
+        return c
+
     def admitted_at(self) -> float | None:
         return getattr(self._local, "admitted", None)
 
@@ -246,9 +260,9 @@ class ServerMetrics:
     def observe_call(self, method: str, reply: KmsReply | None, seconds: float) -> None:
         """Count one call (``reply`` None: the handler raised, answered INTERNAL)."""
         name = METHODS[method]
-        self.call_seconds.labels(name).observe(seconds)
+        self.child(self.call_seconds, name).observe(seconds)
         if reply is None:
-            self.calls.labels(name, Outcome.INTERNAL.value, "INTERNAL", "none").inc()
+            self.child(self.calls, name, Outcome.INTERNAL.value, "INTERNAL", "none").inc()
             return
         audit: Mapping[str, object] = reply.audit
         outcome = reply.outcome
@@ -257,15 +271,16 @@ class ServerMetrics:
             err = str(audit.get("error_no", "none"))
             if err not in _ERROR_NOS:
                 err = "other"
-        self.calls.labels(name, outcome.value, STATUS_NAMES[outcome], err).inc()
+        self.child(self.calls, name, outcome.value, STATUS_NAMES[outcome], err).inc()
         event = audit.get("event")
         forwarded = event == "ticket.forwarded" or bool(audit.get("via_peer"))
         if method == "request_ticket":
             if outcome is Outcome.OK:
                 forking = "true" if audit.get("forking") else "false"
-                self.tickets.labels(key_type_label(audit.get("keys")), forking).inc()
+                self.child(self.tickets, key_type_label(audit.get("keys")), forking).inc()
         elif "ticket_id" in audit:  # a resolve that got as far as reading the ticket
-            self.resolves.labels(
+            self.child(
+                self.resolves,
                 "forwarded" if forwarded else "local",
                 "ok" if outcome is Outcome.OK else "refused",
             ).inc()
@@ -397,7 +412,7 @@ class MeteredKeyStore:
                 self._m.token_ok()  # the token answered, with an error
             raise
         self._hist[op].observe(time.perf_counter() - t0)
-        if self._m._token_down:
+        if self._m.token_down:
             self._m.token_ok()
         return result
 

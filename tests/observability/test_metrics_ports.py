@@ -4,7 +4,11 @@ resolver talking to small in-process KeyManagement servers; plus the [metrics] s
 
 from __future__ import annotations
 
+import http.client
+import json
+import ssl
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,7 +26,9 @@ from kms.server.config import ConfigError, parse_config
 from kms.server.federation import GrpcPeerResolver, PeerRoute
 from kms.server.home import Home, open_home
 from kms.server.metrics import ServerMetrics, key_type_label
+from kms.server.metrics_http import MetricsListen, MetricsServer, exposition_registry
 from tests.e2e.harness import free_port, run_kms
+from tests.federation.pki import TestCa
 from tests.federation.test_resolver import FakePeer
 
 PEER_A = PeerKms(kms_id=b"kms:a.example", psk=None, deadline_s=1.0)
@@ -203,3 +209,32 @@ class socket_bound:  # noqa: N801 - used as a context manager
 
     def __exit__(self, *_: object) -> None:
         self.s.close()
+
+
+def test_metrics_over_tls(home: Home, tmp_path: Path) -> None:
+    ca = TestCa(tmp_path / "ca", "metrics test CA")
+    leaf = ca.issue("metrics")
+    reg = exposition_registry(home.config, home.registry.path, None)
+    port = free_port()
+    server = MetricsServer(MetricsListen(f"127.0.0.1:{port}", leaf.cert, leaf.key), reg)
+    try:
+        assert server.tls and server.port == port
+        ctx = ssl.create_default_context(cafile=str(ca.path))
+        with urllib.request.urlopen(f"https://127.0.0.1:{port}/metrics", context=ctx,
+                                    timeout=10) as r:
+            text = r.read().decode()
+        assert 'kms_tpk_versions{state="current"} 1.0' in text
+        assert "kms_build_info{" in text
+        # Plain HTTP to the TLS listener gets no metrics.
+        with pytest.raises((OSError, http.client.HTTPException)):
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read()
+        # kms status reads HTTPS metrics with --metrics-ca.
+        r2 = run_kms(home.path, "status", "--target", f"127.0.0.1:{free_port()}", "--metrics",
+                     f"https://127.0.0.1:{port}/metrics", "--metrics-ca", str(ca.path),
+                     "--json", "--timeout", "2", check=False)
+        assert r2.returncode == 1  # no gRPC server there
+        report = json.loads(r2.stdout)
+        assert report["health"] == "unreachable"
+        assert report["tpk"]["versions"]["current"] == 1
+    finally:
+        server.close()

@@ -6,6 +6,7 @@ made. `kms status` asks the same server."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import time
 import urllib.parse
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from kms.endpoint.client import run_call
 from tests.e2e.harness import ALICE, BOB, Kms, free_port, make_home, run_kms, running_kms
@@ -177,3 +179,19 @@ def test_kms_status_of_a_server_that_is_not_there(tmp_path: Path) -> None:
     assert r.returncode == 1, r.stderr
     assert "unreachable" in r.stdout
     assert "cannot read metrics" in r.stdout
+
+
+DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "kms-dashboard.json"
+
+
+def test_dashboard_queries_run_and_name_served_metrics(stack: Stack) -> None:
+    dash = json.loads(DASHBOARD.read_text())
+    exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
+    assert len(exprs) >= 20
+    served = {f.name for f in text_string_to_metric_families(scrape(stack.metrics_port))}
+    for expr in exprs:
+        for name in re.findall(r"\b(kms_[a-z0-9_]+)", expr):
+            base = re.sub(r"_(bucket|count|sum)$", "", name)
+            assert base in served or base.removesuffix("_total") in served, (name, expr)
+        promql = expr.replace("$__rate_interval", "1m").replace("$instance", ".*")
+        query(stack.prom, promql)  # a syntax error is status "error" (asserted there)
