@@ -14,8 +14,9 @@ server CPU per call of each side and the difference (target: at most 3 % more).
 
 On a shared 2-core machine the gRPC figures move by 5-15 % between rounds, more than the
 cost being measured. So a second, quieter phase calls the KMS core in one thread, in one
-process, back to back: the handler as ``kms serve`` builds it without metrics, and the same
-handler with the metered key store and handler around it, alternating rounds, with the
+process, back to back, and counts the thread's CPU time: the handler as ``kms serve`` builds
+it without metrics, and the same handler with the metered key store and handler around it,
+alternating blocks of 25 calls, with the
 metric values in memory (one process) and in multiprocess files (``PROMETHEUS_MULTIPROC_DIR``
 set, as in a worker of ``kms serve --workers N``).
 """
@@ -102,8 +103,11 @@ class Scraper:
 
 def _inproc_child(home_path: str, grant: object, rounds: int, seconds: float,
                   conn: object) -> None:
-    """One process: plain vs metered handler, alternating rounds; sends the medians back."""
+    """One process: plain vs metered handler in alternating blocks of 25 calls, CPU time of
+    this thread per call (the SoftHSM token computes in this thread too); ``rounds`` x
+    ``seconds`` of calls per side. Sends the means back."""
     from bench import inproc
+    from bench.messages import generate
     from kms.server.compose import build_handler
     from kms.server.home import open_home
     from kms.server.metrics import ServerMetrics
@@ -113,13 +117,26 @@ def _inproc_child(home_path: str, grant: object, rounds: int, seconds: float,
     m = ServerMetrics(None)
     metered = m.handler(build_handler(home, keystore=m.keystore(home.keystore())))
     out = {}
+    block = 25
     for w in (Workload("request"), Workload("resolve", grant=grant)):  # type: ignore[arg-type]
-        per: dict[str, list[float]] = {"off": [], "on": []}
-        for _ in range(rounds):
-            for side, kms in (("off", plain), ("on", metered)):
-                r = inproc.measure_inproc(kms, w, seconds)  # type: ignore[arg-type]
-                per[side].append(1e3 / r.rate)
-        out[w.name] = {k: statistics.median(v) for k, v in per.items()}
+        cal = generate(w, 20, time.time())
+        t0 = time.thread_time()
+        for wire in cal:
+            inproc.call(plain, w, wire)  # type: ignore[arg-type]
+        per = (time.thread_time() - t0) / len(cal)
+        n = max(4 * block, int(rounds * seconds / per) // block * block)
+        msgs = generate(w, 2 * n, time.time())
+        cpu = {"off": 0.0, "on": 0.0}
+        for i in range(0, 2 * n, 2 * block):
+            for j, (side, kms) in enumerate((("off", plain), ("on", metered))):
+                chunk = msgs[i + j * block: i + (j + 1) * block]
+                t0 = time.thread_time()
+                for wire in chunk:
+                    reply = inproc.call(kms, w, wire)  # type: ignore[arg-type]
+                    if not reply.ok:
+                        raise RuntimeError(f"{w.name}: {reply.outcome} {reply.detail}")
+                cpu[side] += time.thread_time() - t0
+        out[w.name] = {k: v / n * 1e3 for k, v in cpu.items()}
     home.close()
     conn.send(out)  # type: ignore[attr-defined]
 
@@ -204,8 +221,8 @@ def main() -> int:
             off, on_ = statistics.median(cpu[False]), statistics.median(cpu[True])
             rows.append((w.name, statistics.median(rate[False]), off,
                          statistics.median(rate[True]), on_, (on_ / off - 1) * 100))
-        print(f"\nin-process, one thread, ms per call (median of {args.inproc_rounds} "
-              "alternating 1 s rounds)")
+        print("\nin-process, one thread, CPU ms per call (thread time, alternating blocks of "
+              f"25 calls, about {args.inproc_rounds} s per side)")
         print(f"{'workload':<14} {'values':<13} {'off':>8} {'on':>8} {'+%':>7}")
         for name, kind, off, on, pct in inproc_rows:
             print(f"{name:<14} {kind:<13} {off:>8.3f} {on:>8.3f} {pct:>+7.1f}")

@@ -170,13 +170,10 @@ class ServerMetrics:
             ("operation", "error"),
             registry=r,
         )
-        self.token_up = Gauge(
-            "kms_token_up",
-            "1 when the token answered the last operation or probe, 0 when it was unavailable "
-            "(lowest over live worker processes)",
-            registry=r,
-            multiprocess_mode="livemin",
-        )
+        # Made at the first token answer or failure, so that a worker that is still starting
+        # does not report a token down (a multiprocess gauge starts at 0 in its file).
+        self._token_up: Gauge | None = None
+        self._registry = r
         self.token_reconnects = Counter(
             "kms_token_reconnects_total",
             "Times the token answered again after being unavailable",
@@ -216,6 +213,19 @@ class ServerMetrics:
     @property
     def token_down(self) -> bool:
         return self._token_down
+
+    @property
+    def token_up(self) -> Gauge:
+        """``kms_token_up`` (call with the token lock held)."""
+        if self._token_up is None:
+            self._token_up = Gauge(
+                "kms_token_up",
+                "1 when the token answered the last operation or probe, 0 when it was "
+                "unavailable (lowest over live worker processes)",
+                registry=self._registry,
+                multiprocess_mode="livemin",
+            )
+        return self._token_up
 
     def token_ok(self) -> None:
         with self._token_lock:

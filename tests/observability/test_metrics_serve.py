@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
+import signal
 import threading
 import time
 from pathlib import Path
@@ -270,3 +272,34 @@ def test_token_loss_shows_as_down_then_reconnects(observed: Observed) -> None:
         s = samples(scrape(o.metrics_port))
     assert value(s, "kms_token_up") == 1
     assert value(s, "kms_token_reconnects_total") >= 1
+
+
+def test_a_killed_worker_keeps_its_counts_and_loses_its_live_gauge(observed: Observed) -> None:
+    """After the token test: a worker is killed; the supervisor restarts it."""
+    o = observed
+    folder = o.kms.home / "state" / "metrics-mp"
+    before = samples(scrape(o.metrics_port))
+    pids = {int(f.stem.split("_")[-1]) for f in folder.glob("counter_*.db")}
+    assert len(pids) >= 2
+    victim = max(pids)
+    gauge = folder / f"gauge_livemin_{victim}.db"
+    assert gauge.exists(), sorted(p.name for p in folder.iterdir())
+    os.kill(victim, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while gauge.exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not gauge.exists()  # the supervisor dropped the dead worker's live gauge
+    # The replacement worker comes up and serves (fresh connections reach it too).
+    served = 0
+    while served < 6 and time.monotonic() < deadline:
+        with contextlib.suppress(KmsRefused):
+            obtain_ticket(fresh_client(o), o.kms.initiator(GRACE), DesiredPolicy(responders=(BOB,)))
+            served += 1
+    assert served == 6
+    after = samples(scrape(o.metrics_port))
+    # Counters of the dead worker still count: nothing went backwards.
+    for key, v in before.items():
+        if key[0] == "kms_calls_total":
+            assert after.get(key, 0.0) >= v, key
+    assert value(after, "kms_token_up") == 1
+    assert o.kms.serve.proc.poll() is None

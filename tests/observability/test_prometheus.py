@@ -21,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from kms.endpoint.client import run_call
 from tests.e2e.harness import ALICE, BOB, Kms, free_port, make_home, run_kms, running_kms
-from tests.observability.helpers import samples, scrape, tool, value
+from tests.observability.helpers import promtool, samples, scrape, tool, value
 from tests.observability.test_alerts import RULES
 
 SCRAPE_S = 1
@@ -105,7 +105,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
 
 def test_single_process_exposes_process_metrics(stack: Stack) -> None:
-    s = samples(scrape(stack.metrics_port))
+    text = scrape(stack.metrics_port)
+    checked = promtool("check", "metrics", stdin=text)
+    assert checked.returncode == 0 and not (checked.stdout + checked.stderr).strip(), checked
+    s = samples(text)
     assert value(s, "process_cpu_seconds_total") > 0
     assert value(s, "kms_token_up") == 1
     assert value(s, "kms_build_info", version="0.1.0") == 1
