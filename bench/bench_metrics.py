@@ -141,20 +141,60 @@ def _inproc_child(home_path: str, grant: object, rounds: int, seconds: float,
     conn.send(out)  # type: ignore[attr-defined]
 
 
-def inproc_compare(home_path: Path, grant: object, rounds: int, seconds: float,
-                   multiproc: bool) -> dict[str, dict[str, float]]:
+def _micro_child(conn: object) -> None:
+    """Cost of single metric updates and of the metered key store per operation (over the
+    software key store, so that the token's own time does not hide it), in microseconds."""
+    import os
+
+    from prometheus_client import CollectorRegistry
+
+    from hsm.software import SoftwareKeyStore
+    from kms.keystore import KeyRef
+    from kms.mikey.prf import PrfFunc
+    from kms.server.metrics import ServerMetrics
+
+    m = ServerMetrics(None if os.environ.get("PROMETHEUS_MULTIPROC_DIR") else CollectorRegistry())
+    ks = SoftwareKeyStore()
+    ks.import_secret("k", b"k" * 20)
+    mk = m.keystore(ks)
+    key = KeyRef("k")
+    hist = m.token_seconds.labels("hmac")
+
+    def cost(fn: object, n: int = 30000) -> float:
+        best = 1e9
+        for _ in range(5):
+            t0 = time.thread_time()
+            for _ in range(n):
+                fn()  # type: ignore[operator]
+            best = min(best, (time.thread_time() - t0) / n)
+        return best * 1e6
+
+    out = {
+        "histogram observe": cost(lambda: hist.observe(0.0003)),
+        "labelled counter inc": cost(
+            lambda: m.calls.labels("RequestTicket", "ok", "OK", "none").inc()),
+        "metered random(1) - bare": cost(lambda: mk.random(1)) - cost(lambda: ks.random(1)),
+        "metered prf_many - bare": cost(
+            lambda: mk.prf_many(key, [(b"x" * 20, 16)], PrfFunc.MIKEY_1))
+        - cost(lambda: ks.prf_many(key, [(b"x" * 20, 16)], PrfFunc.MIKEY_1)),
+    }
+    conn.send(out)  # type: ignore[attr-defined]
+
+
+def in_child(target: object, args: tuple[object, ...], multiproc: bool, folder: Path) -> object:
+    """Run ``target(*args, conn)`` in a spawned process (with PROMETHEUS_MULTIPROC_DIR set
+    when ``multiproc``: the value class is chosen when prometheus-client is imported)."""
     import multiprocessing
     import os
 
     ctx = multiprocessing.get_context("spawn")
     a, b = ctx.Pipe()
-    folder = home_path.parent / "mp"
     old = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     if multiproc:
         folder.mkdir(exist_ok=True)
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(folder)
     try:
-        p = ctx.Process(target=_inproc_child, args=(str(home_path), grant, rounds, seconds, b))
+        p = ctx.Process(target=target, args=(*args, b))  # type: ignore[arg-type]
         p.start()
     finally:
         if multiproc:
@@ -162,9 +202,16 @@ def inproc_compare(home_path: Path, grant: object, rounds: int, seconds: float,
                 os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
             else:
                 os.environ["PROMETHEUS_MULTIPROC_DIR"] = old
-    result: dict[str, dict[str, float]] = a.recv()
+    result = a.recv()
     p.join(30)
     return result
+
+
+def inproc_compare(home_path: Path, grant: object, rounds: int, seconds: float,
+                   multiproc: bool) -> dict[str, dict[str, float]]:
+    res = in_child(_inproc_child, (str(home_path), grant, rounds, seconds), multiproc,
+                   home_path.parent / "mp")
+    return res  # type: ignore[return-value]
 
 
 def main() -> int:
@@ -199,6 +246,8 @@ def main() -> int:
                                     v["off"], v["on"], (v["on"] / v["off"] - 1) * 100))
                 log(f"in-process {name} ({inproc_rows[-1][1]}): off {v['off']:.3f} ms, "
                     f"on {v['on']:.3f} ms")
+        micro = {kind: in_child(_micro_child, (), kind == "multiprocess", tmp / "mp-micro")
+                 for kind in ("in memory", "multiprocess")}
         rows = []
         for w in ([] if args.skip_grpc else workloads):
             cpu: dict[bool, list[float]] = {False: [], True: []}
@@ -226,6 +275,10 @@ def main() -> int:
         print(f"{'workload':<14} {'values':<13} {'off':>8} {'on':>8} {'+%':>7}")
         for name, kind, off, on, pct in inproc_rows:
             print(f"{name:<14} {kind:<13} {off:>8.3f} {on:>8.3f} {pct:>+7.1f}")
+        print("\nsingle updates, us (best of 5 x 30000, thread time)")
+        for kind, res in micro.items():
+            print(f"  {kind:<13} " + ", ".join(
+                f"{k} {v:.2f}" for k, v in res.items()))  # type: ignore[attr-defined]
         if args.skip_grpc:
             return 0
         print(f"\nworkers {args.workers}, {args.clients} clients, {args.seconds:.0f} s windows, "
