@@ -18,6 +18,8 @@ import importlib.metadata
 import os
 import platform
 import shutil
+import sqlite3
+import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +31,7 @@ from prometheus_client.multiprocess import MultiProcessCollector, mark_process_d
 from prometheus_client.registry import Collector
 
 from kms.server.config import KmsConfig, split_listen
-from kms.store.registry import Registry, RegistryError, TpkState
+from kms.store.registry import Registry, RegistryError, TpkState, TpkVersion
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 MULTIPROC_DIR = "metrics-mp"  # under <home>/state
@@ -49,6 +51,33 @@ class RegistryCollector(Collector):
     def __init__(self, registry_path: Path, config: KmsConfig) -> None:
         self._path = registry_path
         self._config = config
+        # One read-only connection for every scrape (scrapes come on threads of their own,
+        # one at a time under the lock): no write lock, no migration check per scrape.
+        self._lock = threading.Lock()
+        self._registry: Registry | None = None
+
+    def _read(self) -> tuple[list[TpkVersion], dict[str, int]]:
+        with self._lock:
+            if self._registry is None:
+                if not self._path.exists():
+                    raise RegistryError(f"registry {self._path} does not exist")
+                conn = sqlite3.connect(
+                    f"file:{self._path}?mode=ro", uri=True, check_same_thread=False,
+                    timeout=2.0, isolation_level=None,
+                )
+                self._registry = Registry(conn, self._path)
+            reg = self._registry
+            try:
+                return reg.tpk_versions(), {
+                    "endpoints": len(reg.list_endpoints()),
+                    "groups": len(reg.list_groups()),
+                    "peers": len(reg.list_peers()),
+                    "applications": len(reg.list_applications()),
+                }
+            except (sqlite3.Error, RegistryError):
+                reg.close()
+                self._registry = None
+                raise
 
     def collect(self) -> Iterable[Any]:
         build = GaugeMetricFamily(
@@ -67,25 +96,11 @@ class RegistryCollector(Collector):
             "kms_registry_up", "1 when the registry could be read for this scrape"
         )
         try:
-            reg = Registry.open(self._path)
-        except RegistryError:
+            tpks, sizes = self._read()
+        except (sqlite3.Error, RegistryError):
             up.add_metric((), 0)
             yield up
             return
-        try:
-            tpks = reg.tpk_versions()
-            sizes = {
-                "endpoints": len(reg.list_endpoints()),
-                "groups": len(reg.list_groups()),
-                "peers": len(reg.list_peers()),
-                "applications": len(reg.list_applications()),
-            }
-        except RegistryError:
-            up.add_metric((), 0)
-            yield up
-            return
-        finally:
-            reg.close()
         up.add_metric((), 1)
         yield up
         states = GaugeMetricFamily(
