@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
 
 from prometheus_client import ProcessCollector
 
@@ -24,15 +24,13 @@ from kms.server.home import Home
 from kms.server.metrics import MeteredKeyStore, MeteredPeers, ServerMetrics, TokenProbe
 from kms.server.metrics_http import (
     MULTIPROC_ENV,
+    MetricsListen,
     MetricsServer,
     exposition_registry,
     multiproc_dir,
     worker_exited,
 )
 from kms.store.registry import REGISTRY_FILE
-
-if TYPE_CHECKING:
-    from kms.server.serve import Plan, Supervisor
 
 log = logging.getLogger("kms.server.metrics")
 
@@ -42,21 +40,20 @@ TOKEN_PROBE_S = 5.0
 class ObservedProcess:
     """The metrics of one serving process (a worker, or the only process)."""
 
-    def __init__(self, plan: Plan, home: Home) -> None:
-        assert plan.metrics is not None
+    def __init__(self, spec: MetricsListen, workers: int, home: Home) -> None:
         self.home = home
         self.server: MetricsServer | None = None
         self._probe: TokenProbe | None = None
-        if plan.workers > 1 and os.environ.get(MULTIPROC_ENV):
+        if workers > 1 and os.environ.get(MULTIPROC_ENV):
             self.metrics = ServerMetrics(None)  # values go to the multiprocess files
             return
         registry = exposition_registry(home.config, home.registry.path, None)
         ProcessCollector(registry=registry)
         self.metrics = ServerMetrics(registry)
-        self.server = MetricsServer(plan.metrics, registry)
+        self.server = MetricsServer(spec, registry)
         log.info(
             "serving metrics",
-            extra={"fields": {"metrics_listen": plan.metrics.listen, "port": self.server.port,
+            extra={"fields": {"metrics_listen": spec.listen, "port": self.server.port,
                               "tls": self.server.tls}},
         )
 
@@ -76,23 +73,26 @@ class ObservedProcess:
             self.server.close()
 
 
-def supervise_with_metrics(sup: Supervisor, announce: Callable[[], Any]) -> int:
-    """Run the supervisor with a multiprocess metrics folder and the ``/metrics`` listener
-    (started before any worker: a busy port is refused up front)."""
-    plan = sup.plan
-    assert plan.metrics is not None
-    config = load_config(plan.home)
-    with multiproc_dir(plan.home / STATE_DIR) as folder:
-        registry = exposition_registry(config, plan.home / REGISTRY_FILE, folder)
-        server = MetricsServer(plan.metrics, registry)
+def supervise_with_metrics(
+    home: Path,
+    spec: MetricsListen,
+    workers: int,
+    run: Callable[[Callable[[int], None]], int],
+) -> int:
+    """Run the supervisor (``run``, given the hook to call with each exited worker's pid)
+    with a multiprocess metrics folder and the ``/metrics`` listener, started before any
+    worker: a busy port is refused up front."""
+    config = load_config(home)
+    with multiproc_dir(home / STATE_DIR) as folder:
+        registry = exposition_registry(config, home / REGISTRY_FILE, folder)
+        server = MetricsServer(spec, registry)
         log.info(
             "serving metrics",
-            extra={"fields": {"metrics_listen": plan.metrics.listen, "port": server.port,
-                              "tls": server.tls, "workers": plan.workers}},
+            extra={"fields": {"metrics_listen": spec.listen, "port": server.port,
+                              "tls": server.tls, "workers": workers}},
         )
-        sup.on_worker_exit = lambda pid: worker_exited(folder, pid)
         try:
-            return sup.run(announce)
+            return run(lambda pid: worker_exited(folder, pid))
         finally:
             server.close()
 

@@ -300,7 +300,7 @@ def serve_once(
     observed: ObservedProcess | None = None
     try:
         if plan.metrics is not None:
-            observed = ObservedProcess(plan, home)
+            observed = ObservedProcess(plan.metrics, plan.workers, home)
         n_slots = core_slots_for(home.config)
         slots = CoreSlots(n_slots) if observed is None else observed.metrics.slots(n_slots)
         # RFC 6043 9: tickets issued by a peer KMS are resolved by asking it (per process),
@@ -583,9 +583,15 @@ def serve(
         if n == 1:
             serve_once(plan, ready=announce)
             return 0
+        sup = Supervisor(plan)
         if plan.metrics is not None:
-            return supervise_with_metrics(Supervisor(plan), announce)
-        return Supervisor(plan).run(announce)
+
+            def run(on_worker_exit: Callable[[int], None]) -> int:
+                sup.on_worker_exit = on_worker_exit
+                return sup.run(announce)
+
+            return supervise_with_metrics(plan.home, plan.metrics, n, run)
+        return sup.run(announce)
 
 
 __all__ = [
