@@ -153,6 +153,20 @@ class MetricsSettings:
 
 
 @dataclass(frozen=True)
+class TracingSettings:
+    """``[tracing]``: spans exported over OTLP/HTTP JSON (off unless ``otlp_endpoint`` is
+    set). ``record_identities``: endpoint identities and ticket ids in span attributes."""
+
+    otlp_endpoint: str | None = None
+    service_name: str = "kms"
+    record_identities: bool = False
+
+    @property
+    def enabled(self) -> bool:
+        return self.otlp_endpoint is not None
+
+
+@dataclass(frozen=True)
 class KmsConfig:
     """The whole of kms.toml; paths are absolute (relative ones resolved against ``home``)."""
 
@@ -164,6 +178,7 @@ class KmsConfig:
     pk: PkSettings = field(default_factory=PkSettings)
     federation: FederationSettings = field(default_factory=FederationSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    tracing: TracingSettings = field(default_factory=TracingSettings)
 
     @property
     def kms_id_bytes(self) -> bytes:
@@ -277,7 +292,7 @@ def parse_config(text: str, home: Path) -> KmsConfig:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{CONFIG_FILE}: not valid TOML: {exc}") from None
     unknown = sorted(set(doc) - {"kms", "token", "server", "policy", "pk", "federation",
-                                "metrics"})
+                                "metrics", "tracing"})
     if unknown:
         raise ConfigError(f"{CONFIG_FILE}: [{unknown[0]}]: unknown section")
 
@@ -304,6 +319,21 @@ def parse_config(text: str, home: Path) -> KmsConfig:
         pk=pk_settings,
         federation=_parse_federation(doc, home),
         metrics=_parse_metrics(doc, home),
+        tracing=_parse_tracing(doc, home),
+    )
+
+
+def _parse_tracing(doc: Mapping[str, Any], home: Path) -> TracingSettings:
+    sec = _Section("tracing", doc.get("tracing"), home,
+                   ("otlp_endpoint", "service_name", "record_identities"))
+    endpoint = sec.string("otlp_endpoint")
+    if endpoint is not None and not re.fullmatch(r"https?://[^\s/]+(/\S*)?", endpoint):
+        raise sec.error("otlp_endpoint", f"must be an http:// or https:// URL, got "
+                                         f"{_show(endpoint)}")
+    return TracingSettings(
+        otlp_endpoint=endpoint,
+        service_name=sec.string("service_name", "kms") or "kms",
+        record_identities=sec.boolean("record_identities", False),
     )
 
 
@@ -594,6 +624,14 @@ def render_config(
         '#   listen = "127.0.0.1:9464"',
         "# Seconds a TPK may stay current before the KmsTpkNotRotated alert fires.",
         f"tpk_max_age_s = {MetricsSettings.tpk_max_age_s}",
+        "",
+        "[tracing]",
+        "# A span per call, token operation and forwarded resolve, W3C trace context carried to",
+        "# peer KMSs, exported over OTLP/HTTP JSON; off unless otlp_endpoint is set. Example:",
+        '#   otlp_endpoint = "http://127.0.0.1:4318"',
+        f"service_name = {_toml_str(TracingSettings.service_name)}",
+        "# Endpoint identities and ticket ids in span attributes (off: none are recorded).",
+        "record_identities = false",
         "",
     ]
     return "\n".join(lines)

@@ -299,10 +299,10 @@ def serve_once(
     peers: GrpcPeerResolver | None = None
     observed: ObservedProcess | None = None
     try:
-        if plan.metrics is not None:
+        if plan.metrics is not None or home.config.tracing.enabled:
             observed = ObservedProcess(plan.metrics, plan.workers, home)
         n_slots = core_slots_for(home.config)
-        slots = CoreSlots(n_slots) if observed is None else observed.metrics.slots(n_slots)
+        slots = CoreSlots(n_slots) if observed is None else observed.slots(n_slots)
         # RFC 6043 9: tickets issued by a peer KMS are resolved by asking it (per process),
         # without holding a core slot while the peer answers.
         peers = GrpcPeerResolver.from_config(home.config, home.registry.path)
