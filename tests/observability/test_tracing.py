@@ -6,17 +6,25 @@ the traceparent of its span to the peer KMS (RFC 6043 9 forwarded resolve)."""
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
 
+from hsm.software import SoftwareKeyStore
 from kms.core.ports import PeerKms
-from kms.endpoint.initiator import DesiredPolicy
+from kms.endpoint.client import KmsClient, obtain_ticket, resolve
+from kms.endpoint.common import Credentials
+from kms.endpoint.initiator import DesiredPolicy, Initiator
+from kms.endpoint.responder import Responder
+from kms.endpoint.session import CryptoSession
+from kms.mikey.constants import IdType
 from kms.server import stubs
 from kms.server.config import ConfigError, parse_config
 from kms.server.federation import GrpcPeerResolver, PeerRoute
@@ -27,7 +35,16 @@ from kms.server.tracing import (
     TracingPeers,
     parse_traceparent,
 )
-from tests.e2e.harness import ALICE, BOB, Kms, make_home, running_kms
+from tests.e2e.harness import (
+    ALICE,
+    BOB,
+    Kms,
+    ServeProcess,
+    free_port,
+    make_home,
+    run_kms,
+    running_kms,
+)
 from tests.federation.test_resolver import FakePeer
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -188,3 +205,73 @@ def test_forwarded_resolve_carries_the_trace_to_the_peer() -> None:
     assert client["parentSpanId"] == call.context.span_id
     assert attrs(client)["kms.peer"] == "kms:a.example"
     assert seen[0]["x-correlation-id"] == "c"
+
+
+def _tracing_home(path: Path, kms_id: str, users: dict[bytes, bytes], peer: list[str],
+                  collector: Collector, service: str, plaintext_peers: bool) -> Path:
+    run_kms(path, "init", "--kms-id", kms_id)
+    for who, psk in users.items():
+        run_kms(path, "endpoint", "add", who.decode(), "--psk-hex", psk.hex())
+    run_kms(path, "peer", "add", *peer)
+    cfg = path / "kms.toml"
+    text = cfg.read_text()
+    text = text.replace('#   otlp_endpoint = "http://127.0.0.1:4318"',
+                        f'otlp_endpoint = "{collector.url}"')
+    text = text.replace('service_name = "kms"', f'service_name = "{service}"')
+    if plaintext_peers:
+        text, n = re.subn(r"(?m)^allow_plaintext = false$", "allow_plaintext = true", text)
+        assert n == 1
+    cfg.write_text(text)
+    return path
+
+
+def test_one_trace_across_a_federated_resolve(tmp_path: Path) -> None:
+    """Bob's KMS (F) forwards the resolve of a ticket issued by Alice's KMS (I), RFC 6043 9:
+    F's call span, F's peer span and I's call span are one trace, I's span the child of F's
+    peer span."""
+    alice, bob = b"sip:alice@i.example", b"sip:bob@f.example"
+    psks = {alice: bytes.fromhex("a1" * 16), bob: bytes.fromhex("b0" * 16)}
+    shared = ("fe" * 32)
+    collector = Collector()
+    pi, pf = free_port(), free_port()
+    homes = [
+        _tracing_home(tmp_path / "i", "kms:i.example", {alice: psks[alice]},
+                      ["kms:f.example", "--address", f"127.0.0.1:{pf}", "--psk-hex", shared,
+                       "--resolve-for", "sip:*@f.example"], collector, "kms-i", False),
+        _tracing_home(tmp_path / "f", "kms:f.example", {bob: psks[bob]},
+                      ["kms:i.example", "--address", f"127.0.0.1:{pi}", "--psk-hex", shared],
+                      collector, "kms-f", True),
+    ]
+    servers = [ServeProcess(homes[0], pi), ServeProcess(homes[1], pf)]
+    ks = SoftwareKeyStore()
+    try:
+        for s in servers:
+            s.wait_ready()
+        ini = Initiator(Credentials(alice, psks[alice], b"kms:i.example", IdType.URI), ks)
+        with KmsClient(servers[0].target) as ci, KmsClient(servers[1].target) as cf:
+            grant = obtain_ticket(ci, ini, DesiredPolicy(responders=(bob,)))
+            ti, _ = ini.transfer_init(grant, time.time(), bob, (CryptoSession(1, 0xB0B),))
+            responder = Responder(Credentials(bob, psks[bob], b"kms:f.example", IdType.URI), ks)
+            call = resolve(cf, responder, ti)
+        assert call.initiator == alice
+        [peer_span] = collector.wait_for(lambda s: s["name"] == "peer/ResolveTicket")
+        trace = peer_span["traceId"]
+        issuer_spans = collector.wait_for(
+            lambda s: s["name"] == "kms/ResolveTicket" and s["traceId"] == trace
+            and s.get("parentSpanId") == peer_span["spanId"])
+        forwarder = collector.wait_for(
+            lambda s: s["name"] == "kms/ResolveTicket" and s["spanId"] == peer_span.get(
+                "parentSpanId"))
+    finally:
+        for s in servers:
+            if s.proc.poll() is None:
+                assert s.terminate() == 0, s.stderr
+            else:
+                s.kill()
+        collector.close()
+    assert len(issuer_spans) == 1 and issuer_spans[0]["kind"] == 2
+    assert attrs(issuer_spans[0])["kms.outcome"] == "ok"
+    assert forwarder[0]["traceId"] == trace and "parentSpanId" not in forwarder[0]
+    assert attrs(peer_span)["kms.peer"] == "kms:i.example"
+    services = {r["attributes"][0]["value"]["stringValue"] for r in collector.resources}
+    assert services == {"kms-i", "kms-f"}
