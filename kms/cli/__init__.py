@@ -43,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
         mikey_cmd,
         peer_cmd,
         serve_cmd,
+        status_cmd,
         token_cmd,
     )
 
@@ -53,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     peer_cmd.register(sub)
     app_cmd.register(sub)
     token_cmd.register(sub)
+    status_cmd.register(sub)
     return parser
 
 

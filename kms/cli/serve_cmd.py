@@ -30,6 +30,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             grace=args.grace,
             log_level=args.log_level,
             kms_id=args.kms_id,
+            metrics_listen=args.metrics_listen,
             out=out,
             say=say,
         )
@@ -77,4 +78,8 @@ def register(sub: Any) -> None:  # argparse._SubParsersAction
                    help="log level of the JSON log on stderr (default: INFO)")
     p.add_argument("--kms-id", metavar="URI",
                    help="KMS id when initialising an empty home (default: kms:<hostname>)")
+    p.add_argument("--metrics-listen", metavar="HOST:PORT",
+                   help="serve Prometheus metrics at http://HOST:PORT/metrics (default: "
+                   "[metrics] listen; off when neither is set). Plain HTTP only on loopback "
+                   "unless [metrics] has tls_cert/tls_key or allow_plaintext_non_loopback")
     p.set_defaults(func=cmd_serve)

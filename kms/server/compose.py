@@ -108,12 +108,15 @@ def build_handler(
     pk: PkAuthenticator | None = None,
     peers: PeerResolver | None = None,
     workers: int | None = None,
+    keystore: KeyStore | None = None,
 ) -> KmsHandler:
-    """The KMS core wired to this home's token, registry and stores."""
+    """The KMS core wired to this home's token, registry and stores (``keystore``: a
+    decorator around ``home.keystore()``, e.g. the metered one, instead of the token)."""
     config = home.config
     state = config.home / STATE_DIR
     state.mkdir(mode=0o700, exist_ok=True)
-    keystore = home.keystore()
+    if keystore is None:
+        keystore = home.keystore()
     deps = Deps(
         keystore=keystore,
         directory=RegistryDirectory(home.registry.path),

@@ -154,6 +154,40 @@ class AuditSettings:
 
 
 @dataclass(frozen=True)
+class MetricsSettings:
+    """``[metrics]``: the Prometheus ``/metrics`` listener (off unless ``listen`` is set).
+
+    Plain HTTP only on loopback unless ``tls_cert``/``tls_key`` are set or
+    ``allow_plaintext_non_loopback = true``. ``tpk_max_age_s``: how long a TPK may stay
+    current before the ``KmsTpkNotRotated`` alert fires (exported as a gauge).
+    """
+
+    listen: str | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    allow_plaintext_non_loopback: bool = False
+    tpk_max_age_s: int = 90 * 86400
+
+    @property
+    def enabled(self) -> bool:
+        return self.listen is not None
+
+
+@dataclass(frozen=True)
+class TracingSettings:
+    """``[tracing]``: spans exported over OTLP/HTTP JSON (off unless ``otlp_endpoint`` is
+    set). ``record_identities``: endpoint identities and ticket ids in span attributes."""
+
+    otlp_endpoint: str | None = None
+    service_name: str = "kms"
+    record_identities: bool = False
+
+    @property
+    def enabled(self) -> bool:
+        return self.otlp_endpoint is not None
+
+
+@dataclass(frozen=True)
 class KmsConfig:
     """The whole of kms.toml; paths are absolute (relative ones resolved against ``home``)."""
 
@@ -165,6 +199,8 @@ class KmsConfig:
     pk: PkSettings = field(default_factory=PkSettings)
     federation: FederationSettings = field(default_factory=FederationSettings)
     audit: AuditSettings = field(default_factory=AuditSettings)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    tracing: TracingSettings = field(default_factory=TracingSettings)
 
     @property
     def kms_id_bytes(self) -> bytes:
@@ -277,7 +313,8 @@ def parse_config(text: str, home: Path) -> KmsConfig:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{CONFIG_FILE}: not valid TOML: {exc}") from None
-    unknown = sorted(set(doc) - {"kms", "token", "server", "policy", "pk", "federation", "audit"})
+    unknown = sorted(set(doc) - {"kms", "token", "server", "policy", "pk", "federation",
+                                "audit", "metrics", "tracing"})
     if unknown:
         raise ConfigError(f"{CONFIG_FILE}: [{unknown[0]}]: unknown section")
 
@@ -305,6 +342,8 @@ def parse_config(text: str, home: Path) -> KmsConfig:
         pk=pk_settings,
         federation=_parse_federation(doc, home),
         audit=_parse_audit(doc, home),
+        metrics=_parse_metrics(doc, home),
+        tracing=_parse_tracing(doc, home),
     )
 
 
@@ -314,6 +353,60 @@ def _parse_audit(doc: Mapping[str, Any], home: Path) -> AuditSettings:
     if 0 < max_bytes < 4096:
         raise sec.error("max_bytes", f"must be 0 (no rotation) or at least 4096, got {max_bytes}")
     return AuditSettings(max_bytes=max_bytes, keep=sec.integer("keep", AuditSettings.keep, 0, 1000))
+
+
+def _parse_tracing(doc: Mapping[str, Any], home: Path) -> TracingSettings:
+    sec = _Section("tracing", doc.get("tracing"), home,
+                   ("otlp_endpoint", "service_name", "record_identities"))
+    endpoint = sec.string("otlp_endpoint")
+    if endpoint is not None and not re.fullmatch(r"https?://[^\s/]+(/\S*)?", endpoint):
+        raise sec.error("otlp_endpoint", f"must be an http:// or https:// URL, got "
+                                         f"{_show(endpoint)}")
+    return TracingSettings(
+        otlp_endpoint=endpoint,
+        service_name=sec.string("service_name", "kms") or "kms",
+        record_identities=sec.boolean("record_identities", False),
+    )
+
+
+def check_metrics_listen(listen: str, tls: bool, allow_plaintext: bool) -> None:
+    """``HOST:PORT`` for ``/metrics``; plain HTTP off loopback only when allowed. ValueError
+    with the reason (the caller names the setting)."""
+    host, _port = split_listen(listen)
+    if not tls and not is_loopback(host) and not allow_plaintext:
+        raise ValueError(
+            f"{listen} is not a loopback address and [metrics] has no tls_cert/tls_key "
+            "(set allow_plaintext_non_loopback = true in [metrics] to accept plain HTTP)"
+        )
+
+
+def _parse_metrics(doc: Mapping[str, Any], home: Path) -> MetricsSettings:
+    sec = _Section(
+        "metrics",
+        doc.get("metrics"),
+        home,
+        ("listen", "tls_cert", "tls_key", "allow_plaintext_non_loopback", "tpk_max_age_s"),
+    )
+    settings = MetricsSettings(
+        listen=sec.string("listen"),
+        tls_cert=sec.path("tls_cert"),
+        tls_key=sec.path("tls_key"),
+        allow_plaintext_non_loopback=sec.boolean("allow_plaintext_non_loopback", False),
+        tpk_max_age_s=sec.integer("tpk_max_age_s", MetricsSettings.tpk_max_age_s, 60,
+                                  10 * 366 * 86400),
+    )
+    if (settings.tls_cert is None) != (settings.tls_key is None):
+        missing = "tls_key" if settings.tls_key is None else "tls_cert"
+        raise sec.error(missing, "tls_cert and tls_key must be given together")
+    if settings.listen is not None:
+        try:
+            check_metrics_listen(
+                settings.listen, settings.tls_cert is not None,
+                settings.allow_plaintext_non_loopback,
+            )
+        except ValueError as exc:
+            raise sec.error("listen", str(exc)) from None
+    return settings
 
 
 def _parse_federation(doc: Mapping[str, Any], home: Path) -> FederationSettings:
@@ -611,6 +704,22 @@ def render_config(
         "# leave it to logrotate (rename, no copytruncate: the KMS reopens a renamed log).",
         f"max_bytes = {AuditSettings.max_bytes}",
         f"keep = {AuditSettings.keep}",
+        "",
+        "[metrics]",
+        "# Prometheus /metrics over HTTP, off unless listen is set (`kms serve --metrics-listen`",
+        "# overrides). Loopback only, unless this section has tls_cert and tls_key (PEM files)",
+        "# or sets allow_plaintext_non_loopback. Example, uncommented:",
+        '#   listen = "127.0.0.1:9464"',
+        "# Seconds a TPK may stay current before the KmsTpkNotRotated alert fires.",
+        f"tpk_max_age_s = {MetricsSettings.tpk_max_age_s}",
+        "",
+        "[tracing]",
+        "# A span per call, token operation and forwarded resolve, W3C trace context carried to",
+        "# peer KMSs, exported over OTLP/HTTP JSON; off unless otlp_endpoint is set. Example:",
+        '#   otlp_endpoint = "http://127.0.0.1:4318"',
+        f"service_name = {_toml_str(TracingSettings.service_name)}",
+        "# Endpoint identities and ticket ids in span attributes (off: none are recorded).",
+        "record_identities = false",
         "",
     ]
     return "\n".join(lines)

@@ -47,6 +47,7 @@ from kms.core.ports import PeerError, PeerKms
 from kms.server import stubs
 from kms.server.config import KmsConfig, is_loopback, split_listen
 from kms.server.grpc_server import CORRELATION_KEY, ERROR_TRAILER, HOPS_KEY
+from kms.server.tracing import outgoing_metadata
 from kms.store.registry import Registry, UnknownPeer, show_identity
 
 log = logging.getLogger("kms.server.federation")
@@ -176,7 +177,9 @@ class GrpcPeerResolver:
         if route is None:  # removed between the core's lookup and ours
             raise PeerError("unavailable", f"peer {name} is no longer registered")
         stub = self._stub(route, name)
-        metadata = ((CORRELATION_KEY, correlation_id), (HOPS_KEY, str(hops)))
+        metadata = (
+            (CORRELATION_KEY, correlation_id), (HOPS_KEY, str(hops)), *outgoing_metadata()
+        )
         request = stubs.MikeyMessage(data=wire)
         deadline = self._clock() + peer.deadline_s
         attempt = 0

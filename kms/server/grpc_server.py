@@ -39,7 +39,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from kms.core.api import KmsHandler, KmsReply, Outcome
-from kms.server import stubs
+from kms.server import stubs, tracing
 from kms.server.admission import (
     CallGuard,
     GuardedHealth,
@@ -209,6 +209,7 @@ class KmsServicer:
         registered = bool(context.add_callback(self._release))
         started = time.monotonic()
         cid = correlation_id(context.invocation_metadata())
+        tracing.set_incoming(context.invocation_metadata())  # W3C traceparent, if sent
         try:
             context.send_initial_metadata(((CORRELATION_KEY, cid),))
             if isinstance(request, Undecodable):

@@ -46,10 +46,20 @@ from typing import Any
 from kms.keystore import KeyStoreError
 from kms.server.admission import limits_for
 from kms.server.compose import build_handler
-from kms.server.config import CONFIG_FILE, ConfigError, is_loopback, load_config, split_listen
+from kms.server.config import (
+    CONFIG_FILE,
+    ConfigError,
+    KmsConfig,
+    check_metrics_listen,
+    is_loopback,
+    load_config,
+    split_listen,
+)
 from kms.server.federation import FederationConfigError, GrpcPeerResolver
 from kms.server.grpc_server import DEFAULT_THREADS, KmsServer, ServerError, tls_credentials
 from kms.server.home import HomeError, init_home, open_home
+from kms.server.metrics_http import MetricsListen
+from kms.server.observe import ObservedProcess, supervise_with_metrics
 from kms.server.slots import CoreSlots, SlotReleasingPeers, core_slots_for
 from kms.store.registry import RegistryError
 
@@ -99,6 +109,7 @@ class Plan:
     grace: float = DEFAULT_GRACE_S
     tls: TlsFiles | None = None
     log_level: str = "INFO"
+    metrics: MetricsListen | None = None  # the /metrics listener, None: off
 
     def credentials(self) -> Any:
         if self.tls is None:
@@ -160,6 +171,7 @@ def make_plan(
     threads: int,
     grace: float,
     log_level: str,
+    metrics_listen: str | None = None,
 ) -> Plan:
     """Merge the command line over kms.toml ``[server]`` and validate the result."""
     config = load_config(home)
@@ -189,9 +201,23 @@ def make_plan(
         grace=grace,
         tls=tls,
         log_level=log_level,
+        metrics=metrics_plan(config, metrics_listen),
     )
     plan.credentials()  # unreadable TLS files: fail now, in one place, not in N workers
     return plan
+
+
+def metrics_plan(config: KmsConfig, listen: str | None) -> MetricsListen | None:
+    """``--metrics-listen`` over ``[metrics] listen``; None when neither is set."""
+    m = config.metrics
+    listen = listen or m.listen
+    if listen is None:
+        return None
+    try:
+        check_metrics_listen(listen, m.tls_cert is not None, m.allow_plaintext_non_loopback)
+    except ValueError as exc:
+        raise ServeError(f"--metrics-listen: {exc}") from None
+    return MetricsListen(listen, m.tls_cert, m.tls_key)
 
 
 def init_empty_home(home: Path, kms_id: str, say: Callable[[str], None]) -> None:
@@ -272,14 +298,23 @@ def serve_once(
     home = open_home(plan.home)
     handler: Any = None
     peers: GrpcPeerResolver | None = None
+    observed: ObservedProcess | None = None
     try:
-        slots = CoreSlots(core_slots_for(home.config))
+        if plan.metrics is not None or home.config.tracing.enabled:
+            observed = ObservedProcess(plan.metrics, plan.workers, home)
+        n_slots = core_slots_for(home.config)
+        slots = CoreSlots(n_slots) if observed is None else observed.slots(n_slots)
         # RFC 6043 9: tickets issued by a peer KMS are resolved by asking it (per process),
         # without holding a core slot while the peer answers.
         peers = GrpcPeerResolver.from_config(home.config, home.registry.path)
-        handler = build_handler(
-            home, peers=SlotReleasingPeers(peers, slots), workers=plan.workers
-        )
+        if observed is None:
+            handler = build_handler(
+                home, peers=SlotReleasingPeers(peers, slots), workers=plan.workers
+            )
+        else:
+            handler = observed.build_handler(
+                SlotReleasingPeers(observed.peers(peers), slots), workers=plan.workers
+            )
         server = KmsServer(
             handler,
             plan.listen,
@@ -314,6 +349,8 @@ def serve_once(
                 close()
         if peers is not None:
             peers.close()
+        if observed is not None:
+            observed.close()
         home.close()
 
 
@@ -361,6 +398,8 @@ class Supervisor:
         self.restart_at: dict[int, float] = {}
         self.stop = threading.Event()
         self._wake_r, self._wake_w = os.pipe()
+        # Called with the pid of each worker that exited (drops its live metric gauges).
+        self.on_worker_exit: Callable[[int], None] | None = None
 
     def _spawn(self, slot: int) -> _Worker:
         parent_conn, child_conn = self.ctx.Pipe(duplex=False)
@@ -454,6 +493,8 @@ class Supervisor:
 
     def _schedule_restart(self, w: _Worker) -> None:
         w.process.join(0)
+        if self.on_worker_exit is not None:
+            self.on_worker_exit(w.process.pid)
         w.conn.close()
         del self.workers[w.slot]
         lived = time.monotonic() - w.started
@@ -505,6 +546,7 @@ def serve(
     grace: float = DEFAULT_GRACE_S,
     log_level: str = "INFO",
     kms_id: str | None = None,
+    metrics_listen: str | None = None,
     out: Callable[[str], None] = print,
     say: Callable[[str], None] = print,
 ) -> int:
@@ -530,6 +572,7 @@ def serve(
             home, listen=listen, workers=workers, threads=threads or DEFAULT_THREADS,
             grace=grace,
             log_level=log_level,
+            metrics_listen=metrics_listen,
         )
         n = plan.workers
 
@@ -546,7 +589,15 @@ def serve(
         if n == 1:
             serve_once(plan, ready=announce)
             return 0
-        return Supervisor(plan).run(announce)
+        sup = Supervisor(plan)
+        if plan.metrics is not None:
+
+            def run(on_worker_exit: Callable[[int], None]) -> int:
+                sup.on_worker_exit = on_worker_exit
+                return sup.run(announce)
+
+            return supervise_with_metrics(plan.home, plan.metrics, n, run)
+        return sup.run(announce)
 
 
 __all__ = [

@@ -1,0 +1,371 @@
+"""Prometheus metrics of one serving process: what the KMS did, how long it took, and whether
+the token and the peer KMSs answer.
+
+The KMS core stays sans-IO and knows nothing of metrics: everything here is measured at the
+ports, by decorators built in the composition root around the real objects:
+
+* :class:`MeteredHandler` around the :class:`kms.core.api.KmsHandler`: calls by method and
+  outcome (gRPC status and MIKEY error number, RFC 3830 6.12 / RFC 6043 6.14), latency
+  (queueing for a core slot included), tickets issued, resolves, replay and rate-limit
+  refusals. It classifies each call from the reply's audit record, which the core already
+  fills in for every decision.
+* :class:`MeteredKeyStore` around the :class:`kms.keystore.KeyStore`: token operations by kind
+  with latency, errors by kind, token availability and reconnects.
+* :class:`MeteredPeers` around the :class:`kms.core.ports.PeerResolver`: federated resolves
+  (RFC 6043 9) by peer KMS and outcome, with latency.
+* :class:`TimedSlots`: how long calls wait for a core slot.
+
+Label values are bounded: method, outcome and status names, MIKEY error numbers 0..15, key
+types, token operation names and the ids of the peer KMSs the operator registered. Never an
+endpoint identity, a ticket id or a correlation id.
+
+With several worker processes, prometheus-client's multiprocess mode adds their values up
+(``PROMETHEUS_MULTIPROC_DIR``, set by the supervisor before it spawns the workers); gauges
+say how to combine processes (``multiprocess_mode``).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from kms.core.api import KmsHandler, KmsReply, Outcome
+from kms.core.ports import PeerError, PeerKms, PeerResolver
+from kms.keystore import KeyStore
+from kms.mikey.constants import ErrorNo
+from kms.server.metrics_token import MeteredKeyStore, TokenProbe, error_kind
+from kms.server.slots import CoreSlots
+
+# Seconds. A Ticket Request with SoftHSM takes ~2 ms of CPU; a federated resolve waits for a
+# peer (deadline 2 s by default); queueing under overload can take longer.
+CALL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+TOKEN_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 1.0)
+PEER_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0)
+
+# gRPC status names per outcome (kms.server.grpc_server.STATUS_BY_OUTCOME, without grpc).
+STATUS_NAMES: dict[Outcome, str] = {
+    Outcome.OK: "OK",
+    Outcome.MALFORMED: "INVALID_ARGUMENT",
+    Outcome.UNAUTHENTICATED: "UNAUTHENTICATED",
+    Outcome.DENIED: "PERMISSION_DENIED",
+    Outcome.PRECONDITION: "FAILED_PRECONDITION",
+    Outcome.RATE_LIMITED: "RESOURCE_EXHAUSTED",
+    Outcome.UNAVAILABLE: "UNAVAILABLE",
+    Outcome.INTERNAL: "INTERNAL",
+}
+METHODS = {"request_ticket": "RequestTicket", "resolve_ticket": "ResolveTicket"}
+_ERROR_NOS = frozenset(str(int(e)) for e in ErrorNo)
+_KEY_TYPES = {"TGK": "tgk", "TEK": "tek", "GTGK": "gtgk"}
+PEER_OUTCOMES = ("ok", "refused", "invalid", "unavailable")
+
+def key_type_label(keys: object) -> str:
+    """The ticket's key types (RFC 3830 6.13 Type of KV data, salts folded into their key)
+    as one bounded label value: ``tgk``, ``tek``, ``gtgk`` or e.g. ``tek+tgk``."""
+    if not isinstance(keys, list | tuple):
+        return "none"
+    kinds = sorted({_KEY_TYPES.get(str(k).removesuffix("_SALT"), "other") for k in keys})
+    return "+".join(kinds) if kinds else "none"
+
+
+class ServerMetrics:
+    """The metric families of a serving process, and the decorators that feed them.
+
+    ``registry``: where the families are registered for exposition from this process; None
+    in a multiprocess worker (the supervisor collects the worker's files).
+    """
+
+    def __init__(self, registry: CollectorRegistry | None) -> None:
+        r = registry
+        self.calls = Counter(
+            "kms_calls_total",
+            "KMS calls (RequestTicket, ResolveTicket) by outcome: gRPC status and MIKEY "
+            "error number (none when OK or when no ERR payload was sent)",
+            ("method", "outcome", "code", "mikey_error"),
+            registry=r,
+        )
+        self.call_seconds = Histogram(
+            "kms_call_duration_seconds",
+            "Time from admission to reply per KMS call, waiting for a core slot included",
+            ("method",),
+            buckets=CALL_BUCKETS,
+            registry=r,
+        )
+        self.slot_wait = Histogram(
+            "kms_core_slot_wait_seconds",
+            "Time a KMS call waited for a core slot (saturation of this worker)",
+            buckets=CALL_BUCKETS,
+            registry=r,
+        )
+        self.tickets = Counter(
+            "kms_tickets_issued_total",
+            "Tickets issued (REQUEST_RESP sent) by key types and whether forking was granted",
+            ("key_type", "forking"),
+            registry=r,
+        )
+        self.resolves = Counter(
+            "kms_resolves_total",
+            "Ticket resolves: path local (this KMS issued the ticket) or forwarded (asked "
+            "the issuing peer KMS, RFC 6043 9); result ok or refused",
+            ("path", "result"),
+            registry=r,
+        )
+        self.replays = Counter(
+            "kms_replay_refusals_total",
+            "Initial messages refused as replays of an accepted one (RFC 3830 5.4)",
+            registry=r,
+        )
+        self.rate_limited = Counter(
+            "kms_rate_limit_refusals_total",
+            "Calls refused by a rate limit: scope identity (per sender) or peer (peer quota)",
+            ("scope",),
+            registry=r,
+        )
+        self.token_seconds = Histogram(
+            "kms_token_operation_duration_seconds",
+            "Key-store (PKCS#11 token) operations by kind; _count is the number of operations",
+            ("operation",),
+            buckets=TOKEN_BUCKETS,
+            registry=r,
+        )
+        self.token_errors = Counter(
+            "kms_token_operation_errors_total",
+            "Key-store operations that failed, by kind of operation and error",
+            ("operation", "error"),
+            registry=r,
+        )
+        # Made at the first token answer or failure, so that a worker that is still starting
+        # does not report a token down (a multiprocess gauge starts at 0 in its file).
+        self._token_up: Gauge | None = None
+        self._registry = r
+        self.token_reconnects = Counter(
+            "kms_token_reconnects_total",
+            "Times the token answered again after being unavailable",
+            registry=r,
+        )
+        self.peer_calls = Counter(
+            "kms_federation_calls_total",
+            "Resolves forwarded to a peer KMS (RFC 6043 9) by peer and outcome: ok, refused "
+            "(the peer said no), invalid (its answer did not verify), unavailable",
+            ("peer", "outcome"),
+            registry=r,
+        )
+        self.peer_seconds = Histogram(
+            "kms_federation_call_duration_seconds",
+            "Time a forwarded resolve waited for the peer KMS, retries included",
+            ("peer",),
+            buckets=PEER_BUCKETS,
+            registry=r,
+        )
+        self.peer_up = Gauge(
+            "kms_federation_peer_up",
+            "1 when the peer KMS answered the last forwarded resolve, 0 when it was "
+            "unavailable",
+            ("peer",),
+            registry=r,
+            multiprocess_mode="livemostrecent",
+        )
+        self._token_down = False
+        self._token_lock = threading.Lock()
+        # Label children by label values: labels() costs a lock and a tuple per call.
+        self._children: dict[tuple[object, ...], Any] = {}
+        # When this thread's current call was admitted (set by TimedSlots, read by
+        # MeteredHandler), so that the call latency includes the wait for a slot.
+        self._local = threading.local()
+
+    # --- token state ------------------------------------------------------------------------
+    @property
+    def token_down(self) -> bool:
+        return self._token_down
+
+    @property
+    def token_up(self) -> Gauge:
+        """``kms_token_up`` (call with the token lock held)."""
+        if self._token_up is None:
+            self._token_up = Gauge(
+                "kms_token_up",
+                "1 when the token answered the last operation or probe, 0 when it was "
+                "unavailable (lowest over live worker processes)",
+                registry=self._registry,
+                multiprocess_mode="livemin",
+            )
+        return self._token_up
+
+    def token_ok(self) -> None:
+        with self._token_lock:
+            if self._token_down:
+                self._token_down = False
+                self.token_reconnects.inc()
+            self.token_up.set(1)
+
+    def token_unavailable(self) -> None:
+        with self._token_lock:
+            self._token_down = True
+            self.token_up.set(0)
+
+    # --- decorators ---------------------------------------------------------------------------
+    def keystore(self, inner: KeyStore) -> MeteredKeyStore:
+        return MeteredKeyStore(inner, self)
+
+    def peers(self, inner: PeerResolver) -> MeteredPeers:
+        return MeteredPeers(inner, self)
+
+    def handler(self, inner: KmsHandler) -> MeteredHandler:
+        return MeteredHandler(inner, self)
+
+    def slots(self, n: int) -> TimedSlots:
+        return TimedSlots(n, self)
+
+    # --- per call -----------------------------------------------------------------------------
+    def child(self, metric: Any, *labels: str) -> Any:
+        """``metric.labels(*labels)``, cached (label values are bounded, so is the cache)."""
+        key = (id(metric), *labels)
+        c = self._children.get(key)
+        if c is None:
+            c = self._children[key] = metric.labels(*labels)
+        return c
+
+    def admitted_at(self) -> float | None:
+        return getattr(self._local, "admitted", None)
+
+    def set_admitted(self, t: float | None) -> None:
+        self._local.admitted = t
+
+    def observe_call(self, method: str, reply: KmsReply | None, seconds: float) -> None:
+        """Count one call (``reply`` None: the handler raised, answered INTERNAL)."""
+        name = METHODS[method]
+        self.child(self.call_seconds, name).observe(seconds)
+        if reply is None:
+            self.child(self.calls, name, Outcome.INTERNAL.value, "INTERNAL", "none").inc()
+            return
+        audit: Mapping[str, object] = reply.audit
+        outcome = reply.outcome
+        err = "none"
+        if outcome is not Outcome.OK and reply.error_message is not None:
+            err = str(audit.get("error_no", "none"))
+            if err not in _ERROR_NOS:
+                err = "other"
+        self.child(self.calls, name, outcome.value, STATUS_NAMES[outcome], err).inc()
+        event = audit.get("event")
+        forwarded = event == "ticket.forwarded" or bool(audit.get("via_peer"))
+        if method == "request_ticket":
+            if outcome is Outcome.OK:
+                forking = "true" if audit.get("forking") else "false"
+                self.child(self.tickets, key_type_label(audit.get("keys")), forking).inc()
+        elif "ticket_id" in audit:  # a resolve that got as far as reading the ticket
+            self.child(
+                self.resolves,
+                "forwarded" if forwarded else "local",
+                "ok" if outcome is Outcome.OK else "refused",
+            ).inc()
+        if outcome is Outcome.RATE_LIMITED:
+            reason = str(audit.get("reason", ""))
+            self.rate_limited.labels("peer" if "peer" in reason else "identity").inc()
+        elif outcome is Outcome.PRECONDITION and str(audit.get("reason", "")).startswith(
+            "replay"
+        ):
+            self.replays.inc()
+
+
+class TimedSlots(CoreSlots):
+    """Core slots that record how long each call waited for one."""
+
+    def __init__(self, n: int, metrics: ServerMetrics) -> None:
+        super().__init__(n)
+        self._metrics = metrics
+
+    @contextmanager
+    def held(self) -> Iterator[None]:
+        t0 = time.perf_counter()
+        with super().held():
+            self._metrics.slot_wait.observe(time.perf_counter() - t0)
+            self._metrics.set_admitted(t0)
+            try:
+                yield
+            finally:
+                self._metrics.set_admitted(None)
+
+
+class MeteredHandler:
+    """A :class:`KmsHandler` that counts and times every call of the handler it wraps."""
+
+    def __init__(self, inner: KmsHandler, metrics: ServerMetrics) -> None:
+        self._inner = inner
+        self._m = metrics
+
+    def request_ticket(self, wire: bytes, now: float, *, correlation_id: str = "") -> KmsReply:
+        return self._call("request_ticket", self._inner.request_ticket, wire, now,
+                          correlation_id=correlation_id)
+
+    def resolve_ticket(
+        self, wire: bytes, now: float, *, correlation_id: str = "", **kwargs: Any
+    ) -> KmsReply:
+        # ``hops`` (RFC 6043 9 federation) passes through when the adapter sets it.
+        return self._call("resolve_ticket", self._inner.resolve_ticket, wire, now,
+                          correlation_id=correlation_id, **kwargs)
+
+    def _call(self, method: str, fn: Callable[..., KmsReply], *args: Any, **kw: Any) -> KmsReply:
+        t0 = time.perf_counter()
+        started = self._m.admitted_at() or t0
+        reply: KmsReply | None = None
+        try:
+            reply = fn(*args, **kw)
+            return reply
+        finally:
+            self._m.observe_call(
+                method, reply if isinstance(reply, KmsReply) else None,
+                time.perf_counter() - started,
+            )
+
+    def close(self) -> None:
+        close = getattr(self._inner, "close", None)
+        if callable(close):
+            close()
+
+    @property
+    def inner(self) -> KmsHandler:
+        return self._inner
+
+
+class MeteredPeers:
+    """A :class:`PeerResolver` that counts and times forwarded resolves per peer KMS."""
+
+    def __init__(self, inner: PeerResolver, metrics: ServerMetrics) -> None:
+        self._inner = inner
+        self._m = metrics
+
+    def forward_resolve(
+        self, peer: PeerKms, wire: bytes, *, correlation_id: str, hops: int
+    ) -> bytes:
+        name = peer.kms_id.decode("utf-8", "replace")
+        t0 = time.perf_counter()
+        outcome = "unavailable"
+        try:
+            answer = self._inner.forward_resolve(
+                peer, wire, correlation_id=correlation_id, hops=hops
+            )
+            outcome = "ok"
+            return answer
+        except PeerError as exc:
+            outcome = exc.kind if exc.kind in PEER_OUTCOMES else "unavailable"
+            raise
+        finally:
+            self._m.peer_seconds.labels(name).observe(time.perf_counter() - t0)
+            self._m.peer_calls.labels(name, outcome).inc()
+            self._m.peer_up.labels(name).set(0 if outcome == "unavailable" else 1)
+
+
+__all__ = [
+    "MeteredHandler",
+    "MeteredKeyStore",
+    "MeteredPeers",
+    "ServerMetrics",
+    "TimedSlots",
+    "TokenProbe",
+    "error_kind",
+    "key_type_label",
+]

@@ -1,0 +1,138 @@
+"""Metrics and traces wiring for ``kms serve`` (composition root): which process serves
+``/metrics``, and the metered and traced decorators around the token, the peer resolver and
+the handler.
+
+* One process: it keeps its metric families in memory and serves them itself, with the
+  process collector (CPU, memory, open files of the KMS process).
+* Several workers: the supervisor serves ``/metrics`` from the workers' multiprocess files
+  (:mod:`kms.server.metrics_http`); a worker only writes its values.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from prometheus_client import ProcessCollector
+
+from kms.core.api import KmsHandler
+from kms.core.ports import PeerResolver
+from kms.keystore import KeyStore
+from kms.server.compose import STATE_DIR, build_handler
+from kms.server.config import load_config
+from kms.server.home import Home
+from kms.server.metrics import ServerMetrics, TokenProbe
+from kms.server.metrics_http import (
+    MULTIPROC_ENV,
+    MetricsListen,
+    MetricsServer,
+    exposition_registry,
+    multiproc_dir,
+    worker_exited,
+)
+from kms.server.slots import CoreSlots
+from kms.server.tracing import (
+    OtlpJsonExporter,
+    Tracer,
+    TracingHandler,
+    TracingKeyStore,
+    TracingPeers,
+)
+from kms.store.registry import REGISTRY_FILE
+
+log = logging.getLogger("kms.server.metrics")
+
+TOKEN_PROBE_S = 5.0
+
+
+class ObservedProcess:
+    """Metrics and/or traces of one serving process (a worker, or the only process)."""
+
+    def __init__(self, spec: MetricsListen | None, workers: int, home: Home) -> None:
+        self.home = home
+        self.server: MetricsServer | None = None
+        self.metrics: ServerMetrics | None = None
+        self.tracer: Tracer | None = None
+        self._probe: TokenProbe | None = None
+        t = home.config.tracing
+        if t.otlp_endpoint is not None:
+            self.tracer = Tracer(OtlpJsonExporter(t.otlp_endpoint, t.service_name),
+                                 record_identities=t.record_identities)
+        if spec is None:
+            return
+        if workers > 1 and os.environ.get(MULTIPROC_ENV):
+            self.metrics = ServerMetrics(None)  # values go to the multiprocess files
+            return
+        registry = exposition_registry(home.config, home.registry.path, None)
+        ProcessCollector(registry=registry)
+        self.metrics = ServerMetrics(registry)
+        self.server = MetricsServer(spec, registry)
+        log.info(
+            "serving metrics",
+            extra={"fields": {"metrics_listen": spec.listen, "port": self.server.port,
+                              "tls": self.server.tls}},
+        )
+
+    def slots(self, n: int) -> CoreSlots:
+        return CoreSlots(n) if self.metrics is None else self.metrics.slots(n)
+
+    def peers(self, inner: PeerResolver) -> PeerResolver:
+        peers = inner
+        if self.tracer is not None:
+            peers = TracingPeers(peers, self.tracer)
+        if self.metrics is not None:
+            peers = self.metrics.peers(peers)
+        return peers
+
+    def build_handler(self, peers: PeerResolver, workers: int | None = None) -> KmsHandler:
+        store: KeyStore = self.home.keystore()
+        if self.metrics is not None:
+            metered = self.metrics.keystore(store)
+            self._probe = TokenProbe(metered, TOKEN_PROBE_S)  # probes are not traced
+            self._probe.start()
+            store = metered
+        if self.tracer is not None:
+            store = TracingKeyStore(store, self.tracer)
+        handler = build_handler(self.home, peers=peers, workers=workers, keystore=store)
+        if self.tracer is not None:
+            handler = TracingHandler(handler, self.tracer)
+        if self.metrics is not None:
+            handler = self.metrics.handler(handler)
+        return handler
+
+    def close(self) -> None:
+        if self._probe is not None:
+            self._probe.stop()
+        if self.server is not None:
+            self.server.close()
+        if self.tracer is not None:
+            self.tracer.exporter.close()
+
+
+def supervise_with_metrics(
+    home: Path,
+    spec: MetricsListen,
+    workers: int,
+    run: Callable[[Callable[[int], None]], int],
+) -> int:
+    """Run the supervisor (``run``, given the hook to call with each exited worker's pid)
+    with a multiprocess metrics folder and the ``/metrics`` listener, started before any
+    worker: a busy port is refused up front."""
+    config = load_config(home)
+    with multiproc_dir(home / STATE_DIR) as folder:
+        registry = exposition_registry(config, home / REGISTRY_FILE, folder)
+        server = MetricsServer(spec, registry)
+        log.info(
+            "serving metrics",
+            extra={"fields": {"metrics_listen": spec.listen, "port": server.port,
+                              "tls": server.tls, "workers": workers}},
+        )
+        try:
+            return run(lambda pid: worker_exited(folder, pid))
+        finally:
+            server.close()
+
+
+__all__ = ["ObservedProcess", "supervise_with_metrics"]
