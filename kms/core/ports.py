@@ -45,6 +45,12 @@ class Directory(Protocol):
         ...
 
 
+class StoreUnavailable(Exception):
+    """A shared state store (registry, replay cache, resolve ledger, rate limits) cannot be
+    reached now. Transient: the call is answered UNAVAILABLE and the client retries with a
+    freshly built message; nothing is accepted that the store could not check."""
+
+
 class ReplayCache(Protocol):
     """Remembers authenticated initial messages inside the timestamp window."""
 

@@ -13,6 +13,7 @@ from kms.core.api import KmsReply, Outcome
 from kms.core.authn import admit, authenticate_peer, authenticate_psk, forwarding_peer
 from kms.core.context import Authenticated, Deps, Exchange
 from kms.core.errors import Refusal, malformed
+from kms.core.ports import StoreUnavailable
 from kms.core.request import fresh_timestamp, handle_request
 from kms.core.resolve import handle_resolve
 from kms.keystore import KeyStoreError, TokenUnavailable
@@ -123,6 +124,11 @@ class Kms:
         except TokenUnavailable:
             unavailable = Refusal(ErrorNo.UNSPECIFIED, Outcome.UNAVAILABLE, "token unavailable")
             return self._refuse(ex, unavailable, now, sign=False)
+        except StoreUnavailable:
+            # Fail closed: a message whose replay or ledger check could not run is not
+            # accepted (RFC 3830 5.4); the client may retry with a new message.
+            down = Refusal(ErrorNo.UNSPECIFIED, Outcome.UNAVAILABLE, "state store unavailable")
+            return self._refuse(ex, down, now, sign=False)
         except KeyStoreError as exc:
             log.error("key store error (correlation id %s): %s", cid, type(exc).__name__)
             internal = Refusal(

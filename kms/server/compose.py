@@ -15,12 +15,18 @@ from kms.keystore import KeyRef
 from kms.mikey.constants import KeyDataType
 from kms.server.config import KmsConfig
 from kms.server.directory import RegistryDirectory
-from kms.server.home import CERT_FILE, ENVELOPE_LABEL, Home, HomeError, guess_id_type
+from kms.server.home import (
+    CERT_FILE,
+    ENVELOPE_LABEL,
+    SIGNING_CERT_FILE,
+    Home,
+    HomeError,
+    guess_id_type,
+)
+from kms.server.stores import STATE_DIR
 from kms.store.audit import JsonLinesAuditSink
-from kms.store.memory import PerKeyQuota, TokenBucketRateLimiter
-from kms.store.state import SqliteReplayCache, SqliteResolveLedger
 
-STATE_DIR = "state"
+__all__ = ["AUDIT_LOG", "STATE_DIR", "build_handler", "kms_policy"]
 AUDIT_LOG = "audit.log"
 
 _KEY_TYPE_NAMES = {
@@ -53,19 +59,20 @@ def build_handler(
 ) -> KmsHandler:
     """The KMS core wired to this home's token, registry and stores."""
     config = home.config
-    state = config.home / STATE_DIR
-    state.mkdir(mode=0o700, exist_ok=True)
+    stores = home.stores  # [store] backend: SQLite in the home, or PostgreSQL (cluster)
     deps = Deps(
         keystore=home.keystore(),
-        directory=RegistryDirectory(home.registry.path),
-        replay=SqliteReplayCache(state / "replay.sqlite3", config.policy.replay_cache_size),
-        ledger=SqliteResolveLedger(state / "resolved.sqlite3"),
-        rate=TokenBucketRateLimiter(config.policy.rate_limit_per_s),
+        directory=RegistryDirectory(
+            stores.open_registry, config.home / SIGNING_CERT_FILE, stores.generation
+        ),
+        replay=stores.replay_cache(),
+        ledger=stores.resolve_ledger(),
+        rate=stores.rate_limiter(),
         audit=JsonLinesAuditSink(config.home / AUDIT_LOG),
         policy=kms_policy(config),
         pk=pk,
         peers=peers,
-        peer_quota=PerKeyQuota(),
+        peer_quota=stores.peer_quota(),
     )
     cert_peers = any(p.auth == "cert" for p in home.registry.list_peers())
     if pk is None and (config.pk.ca_bundle is not None or cert_peers):

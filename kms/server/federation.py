@@ -97,14 +97,18 @@ class RegistryRoutes:
     """Peer addresses from the registry, read per call (an address changed with ``kms peer``
     applies at once). One connection per thread: sqlite3 connections belong to their thread."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
+    def __init__(self, source: Path | Callable[[], Registry]) -> None:
+        if isinstance(source, Path):
+            path = source
+            self._open: Callable[[], Registry] = lambda: Registry.open(path)
+        else:
+            self._open = source  # the home's store backend (SQLite or PostgreSQL)
         self._local = threading.local()
 
     def __call__(self, kms_id: bytes) -> PeerRoute | None:
         reg: Registry | None = getattr(self._local, "registry", None)
         if reg is None:
-            reg = Registry.open(self.path)
+            reg = self._open()
             self._local.registry = reg
         try:
             p = reg.get_peer(kms_id)
@@ -143,7 +147,9 @@ class GrpcPeerResolver:
         self._lock = threading.Lock()
 
     @classmethod
-    def from_config(cls, config: KmsConfig, registry_path: Path) -> GrpcPeerResolver:
+    def from_config(
+        cls, config: KmsConfig, registry_path: Path | Callable[[], Registry]
+    ) -> GrpcPeerResolver:
         """The resolver of a KMS home: [federation] settings, peer addresses from the
         registry. The client certificate defaults to the server's own (``[server] tls_cert``);
         without either, TLS peers are refused at call time with a clear reason."""

@@ -275,7 +275,8 @@ def serve_once(
         slots = CoreSlots(core_slots_for(home.config))
         # RFC 6043 9: tickets issued by a peer KMS are resolved by asking it (per process),
         # without holding a core slot while the peer answers.
-        peers = GrpcPeerResolver.from_config(home.config, home.registry.path)
+        peers = GrpcPeerResolver.from_config(home.config, home.stores.open_registry)
+        home.stores.start_background()  # cluster mode: registry change watch, pruning
         handler = build_handler(home, peers=SlotReleasingPeers(peers, slots))
         server = KmsServer(
             handler,

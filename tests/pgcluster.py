@@ -1,0 +1,115 @@
+"""A private PostgreSQL 15 cluster for the tests: initdb in a temporary folder, run as an
+unprivileged user (PostgreSQL refuses to run as root), on a free loopback port, stopped at the
+end. One cluster per test session; each test module gets a fresh database (CREATE DATABASE is
+cheap)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import psycopg
+
+PG_BIN = Path("/usr/lib/postgresql/15/bin")
+PG_USER = "kms"  # the database superuser the cluster is initialised with
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class PgServer:
+    """A running private cluster: ``dsn(db)`` names a database on it."""
+
+    folder: Path
+    port: int
+    os_user: str
+
+    @property
+    def data(self) -> Path:
+        return self.folder / "data"
+
+    def dsn(self, db: str = "postgres") -> str:
+        return f"postgresql://{PG_USER}@127.0.0.1:{self.port}/{db}"
+
+    def _run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        cmd = [str(a) for a in args]
+        if os.geteuid() == 0:
+            cmd = ["runuser", "-u", self.os_user, "--", *cmd]
+        return subprocess.run(cmd, check=check, capture_output=True, text=True, timeout=120)
+
+    def start(self) -> None:
+        opts = f"-k {self.folder} -c listen_addresses=127.0.0.1 -p {self.port} -c fsync=off"
+        self._run(str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-o", opts,
+                  "-l", str(self.folder / "log"), "start", "-w", "-t", "60")
+
+    def stop(self) -> None:
+        self._run(str(PG_BIN / "pg_ctl"), "-D", str(self.data), "stop", "-m", "fast", "-w",
+                  check=False)
+
+    def is_up(self) -> bool:
+        try:
+            with psycopg.connect(self.dsn(), connect_timeout=2):
+                return True
+        except psycopg.OperationalError:
+            return False
+
+    def create_database(self, prefix: str = "t") -> str:
+        name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+        with psycopg.connect(self.dsn(), autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        return name
+
+
+def start_pg(folder: Path) -> PgServer:
+    """initdb + pg_ctl start; the folder is made over to an unprivileged user first."""
+    initdb = PG_BIN / "initdb"
+    assert initdb.exists(), "PostgreSQL 15 is required (scripts/test-services.sh)"
+    os_user = "postgres" if os.geteuid() == 0 else pwd.getpwuid(os.geteuid()).pw_name
+    folder.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() == 0:
+        shutil.chown(folder, os_user, os_user)
+        # The cluster user must be able to reach its folder through the temporary tree.
+        p = folder
+        while p != p.parent:
+            with contextlib.suppress(OSError):
+                if p.stat().st_uid == 0 and str(p).startswith(("/tmp", "/var/tmp")):
+                    os.chmod(p, p.stat().st_mode | 0o011)
+            p = p.parent
+    server = PgServer(folder, _free_port(), os_user)
+    server._run(str(initdb), "-D", str(server.data), "-A", "trust", "-U", PG_USER,
+                "--no-sync")
+    for attempt in range(3):
+        try:
+            server.start()
+            break
+        except subprocess.CalledProcessError:
+            if attempt == 2:
+                raise
+            server.port = _free_port()  # another suite took the port meanwhile
+    deadline = time.monotonic() + 30
+    while not server.is_up():
+        assert time.monotonic() < deadline, (folder / "log").read_text()
+        time.sleep(0.1)
+    return server
+
+
+@contextlib.contextmanager
+def running_pg(folder: Path) -> Iterator[PgServer]:
+    server = start_pg(folder)
+    try:
+        yield server
+    finally:
+        server.stop()
