@@ -10,10 +10,10 @@ from tests.pgcluster import PgServer, running_pg
 
 
 @pytest.fixture(scope="session")
-def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PgServer]:
+def pg_server() -> Iterator[PgServer]:
     """One private PostgreSQL 15 cluster for the whole session (about 1-2 s to start);
     tests take a fresh database on it with ``pg_server.create_database()``."""
-    with running_pg(tmp_path_factory.mktemp("pg") / "cluster") as server:
+    with running_pg() as server:
         yield server
 
 

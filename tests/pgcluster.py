@@ -11,6 +11,7 @@ import pwd
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -48,7 +49,10 @@ class PgServer:
         cmd = [str(a) for a in args]
         if os.geteuid() == 0:
             cmd = ["runuser", "-u", self.os_user, "--", *cmd]
-        return subprocess.run(cmd, check=check, capture_output=True, text=True, timeout=120)
+        proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=120)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}: {proc.stderr}")
+        return proc
 
     def start(self) -> None:
         opts = f"-k {self.folder} -c listen_addresses=127.0.0.1 -p {self.port} -c fsync=off"
@@ -78,16 +82,9 @@ def start_pg(folder: Path) -> PgServer:
     initdb = PG_BIN / "initdb"
     assert initdb.exists(), "PostgreSQL 15 is required (scripts/test-services.sh)"
     os_user = "postgres" if os.geteuid() == 0 else pwd.getpwuid(os.geteuid()).pw_name
-    folder.mkdir(parents=True, exist_ok=True)
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     if os.geteuid() == 0:
         shutil.chown(folder, os_user, os_user)
-        # The cluster user must be able to reach its folder through the temporary tree.
-        p = folder
-        while p != p.parent:
-            with contextlib.suppress(OSError):
-                if p.stat().st_uid == 0 and str(p).startswith(("/tmp", "/var/tmp")):
-                    os.chmod(p, p.stat().st_mode | 0o011)
-            p = p.parent
     server = PgServer(folder, _free_port(), os_user)
     server._run(str(initdb), "-D", str(server.data), "-A", "trust", "-U", PG_USER,
                 "--no-sync")
@@ -95,7 +92,7 @@ def start_pg(folder: Path) -> PgServer:
         try:
             server.start()
             break
-        except subprocess.CalledProcessError:
+        except AssertionError:
             if attempt == 2:
                 raise
             server.port = _free_port()  # another suite took the port meanwhile
@@ -107,9 +104,18 @@ def start_pg(folder: Path) -> PgServer:
 
 
 @contextlib.contextmanager
-def running_pg(folder: Path) -> Iterator[PgServer]:
-    server = start_pg(folder)
+def running_pg() -> Iterator[PgServer]:
+    """A cluster in its own folder directly under the system temporary directory: the
+    unprivileged cluster user must reach it, and pytest's own temporary tree is private to
+    the user running the tests."""
+    folder = Path(tempfile.mkdtemp(prefix="kms-pg-"))
+    if os.geteuid() == 0:
+        shutil.chown(folder, "postgres", "postgres")
     try:
-        yield server
+        server = start_pg(folder / "cluster")
+        try:
+            yield server
+        finally:
+            server.stop()
     finally:
-        server.stop()
+        shutil.rmtree(folder, ignore_errors=True)

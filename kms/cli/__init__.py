@@ -43,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
         mikey_cmd,
         peer_cmd,
         serve_cmd,
+        store_cmd,
     )
 
     mikey_cmd.register(sub)
@@ -51,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     call_cmd.register(sub)
     peer_cmd.register(sub)
     app_cmd.register(sub)
+    store_cmd.register(sub)
     return parser
 
 
