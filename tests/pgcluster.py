@@ -37,6 +37,7 @@ class PgServer:
     folder: Path
     port: int
     os_user: str
+    fsync: bool = False  # tests: off (nothing to protect); benchmarks: on, as in production
 
     @property
     def data(self) -> Path:
@@ -55,7 +56,9 @@ class PgServer:
         return proc
 
     def start(self) -> None:
-        opts = f"-k {self.folder} -c listen_addresses=127.0.0.1 -p {self.port} -c fsync=off"
+        opts = f"-k {self.folder} -c listen_addresses=127.0.0.1 -p {self.port}"
+        if not self.fsync:
+            opts += " -c fsync=off"
         self._run(str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-o", opts,
                   "-l", str(self.folder / "log"), "start", "-w", "-t", "60")
 
@@ -70,6 +73,9 @@ class PgServer:
         except psycopg.OperationalError:
             return False
 
+    def postmaster_pid(self) -> int:
+        return int((self.data / "postmaster.pid").read_text().split()[0])
+
     def create_database(self, prefix: str = "t") -> str:
         name = f"{prefix}_{uuid.uuid4().hex[:12]}"
         with psycopg.connect(self.dsn(), autocommit=True) as conn:
@@ -77,7 +83,7 @@ class PgServer:
         return name
 
 
-def start_pg(folder: Path) -> PgServer:
+def start_pg(folder: Path, fsync: bool = False) -> PgServer:
     """initdb + pg_ctl start; the folder is made over to an unprivileged user first."""
     initdb = PG_BIN / "initdb"
     assert initdb.exists(), "PostgreSQL 15 is required (scripts/test-services.sh)"
@@ -85,7 +91,7 @@ def start_pg(folder: Path) -> PgServer:
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     if os.geteuid() == 0:
         shutil.chown(folder, os_user, os_user)
-    server = PgServer(folder, _free_port(), os_user)
+    server = PgServer(folder, _free_port(), os_user, fsync)
     server._run(str(initdb), "-D", str(server.data), "-A", "trust", "-U", PG_USER,
                 "--no-sync")
     for attempt in range(3):
@@ -104,7 +110,7 @@ def start_pg(folder: Path) -> PgServer:
 
 
 @contextlib.contextmanager
-def running_pg() -> Iterator[PgServer]:
+def running_pg(fsync: bool = False) -> Iterator[PgServer]:
     """A cluster in its own folder directly under the system temporary directory: the
     unprivileged cluster user must reach it, and pytest's own temporary tree is private to
     the user running the tests."""
@@ -112,7 +118,7 @@ def running_pg() -> Iterator[PgServer]:
     if os.geteuid() == 0:
         shutil.chown(folder, "postgres", "postgres")
     try:
-        server = start_pg(folder / "cluster")
+        server = start_pg(folder / "cluster", fsync)
         try:
             yield server
         finally:

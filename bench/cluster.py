@@ -1,0 +1,231 @@
+"""Cluster mode, measured: 1 replica on SQLite against 1, 2 and 3 replicas on PostgreSQL, in
+one run on one machine.
+
+    .venv/bin/python -m bench.cluster [--seconds 4] [--clients 16] [--out FILE]
+
+Steps: a bench home (embedded SoftHSM2 token) serves on SQLite; then `kms store migrate`
+moves it into a private PostgreSQL 15 cluster (started here, as the `postgres` user when run
+as root, fsync ON as in production) and replicas are made with `kms store replica` (same
+token directory, same database). For each set-up and for the Ticket Request and Ticket
+Resolve PSK exchanges (J = 1 ticket, so the resolve ledger is not touched) it reports:
+
+* exchanges/s, p50 / p99 latency (closed loop, ``--clients`` concurrent clients spread over
+  the replicas by gRPC round robin);
+* KMS server CPU per exchange (all replicas' process trees, from /proc) and PostgreSQL CPU
+  per exchange (the postmaster's tree);
+* database round trips per exchange: committed + rolled-back transactions of the KMS
+  database (every statement is one autocommit transaction) over completed exchanges.
+  Background work (registry watch, pruning) is included, so this is an upper bound.
+
+The per-identity rate limit is ON (at a rate the bench never reaches) so that its round trip
+is counted; everything else is the production configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from bench.load import LoadResult, run_load
+from bench.messages import Workload, obtain_grant
+from bench.world import create_home
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def log(msg: str) -> None:
+    print(f"[bench.cluster] {msg}", file=sys.stderr, flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def replicas(homes: list[Path], logdir: Path) -> Iterator[tuple[list[str], list[int]]]:
+    procs = []
+    targets = []
+    try:
+        for i, home in enumerate(homes):
+            listen = f"127.0.0.1:{free_port()}"
+            err = open(logdir / f"{home.name}-{i}.log", "ab")  # noqa: SIM115
+            p = subprocess.Popen(
+                [sys.executable, "-m", "bench.echo", "--home", str(home), "--listen", listen],
+                cwd=ROOT, stdout=subprocess.PIPE, stderr=err, text=True,
+            )
+            procs.append((p, err))
+            targets.append(listen)
+        for p, err in procs:
+            assert p.stdout is not None
+            deadline = time.monotonic() + 120
+            while "serving on" not in (line := p.stdout.readline()):
+                if not line or time.monotonic() > deadline:
+                    raise RuntimeError(f"replica did not start (see {err.name})")
+        yield targets, [p.pid for p, _ in procs]
+    finally:
+        for p, err in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+                try:
+                    p.wait(30)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
+            err.close()
+
+
+def db_xacts(dsn: str | None) -> int:
+    if dsn is None:
+        return 0
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT xact_commit + xact_rollback FROM pg_stat_database "
+            "WHERE datname = current_database()"
+        ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def measure(
+    name: str, homes: list[Path], w_kind: str, args: argparse.Namespace, logdir: Path,
+    dsn: str | None, pg_pid: int | None,
+) -> dict[str, Any]:
+    from bench.load import tree_cpu
+
+    with replicas(homes, logdir) as (targets, pids):
+        target = targets[0] if len(targets) == 1 else "ipv4:" + ",".join(targets)
+        w = Workload(w_kind, "psk")
+        if w_kind == "resolve":
+            import grpc
+
+            from kms.server import stubs
+
+            with grpc.insecure_channel(targets[0]) as ch:
+                stub = stubs.client_stub(ch)
+                grant = obtain_grant(
+                    w, lambda b: bytes(stub.RequestTicket(stubs.MikeyMessage(data=b)).data),
+                    time.time(),
+                )
+            w = Workload(w_kind, "psk", grant=grant)
+        x0 = db_xacts(dsn)
+        pg0 = tree_cpu([pg_pid]) if pg_pid else 0.0
+        t0 = time.monotonic()
+        r: LoadResult = run_load(
+            target, w, clients=args.clients, per_client_msgs=args.msgs,
+            warmup=1.0, duration=args.seconds, server_pids=pids,
+        )
+        wall = time.monotonic() - t0
+        x1 = db_xacts(dsn)
+        pg1 = tree_cpu([pg_pid]) if pg_pid else 0.0
+    # The database counters cover the whole load (warm-up and drain included): divide by
+    # every call the load made, not only those inside the timed window.
+    total_calls = r.completed / r.duration * wall if r.completed else math.nan
+    row = {
+        "setup": name,
+        "exchange": w.name,
+        "replicas": len(homes),
+        "rate": round(r.rate, 1),
+        "p50_ms": round(r.pct(0.5), 2),
+        "p99_ms": round(r.pct(0.99), 2),
+        "srv_cpu_ms": round(r.server_cpu_ms_per_call, 3),
+        "pg_cpu_ms": round((pg1 - pg0) / total_calls * 1e3, 3) if pg_pid else 0.0,
+        "db_rt": round((x1 - x0) / total_calls, 2) if dsn else 0.0,
+        "errors": dict(r.errors),
+        "exhausted": r.exhausted,
+    }
+    log(json.dumps(row))
+    return row
+
+
+def set_rate(home: Path, rate: int) -> None:
+    conf = home / "kms.toml"
+    text, n = re.subn(r"(?m)^rate_limit_per_s = .*$", f"rate_limit_per_s = {rate}",
+                      conf.read_text())
+    assert n == 1
+    conf.write_text(text)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--seconds", type=float, default=4.0)
+    ap.add_argument("--clients", type=int, default=16)
+    ap.add_argument("--msgs", type=int, default=1500, help="messages per client")
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    sys.path.insert(0, str(ROOT))
+    from kms.server.replica import make_replica_home
+    from kms.server.store_migrate import migrate_home
+    from tests.pgcluster import running_pg
+
+    tmp = Path(tempfile.mkdtemp(prefix="kms-bench-cluster-"))
+    logdir = tmp / "logs"
+    logdir.mkdir()
+    rows: list[dict[str, Any]] = []
+    try:
+        home = tmp / "home1"
+        create_home(home)
+        set_rate(home, 1_000_000)  # on, never reached: its round trip is counted
+        for kind in ("request", "resolve"):
+            rows.append(measure("sqlite", [home], kind, args, logdir, None, None))
+        with running_pg(fsync=True) as pg:
+            dsn = pg.dsn(pg.create_database("bench"))
+            moved = migrate_home(home, dsn)
+            log(f"migrated: {moved.describe()}")
+            homes = [home]
+            for n in (2, 3):
+                homes.append(make_replica_home(home, tmp / f"home{n}"))
+            for n in (1, 2, 3):
+                for kind in ("request", "resolve"):
+                    rows.append(measure(f"postgresql x{n}", homes[:n], kind, args, logdir,
+                                        dsn, pg.postmaster_pid()))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print_table(rows)
+    out = args.out or ROOT / "bench" / "results" / f"cluster-{int(time.time())}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"rows": rows, "cores": os.cpu_count(),
+                               "clients": args.clients, "seconds": args.seconds}, indent=2))
+    print(f"\nwritten {out}")
+    return 0
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    head = ["setup", "exchange", "rate/s", "p50 ms", "p99 ms", "srv CPU ms", "pg CPU ms",
+            "db rt", "vs sqlite CPU", "errors"]
+    base = {r["exchange"]: r["srv_cpu_ms"] for r in rows if r["setup"] == "sqlite"}
+    table = [head]
+    for r in rows:
+        ratio = r["srv_cpu_ms"] / base[r["exchange"]] - 1 if base.get(r["exchange"]) else 0.0
+        table.append([r["setup"], r["exchange"], f"{r['rate']:.0f}", f"{r['p50_ms']:.1f}",
+                      f"{r['p99_ms']:.1f}", f"{r['srv_cpu_ms']:.2f}", f"{r['pg_cpu_ms']:.2f}",
+                      f"{r['db_rt']:.2f}", f"{ratio:+.0%}", str(sum(r["errors"].values()))])
+    widths = [max(len(row[i]) for row in table) for i in range(len(head))]
+    print()
+    for row in table:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)))
+    cpu = {r["setup"]: r["srv_cpu_ms"] for r in rows if r["exchange"] == "request psk"}
+    if cpu:
+        print("\nprojected request exchanges/s per added core (1000 / server CPU ms): "
+              + ", ".join(f"{k}: {1000 / v:.0f}" for k, v in cpu.items() if v))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
