@@ -33,6 +33,7 @@ verifies the answer; this module only carries the bytes, through the
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import threading
 import time
@@ -65,7 +66,32 @@ CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
     ("grpc.max_reconnect_backoff_ms", 1000),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    # A peer that is a cluster (a DNS name with several records, or several addresses):
+    # spread the forwarded resolves over its replicas, and skip one that is down.
+    ("grpc.lb_policy_name", "round_robin"),
 )
+
+
+def peer_target(address: str) -> tuple[str, list[str]]:
+    """(gRPC target, hosts) of a peer's address: ``HOST:PORT`` (a DNS name may have several
+    records, one per replica), or several ``IP:PORT`` separated by commas. ValueError if
+    malformed."""
+    parts = [a.strip() for a in address.split(",")]
+    hosts = [split_listen(p)[0] for p in parts]
+    if len(parts) == 1:
+        return parts[0], hosts
+    for family in (ipaddress.IPv4Address, ipaddress.IPv6Address):
+        try:
+            for h in hosts:
+                family(h)
+        except ValueError:
+            continue
+        scheme = "ipv4" if family is ipaddress.IPv4Address else "ipv6"
+        return f"{scheme}:" + ",".join(parts), hosts
+    raise ValueError(
+        "several addresses must all be IP literals of one family; for host names give one "
+        "DNS name with several records"
+    )
 
 _UNAVAILABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 
@@ -228,17 +254,19 @@ class GrpcPeerResolver:
     # --- helpers --------------------------------------------------------------------------
     def _stub(self, route: PeerRoute, name: str) -> Any:
         try:
-            host, _port = split_listen(route.address)
+            target, hosts = peer_target(route.address)
         except ValueError:
             raise PeerError("unavailable", f"peer {name} has a bad address") from None
-        plaintext = route.ca_pem is None and self._allow_plaintext and is_loopback(host)
+        plaintext = (
+            route.ca_pem is None and self._allow_plaintext and all(is_loopback(h) for h in hosts)
+        )
         key = (route.address, route.ca_pem, plaintext)
         with self._lock:
             cached = self._channels.get(key)
             if cached is not None:
                 return cached[1]
             if plaintext:
-                channel = grpc.insecure_channel(route.address, options=list(CHANNEL_OPTIONS))
+                channel = grpc.insecure_channel(target, options=list(CHANNEL_OPTIONS))
             else:
                 if self._client is None:
                     raise self._fail(
@@ -253,7 +281,7 @@ class GrpcPeerResolver:
                     private_key=self._client.key_pem,
                     certificate_chain=self._client.cert_pem,
                 )
-                channel = grpc.secure_channel(route.address, creds, options=list(CHANNEL_OPTIONS))
+                channel = grpc.secure_channel(target, creds, options=list(CHANNEL_OPTIONS))
             stub = stubs.client_stub(channel)
             self._channels[key] = (channel, stub)
             return stub
