@@ -125,6 +125,7 @@ def measure(
                     time.time(),
                 )
             w = Workload(w_kind, "psk", grant=grant)
+        time.sleep(1.5 if dsn else 0.0)  # start-up statements flushed before x0
         x0 = db_xacts(dsn)
         pg0 = tree_cpu([pg_pid]) if pg_pid else 0.0
         t0 = time.monotonic()
@@ -133,8 +134,11 @@ def measure(
             warmup=1.0, duration=args.seconds, server_pids=pids,
         )
         wall = time.monotonic() - t0
-        x1 = db_xacts(dsn)
         pg1 = tree_cpu([pg_pid]) if pg_pid else 0.0
+    # Backends flush their statistics when they exit (the replicas closed their
+    # connections just now) or at most once a second: wait for that before reading.
+    time.sleep(1.5 if dsn else 0.0)
+    x1 = db_xacts(dsn)
     # The database counters cover the whole load (warm-up and drain included): divide by
     # every call the load made, not only those inside the timed window.
     total_calls = r.completed / r.duration * wall if r.completed else math.nan
