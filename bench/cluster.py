@@ -159,6 +159,54 @@ def measure(
     return row
 
 
+def inproc_cpu(home: Path, setup: str, n: int) -> dict[str, Any]:
+    """Server CPU per exchange without gRPC and without load noise from other processes:
+    the core with this home's stores, called in this process, one thread (process CPU time
+    over ``n`` Ticket Requests and ``n`` reusable-ticket Ticket Resolves)."""
+    from bench.world import ALICE, BOB, KMS_ID, PSKS
+    from hsm.software import SoftwareKeyStore
+    from kms.endpoint.common import Credentials
+    from kms.endpoint.initiator import DEFAULT_FLAGS, DesiredPolicy, Initiator
+    from kms.endpoint.responder import Responder
+    from kms.endpoint.session import CryptoSession
+    from kms.mikey.ticket import TpFlag
+    from kms.server.compose import build_handler
+    from kms.server.home import open_home
+
+    h = open_home(home)
+    try:
+        handler = build_handler(h)
+        h.stores.start_background()
+        ks = SoftwareKeyStore()
+        ini = Initiator(Credentials(ALICE, PSKS[ALICE], KMS_ID.encode()), ks)
+        bob = Responder(Credentials(BOB, PSKS[BOB], KMS_ID.encode()), ks)
+        desired = DesiredPolicy(responders=(BOB,), flags=DEFAULT_FLAGS | TpFlag.J)
+        t = time.time()
+        reqs = [ini.request_ticket(desired, t) for _ in range(n + 5)]
+        grant = ini.accept_ticket(reqs[0][1], handler.request_ticket(reqs[0][0], t).data, t)
+        res = []
+        for _ in range(n + 5):
+            ti, _ = ini.transfer_init(grant, t, BOB, [CryptoSession(1, 5)])
+            res.append(bob.receive_transfer_init(ti, t)[0])
+        for w, _ in reqs[1:5]:  # warm-up: caches, token working copies
+            handler.request_ticket(w, time.time())
+        for w in res[:5]:
+            handler.resolve_ticket(w, time.time())
+        c0 = time.process_time()
+        for w, _ in reqs[5:]:
+            assert handler.request_ticket(w, time.time()).outcome.value == "ok"
+        c1 = time.process_time()
+        for w in res[5:]:
+            assert handler.resolve_ticket(w, time.time()).outcome.value == "ok"
+        c2 = time.process_time()
+    finally:
+        h.close()
+    row = {"setup": setup, "request_cpu_ms": round((c1 - c0) / n * 1e3, 3),
+           "resolve_cpu_ms": round((c2 - c1) / n * 1e3, 3)}
+    log(json.dumps(row))
+    return row
+
+
 def set_rate(home: Path, rate: int) -> None:
     conf = home / "kms.toml"
     text, n = re.subn(r"(?m)^rate_limit_per_s = .*$", f"rate_limit_per_s = {rate}",
@@ -173,6 +221,7 @@ def main() -> int:
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--msgs", type=int, default=1500, help="messages per client")
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--inproc", type=int, default=300, help="in-process exchanges per kind")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
     from kms.server.replica import make_replica_home
@@ -187,12 +236,15 @@ def main() -> int:
         home = tmp / "home1"
         create_home(home)
         set_rate(home, 1_000_000)  # on, never reached: its round trip is counted
+        inproc = [inproc_cpu(home, "sqlite", args.inproc)]
         for kind in ("request", "resolve"):
             rows.append(measure("sqlite", [home], kind, args, logdir, None, None))
         with running_pg(fsync=True) as pg:
             dsn = pg.dsn(pg.create_database("bench"))
             moved = migrate_home(home, dsn)
             log(f"migrated: {moved.describe()}")
+            inproc.append(inproc_cpu(home, "postgresql", args.inproc))
+            inproc.append(inproc_cpu(home, "postgresql", args.inproc))  # twice: noise check
             homes = [home]
             for n in (2, 3):
                 homes.append(make_replica_home(home, tmp / f"home{n}"))
@@ -203,9 +255,13 @@ def main() -> int:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print_table(rows)
+    print("\nin-process server CPU per exchange (no gRPC; one thread):")
+    for r in inproc:
+        print(f"  {r['setup']:<11} request {r['request_cpu_ms']:.3f} ms   "
+              f"resolve {r['resolve_cpu_ms']:.3f} ms")
     out = args.out or ROOT / "bench" / "results" / f"cluster-{int(time.time())}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"rows": rows, "cores": os.cpu_count(),
+    out.write_text(json.dumps({"rows": rows, "inproc": inproc, "cores": os.cpu_count(),
                                "clients": args.clients, "seconds": args.seconds}, indent=2))
     print(f"\nwritten {out}")
     return 0
