@@ -13,9 +13,9 @@ Resolve PSK exchanges (J = 1 ticket, so the resolve ledger is not touched) it re
   the replicas by gRPC round robin);
 * KMS server CPU per exchange (all replicas' process trees, from /proc) and PostgreSQL CPU
   per exchange (the postmaster's tree);
-* database round trips per exchange: committed + rolled-back transactions of the KMS
-  database (every statement is one autocommit transaction) over completed exchanges.
-  Background work (registry watch, pruning) is included, so this is an upper bound.
+* database round trips per exchange: statements the KMS database ran (pg_stat_statements;
+  every statement is one autocommit round trip) over the exchanges of the load. Background
+  work (registry watch polls, pruning) is included, so this is an upper bound.
 
 The per-identity rate limit is ON (at a rate the bench never reaches) so that its round trip
 is counted; everything else is the production configuration.
@@ -92,13 +92,16 @@ def replicas(homes: list[Path], logdir: Path) -> Iterator[tuple[list[str], list[
             err.close()
 
 
-def db_xacts(dsn: str | None) -> int:
+def db_statements(dsn: str | None) -> int:
+    """Statements the KMS database has run so far (pg_stat_statements, updated at the end of
+    each statement; the bench's own statistics queries are excluded)."""
     if dsn is None:
         return 0
     with psycopg.connect(dsn, autocommit=True) as conn:
         row = conn.execute(
-            "SELECT xact_commit + xact_rollback FROM pg_stat_database "
-            "WHERE datname = current_database()"
+            "SELECT coalesce(sum(calls), 0) FROM pg_stat_statements s "
+            "JOIN pg_database d ON d.oid = s.dbid WHERE d.datname = current_database() "
+            "AND s.query NOT LIKE '%pg_stat_statements%'"
         ).fetchone()
     assert row is not None
     return int(row[0])
@@ -125,23 +128,17 @@ def measure(
                     time.time(),
                 )
             w = Workload(w_kind, "psk", grant=grant)
-        time.sleep(1.5 if dsn else 0.0)  # start-up statements flushed before x0
-        x0 = db_xacts(dsn)
-        pg0 = tree_cpu([pg_pid]) if pg_pid else 0.0
-        t0 = time.monotonic()
+        marks: dict[str, tuple[int, float]] = {}
+
+        def on_window(which: str) -> None:
+            marks[which] = (db_statements(dsn), tree_cpu([pg_pid]) if pg_pid else 0.0)
+
         r: LoadResult = run_load(
             target, w, clients=args.clients, per_client_msgs=args.msgs,
-            warmup=1.0, duration=args.seconds, server_pids=pids,
+            warmup=1.0, duration=args.seconds, server_pids=pids, on_window=on_window,
         )
-        wall = time.monotonic() - t0
-        pg1 = tree_cpu([pg_pid]) if pg_pid else 0.0
-    # Backends flush their statistics when they exit (the replicas closed their
-    # connections just now) or at most once a second: wait for that before reading.
-    time.sleep(1.5 if dsn else 0.0)
-    x1 = db_xacts(dsn)
-    # The database counters cover the whole load (warm-up and drain included): divide by
-    # every call the load made, not only those inside the timed window.
-    total_calls = r.completed / r.duration * wall if r.completed else math.nan
+    (x0, pg0), (x1, pg1) = marks["start"], marks["end"]
+    done = r.completed or math.nan
     row = {
         "setup": name,
         "exchange": w.name,
@@ -150,8 +147,8 @@ def measure(
         "p50_ms": round(r.pct(0.5), 2),
         "p99_ms": round(r.pct(0.99), 2),
         "srv_cpu_ms": round(r.server_cpu_ms_per_call, 3),
-        "pg_cpu_ms": round((pg1 - pg0) / total_calls * 1e3, 3) if pg_pid else 0.0,
-        "db_rt": round((x1 - x0) / total_calls, 2) if dsn else 0.0,
+        "pg_cpu_ms": round((pg1 - pg0) / done * 1e3, 3) if pg_pid else 0.0,
+        "db_rt": round((x1 - x0) / done, 2) if dsn else 0.0,
         "errors": dict(r.errors),
         "exhausted": r.exhausted,
     }
@@ -239,8 +236,11 @@ def main() -> int:
         inproc = [inproc_cpu(home, "sqlite", args.inproc)]
         for kind in ("request", "resolve"):
             rows.append(measure("sqlite", [home], kind, args, logdir, None, None))
-        with running_pg(fsync=True) as pg:
+        with running_pg(fsync=True,
+                        extra="-c shared_preload_libraries=pg_stat_statements") as pg:
             dsn = pg.dsn(pg.create_database("bench"))
+            with psycopg.connect(dsn, autocommit=True) as conn:
+                conn.execute("CREATE EXTENSION pg_stat_statements")
             moved = migrate_home(home, dsn)
             log(f"migrated: {moved.describe()}")
             inproc.append(inproc_cpu(home, "postgresql", args.inproc))

@@ -200,6 +200,7 @@ def run_load(
     max_processes: int = 8,
     server_pid: int | None = None,
     server_pids: list[int] | None = None,
+    on_window: Any = None,
 ) -> LoadResult:
     """Run ``clients`` concurrent clients over min(clients, max_processes) processes."""
     ctx = multiprocessing.get_context("spawn")
@@ -235,8 +236,12 @@ def run_load(
             clients_pids = [p.pid for p in procs if p.pid is not None]
             time.sleep(max(0.0, start + warmup - time.time()))
             s0, c0 = tree_cpu(roots), tree_cpu(clients_pids)
+            if on_window is not None:  # the caller's own counters, read at the same moments
+                on_window("start")
             time.sleep(max(0.0, start + warmup + duration - time.time()))
             s1, c1 = tree_cpu(roots), tree_cpu(clients_pids)
+            if on_window is not None:
+                on_window("end")
             res.server_cores = (s1 - s0) / duration
             res.client_cores = (c1 - c0) / duration
         for a in pipes:

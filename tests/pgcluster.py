@@ -38,6 +38,7 @@ class PgServer:
     port: int
     os_user: str
     fsync: bool = False  # tests: off (nothing to protect); benchmarks: on, as in production
+    extra: str = ""  # more server options, e.g. "-c shared_preload_libraries=pg_stat_statements"
 
     @property
     def data(self) -> Path:
@@ -59,6 +60,8 @@ class PgServer:
         opts = f"-k {self.folder} -c listen_addresses=127.0.0.1 -p {self.port}"
         if not self.fsync:
             opts += " -c fsync=off"
+        if self.extra:
+            opts += " " + self.extra
         self._run(str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-o", opts,
                   "-l", str(self.folder / "log"), "start", "-w", "-t", "60")
 
@@ -83,7 +86,7 @@ class PgServer:
         return name
 
 
-def start_pg(folder: Path, fsync: bool = False) -> PgServer:
+def start_pg(folder: Path, fsync: bool = False, extra: str = "") -> PgServer:
     """initdb + pg_ctl start; the folder is made over to an unprivileged user first."""
     initdb = PG_BIN / "initdb"
     assert initdb.exists(), "PostgreSQL 15 is required (scripts/test-services.sh)"
@@ -91,7 +94,7 @@ def start_pg(folder: Path, fsync: bool = False) -> PgServer:
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     if os.geteuid() == 0:
         shutil.chown(folder, os_user, os_user)
-    server = PgServer(folder, _free_port(), os_user, fsync)
+    server = PgServer(folder, _free_port(), os_user, fsync, extra)
     server._run(str(initdb), "-D", str(server.data), "-A", "trust", "-U", PG_USER,
                 "--no-sync")
     for attempt in range(3):
@@ -110,7 +113,7 @@ def start_pg(folder: Path, fsync: bool = False) -> PgServer:
 
 
 @contextlib.contextmanager
-def running_pg(fsync: bool = False) -> Iterator[PgServer]:
+def running_pg(fsync: bool = False, extra: str = "") -> Iterator[PgServer]:
     """A cluster in its own folder directly under the system temporary directory: the
     unprivileged cluster user must reach it, and pytest's own temporary tree is private to
     the user running the tests."""
@@ -118,7 +121,7 @@ def running_pg(fsync: bool = False) -> Iterator[PgServer]:
     if os.geteuid() == 0:
         shutil.chown(folder, "postgres", "postgres")
     try:
-        server = start_pg(folder / "cluster", fsync)
+        server = start_pg(folder / "cluster", fsync, extra)
         try:
             yield server
         finally:
