@@ -278,6 +278,7 @@ def serve_once(
         peers = GrpcPeerResolver.from_config(home.config, home.stores.open_registry)
         home.stores.start_background()  # cluster mode: registry change watch, pruning
         handler = build_handler(home, peers=SlotReleasingPeers(peers, slots))
+        home.stores.set_wait_hook(slots.released)  # database waits hold no core slot
         server = KmsServer(
             handler,
             plan.listen,

@@ -14,6 +14,8 @@ even if a notification is lost.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Protocol
 
@@ -50,6 +52,11 @@ class Stores(Protocol):
 
     def start_background(self) -> None:
         """Start what a serving process needs besides requests (change watch, pruning)."""
+        ...
+
+    def set_wait_hook(self, hook: Callable[[], AbstractContextManager[None]]) -> None:
+        """Run every wait for a remote store inside ``hook()`` (the server passes its core
+        slot's ``released``: a call waiting for the database lets another one compute)."""
         ...
 
     def close(self) -> None: ...
@@ -92,6 +99,9 @@ class SqliteStores:
 
     def start_background(self) -> None:
         return None
+
+    def set_wait_hook(self, hook: Callable[[], AbstractContextManager[None]]) -> None:
+        return None  # local files: their waits are short and hold no slot worth giving up
 
     def close(self) -> None:
         return None
@@ -173,6 +183,9 @@ class PgStores:
             self._watcher = watcher
         if self._pruner is None:
             self._pruner = Pruner(self.db)
+
+    def set_wait_hook(self, hook: Callable[[], AbstractContextManager[None]]) -> None:
+        self.db.wait_hook = hook
 
     def close(self) -> None:
         for part in (self._pruner, self._watcher):

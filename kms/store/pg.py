@@ -252,6 +252,11 @@ class PgDatabase:
         self.pool.open(wait=False)
         self._checking = threading.Lock()
         self.round_trips = 0  # statements sent (bench: database round trips per exchange)
+        # Wraps every wait for the database: the server gives its core slot up meanwhile
+        # (a commit waits for a WAL flush; another call can compute in the meantime).
+        self.wait_hook: Callable[[], contextlib.AbstractContextManager[None]] = (
+            contextlib.nullcontext
+        )
 
     # --- plumbing -------------------------------------------------------------------------
     def connect(self) -> psycopg.Connection[Any]:
@@ -284,7 +289,7 @@ class PgDatabase:
         attempts = 2 if read_only else 1
         for attempt in range(attempts):
             try:
-                with self.pool.connection() as conn:
+                with self.wait_hook(), self.pool.connection() as conn:
                     self.round_trips += 1
                     cur = conn.execute(sql, params)
                     return cur.fetchall() if cur.description else []

@@ -4,12 +4,15 @@ switch stays resolved; an accepted message stays a replay)."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import time
 from pathlib import Path
 
 import grpc
 import pytest
 
+from kms.cli import main as cli_main
 from kms.endpoint.client import KmsRefused, obtain_ticket, resolve
 from kms.endpoint.initiator import DEFAULT_FLAGS, DesiredPolicy
 from kms.endpoint.session import CryptoSession
@@ -41,7 +44,14 @@ LISTS = (
 
 
 def answers(home: Path) -> dict[str, str]:
-    return {" ".join(cmd): run_kms(home, *cmd).stdout for cmd in LISTS}
+    """What the operator's list commands print (run in this process: no interpreter start)."""
+    out = {}
+    for cmd in LISTS:
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            assert cli_main(["--home", str(home), *cmd]) == 0
+        out[" ".join(cmd)] = buf.getvalue()
+    return out
 
 
 def test_migrate_gives_identical_answers_and_loses_nothing(
