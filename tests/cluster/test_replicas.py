@@ -231,6 +231,17 @@ def test_provisioning_through_one_replica_is_honoured_by_the_others(cluster: Clu
     check_srtp(state.srtp[0], call.srtp[0])
 
 
+def test_kms_call_with_several_addresses_skips_a_dead_one(cluster: Cluster) -> None:
+    dead = f"127.0.0.1:{free_port()}"
+    r = run_kms(
+        cluster.homes[1], "call", "--target", f"{dead},{cluster.target(0)},{cluster.target(2)}",
+        "--identity", GRACE.decode(), "--psk-hex", cluster.creds(GRACE).psk.hex(),
+        "--to", BOB.decode(), "--resolve-as", BOB.decode(),
+        "--resolve-psk-hex", cluster.creds(BOB).psk.hex(),
+    )
+    assert "ticket granted by" in r.stdout, r.stdout + r.stderr
+
+
 HAPROXY_CFG = REPO / "deploy" / "haproxy" / "haproxy.cfg"
 
 
