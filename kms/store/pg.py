@@ -241,7 +241,9 @@ class PgDatabase:
             settings.dsn,
             kwargs=kwargs,
             min_size=1,
-            max_size=max(1, settings.pool_size),
+            # The hot path keeps up to pool_size connections checked out (see _take); two more
+            # for registry write transactions (operator commands) and pruning.
+            max_size=max(1, settings.pool_size) + 2,
             timeout=settings.acquire_timeout_s,
             # Keep trying to reconnect through a long outage (the default gives up after
             # five minutes); calls meanwhile answer UNAVAILABLE.
@@ -251,6 +253,13 @@ class PgDatabase:
         )
         self.pool.open(wait=False)
         self._checking = threading.Lock()
+        # Hot-path connections kept checked out of the pool, each with its own cursor:
+        # taking one from this list costs a few microseconds, a pool round trip (getconn /
+        # putconn) and a new cursor about 60 (measured: 108 -> 44 us of CPU per statement).
+        self._hot = threading.Condition()
+        self._spare: list[tuple[psycopg.Connection[Any], psycopg.Cursor[Any]]] = []
+        self._out = 0  # hot connections taken from the pool (spare or in use)
+        self._hot_max = max(1, settings.pool_size)
         self.round_trips = 0  # statements sent (bench: database round trips per exchange)
         # Wraps every wait for the database: the server gives its core slot up meanwhile
         # (a commit waits for a WAL flush; another call can compute in the meantime).
@@ -267,7 +276,15 @@ class PgDatabase:
             raise DatabaseUnavailable(f"database {self.display}: {_one_line(exc)}") from None
 
     def unavailable(self, exc: BaseException) -> DatabaseUnavailable:
-        """Map a connection failure; ask the pool to drop its other dead connections."""
+        """Map a connection failure. The other kept connections are probably dead too (the
+        server went away): hand them back to the pool, which checks and replaces them."""
+        with self._hot:
+            spare, self._spare = self._spare, []
+            self._out -= len(spare)
+            self._hot.notify_all()
+        for conn, _cur in spare:
+            with contextlib.suppress(Exception):
+                self.pool.putconn(conn)
         if self._checking.acquire(blocking=False):
 
             def check() -> None:
@@ -280,6 +297,41 @@ class PgDatabase:
             threading.Thread(target=check, name="kms-pg-check", daemon=True).start()
         return DatabaseUnavailable(f"database {self.display}: {_one_line(exc)}")
 
+    def _take(self) -> tuple[psycopg.Connection[Any], psycopg.Cursor[Any]]:
+        deadline = time.monotonic() + self.settings.acquire_timeout_s
+        with self._hot:
+            while not self._spare and self._out >= self._hot_max:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise psycopg_pool.PoolTimeout(
+                        f"no connection free within {self.settings.acquire_timeout_s:g} s"
+                    )
+                self._hot.wait(remaining)
+            if self._spare:
+                return self._spare.pop()
+            self._out += 1
+        try:
+            conn = self.pool.getconn(timeout=max(0.01, deadline - time.monotonic()))
+            return conn, conn.cursor()
+        except BaseException:
+            with self._hot:
+                self._out -= 1
+                self._hot.notify()
+            raise
+
+    def _give(self, pair: tuple[psycopg.Connection[Any], psycopg.Cursor[Any]]) -> None:
+        conn = pair[0]
+        if not conn.broken and not conn.closed:
+            with self._hot:
+                self._spare.append(pair)
+                self._hot.notify()
+            return
+        with self._hot:
+            self._out -= 1
+            self._hot.notify()
+        with contextlib.suppress(Exception):
+            self.pool.putconn(conn)  # the pool drops a broken connection and makes a new one
+
     def execute(
         self, sql: str, params: Sequence[Any] | dict[str, Any] = (), *, read_only: bool = False
     ) -> list[Any]:
@@ -289,10 +341,14 @@ class PgDatabase:
         attempts = 2 if read_only else 1
         for attempt in range(attempts):
             try:
-                with self.wait_hook(), self.pool.connection() as conn:
-                    self.round_trips += 1
-                    cur = conn.execute(sql, params)
-                    return cur.fetchall() if cur.description else []
+                with self.wait_hook():
+                    pair = self._take()
+                    try:
+                        self.round_trips += 1
+                        cur = pair[1].execute(sql, params)
+                        return cur.fetchall() if cur.description else []
+                    finally:
+                        self._give(pair)
             except psycopg.errors.IntegrityError:
                 raise
             except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
@@ -304,6 +360,12 @@ class PgDatabase:
         raise AssertionError("unreachable")
 
     def close(self) -> None:
+        with self._hot:
+            spare, self._spare = self._spare, []
+            self._out = 0
+        for conn, _cur in spare:
+            with contextlib.suppress(Exception):
+                self.pool.putconn(conn)
         with contextlib.suppress(Exception):
             self.pool.close(timeout=2.0)
 
