@@ -6,7 +6,7 @@ replay cache and the audit log; tests may use the in-memory ones in ``kms.store.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -122,7 +122,18 @@ class PeerResolver(Protocol):
     """Sends a RESOLVE_INIT to the KMS that issued a ticket and returns its RESOLVE_RESP."""
 
     def forward_resolve(
-        self, peer: PeerKms, wire: bytes, *, correlation_id: str, hops: int
+        self,
+        peer: PeerKms,
+        wire: bytes,
+        *,
+        correlation_id: str,
+        hops: int,
+        rebuild: Callable[[], bytes] | None = None,
     ) -> bytes:
-        """Raise PeerError on failure; never hang past ``peer.deadline_s`` (retries included)."""
+        """Raise PeerError on failure; never hang past ``peer.deadline_s`` (retries included).
+
+        ``rebuild``: makes a fresh message for a retry (a peer that is a cluster may have
+        accepted the first one on a replica that then failed; the same bytes would be
+        refused as a replay, RFC 3830 5.4). The answer returned is always to the message
+        built last."""
         ...

@@ -201,7 +201,13 @@ class GrpcPeerResolver:
 
     # --- the port -------------------------------------------------------------------------
     def forward_resolve(
-        self, peer: PeerKms, wire: bytes, *, correlation_id: str, hops: int
+        self,
+        peer: PeerKms,
+        wire: bytes,
+        *,
+        correlation_id: str,
+        hops: int,
+        rebuild: Callable[[], bytes] | None = None,
     ) -> bytes:
         name = show_identity(peer.kms_id)
         route = self._routes(peer.kms_id)
@@ -240,6 +246,8 @@ class GrpcPeerResolver:
                     if deadline - self._clock() > pause + MIN_ATTEMPT_S:
                         first = first or _one_line(err.details() or "")
                         self._sleep(pause)
+                        if rebuild is not None:  # a fresh message: never the same bytes
+                            request = stubs.MikeyMessage(data=rebuild())
                         continue
                 raise self._rpc_error(err, code, name, correlation_id, attempt, first) from None
             return bytes(response.data)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import socket
 from collections.abc import Callable
 
+import grpc
 import pytest
 
 from kms.core.ports import PeerKms
@@ -47,3 +48,29 @@ def test_resolves_spread_over_replicas_and_skip_a_dead_one(
         r.close()
     assert {x[:2] for x in answers} == {b"a:", b"b:"}  # both live replicas served
     assert len(a.calls) + len(b.calls) == 8
+
+
+def test_retry_after_a_replica_failed_mid_call_sends_a_fresh_message(
+    fake: Callable[..., FakePeer],  # noqa: F811
+) -> None:
+    """The first replica took the message and failed (UNAVAILABLE): it may have stored it in
+    the shared replay cache, so the retry must be a freshly built message."""
+    seen: list[bytes] = []
+
+    def flaky(data: bytes, ctx: object) -> bytes:
+        seen.append(data)
+        if len(seen) == 1:
+            ctx.abort(grpc.StatusCode.UNAVAILABLE, "replica went away")  # type: ignore[attr-defined]
+        return b"ok:" + data
+
+    peer = fake(flaky)
+    fresh = iter([b"second", b"third"])
+    r = GrpcPeerResolver(lambda _id: PeerRoute(peer.address), allow_plaintext=True,
+                         backoff_s=0.01, max_retries=2)
+    try:
+        answer = r.forward_resolve(PEER, b"first", correlation_id="c", hops=0,
+                                   rebuild=lambda: next(fresh))
+    finally:
+        r.close()
+    assert seen == [b"first", b"second"]
+    assert answer == b"ok:second"
