@@ -7,6 +7,7 @@ from typing import Protocol
 
 from kms.core.policy import KmsPolicy
 from kms.core.ports import (
+    Admission,
     AuditSink,
     Directory,
     PeerResolver,
@@ -57,6 +58,7 @@ class Deps:
     pk: PkAuthenticator | None = None
     peers: PeerResolver | None = None  # federation: reaching the KMS that issued a ticket
     peer_quota: QuotaLimiter | None = None  # per-peer quotas, keyed by peer KMS id
+    admission: Admission | None = None  # rate + replay in one step (shared stores)
 
 
 @dataclass

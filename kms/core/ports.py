@@ -77,6 +77,19 @@ class QuotaLimiter(Protocol):
     def allow(self, key: bytes, rate: float, now: float) -> bool: ...
 
 
+class Admission(Protocol):
+    """The rate limit and the replay cache in one step (a shared store answers both in one
+    round trip). Same meaning as ``RateLimiter.allow`` then, if allowed,
+    ``ReplayCache.check_and_store``."""
+
+    def admit(
+        self, identity: bytes, digest: bytes, expires_at: float, now: float
+    ) -> tuple[bool, bool]:
+        """(within the rate limit, first copy of the message); the message is only recorded
+        when within the rate limit."""
+        ...
+
+
 class AuditSink(Protocol):
     def emit(self, record: Mapping[str, object]) -> None:
         """Write one structured audit record (never key material)."""

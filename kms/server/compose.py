@@ -73,6 +73,7 @@ def build_handler(
         pk=pk,
         peers=peers,
         peer_quota=stores.peer_quota(),
+        admission=stores.admission(),
     )
     cert_peers = any(p.auth == "cert" for p in home.registry.list_peers())
     if pk is None and (config.pk.ca_bundle is not None or cert_peers):

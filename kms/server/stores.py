@@ -19,7 +19,7 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Protocol
 
-from kms.core.ports import QuotaLimiter, RateLimiter, ReplayCache, ResolveLedger
+from kms.core.ports import Admission, QuotaLimiter, RateLimiter, ReplayCache, ResolveLedger
 from kms.server.config import KmsConfig
 from kms.store.memory import PerKeyQuota, TokenBucketRateLimiter
 from kms.store.registry import REGISTRY_FILE, Registry, RegistryError, RegistryUnavailable
@@ -44,6 +44,10 @@ class Stores(Protocol):
     def rate_limiter(self) -> RateLimiter: ...
 
     def peer_quota(self) -> QuotaLimiter: ...
+
+    def admission(self) -> Admission | None:
+        """Rate limit + replay cache in one step, when the backend can do that."""
+        ...
 
     def generation(self) -> int | None:
         """A number that changes whenever the registry may have changed; None: do not cache
@@ -93,6 +97,9 @@ class SqliteStores:
 
     def peer_quota(self) -> QuotaLimiter:
         return PerKeyQuota()
+
+    def admission(self) -> Admission | None:
+        return None  # in-memory rate limit, then the SQLite replay cache
 
     def generation(self) -> int | None:
         return None
@@ -164,6 +171,11 @@ class PgStores:
         from kms.store.pg_state import PgQuota
 
         return PgQuota(self.db)
+
+    def admission(self) -> Admission | None:
+        from kms.store.pg_state import PgAdmission
+
+        return PgAdmission(self.db, self.config.policy.rate_limit_per_s)
 
     def generation(self) -> int | None:
         from kms.store.pg import RegistryWatcher

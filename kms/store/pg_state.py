@@ -45,6 +45,25 @@ _BUCKET_SQL = (
     "RETURNING 1"
 )
 
+# Rate limit and replay cache in ONE statement: the replay row is written only when the
+# bucket gave a token (data-modifying CTEs see each other's RETURNING rows).
+_ADMIT_SQL = (
+    "WITH bucket AS ("
+    "INSERT INTO rate_buckets AS b (key, tokens, last) "
+    "VALUES (%(key)s, %(burst)s - 1, %(now)s) "
+    "ON CONFLICT (key) DO UPDATE SET "
+    "tokens = LEAST(%(burst)s, b.tokens + GREATEST(0, %(now)s - b.last) * %(rate)s) - 1, "
+    "last = GREATEST(b.last, %(now)s) "
+    "WHERE LEAST(%(burst)s, b.tokens + GREATEST(0, %(now)s - b.last) * %(rate)s) >= 1 "
+    "RETURNING 1), "
+    "seen AS ("
+    "INSERT INTO replay AS r (digest, expires_at) "
+    "SELECT %(digest)s, %(expires)s WHERE EXISTS (SELECT 1 FROM bucket) "
+    "ON CONFLICT (digest) DO UPDATE SET expires_at = EXCLUDED.expires_at "
+    "WHERE r.expires_at <= %(now)s RETURNING 1) "
+    "SELECT EXISTS (SELECT 1 FROM bucket), EXISTS (SELECT 1 FROM seen)"
+)
+
 # A bucket idle this long is full again whatever its rate (burst / rate <= this for every
 # rate of at least 1/30 per second); deleting it changes nothing.
 BUCKET_IDLE_S = 3600.0
@@ -85,6 +104,29 @@ class PgRateLimiter:
         if self.rate <= 0:
             return True
         return _take(self._db, b"i" + identity, self.rate, self.burst, now)
+
+
+class PgAdmission:
+    """:class:`kms.core.ports.Admission`: the per-identity token bucket and the replay cache
+    in one round trip (with the rate limit off, the replay insert alone)."""
+
+    def __init__(self, db: PgDatabase, rate: float, burst: float | None = None) -> None:
+        self._db = db
+        self.rate = rate
+        self.burst = burst if burst is not None else max(1.0, 2 * rate)
+
+    def admit(
+        self, identity: bytes, digest: bytes, expires_at: float, now: float
+    ) -> tuple[bool, bool]:
+        if self.rate <= 0:
+            return True, bool(self._db.execute(_REPLAY_SQL, (digest, expires_at, now)))
+        params = {
+            "key": b"i" + identity, "rate": float(self.rate), "burst": float(self.burst),
+            "now": float(now), "digest": digest, "expires": float(expires_at),
+        }
+        rows = self._db.execute(_ADMIT_SQL, params)
+        allowed, fresh = rows[0]
+        return bool(allowed), bool(fresh)
 
 
 class PgQuota:

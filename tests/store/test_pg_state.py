@@ -21,6 +21,7 @@ import pytest
 from kms.core.ports import ReplayCache, ResolveLedger, StoreUnavailable
 from kms.store.pg import MIGRATIONS, DatabaseError, PgDatabase, PgSettings, SchemaTooNewError
 from kms.store.pg_state import (
+    PgAdmission,
     PgQuota,
     PgRateLimiter,
     PgReplayCache,
@@ -267,3 +268,27 @@ def test_password_never_in_the_dsn_and_read_from_env_or_file(tmp_path: Path) -> 
         PgDatabase(PgSettings(dsn="postgresql://kms@db/kms", password_env="KMS_TEST_NO_SUCH_VAR"))
     with pytest.raises(DatabaseError, match="cannot read"):
         PgDatabase(PgSettings(dsn="postgresql://kms@db/kms", password_file=tmp_path / "nope"))
+
+
+def test_admission_is_rate_limit_then_replay_in_one_statement(pg_dsn: str) -> None:
+    a_db, b_db = PgDatabase(PgSettings(dsn=pg_dsn)), PgDatabase(PgSettings(dsn=pg_dsn))
+    try:
+        a_db.migrate()
+        a, b = PgAdmission(a_db, rate=1, burst=2), PgAdmission(b_db, rate=1, burst=2)
+        before = a_db.round_trips
+        assert a.admit(b"sip:alice@x", digest(1), T0 + 240, T0) == (True, True)
+        assert a_db.round_trips - before == 1
+        # The same message through another replica: within the rate, but a replay.
+        assert b.admit(b"sip:alice@x", digest(1), T0 + 240, T0) == (True, False)
+        # Bucket empty (burst 2 used): refused by the rate limit, and NOT recorded ...
+        assert a.admit(b"sip:alice@x", digest(2), T0 + 240, T0) == (False, False)
+        # ... so once a token is back, the same message is still a first copy.
+        assert b.admit(b"sip:alice@x", digest(2), T0 + 240, T0 + 1) == (True, True)
+        assert b.admit(b"sip:bob@x", digest(2), T0 + 240, T0 + 1) == (True, False)
+        # Rate limit off: the replay cache alone.
+        off = PgAdmission(a_db, rate=0)
+        assert off.admit(b"sip:alice@x", digest(3), T0 + 240, T0) == (True, True)
+        assert off.admit(b"sip:alice@x", digest(3), T0 + 240, T0) == (True, False)
+    finally:
+        a_db.close()
+        b_db.close()
