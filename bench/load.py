@@ -78,7 +78,9 @@ def _client_process(
     gen_s = time.perf_counter() - t0
     it = iter(msgs)
     lock = threading.Lock()
-    opts = [("grpc.use_local_subchannel_pool", 1)]
+    opts: list[tuple[str, Any]] = [("grpc.use_local_subchannel_pool", 1)]
+    if target.startswith("ipv4:"):  # several replicas: each call to the next one
+        opts.append(("grpc.lb_policy_name", "round_robin"))
     channels = [grpc.insecure_channel(target, options=opts) for _ in range(threads)]
     for ch in channels:
         grpc.channel_ready_future(ch).result(timeout=30)
@@ -197,6 +199,8 @@ def run_load(
     rate: float | None = None,
     max_processes: int = 8,
     server_pid: int | None = None,
+    server_pids: list[int] | None = None,
+    on_window: Any = None,
 ) -> LoadResult:
     """Run ``clients`` concurrent clients over min(clients, max_processes) processes."""
     ctx = multiprocessing.get_context("spawn")
@@ -227,12 +231,17 @@ def run_load(
         start = time.time() + 0.2
         for a in pipes:
             a.send(start)
-        if server_pid is not None:
+        roots = server_pids or ([server_pid] if server_pid is not None else [])
+        if roots:
             clients_pids = [p.pid for p in procs if p.pid is not None]
             time.sleep(max(0.0, start + warmup - time.time()))
-            s0, c0 = tree_cpu([server_pid]), tree_cpu(clients_pids)
+            s0, c0 = tree_cpu(roots), tree_cpu(clients_pids)
+            if on_window is not None:  # the caller's own counters, read at the same moments
+                on_window("start")
             time.sleep(max(0.0, start + warmup + duration - time.time()))
-            s1, c1 = tree_cpu([server_pid]), tree_cpu(clients_pids)
+            s1, c1 = tree_cpu(roots), tree_cpu(clients_pids)
+            if on_window is not None:
+                on_window("end")
             res.server_cores = (s1 - s0) / duration
             res.client_cores = (c1 - c0) / duration
         for a in pipes:

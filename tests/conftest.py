@@ -2,7 +2,7 @@
 
 ``ock_token``: openCryptoki's soft token, reset once per test session (it is machine-global
 state; see tests/token_modules.py). One session fixture, so that every folder shares the one
-lock and the one reset.
+lock and the one reset. ``pg_server``: one private PostgreSQL cluster for the session.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.pgcluster import PgServer, running_pg
 from tests.token_modules import OckToken, opencryptoki_token
 
 
@@ -18,3 +19,17 @@ from tests.token_modules import OckToken, opencryptoki_token
 def ock_token() -> Iterator[OckToken]:
     with opencryptoki_token() as token:
         yield token
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[PgServer]:
+    """One private PostgreSQL 15 cluster for the whole session (about 1-2 s to start);
+    tests take a fresh database on it with ``pg_server.create_database()``."""
+    with running_pg() as server:
+        yield server
+
+
+@pytest.fixture
+def pg_dsn(pg_server: PgServer) -> str:
+    """A DSN naming a fresh, empty database on the session's cluster."""
+    return pg_server.dsn(pg_server.create_database())

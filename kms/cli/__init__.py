@@ -44,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
         peer_cmd,
         serve_cmd,
         status_cmd,
+        store_cmd,
         token_cmd,
     )
 
@@ -55,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     app_cmd.register(sub)
     token_cmd.register(sub)
     status_cmd.register(sub)
+    store_cmd.register(sub)
     return parser
 
 

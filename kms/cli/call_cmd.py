@@ -280,7 +280,12 @@ def register(sub: Any) -> None:  # argparse._SubParsersAction
             "status, its detail and the MIKEY error number."
         ),
     )
-    p.add_argument("--target", required=True, metavar="HOST:PORT", help="the KMS address")
+    p.add_argument(
+        "--target", required=True, metavar="HOST:PORT[,HOST:PORT...]",
+        help="the KMS address; several (comma-separated) or dns:///NAME:PORT for a cluster: "
+        "calls go round-robin and an unreachable replica is retried on the next one with a "
+        "fresh message",
+    )
     p.add_argument("--identity", required=True, metavar="ID", help="the Initiator identity")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--psk-hex", metavar="HEX", help="the Initiator's PSK in hexadecimal")

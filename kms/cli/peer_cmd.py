@@ -34,8 +34,9 @@ from kms.cli.admin import (
     _show_time,
 )
 from kms.cli.psk_input import read_psk
-from kms.server.config import URI_RE, is_loopback, split_listen
+from kms.server.config import URI_RE, is_loopback
 from kms.server.directory import split_peer_certs
+from kms.server.federation import peer_target
 from kms.store.registry import show_identity
 
 
@@ -86,7 +87,7 @@ def _check_peer_certs(pem: str, kms_id: bytes) -> None:
 def cmd_peer_add(args: argparse.Namespace) -> int:
     kms_id = _kms_id(args.kms_id)
     try:
-        host, _port = split_listen(args.address)
+        _target, hosts = peer_target(args.address)  # HOST:PORT, or IP:PORT,... (a cluster)
     except ValueError as exc:
         raise CliError(f"--address {args.address}: {exc}") from None
     psk: bytes | None = None
@@ -121,7 +122,7 @@ def cmd_peer_add(args: argparse.Namespace) -> int:
     if ca_pem is None:
         how = (
             "plaintext (loopback, [federation] allow_plaintext)"
-            if plaintext_ok and is_loopback(host)
+            if plaintext_ok and all(is_loopback(h) for h in hosts)
             else "TLS checked against the system CA roots (give --ca for a private CA)"
         )
         print(f"  transport: {how}")
@@ -207,7 +208,9 @@ def register(sub: Any) -> None:  # argparse._SubParsersAction
     )
     q.add_argument("kms_id", metavar="KMS-ID", help="e.g. kms:kms.b.example.org")
     q.add_argument(
-        "--address", required=True, metavar="HOST:PORT", help="where the peer's `kms serve` listens"
+        "--address", required=True, metavar="HOST:PORT",
+        help="where the peer's `kms serve` listens; a cluster: its HAProxy, a DNS name with "
+        "one record per replica, or IP:PORT,IP:PORT,...",
     )
     src = q.add_mutually_exclusive_group(required=True)
     src.add_argument("--psk-hex", metavar="HEX", help="the shared key in hexadecimal")

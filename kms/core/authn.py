@@ -142,16 +142,31 @@ def authenticate_psk(
 
 def admit(msg: Message, deps: Deps, now: float, identity: bytes) -> None:
     """After authentication: per-identity rate limit, then the replay cache."""
+    if deps.admission is not None:  # both in one step (one database round trip)
+        digest, expires = _replay_key(msg, deps, now)
+        allowed, fresh = deps.admission.admit(identity, digest, expires, now)
+        if not allowed:
+            raise Refusal(ErrorNo.UNSPECIFIED, Outcome.RATE_LIMITED, "rate limit exceeded")
+        if not fresh:
+            raise _replayed()
+        return
     if not deps.rate.allow(identity, now):
         raise Refusal(ErrorNo.UNSPECIFIED, Outcome.RATE_LIMITED, "rate limit exceeded")
     check_replay(msg, deps, now)
 
 
+def _replay_key(msg: Message, deps: Deps, now: float) -> tuple[bytes, float]:
+    # Keep each digest as long as its timestamp could still be accepted.
+    return hashlib.sha256(msg.wire).digest(), now + 2 * deps.policy.timestamp_window_s
+
+
+def _replayed() -> Refusal:
+    return precondition(ErrorNo.INVALID_TS, "replayed message", "replay of an accepted message")
+
+
 def check_replay(msg: Message, deps: Deps, now: float) -> None:
     """RFC 3830 5.4: refuse a second copy of an accepted initial message (keyed by its hash)."""
-    digest = hashlib.sha256(msg.wire).digest()
-    # Keep each digest as long as its timestamp could still be accepted.
-    expires = now + 2 * deps.policy.timestamp_window_s
+    digest, expires = _replay_key(msg, deps, now)
     try:
         fresh = deps.replay.check_and_store(digest, expires, now)
     except ReplayCacheFull:
@@ -162,7 +177,7 @@ def check_replay(msg: Message, deps: Deps, now: float) -> None:
             "replay cache full of live entries",
         ) from None
     if not fresh:
-        raise precondition(ErrorNo.INVALID_TS, "replayed message", "replay of an accepted message")
+        raise _replayed()
 
 
 def forwarding_peer(msg: Message, deps: Deps) -> PeerKms | None:

@@ -7,6 +7,7 @@ from typing import Protocol
 
 from kms.core.policy import KmsPolicy
 from kms.core.ports import (
+    Admission,
     AuditSink,
     Directory,
     PeerResolver,
@@ -61,6 +62,7 @@ class Deps:
     # unregistered identity is verified against it, so that registered and unknown
     # identities cost the same token work and get the same answer (threat model: probing).
     dummy_psk: KeyRef | None = None
+    admission: Admission | None = None  # rate + replay in one step (shared stores)
 
 
 @dataclass

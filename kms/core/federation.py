@@ -109,16 +109,26 @@ def forward_resolve(
         raise denied(ErrorNo.INVALID_TICKET, "issuing KMS not reachable", "cert peer incomplete")
     ex.audit["event"] = "ticket.forwarded"
     ex.audit["peer"] = peer.kms_id.decode("utf-8", "replace")
-    key: Key
     if peer.psk is None:
         ex.audit["peer_auth"] = "pk"
-        fwd, rand_r, key = _forwarded_resolve_init_pk(msg, auth, deps, now, ticket, issuer, peer)
-    else:
-        fwd, rand_r = _forwarded_resolve_init(msg, auth, deps, now, ticket, issuer, peer)
-        key = peer.psk
+    built: list[tuple[Message, bytes, Key]] = []
+
+    def build() -> bytes:
+        # Fresh RAND (and, for PK, env_key) each time: a retry on another replica of the
+        # peer must not be the same bytes (RFC 3830 5.4 replay protection refuses them).
+        k: Key
+        if peer.psk is None:
+            f, r, k = _forwarded_resolve_init_pk(msg, auth, deps, now, ticket, issuer, peer)
+        else:
+            f, r = _forwarded_resolve_init(msg, auth, deps, now, ticket, issuer, peer)
+            k = peer.psk
+        built.append((f, r, k))
+        return bytes(f.wire)
+
+    first = build()
     try:
         answer = deps.peers.forward_resolve(
-            peer, fwd.wire, correlation_id=ex.correlation_id, hops=ex.hops + 1
+            peer, first, correlation_id=ex.correlation_id, hops=ex.hops + 1, rebuild=build
         )
     except PeerError as exc:
         if exc.kind == "refused":
@@ -137,6 +147,7 @@ def forward_resolve(
             "issuing KMS unavailable",
             f"peer unavailable: {exc.detail}",
         ) from None
+    fwd, rand_r, key = built[-1]  # the peer answered the message built last
     keys, rand_kms = _verify_peer_answer(answer, fwd, auth, deps, ticket, key, rand_r)
     sealed = build_resolve_resp(msg, auth, deps, ex, now, keys, rand_kms, auth.identity.data)
     ex.audit["event"] = "ticket.resolved"

@@ -6,7 +6,7 @@ replay cache and the audit log; tests may use the in-memory ones in ``kms.store.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Protocol
@@ -91,6 +91,19 @@ class QuotaLimiter(Protocol):
     def allow(self, key: bytes, rate: float, now: float) -> bool: ...
 
 
+class Admission(Protocol):
+    """The rate limit and the replay cache in one step (a shared store answers both in one
+    round trip). Same meaning as ``RateLimiter.allow`` then, if allowed,
+    ``ReplayCache.check_and_store``."""
+
+    def admit(
+        self, identity: bytes, digest: bytes, expires_at: float, now: float
+    ) -> tuple[bool, bool]:
+        """(within the rate limit, first copy of the message); the message is only recorded
+        when within the rate limit."""
+        ...
+
+
 class AuditSink(Protocol):
     def emit(self, record: Mapping[str, object]) -> None:
         """Write one structured audit record (never key material)."""
@@ -136,9 +149,20 @@ class PeerResolver(Protocol):
     """Sends a RESOLVE_INIT to the KMS that issued a ticket and returns its RESOLVE_RESP."""
 
     def forward_resolve(
-        self, peer: PeerKms, wire: bytes, *, correlation_id: str, hops: int
+        self,
+        peer: PeerKms,
+        wire: bytes,
+        *,
+        correlation_id: str,
+        hops: int,
+        rebuild: Callable[[], bytes] | None = None,
     ) -> bytes:
-        """Raise PeerError on failure; never hang past ``peer.deadline_s`` (retries included)."""
+        """Raise PeerError on failure; never hang past ``peer.deadline_s`` (retries included).
+
+        ``rebuild``: makes a fresh message for a retry (a peer that is a cluster may have
+        accepted the first one on a replica that then failed; the same bytes would be
+        refused as a replay, RFC 3830 5.4). The answer returned is always to the message
+        built last."""
         ...
 
 

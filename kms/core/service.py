@@ -194,6 +194,8 @@ class Kms:
             return self._refuse(ex, internal, now, sign=False)
         except StoreUnavailable as exc:
             # The registry or a state store cannot answer (database locked, gone): transient.
+            # Fail closed: a message whose replay or ledger check could not run is not
+            # accepted (RFC 3830 5.4); the client may retry with a new message.
             log.error("store unavailable (correlation id %s): %s", cid, exc.what)
             unavailable = Refusal(
                 ErrorNo.UNSPECIFIED, Outcome.UNAVAILABLE, "KMS store unavailable", exc.what

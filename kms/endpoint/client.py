@@ -14,6 +14,8 @@ only when ``now`` is not given; the cryptography stays in the sans-IO objects.
 
 from __future__ import annotations
 
+import itertools
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -98,15 +100,39 @@ def _pem(value: Pem | None) -> bytes | None:
     return value.encode("ascii")
 
 
+def split_targets(target: str | Sequence[str]) -> list[str]:
+    """``"a:1,b:2"`` or ``["a:1", "b:2"]`` -> the KMS addresses, in order. A gRPC target with
+    a scheme (``dns:///kms.example.org:50051``, ``ipv4:...``) stays one target: gRPC itself
+    spreads calls over the addresses it resolves to."""
+    items = [target] if isinstance(target, str) else list(target)
+    out: list[str] = []
+    for item in items:
+        if re.match(r"^[a-z][a-z0-9+.-]*:(?!\d)", item) and not item.startswith("["):
+            out.append(item.strip())  # scheme:... (dns:, ipv4:, ipv6:, unix:)
+        else:
+            out.extend(t.strip() for t in item.split(",") if t.strip())
+    if not out:
+        raise ValueError("no KMS address given")
+    return out
+
+
 class KmsClient:
-    """One channel to a KMS. Plaintext without TLS settings; TLS with ``root_certificates``
+    """Channels to a KMS. Plaintext without TLS settings; TLS with ``root_certificates``
     (PEM of the CA that issued the server certificate, else the system roots when
     ``tls=True``); mutual TLS with ``certificate_chain`` and ``private_key`` as well.
-    PEM values may be bytes, text or a path."""
+    PEM values may be bytes, text or a path.
+
+    Several KMS replicas (cluster mode): ``target`` may list addresses (``"a:1,b:2"`` or a
+    sequence): calls go round-robin over one channel per address; or a DNS name with several
+    records (``dns:///kms.example.org:50051``): gRPC's round_robin policy spreads the calls.
+    A call that fails with UNAVAILABLE is NOT resent with the same bytes (another replica
+    would rightly refuse them as a replay); the flows below (:func:`obtain_ticket`,
+    :func:`resolve`) build a fresh message and try the next replica, up to ``retries``
+    times (default: one per other address; one for a DNS name)."""
 
     def __init__(
         self,
-        target: str,
+        target: str | Sequence[str],
         *,
         root_certificates: Pem | None = None,
         certificate_chain: Pem | None = None,
@@ -114,8 +140,11 @@ class KmsClient:
         tls: bool | None = None,
         timeout: float = DEFAULT_TIMEOUT_S,
         options: Sequence[tuple[str, Any]] = (),
+        retries: int | None = None,
     ) -> None:
-        self.target = target
+        targets = split_targets(target)
+        self.targets = targets
+        self.target = ",".join(targets)
         self.timeout = timeout
         if (certificate_chain is None) != (private_key is None):
             raise ValueError("a client certificate needs both certificate_chain and private_key")
@@ -124,29 +153,45 @@ class KmsClient:
             if tls is not None
             else (root_certificates is not None or certificate_chain is not None)
         )
-        if use_tls:
-            creds = grpc.ssl_channel_credentials(
-                root_certificates=_pem(root_certificates),
-                private_key=_pem(private_key),
-                certificate_chain=_pem(certificate_chain),
-            )
-            self._channel = grpc.secure_channel(target, creds, options=list(options))
-        else:
-            self._channel = grpc.insecure_channel(target, options=list(options))
-        self._stub = stubs.client_stub(self._channel)
+        self._channels: list[grpc.Channel] = []
+        for t in targets:
+            opts = list(options)
+            if t.startswith("dns:") and not any(k == "grpc.lb_policy_name" for k, _ in opts):
+                opts.append(("grpc.lb_policy_name", "round_robin"))
+            if use_tls:
+                creds = grpc.ssl_channel_credentials(
+                    root_certificates=_pem(root_certificates),
+                    private_key=_pem(private_key),
+                    certificate_chain=_pem(certificate_chain),
+                )
+                self._channels.append(grpc.secure_channel(t, creds, options=opts))
+            else:
+                self._channels.append(grpc.insecure_channel(t, options=opts))
+        self._stubs = [stubs.client_stub(c) for c in self._channels]
+        self._channel = self._channels[0]
+        self._stub = self._stubs[0]
+        self._next = itertools.count()
+        if retries is None:
+            retries = len(targets) - 1 if len(targets) > 1 else int(targets[0].startswith("dns:"))
+        self.retries = max(0, retries)
         #: The correlation id of the last call (from the server's metadata), for logs.
         self.last_correlation_id: str | None = None
+        #: The address the last call went to.
+        self.last_target: str = targets[0]
 
     def request_ticket(self, data: bytes, *, correlation_id: str | None = None) -> bytes:
         """RequestTicket: REQUEST_INIT in, REQUEST_RESP out (or :class:`KmsRefused`)."""
-        return self._call(self._stub.RequestTicket, data, correlation_id)
+        return self._call("RequestTicket", data, correlation_id)
 
     def resolve_ticket(self, data: bytes, *, correlation_id: str | None = None) -> bytes:
         """ResolveTicket: RESOLVE_INIT in, RESOLVE_RESP out (or :class:`KmsRefused`)."""
-        return self._call(self._stub.ResolveTicket, data, correlation_id)
+        return self._call("ResolveTicket", data, correlation_id)
 
-    def _call(self, method: Any, data: bytes, correlation_id: str | None) -> bytes:
+    def _call(self, name: str, data: bytes, correlation_id: str | None) -> bytes:
         metadata = () if correlation_id is None else ((CORRELATION_KEY, correlation_id),)
+        i = next(self._next) % len(self._stubs)
+        self.last_target = self.targets[i]
+        method = getattr(self._stubs[i], name)
         try:
             response, call = method.with_call(
                 stubs.MikeyMessage(data=data), timeout=self.timeout, metadata=metadata
@@ -168,7 +213,8 @@ class KmsClient:
         return bytes(response.data)
 
     def close(self) -> None:
-        self._channel.close()
+        for channel in self._channels:
+            channel.close()
 
     def __enter__(self) -> KmsClient:
         return self
@@ -192,9 +238,26 @@ def obtain_ticket(
 
     Raises :class:`KmsRefused` when the KMS refuses, ``EndpointError`` when its answer does
     not verify."""
-    t = _now(now)
-    wire, pending = initiator.request_ticket(desired, t)
-    return initiator.accept_ticket(pending, client.request_ticket(wire), t)
+    for attempt in range(client.retries + 1):
+        t = _now(now)
+        wire, pending = initiator.request_ticket(desired, t)  # fresh RAND and timestamp
+        try:
+            reply = client.request_ticket(wire)
+        except KmsRefused as exc:
+            if not _retry(exc, attempt, client):
+                raise
+            continue
+        return initiator.accept_ticket(pending, reply, t)
+    raise AssertionError("unreachable")
+
+
+def _retry(exc: KmsRefused, attempt: int, client: KmsClient) -> bool:
+    """Whether a refused call is tried again, with a freshly built message, on the next
+    replica: only when that replica was unreachable (UNAVAILABLE), within ``retries``."""
+    if exc.code is not grpc.StatusCode.UNAVAILABLE or attempt >= client.retries:
+        return False
+    time.sleep(min(0.5, 0.02 * 2**attempt))
+    return True
 
 
 def resolve(
@@ -203,9 +266,17 @@ def resolve(
     """The Responder's side of a Ticket Transfer (RFC 6043 4.2.2, 4.2.3): resolve the ticket
     of ``transfer_init`` at the KMS, verify TRANSFER_INIT, derive the keys and build the
     TRANSFER_RESP (``ResolvedCall.transfer_resp``; None when the ticket says F = 0)."""
-    t = _now(now)
-    wire, pending = responder.receive_transfer_init(transfer_init, t)
-    return responder.accept_resolve(pending, client.resolve_ticket(wire), t)
+    for attempt in range(client.retries + 1):
+        t = _now(now)
+        wire, pending = responder.receive_transfer_init(transfer_init, t)  # fresh message
+        try:
+            reply = client.resolve_ticket(wire)
+        except KmsRefused as exc:
+            if not _retry(exc, attempt, client):
+                raise
+            continue
+        return responder.accept_resolve(pending, reply, t)
+    raise AssertionError("unreachable")
 
 
 @dataclass(frozen=True)
@@ -256,4 +327,5 @@ __all__ = [
     "obtain_ticket",
     "resolve",
     "run_call",
+    "split_targets",
 ]

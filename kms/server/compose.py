@@ -20,12 +20,18 @@ from kms.mikey.constants import KeyDataType, PrfFunc
 from kms.server.config import KmsConfig
 from kms.server.crl import CrlStore
 from kms.server.directory import RegistryDirectory
-from kms.server.home import CERT_FILE, ENVELOPE_LABEL, Home, HomeError, guess_id_type
+from kms.server.home import (
+    CERT_FILE,
+    ENVELOPE_LABEL,
+    SIGNING_CERT_FILE,
+    Home,
+    HomeError,
+    guess_id_type,
+)
+from kms.server.stores import STATE_DIR
 from kms.store.audit import JsonLinesAuditSink
-from kms.store.memory import PerKeyQuota, TokenBucketRateLimiter
-from kms.store.state import SqliteReplayCache, SqliteResolveLedger
 
-STATE_DIR = "state"
+__all__ = ["AUDIT_LOG", "STATE_DIR", "build_handler", "kms_policy"]
 AUDIT_LOG = "audit.log"
 # A token secret no endpoint knows: MACs of messages from unregistered identities are
 # verified against it (same work, same answer as a registered identity with a wrong MAC).
@@ -113,23 +119,27 @@ def build_handler(
     """The KMS core wired to this home's token, registry and stores (``keystore``: a
     decorator around ``home.keystore()``, e.g. the metered one, instead of the token)."""
     config = home.config
+    stores = home.stores  # [store] backend: SQLite in the home, or PostgreSQL (cluster)
     state = config.home / STATE_DIR
     state.mkdir(mode=0o700, exist_ok=True)
     if keystore is None:
         keystore = home.keystore()
     deps = Deps(
         keystore=keystore,
-        directory=RegistryDirectory(home.registry.path),
-        replay=SqliteReplayCache(state / "replay.sqlite3", replay_capacity(config, workers)),
-        ledger=SqliteResolveLedger(state / "resolved.sqlite3"),
-        rate=TokenBucketRateLimiter(config.policy.rate_limit_per_s),
+        directory=RegistryDirectory(
+            stores.open_registry, config.home / SIGNING_CERT_FILE, stores.generation
+        ),
+        replay=stores.replay_cache(replay_capacity(config, workers)),
+        ledger=stores.resolve_ledger(),
+        rate=stores.rate_limiter(),
         audit=JsonLinesAuditSink(
             config.home / AUDIT_LOG, config.audit.max_bytes, config.audit.keep
         ),
         policy=kms_policy(config),
         pk=pk,
         peers=peers,
-        peer_quota=PerKeyQuota(),
+        peer_quota=stores.peer_quota(),
+        admission=stores.admission(),
         dummy_psk=dummy_psk(keystore, state / "dummy-psk.lock"),
     )
     cert_peers = any(p.auth == "cert" for p in home.registry.list_peers())

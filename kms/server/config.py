@@ -145,6 +145,23 @@ class FederationSettings:
     default_deadline_ms: int = 2000  # for `kms peer add` without --deadline-ms
 
 
+STORE_BACKENDS = ("sqlite", "postgresql")
+
+
+@dataclass(frozen=True)
+class StoreSettings:
+    """``[store]``: where the shared state lives. ``sqlite`` (the default): files in the home,
+    one host. ``postgresql``: a database shared by every replica of a cluster (``dsn``; its
+    password from ``password_file`` / ``password_env`` / PGPASSFILE, never in kms.toml)."""
+
+    backend: str = "sqlite"
+    dsn: str | None = None
+    password_env: str | None = None
+    password_file: Path | None = None
+    pool_size: int = 4
+    connect_timeout_s: int = 3
+
+
 @dataclass(frozen=True)
 class AuditSettings:
     """``[audit]``: the audit log's size-based rotation (kms.store.audit)."""
@@ -201,6 +218,7 @@ class KmsConfig:
     audit: AuditSettings = field(default_factory=AuditSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     tracing: TracingSettings = field(default_factory=TracingSettings)
+    store: StoreSettings = field(default_factory=StoreSettings)
 
     @property
     def kms_id_bytes(self) -> bytes:
@@ -314,7 +332,7 @@ def parse_config(text: str, home: Path) -> KmsConfig:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{CONFIG_FILE}: not valid TOML: {exc}") from None
     unknown = sorted(set(doc) - {"kms", "token", "server", "policy", "pk", "federation",
-                                "audit", "metrics", "tracing"})
+                                "audit", "metrics", "tracing", "store"})
     if unknown:
         raise ConfigError(f"{CONFIG_FILE}: [{unknown[0]}]: unknown section")
 
@@ -344,6 +362,7 @@ def parse_config(text: str, home: Path) -> KmsConfig:
         audit=_parse_audit(doc, home),
         metrics=_parse_metrics(doc, home),
         tracing=_parse_tracing(doc, home),
+        store=_parse_store(doc, home),
     )
 
 
@@ -407,6 +426,56 @@ def _parse_metrics(doc: Mapping[str, Any], home: Path) -> MetricsSettings:
         except ValueError as exc:
             raise sec.error("listen", str(exc)) from None
     return settings
+
+
+def _parse_store(doc: Mapping[str, Any], home: Path) -> StoreSettings:
+    sec = _Section(
+        "store",
+        doc.get("store"),
+        home,
+        ("backend", "dsn", "password_env", "password_file", "pool_size", "connect_timeout_s"),
+    )
+    backend = sec.choice("backend", "sqlite", STORE_BACKENDS)
+    dsn = sec.string("dsn")
+    password_env = sec.string("password_env")
+    password_file = sec.path("password_file")
+    if backend == "postgresql":
+        if dsn is None:
+            raise sec.error("dsn", 'is required with backend = "postgresql"')
+        from kms.store.pg import check_dsn  # psycopg only when PostgreSQL is configured
+
+        problem = check_dsn(dsn)
+        if problem:
+            raise sec.error("dsn", problem)  # never echoes the DSN (it may hold a password)
+    if password_env is not None and password_file is not None:
+        raise sec.error("password_env", "give either password_env or password_file, not both")
+    if password_env is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", password_env):
+        raise sec.error("password_env", "must be an environment variable name")
+    return StoreSettings(
+        backend=backend,
+        dsn=dsn,
+        password_env=password_env,
+        password_file=password_file,
+        pool_size=sec.integer("pool_size", 4, 1, 256),
+        connect_timeout_s=sec.integer("connect_timeout_s", 3, 1, 60),
+    )
+
+
+def render_store_section(dsn: str, *, password_env: str | None = None,
+                         password_file: str | None = None) -> str:
+    """The ``[store]`` section `kms store migrate` writes (cluster mode)."""
+    lines = [
+        "[store]",
+        "# Shared state of a cluster of replicas (kms store migrate). Never a password here:",
+        "# password_file, password_env, or libpq's PGPASSFILE.",
+        'backend = "postgresql"',
+        f"dsn = {_toml_str(dsn)}",
+    ]
+    if password_env is not None:
+        lines.append(f"password_env = {_toml_str(password_env)}")
+    if password_file is not None:
+        lines.append(f"password_file = {_toml_str(password_file)}")
+    return "\n".join(lines) + "\n"
 
 
 def _parse_federation(doc: Mapping[str, Any], home: Path) -> FederationSettings:

@@ -1,5 +1,6 @@
-"""The core's Directory port over the registry (SQLite). Reads per request, no caching of
-group membership: a removed member is refused at once (issue 4)."""
+"""The core's Directory port over the registry. On SQLite it reads per request (a removed
+group member is refused at once); in cluster mode (PostgreSQL) reads are cached until the
+database says the registry changed (see kms.server.stores)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,11 @@ from kms.server.home import SIGNING_CERT_FILE, SIGNING_LABEL, guess_id_type
 from kms.store.registry import Registry, RegistryUnavailable, TpkState, UnknownPeer
 
 TPK_ID_PREFIX = b"tpk/"
+T = TypeVar("T")
+
+
+_MISS = object()
+CACHE_MAX = 50_000
 
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
@@ -39,28 +45,73 @@ def _store_errors(fn: Callable[_P, _R]) -> Callable[_P, _R]:
 
 
 class RegistryDirectory:
-    """One registry connection per thread: sqlite3 connections belong to their thread, and the
-    gRPC server calls the core from a pool of threads."""
+    """One registry handle per thread: sqlite3 connections belong to their thread, and the
+    gRPC server calls the core from a pool of threads.
 
-    def __init__(self, path: Path, signing_cert: Path | None = None) -> None:
-        self.path = path
-        # This KMS's SIGNkms certificate (sent to certificate peers): by default the one
-        # `kms init` wrote next to the registry.
-        self.signing_cert = signing_cert or path.parent / SIGNING_CERT_FILE
+    ``generation`` (cluster mode): a function returning a number that changes whenever the
+    registry may have changed anywhere in the cluster, or None when that is not known; reads
+    are then cached until it changes. Without it every read goes to the registry.
+    """
+
+    def __init__(
+        self,
+        source: Path | Callable[[], Registry],
+        signing_cert: Path | None = None,
+        generation: Callable[[], int | None] | None = None,
+    ) -> None:
+        if isinstance(source, Path):
+            path = source
+            self._open: Callable[[], Registry] = lambda: Registry.open(path)
+            # This KMS's SIGNkms certificate (sent to certificate peers): by default the one
+            # `kms init` wrote next to the registry.
+            self.signing_cert = signing_cert or path.parent / SIGNING_CERT_FILE
+        else:
+            if signing_cert is None:
+                raise ValueError("a registry opener needs the signing certificate's path")
+            self._open = source
+            self.signing_cert = signing_cert
         self._local = threading.local()
         self._own_cert: bytes | None = None
-        Registry.open(path).close()  # fail early, in the caller's thread, if it is missing
+        self._generation = generation
+        self._cache: dict[tuple[str, bytes], object] = {}
+        self._cache_gen: int | None = None
+        self._cache_lock = threading.Lock()
+        self._open().close()  # fail early, in the caller's thread, if it is missing
 
     @property
     def registry(self) -> Registry:
         reg: Registry | None = getattr(self._local, "registry", None)
         if reg is None:
-            reg = Registry.open(self.path)
+            reg = self._open()
             self._local.registry = reg
         return reg
 
+    def _cached(self, kind: str, key: bytes, read: Callable[[], T]) -> T:
+        gen = self._generation() if self._generation is not None else None
+        if gen is None:
+            return read()
+        with self._cache_lock:
+            if self._cache_gen != gen:
+                self._cache.clear()
+                self._cache_gen = gen
+            hit = self._cache.get((kind, key), _MISS)
+        if hit is not _MISS:
+            return hit  # type: ignore[return-value]
+        value = read()
+        # Kept only if nothing changed while it was read (else the next call reads again).
+        if self._generation is not None and self._generation() == gen:
+            with self._cache_lock:
+                if self._cache_gen == gen:
+                    if len(self._cache) >= CACHE_MAX:
+                        self._cache.clear()
+                    self._cache[(kind, key)] = value
+        return value
+
     @_store_errors
     def psk_for(self, identity: bytes) -> KeyRef | None:
+        return self._cached("psk", identity, lambda: self._psk_for(identity))
+
+    def _psk_for(self, identity: bytes) -> KeyRef | None:
         ep = self.registry.find_endpoint(identity)
         if ep is None or not ep.enabled:
             return None
@@ -68,18 +119,23 @@ class RegistryDirectory:
 
     @_store_errors
     def is_member(self, group: bytes, identity: bytes) -> bool:
-        return self.registry.is_member(group, identity)
+        key = len(group).to_bytes(4, "big") + group + identity
+        return self._cached("member", key, lambda: self.registry.is_member(group, identity))
 
     @_store_errors
     def is_known(self, identity: bytes) -> bool:
-        return (
-            self.registry.find_endpoint(identity) is not None
-            or self.registry.find_group(identity) is not None
+        return self._cached(
+            "known",
+            identity,
+            lambda: (
+                self.registry.find_endpoint(identity) is not None
+                or self.registry.find_group(identity) is not None
+            ),
         )
 
     @_store_errors
     def current_tpk(self) -> tuple[bytes, KeyRef]:
-        tpk = self.registry.tpk_current()
+        tpk = self._cached("tpk_current", b"", self.registry.tpk_current)
         if tpk is None:
             raise LookupError("no current TPK: run `kms init`")
         return tpk.key_label.encode("ascii"), KeyRef(tpk.key_label)
@@ -93,13 +149,16 @@ class RegistryDirectory:
             version = int(tpk_id[len(TPK_ID_PREFIX) :].decode("ascii"))
         except (UnicodeDecodeError, ValueError):
             return None
-        for t in self.registry.tpk_versions():
+        for t in self._cached("tpks", b"", self.registry.tpk_versions):
             if t.version == version and t.state in (TpkState.CURRENT, TpkState.ACTIVE):
                 return KeyRef(t.key_label)
         return None
 
     @_store_errors
     def peer(self, kms_id: bytes) -> PeerKms | None:
+        return self._cached("peer", kms_id, lambda: self._peer(kms_id))
+
+    def _peer(self, kms_id: bytes) -> PeerKms | None:
         try:
             p = self.registry.get_peer(kms_id)
         except UnknownPeer:
@@ -132,7 +191,11 @@ class RegistryDirectory:
 
     @_store_errors
     def applications(self) -> frozenset[bytes]:
-        return frozenset(a.identity for a in self.registry.list_applications())
+        return self._cached(
+            "apps",
+            b"",
+            lambda: frozenset(a.identity for a in self.registry.list_applications()),
+        )
 
 
 @functools.lru_cache(maxsize=64)

@@ -33,6 +33,7 @@ verifies the answer; this module only carries the bytes, through the
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import threading
 import time
@@ -66,7 +67,32 @@ CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
     ("grpc.max_reconnect_backoff_ms", 1000),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    # A peer that is a cluster (a DNS name with several records, or several addresses):
+    # spread the forwarded resolves over its replicas, and skip one that is down.
+    ("grpc.lb_policy_name", "round_robin"),
 )
+
+
+def peer_target(address: str) -> tuple[str, list[str]]:
+    """(gRPC target, hosts) of a peer's address: ``HOST:PORT`` (a DNS name may have several
+    records, one per replica), or several ``IP:PORT`` separated by commas. ValueError if
+    malformed."""
+    parts = [a.strip() for a in address.split(",")]
+    hosts = [split_listen(p)[0] for p in parts]
+    if len(parts) == 1:
+        return parts[0], hosts
+    for family in (ipaddress.IPv4Address, ipaddress.IPv6Address):
+        try:
+            for h in hosts:
+                family(h)
+        except ValueError:
+            continue
+        scheme = "ipv4" if family is ipaddress.IPv4Address else "ipv6"
+        return f"{scheme}:" + ",".join(parts), hosts
+    raise ValueError(
+        "several addresses must all be IP literals of one family; for host names give one "
+        "DNS name with several records"
+    )
 
 _UNAVAILABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 
@@ -98,14 +124,18 @@ class RegistryRoutes:
     """Peer addresses from the registry, read per call (an address changed with ``kms peer``
     applies at once). One connection per thread: sqlite3 connections belong to their thread."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
+    def __init__(self, source: Path | Callable[[], Registry]) -> None:
+        if isinstance(source, Path):
+            path = source
+            self._open: Callable[[], Registry] = lambda: Registry.open(path)
+        else:
+            self._open = source  # the home's store backend (SQLite or PostgreSQL)
         self._local = threading.local()
 
     def __call__(self, kms_id: bytes) -> PeerRoute | None:
         reg: Registry | None = getattr(self._local, "registry", None)
         if reg is None:
-            reg = Registry.open(self.path)
+            reg = self._open()
             self._local.registry = reg
         try:
             p = reg.get_peer(kms_id)
@@ -144,7 +174,9 @@ class GrpcPeerResolver:
         self._lock = threading.Lock()
 
     @classmethod
-    def from_config(cls, config: KmsConfig, registry_path: Path) -> GrpcPeerResolver:
+    def from_config(
+        cls, config: KmsConfig, registry_path: Path | Callable[[], Registry]
+    ) -> GrpcPeerResolver:
         """The resolver of a KMS home: [federation] settings, peer addresses from the
         registry. The client certificate defaults to the server's own (``[server] tls_cert``);
         without either, TLS peers are refused at call time with a clear reason."""
@@ -170,7 +202,13 @@ class GrpcPeerResolver:
 
     # --- the port -------------------------------------------------------------------------
     def forward_resolve(
-        self, peer: PeerKms, wire: bytes, *, correlation_id: str, hops: int
+        self,
+        peer: PeerKms,
+        wire: bytes,
+        *,
+        correlation_id: str,
+        hops: int,
+        rebuild: Callable[[], bytes] | None = None,
     ) -> bytes:
         name = show_identity(peer.kms_id)
         route = self._routes(peer.kms_id)
@@ -211,6 +249,8 @@ class GrpcPeerResolver:
                     if deadline - self._clock() > pause + MIN_ATTEMPT_S:
                         first = first or _one_line(err.details() or "")
                         self._sleep(pause)
+                        if rebuild is not None:  # a fresh message: never the same bytes
+                            request = stubs.MikeyMessage(data=rebuild())
                         continue
                 raise self._rpc_error(err, code, name, correlation_id, attempt, first) from None
             return bytes(response.data)
@@ -225,17 +265,19 @@ class GrpcPeerResolver:
     # --- helpers --------------------------------------------------------------------------
     def _stub(self, route: PeerRoute, name: str) -> Any:
         try:
-            host, _port = split_listen(route.address)
+            target, hosts = peer_target(route.address)
         except ValueError:
             raise PeerError("unavailable", f"peer {name} has a bad address") from None
-        plaintext = route.ca_pem is None and self._allow_plaintext and is_loopback(host)
+        plaintext = (
+            route.ca_pem is None and self._allow_plaintext and all(is_loopback(h) for h in hosts)
+        )
         key = (route.address, route.ca_pem, plaintext)
         with self._lock:
             cached = self._channels.get(key)
             if cached is not None:
                 return cached[1]
             if plaintext:
-                channel = grpc.insecure_channel(route.address, options=list(CHANNEL_OPTIONS))
+                channel = grpc.insecure_channel(target, options=list(CHANNEL_OPTIONS))
             else:
                 if self._client is None:
                     raise self._fail(
@@ -250,7 +292,7 @@ class GrpcPeerResolver:
                     private_key=self._client.key_pem,
                     certificate_chain=self._client.cert_pem,
                 )
-                channel = grpc.secure_channel(route.address, creds, options=list(CHANNEL_OPTIONS))
+                channel = grpc.secure_channel(target, creds, options=list(CHANNEL_OPTIONS))
             stub = stubs.client_stub(channel)
             self._channels[key] = (channel, stub)
             return stub

@@ -56,6 +56,7 @@ from kms.server.config import (
     parse_config,
     render_config,
 )
+from kms.server.stores import SqliteStores, Stores, open_stores
 from kms.server.token_needs import required_operations
 from kms.store.registry import (
     REGISTRY_FILE,
@@ -170,10 +171,14 @@ class KeyEntry:
 class Home:
     """An opened KMS home. Not thread-safe: one per thread (the registry is per thread)."""
 
-    def __init__(self, path: Path, config: KmsConfig, registry: Registry) -> None:
+    def __init__(
+        self, path: Path, config: KmsConfig, registry: Registry, stores: Stores | None = None
+    ) -> None:
         self.path = path
         self.config = config
         self.registry = registry
+        # The store backend ([store] in kms.toml): SQLite files here, or PostgreSQL.
+        self.stores: Stores = stores if stores is not None else SqliteStores(config)
         self._keystore: KeyStore | None = None
 
     # --- token ----------------------------------------------------------------------------
@@ -236,6 +241,7 @@ class Home:
                 self._keystore.close()
             self._keystore = None
         self.registry.close()
+        self.stores.close()
 
     def __enter__(self) -> Home:
         return self
@@ -426,8 +432,13 @@ def open_home(home: Path) -> Home:
     from kms.server.config import load_config
 
     config = load_config(home)
-    registry = Registry.open(home / REGISTRY_FILE, create=False)
-    return Home(home, config, registry)
+    stores = open_stores(config)
+    try:
+        registry = stores.open_registry()
+    except BaseException:
+        stores.close()
+        raise
+    return Home(home, config, registry, stores)
 
 
 def _write_secret_file(path: Path, text: str) -> None:

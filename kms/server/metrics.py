@@ -339,14 +339,20 @@ class MeteredPeers:
         self._m = metrics
 
     def forward_resolve(
-        self, peer: PeerKms, wire: bytes, *, correlation_id: str, hops: int
+        self,
+        peer: PeerKms,
+        wire: bytes,
+        *,
+        correlation_id: str,
+        hops: int,
+        rebuild: Callable[[], bytes] | None = None,
     ) -> bytes:
         name = peer.kms_id.decode("utf-8", "replace")
         t0 = time.perf_counter()
         outcome = "unavailable"
         try:
             answer = self._inner.forward_resolve(
-                peer, wire, correlation_id=correlation_id, hops=hops
+                peer, wire, correlation_id=correlation_id, hops=hops, rebuild=rebuild
             )
             outcome = "ok"
             return answer

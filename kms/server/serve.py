@@ -306,7 +306,8 @@ def serve_once(
         slots = CoreSlots(n_slots) if observed is None else observed.slots(n_slots)
         # RFC 6043 9: tickets issued by a peer KMS are resolved by asking it (per process),
         # without holding a core slot while the peer answers.
-        peers = GrpcPeerResolver.from_config(home.config, home.registry.path)
+        peers = GrpcPeerResolver.from_config(home.config, home.stores.open_registry)
+        home.stores.start_background()  # cluster mode: registry change watch, pruning
         if observed is None:
             handler = build_handler(
                 home, peers=SlotReleasingPeers(peers, slots), workers=plan.workers
@@ -315,6 +316,7 @@ def serve_once(
             handler = observed.build_handler(
                 SlotReleasingPeers(observed.peers(peers), slots), workers=plan.workers
             )
+        home.stores.set_wait_hook(slots.released)  # database waits hold no core slot
         server = KmsServer(
             handler,
             plan.listen,

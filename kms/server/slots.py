@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from kms.core.ports import PeerKms, PeerResolver
@@ -89,11 +89,18 @@ class SlotReleasingPeers:
         self._slots = slots
 
     def forward_resolve(
-        self, peer: PeerKms, wire: bytes, *, correlation_id: str, hops: int
+        self,
+        peer: PeerKms,
+        wire: bytes,
+        *,
+        correlation_id: str,
+        hops: int,
+        rebuild: Callable[[], bytes] | None = None,
     ) -> bytes:
+        extra = {} if rebuild is None else {"rebuild": rebuild}
         with self._slots.released():
             return self._inner.forward_resolve(
-                peer, wire, correlation_id=correlation_id, hops=hops
+                peer, wire, correlation_id=correlation_id, hops=hops, **extra
             )
 
 

@@ -278,13 +278,19 @@ class TracingPeers:
         self._t = tracer
 
     def forward_resolve(
-        self, peer: PeerKms, wire: bytes, *, correlation_id: str, hops: int
+        self,
+        peer: PeerKms,
+        wire: bytes,
+        *,
+        correlation_id: str,
+        hops: int,
+        rebuild: Callable[[], bytes] | None = None,
     ) -> bytes:
         attrs: dict[str, str | int] = {"kms.peer": peer.kms_id.decode("utf-8", "replace")}
         with self._t.span("peer/ResolveTicket", kind=3, attributes=attrs) as s:
             try:
                 return self._inner.forward_resolve(
-                    peer, wire, correlation_id=correlation_id, hops=hops
+                    peer, wire, correlation_id=correlation_id, hops=hops, rebuild=rebuild
                 )
             except PeerError as exc:
                 s.attributes["kms.peer.outcome"] = exc.kind

@@ -28,6 +28,8 @@ from enum import IntEnum, StrEnum
 from pathlib import Path
 from typing import Any
 
+from kms.core.ports import StoreUnavailable
+
 REGISTRY_FILE = "registry.sqlite3"
 BUSY_TIMEOUT_MS = 10_000
 MAX_IDENTITY_LEN = 0xFFFF  # IDR ID len is a 16-bit field
@@ -67,8 +69,9 @@ class RegistryError(Exception):
     """Base of registry failures; messages are one line and never contain secrets."""
 
 
-class RegistryUnavailable(RegistryError):
-    """The database cannot be opened or used (missing file, locked too long, I/O error)."""
+class RegistryUnavailable(RegistryError, StoreUnavailable):
+    """The database cannot be opened or used (missing file, locked too long, I/O error, a
+    PostgreSQL server that cannot be reached)."""
 
 
 class SchemaTooNew(RegistryError):

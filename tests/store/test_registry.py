@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from kms.store.pg import PgDatabase, PgSettings
+from kms.store.pg_registry import PgRegistry
 from kms.store.registry import (
     MIGRATIONS,
     DuplicateApplication,
@@ -37,9 +39,16 @@ ALICE = b"sip:alice@example.org"
 BOB = b"sip:bob@example.org"
 
 
-@pytest.fixture
-def reg(tmp_path: Path) -> Iterator[Registry]:
-    r = Registry.open(tmp_path / "registry.sqlite3", create=True)
+@pytest.fixture(params=["sqlite", "postgresql"])
+def reg(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Registry]:
+    """The registry contract: every test taking ``reg`` runs on both backends."""
+    if request.param == "sqlite":
+        r = Registry.open(tmp_path / "registry.sqlite3", create=True)
+    else:
+        dsn = request.getfixturevalue("pg_dsn")
+        db = PgDatabase(PgSettings(dsn=dsn))
+        r = PgRegistry(db, owns_db=True)
+        r.migrate()
     yield r
     r.close()
 

@@ -1,0 +1,70 @@
+"""``kms store replica SRC``: make this home a replica of the cluster home SRC.
+
+A replica's home is a copy of the first home's ``kms.toml`` and certificates, with every
+relative path (the PIN file, the SoftHSM configuration, TLS files, the database password
+file, ...) made absolute so that it still names the first home's files, and its own listen
+address: nothing else. No init, no key copy: the keys stay in the one token (HSM partition)
+every replica opens, and the registry and state are in the shared PostgreSQL database.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+from kms.server.config import CONFIG_FILE, ConfigError, load_config, parse_config
+
+# Keys of kms.toml whose values are paths (relative ones are resolved against the home).
+PATH_KEYS = (
+    "pin_file", "softhsm_conf", "tls_cert", "tls_key", "tls_client_ca", "ca_bundle",
+    "client_cert", "client_key", "password_file",
+)
+COPIED_FILES = ("kms-cert.pem", "kms-signing-cert.pem")
+
+
+class ReplicaError(Exception):
+    """The replica home cannot be made; one line."""
+
+
+def make_replica_home(src: Path, dst: Path, listen: str | None = None) -> Path:
+    src, dst = src.absolute(), dst.absolute()
+    try:
+        config = load_config(src)
+    except ConfigError as exc:
+        raise ReplicaError(str(exc)) from None
+    if config.store.backend != "postgresql":
+        raise ReplicaError(
+            f"{src} keeps its registry in SQLite: run `kms --home {src} store migrate DSN` "
+            "first (replicas share PostgreSQL)"
+        )
+    if (dst / CONFIG_FILE).exists():
+        raise ReplicaError(f"{dst / CONFIG_FILE} exists; refusing to overwrite it")
+    text = (src / CONFIG_FILE).read_text(encoding="utf-8")
+
+    def absolute(m: re.Match[str]) -> str:
+        value = m.group(3)
+        p = Path(value).expanduser()
+        if not p.is_absolute():
+            p = src / p
+        return f'{m.group(1)}{m.group(2)}"{p}"'
+
+    keys = "|".join(PATH_KEYS)
+    text = re.sub(rf'(?m)^(\s*(?:{keys}))(\s*=\s*)"([^"\n]*)"', absolute, text)
+    if listen is not None:
+        text, n = re.subn(r'(?m)^listen\s*=\s*"[^"\n]*"', f'listen = "{listen}"', text)
+        if n != 1:
+            raise ReplicaError(f"{src / CONFIG_FILE} has no [server] listen line to replace")
+    try:
+        parse_config(text, dst)
+    except ConfigError as exc:
+        raise ReplicaError(str(exc)) from None
+    dst.mkdir(mode=0o700, parents=True, exist_ok=True)
+    for name in COPIED_FILES:
+        if (src / name).exists():
+            shutil.copy2(src / name, dst / name)
+    tmp = dst / (CONFIG_FILE + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.chmod(0o600)
+    tmp.replace(dst / CONFIG_FILE)
+    return dst

@@ -1,0 +1,217 @@
+"""Which store backend a KMS home uses (kms.toml ``[store]``), and the objects built on it.
+
+``sqlite`` (the default): the registry in ``<home>/registry.sqlite3``, the replay cache and
+resolve ledger in ``<home>/state/``, rate limits in process memory: one host.
+
+``postgresql``: everything replicas must agree on in one database (``kms.store.pg``): the
+registry, the replay cache, the resolve ledger (J = 0), the per-identity rate limit and the
+peer quotas. Registry reads on the hot path are served from a per-process cache that the
+database invalidates (LISTEN/NOTIFY on every registry write, plus a generation poll), so a
+change made through any replica is seen by the others at once, and within the poll interval
+even if a notification is lost.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import Protocol
+
+from kms.core.ports import Admission, QuotaLimiter, RateLimiter, ReplayCache, ResolveLedger
+from kms.server.config import KmsConfig
+from kms.store.memory import PerKeyQuota, TokenBucketRateLimiter
+from kms.store.registry import REGISTRY_FILE, Registry, RegistryError, RegistryUnavailable
+from kms.store.state import SqliteReplayCache, SqliteResolveLedger
+
+STATE_DIR = "state"
+
+
+class Stores(Protocol):
+    """The store backend of one process."""
+
+    backend: str
+
+    def open_registry(self) -> Registry:
+        """A registry handle for the calling thread."""
+        ...
+
+    def replay_cache(self, capacity: int) -> ReplayCache:
+        """``capacity``: live digests a bounded (SQLite) cache holds; a shared database's
+        cache is bounded by the acceptance window instead and ignores it."""
+        ...
+
+    def resolve_ledger(self) -> ResolveLedger: ...
+
+    def rate_limiter(self) -> RateLimiter: ...
+
+    def peer_quota(self) -> QuotaLimiter: ...
+
+    def admission(self) -> Admission | None:
+        """Rate limit + replay cache in one step, when the backend can do that."""
+        ...
+
+    def generation(self) -> int | None:
+        """A number that changes whenever the registry may have changed; None: do not cache
+        registry reads (SQLite: they are local and cheap, and always fresh)."""
+        ...
+
+    def start_background(self) -> None:
+        """Start what a serving process needs besides requests (change watch, pruning)."""
+        ...
+
+    def set_wait_hook(self, hook: Callable[[], AbstractContextManager[None]]) -> None:
+        """Run every wait for a remote store inside ``hook()`` (the server passes its core
+        slot's ``released``: a call waiting for the database lets another one compute)."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class SqliteStores:
+    backend = "sqlite"
+
+    def __init__(self, config: KmsConfig, *, create: bool = False) -> None:
+        self.config = config
+        self.path = config.home / REGISTRY_FILE
+        self._create = create
+
+    def open_registry(self) -> Registry:
+        reg = Registry.open(self.path, create=self._create)
+        self._create = False
+        return reg
+
+    def _state(self) -> Path:
+        state = self.config.home / STATE_DIR
+        state.mkdir(mode=0o700, exist_ok=True)
+        return state
+
+    def replay_cache(self, capacity: int) -> ReplayCache:
+        return SqliteReplayCache(self._state() / "replay.sqlite3", capacity)
+
+    def resolve_ledger(self) -> ResolveLedger:
+        return SqliteResolveLedger(self._state() / "resolved.sqlite3")
+
+    def rate_limiter(self) -> RateLimiter:
+        return TokenBucketRateLimiter(self.config.policy.rate_limit_per_s)
+
+    def peer_quota(self) -> QuotaLimiter:
+        return PerKeyQuota()
+
+    def admission(self) -> Admission | None:
+        return None  # in-memory rate limit, then the SQLite replay cache
+
+    def generation(self) -> int | None:
+        return None
+
+    def start_background(self) -> None:
+        return None
+
+    def set_wait_hook(self, hook: Callable[[], AbstractContextManager[None]]) -> None:
+        return None  # local files: their waits are short and hold no slot worth giving up
+
+    def close(self) -> None:
+        return None
+
+
+class PgStores:
+    backend = "postgresql"
+
+    def __init__(self, config: KmsConfig) -> None:
+        # Imported here: the embedded default never needs psycopg.
+        from kms.store.pg import DatabaseError, DatabaseUnavailable, PgDatabase, PgSettings
+
+        s = config.store
+        assert s.dsn is not None  # parse_config requires it for this backend
+        self.config = config
+        try:
+            self.db = PgDatabase(
+                PgSettings(
+                    dsn=s.dsn,
+                    password_env=s.password_env,
+                    password_file=s.password_file,
+                    pool_size=s.pool_size,
+                    connect_timeout_s=s.connect_timeout_s,
+                )
+            )
+        except DatabaseError as exc:
+            raise RegistryError(str(exc)) from None
+        try:
+            self.db.migrate()
+        except DatabaseUnavailable as exc:
+            self.db.close()
+            raise RegistryUnavailable(str(exc)) from None
+        except DatabaseError as exc:
+            self.db.close()
+            raise RegistryError(str(exc)) from None
+        self._watcher: object | None = None
+        self._pruner: object | None = None
+
+    def open_registry(self) -> Registry:
+        from kms.store.pg_registry import PgRegistry
+
+        return PgRegistry(self.db)
+
+    def replay_cache(self, capacity: int) -> ReplayCache:
+        from kms.store.pg_state import PgReplayCache
+
+        return PgReplayCache(self.db)
+
+    def resolve_ledger(self) -> ResolveLedger:
+        from kms.store.pg_state import PgResolveLedger
+
+        return PgResolveLedger(self.db)
+
+    def rate_limiter(self) -> RateLimiter:
+        from kms.store.pg_state import PgRateLimiter
+
+        return PgRateLimiter(self.db, self.config.policy.rate_limit_per_s)
+
+    def peer_quota(self) -> QuotaLimiter:
+        from kms.store.pg_state import PgQuota
+
+        return PgQuota(self.db)
+
+    def admission(self) -> Admission | None:
+        from kms.store.pg_state import PgAdmission
+
+        return PgAdmission(self.db, self.config.policy.rate_limit_per_s)
+
+    def generation(self) -> int | None:
+        from kms.store.pg import RegistryWatcher
+
+        w = self._watcher
+        if not isinstance(w, RegistryWatcher) or not w.synced:
+            return None  # not watching (or lost the database): read through
+        return w.generation
+
+    def start_background(self) -> None:
+        from kms.store.pg import RegistryWatcher
+        from kms.store.pg_state import Pruner
+
+        if self._watcher is None:
+            watcher = RegistryWatcher(self.db)
+            watcher.wait_synced(5.0)
+            self._watcher = watcher
+        if self._pruner is None:
+            self._pruner = Pruner(self.db)
+
+    def set_wait_hook(self, hook: Callable[[], AbstractContextManager[None]]) -> None:
+        self.db.wait_hook = hook
+
+    def close(self) -> None:
+        for part in (self._pruner, self._watcher):
+            close = getattr(part, "close", None)
+            if callable(close):
+                with contextlib.suppress(Exception):
+                    close()
+        self._pruner = self._watcher = None
+        self.db.close()
+
+
+def open_stores(config: KmsConfig, *, create: bool = False) -> Stores:
+    """The backend kms.toml names (``create``: a missing SQLite registry may be created)."""
+    if config.store.backend == "postgresql":
+        return PgStores(config)
+    return SqliteStores(config, create=create)
