@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+from collections.abc import Callable
 from pathlib import Path
 
 from cryptography.hazmat.primitives.serialization import Encoding
@@ -13,7 +14,7 @@ from kms.core.api import KmsHandler
 from kms.core.context import Deps, PkAuthenticator
 from kms.core.pk import CertificateAuthenticator, EnvelopeKey, load_pem_certificates
 from kms.core.policy import Forking, KmsPolicy
-from kms.core.ports import PeerResolver
+from kms.core.ports import PeerResolver, ReplayCache
 from kms.core.service import Kms
 from kms.keystore import KeyExists, KeyNotFound, KeyRef, KeyStore
 from kms.mikey.constants import KeyDataType, PrfFunc
@@ -115,21 +116,26 @@ def build_handler(
     peers: PeerResolver | None = None,
     workers: int | None = None,
     keystore: KeyStore | None = None,
+    wrap_replay: Callable[[ReplayCache], ReplayCache] | None = None,
 ) -> KmsHandler:
     """The KMS core wired to this home's token, registry and stores (``keystore``: a
-    decorator around ``home.keystore()``, e.g. the metered one, instead of the token)."""
+    decorator around ``home.keystore()``, e.g. the metered one, instead of the token;
+    ``wrap_replay``: a decorator for the replay cache, e.g. the metered one)."""
     config = home.config
     stores = home.stores  # [store] backend: SQLite in the home, or PostgreSQL (cluster)
     state = config.home / STATE_DIR
     state.mkdir(mode=0o700, exist_ok=True)
     if keystore is None:
         keystore = home.keystore()
+    replay = stores.replay_cache(replay_capacity(config, workers))
+    if wrap_replay is not None:
+        replay = wrap_replay(replay)
     deps = Deps(
         keystore=keystore,
         directory=RegistryDirectory(
             stores.open_registry, config.home / SIGNING_CERT_FILE, stores.generation
         ),
-        replay=stores.replay_cache(replay_capacity(config, workers)),
+        replay=replay,
         ledger=stores.resolve_ledger(),
         rate=stores.rate_limiter(),
         audit=JsonLinesAuditSink(
