@@ -4,9 +4,7 @@ key store, registry, replay cache and audit sink implementations)."""
 from __future__ import annotations
 
 import contextlib
-import fcntl
 from collections.abc import Callable
-from pathlib import Path
 
 from cryptography.hazmat.primitives.serialization import Encoding
 
@@ -74,16 +72,20 @@ def kms_policy(config: KmsConfig) -> KmsPolicy:
     )
 
 
-def dummy_psk(keystore: KeyStore, lock_path: Path) -> KeyRef:
-    """The dummy PSK, generated inside the token on first use (it never leaves it)."""
+def dummy_psk(
+    keystore: KeyStore, lock: Callable[[], contextlib.AbstractContextManager[None]]
+) -> KeyRef:
+    """The dummy PSK, generated inside the token on first use (it never leaves it).
+
+    Several workers, and in cluster mode several replicas sharing the token, may start at
+    once: under ``lock`` (``Stores.token_lock``: a lock file, or a PostgreSQL advisory lock
+    across replicas) one creates it, the others find it after a rescan of the token."""
     try:
         keystore.key_info(DUMMY_PSK_LABEL)
         return KeyRef(DUMMY_PSK_LABEL)
     except KeyNotFound:
         pass
-    # Several workers may start at once: one creates it, the others find it after a rescan.
-    with lock_path.open("a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
+    with lock():
         refresh = getattr(keystore, "refresh", None)
         if callable(refresh):
             refresh()
@@ -146,7 +148,7 @@ def build_handler(
         peers=peers,
         peer_quota=stores.peer_quota(),
         admission=stores.admission(),
-        dummy_psk=dummy_psk(keystore, state / "dummy-psk.lock"),
+        dummy_psk=dummy_psk(keystore, lambda: stores.token_lock("dummy-psk")),
     )
     cert_peers = any(p.auth == "cert" for p in home.registry.list_peers())
     if pk is None and (config.pk.ca_bundle is not None or cert_peers):
