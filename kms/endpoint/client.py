@@ -22,7 +22,7 @@ from typing import Any
 
 import grpc
 
-import kms.server.stubs as stubs
+from kms import rpc
 from kms.endpoint.initiator import DesiredPolicy, Initiator, TicketGrant
 from kms.endpoint.responder import ResolvedCall, Responder
 from kms.endpoint.session import AES_CM_128_HMAC_SHA1_80, CallState, CryptoSession, SrtpProfile
@@ -30,9 +30,8 @@ from kms.mikey.constants import DataType, ErrorNo
 from kms.mikey.errors import DecodeError
 from kms.mikey.message import Message
 from kms.mikey.payloads import Error
+from kms.rpc import CORRELATION_KEY, ERROR_TRAILER
 
-ERROR_TRAILER = "mikey-error-bin"
-CORRELATION_KEY = "x-correlation-id"
 DEFAULT_TIMEOUT_S = 10.0
 
 Pem = bytes | str | Path
@@ -133,7 +132,7 @@ class KmsClient:
             self._channel = grpc.secure_channel(target, creds, options=list(options))
         else:
             self._channel = grpc.insecure_channel(target, options=list(options))
-        self._stub = stubs.client_stub(self._channel)
+        self._stub = rpc.client_stub(self._channel)
         #: The correlation id of the last call (from the server's metadata), for logs.
         self.last_correlation_id: str | None = None
 
@@ -149,7 +148,7 @@ class KmsClient:
         metadata = () if correlation_id is None else ((CORRELATION_KEY, correlation_id),)
         try:
             response, call = method.with_call(
-                stubs.MikeyMessage(data=data), timeout=self.timeout, metadata=metadata
+                rpc.MikeyMessage(data=data), timeout=self.timeout, metadata=metadata
             )
         except grpc.RpcError as exc:
             err: Any = exc  # a grpc.Call as well

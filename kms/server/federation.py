@@ -43,10 +43,11 @@ from typing import Any
 
 import grpc
 
+from kms import rpc
 from kms.core.ports import PeerError, PeerKms
-from kms.server import stubs
+from kms.rpc import CORRELATION_KEY, ERROR_TRAILER
 from kms.server.config import KmsConfig, is_loopback, split_listen
-from kms.server.grpc_server import CORRELATION_KEY, ERROR_TRAILER, HOPS_KEY
+from kms.server.grpc_server import HOPS_KEY
 from kms.store.registry import Registry, UnknownPeer, show_identity
 
 log = logging.getLogger("kms.server.federation")
@@ -177,7 +178,7 @@ class GrpcPeerResolver:
             raise PeerError("unavailable", f"peer {name} is no longer registered")
         stub = self._stub(route, name)
         metadata = ((CORRELATION_KEY, correlation_id), (HOPS_KEY, str(hops)))
-        request = stubs.MikeyMessage(data=wire)
+        request = rpc.MikeyMessage(data=wire)
         deadline = self._clock() + peer.deadline_s
         attempt = 0
         first: str | None = None  # why the first attempt failed, when it is retried
@@ -248,7 +249,7 @@ class GrpcPeerResolver:
                     certificate_chain=self._client.cert_pem,
                 )
                 channel = grpc.secure_channel(route.address, creds, options=list(CHANNEL_OPTIONS))
-            stub = stubs.client_stub(channel)
+            stub = rpc.client_stub(channel)
             self._channels[key] = (channel, stub)
             return stub
 

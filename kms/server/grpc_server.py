@@ -38,14 +38,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from kms.core.api import KmsHandler, KmsReply, Outcome
-from kms.server import stubs
+from kms import rpc
+from kms.rpc import CORRELATION_KEY, ERROR_TRAILER, SERVICE_NAME
 from kms.server.slots import CoreSlots
 
 log = logging.getLogger("kms.server.grpc")
 
-SERVICE_NAME = stubs.SERVICE_NAME
-CORRELATION_KEY = "x-correlation-id"
-ERROR_TRAILER = "mikey-error-bin"
 # A MIKEY message is a few hundred bytes (a PK request with two certificates a few KiB);
 # anything near this limit is not a request we want to spend token time on.
 MAX_REQUEST_BYTES = 64 * 1024
@@ -198,13 +196,13 @@ class KmsServicer:
                 context.set_trailing_metadata(((CORRELATION_KEY, cid),))
                 context.set_code(grpc.StatusCode.INTERNAL)
                 context.set_details(INTERNAL_DETAIL)
-                return stubs.MikeyMessage()
+                return rpc.MikeyMessage()
 
             trailing: list[tuple[str, str | bytes]] = [(CORRELATION_KEY, cid)]
             if code is grpc.StatusCode.OK:
-                response = stubs.MikeyMessage(data=reply.data)
+                response = rpc.MikeyMessage(data=reply.data)
             else:
-                response = stubs.MikeyMessage()
+                response = rpc.MikeyMessage()
                 if reply.error_message is not None:
                     trailing.append((ERROR_TRAILER, bytes(reply.error_message)))
                 context.set_code(code)
@@ -297,7 +295,7 @@ class KmsServer:
             options=options,
             maximum_concurrent_rpcs=threads,
         )
-        stubs.kms_pb2_grpc.add_KeyManagementServicer_to_server(self.servicer, self._server)
+        rpc.add_servicer(self.servicer, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server

@@ -21,7 +21,7 @@ from kms.mikey.constants import DataType, ErrorNo
 from kms.mikey.message import Message
 from kms.mikey.payloads import Error
 from kms.mikey.ticket import TpFlag
-from kms.server import stubs
+from kms import rpc
 from tests.e2e.harness import check_srtp
 from tests.federation.conftest import (
     ALICE,
@@ -251,7 +251,7 @@ def test_request_that_already_crossed_a_kms_is_not_forwarded(fed: Fed) -> None:
     stub = fed.client("B")._stub
     with pytest.raises(grpc.RpcError) as info:
         stub.ResolveTicket(
-            stubs.MikeyMessage(data=wire),
+            rpc.MikeyMessage(data=wire),
             metadata=(("x-correlation-id", correlation), ("mikey-hops", "1")),
             timeout=5,
         )
