@@ -80,9 +80,7 @@ def add_servicer(servicer: KeyManagementServicer, server: grpc.Server) -> None:
             ("ResolveTicket", servicer.ResolveTicket),
         )
     }
-    server.add_generic_rpc_handlers(
-        (grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),)
-    )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
     server.add_registered_method_handlers(SERVICE_NAME, handlers)
 
 

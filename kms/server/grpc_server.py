@@ -37,8 +37,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from kms.core.api import KmsHandler, KmsReply, Outcome
 from kms import rpc
+from kms.core.api import KmsHandler, KmsReply, Outcome
 from kms.rpc import CORRELATION_KEY, ERROR_TRAILER, SERVICE_NAME
 from kms.server.slots import CoreSlots
 

@@ -32,12 +32,12 @@ import grpc
 import pytest
 
 from hsm.software import SoftwareKeyStore
+from kms import rpc
 from kms.endpoint.client import KmsClient
 from kms.endpoint.common import Credentials
 from kms.endpoint.initiator import Initiator
 from kms.endpoint.responder import Responder
 from kms.mikey.constants import IdType
-from kms import rpc
 from tests.e2e.harness import ServeProcess, free_port, run_kms
 from tests.federation.pki import CertFiles, TestCa
 

@@ -14,8 +14,8 @@ from typing import Any
 import grpc
 import pytest
 
-from kms.core.ports import PeerError, PeerKms
 from kms import rpc
+from kms.core.ports import PeerError, PeerKms
 from kms.server.config import ConfigError, parse_config
 from kms.server.federation import ClientIdentity, GrpcPeerResolver, PeerRoute
 from kms.server.grpc_server import peer_hops

@@ -14,6 +14,7 @@ from typing import Any
 import grpc
 import pytest
 
+from kms import rpc
 from kms.endpoint.client import KmsRefused, obtain_ticket, run_call
 from kms.endpoint.initiator import DEFAULT_FLAGS, DesiredPolicy, Initiator, TicketGrant
 from kms.endpoint.session import CryptoSession, EndpointError
@@ -21,7 +22,6 @@ from kms.mikey.constants import DataType, ErrorNo
 from kms.mikey.message import Message
 from kms.mikey.payloads import Error
 from kms.mikey.ticket import TpFlag
-from kms import rpc
 from tests.e2e.harness import check_srtp
 from tests.federation.conftest import (
     ALICE,

@@ -17,8 +17,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from kms.core.api import KmsReply, Outcome
 from kms import rpc
+from kms.core.api import KmsReply, Outcome
 from kms.server.grpc_server import (
     ERROR_TRAILER,
     MAX_REQUEST_BYTES,

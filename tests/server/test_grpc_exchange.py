@@ -12,12 +12,12 @@ from typing import Any
 import grpc
 
 from hsm.software import SoftwareKeyStore
+from kms import rpc
 from kms.endpoint.common import Credentials
 from kms.endpoint.initiator import DesiredPolicy, Initiator
 from kms.endpoint.responder import Responder
 from kms.endpoint.session import CryptoSession
 from kms.mikey.constants import IdType
-from kms import rpc
 from kms.server.home import open_home
 
 ALICE = b"sip:alice@example.org"
