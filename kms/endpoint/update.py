@@ -2,7 +2,7 @@
 same CSB ID, a new T, no RANDs and no TICKET, to send new TGKs/TEKs or add crypto sessions.
 
 Both messages are protected with the keys that protected the last message of the initial
-exchange (reference 13.10, reading A, per the project decision 14.10). Session keys from a
+exchange (RFC 6043 5.2, read literally: docs/rfc-readings.md R9). Session keys from a
 new TGK use the RANDs of the initial exchange: new RANDs MUST NOT be sent.
 """
 

@@ -198,7 +198,8 @@ class TicketPolicy(Payload):
 
 @dataclass(frozen=True)
 class InitiatorData:
-    """Initiator Data of a TICKET (RFC 6043 6.10, reference 14.3): First Payload (9) | Vi | Vr.
+    """Initiator Data of a TICKET (RFC 6043 6.10; docs/rfc-readings.md R3): First Payload (9)
+    | Vi | Vr.
 
     Vi carries the MAC of the TRANSFER_INIT; Vr a MAC keyed from the unforked MPKr. Vi is
     sent with Next Payload 9 so that Vr can follow; NP 0 is accepted and kept as received.
@@ -269,7 +270,7 @@ class Ticket(Payload):
         return w.getvalue()
 
     def mac_input(self) -> bytes:
-        """What the base ticket's V MAC covers (RFC 6043 A.1, reference 5.4): the TICKET
+        """What the base ticket's V MAC covers (RFC 6043 A.1): the TICKET
         payload from Ticket Type to the end of Ticket Data, minus the MAC; Initiator Data
         length and Initiator Data are not covered. Uses the received bytes when decoded."""
         raw = self.raw or (bytes([0]) + self.encode_body())
