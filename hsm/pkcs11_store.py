@@ -71,6 +71,7 @@ from hsm.locking import Gate
 from hsm.mechanisms import MechanismPlan, MechInfo, Operation, Way, plan_for, read_mechanisms
 from hsm.token_ops import aes_cm_by_ctr, aes_cm_by_ecb, rsa_sign
 from kms.keystore import (
+    Digest,
     InvalidSealedData,
     Key,
     KeyExists,
@@ -84,7 +85,7 @@ from kms.keystore import (
     TokenUnavailable,
     UnsupportedOperation,
 )
-from kms.mikey.prf import HmacFn, PrfFunc, prf_over, split_in_key
+from kms.mikey.prf import HmacFn, prf_over, split_in_key
 
 log = logging.getLogger(__name__)
 
@@ -110,8 +111,8 @@ LEN_MARKER = b"mikey-kms/len="
 UNAVAILABLE_MESSAGE = "token unavailable"
 
 _HMAC_MECHANISM = {
-    PrfFunc.MIKEY_1: Mechanism.SHA_1_HMAC,
-    PrfFunc.PRF_HMAC_SHA_256: Mechanism.SHA256_HMAC,
+    Digest.SHA1: Mechanism.SHA_1_HMAC,
+    Digest.SHA256: Mechanism.SHA256_HMAC,
 }
 
 _CKF_OS_LOCKING_OK = 0x00000002
@@ -831,8 +832,8 @@ class _Token:
         return meta, ps.bound[label][int(cls)]
 
     # --- operations -----------------------------------------------------------------------
-    def hmac(self, key: Key, data: bytes, func: PrfFunc) -> bytes:
-        mech = _HMAC_MECHANISM[PrfFunc(func)]
+    def hmac(self, key: Key, data: bytes, func: Digest) -> bytes:
+        mech = _HMAC_MECHANISM[Digest(func)]
         with self._session("hmac") as (conn, ps):
             if isinstance(key, KeyRef):
                 _, obj = self._working(conn, ps, key.label)
@@ -840,13 +841,13 @@ class _Token:
             with self._ephemeral(ps, [bytes(key)]) as (obj,):
                 return bytes(obj.sign(data, mechanism=mech))
 
-    def prf(self, key: Key, label: bytes, out_len: int, func: PrfFunc) -> bytes:
+    def prf(self, key: Key, label: bytes, out_len: int, func: Digest) -> bytes:
         return self.prf_many(key, [(label, out_len)], func)[0]
 
     def prf_many(
-        self, key: Key, requests: Sequence[tuple[bytes, int]], func: PrfFunc
+        self, key: Key, requests: Sequence[tuple[bytes, int]], func: Digest
     ) -> list[bytes]:
-        func = PrfFunc(func)
+        func = Digest(func)
         mech = _HMAC_MECHANISM[func]
 
         def signer(obj: Any) -> HmacFn:
@@ -1188,16 +1189,16 @@ class Pkcs11KeyStore:
                 raise
             return op()
 
-    def hmac(self, key: Key, data: bytes, func: PrfFunc) -> bytes:
+    def hmac(self, key: Key, data: bytes, func: Digest) -> bytes:
         return self._with_missing_refresh(key, lambda: self._t().hmac(key, data, func))
 
-    def prf(self, key: Key, label: bytes, out_len: int, func: PrfFunc) -> bytes:
+    def prf(self, key: Key, label: bytes, out_len: int, func: Digest) -> bytes:
         return self._with_missing_refresh(
             key, lambda: self._t().prf(key, label, out_len, func)
         )
 
     def prf_many(
-        self, key: Key, requests: Sequence[tuple[bytes, int]], func: PrfFunc
+        self, key: Key, requests: Sequence[tuple[bytes, int]], func: Digest
     ) -> list[bytes]:
         return self._with_missing_refresh(
             key, lambda: self._t().prf_many(key, requests, func)

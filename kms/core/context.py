@@ -15,7 +15,7 @@ from kms.core.ports import (
     ReplayCache,
     ResolveLedger,
 )
-from kms.keystore import Key, KeyStore
+from kms.keystore import Key, KeyOps
 from kms.mikey.derive import MessageKeys
 from kms.mikey.message import Message
 from kms.mikey.protect import Suite
@@ -47,7 +47,7 @@ class PkAuthenticator(Protocol):
 
 @dataclass
 class Deps:
-    keystore: KeyStore
+    keystore: KeyOps
     directory: Directory
     replay: ReplayCache
     ledger: ResolveLedger
