@@ -107,7 +107,7 @@ def cmd_token_check(args: argparse.Namespace) -> int:
         config, needed = _token_config(args)
     except KeyStoreError as exc:  # PinError
         raise CliError(str(exc)) from None
-    from hsm.token_check import render_text, run_check  # loads python-pkcs11
+    from hsm.pkcs11.token_check import render_text, run_check  # loads python-pkcs11
 
     report = run_check(config, required=needed, iterations=args.iterations,
                        threads=args.threads)

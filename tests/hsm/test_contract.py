@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from hsm import open_keystore
-from hsm.mechanisms import Operation
+from hsm.pkcs11.mechanisms import Operation
 from hsm.software import SoftwareKeyStore
 from kms.keystore import (
     Digest,

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from hsm import open_keystore
-from hsm.pkcs11_store import RECONNECT_INTERVAL, TokenConfigError
+from hsm.pkcs11 import RECONNECT_INTERVAL, TokenConfigError
 from kms.keystore import Digest, KeyRef, KeyStoreError, TokenUnavailable
 from kms.mikey.prf import prf
 

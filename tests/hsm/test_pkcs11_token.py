@@ -20,8 +20,8 @@ import pytest
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from hsm import open_keystore
-from hsm.pkcs11_store import MISSING_KEY_RESCAN_S, Pkcs11KeyStore, TokenConfigError
-from kms.keystore import Digest, KeyNotFound, KeyRef
+from hsm.pkcs11 import MISSING_KEY_RESCAN_S, Pkcs11KeyStore, TokenConfigError
+from kms.keystore import Digest, KeyNotFound, KeyRef, TokenUnavailable
 from kms.mikey.prf import prf
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -333,7 +333,7 @@ def test_key_replaced_by_another_process_does_not_live_on_in_its_copy(
 ) -> None:
     # The KMS never reuses a label, but another tool may: the copy is checked against its
     # stored object (every WORKING_COPY_CHECK_S, 0 here), and a replaced key is picked up.
-    import hsm.pkcs11_store as mod
+    import hsm.pkcs11.working as mod
 
     old, new = os.urandom(32), os.urandom(32)
     store.import_secret("replaced", old)
@@ -351,7 +351,7 @@ def test_key_replaced_by_another_process_does_not_live_on_in_its_copy(
     while time.monotonic() < deadline:
         try:
             seen.append(store.hmac(ref, b"x", Digest.SHA1))
-        except mod.TokenUnavailable:
+        except TokenUnavailable:
             time.sleep(0.2)  # the store reconnects and rescans
             continue
         if seen[-1] == std_hmac.new(new, b"x", "sha1").digest():
@@ -373,7 +373,7 @@ def test_ephemeral_keys_are_sensitive_and_destroyed_after_use(
     conn = tok._conn
     assert conn is not None
     seen: list[tuple[bool, bool, bool, bool]] = []
-    real_destroy = tok._destroy
+    real_destroy = tok.objects.destroy
 
     def inspecting_destroy(obj: Any) -> None:
         try:
@@ -390,7 +390,7 @@ def test_ephemeral_keys_are_sensitive_and_destroyed_after_use(
         return len(list(ps.session.get_objects({Attribute.TOKEN: False})))
 
     before = session_objects()
-    monkeypatch.setattr(tok, "_destroy", inspecting_destroy)
+    monkeypatch.setattr(tok.objects, "destroy", inspecting_destroy)
     key, iv = os.urandom(16), os.urandom(16)
     enc = Cipher(algorithms.AES(key), modes.CTR(iv)).encryptor()
     assert store.aes_cm(key, iv, b"m" * 50) == enc.update(b"m" * 50) + enc.finalize()
@@ -401,7 +401,7 @@ def test_ephemeral_keys_are_sensitive_and_destroyed_after_use(
 
 
 def test_working_copies_are_bounded(store: Pkcs11KeyStore, monkeypatch: pytest.MonkeyPatch) -> None:
-    import hsm.pkcs11_store as mod
+    import hsm.pkcs11.working as mod
 
     monkeypatch.setattr(mod, "MAX_WORKING_COPIES", 3)
     values = {f"bounded-{i}": os.urandom(32) for i in range(6)}

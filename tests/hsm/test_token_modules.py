@@ -24,8 +24,8 @@ from typing import Any
 import pytest
 
 from hsm import open_keystore
-from hsm.mechanisms import Operation, Way
-from hsm.pkcs11_store import RECONNECT_INTERVAL, Pkcs11KeyStore
+from hsm.pkcs11 import RECONNECT_INTERVAL, Pkcs11KeyStore
+from hsm.pkcs11.mechanisms import Operation, Way
 from kms.keystore import Digest, KeyRef, TokenUnavailable
 from kms.mikey.prf import prf
 from tests.hsm.conftest import SoftToken, token_on

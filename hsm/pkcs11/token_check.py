@@ -30,10 +30,11 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from pkcs11 import MGF, Attribute, Mechanism, ObjectClass
 from pkcs11 import KeyType as P11KeyType
 
-from hsm import TokenConfig
-from hsm.mechanisms import MechanismPlan, MechInfo, Operation
-from hsm.pkcs11_store import Pkcs11KeyStore, _public_der
-from hsm.token_ops import rsa_sign
+from hsm.config import TokenConfig
+from hsm.pkcs11.catalogue import public_der as _public_der
+from hsm.pkcs11.mechanisms import MechanismPlan, MechInfo, Operation
+from hsm.pkcs11.store import Pkcs11KeyStore
+from hsm.pkcs11.token_ops import rsa_sign
 from kms.keystore import Digest, KeyStoreError, SignScheme
 
 DATA = bytes(range(64))

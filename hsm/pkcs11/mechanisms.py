@@ -33,7 +33,7 @@ from typing import Any
 from pkcs11 import Mechanism
 from pkcs11.exceptions import PKCS11Error
 
-from hsm import TokenConfigError
+from hsm.config import TokenConfigError
 from kms.keystore import UnsupportedOperation
 
 
@@ -147,7 +147,7 @@ def mechanism_name(number: int) -> str:
 # Key sizes asked for, in the units PKCS#11 v2.40 gives for each mechanism: bytes for HMAC
 # (section 4.1) and AES (section 2.9), bits for RSA, EC and CKM_GENERIC_SECRET_KEY_GEN.
 # Modules disagree on HMAC and generic-secret units in practice, so those accept either.
-_STORED_SECRET_BYTES = 32  # long-term secrets are stored padded to 32 bytes (pkcs11_store)
+_STORED_SECRET_BYTES = 32  # long-term secrets are stored padded to 32 bytes (catalogue)
 
 
 def _fits_bytes_or_bits(info: MechInfo, nbytes: int) -> bool:

@@ -1,7 +1,7 @@
 """How the PKCS#11 key store runs AES-CM and RSA signatures on token objects, directly or by
-the token-side fallbacks that hsm.mechanisms chose (the key never leaves the token: the host
-computes only public digests and the XOR with a keystream). Used by hsm.pkcs11_store and by
-``kms token check`` (hsm.token_check)."""
+the token-side fallbacks that hsm.pkcs11.mechanisms chose (the key never leaves the token: the
+host computes only public digests and the XOR with a keystream). Used by hsm.pkcs11.store and
+by ``kms token check`` (hsm.pkcs11.token_check)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Any
 from pkcs11 import MGF, Mechanism
 
 from hsm._common import scheme_digest
-from hsm.mechanisms import MechanismPlan, Operation, Way
+from hsm.pkcs11.mechanisms import MechanismPlan, Operation, Way
 from kms.keystore import SignScheme
 
 _RSA_SIGN: dict[SignScheme, tuple[Mechanism, Any]] = {
