@@ -153,13 +153,13 @@ def delete(tok: Token, label: str) -> None:
 def list_keys(tok: Token) -> list[KeyInfo]:
     with tok.session("list_keys") as (conn, _ps):
         return [conn.keys[k].info for k in sorted(conn.keys)
-                if conn.keys[k].handles.keys() - {int(ObjectClass.PUBLIC_KEY)}]
+                if conn.keys[k].handles.keys() - {ObjectClass.PUBLIC_KEY}]
 
 
 def key_info(tok: Token, label: str) -> KeyInfo:
     with tok.session("key_info") as (conn, _ps):
         meta = conn.keys.get(label)
-        if meta is None or not meta.handles.keys() - {int(ObjectClass.PUBLIC_KEY)}:
+        if meta is None or not meta.handles.keys() - {ObjectClass.PUBLIC_KEY}:
             raise KeyNotFound(f"no key labelled {label!r}")
         return meta.info
 

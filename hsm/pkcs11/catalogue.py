@@ -136,7 +136,7 @@ def remember(keys: dict[str, KeyMeta], ps: PooledSession, obj: Any) -> None:
                                 ObjectClass.PUBLIC_KEY):
         return  # certificates, data objects, unlabelled keys: not ours to serve
     meta = keys.get(label)
-    if meta is not None and int(cls) in meta.handles:
+    if meta is not None and cls in meta.handles:
         log.warning("token holds several %s objects labelled %r; using the first",
                     cls.name, label)
         return
@@ -164,9 +164,9 @@ def remember(keys: dict[str, KeyMeta], ps: PooledSession, obj: Any) -> None:
             return
         else:
             meta.public_der = der or meta.public_der
-    meta.handles[int(cls)] = obj.handle
+    meta.handles[cls] = obj.handle
     keys[label] = meta
-    ps.bound.setdefault(label, {})[int(cls)] = obj
+    ps.bound.setdefault(label, {})[cls] = obj
 
 
 def describe_secret(label: str, obj: Any) -> KeyMeta:
@@ -239,9 +239,9 @@ def lookup(conn: Connection, ps: PooledSession, label: str, cls: ObjectClass,
     meta = conn.keys.get(label)
     if meta is None:
         raise KeyNotFound(f"no key labelled {label!r}")
-    if meta.info.key_type not in kinds or int(cls) not in meta.handles:
+    if meta.info.key_type not in kinds or cls not in meta.handles:
         raise UnsupportedOperation(f"key {label!r} cannot be used for this operation")
-    return meta, ps.bound[label][int(cls)]
+    return meta, ps.bound[label][cls]
 
 
 __all__ = [

@@ -365,7 +365,7 @@ class Token:
         if self._closed:
             return
         with self._gate.exclusive():
-            if self._closed:
+            if self.closed:  # closed by another thread meanwhile (the property re-reads)
                 return
             self._closed = True
             conn, self._conn = self._conn, None

@@ -6,6 +6,8 @@ import queue
 from dataclasses import dataclass, field
 from typing import Any
 
+from pkcs11 import ObjectClass
+
 from hsm.pkcs11.mechanisms import MechanismPlan
 from kms.keystore import KeyInfo
 
@@ -15,7 +17,7 @@ class KeyMeta:
     """What the catalogue knows about one labelled key (never its value)."""
 
     info: KeyInfo
-    handles: dict[int, int]  # CKA_CLASS (ObjectClass value) -> object handle, same in every session
+    handles: dict[ObjectClass, int]  # CKA_CLASS -> object handle (the same in every session)
     secret_len: int = 0  # true length of a secret key
     stored_len: int = 0
     public_der: bytes | None = None
@@ -27,7 +29,7 @@ class PooledSession:
 
     session: Any  # pkcs11.Session
     # label -> {CKA_CLASS: pkcs11 Object bound to THIS session}
-    bound: dict[str, dict[int, Any]] = field(default_factory=dict)
+    bound: dict[str, dict[ObjectClass, Any]] = field(default_factory=dict)
     # label -> (this session's working copy of a long-term secret, when its stored object
     # was last seen valid); see hsm.pkcs11.working
     working: dict[str, tuple[Any, float]] = field(default_factory=dict)

@@ -243,7 +243,7 @@ def _probe_objects(session: Any, plan: MechanismPlan, report: CheckReport) -> di
     return keys
 
 
-def _timed(row: Any, fn: Callable[[], bool], iterations: int) -> None:
+def _timed(row: OperationRow, fn: Callable[[], bool], iterations: int) -> None:
     """Check one result, then time it; a wrong result or a token error goes into the row."""
     try:
         if not fn():
