@@ -324,7 +324,7 @@ class Token:
     def manage(self, what: str) -> Iterator[tuple[Connection, PooledSession]]:
         """Exclusive section for key management: no operation runs while the cache changes.
 
-        Creating a stored object costs ~8 ms (facts note); management is rare.
+        Creating a stored object costs ~8 ms on SoftHSM (measured); administration is rare.
         """
         if self._closed:
             raise KeyStoreError("key store is closed")

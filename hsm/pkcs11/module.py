@@ -3,7 +3,7 @@
 python-pkcs11 calls ``C_Initialize(NULL)``, which makes SoftHSM turn its internal locking off;
 concurrent sessions then crash. Right after python-pkcs11 loads the module we re-run
 ``C_Finalize`` / ``C_Initialize`` through ctypes on the *same* loaded module with
-``CK_C_INITIALIZE_ARGS.flags = CKF_OS_LOCKING_OK`` (PKCS#11 v2.40 sections 5.4 and 11.4), so
+``CK_C_INITIALIZE_ARGS.flags = CKF_OS_LOCKING_OK`` (PKCS#11 v2.40 section 5.4: C_Initialize), so
 the module's own mutexes protect its state and several sessions may run in parallel.
 python-pkcs11 never calls C_Initialize again (``lib.reinitialize()`` is never used).
 """

@@ -31,8 +31,8 @@ def aes_cm_by_ctr(obj: Any, iv: bytes, data: bytes) -> bytes:
     while pos < len(data):
         # AES-CM counts over the full 128-bit block mod 2^128 (RFC 3711 4.1.1). With
         # ulCounterBits = 128 SoftHSM matches that, but refuses (DataLenRange) to wrap past
-        # 2^128 - 1 (measured), so split there. ulCounterBits = 16 (as the facts note
-        # suggests) is only right while the low 16 bits do not wrap; SoftHSM refuses that too.
+        # 2^128 - 1 (measured), so split there. ulCounterBits = 16 is only right while the
+        # low 16 bits do not wrap; SoftHSM refuses that too.
         blocks_left = (1 << 128) - counter
         chunk = data[pos : pos + blocks_left * 16]
         param = struct.pack("=Q", 128) + counter.to_bytes(16, "big")
