@@ -10,6 +10,7 @@ import hmac as std_hmac
 import itertools
 import os
 from collections.abc import Callable, Iterator
+from typing import cast
 
 import pytest
 from cryptography.hazmat.primitives import hashes, serialization
@@ -32,7 +33,7 @@ from kms.keystore import (
     SignScheme,
     UnsupportedOperation,
 )
-from kms.mikey.prf import digest_name, prf
+from kms.mikey.prf import PrfFunc, digest_name, prf
 from tests.hsm.conftest import token_on
 
 _labels = itertools.count()
@@ -111,6 +112,19 @@ def test_generated_secret_is_usable(store: KeyStore) -> None:
         a = store.prf(KeyRef(label), b"label", 32, Digest.SHA256)
         assert a == store.prf(KeyRef(label), b"label", 32, Digest.SHA256)
         assert len(a) == 32
+
+
+def test_hash_is_named_by_the_boundary_digest(store: KeyStore) -> None:
+    # The store is told the HMAC hash (Digest); which MIKEY PRF func uses which hash is the
+    # MIKEY layer's mapping (kms.mikey.prf.hmac_digest). A PRF func number is refused.
+    key = os.urandom(16)
+    assert store.hmac(key, b"d", Digest.SHA256) == std_hmac.new(key, b"d", "sha256").digest()
+    assert store.prf(key, b"l", 20, Digest.SHA1) == prf(key, b"l", 20, PrfFunc.MIKEY_1)
+    not_a_digest = cast(Digest, PrfFunc.MIKEY_1)
+    with pytest.raises(ValueError, match="Digest"):
+        store.hmac(key, b"d", not_a_digest)
+    with pytest.raises(ValueError, match="Digest"):
+        store.prf_many(key, [(b"l", 16)], not_a_digest)
 
 
 # --- HMAC / PRF with ephemeral keys ---------------------------------------------------------
