@@ -23,8 +23,10 @@ from hsm.software import SoftwareKeyStore
 from kms.keystore import (
     Digest,
     InvalidSealedData,
+    KeyAdmin,
     KeyExists,
     KeyNotFound,
+    KeyOps,
     KeyRef,
     KeyStore,
     KeyStoreError,
@@ -81,6 +83,10 @@ def test_without_ec_generate_ec_is_refused_naming_the_mechanism(store: KeyStore)
 
 def test_is_a_keystore(store: KeyStore) -> None:
     assert isinstance(store, KeyStore)
+    assert isinstance(store, KeyOps) and isinstance(store, KeyAdmin)
+    # The request path's interface holds no administration (the split of kms.keystore).
+    assert not {"generate_secret", "import_secret", "delete", "list_keys"} & set(dir(KeyOps))
+    assert not {"hmac", "prf", "sign", "rsa_decrypt"} & set(dir(KeyAdmin))
 
 
 # --- HMAC / PRF with long-term keys ---------------------------------------------------------
