@@ -16,11 +16,12 @@ from kms.core.ports import (
     ReplayCache,
     ResolveLedger,
 )
-from kms.keystore import Key, KeyRef, KeyStore
+from kms.keystore import Key, KeyOps, KeyRef
 from kms.mikey.derive import MessageKeys
 from kms.mikey.message import Message
 from kms.mikey.protect import Suite
 from kms.mikey.ticket import Idr
+from kms.mikey.views import RequestInitPk, ResolveInitPk
 
 
 @dataclass(frozen=True)
@@ -43,12 +44,14 @@ class Authenticated:
 class PkAuthenticator(Protocol):
     """Authenticates REQUEST_INIT_PK / RESOLVE_INIT_PK (certificate, SIGN, PKE)."""
 
-    def authenticate(self, msg: Message, now: float, role: int) -> Authenticated: ...
+    def authenticate(
+        self, v: RequestInitPk | ResolveInitPk, now: float, role: int
+    ) -> Authenticated: ...
 
 
 @dataclass
 class Deps:
-    keystore: KeyStore
+    keystore: KeyOps
     directory: Directory
     replay: ReplayCache
     ledger: ResolveLedger
