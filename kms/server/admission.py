@@ -18,8 +18,9 @@ Health ``Watch`` streams (which never end by themselves and also hold an admitte
 are bounded to ``MAX_WATCHES`` per worker and count toward their peer's calls
 (:class:`GuardedHealth`).
 
-Everything it does is counted (:attr:`CallGuard.counters`) and logged, at most one line
-per ``LOG_EVERY_S`` for each kind of event (an attacker controls how often they happen).
+Everything it does is counted (:attr:`CallGuard.counters`, an :class:`EventCounts` whose
+listener the metrics set: ``kms_guard_refusals_total``) and logged, at most one line per
+``LOG_EVERY_S`` for each kind of event (an attacker controls how often they happen).
 """
 
 from __future__ import annotations
@@ -41,6 +42,22 @@ from kms.server.config import ServerSettings
 log = logging.getLogger("kms.server.admission")
 
 LOG_EVERY_S = 10.0
+
+
+class EventCounts(Counter[str]):
+    """Counts of events by kind; every increase is also passed to ``listener`` (set by the
+    metrics wiring, kms.server.observe), so that the counts reach ``/metrics`` too."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.listener: Callable[[str, int], None] | None = None
+
+    def __setitem__(self, key: str, value: int) -> None:
+        delta = value - self.get(key, 0)
+        super().__setitem__(key, value)
+        listener = self.listener
+        if delta > 0 and listener is not None:
+            listener(key, delta)
 
 
 class Cancellable(Protocol):
@@ -146,7 +163,7 @@ class CallGuard:
         self._waiting: OrderedDict[int, _Waiting] = OrderedDict()  # arrival order
         self._waiting_per_peer: Counter[str] = Counter()
         self._calls_per_peer: Counter[str] = Counter()
-        self.counters: Counter[str] = Counter()
+        self.counters = EventCounts()
         self._log = RateLimitedLog(log)
         self._stopped = False
         self._thread = threading.Thread(target=self._watch, name="kms-call-guard", daemon=True)

@@ -4,8 +4,7 @@ key store, registry, replay cache and audit sink implementations)."""
 from __future__ import annotations
 
 import contextlib
-import fcntl
-from pathlib import Path
+from collections.abc import Callable
 
 from cryptography.hazmat.primitives.serialization import Encoding
 
@@ -13,7 +12,7 @@ from kms.core.api import KmsHandler
 from kms.core.context import Deps, PkAuthenticator
 from kms.core.pk import CertificateAuthenticator, EnvelopeKey, load_pem_certificates
 from kms.core.policy import Forking, KmsPolicy
-from kms.core.ports import PeerResolver
+from kms.core.ports import PeerResolver, ReplayCache
 from kms.core.service import Kms
 from kms.keystore import KeyExists, KeyNotFound, KeyRef, KeyStore
 from kms.mikey.constants import KeyDataType, PrfFunc
@@ -73,16 +72,20 @@ def kms_policy(config: KmsConfig) -> KmsPolicy:
     )
 
 
-def dummy_psk(keystore: KeyStore, lock_path: Path) -> KeyRef:
-    """The dummy PSK, generated inside the token on first use (it never leaves it)."""
+def dummy_psk(
+    keystore: KeyStore, lock: Callable[[], contextlib.AbstractContextManager[None]]
+) -> KeyRef:
+    """The dummy PSK, generated inside the token on first use (it never leaves it).
+
+    Several workers, and in cluster mode several replicas sharing the token, may start at
+    once: under ``lock`` (``Stores.token_lock``: a lock file, or a PostgreSQL advisory lock
+    across replicas) one creates it, the others find it after a rescan of the token."""
     try:
         keystore.key_info(DUMMY_PSK_LABEL)
         return KeyRef(DUMMY_PSK_LABEL)
     except KeyNotFound:
         pass
-    # Several workers may start at once: one creates it, the others find it after a rescan.
-    with lock_path.open("a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
+    with lock():
         refresh = getattr(keystore, "refresh", None)
         if callable(refresh):
             refresh()
@@ -115,21 +118,26 @@ def build_handler(
     peers: PeerResolver | None = None,
     workers: int | None = None,
     keystore: KeyStore | None = None,
+    wrap_replay: Callable[[ReplayCache], ReplayCache] | None = None,
 ) -> KmsHandler:
     """The KMS core wired to this home's token, registry and stores (``keystore``: a
-    decorator around ``home.keystore()``, e.g. the metered one, instead of the token)."""
+    decorator around ``home.keystore()``, e.g. the metered one, instead of the token;
+    ``wrap_replay``: a decorator for the replay cache, e.g. the metered one)."""
     config = home.config
     stores = home.stores  # [store] backend: SQLite in the home, or PostgreSQL (cluster)
     state = config.home / STATE_DIR
     state.mkdir(mode=0o700, exist_ok=True)
     if keystore is None:
         keystore = home.keystore()
+    replay = stores.replay_cache(replay_capacity(config, workers))
+    if wrap_replay is not None:
+        replay = wrap_replay(replay)
     deps = Deps(
         keystore=keystore,
         directory=RegistryDirectory(
             stores.open_registry, config.home / SIGNING_CERT_FILE, stores.generation
         ),
-        replay=stores.replay_cache(replay_capacity(config, workers)),
+        replay=replay,
         ledger=stores.resolve_ledger(),
         rate=stores.rate_limiter(),
         audit=JsonLinesAuditSink(
@@ -140,7 +148,7 @@ def build_handler(
         peers=peers,
         peer_quota=stores.peer_quota(),
         admission=stores.admission(),
-        dummy_psk=dummy_psk(keystore, state / "dummy-psk.lock"),
+        dummy_psk=dummy_psk(keystore, lambda: stores.token_lock("dummy-psk")),
     )
     cert_peers = any(p.auth == "cert" for p in home.registry.list_peers())
     if pk is None and (config.pk.ca_bundle is not None or cert_peers):

@@ -28,7 +28,6 @@ import threading
 import time
 import traceback
 import uuid
-from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from concurrent import futures
 from pathlib import Path
@@ -44,6 +43,7 @@ from kms.rpc import CORRELATION_KEY, ERROR_TRAILER, SERVICE_NAME
 from kms.server import tracing
 from kms.server.admission import (
     CallGuard,
+    EventCounts,
     GuardedHealth,
     Limits,
     RateLimitedLog,
@@ -161,7 +161,7 @@ class KmsServicer:
         self._inflight = 0
         self._idle = threading.Condition()
         self._draining = False
-        self.counters: Counter[str] = Counter()
+        self.counters = EventCounts()
         self._log = RateLimitedLog(log)
 
     # The method names are the proto's (the generated registration looks them up).

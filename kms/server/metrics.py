@@ -14,6 +14,12 @@ ports, by decorators built in the composition root around the real objects:
 * :class:`MeteredPeers` around the :class:`kms.core.ports.PeerResolver`: federated resolves
   (RFC 6043 9) by peer KMS and outcome, with latency.
 * :class:`TimedSlots`: how long calls wait for a core slot.
+* :class:`MeteredReplayCache` around the :class:`kms.core.ports.ReplayCache`: new messages
+  refused because the cache is full of live entries (RFC 3830 5.4 needs every digest kept
+  for its whole acceptance window, so none is evicted early).
+* The call guard's and the adapter's event counts (:meth:`ServerMetrics.guard_event`):
+  calls cancelled or refused to protect the server, and request bodies that are not a
+  ``MikeyMessage``.
 
 Label values are bounded: method, outcome and status names, MIKEY error numbers 0..15, key
 types, token operation names and the ids of the peer KMSs the operator registered. Never an
@@ -35,7 +41,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from kms.core.api import KmsHandler, KmsReply, Outcome
-from kms.core.ports import PeerError, PeerKms, PeerResolver
+from kms.core.ports import PeerError, PeerKms, PeerResolver, ReplayCache, ReplayCacheFull
 from kms.keystore import KeyStore
 from kms.mikey.constants import ErrorNo
 from kms.server.metrics_token import MeteredKeyStore, TokenProbe, error_kind
@@ -62,6 +68,14 @@ METHODS = {"request_ticket": "RequestTicket", "resolve_ticket": "ResolveTicket"}
 _ERROR_NOS = frozenset(str(int(e)) for e in ErrorNo)
 _KEY_TYPES = {"TGK": "tgk", "TEK": "tek", "GTGK": "gtgk"}
 PEER_OUTCOMES = ("ok", "refused", "invalid", "unavailable")
+# The call guard's event counts (kms.server.admission) by their ``reason`` label value.
+GUARD_REASONS = {
+    "request_timeouts": "request_timeout",  # no request message in time: cancelled
+    "shed_waiting": "shed",  # too many calls waiting for their request: oldest cancelled
+    "refused_peer_limit": "peer_limit",  # the peer address holds too many calls
+    "refused_watches": "health_watches",  # too many health Watch streams
+}
+UNDECODABLE_EVENT = "undecodable_body"
 
 def key_type_label(keys: object) -> str:
     """The ticket's key types (RFC 3830 6.13 Type of KV data, salts folded into their key)
@@ -169,6 +183,28 @@ class ServerMetrics:
             registry=r,
             multiprocess_mode="livemostrecent",
         )
+        self.guard_refusals = Counter(
+            "kms_guard_refusals_total",
+            "Calls the server cancelled or refused to protect itself, by reason: "
+            "request_timeout (no request message in time), shed (too many calls waiting "
+            "for their request), peer_limit (the peer address holds too many calls), "
+            "health_watches (too many health Watch streams)",
+            ("reason",),
+            registry=r,
+        )
+        for reason in GUARD_REASONS.values():  # present at 0, so that rate() sees the 1st
+            self.guard_refusals.labels(reason)
+        self.undecodable = Counter(
+            "kms_undecodable_requests_total",
+            "Calls whose request body is not a mikey.kms.v1.MikeyMessage (INVALID_ARGUMENT)",
+            registry=r,
+        )
+        self.replay_full = Counter(
+            "kms_replay_cache_full_refusals_total",
+            "New messages refused (FAILED_PRECONDITION) because the replay cache is full of "
+            "live entries ([policy] replay_cache_size)",
+            registry=r,
+        )
         self._token_down = False
         self._token_lock = threading.Lock()
         # Label children by label values: labels() costs a lock and a tuple per call.
@@ -219,6 +255,19 @@ class ServerMetrics:
 
     def slots(self, n: int) -> TimedSlots:
         return TimedSlots(n, self)
+
+    def replay_cache(self, inner: ReplayCache) -> MeteredReplayCache:
+        return MeteredReplayCache(inner, self)
+
+    def guard_event(self, event: str, n: int) -> None:
+        """An increase of the call guard's or the adapter's event counts
+        (``CallGuard.counters``, ``KmsServicer.counters``); unknown kinds are ignored."""
+        if event == UNDECODABLE_EVENT:
+            self.undecodable.inc(n)
+            return
+        reason = GUARD_REASONS.get(event)
+        if reason is not None:
+            self.child(self.guard_refusals, reason).inc(n)
 
     # --- per call -----------------------------------------------------------------------------
     def child(self, metric: Any, *labels: str) -> Any:
@@ -321,6 +370,18 @@ class MeteredHandler:
                 time.perf_counter() - started,
             )
 
+    def refuse_undecodable(
+        self, size: int, now: float, *, correlation_id: str = "", detail: str = ""
+    ) -> KmsReply:
+        """A body that is not a transport message: the core audits it (passed through, so
+        that metrics or traces do not cost the audit record)."""
+        refuse = getattr(self._inner, "refuse_undecodable", None)
+        if callable(refuse):
+            reply = refuse(size, now, correlation_id=correlation_id, detail=detail)
+            if isinstance(reply, KmsReply):
+                return reply
+        return KmsReply(Outcome.MALFORMED, detail=detail)
+
     def close(self) -> None:
         close = getattr(self._inner, "close", None)
         if callable(close):
@@ -329,6 +390,24 @@ class MeteredHandler:
     @property
     def inner(self) -> KmsHandler:
         return self._inner
+
+
+class MeteredReplayCache:
+    """A :class:`ReplayCache` that counts the new messages refused because it is full."""
+
+    def __init__(self, inner: ReplayCache, metrics: ServerMetrics) -> None:
+        self._inner = inner
+        self._m = metrics
+
+    def check_and_store(self, digest: bytes, expires_at: float, now: float) -> bool:
+        try:
+            return self._inner.check_and_store(digest, expires_at, now)
+        except ReplayCacheFull:
+            self._m.replay_full.inc()
+            raise
+
+    def __getattr__(self, name: str) -> Any:  # close(), refused_full, ...
+        return getattr(self._inner, name)
 
 
 class MeteredPeers:
@@ -369,6 +448,7 @@ __all__ = [
     "MeteredHandler",
     "MeteredKeyStore",
     "MeteredPeers",
+    "MeteredReplayCache",
     "ServerMetrics",
     "TimedSlots",
     "TokenProbe",

@@ -9,18 +9,21 @@ from the gRPC port, and what it exposes besides the call and token metrics.
   gauges are dropped (``mark_process_dead``); its counters still count.
 * Either way, :class:`RegistryCollector` reads the registry at scrape time: TPK versions by
   state, the age of the current TPK and the configured maximum, registry sizes, build info.
+  It reads through the configured store backend (``[store] backend``): the SQLite file of
+  the home, or in cluster mode the PostgreSQL database every replica shares.
 """
 
 from __future__ import annotations
 
 import contextlib
 import importlib.metadata
+import logging
 import os
 import platform
 import shutil
 import sqlite3
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +35,8 @@ from prometheus_client.registry import Collector
 
 from kms.server.config import KmsConfig, split_listen
 from kms.store.registry import Registry, RegistryError, TpkState, TpkVersion
+
+log = logging.getLogger("kms.server.metrics")
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 MULTIPROC_DIR = "metrics-mp"  # under <home>/state
@@ -48,24 +53,49 @@ class RegistryCollector(Collector):
     """Gauges read from the registry on each scrape (the registry is shared by every worker
     and, in a cluster, by every replica: query them with ``max``)."""
 
-    def __init__(self, registry_path: Path, config: KmsConfig) -> None:
+    def __init__(
+        self,
+        registry_path: Path,
+        config: KmsConfig,
+        open_registry: Callable[[], Registry] | None = None,
+    ) -> None:
+        """``open_registry``: a registry handle of the process's own store backend (cluster
+        mode); without it a PostgreSQL backend is opened here at the first scrape."""
         self._path = registry_path
         self._config = config
-        # One read-only connection for every scrape (scrapes come on threads of their own,
-        # one at a time under the lock): no write lock, no migration check per scrape.
+        self._open = open_registry
+        self._stores: Any = None  # kms.server.stores.Stores opened here, closed by close()
+        # One connection for every scrape (scrapes come on threads of their own, one at a
+        # time under the lock); SQLite: read-only, no write lock, no migration check.
         self._lock = threading.Lock()
         self._registry: Registry | None = None
+
+    @property
+    def cluster(self) -> bool:
+        return self._config.store.backend == "postgresql"
+
+    def _open_registry(self) -> Registry:
+        if self._open is not None:
+            return self._open()
+        if self.cluster:
+            if self._stores is None:
+                from kms.server.stores import open_stores
+
+                self._stores = open_stores(self._config)
+            reg: Registry = self._stores.open_registry()
+            return reg
+        if not self._path.exists():
+            raise RegistryError(f"registry {self._path} does not exist")
+        conn = sqlite3.connect(
+            f"file:{self._path}?mode=ro", uri=True, check_same_thread=False,
+            timeout=2.0, isolation_level=None,
+        )
+        return Registry(conn, self._path)
 
     def _read(self) -> tuple[list[TpkVersion], dict[str, int]]:
         with self._lock:
             if self._registry is None:
-                if not self._path.exists():
-                    raise RegistryError(f"registry {self._path} does not exist")
-                conn = sqlite3.connect(
-                    f"file:{self._path}?mode=ro", uri=True, check_same_thread=False,
-                    timeout=2.0, isolation_level=None,
-                )
-                self._registry = Registry(conn, self._path)
+                self._registry = self._open_registry()
             reg = self._registry
             try:
                 return reg.tpk_versions(), {
@@ -74,10 +104,22 @@ class RegistryCollector(Collector):
                     "peers": len(reg.list_peers()),
                     "applications": len(reg.list_applications()),
                 }
-            except (sqlite3.Error, RegistryError):
-                reg.close()
+            except Exception:
+                with contextlib.suppress(Exception):
+                    reg.close()
                 self._registry = None
                 raise
+
+    def close(self) -> None:
+        with self._lock:
+            if self._registry is not None:
+                with contextlib.suppress(Exception):
+                    self._registry.close()
+                self._registry = None
+            if self._stores is not None:
+                with contextlib.suppress(Exception):
+                    self._stores.close()
+                self._stores = None
 
     def collect(self) -> Iterable[Any]:
         build = GaugeMetricFamily(
@@ -97,7 +139,10 @@ class RegistryCollector(Collector):
         )
         try:
             tpks, sizes = self._read()
-        except (sqlite3.Error, RegistryError):
+        except Exception as exc:  # SQLite, or the database of a cluster (unavailable, ...)
+            # The type only: a driver's message may quote the DSN.
+            log.warning("registry unreadable for metrics",
+                        extra={"fields": {"error": type(exc).__name__}})
             up.add_metric((), 0)
             yield up
             return
@@ -166,14 +211,18 @@ class MetricsServer:
 
 
 def exposition_registry(
-    config: KmsConfig, registry_path: Path, multiproc_dir: Path | None
+    config: KmsConfig,
+    registry_path: Path,
+    multiproc_dir: Path | None,
+    collector: RegistryCollector | None = None,
 ) -> CollectorRegistry:
-    """What the listener serves: the registry-derived gauges, plus the workers' values when
+    """What the listener serves: the registry-derived gauges (``collector``, by default one
+    on ``registry_path`` or the configured store backend), plus the workers' values when
     ``multiproc_dir`` is given (else the caller registers its own families)."""
     reg = CollectorRegistry()
     if multiproc_dir is not None:
         MultiProcessCollector(reg, path=str(multiproc_dir))  # type: ignore[no-untyped-call]
-    reg.register(RegistryCollector(registry_path, config))
+    reg.register(collector or RegistryCollector(registry_path, config))
     return reg
 
 

@@ -22,12 +22,14 @@ from kms.core.ports import PeerResolver
 from kms.keystore import KeyStore
 from kms.server.compose import STATE_DIR, build_handler
 from kms.server.config import load_config
+from kms.server.grpc_server import KmsServer
 from kms.server.home import Home
 from kms.server.metrics import ServerMetrics, TokenProbe
 from kms.server.metrics_http import (
     MULTIPROC_ENV,
     MetricsListen,
     MetricsServer,
+    RegistryCollector,
     exposition_registry,
     multiproc_dir,
     worker_exited,
@@ -56,6 +58,7 @@ class ObservedProcess:
         self.metrics: ServerMetrics | None = None
         self.tracer: Tracer | None = None
         self._probe: TokenProbe | None = None
+        self._collector: RegistryCollector | None = None
         t = home.config.tracing
         if t.otlp_endpoint is not None:
             self.tracer = Tracer(OtlpJsonExporter(t.otlp_endpoint, t.service_name),
@@ -65,7 +68,13 @@ class ObservedProcess:
         if workers > 1 and os.environ.get(MULTIPROC_ENV):
             self.metrics = ServerMetrics(None)  # values go to the multiprocess files
             return
-        registry = exposition_registry(home.config, home.registry.path, None)
+        # Cluster mode: the registry gauges read the shared database through this
+        # process's own store backend (its connection pool).
+        self._collector = RegistryCollector(
+            home.registry.path, home.config,
+            home.stores.open_registry if home.config.store.backend == "postgresql" else None,
+        )
+        registry = exposition_registry(home.config, home.registry.path, None, self._collector)
         ProcessCollector(registry=registry)
         self.metrics = ServerMetrics(registry)
         self.server = MetricsServer(spec, registry)
@@ -95,18 +104,31 @@ class ObservedProcess:
             store = metered
         if self.tracer is not None:
             store = TracingKeyStore(store, self.tracer)
-        handler = build_handler(self.home, peers=peers, workers=workers, keystore=store)
+        handler = build_handler(
+            self.home, peers=peers, workers=workers, keystore=store,
+            wrap_replay=None if self.metrics is None else self.metrics.replay_cache,
+        )
         if self.tracer is not None:
             handler = TracingHandler(handler, self.tracer)
         if self.metrics is not None:
             handler = self.metrics.handler(handler)
         return handler
 
+    def watch_server(self, server: KmsServer) -> None:
+        """Export the call guard's and the adapter's event counts (stalled calls timed
+        out, waiting calls shed, per-peer and health Watch refusals, undecodable bodies)."""
+        if self.metrics is None:
+            return
+        server.guard.counters.listener = self.metrics.guard_event
+        server.servicer.counters.listener = self.metrics.guard_event
+
     def close(self) -> None:
         if self._probe is not None:
             self._probe.stop()
         if self.server is not None:
             self.server.close()
+        if self._collector is not None:
+            self._collector.close()
         if self.tracer is not None:
             self.tracer.exporter.close()
 
@@ -122,7 +144,9 @@ def supervise_with_metrics(
     worker: a busy port is refused up front."""
     config = load_config(home)
     with multiproc_dir(home / STATE_DIR) as folder:
-        registry = exposition_registry(config, home / REGISTRY_FILE, folder)
+        # Cluster mode: the collector opens the database at the first scrape.
+        collector = RegistryCollector(home / REGISTRY_FILE, config)
+        registry = exposition_registry(config, home / REGISTRY_FILE, folder, collector)
         server = MetricsServer(spec, registry)
         log.info(
             "serving metrics",
@@ -133,6 +157,7 @@ def supervise_with_metrics(
             return run(lambda pid: worker_exited(folder, pid))
         finally:
             server.close()
+            collector.close()
 
 
 __all__ = ["ObservedProcess", "supervise_with_metrics"]

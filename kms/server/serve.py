@@ -326,6 +326,8 @@ def serve_once(
             slots=slots,
             limits=limits_for(home.config.server, plan.threads),
         )
+        if observed is not None:
+            observed.watch_server(server)  # the guard's counts on /metrics
         server.start()
         log.info(
             "serving",

@@ -14,7 +14,9 @@ even if a notification is lost.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+import fcntl
+import hashlib
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Protocol
@@ -66,7 +68,20 @@ class Stores(Protocol):
         slot's ``released``: a call waiting for the database lets another one compute)."""
         ...
 
+    def token_lock(self, name: str) -> AbstractContextManager[None]:
+        """Held while creating a token object that every process sharing the token must
+        find exactly once (e.g. the dummy PSK): a lock file in the home's state folder
+        (SQLite: one host, one home), a PostgreSQL advisory lock in cluster mode (replicas
+        have separate homes but share the token and the database)."""
+        ...
+
     def close(self) -> None: ...
+
+
+def lock_key(name: str) -> int:
+    """A stable signed 64-bit key for ``pg_advisory_lock`` from a lock's name."""
+    digest = hashlib.sha256(b"mikey-kms-token-lock:" + name.encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
 
 
 class SqliteStores:
@@ -110,6 +125,12 @@ class SqliteStores:
 
     def set_wait_hook(self, hook: Callable[[], AbstractContextManager[None]]) -> None:
         return None  # local files: their waits are short and hold no slot worth giving up
+
+    @contextlib.contextmanager
+    def token_lock(self, name: str) -> Iterator[None]:
+        with (self._state() / f"{name}.lock").open("a") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)  # released when the file is closed
+            yield
 
     def close(self) -> None:
         return None
@@ -199,6 +220,19 @@ class PgStores:
 
     def set_wait_hook(self, hook: Callable[[], AbstractContextManager[None]]) -> None:
         self.db.wait_hook = hook
+
+    @contextlib.contextmanager
+    def token_lock(self, name: str) -> Iterator[None]:
+        # A connection of its own: closing it releases the session-level lock even if the
+        # unlock is never sent (a replica killed while holding it).
+        conn = self.db.connect()
+        try:
+            conn.execute("SELECT pg_advisory_lock(%s)", (lock_key(name),))
+            yield
+        finally:
+            with contextlib.suppress(Exception):
+                conn.execute("SELECT pg_advisory_unlock(%s)", (lock_key(name),))
+            conn.close()
 
     def close(self) -> None:
         for part in (self._pruner, self._watcher):

@@ -242,6 +242,18 @@ class TracingHandler:
                         s.attributes[f"kms.{key}"] = str(reply.audit[key])
             return reply
 
+    def refuse_undecodable(
+        self, size: int, now: float, *, correlation_id: str = "", detail: str = ""
+    ) -> KmsReply:
+        """A body that is not a transport message: the core audits it (passed through, so
+        that metrics or traces do not cost the audit record)."""
+        refuse = getattr(self._inner, "refuse_undecodable", None)
+        if callable(refuse):
+            reply = refuse(size, now, correlation_id=correlation_id, detail=detail)
+            if isinstance(reply, KmsReply):
+                return reply
+        return KmsReply(Outcome.MALFORMED, detail=detail)
+
     def close(self) -> None:
         close = getattr(self._inner, "close", None)
         if callable(close):

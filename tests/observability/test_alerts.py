@@ -20,7 +20,8 @@ DOC = REPO / "docs" / "observability.md"
 
 REQUIRED = {
     "KmsReplicaDown", "KmsTokenDown", "KmsRefusalRatioHigh", "KmsLatencyP99High",
-    "KmsPeerFailing", "KmsTpkNotRotated", "KmsReplayStorm",
+    "KmsPeerFailing", "KmsTpkNotRotated", "KmsReplayStorm", "KmsAbuseStorm",
+    "KmsReplayCacheFull",
 }
 
 
