@@ -8,10 +8,12 @@ lock and the one reset. ``pg_server``: one private PostgreSQL cluster for the se
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from tests.pgcluster import PgServer, running_pg
+from tests.server.world import World, make_world
 from tests.token_modules import OckToken, opencryptoki_token
 
 
@@ -33,3 +35,10 @@ def pg_server() -> Iterator[PgServer]:
 def pg_dsn(pg_server: PgServer) -> str:
     """A DSN naming a fresh, empty database on the session's cluster."""
     return pg_server.dsn(pg_server.create_database())
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> Iterator[World]:
+    """A KMS home on a SoftHSM2 token, composed as `kms serve` composes it (see
+    tests/server/world.py); tests/core overrides it with the token-free core world."""
+    yield from make_world(tmp_path / "home")

@@ -1,9 +1,9 @@
-"""Errors and abuse (issue 4): every way the KMS core refuses a request.
+"""Errors and abuse: every way the KMS core refuses a request.
 
-For each path: the exact Outcome and MIKEY error number (reference 1.8); a MIKEY error message
-(HDR, T, ERR, [V]: RFC 6043 5.4) that decodes and is composed as RFC 6043 says, with the
+For each path: the exact Outcome and MIKEY error number (RFC 3830 T6.12, RFC 6043 T6.14); a
+MIKEY error message (HDR, T, ERR, [V]: RFC 6043 5.4) that decodes and is composed as RFC 6043 says, with the
 request's CSB ID; a V only once the sender was authenticated (then verifiable with the
-sender's response keys, reference 8); no key material in the error message, the detail or
+sender's response keys, RFC 6043 5.4); no key material in the error message, the detail or
 the audit log; exactly one audit record for the refusal; and a KMS that still serves the next
 valid request.
 """
@@ -54,7 +54,7 @@ from kms.mikey.payloads import Error, KeyData, Payload, Verification
 from kms.mikey.protect import SUITE_128, check_mac, message_keys, suite_for
 from kms.mikey.ticket import Idr, RandR, Ticket, TicketPolicy, TpFlag, Tr
 from kms.store.memory import TokenBucketRateLimiter
-from tests.core.world import ALICE, BOB, CAROL, DAVE, KMS_ID, PSKS, TEAM, World
+from tests.server.world import ALICE, BOB, CAROL, DAVE, KMS_ID, PSKS, TEAM, World
 
 FORKING = TpFlag.E | TpFlag.F | TpFlag.G | TpFlag.H | TpFlag.I
 SESSIONS = (CryptoSession(1, 0x0A0B0C0D),)
@@ -68,7 +68,7 @@ OTHER_KMS = b"sip:kms.elsewhere.example.net"
 @dataclass(frozen=True)
 class Signer:
     """The authenticated sender of the refused message: its PSK and the message in error.
-    The error's V must verify with that sender's response-message keys (reference 8)."""
+    The error's V must verify with that sender's response-message keys (RFC 6043 5.4)."""
 
     psk: bytes
     initial: bytes
@@ -129,13 +129,13 @@ def expect_refusal(
     assert not reply.ok and reply.data == b""
     assert "\n" not in reply.detail and reply.detail
 
-    # The MIKEY error message: HDR, T, (ERR), [V] (RFC 6043 5.4, reference 5.1).
+    # The MIKEY error message: HDR, T, (ERR), [V] (RFC 6043 4.3, 5.4).
     assert reply.error_message is not None
     err = Message.decode(reply.error_message)
     assert err.data_type == DataType.ERROR
     compose(err)
     assert [e.error_no for e in err.all(Error)] == [error_no]
-    assert not err.header.v_flag  # reference 14.4: V = 0 in errors
+    assert not err.header.v_flag  # docs/rfc-readings.md R4: V = 0 in errors
     if csb_id is not None:
         assert err.header.csb_id == csb_id
     v = err.first(Verification)
@@ -159,7 +159,7 @@ def expect_refusal(
             None if request else rand,
             suite,
         )
-        assert check_mac(err, keys, suite, b""), "error V does not verify (reference 8)"
+        assert check_mac(err, keys, suite, b""), "error V does not verify (RFC 6043 5.4)"
 
     # Exactly one audit record, naming the decision and why.
     records = world.audit()

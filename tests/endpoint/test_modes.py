@@ -10,7 +10,7 @@ from kms.endpoint.session import CryptoSession, EndpointError
 from kms.mikey.constants import ErrorNo
 from kms.mikey.ticket import TpFlag
 from kms.store.registry import TpkState
-from tests.core.world import ALICE, BOB, DAVE, PSKS, World
+from tests.server.world import ALICE, BOB, DAVE, PSKS, World
 
 SESSIONS = (CryptoSession(1, 0xC0FFEE),)
 FORKING = TpFlag.E | TpFlag.F | TpFlag.G | TpFlag.H | TpFlag.I | TpFlag.L
