@@ -124,6 +124,12 @@ class World:
     def rotate_tpk(self) -> int:
         return self.directory.rotate_tpk()
 
+    def retire_tpk(self, version: int) -> None:
+        self.directory.keystore.delete(self.directory.tpks.pop(version))
+
+    def remove_group_members(self, group: bytes, members: list[bytes]) -> None:
+        self.directory.groups[group].difference_update(members)
+
     def grant(self, desired: DesiredPolicy, who: bytes = ALICE) -> TicketGrant:
         ini = self.initiator(who)
         wire, pending = ini.request_ticket(desired, self.now)
@@ -155,9 +161,12 @@ class World:
         )
         return keys, call, pt
 
+    def audit_log_bytes(self) -> bytes:
+        """The audit records as JSON lines, as the KMS's audit log would hold them."""
+        return "".join(json.dumps(r, default=str) + "\n" for r in self.sink.records).encode()
+
     def audit(self) -> list[dict[str, object]]:
-        """The audit records as the JSON-lines sink would write them."""
-        return [json.loads(json.dumps(r, default=str)) for r in self.sink.records]
+        return [json.loads(line) for line in self.audit_log_bytes().splitlines()]
 
 
 def make_world(policy: KmsPolicy | None = None) -> World:

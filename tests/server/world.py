@@ -91,6 +91,18 @@ class World:
         )
         return keys, call, pt
 
+    def audit_log_bytes(self) -> bytes:
+        return (self.home.path / "audit.log").read_bytes()
+
+    def rotate_tpk(self) -> None:
+        self.home.rotate_tpk()
+
+    def retire_tpk(self, version: int) -> None:
+        self.home.retire_tpk(version)
+
+    def remove_group_members(self, group: bytes, members: list[bytes]) -> None:
+        self.home.registry.remove_group_members(group, members)
+
     def audit(self) -> list[dict[str, object]]:
         path = self.home.path / "audit.log"
         return [json.loads(line) for line in path.read_text().splitlines()]
