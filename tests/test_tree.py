@@ -61,8 +61,17 @@ def test_listed_folders_exist_and_do_not_shadow_a_package() -> None:
     assert not set(CROSS_CUTTING) & source_packages()
 
 
+# Test modules at the top of tests/: only those about the whole tree.
+TREE_WIDE = {"test_layering.py", "test_tree.py"}
+
+
+def test_only_tree_wide_tests_sit_at_the_top() -> None:
+    top = {p.name for p in TESTS.glob("test_*.py")}
+    assert top == TREE_WIDE, f"move {sorted(top - TREE_WIDE)} to the folder of its package"
+
+
 def test_the_request_path_packages_have_their_tests() -> None:
-    for pkg in ("core", "endpoint", "mikey", "server", "store", "hsm", "cli"):
+    for pkg in ("core", "endpoint", "mikey", "server", "store", "hsm", "cli", "rpc"):
         assert any((TESTS / pkg).glob("test_*.py")), f"tests/{pkg}/ has no tests"
 
 
