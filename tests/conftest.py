@@ -3,6 +3,8 @@
 ``ock_token``: openCryptoki's soft token, reset once per test session (it is machine-global
 state; see tests/token_modules.py). One session fixture, so that every folder shares the one
 lock and the one reset. ``pg_server``: one private PostgreSQL cluster for the session.
+``world``: a composed KMS on a SoftHSM2 token for in-process exchanges (tests/server/world.py);
+tests/core overrides it with the core on the software key store and in-memory ports.
 """
 
 from __future__ import annotations
