@@ -22,7 +22,7 @@ CROSS_CUTTING = {
     "vectors": "test vectors (data, no tests)",
 }
 
-# What a core unit test may import: the core, what it is built on, and the token-free
+# What a core or endpoint test may import: the core, what it is built on, and the token-free
 # implementations of its ports.
 CORE_TEST_IMPORTS = (
     "kms.core",
@@ -86,12 +86,19 @@ def imports_of(path: Path) -> set[str]:
     return names
 
 
-@pytest.mark.parametrize("path", sorted((TESTS / "core").glob("*.py")), ids=lambda p: p.name)
-def test_core_tests_need_no_token_and_no_home(path: Path) -> None:
+TOKEN_FREE = ("core", "endpoint")
+
+
+@pytest.mark.parametrize(
+    "path",
+    sorted(p for folder in TOKEN_FREE for p in (TESTS / folder).glob("*.py")),
+    ids=lambda p: f"{p.parent.name}/{p.name}",
+)
+def test_core_and_endpoint_tests_need_no_token_and_no_home(path: Path) -> None:
     for name in imports_of(path):
         if name.split(".")[0] not in {"kms", "hsm", "tests", "pkcs11"}:
             continue  # stdlib, pytest, hypothesis, cryptography
         assert name.startswith(CORE_TEST_IMPORTS), (
-            f"tests/core/{path.name} imports {name}: exchanges that need the token or a "
-            "KMS home belong in tests/server (see tests/server/world.py)"
+            f"tests/{path.parent.name}/{path.name} imports {name}: exchanges that need the "
+            "token or a KMS home belong in tests/server (see tests/server/world.py)"
         )

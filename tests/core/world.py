@@ -124,6 +124,13 @@ class World:
     def rotate_tpk(self) -> int:
         return self.directory.rotate_tpk()
 
+    def add_current_tpk(self, version: int, value: bytes) -> None:
+        """A TPK the KMS shares with someone else (mode 2, RFC 6043 4.1.1), made current."""
+        label = f"tpk/{version}"
+        self.directory.keystore.import_secret(label, value)
+        self.directory.tpks[version] = label
+        self.directory.current = version
+
     def retire_tpk(self, version: int) -> None:
         self.directory.keystore.delete(self.directory.tpks.pop(version))
 

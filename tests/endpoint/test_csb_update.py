@@ -15,7 +15,7 @@ from kms.endpoint.update import (
 from kms.mikey.constants import KeyDataType
 from kms.mikey.payloads import KeyData, KvSpi
 from kms.mikey.ticket import TpFlag
-from tests.server.world import BOB, TEAM, World
+from tests.core.world import BOB, TEAM, World
 
 FORKING = TpFlag.E | TpFlag.F | TpFlag.G | TpFlag.H | TpFlag.I
 
