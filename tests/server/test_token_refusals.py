@@ -7,7 +7,7 @@ from __future__ import annotations
 import shutil
 import time
 
-from hsm.pkcs11_store import RECONNECT_INTERVAL
+from hsm.pkcs11 import RECONNECT_INTERVAL
 from kms.core.api import Outcome
 from kms.endpoint.initiator import DesiredPolicy
 from kms.mikey.constants import ErrorNo
