@@ -66,8 +66,8 @@ def op_kind(name: str, args: tuple[Any, ...]) -> str:
 
 
 def is_token_op(kind: str) -> bool:
-    """Whether the PKCS#11 key store sends this operation to the token: all of them (issue
-    3: session keys too are used as token session objects, destroyed after use)."""
+    """Whether the PKCS#11 key store sends this operation to the token: all of them (session
+    keys too are used as token session objects, destroyed after use: docs/hsm.md)."""
     return True
 
 

@@ -48,8 +48,8 @@ from bench.messages import WORKLOADS, Workload, obtain_grant  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 
-# Targets (issue): exchange >= 0.8 x composed floor; 2 workers >= 1.6 x 1 worker; p99 at half
-# of peak < 10 ms; token path <= 2.5 x the software key store.
+# Targets (docs/performance.md): exchange >= 0.8 x composed floor; 2 workers >= 1.6 x
+# 1 worker; p99 at half of peak < 10 ms; token path <= 2.5 x the software key store.
 T_FLOOR = 0.8
 T_SCALE = 1.6
 T_P99_MS = 10.0

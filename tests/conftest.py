@@ -3,15 +3,19 @@
 ``ock_token``: openCryptoki's soft token, reset once per test session (it is machine-global
 state; see tests/token_modules.py). One session fixture, so that every folder shares the one
 lock and the one reset. ``pg_server``: one private PostgreSQL cluster for the session.
+``world``: a composed KMS on a SoftHSM2 token for in-process exchanges (tests/server/world.py);
+tests/core overrides it with the core on the software key store and in-memory ports.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from tests.pgcluster import PgServer, running_pg
+from tests.server.world import World, make_world
 from tests.token_modules import OckToken, opencryptoki_token
 
 
@@ -33,3 +37,10 @@ def pg_server() -> Iterator[PgServer]:
 def pg_dsn(pg_server: PgServer) -> str:
     """A DSN naming a fresh, empty database on the session's cluster."""
     return pg_server.dsn(pg_server.create_database())
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> Iterator[World]:
+    """A KMS home on a SoftHSM2 token, composed as `kms serve` composes it (see
+    tests/server/world.py); tests/core overrides it with the token-free core world."""
+    yield from make_world(tmp_path / "home")

@@ -1,7 +1,7 @@
 """The gRPC wire contract of ``proto/mikey/kms/v1/kms.proto``, shared by server and endpoints.
 
 ``kms_pb2.py`` / ``kms_pb2.pyi`` next to this file are protoc's output for that proto,
-committed unchanged (``tests/test_generated.py`` regenerates them with
+committed unchanged (``tests/rpc/test_generated.py`` regenerates them with
 ``grpc_tools.protoc -I proto --python_out --pyi_out`` and fails on any difference; how to
 regenerate: docs/wire.md). The proto is compiled with
 ``-I proto`` so that its registered file name stays ``mikey/kms/v1/kms.proto``, which is what

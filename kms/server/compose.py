@@ -154,7 +154,7 @@ def build_handler(
     if pk is None and (config.pk.ca_bundle is not None or cert_peers):
         # REQUEST_INIT_PK / RESOLVE_INIT_PK (RFC 6043 4.2.1.1, 4.2.3.1): endpoint
         # certificates chain to the [pk] ca_bundle; PKE is encrypted to the envelope key,
-        # whose certificate (kms-cert.pem) CHASH names (reference 9). Without a CA bundle,
+        # whose certificate (kms-cert.pem) CHASH names (RFC 3830 6.8). Without a CA bundle,
         # only certificate peer KMSs (pinned certificates) may send them.
         try:
             bundle = config.pk.ca_bundle

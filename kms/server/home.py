@@ -22,7 +22,7 @@ PKCS#11 tool. So:
 
 The registry maps identities to labels (the key_label columns are UNIQUE, so even a prefix
 collision could not make two identities share a key). The signing key is RSA, not EC:
-MIKEY's SIGN payload only defines RSA (PKCS#1 v1.5 and PSS, reference 1.7).
+MIKEY's SIGN payload only defines RSA (PKCS#1 v1.5 and PSS, RFC 3830 6.5).
 
 Every operation that touches both the token and the registry is all-or-nothing: the
 registry write transaction (BEGIN IMMEDIATE, so concurrent operators serialise) is opened
@@ -87,7 +87,7 @@ SIGNING_LABEL = "kms/signing"
 RSA_BITS = 2048
 TPK_BYTES = 32
 PSK_MIN_BYTES = 16  # RFC 6043 12.1: long-term keys of at least 128 bits
-PSK_MAX_BYTES = 32  # one PRF in-key slice; what the token stores (reference 12)
+PSK_MAX_BYTES = 32  # one PRF in-key slice (RFC 3830 4.1.2; docs/rfc-readings.md V2)
 
 
 class HomeError(Exception):

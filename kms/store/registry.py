@@ -5,7 +5,7 @@ processes (``kms serve`` workers, operator commands) can read while one writes. 
 identities and key *labels* only: secrets live in the token and never in this file.
 
 Identities (endpoints, groups, applications, peer KMSs) are stored and compared as exact
-bytes, as MIKEY compares ID Data (reference 14.8): no case folding, no URI normalisation.
+bytes, as MIKEY compares ID Data (docs/rfc-readings.md R8): no case folding, no URI normalisation.
 ``sip:Alice@example.org`` and ``sip:alice@example.org`` are two identities.
 
 Schema changes are ordered migrations (:data:`MIGRATIONS`); ``PRAGMA user_version`` records
@@ -36,7 +36,7 @@ MAX_IDENTITY_LEN = 0xFFFF  # IDR ID len is a 16-bit field
 
 
 class IdType(IntEnum):
-    """IDR ID Type (reference 1.7)."""
+    """IDR ID Type (RFC 3830 T6.7.a, RFC 6043 T6.10)."""
 
     NAI = 0
     URI = 1
@@ -238,7 +238,7 @@ MIGRATIONS: Sequence[str] = (
     -- at most one current TPK, enforced by the database rather than by every caller
     CREATE UNIQUE INDEX tpk_one_current ON tpk_versions(state) WHERE state = 'current';
     """,
-    # 2: federation trust (issue 6): which identities a peer KMS may resolve tickets for
+    # 2: federation trust (RFC 6043 9): which identities a peer KMS may resolve tickets for
     # (glob patterns, one per line, e.g. "sip:*@b.example.org"; empty: none), its quota in
     # resolves per second (0: unlimited) and the deadline for calls to it.
     """

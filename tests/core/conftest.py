@@ -1,9 +1,7 @@
-"""Fixtures for the KMS core tests: see tests/core/world.py."""
+"""Fixtures for the KMS core tests: the core on the software key store and in-memory ports
+(see tests/core/world.py). This ``world`` overrides the token-backed one of tests/conftest.py."""
 
 from __future__ import annotations
-
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -11,5 +9,5 @@ from tests.core.world import World, make_world
 
 
 @pytest.fixture
-def world(tmp_path: Path) -> Iterator[World]:
-    yield from make_world(tmp_path / "home")
+def world() -> World:
+    return make_world()

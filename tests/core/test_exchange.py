@@ -31,7 +31,7 @@ def test_request_transfer_resolve_gives_both_ends_the_same_srtp_keys(world: Worl
     assert keys_a[0].master_key != keys_a[1].master_key  # per crypto session (CS ID label)
     assert len(keys_a[0].master_key) == 16 and len(keys_a[0].master_salt) == 14
     assert call.initiator == ALICE
-    # The granted policy names the authenticated Initiator and this KMS (reference 14.7).
+    # The granted policy names the authenticated Initiator and this KMS (docs/rfc-readings.md R7).
     tp = grant.policy
     assert tp.flags & TpFlag.D and not tp.flags & TpFlag.K
     assert any(
@@ -146,7 +146,7 @@ def test_policy_changes_set_flag_k(world: World) -> None:
 
 def test_tickets_of_a_rotated_tpk_still_resolve(world: World) -> None:
     grant = world.grant(DesiredPolicy(responders=(BOB,)))
-    world.home.rotate_tpk()
+    world.rotate_tpk()
     keys_a, call, _ = world.call(grant, BOB)
     assert keys_a[0].key_and_salt == call.srtp[0].key_and_salt
     newer = world.grant(DesiredPolicy(responders=(BOB,)))

@@ -131,7 +131,7 @@ def test_no_desired_kemac_gets_the_default_tgk_without_k() -> None:
 
 
 def test_omitted_trs_stays_omitted() -> None:
-    # RFC 6043 6.10 / reference 10: an omitted TRs means no lower bound. The KMS used to add
+    # RFC 6043 6.10: an omitted TRs means no lower bound. The KMS used to add
     # TRs = now and leave K = 0; it now grants no lower bound, which is what was asked.
     g = grant((TRE, BOB_R))
     assert not any(isinstance(p, Tr) and p.role == TsRole.TRS for p in g.policy.payloads)

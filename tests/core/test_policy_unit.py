@@ -1,4 +1,4 @@
-"""Ticket policy as a pure function: RFC 6043 6.10 flag rules (reference 5.2) and
+"""Ticket policy as a pure function: RFC 6043 6.10 flag rules and
 grant_policy's honour / change (flag K) / refuse (Invalid TPpar, Invalid TICKET, Invalid ID)
 decisions, without a KMS around it."""
 

@@ -1,28 +1,36 @@
-"""A real KMS for in-process exchange tests: a KMS home with an embedded SoftHSM2 token,
-registered endpoints and a group, the core built by the composition root, and endpoints
-(Initiator / Responder) using the software key store.
+"""The KMS core on its own: :class:`kms.core.service.Kms` wired to the software key store
+(hsm/software.py), the in-memory ports (kms/store/memory.py) and a directory held in a dict,
+with endpoints (Initiator / Responder) on the same software key store. No token, no files:
+a world is built in milliseconds, so every test gets a fresh one.
 
-Each test gets its own home (init takes well under a second), so tests cannot leak state
-(replay cache, ledger, rate buckets, TPK versions) into each other.
+Exchanges that need the token or a KMS home (rotation through the registry, audit files,
+token loss) use the composed world in tests/server/world.py instead.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from hsm.software import SoftwareKeyStore
 from kms.core.api import KmsReply
+from kms.core.context import Deps
+from kms.core.policy import KmsPolicy
+from kms.core.ports import PeerKms
+from kms.core.service import Kms
 from kms.endpoint.common import Credentials
 from kms.endpoint.initiator import DesiredPolicy, Initiator, PendingTransfer, TicketGrant
 from kms.endpoint.responder import ResolvedCall, Responder
 from kms.endpoint.session import CryptoSession, SrtpKeys
+from kms.keystore import KeyRef
 from kms.mikey.constants import IdType
-from kms.server.compose import build_handler
-from kms.server.home import Home, init_home
+from kms.store.memory import (
+    ListAuditSink,
+    MemoryReplayCache,
+    MemoryResolveLedger,
+    TokenBucketRateLimiter,
+)
 
 KMS_ID = b"sip:kms.example.org"
 ALICE = b"sip:alice@example.org"
@@ -36,12 +44,65 @@ PSKS = {
     CAROL: bytes.fromhex("ca" * 20),
     DAVE: bytes.fromhex("da" * 32),
 }
+TPK_BYTES = 32
+DUMMY_PSK_LABEL = "dummy-psk"
+
+
+class MemoryDirectory:
+    """The core's Directory port over dicts. TPK ids are the key labels (``tpk/N``), as in
+    the registry: IDRpsk of a base ticket names the TPK that protects it (RFC 6043 5.1)."""
+
+    def __init__(self, keystore: SoftwareKeyStore) -> None:
+        self.keystore = keystore
+        self.psks: dict[bytes, str] = {}
+        self.groups: dict[bytes, set[bytes]] = {}
+        self.tpks: dict[int, str] = {}  # live versions: version -> key label
+        self.current = 0
+        self.apps: frozenset[bytes] = frozenset()
+        self.peers: dict[bytes, PeerKms] = {}
+
+    def add_endpoint(self, identity: bytes, psk: bytes) -> None:
+        label = "psk/" + identity.hex()
+        self.keystore.import_secret(label, psk)
+        self.psks[identity] = label
+
+    def rotate_tpk(self) -> int:
+        self.current += 1
+        label = f"tpk/{self.current}"
+        self.keystore.generate_secret(label, TPK_BYTES)
+        self.tpks[self.current] = label
+        return self.current
+
+    def psk_for(self, identity: bytes) -> KeyRef | None:
+        label = self.psks.get(identity)
+        return KeyRef(label) if label is not None else None
+
+    def is_member(self, group: bytes, identity: bytes) -> bool:
+        return identity in self.groups.get(group, set())
+
+    def is_known(self, identity: bytes) -> bool:
+        return identity in self.psks or identity in self.groups
+
+    def current_tpk(self) -> tuple[bytes, KeyRef]:
+        label = self.tpks[self.current]
+        return label.encode("ascii"), KeyRef(label)
+
+    def tpk(self, tpk_id: bytes) -> KeyRef | None:
+        label = tpk_id.decode("ascii", "replace")
+        return KeyRef(label) if label in self.tpks.values() else None
+
+    def applications(self) -> frozenset[bytes]:
+        return self.apps
+
+    def peer(self, kms_id: bytes) -> PeerKms | None:
+        return self.peers.get(kms_id)
 
 
 @dataclass
 class World:
-    home: Home
-    kms: object
+    directory: MemoryDirectory
+    sink: ListAuditSink
+    kms: Kms
     now: float
     sw: SoftwareKeyStore = field(default_factory=SoftwareKeyStore)
 
@@ -55,15 +116,31 @@ class World:
         return Responder(self.creds(who), self.sw)
 
     def request(self, who: bytes, wire: bytes, now: float | None = None) -> KmsReply:
-        return self.kms.request_ticket(wire, self.now if now is None else now)  # type: ignore[attr-defined,no-any-return]
+        return self.kms.request_ticket(wire, self.now if now is None else now)
 
     def resolve(self, wire: bytes, now: float | None = None) -> KmsReply:
-        return self.kms.resolve_ticket(wire, self.now if now is None else now)  # type: ignore[attr-defined,no-any-return]
+        return self.kms.resolve_ticket(wire, self.now if now is None else now)
+
+    def rotate_tpk(self) -> int:
+        return self.directory.rotate_tpk()
+
+    def add_current_tpk(self, version: int, value: bytes) -> None:
+        """A TPK the KMS shares with someone else (mode 2, RFC 6043 4.1.1), made current."""
+        label = f"tpk/{version}"
+        self.directory.keystore.import_secret(label, value)
+        self.directory.tpks[version] = label
+        self.directory.current = version
+
+    def retire_tpk(self, version: int) -> None:
+        self.directory.keystore.delete(self.directory.tpks.pop(version))
+
+    def remove_group_members(self, group: bytes, members: list[bytes]) -> None:
+        self.directory.groups[group].difference_update(members)
 
     def grant(self, desired: DesiredPolicy, who: bytes = ALICE) -> TicketGrant:
         ini = self.initiator(who)
         wire, pending = ini.request_ticket(desired, self.now)
-        reply = self.kms.request_ticket(wire, self.now)  # type: ignore[attr-defined]
+        reply = self.kms.request_ticket(wire, self.now)
         assert reply.ok, reply.audit
         return ini.accept_ticket(pending, reply.data, self.now)
 
@@ -91,17 +168,33 @@ class World:
         )
         return keys, call, pt
 
+    def audit_log_bytes(self) -> bytes:
+        """The audit records as JSON lines, as the KMS's audit log would hold them."""
+        return "".join(json.dumps(r, default=str) + "\n" for r in self.sink.records).encode()
+
     def audit(self) -> list[dict[str, object]]:
-        path = self.home.path / "audit.log"
-        return [json.loads(line) for line in path.read_text().splitlines()]
+        return [json.loads(line) for line in self.audit_log_bytes().splitlines()]
 
 
-def make_world(path: Path) -> Iterator[World]:
-    home = init_home(path, KMS_ID.decode())
+def make_world(policy: KmsPolicy | None = None) -> World:
+    """A KMS with Alice, Bob, Carol and Dave registered, group TEAM = {Bob, Carol} and one
+    TPK, as tests/server/world.py registers them in a home."""
+    keystore = SoftwareKeyStore()
+    directory = MemoryDirectory(keystore)
     for ident, psk in PSKS.items():
-        home.add_endpoint(ident, IdType.URI, psk)
-    home.registry.add_group(TEAM, [BOB, CAROL])
-    try:
-        yield World(home, build_handler(home), float(int(time.time())))
-    finally:
-        home.close()
+        directory.add_endpoint(ident, psk)
+    directory.groups[TEAM] = {BOB, CAROL}
+    directory.rotate_tpk()
+    keystore.generate_secret(DUMMY_PSK_LABEL, TPK_BYTES)
+    sink = ListAuditSink()
+    deps = Deps(
+        keystore=keystore,
+        directory=directory,
+        replay=MemoryReplayCache(),
+        ledger=MemoryResolveLedger(),
+        rate=TokenBucketRateLimiter(0),
+        audit=sink,
+        policy=policy or KmsPolicy(kms_id=KMS_ID),
+        dummy_psk=KeyRef(DUMMY_PSK_LABEL),
+    )
+    return World(directory, sink, Kms(deps), float(int(time.time())))

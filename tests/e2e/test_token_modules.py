@@ -25,7 +25,6 @@ from kms.endpoint.session import CryptoSession
 from kms.mikey.prf import PrfFunc
 from kms.mikey.protect import SUITE_256
 from kms.mikey.ticket import TpFlag
-from tests.core.pki import Pki, make_pki, pem
 from tests.e2e.harness import (
     ALICE,
     BOB,
@@ -40,6 +39,7 @@ from tests.e2e.harness import (
     running_kms,
     srtp_refuses,
 )
+from tests.pki import Pki, make_pki, pem
 from tests.token_modules import MODULES, OckToken
 
 FORKING = TpFlag.E | TpFlag.F | TpFlag.G | TpFlag.H | TpFlag.I
@@ -77,7 +77,7 @@ def module_kms(request: pytest.FixtureRequest, pki: Pki,
         for ident in (ALICE, BOB, CAROL, MALLORY):
             run_kms(home, "endpoint", "add", ident.decode(), "--psk-hex", PSKS[ident].hex())
         run_kms(home, "group", "add", TEAM.decode(), BOB.decode(), CAROL.decode())
-        # [pk] on: endpoint certificates chain to this CA (as tests/core/test_pk.py does).
+        # [pk] on: endpoint certificates chain to this CA (as tests/server/test_pk.py does).
         (home / "endpoint-ca.pem").write_bytes(pem(pki.root.cert))
         toml = home / "kms.toml"
         toml.write_text(toml.read_text().replace("# ca_bundle = ", "ca_bundle = ", 1))

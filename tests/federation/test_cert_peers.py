@@ -1,4 +1,4 @@
-"""Certificate peers (issue 6): two `kms serve` domains that know each other by certificate
+"""Certificate peers (RFC 6043 9): two `kms serve` domains that know each other by certificate
 only, no shared key. B forwards Bob's resolve of A's ticket as a RESOLVE_INIT_PK signed by
 B's token-held signing key, env_key encrypted to A's envelope key (RFC 6043 9, 4.2.3.1).
 

@@ -1,4 +1,5 @@
-"""Tests for kms.mikey.cipher (reference sections 7, 11, 14.6; RFC 3394 4; RFC 2202; RFC 4231)."""
+"""Tests for kms.mikey.cipher (RFC 3830 4.2.3, RFC 6043 5.1; docs/rfc-readings.md R6, V1;
+RFC 3394 4; RFC 2202; RFC 4231)."""
 
 from __future__ import annotations
 

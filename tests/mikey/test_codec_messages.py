@@ -50,7 +50,7 @@ KMS = b"sip:kms@example.org"
 RAND_I = bytes(range(0x10, 0x20))
 RAND_R = bytes(range(0x30, 0x40))
 
-# Payload lists written from reference 5.1 (and RFC 3830 for the plain MIKEY ones).
+# Payload lists written from RFC 6043 4.2 (and RFC 3830 for the plain MIKEY ones).
 EXPECTED: dict[str, tuple[DataType, list[PayloadType]]] = {
     "request_init_psk": (DataType.REQUEST_INIT_PSK, [T.T, T.RANDR, T.IDR, T.IDR, T.TP, T.IDR, T.V]),
     "request_init_pk": (

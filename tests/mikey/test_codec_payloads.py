@@ -1,4 +1,4 @@
-"""Byte-exact payload tests written from the RFC diagrams (reference sections 1, 3, 4, 5).
+"""Byte-exact payload tests written from the RFC diagrams (RFC 3830 6, RFC 6043 6 and Appendix A).
 
 Each case is hex written by hand field by field (comments name the fields), decoded, compared
 with a hand-built expected value, and re-encoded to the very same bytes. This catches an error
@@ -101,7 +101,7 @@ K16 = bytes(range(16))
 M20 = bytes(range(0x20, 0x34))
 M32 = bytes(range(0x40, 0x60))
 
-# --- KEMAC (RFC 3830 6.2; reference 4) --------------------------------------------------
+# --- KEMAC (RFC 3830 6.2) --------------------------------------------------------------
 
 
 def test_kemac_null_with_key_data() -> None:
@@ -216,7 +216,7 @@ def test_key_data_chain_of_two() -> None:
 
 
 def test_key_data_reference_vector_plaintext() -> None:
-    # Reference section 11: MPK, KV=SPI, SPI 00000001 (the AES-CM plaintext).
+    # docs/rfc-readings.md V1: MPK, KV=SPI, SPI 00000001 (the AES-CM plaintext).
     plain = hex_text("00 61 0010 404142434445464748494a4b4c4d4e4f 04 00000001")
     (kd,) = decode_key_data(plain)
     assert kd == KeyData(KeyDataType.MPK, bytes(range(0x40, 0x50)), None, KvSpi(b"\0\0\0\1"))
@@ -420,7 +420,7 @@ def test_randr(role: RandRole) -> None:
     )
 
 
-# Reference 5.2: each flag alone, as (byte 5, byte 6, byte 7) of the TP payload.
+# RFC 6043 6.10: each flag alone, as (byte 5, byte 6, byte 7) of the TP payload.
 FLAG_BYTES = [
     ("D", "01", "00", "00"),
     ("E", "00", "80", "00"),

@@ -1,4 +1,4 @@
-"""Hypothesis round trips for every payload type and every message type (issue 2).
+"""Hypothesis round trips for every payload type and every message type.
 
 decode(encode(x)) == x for generated values, and encode(decode(b)) == b for their bytes.
 """

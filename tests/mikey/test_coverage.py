@@ -1,4 +1,4 @@
-"""What MACs and signatures cover (RFC 6043 5.4; reference section 8), on exact bytes.
+"""What MACs and signatures cover (RFC 6043 5.4, 5.5), on exact bytes.
 
 Expected inputs are computed by hand from the fixture layouts (offsets counted from the
 fixture comments), never through the functions under test.

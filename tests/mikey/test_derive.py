@@ -1,4 +1,4 @@
-"""Tests for kms.mikey.derive (reference sections 6.2-6.5 and 11)."""
+"""Tests for kms.mikey.derive (RFC 3830 4.1.3-4.1.4, RFC 6043 5.1; docs/rfc-readings.md V1)."""
 
 from __future__ import annotations
 
@@ -72,7 +72,7 @@ class RecordingPrf:
         return hashlib.shake_256(label).digest(out_len)
 
 
-# --- label builders, byte for byte (reference 6.2 / 6.3) -----------------------------------
+# --- label builders, byte for byte (RFC 3830 4.1.4 / RFC 6043 5.1) ---------------------------
 
 
 def test_message_key_label_initial_matches_table() -> None:

@@ -1,4 +1,5 @@
-"""Tests for kms.mikey.ntp (RFC 4330 3 era rule, RFC 6043 6.3, reference sections 10, 11, 14.2)."""
+"""Tests for kms.mikey.ntp (RFC 4330 3 era rule, RFC 6043 6.3, 6.10;
+docs/rfc-readings.md R2, V1)."""
 
 from __future__ import annotations
 

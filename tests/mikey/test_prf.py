@@ -1,4 +1,5 @@
-"""Tests for kms.mikey.prf: reference section 11 vectors and an independent PRF (RFC 3830 4.1.2)."""
+"""Tests for kms.mikey.prf: the docs/rfc-readings.md V1 vectors and an independent PRF
+(RFC 3830 4.1.2)."""
 
 from __future__ import annotations
 
@@ -55,7 +56,7 @@ def reference_prf(key: bytes, label: bytes, out_len: int, func: PrfFunc) -> byte
 
 
 def test_vector_file_has_provenance_and_all_rows() -> None:
-    assert VECTORS["source"].startswith("shared/spec/mikey-ticket-reference.md section 11")
+    assert VECTORS["source"].startswith("computed independently of kms.mikey")
     assert len(VECTORS["prf_mikey_1"]) == 12
     assert len(VECTORS["prf_hmac_sha_256"]) == 1
 
@@ -102,7 +103,7 @@ def test_long_keys_split_in_256_bit_slices(func: PrfFunc, key_len: int, out_len:
 
 @pytest.mark.parametrize("func", list(PrfFunc))
 def test_256_bit_key_is_one_slice_not_empty_key(func: PrfFunc) -> None:
-    # Reference 6.1: minisip's len % 32 bug would HMAC with an empty key here.
+    # docs/rfc-readings.md V2: minisip's len % 32 bug would HMAC with an empty key here.
     key = bytes(range(32))
     label = b"label"
     out = prf(key, label, 40, func)

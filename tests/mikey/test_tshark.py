@@ -6,7 +6,7 @@ here with struct) and tshark runs once: ``tshark -r F -d udp.port==2269,mikey -T
 values must equal ours, and valid packets must carry no malformed/expert entry; truncated
 ones must be flagged malformed.
 
-What tshark 4.0 knows (reference 12, facts note): RFC 3830 payloads and IDR; it stops
+What tshark 4.0 knows (docs/rfc-readings.md V3): RFC 3830 payloads and IDR; it stops
 silently at TR, RANDR, TP, TICKET and T type 3, shows only the first Key data of a NULL-
 encrypted KEMAC (and only in PSK_INIT), does not parse DH KV data, and has no length for
 MAC alg 2 (HMAC-SHA-256-256). Ticket-message chains are therefore also fed behind a synthetic
@@ -95,7 +95,7 @@ TS_KEY: dict[int, str] = {
     PayloadType.GENERAL_EXT: "mikey.ext",
 }
 # tshark 4.0 shows these as an unnamed node holding only their Next Payload, then stops
-# silently (reference 12); CHASH (no dissector in 4.0) likewise, under its own name.
+# silently (docs/rfc-readings.md V3); CHASH (no dissector in 4.0) likewise, under its own name.
 TSHARK_STOPS = {PayloadType.TR, PayloadType.RANDR, PayloadType.TP, PayloadType.TICKET}
 for _t in TSHARK_STOPS:
     TS_KEY[_t] = ""

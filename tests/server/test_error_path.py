@@ -18,7 +18,7 @@ from kms.mikey.constants import DataType, ErrorNo
 from kms.mikey.message import Message
 from kms.mikey.payloads import Error
 from kms.server.home import REGISTRY_FILE
-from tests.core.world import ALICE, BOB, World
+from tests.server.world import ALICE, BOB, World
 
 
 def in_new_thread(fn: Callable[[], KmsReply]) -> KmsReply:

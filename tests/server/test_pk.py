@@ -1,5 +1,5 @@
 """Public-key variants against the real KMS core and a SoftHSM2 token: REQUEST_INIT_PK and
-RESOLVE_INIT_PK (RFC 6043 4.2.1.1, 4.2.3.1; reference 5.1, 8, 9, 14.5).
+RESOLVE_INIT_PK (RFC 6043 4.2.1.1, 4.2.3.1, 5.4; RFC 3830 6.8; docs/rfc-readings.md R5).
 
 The KMS trusts the test root CA (``[pk] ca_bundle`` in kms.toml); endpoints present
 leaf + intermediate. Refusals: a certificate the KMS cannot accept (path invalid: expired,
@@ -48,8 +48,8 @@ from kms.mikey.views import ResolveInitPk, ResolveResp
 from kms.server.compose import build_handler
 from kms.server.config import load_config
 from kms.server.home import CERT_FILE, ENVELOPE_LABEL, SIGNING_CERT_FILE, HomeError
-from tests.core.pki import Pki, der, make_pki, pem, rsa_key
-from tests.core.world import ALICE, BOB, CAROL, KMS_ID, TEAM, World, make_world
+from tests.pki import Pki, der, make_pki, pem, rsa_key
+from tests.server.world import ALICE, BOB, CAROL, KMS_ID, TEAM, World, make_world
 
 FORKING = TpFlag.E | TpFlag.F | TpFlag.G | TpFlag.H | TpFlag.I
 MALLORY = b"sip:mallory@example.org"
@@ -62,7 +62,7 @@ def pki() -> Pki:
 
 
 class CountingKeyStore:
-    """Delegates to the token, counting rsa_decrypt calls (reference 14.5: the KMS must not
+    """Delegates to the token, counting rsa_decrypt calls (docs/rfc-readings.md R5: the KMS must not
     touch the PKE before the signature has verified)."""
 
     def __init__(self, inner: KeyStore) -> None:
@@ -214,7 +214,7 @@ def test_pk_request_and_pk_resolve(pk_world: PkWorld, flags: TpFlag) -> None:
 
 
 def test_psk_request_then_pk_resolve_without_idr(pk_world: PkWorld) -> None:
-    """Without IDRr the certificate's URI is the identity (reference 14.7)."""
+    """Without IDRr the certificate's URI is the identity (docs/rfc-readings.md R7)."""
     grant = pk_world.world.grant(DesiredPolicy(responders=(BOB,)))
     ini = pk_world.world.initiator()
     ti, pt = ini.transfer_init(grant, pk_world.now, BOB, (CryptoSession(1, 7),))
@@ -246,7 +246,7 @@ def test_sign_types_and_sha1_chash(pk_world: PkWorld, scheme: SignScheme) -> Non
 
 
 def test_sha1_signatures_only_where_selected(pk_world: PkWorld) -> None:
-    """SHA-256 by default (reference 14.5); SHA-1 by the constructor's ``sign_hash``."""
+    """SHA-256 by default (docs/rfc-readings.md R5); SHA-1 by the constructor's ``sign_hash``."""
     creds = pk_world.creds(sign_scheme=SignScheme.RSA_PKCS1V15_SHA1)
     wire, _ = pk_world.initiator(creds).request_ticket(
         DesiredPolicy(responders=(BOB,)), pk_world.now
@@ -445,7 +445,7 @@ def test_stale_timestamp_and_replay(pk_world: PkWorld) -> None:
 
 def test_refusal_after_authentication_is_maced_with_env_key(pk_world: PkWorld) -> None:
     """Carol may not resolve Bob's ticket: DENIED, and the error's V is keyed from the
-    env_key of her RESOLVE_INIT_PK (reference 8: same key as the response)."""
+    env_key of her RESOLVE_INIT_PK (RFC 6043 5.4: same key as the response)."""
     grant = pk_world.world.grant(DesiredPolicy(responders=(BOB,)))
     ti, _ = pk_world.world.initiator().transfer_init(
         grant, pk_world.now, BOB, (CryptoSession(1, 9),)

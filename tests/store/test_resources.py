@@ -13,7 +13,7 @@ import pytest
 from kms.endpoint.initiator import DesiredPolicy
 from kms.server.compose import build_handler
 from kms.store.state import SqliteResolveLedger
-from tests.core.world import BOB, World
+from tests.server.world import BOB, World
 
 T0 = 1_800_000_000.0
 

@@ -25,10 +25,10 @@ from kms.mikey.ticket import Idr, TpFlag
 from kms.mikey.views import ResolveInitPsk
 from kms.server.compose import build_handler
 from kms.store.memory import TokenBucketRateLimiter
-from tests.core.pki import Pki
-from tests.core.test_crl import BOB_B, PEER_ID, PeerWorld
-from tests.core.test_pk import pki  # noqa: F401 - the pki fixture
-from tests.core.world import KMS_ID, World, make_world
+from tests.pki import Pki
+from tests.server.test_crl import BOB_B, PEER_ID, PeerWorld
+from tests.server.test_pk import pki  # noqa: F401 - the pki fixture
+from tests.server.world import KMS_ID, World, make_world
 
 PEER_PSK = bytes.fromhex("5e" * 16)
 

@@ -264,7 +264,8 @@ _WORKER = textwrap.dedent(
 
 def test_sqlite_replay_cache_shared_by_two_processes(tmp_path: Path) -> None:
     """Two worker processes of one KMS home receive copies of the same messages: every
-    digest is accepted by exactly one of them (reference 14.9, kms serve --workers)."""
+    digest is accepted by exactly one of them (docs/design.md, replay window;
+    kms serve --workers)."""
     path = tmp_path / "replay.sqlite3"
     go = tmp_path / "go"
     n = 400

@@ -14,7 +14,7 @@ from grpc_tools import protoc
 
 from kms import rpc
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PROTO = Path("mikey/kms/v1/kms.proto")
 GENERATED = ("kms_pb2.py", "kms_pb2.pyi")
 

@@ -29,9 +29,9 @@ from kms.server.compose import build_handler
 from kms.server.config import load_config, parse_config
 from kms.server.crl import CrlError, CrlStore
 from kms.server.home import HomeError
-from tests.core.pki import Ca, Pki, der, rsa_key
-from tests.core.test_pk import PkWorld, enable_pk, pki  # noqa: F401 - the pki fixture
-from tests.core.world import ALICE, BOB, KMS_ID, World, make_world
+from tests.pki import Ca, Pki, der, rsa_key
+from tests.server.test_pk import PkWorld, enable_pk, pki  # noqa: F401 - the pki fixture
+from tests.server.world import ALICE, BOB, KMS_ID, World, make_world
 
 HOUR = dt.timedelta(hours=1)
 PEER_ID = "kms:b.example"

@@ -21,7 +21,7 @@ from kms.mikey.ticket import TpFlag
 from kms.server.compose import build_handler
 from kms.server.config import CONFIG_FILE
 from kms.server.home import open_home
-from tests.core.world import ALICE, BOB, World, make_world
+from tests.server.world import ALICE, BOB, World, make_world
 
 SHA256 = suite_for(PrfFunc.PRF_HMAC_SHA_256)
 

@@ -10,7 +10,7 @@ from kms.mikey.constants import ErrorNo, IdRole
 from kms.mikey.ticket import Idr, TpFlag
 from kms.server.compose import kms_policy
 from kms.server.config import parse_config
-from tests.core.world import ALICE, BOB, TEAM, World
+from tests.server.world import ALICE, BOB, TEAM, World
 
 STRANGER = b"sip:stranger@elsewhere.example"
 
