@@ -32,8 +32,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
+from kms.mikey.constants import IdType
 from kms.server.home import CERT_FILE, Home, init_home
-from kms.store.registry import IdType
 
 KMS_ID = "sip:kms.bench.example"
 ALICE = b"sip:alice@bench.example"  # Initiator

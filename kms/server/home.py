@@ -47,6 +47,7 @@ from pathlib import Path
 import hsm
 import hsm.provision
 from kms.keystore import KeyExists, KeyInfo, KeyNotFound, KeyRef, KeyStore, KeyStoreError
+from kms.mikey.constants import IdType
 from kms.server import certs
 from kms.server.config import (
     CONFIG_FILE,
@@ -62,7 +63,6 @@ from kms.store.registry import (
     REGISTRY_FILE,
     DuplicateEndpoint,
     Endpoint,
-    IdType,
     InvalidTpkState,
     Peer,
     PeerAuth,
@@ -132,7 +132,7 @@ def validate_identity(identity: bytes, id_type: IdType) -> None:
         raise HomeError("identity must not be empty")
     if len(identity) > 0xFFFF:
         raise HomeError("identity longer than 65535 bytes (IDR length field)")
-    if id_type is IdType.BYTES:
+    if id_type is IdType.BYTE_STRING:
         return
     try:
         text = identity.decode("utf-8")
@@ -151,12 +151,12 @@ def guess_id_type(identity: bytes) -> IdType:
     try:
         text = identity.decode("utf-8")
     except UnicodeDecodeError:
-        return IdType.BYTES
+        return IdType.BYTE_STRING
     if URI_RE.match(text):
         return IdType.URI
     if text.isprintable() and not any(c.isspace() for c in text):
         return IdType.NAI
-    return IdType.BYTES
+    return IdType.BYTE_STRING
 
 
 @dataclass(frozen=True)
