@@ -188,7 +188,8 @@ SETTINGS: tuple[Setting, ...] = (
     S("token", "softhsm_conf", K.PATH, None, "SOFTHSM2_CONF for a SoftHSM token.",
       example="token/softhsm2.conf"),
     S("token", "uri", K.STRING, None, "PKCS#11 URI (RFC 7512) of the token, beside or instead "
-      "of the keys above (docs/hsm.md).", example="pkcs11:token=kms"),
+      "of the keys above (docs/hsm.md).", example="pkcs11:token=kms",
+      companions={"label": "kms"}),
     # [server]
     S("server", "listen", K.STRING, "127.0.0.1:50051", "gRPC HOST:PORT; plaintext only on "
       "loopback unless allow_plaintext_non_loopback.", example="127.0.0.1:50099"),
