@@ -1,7 +1,7 @@
 """Operator commands: ``init``, ``endpoint``, ``group``, ``keys``, ``tpk``.
 
 The commands are thin: validation of what the operator typed happens here (before the
-token is opened), the work itself in :mod:`kms.server.home`, which keeps the token and the
+token is opened), the work itself in :mod:`kms.home`, which keeps the token and the
 registry consistent. Every expected failure becomes a :class:`CliError` (one line, exit 1);
 no message ever contains a PSK, a PIN or a key value.
 
@@ -26,10 +26,7 @@ from hsm.uri import Pkcs11UriError, key_uri, parse_uri
 from kms.cli import CliError
 from kms.cli.psk_input import read_psk
 from kms.cli.token_cmd import add_token_uri_option, token_options
-from kms.keystore import KeyStoreError
-from kms.mikey.constants import IdType
-from kms.server.config import ConfigError
-from kms.server.home import (
+from kms.home import (
     PSK_MAX_BYTES,
     PSK_MIN_BYTES,
     Home,
@@ -39,6 +36,9 @@ from kms.server.home import (
     open_home,
     validate_identity,
 )
+from kms.keystore import KeyStoreError
+from kms.mikey.constants import IdType
+from kms.server.config import ConfigError
 from kms.store.registry import (
     DuplicateEndpoint,
     RegistryError,

@@ -15,12 +15,7 @@ from kms.core.pk import CertificateAuthenticator, EnvelopeKey, load_pem_certific
 from kms.core.policy import Forking, KmsPolicy
 from kms.core.ports import PeerResolver
 from kms.core.service import Kms
-from kms.keystore import KeyExists, KeyNotFound, KeyRef, KeyStore
-from kms.mikey.constants import KeyDataType, PrfFunc
-from kms.server.config import KmsConfig
-from kms.server.crl import CrlStore
-from kms.server.directory import RegistryDirectory
-from kms.server.home import (
+from kms.home import (
     CERT_FILE,
     ENVELOPE_LABEL,
     SIGNING_CERT_FILE,
@@ -28,6 +23,11 @@ from kms.server.home import (
     HomeError,
     guess_id_type,
 )
+from kms.keystore import KeyExists, KeyNotFound, KeyRef, KeyStore
+from kms.mikey.constants import KeyDataType, PrfFunc
+from kms.server.config import KmsConfig
+from kms.server.crl import CrlStore
+from kms.server.directory import RegistryDirectory
 from kms.server.settings import KeyTypeName, Responders
 from kms.server.stores import STATE_DIR
 from kms.store.audit import JsonLinesAuditSink

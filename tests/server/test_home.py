@@ -20,11 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 import hsm
 import hsm.provision
-from kms.keystore import KeyExists, KeyRef, KeyStoreError
-from kms.mikey.constants import IdType
-from kms.server import certs as certs_mod
-from kms.server import home as home_mod
-from kms.server.home import (
+from kms.home import (
     ENVELOPE_LABEL,
     SIGNING_LABEL,
     Home,
@@ -35,6 +31,10 @@ from kms.server.home import (
     open_home,
     psk_label,
 )
+from kms.keystore import KeyExists, KeyRef, KeyStoreError
+from kms.mikey.constants import IdType
+from kms.server import certs as certs_mod
+from kms.server import home as home_mod
 from kms.store.registry import DuplicateEndpoint, Registry, RegistryUnavailable
 
 KMS_ID = "kms:kms.example.org"
