@@ -14,10 +14,10 @@ import pytest
 from kms.core.api import KmsReply, Outcome
 from kms.endpoint.initiator import DesiredPolicy
 from kms.endpoint.session import CryptoSession
-from kms.home import REGISTRY_FILE
 from kms.mikey.constants import DataType, ErrorNo
 from kms.mikey.message import Message
 from kms.mikey.payloads import Error
+from kms.store.registry import REGISTRY_FILE
 from tests.core.world import ALICE, BOB, World
 
 

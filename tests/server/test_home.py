@@ -31,10 +31,10 @@ from kms.home import (
     open_home,
     psk_label,
 )
+from kms.home import init as home_mod
 from kms.keystore import KeyExists, KeyRef, KeyStoreError
 from kms.mikey.constants import IdType
 from kms.server import certs as certs_mod
-from kms.server import home as home_mod
 from kms.store.registry import DuplicateEndpoint, Registry, RegistryUnavailable
 
 KMS_ID = "kms:kms.example.org"

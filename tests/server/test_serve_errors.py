@@ -14,11 +14,11 @@ import grpc
 from hsm.software import SoftwareKeyStore
 from kms.endpoint.common import Credentials
 from kms.endpoint.initiator import DesiredPolicy, Initiator
-from kms.home import REGISTRY_FILE
 from kms.mikey.constants import DataType, ErrorNo, IdType
 from kms.mikey.message import Message
 from kms.mikey.payloads import Error
 from kms.server.config import load_config
+from kms.store.registry import REGISTRY_FILE
 from tests.server.test_grpc_serve import request
 
 
