@@ -52,6 +52,8 @@ STORE_BACKENDS = tuple(b.value for b in StoreBackend)
 
 # RFC 3986 scheme followed by ":"; used for the KMS id and for URI endpoint identities.
 URI_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*:\S+$")
+# An environment variable name (pin_env, password_env).
+ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 def _d(section: str, key: str) -> Any:
@@ -468,7 +470,7 @@ def _parse_store(doc: Mapping[str, Any], home: Path) -> StoreSettings:
             raise sec.error("dsn", problem)  # never echoes the DSN (it may hold a password)
     if password_env is not None and password_file is not None:
         raise sec.error("password_env", "give either password_env or password_file, not both")
-    if password_env is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", password_env):
+    if password_env is not None and not ENV_NAME_RE.fullmatch(password_env):
         raise sec.error("password_env", "must be an environment variable name")
     return StoreSettings(
         backend=backend,
@@ -536,7 +538,7 @@ def _parse_token(doc: Mapping[str, Any], home: Path) -> TokenSettings:
         raise sec.error("pin_file", "is required (or give pin_env)")
     if pin_env is not None and pin_file is not None:
         raise sec.error("pin_env", "give either pin_env or pin_file, not both")
-    if pin_env is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", pin_env):
+    if pin_env is not None and not ENV_NAME_RE.fullmatch(pin_env):
         raise sec.error("pin_env", f"must be an environment variable name, got {_show(pin_env)}")
     return TokenSettings(
         module=module,
