@@ -16,7 +16,7 @@ from kms.core.ports import (
     ReplayCache,
     ResolveLedger,
 )
-from kms.keystore import Key, KeyRef, KeyStore
+from kms.keystore import Key, KeyOps, KeyRef
 from kms.mikey.derive import MessageKeys
 from kms.mikey.message import Message
 from kms.mikey.protect import Suite
@@ -51,7 +51,7 @@ class PkAuthenticator(Protocol):
 
 @dataclass
 class Deps:
-    keystore: KeyStore
+    keystore: KeyOps
     directory: Directory
     replay: ReplayCache
     ledger: ResolveLedger
