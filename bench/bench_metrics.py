@@ -108,8 +108,8 @@ def _inproc_child(home_path: str, grant: object, rounds: int, seconds: float,
     ``seconds`` of calls per side. Sends the means back."""
     from bench import inproc
     from bench.messages import generate
+    from kms.home import open_home
     from kms.server.compose import build_handler
-    from kms.server.home import open_home
     from kms.server.metrics import ServerMetrics
 
     home = open_home(Path(home_path))
@@ -227,8 +227,8 @@ def main() -> int:
     try:
         from bench import inproc
         from bench.world import create_home
+        from kms.home import open_home
         from kms.server.compose import build_handler
-        from kms.server.home import open_home
 
         home_path = tmp / "home"
         setup = create_home(home_path)

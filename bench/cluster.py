@@ -166,9 +166,9 @@ def inproc_cpu(home: Path, setup: str, n: int) -> dict[str, Any]:
     from kms.endpoint.initiator import DEFAULT_FLAGS, DesiredPolicy, Initiator
     from kms.endpoint.responder import Responder
     from kms.endpoint.session import CryptoSession
+    from kms.home import open_home
     from kms.mikey.ticket import TpFlag
     from kms.server.compose import build_handler
-    from kms.server.home import open_home
 
     h = open_home(home)
     try:

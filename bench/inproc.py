@@ -27,8 +27,8 @@ from bench.world import PSKS, BenchSetup
 from hsm.software import SoftwareKeyStore
 from kms.core.api import KmsReply
 from kms.core.service import Kms
+from kms.home import ENVELOPE_LABEL
 from kms.keystore import KeyRef, KeyStore, RsaPadding
-from kms.server.home import ENVELOPE_LABEL
 
 _OPS = ("hmac", "prf", "prf_many", "aes_cm", "random", "rsa_decrypt", "sign")
 
@@ -252,8 +252,8 @@ def main() -> None:
 
     from bench.messages import WORKLOADS, obtain_grant
     from bench.world import create_home
+    from kms.home import open_home
     from kms.server.compose import build_handler
-    from kms.server.home import open_home
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=float, default=1.5)

@@ -71,8 +71,8 @@ def main() -> int:
     pyspy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     from bench import inproc
     from bench.world import create_home
+    from kms.home import open_home
     from kms.server.compose import build_handler
-    from kms.server.home import open_home
 
     parts = args.workload.split()
     ex, auth, fork = parts[0], parts[1], "fork" in parts[2:]

@@ -155,8 +155,8 @@ def main() -> int:
 
         # --- 1. in-process: token floor, token key store, software key store ------------
         from bench import inproc
+        from kms.home import open_home
         from kms.server.compose import build_handler
-        from kms.server.home import open_home
 
         home = open_home(home_path)
         token_kms: Any = build_handler(home)

@@ -32,8 +32,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
-from kms.server.home import CERT_FILE, Home, init_home
-from kms.store.registry import IdType
+from kms.home import CERT_FILE, Home, init_home
+from kms.mikey.constants import IdType
 
 KMS_ID = "sip:kms.bench.example"
 ALICE = b"sip:alice@bench.example"  # Initiator
@@ -185,6 +185,6 @@ def create_home(path: Path) -> BenchSetup:
 
 
 def open_bench_home(path: Path) -> Home:
-    from kms.server.home import open_home
+    from kms.home import open_home
 
     return open_home(path)

@@ -62,7 +62,7 @@ def test_listed_folders_exist_and_do_not_shadow_a_package() -> None:
 
 
 # Test modules at the top of tests/: only those about the whole tree.
-TREE_WIDE = {"test_layering.py", "test_tree.py"}
+TREE_WIDE = {"test_layering.py", "test_one_place.py", "test_tree.py"}
 
 
 def test_only_tree_wide_tests_sit_at_the_top() -> None:

@@ -1,7 +1,7 @@
 """Operator commands: ``init``, ``endpoint``, ``group``, ``keys``, ``tpk``.
 
 The commands are thin: validation of what the operator typed happens here (before the
-token is opened), the work itself in :mod:`kms.server.home`, which keeps the token and the
+token is opened), the work itself in :mod:`kms.home`, which keeps the token and the
 registry consistent. Every expected failure becomes a :class:`CliError` (one line, exit 1);
 no message ever contains a PSK, a PIN or a key value.
 
@@ -26,9 +26,7 @@ from hsm.uri import Pkcs11UriError, key_uri, parse_uri
 from kms.cli.errors import CliError
 from kms.cli.psk_input import read_psk
 from kms.cli.token_cmd import add_token_uri_option, token_options
-from kms.keystore import KeyStoreError
-from kms.server.config import ConfigError
-from kms.server.home import (
+from kms.home import (
     PSK_MAX_BYTES,
     PSK_MIN_BYTES,
     Home,
@@ -38,15 +36,19 @@ from kms.server.home import (
     open_home,
     validate_identity,
 )
+from kms.keystore import KeyStoreError
+from kms.mikey.constants import IdType
+from kms.server.config import ConfigError
 from kms.store.registry import (
     DuplicateEndpoint,
-    IdType,
     RegistryError,
     TpkState,
     show_identity,
 )
 
-ID_TYPES = {"nai": IdType.NAI, "uri": IdType.URI, "bytes": IdType.BYTES}
+# The CLI names of the IDR ID types (RFC 6043 6.6): --id-type values and `endpoint list`.
+ID_TYPES = {"nai": IdType.NAI, "uri": IdType.URI, "bytes": IdType.BYTE_STRING}
+ID_TYPE_NAMES = {t: name for name, t in ID_TYPES.items()}
 DEFAULT_GENERATED_PSK = 32
 
 Handler = Callable[[argparse.Namespace], int]
@@ -162,7 +164,7 @@ def cmd_endpoint_add(args: argparse.Namespace) -> int:
             if out is not None:
                 out.unlink(missing_ok=True)
             raise
-    print(f"added endpoint {show_identity(ep.identity)} ({ep.id_type.name.lower()}), "
+    print(f"added endpoint {show_identity(ep.identity)} ({ID_TYPE_NAMES[ep.id_type]}), "
           f"key {ep.key_label}")
     if out is not None:
         print(f"new {len(psk)}-byte PSK written to {out} (mode 0600)")
@@ -191,7 +193,7 @@ def cmd_endpoint_list(args: argparse.Namespace) -> int:
             {
                 "identity": show_identity(ep.identity),
                 "identity_hex": ep.identity.hex(),
-                "id_type": ep.id_type.name.lower(),
+                "id_type": ID_TYPE_NAMES[ep.id_type],
                 "key_label": ep.key_label,
                 "enabled": ep.enabled,
                 "created_at": _show_time(ep.created_at),
@@ -202,7 +204,7 @@ def cmd_endpoint_list(args: argparse.Namespace) -> int:
         return 0
     _print_table(
         [
-            [show_identity(ep.identity), ep.id_type.name.lower(), ep.key_label,
+            [show_identity(ep.identity), ID_TYPE_NAMES[ep.id_type], ep.key_label,
              "yes" if ep.enabled else "no", _show_time(ep.created_at),
              ",".join(show_identity(g) for g in groups[ep.identity]) or "-"]
             for ep in eps

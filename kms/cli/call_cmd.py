@@ -126,8 +126,8 @@ def cmd_call(args: argparse.Namespace) -> int:
     from kms.endpoint.initiator import DEFAULT_FLAGS, DesiredPolicy, Initiator
     from kms.endpoint.responder import Responder
     from kms.endpoint.session import CryptoSession, EndpointError
+    from kms.home import guess_id_type
     from kms.mikey.ticket import TpFlag
-    from kms.server.home import guess_id_type
 
     try:
         from hsm.software import SoftwareKeyStore

@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 from kms.cli.errors import CliError
-from kms.server.home import PSK_MAX_BYTES, PSK_MIN_BYTES
+from kms.home import PSK_MAX_BYTES, PSK_MIN_BYTES
 
 
 def parse_hex_psk(text: str, source: str) -> bytes:

@@ -54,7 +54,7 @@ class KmsPolicy:
     """The KMS's configured policy (kms.toml ``[policy]``)."""
 
     kms_id: bytes
-    kms_id_type: int = IdType.URI
+    kms_id_type: IdType = IdType.URI
     prf_funcs: frozenset[int] = frozenset({PrfFunc.MIKEY_1, PrfFunc.PRF_HMAC_SHA_256})
     key_types: frozenset[int] = frozenset(SESSION_KEY_TYPES)
     key_lengths: frozenset[int] = frozenset({16, 32})

@@ -31,6 +31,8 @@ METHOD_RESOLVE = f"/{SERVICE_NAME}/ResolveTicket"
 ERROR_TRAILER = "mikey-error-bin"
 #: Initial and trailing metadata linking a call across client, KMS and peer KMS logs.
 CORRELATION_KEY = "x-correlation-id"
+#: Request metadata on a forwarded resolve: how many KMSs the request crossed (RFC 6043 9).
+HOPS_KEY = "mikey-hops"
 
 assert DESCRIPTOR.services_by_name["KeyManagement"].full_name == SERVICE_NAME
 
@@ -88,6 +90,7 @@ __all__ = [
     "CORRELATION_KEY",
     "DESCRIPTOR",
     "ERROR_TRAILER",
+    "HOPS_KEY",
     "METHOD_REQUEST",
     "METHOD_RESOLVE",
     "SERVICE_NAME",

@@ -14,12 +14,7 @@ from kms.core.pk import CertificateAuthenticator, EnvelopeKey, load_pem_certific
 from kms.core.policy import Forking, KmsPolicy
 from kms.core.ports import PeerResolver, ReplayCache
 from kms.core.service import Kms
-from kms.keystore import KeyExists, KeyNotFound, KeyRef, KeyStore
-from kms.mikey.constants import KeyDataType, PrfFunc
-from kms.server.config import KmsConfig
-from kms.server.crl import CrlStore
-from kms.server.directory import RegistryDirectory
-from kms.server.home import (
+from kms.home import (
     CERT_FILE,
     ENVELOPE_LABEL,
     SIGNING_CERT_FILE,
@@ -27,6 +22,12 @@ from kms.server.home import (
     HomeError,
     guess_id_type,
 )
+from kms.keystore import KeyExists, KeyNotFound, KeyRef, KeyStore
+from kms.mikey.constants import KeyDataType, PrfFunc
+from kms.server.config import KmsConfig
+from kms.server.crl import CrlStore
+from kms.server.directory import RegistryDirectory
+from kms.server.settings import KeyTypeName, Responders
 from kms.server.stores import STATE_DIR
 from kms.store.audit import JsonLinesAuditSink
 
@@ -37,10 +38,11 @@ AUDIT_LOG = "audit.log"
 DUMMY_PSK_LABEL = "authn/dummy"
 DUMMY_PSK_BYTES = 32
 
-_KEY_TYPE_NAMES = {
-    "tgk": (KeyDataType.TGK, KeyDataType.TGK_SALT),
-    "tek": (KeyDataType.TEK, KeyDataType.TEK_SALT),
-    "gtgk": (KeyDataType.GTGK, KeyDataType.GTGK_SALT),
+# [policy] allowed_key_types -> the Key Data types issued (RFC 3830 6.13, RFC 6043 6.13).
+_KEY_TYPES: dict[KeyTypeName, tuple[KeyDataType, KeyDataType]] = {
+    KeyTypeName.TGK: (KeyDataType.TGK, KeyDataType.TGK_SALT),
+    KeyTypeName.TEK: (KeyDataType.TEK, KeyDataType.TEK_SALT),
+    KeyTypeName.GTGK: (KeyDataType.GTGK, KeyDataType.GTGK_SALT),
 }
 
 
@@ -54,9 +56,10 @@ def accepted_prfs(weakest: PrfFunc) -> frozenset[int]:
 
 
 def kms_policy(config: KmsConfig) -> KmsPolicy:
-    """The core's policy from kms.toml ``[policy]``."""
+    """The core's policy from kms.toml ``[policy]`` (every key of the section that the core
+    uses; the others size the replay cache and rate limiter around it)."""
     p = config.policy
-    types = frozenset(t for name in p.allowed_key_types for t in _KEY_TYPE_NAMES[name])
+    types = frozenset(t for name in p.allowed_key_types for t in _KEY_TYPES[KeyTypeName(name)])
     kms_id = config.kms_id_bytes
     return KmsPolicy(
         kms_id=kms_id,
@@ -67,7 +70,7 @@ def kms_policy(config: KmsConfig) -> KmsPolicy:
         default_lifetime_s=p.default_lifetime_s,
         forking=Forking(p.forking),
         reuse_allowed=p.reuse_allowed,
-        responders_must_be_known=p.responders == "registered",
+        responders_must_be_known=p.responders == Responders.REGISTERED,
         timestamp_window_s=p.timestamp_window_s,
     )
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
+import textwrap
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -24,22 +25,40 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from hsm.uri import Pkcs11UriError, parse_uri
-from kms.keystore import RsaPadding
 from kms.mikey.prf import PrfFunc
+from kms.server.settings import (
+    SECTIONS,
+    SETTINGS,
+    Forking,
+    KeyTypeName,
+    Kind,
+    PrfName,
+    Responders,
+    RsaPadding,
+    StoreBackend,
+    keys_of,
+    setting,
+)
 
 CONFIG_FILE = "kms.toml"
 
-PRF_NAMES: dict[str, PrfFunc] = {
-    "hmac-sha-1": PrfFunc.MIKEY_1,
-    "hmac-sha-256": PrfFunc.PRF_HMAC_SHA_256,
-}
-KEY_TYPES = ("tgk", "tek", "gtgk")
-FORKING_MODES = ("allowed", "required", "forbidden")
-RESPONDER_MODES = ("any", "registered")
+# The allowed values, from the enums the declarations use (kms.server.settings).
+PRF_NAMES: dict[str, PrfFunc] = {p.value: p.func for p in PrfName}
+KEY_TYPES = tuple(k.value for k in KeyTypeName)
+FORKING_MODES = tuple(f.value for f in Forking)
+RESPONDER_MODES = tuple(r.value for r in Responders)
 PKE_PADDINGS = tuple(p.value for p in RsaPadding)
+STORE_BACKENDS = tuple(b.value for b in StoreBackend)
 
 # RFC 3986 scheme followed by ":"; used for the KMS id and for URI endpoint identities.
 URI_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*:\S+$")
+# An environment variable name (pin_env, password_env).
+ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _d(section: str, key: str) -> Any:
+    """The declared default of ``[section] key``."""
+    return setting(section, key).default
 
 
 class ConfigError(ValueError):
@@ -64,20 +83,20 @@ class TokenSettings:
 class ServerSettings:
     """``[server]``: the gRPC listener."""
 
-    listen: str = "127.0.0.1:50051"
-    workers: int = 1
+    listen: str = _d("server", "listen")
+    workers: int = _d("server", "workers")
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
-    allow_plaintext_non_loopback: bool = False
+    allow_plaintext_non_loopback: bool = _d("server", "allow_plaintext_non_loopback")
     # How many KMS core calls run at once in one worker; 0 = auto (see core_slots_for).
-    core_concurrency: int = 0
+    core_concurrency: int = _d("server", "core_concurrency")
     # Call admission per worker (kms.server.admission): how long a call may take to send
     # its request message, how many calls one peer address may hold, HTTP/2 streams per
     # connection.
-    request_timeout_ms: int = 2000
-    max_calls_per_peer: int = 96
-    max_streams_per_connection: int = 32
+    request_timeout_ms: int = _d("server", "request_timeout_ms")
+    max_calls_per_peer: int = _d("server", "max_calls_per_peer")
+    max_streams_per_connection: int = _d("server", "max_streams_per_connection")
 
     @property
     def host(self) -> str:
@@ -98,20 +117,20 @@ class PolicySettings:
 
     # The weakest PRF accepted in message headers and granted in tickets: "hmac-sha-1"
     # accepts MIKEY-1 and PRF-HMAC-SHA-256, "hmac-sha-256" only the latter.
-    prf: str = "hmac-sha-1"
-    allowed_key_types: tuple[str, ...] = KEY_TYPES
-    max_lifetime_s: int = 86400
-    default_lifetime_s: int = 3600
-    forking: str = "allowed"
-    reuse_allowed: bool = True
-    responders: str = "any"  # "registered": every IDRr must be a registered endpoint or group
-    timestamp_window_s: int = 120
-    replay_cache_size: int = 0  # 0 = auto: sized from the rate workers can serve x window
-    rate_limit_per_s: int = 50
+    prf: PrfName = _d("policy", "prf")  # noqa: RUF009 (an enum member)
+    allowed_key_types: tuple[KeyTypeName, ...] = _d("policy", "allowed_key_types")
+    max_lifetime_s: int = _d("policy", "max_lifetime_s")
+    default_lifetime_s: int = _d("policy", "default_lifetime_s")
+    forking: Forking = _d("policy", "forking")  # noqa: RUF009 (an enum member)
+    reuse_allowed: bool = _d("policy", "reuse_allowed")
+    responders: Responders = _d("policy", "responders")  # noqa: RUF009 (an enum member)
+    timestamp_window_s: int = _d("policy", "timestamp_window_s")
+    replay_cache_size: int = _d("policy", "replay_cache_size")  # 0 = auto (replay_capacity)
+    rate_limit_per_s: int = _d("policy", "rate_limit_per_s")
 
     @property
     def prf_func(self) -> PrfFunc:
-        return PRF_NAMES[self.prf]
+        return PrfName(self.prf).func
 
 
 @dataclass(frozen=True)
@@ -119,7 +138,7 @@ class PkSettings:
     """``[pk]``: public-key (REQUEST_INIT_PK / RESOLVE_INIT_PK) settings."""
 
     ca_bundle: Path | None = None
-    pke_padding: str = RsaPadding.PKCS1V15.value
+    pke_padding: RsaPadding = _d("pk", "pke_padding")  # noqa: RUF009 (an enum member)
     # CRL file or folder (PEM/DER) checked for CERTi / CERTr and certificate peers.
     crl: Path | None = None
 
@@ -140,12 +159,9 @@ class FederationSettings:
 
     client_cert: Path | None = None
     client_key: Path | None = None
-    allow_plaintext: bool = False
-    max_retries: int = 1  # extra attempts, on UNAVAILABLE only, inside the peer's deadline
-    default_deadline_ms: int = 2000  # for `kms peer add` without --deadline-ms
-
-
-STORE_BACKENDS = ("sqlite", "postgresql")
+    allow_plaintext: bool = _d("federation", "allow_plaintext")
+    max_retries: int = _d("federation", "max_retries")  # on UNAVAILABLE only
+    default_deadline_ms: int = _d("federation", "default_deadline_ms")
 
 
 @dataclass(frozen=True)
@@ -154,20 +170,20 @@ class StoreSettings:
     one host. ``postgresql``: a database shared by every replica of a cluster (``dsn``; its
     password from ``password_file`` / ``password_env`` / PGPASSFILE, never in kms.toml)."""
 
-    backend: str = "sqlite"
+    backend: StoreBackend = _d("store", "backend")  # noqa: RUF009 (an enum member)
     dsn: str | None = None
     password_env: str | None = None
     password_file: Path | None = None
-    pool_size: int = 4
-    connect_timeout_s: int = 3
+    pool_size: int = _d("store", "pool_size")
+    connect_timeout_s: int = _d("store", "connect_timeout_s")
 
 
 @dataclass(frozen=True)
 class AuditSettings:
     """``[audit]``: the audit log's size-based rotation (kms.store.audit)."""
 
-    max_bytes: int = 64 * 1024 * 1024  # 0: never rotate (the system's logrotate does)
-    keep: int = 5
+    max_bytes: int = _d("audit", "max_bytes")  # 0: never rotate (the system's logrotate does)
+    keep: int = _d("audit", "keep")
 
 
 @dataclass(frozen=True)
@@ -182,8 +198,8 @@ class MetricsSettings:
     listen: str | None = None
     tls_cert: Path | None = None
     tls_key: Path | None = None
-    allow_plaintext_non_loopback: bool = False
-    tpk_max_age_s: int = 90 * 86400
+    allow_plaintext_non_loopback: bool = _d("metrics", "allow_plaintext_non_loopback")
+    tpk_max_age_s: int = _d("metrics", "tpk_max_age_s")
 
     @property
     def enabled(self) -> bool:
@@ -196,8 +212,8 @@ class TracingSettings:
     set). ``record_identities``: endpoint identities and ticket ids in span attributes."""
 
     otlp_endpoint: str | None = None
-    service_name: str = "kms"
-    record_identities: bool = False
+    service_name: str = _d("tracing", "service_name")
+    record_identities: bool = _d("tracing", "record_identities")
 
     @property
     def enabled(self) -> bool:
@@ -257,8 +273,10 @@ T = TypeVar("T")
 class _Section:
     """Reads typed values out of one TOML table and reports the first problem by name."""
 
-    def __init__(self, name: str, table: Any, home: Path, allowed: tuple[str, ...]) -> None:
+    def __init__(self, name: str, doc: Mapping[str, Any], home: Path) -> None:
         self.name = name
+        table = doc.get(name)
+        allowed = keys_of(name)
         self.home = home
         if table is None:
             table = {}
@@ -315,6 +333,21 @@ class _Section:
         p = Path(value).expanduser()
         return p if p.is_absolute() else self.home / p
 
+    def value(self, key: str) -> Any:
+        """``key`` read as declared in kms.server.settings (type, bounds, default)."""
+        s = setting(self.name, key)
+        if s.kind is Kind.STRING:
+            return self.string(key, s.default)
+        if s.kind is Kind.PATH:
+            return self.path(key)
+        if s.kind is Kind.BOOL:
+            return self.boolean(key, bool(s.default))
+        if s.kind is Kind.INT:
+            return self.integer(key, int(s.default), s.minimum, s.maximum)
+        if s.kind is Kind.CHOICE:
+            return type(s.default)(self.choice(key, str(s.default), s.choices))
+        raise AssertionError(f"[{self.name}] {key}: {s.kind} is read by its section")
+
 
 def _show(value: Any) -> str:
     text = json.dumps(value, default=str)
@@ -336,7 +369,7 @@ def parse_config(text: str, home: Path) -> KmsConfig:
     if unknown:
         raise ConfigError(f"{CONFIG_FILE}: [{unknown[0]}]: unknown section")
 
-    kms = _Section("kms", doc.get("kms"), home, ("id",))
+    kms = _Section("kms", doc, home)
     kms_id = kms.required_string("id")
     if not URI_RE.match(kms_id):
         raise kms.error("id", f"must be a URI such as \"kms:kms.example.org\", got {_show(kms_id)}")
@@ -345,11 +378,11 @@ def parse_config(text: str, home: Path) -> KmsConfig:
     server = _parse_server(doc, home)
     policy = _parse_policy(doc, home)
 
-    pk = _Section("pk", doc.get("pk"), home, ("ca_bundle", "pke_padding", "crl"))
+    pk = _Section("pk", doc, home)
     pk_settings = PkSettings(
-        ca_bundle=pk.path("ca_bundle"),
-        pke_padding=pk.choice("pke_padding", RsaPadding.PKCS1V15.value, PKE_PADDINGS),
-        crl=pk.path("crl"),
+        ca_bundle=pk.value("ca_bundle"),
+        pke_padding=pk.value("pke_padding"),
+        crl=pk.value("crl"),
     )
     return KmsConfig(
         home=home,
@@ -367,24 +400,23 @@ def parse_config(text: str, home: Path) -> KmsConfig:
 
 
 def _parse_audit(doc: Mapping[str, Any], home: Path) -> AuditSettings:
-    sec = _Section("audit", doc.get("audit"), home, ("max_bytes", "keep"))
-    max_bytes = sec.integer("max_bytes", AuditSettings.max_bytes, 0, 1 << 40)
+    sec = _Section("audit", doc, home)
+    max_bytes = sec.value("max_bytes")
     if 0 < max_bytes < 4096:
         raise sec.error("max_bytes", f"must be 0 (no rotation) or at least 4096, got {max_bytes}")
-    return AuditSettings(max_bytes=max_bytes, keep=sec.integer("keep", AuditSettings.keep, 0, 1000))
+    return AuditSettings(max_bytes=max_bytes, keep=sec.value("keep"))
 
 
 def _parse_tracing(doc: Mapping[str, Any], home: Path) -> TracingSettings:
-    sec = _Section("tracing", doc.get("tracing"), home,
-                   ("otlp_endpoint", "service_name", "record_identities"))
-    endpoint = sec.string("otlp_endpoint")
+    sec = _Section("tracing", doc, home)
+    endpoint = sec.value("otlp_endpoint")
     if endpoint is not None and not re.fullmatch(r"https?://[^\s/]+(/\S*)?", endpoint):
         raise sec.error("otlp_endpoint", f"must be an http:// or https:// URL, got "
                                          f"{_show(endpoint)}")
     return TracingSettings(
         otlp_endpoint=endpoint,
-        service_name=sec.string("service_name", "kms") or "kms",
-        record_identities=sec.boolean("record_identities", False),
+        service_name=sec.value("service_name"),
+        record_identities=sec.value("record_identities"),
     )
 
 
@@ -400,19 +432,13 @@ def check_metrics_listen(listen: str, tls: bool, allow_plaintext: bool) -> None:
 
 
 def _parse_metrics(doc: Mapping[str, Any], home: Path) -> MetricsSettings:
-    sec = _Section(
-        "metrics",
-        doc.get("metrics"),
-        home,
-        ("listen", "tls_cert", "tls_key", "allow_plaintext_non_loopback", "tpk_max_age_s"),
-    )
+    sec = _Section("metrics", doc, home)
     settings = MetricsSettings(
-        listen=sec.string("listen"),
-        tls_cert=sec.path("tls_cert"),
-        tls_key=sec.path("tls_key"),
-        allow_plaintext_non_loopback=sec.boolean("allow_plaintext_non_loopback", False),
-        tpk_max_age_s=sec.integer("tpk_max_age_s", MetricsSettings.tpk_max_age_s, 60,
-                                  10 * 366 * 86400),
+        listen=sec.value("listen"),
+        tls_cert=sec.value("tls_cert"),
+        tls_key=sec.value("tls_key"),
+        allow_plaintext_non_loopback=sec.value("allow_plaintext_non_loopback"),
+        tpk_max_age_s=sec.value("tpk_max_age_s"),
     )
     if (settings.tls_cert is None) != (settings.tls_key is None):
         missing = "tls_key" if settings.tls_key is None else "tls_cert"
@@ -429,16 +455,11 @@ def _parse_metrics(doc: Mapping[str, Any], home: Path) -> MetricsSettings:
 
 
 def _parse_store(doc: Mapping[str, Any], home: Path) -> StoreSettings:
-    sec = _Section(
-        "store",
-        doc.get("store"),
-        home,
-        ("backend", "dsn", "password_env", "password_file", "pool_size", "connect_timeout_s"),
-    )
-    backend = sec.choice("backend", "sqlite", STORE_BACKENDS)
-    dsn = sec.string("dsn")
-    password_env = sec.string("password_env")
-    password_file = sec.path("password_file")
+    sec = _Section("store", doc, home)
+    backend = sec.value("backend")
+    dsn = sec.value("dsn")
+    password_env = sec.value("password_env")
+    password_file = sec.value("password_file")
     if backend == "postgresql":
         if dsn is None:
             raise sec.error("dsn", 'is required with backend = "postgresql"')
@@ -449,15 +470,15 @@ def _parse_store(doc: Mapping[str, Any], home: Path) -> StoreSettings:
             raise sec.error("dsn", problem)  # never echoes the DSN (it may hold a password)
     if password_env is not None and password_file is not None:
         raise sec.error("password_env", "give either password_env or password_file, not both")
-    if password_env is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", password_env):
+    if password_env is not None and not ENV_NAME_RE.fullmatch(password_env):
         raise sec.error("password_env", "must be an environment variable name")
     return StoreSettings(
         backend=backend,
         dsn=dsn,
         password_env=password_env,
         password_file=password_file,
-        pool_size=sec.integer("pool_size", 4, 1, 256),
-        connect_timeout_s=sec.integer("connect_timeout_s", 3, 1, 60),
+        pool_size=sec.value("pool_size"),
+        connect_timeout_s=sec.value("connect_timeout_s"),
     )
 
 
@@ -479,18 +500,13 @@ def render_store_section(dsn: str, *, password_env: str | None = None,
 
 
 def _parse_federation(doc: Mapping[str, Any], home: Path) -> FederationSettings:
-    sec = _Section(
-        "federation",
-        doc.get("federation"),
-        home,
-        ("client_cert", "client_key", "allow_plaintext", "max_retries", "default_deadline_ms"),
-    )
+    sec = _Section("federation", doc, home)
     settings = FederationSettings(
-        client_cert=sec.path("client_cert"),
-        client_key=sec.path("client_key"),
-        allow_plaintext=sec.boolean("allow_plaintext", False),
-        max_retries=sec.integer("max_retries", 1, 0, 5),
-        default_deadline_ms=sec.integer("default_deadline_ms", 2000, 1, 60_000),
+        client_cert=sec.value("client_cert"),
+        client_key=sec.value("client_key"),
+        allow_plaintext=sec.value("allow_plaintext"),
+        max_retries=sec.value("max_retries"),
+        default_deadline_ms=sec.value("default_deadline_ms"),
     )
     if (settings.client_cert is None) != (settings.client_key is None):
         missing = "client_key" if settings.client_key is None else "client_cert"
@@ -501,22 +517,17 @@ def _parse_federation(doc: Mapping[str, Any], home: Path) -> FederationSettings:
 def _parse_token(doc: Mapping[str, Any], home: Path) -> TokenSettings:
     if "token" not in doc:
         raise ConfigError(f"{CONFIG_FILE}: [token]: section is required")
-    sec = _Section(
-        "token",
-        doc["token"],
-        home,
-        ("module", "label", "serial", "pin_env", "pin_file", "softhsm_conf", "uri"),
-    )
+    sec = _Section("token", doc, home)
     from_uri = _token_from_uri(sec)
-    module = _merge_token_key(sec, "module", sec.string("module"), from_uri.get("module"))
+    module = _merge_token_key(sec, "module", sec.value("module"), from_uri.get("module"))
     if module is None:
         raise sec.error("module", "is required (or give module-path in uri)")
-    label = _merge_token_key(sec, "label", sec.string("label"), from_uri.get("label"))
-    serial = _merge_token_key(sec, "serial", sec.string("serial"), from_uri.get("serial"))
+    label = _merge_token_key(sec, "label", sec.value("label"), from_uri.get("label"))
+    serial = _merge_token_key(sec, "serial", sec.value("serial"), from_uri.get("serial"))
     if label is None and serial is None:
         raise sec.error("label", "is required (or give serial)")
-    pin_env = sec.string("pin_env")
-    pin_file = sec.path("pin_file")
+    pin_env = sec.value("pin_env")
+    pin_file = sec.value("pin_file")
     if from_uri.get("pin_env") is not None or from_uri.get("pin_file") is not None:
         uri_pin_file = from_uri.get("pin_file")
         uri_pin = (from_uri.get("pin_env"), None if uri_pin_file is None else Path(uri_pin_file))
@@ -527,7 +538,7 @@ def _parse_token(doc: Mapping[str, Any], home: Path) -> TokenSettings:
         raise sec.error("pin_file", "is required (or give pin_env)")
     if pin_env is not None and pin_file is not None:
         raise sec.error("pin_env", "give either pin_env or pin_file, not both")
-    if pin_env is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", pin_env):
+    if pin_env is not None and not ENV_NAME_RE.fullmatch(pin_env):
         raise sec.error("pin_env", f"must be an environment variable name, got {_show(pin_env)}")
     return TokenSettings(
         module=module,
@@ -535,15 +546,15 @@ def _parse_token(doc: Mapping[str, Any], home: Path) -> TokenSettings:
         serial=serial,
         pin_env=pin_env,
         pin_file=pin_file,
-        softhsm_conf=sec.path("softhsm_conf"),
-        uri=sec.string("uri"),
+        softhsm_conf=sec.value("softhsm_conf"),
+        uri=sec.value("uri"),
     )
 
 
 def _token_from_uri(sec: _Section) -> dict[str, str | None]:
     """``[token] uri``: a PKCS#11 URI (RFC 7512) naming the token, its module and PIN source,
     beside (or instead of) module / label / serial / pin_env / pin_file."""
-    text = sec.string("uri")
+    text = sec.value("uri")
     if text is None:
         return {}
     try:
@@ -566,15 +577,8 @@ def _merge_token_key(sec: _Section, key: str, direct: str | None,
 
 
 def _parse_server(doc: Mapping[str, Any], home: Path) -> ServerSettings:
-    sec = _Section(
-        "server",
-        doc.get("server"),
-        home,
-        ("listen", "workers", "tls_cert", "tls_key", "tls_client_ca",
-         "allow_plaintext_non_loopback", "core_concurrency", "request_timeout_ms",
-         "max_calls_per_peer", "max_streams_per_connection"),
-    )
-    listen = sec.string("listen", ServerSettings.listen)
+    sec = _Section("server", doc, home)
+    listen = sec.value("listen")
     assert listen is not None
     try:
         host, _port = split_listen(listen)
@@ -582,15 +586,15 @@ def _parse_server(doc: Mapping[str, Any], home: Path) -> ServerSettings:
         raise sec.error("listen", f"{exc}, got {_show(listen)}") from None
     settings = ServerSettings(
         listen=listen,
-        workers=sec.integer("workers", 1, 1, 256),
-        tls_cert=sec.path("tls_cert"),
-        tls_key=sec.path("tls_key"),
-        tls_client_ca=sec.path("tls_client_ca"),
-        allow_plaintext_non_loopback=sec.boolean("allow_plaintext_non_loopback", False),
-        core_concurrency=sec.integer("core_concurrency", 0, 0, 256),
-        request_timeout_ms=sec.integer("request_timeout_ms", 2000, 50, 60_000),
-        max_calls_per_peer=sec.integer("max_calls_per_peer", 96, 1, 100_000),
-        max_streams_per_connection=sec.integer("max_streams_per_connection", 32, 1, 1024),
+        workers=sec.value("workers"),
+        tls_cert=sec.value("tls_cert"),
+        tls_key=sec.value("tls_key"),
+        tls_client_ca=sec.value("tls_client_ca"),
+        allow_plaintext_non_loopback=sec.value("allow_plaintext_non_loopback"),
+        core_concurrency=sec.value("core_concurrency"),
+        request_timeout_ms=sec.value("request_timeout_ms"),
+        max_calls_per_peer=sec.value("max_calls_per_peer"),
+        max_streams_per_connection=sec.value("max_streams_per_connection"),
     )
     if (settings.tls_cert is None) != (settings.tls_key is None):
         missing = "tls_key" if settings.tls_key is None else "tls_cert"
@@ -613,14 +617,7 @@ def _parse_server(doc: Mapping[str, Any], home: Path) -> ServerSettings:
 
 
 def _parse_policy(doc: Mapping[str, Any], home: Path) -> PolicySettings:
-    sec = _Section(
-        "policy",
-        doc.get("policy"),
-        home,
-        ("prf", "allowed_key_types", "max_lifetime_s", "default_lifetime_s", "forking",
-         "reuse_allowed", "timestamp_window_s", "replay_cache_size", "rate_limit_per_s",
-         "responders"),
-    )
+    sec = _Section("policy", doc, home)
     key_types = sec.table.get("allowed_key_types", list(KEY_TYPES))
     if (
         not isinstance(key_types, list)
@@ -633,18 +630,17 @@ def _parse_policy(doc: Mapping[str, Any], home: Path) -> PolicySettings:
             f"must be a non-empty list of distinct values from {json.dumps(list(KEY_TYPES))}, "
             f"got {_show(key_types)}",
         )
-    ten_years = 10 * 366 * 86400
     policy = PolicySettings(
-        prf=sec.choice("prf", "hmac-sha-1", tuple(PRF_NAMES)),
-        allowed_key_types=tuple(key_types),
-        max_lifetime_s=sec.integer("max_lifetime_s", 86400, 1, ten_years),
-        default_lifetime_s=sec.integer("default_lifetime_s", 3600, 1, ten_years),
-        forking=sec.choice("forking", "allowed", FORKING_MODES),
-        reuse_allowed=sec.boolean("reuse_allowed", True),
-        responders=sec.choice("responders", "any", RESPONDER_MODES),
-        timestamp_window_s=sec.integer("timestamp_window_s", 120, 1, 86400),
-        replay_cache_size=sec.integer("replay_cache_size", 0, 0, 100_000_000),
-        rate_limit_per_s=sec.integer("rate_limit_per_s", 50, 0, 1_000_000),
+        prf=sec.value("prf"),
+        allowed_key_types=tuple(KeyTypeName(k) for k in key_types),
+        max_lifetime_s=sec.value("max_lifetime_s"),
+        default_lifetime_s=sec.value("default_lifetime_s"),
+        forking=sec.value("forking"),
+        reuse_allowed=sec.value("reuse_allowed"),
+        responders=sec.value("responders"),
+        timestamp_window_s=sec.value("timestamp_window_s"),
+        replay_cache_size=sec.value("replay_cache_size"),
+        rate_limit_per_s=sec.value("rate_limit_per_s"),
     )
     if policy.default_lifetime_s > policy.max_lifetime_s:
         raise sec.error(
@@ -695,7 +691,6 @@ def render_config(
             return f"# {key} = ...  # {comment}"
         return f"{key} = {_toml_str(value)}"
 
-    d = PolicySettings()
     lines = [
         "# MIKEY-TICKET KMS configuration (written by `kms init`).",
         "# Relative paths are resolved against the KMS home (the folder of this file).",
@@ -717,78 +712,27 @@ def render_config(
         "# /usr/lib/softhsm/libsofthsm2.so&pin-source=file:/etc/kms/pin (docs/hsm.md).",
         opt("uri", token_uri, "PKCS#11 URI of the token"),
         "",
-        "[server]",
-        'listen = "127.0.0.1:50051"',
-        "workers = 1",
-        '# tls_cert = "server.pem"',
-        '# tls_key = "server.key"',
-        '# tls_client_ca = "clients-ca.pem"  # require client certificates',
-        "allow_plaintext_non_loopback = false",
-        "# KMS calls computed at once per worker; 0 = auto: 1 for SoftHSM (it computes in",
-        "# this process, and threads only convoy on the GIL), 8 for other (hardware) modules.",
-        "# Scale a software token with workers instead.",
-        "core_concurrency = 0",
-        "",
-        "[policy]",
-        '# Weakest PRF accepted (message headers) and granted (tickets): "hmac-sha-1" accepts',
-        '# MIKEY_1 and PRF_HMAC_SHA_256; "hmac-sha-256" only PRF_HMAC_SHA_256.',
-        f"prf = {_toml_str(d.prf)}",
-        f"allowed_key_types = {json.dumps(list(d.allowed_key_types))}",
-        f"max_lifetime_s = {d.max_lifetime_s}",
-        f"default_lifetime_s = {d.default_lifetime_s}",
-        '# "allowed", "required" or "forbidden"',
-        f"forking = {_toml_str(d.forking)}",
-        f"reuse_allowed = {'true' if d.reuse_allowed else 'false'}",
-        "# \"any\" responder identity, or only \"registered\" endpoints and groups (federation:",
-        "# responders of other domains are never registered here, so keep \"any\" there)",
-        f"responders = {json.dumps(d.responders)}",
-        f"timestamp_window_s = {d.timestamp_window_s}",
-        "# Replay cache entries (live ones are never dropped: when it is full, new messages",
-        "# are refused with RESOURCE_EXHAUSTED). 0 = auto: 2 x timestamp_window_s x 1000/s",
-        "# per worker.",
-        f"replay_cache_size = {d.replay_cache_size}",
-        f"rate_limit_per_s = {d.rate_limit_per_s}",
-        "",
-        "[pk]",
-        '# ca_bundle = "endpoint-ca.pem"  # CA certificates for CERTi / CERTr',
-        '# "pkcs1v15" (RFC 3830 mandatory) or "oaep-sha1"',
-        f"pke_padding = {_toml_str(PkSettings.pke_padding)}",
-        "# CRLs (a PEM/DER file or a folder of them), re-read when they change; a revoked",
-        "# certificate is refused, and so is every certificate of an issuer whose CRL expired.",
-        '# crl = "crls"',
-        "",
-        "[federation]",
-        "# Calls to peer KMSs (`kms peer add`): mutual TLS, the peer checked against its --ca.",
-        '# client_cert = "federation.pem"  # default: [server] tls_cert',
-        '# client_key = "federation.key"   # default: [server] tls_key',
-        "# Plaintext to loopback peers registered without --ca (tests, one-host demos only).",
-        "allow_plaintext = false",
-        "# Extra attempts when a peer is unreachable (inside its deadline).",
-        f"max_retries = {FederationSettings.max_retries}",
-        "# Deadline for `kms peer add` without --deadline-ms.",
-        f"default_deadline_ms = {FederationSettings.default_deadline_ms}",
-        "",
-        "[audit]",
-        "# audit.log is rotated at max_bytes (audit.log.1 .. audit.log.<keep>); 0 = never:",
-        "# leave it to logrotate (rename, no copytruncate: the KMS reopens a renamed log).",
-        f"max_bytes = {AuditSettings.max_bytes}",
-        f"keep = {AuditSettings.keep}",
-        "",
-        "[metrics]",
-        "# Prometheus /metrics over HTTP, off unless listen is set (`kms serve --metrics-listen`",
-        "# overrides). Loopback only, unless this section has tls_cert and tls_key (PEM files)",
-        "# or sets allow_plaintext_non_loopback. Example, uncommented:",
-        '#   listen = "127.0.0.1:9464"',
-        "# Seconds a TPK may stay current before the KmsTpkNotRotated alert fires.",
-        f"tpk_max_age_s = {MetricsSettings.tpk_max_age_s}",
-        "",
-        "[tracing]",
-        "# A span per call, token operation and forwarded resolve, W3C trace context carried to",
-        "# peer KMSs, exported over OTLP/HTTP JSON; off unless otlp_endpoint is set. Example:",
-        '#   otlp_endpoint = "http://127.0.0.1:4318"',
-        f"service_name = {_toml_str(TracingSettings.service_name)}",
-        "# Endpoint identities and ticket ids in span attributes (off: none are recorded).",
-        "record_identities = false",
-        "",
     ]
+    for sec in SECTIONS:
+        if sec.in_template and not sec.required:
+            lines += _render_section(sec.name, sec.doc)
     return "\n".join(lines)
+
+
+def _render_section(name: str, doc: str) -> list[str]:
+    """One section of the template, from its declarations: every key with its doc; a key
+    without a default is shown commented out with an example value."""
+    lines = [f"[{name}]", *_comment(doc)]
+    for s in SETTINGS:
+        if s.section != name:
+            continue
+        lines += _comment(s.doc)
+        if s.default is None:
+            lines.append(f"# {s.key} = {s.toml_example}")
+        else:
+            lines.append(f"{s.key} = {s.toml_default}")
+    return [*lines, ""]
+
+
+def _comment(text: str) -> list[str]:
+    return ["# " + line for line in textwrap.wrap(text, 90)]

@@ -15,8 +15,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from kms.core.ports import PeerKms, StoreUnavailable
+from kms.home import SIGNING_CERT_FILE, SIGNING_LABEL, guess_id_type
 from kms.keystore import KeyRef
-from kms.server.home import SIGNING_CERT_FILE, SIGNING_LABEL, guess_id_type
 from kms.store.registry import Registry, RegistryUnavailable, TpkState, UnknownPeer
 
 TPK_ID_PREFIX = b"tpk/"

@@ -46,9 +46,8 @@ import grpc
 
 from kms import rpc
 from kms.core.ports import PeerError, PeerKms
-from kms.rpc import CORRELATION_KEY, ERROR_TRAILER
+from kms.rpc import CORRELATION_KEY, ERROR_TRAILER, HOPS_KEY
 from kms.server.config import KmsConfig, is_loopback, split_listen
-from kms.server.grpc_server import HOPS_KEY
 from kms.server.tracing import outgoing_metadata
 from kms.store.registry import Registry, UnknownPeer, show_identity
 

@@ -39,7 +39,7 @@ from grpc_reflection.v1alpha import reflection
 
 from kms import rpc
 from kms.core.api import KmsHandler, KmsReply, Outcome
-from kms.rpc import CORRELATION_KEY, ERROR_TRAILER, SERVICE_NAME
+from kms.rpc import CORRELATION_KEY, ERROR_TRAILER, HOPS_KEY, SERVICE_NAME
 from kms.server import tracing
 from kms.server.admission import (
     CallGuard,
@@ -59,7 +59,6 @@ MAX_REQUEST_BYTES = 64 * 1024
 MAX_CORRELATION_ID = 64
 # RFC 6043 9 federation: how many KMSs a ResolveTicket already crossed (set by the forwarding
 # KMS). Bounded: a garbled or absurd value counts as "too many", so it is never forwarded.
-HOPS_KEY = "mikey-hops"
 MAX_HOPS = 8
 MAX_DETAIL = 256
 INTERNAL_DETAIL = "internal error"

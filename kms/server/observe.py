@@ -19,11 +19,11 @@ from prometheus_client import ProcessCollector
 
 from kms.core.api import KmsHandler
 from kms.core.ports import PeerResolver
+from kms.home import Home
 from kms.keystore import KeyStore
 from kms.server.compose import STATE_DIR, build_handler
 from kms.server.config import load_config
 from kms.server.grpc_server import KmsServer
-from kms.server.home import Home
 from kms.server.metrics import ServerMetrics, TokenProbe
 from kms.server.metrics_http import (
     MULTIPROC_ENV,

@@ -43,6 +43,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
+from kms.home import HomeError, init_home, open_home
 from kms.keystore import KeyStoreError
 from kms.server.admission import limits_for
 from kms.server.compose import build_handler
@@ -57,7 +58,6 @@ from kms.server.config import (
 )
 from kms.server.federation import FederationConfigError, GrpcPeerResolver
 from kms.server.grpc_server import DEFAULT_THREADS, KmsServer, ServerError, tls_credentials
-from kms.server.home import HomeError, init_home, open_home
 from kms.server.metrics_http import MetricsListen
 from kms.server.observe import ObservedProcess, supervise_with_metrics
 from kms.server.slots import CoreSlots, SlotReleasingPeers, core_slots_for

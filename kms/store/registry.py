@@ -24,23 +24,16 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from enum import IntEnum, StrEnum
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 from kms.core.ports import StoreUnavailable
+from kms.mikey.constants import IdType
 
 REGISTRY_FILE = "registry.sqlite3"
 BUSY_TIMEOUT_MS = 10_000
 MAX_IDENTITY_LEN = 0xFFFF  # IDR ID len is a 16-bit field
-
-
-class IdType(IntEnum):
-    """IDR ID Type (RFC 3830 T6.7.a, RFC 6043 T6.10)."""
-
-    NAI = 0
-    URI = 1
-    BYTES = 2
 
 
 class TpkState(StrEnum):

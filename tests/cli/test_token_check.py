@@ -112,7 +112,7 @@ def test_verdict_follows_needed_operations_and_probes() -> None:
 def test_keys_are_named_by_pkcs11_uris(home: Path, kms: Any,
                                        kms_fails: Callable[..., str]) -> None:
     from hsm.uri import parse_uri
-    from kms.server.home import open_home
+    from kms.home import open_home
 
     with open_home(home) as h:
         h.keystore().import_secret("orphan/x", bytes(16))

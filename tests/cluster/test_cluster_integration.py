@@ -197,7 +197,7 @@ RACE = """
 import sys, time
 from pathlib import Path
 from kms.server.compose import dummy_psk
-from kms.server.home import open_home
+from kms.home import open_home
 home = open_home(Path(sys.argv[1]))
 ks = home.keystore()
 ks.list_keys()  # the token is open and scanned: no dummy PSK in this process's view

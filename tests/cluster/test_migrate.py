@@ -16,10 +16,10 @@ from kms.cli import main as cli_main
 from kms.endpoint.client import KmsRefused, obtain_ticket, resolve
 from kms.endpoint.initiator import DEFAULT_FLAGS, DesiredPolicy
 from kms.endpoint.session import CryptoSession
+from kms.mikey.constants import IdType
 from kms.mikey.ticket import TpFlag
 from kms.store.pg import PgDatabase, PgSettings
 from kms.store.pg_registry import PgRegistry
-from kms.store.registry import IdType
 from tests.e2e.harness import (
     ALICE,
     BOB,

@@ -14,9 +14,9 @@ from kms.endpoint.common import Credentials
 from kms.endpoint.initiator import DEFAULT_FLAGS, DesiredPolicy, Initiator
 from kms.endpoint.responder import Responder
 from kms.endpoint.session import CryptoSession
+from kms.home import open_home
 from kms.mikey.ticket import TpFlag
 from kms.server.compose import build_handler
-from kms.server.home import open_home
 from kms.store.pg import PgDatabase
 from tests.e2e.harness import ALICE, BOB, KMS_ID, PSKS, make_home, run_kms
 

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from kms.server.home import open_home
+from kms.home import open_home
 from kms.store.registry import TpkState
 from tests.e2e.harness import Kms, make_home, running_kms
 

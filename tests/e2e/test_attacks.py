@@ -17,11 +17,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from kms.endpoint.client import KmsClient, KmsRefused, obtain_ticket
 from kms.endpoint.common import Credentials
 from kms.endpoint.initiator import DesiredPolicy, Initiator
+from kms.home import open_home
 from kms.mikey.constants import DataType, IdType
 from kms.mikey.message import Message
 from kms.mikey.payloads import Error, Verification
 from kms.server.grpc_server import SERVICE_NAME
-from kms.server.home import open_home
 from tests.e2e.harness import (
     ALICE,
     BOB,

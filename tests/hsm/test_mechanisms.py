@@ -141,7 +141,7 @@ def test_the_home_refuses_the_token_when_it_opens_it(ock_token: OckToken, tmp_pa
     """`kms serve`, `kms init` and every operator command open the token through
     Home.keystore(): a configuration needing something the module lacks stops there, in one
     line. (No KMS setting needs EC today, so the test adds ECDSA to what the home needs.)"""
-    from kms.server import home as home_mod
+    from kms.home import home as home_mod
     from kms.server.config import parse_config, render_config
     from kms.store.registry import Registry
 

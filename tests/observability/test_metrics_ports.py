@@ -19,11 +19,11 @@ from prometheus_client import CollectorRegistry
 
 from kms.core.api import Outcome
 from kms.core.ports import PeerError, PeerKms
+from kms.home import Home, open_home
 from kms.keystore import Digest, KeyNotFound, KeyRef, KeyStore
 from kms.server.compose import build_handler
 from kms.server.config import ConfigError, parse_config
 from kms.server.federation import GrpcPeerResolver, PeerRoute
-from kms.server.home import Home, open_home
 from kms.server.metrics import ServerMetrics, key_type_label
 from kms.server.metrics_http import MetricsListen, MetricsServer, exposition_registry
 from tests.e2e.harness import free_port, run_kms

@@ -64,8 +64,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     mport = free_port()
     cfg = home / "kms.toml"
     text = cfg.read_text()
-    assert '#   listen = "127.0.0.1:9464"' in text
-    cfg.write_text(text.replace('#   listen = "127.0.0.1:9464"', f'listen = "127.0.0.1:{mport}"'))
+    assert '# listen = "127.0.0.1:9464"' in text
+    cfg.write_text(text.replace('# listen = "127.0.0.1:9464"', f'listen = "127.0.0.1:{mport}"'))
     pport = free_port()
     (base / "prometheus.yml").write_text(
         f"global:\n  scrape_interval: {SCRAPE_S}s\n  evaluation_interval: {SCRAPE_S}s\n"

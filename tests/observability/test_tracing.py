@@ -107,7 +107,7 @@ def traced(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Kms, Coll
     home = make_home(tmp_path_factory.mktemp("trace") / "home")
     cfg = home / "kms.toml"
     text = cfg.read_text()
-    example = '#   otlp_endpoint = "http://127.0.0.1:4318"'
+    example = '# otlp_endpoint = "http://127.0.0.1:4318"'
     assert example in text and 'service_name = "kms"' in text
     cfg.write_text(text.replace(example, f'otlp_endpoint = "{collector.url}"')
                    .replace('service_name = "kms"', 'service_name = "kms-test"'))
@@ -215,7 +215,7 @@ def _tracing_home(path: Path, kms_id: str, users: dict[bytes, bytes], peer: list
     run_kms(path, "peer", "add", *peer)
     cfg = path / "kms.toml"
     text = cfg.read_text()
-    text = text.replace('#   otlp_endpoint = "http://127.0.0.1:4318"',
+    text = text.replace('# otlp_endpoint = "http://127.0.0.1:4318"',
                         f'otlp_endpoint = "{collector.url}"')
     text = text.replace('service_name = "kms"', f'service_name = "{service}"')
     if plaintext_peers:

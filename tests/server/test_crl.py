@@ -21,6 +21,7 @@ from kms.core.api import KmsReply, Outcome
 from kms.endpoint.initiator import DEFAULT_FLAGS, DesiredPolicy, TicketGrant
 from kms.endpoint.pk import PkCredentials, PkResponder
 from kms.endpoint.session import CryptoSession
+from kms.home import HomeError
 from kms.mikey.constants import ErrorNo
 from kms.mikey.message import Message
 from kms.mikey.payloads import Error
@@ -28,7 +29,6 @@ from kms.mikey.ticket import TpFlag
 from kms.server.compose import build_handler
 from kms.server.config import load_config, parse_config
 from kms.server.crl import CrlError, CrlStore
-from kms.server.home import HomeError
 from tests.pki import Ca, Pki, der, rsa_key
 from tests.server.test_pk import PkWorld, enable_pk, pki  # noqa: F401 - the pki fixture
 from tests.server.world import ALICE, BOB, KMS_ID, World, make_world

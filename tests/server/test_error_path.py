@@ -17,7 +17,7 @@ from kms.endpoint.session import CryptoSession
 from kms.mikey.constants import DataType, ErrorNo
 from kms.mikey.message import Message
 from kms.mikey.payloads import Error
-from kms.server.home import REGISTRY_FILE
+from kms.store.registry import REGISTRY_FILE
 from tests.server.world import ALICE, BOB, World
 
 

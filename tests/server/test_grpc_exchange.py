@@ -17,8 +17,8 @@ from kms.endpoint.common import Credentials
 from kms.endpoint.initiator import DesiredPolicy, Initiator
 from kms.endpoint.responder import Responder
 from kms.endpoint.session import CryptoSession
+from kms.home import open_home
 from kms.mikey.constants import IdType
-from kms.server.home import open_home
 
 ALICE = b"sip:alice@example.org"
 BOB = b"sip:bob@example.org"

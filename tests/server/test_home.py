@@ -20,10 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 import hsm
 import hsm.provision
-from kms.keystore import KeyExists, KeyRef, KeyStoreError
-from kms.server import certs as certs_mod
-from kms.server import home as home_mod
-from kms.server.home import (
+from kms.home import (
     ENVELOPE_LABEL,
     SIGNING_LABEL,
     Home,
@@ -34,7 +31,11 @@ from kms.server.home import (
     open_home,
     psk_label,
 )
-from kms.store.registry import DuplicateEndpoint, IdType, Registry, RegistryUnavailable
+from kms.home import init as home_mod
+from kms.keystore import KeyExists, KeyRef, KeyStoreError
+from kms.mikey.constants import IdType
+from kms.server import certs as certs_mod
+from kms.store.registry import DuplicateEndpoint, Registry, RegistryUnavailable
 
 KMS_ID = "kms:kms.example.org"
 ALICE = b"sip:alice@example.org"

@@ -36,6 +36,7 @@ from kms.endpoint.pk import (
     sign_message,
 )
 from kms.endpoint.session import CryptoSession
+from kms.home import CERT_FILE, ENVELOPE_LABEL, SIGNING_CERT_FILE, HomeError
 from kms.keystore import KeyRef, KeyStore, RsaPadding, SignScheme
 from kms.mikey.compose import compose
 from kms.mikey.constants import DataType, ErrorNo, HashFunc, IdRole, KeyDataType
@@ -47,7 +48,6 @@ from kms.mikey.ticket import Idr, TpFlag
 from kms.mikey.views import ResolveInitPk, ResolveResp
 from kms.server.compose import build_handler
 from kms.server.config import load_config
-from kms.server.home import CERT_FILE, ENVELOPE_LABEL, SIGNING_CERT_FILE, HomeError
 from tests.pki import Pki, der, make_pki, pem, rsa_key
 from tests.server.world import ALICE, BOB, CAROL, KMS_ID, TEAM, World, make_world
 

@@ -13,6 +13,7 @@ from kms.core.api import Outcome
 from kms.endpoint.initiator import DesiredPolicy, Initiator
 from kms.endpoint.responder import Responder
 from kms.endpoint.session import CryptoSession
+from kms.home import open_home
 from kms.mikey.constants import DataType, ErrorNo, PrfFunc
 from kms.mikey.message import Message
 from kms.mikey.payloads import Error
@@ -20,7 +21,6 @@ from kms.mikey.protect import suite_for
 from kms.mikey.ticket import TpFlag
 from kms.server.compose import build_handler
 from kms.server.config import CONFIG_FILE
-from kms.server.home import open_home
 from tests.server.world import ALICE, BOB, World, make_world
 
 SHA256 = suite_for(PrfFunc.PRF_HMAC_SHA_256)

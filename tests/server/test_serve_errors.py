@@ -18,7 +18,7 @@ from kms.mikey.constants import DataType, ErrorNo, IdType
 from kms.mikey.message import Message
 from kms.mikey.payloads import Error
 from kms.server.config import load_config
-from kms.server.home import REGISTRY_FILE
+from kms.store.registry import REGISTRY_FILE
 from tests.server.test_grpc_serve import request
 
 

@@ -20,9 +20,9 @@ from kms.endpoint.common import Credentials
 from kms.endpoint.initiator import DesiredPolicy, Initiator, PendingTransfer, TicketGrant
 from kms.endpoint.responder import ResolvedCall, Responder
 from kms.endpoint.session import CryptoSession, SrtpKeys
+from kms.home import Home, init_home
 from kms.mikey.constants import IdType
 from kms.server.compose import build_handler
-from kms.server.home import Home, init_home
 
 KMS_ID = b"sip:kms.example.org"
 ALICE = b"sip:alice@example.org"

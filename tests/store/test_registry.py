@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from kms.mikey.constants import IdType
 from kms.store.pg import PgDatabase, PgSettings
 from kms.store.pg_registry import PgRegistry
 from kms.store.registry import (
@@ -18,7 +19,6 @@ from kms.store.registry import (
     DuplicatePeer,
     DuplicateTpkVersion,
     IdentityConflict,
-    IdType,
     InvalidTpkState,
     NotAMember,
     PeerAuth,
@@ -107,10 +107,10 @@ def test_identities_are_exact_bytes(reg: Registry) -> None:
     reg.add_endpoint(ALICE, IdType.URI, "psk/1")
     reg.add_endpoint(b"sip:Alice@example.org", IdType.URI, "psk/2")  # case differs: distinct
     reg.add_endpoint(b"sip:alice@example.org ", IdType.URI, "psk/3")  # trailing space
-    reg.add_endpoint(b"\xff\x00raw", IdType.BYTES, "psk/4")
+    reg.add_endpoint(b"\xff\x00raw", IdType.BYTE_STRING, "psk/4")
     assert reg.get_endpoint(ALICE).key_label == "psk/1"
     assert reg.get_endpoint(b"sip:Alice@example.org").key_label == "psk/2"
-    assert reg.get_endpoint(b"\xff\x00raw").id_type is IdType.BYTES
+    assert reg.get_endpoint(b"\xff\x00raw").id_type is IdType.BYTE_STRING
     with pytest.raises(UnknownIdentity):
         reg.get_endpoint(b"SIP:alice@example.org")
     assert len(reg.list_endpoints()) == 4
