@@ -10,7 +10,6 @@ from kms.core.ports import (
     Admission,
     AuditSink,
     Directory,
-    PeerResolver,
     QuotaLimiter,
     RateLimiter,
     ReplayCache,
@@ -59,7 +58,9 @@ class Deps:
     audit: AuditSink
     policy: KmsPolicy
     pk: PkAuthenticator | None = None
-    peers: PeerResolver | None = None  # federation: reaching the KMS that issued a ticket
+    # Federation (RFC 6043 9): whether the adapter can reach the KMS that issued a ticket
+    # (it makes the call the core returns as a PeerCall); False: such tickets are refused.
+    federation: bool = False
     peer_quota: QuotaLimiter | None = None  # per-peer quotas, keyed by peer KMS id
     # A secret in the key store that no endpoint knows: the MAC of a message from an
     # unregistered identity is verified against it, so that registered and unknown

@@ -4,6 +4,7 @@ A.3), with key forking bound to the resolving Responder's identity."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from kms.core.context import Authenticated, Deps, Exchange
 from kms.core.errors import auth_failure, denied, precondition
@@ -149,9 +150,17 @@ def build_resolve_resp(
     return seal_mac(resp, resp_keys, auth.suite.mac_alg, msg.wire)
 
 
+@dataclass(frozen=True)
+class Foreign:
+    """A ticket another KMS issued (IDRkms in its policy names ``issuer``): the resolve
+    continues in :mod:`kms.core.federation` (RFC 6043 9)."""
+
+    issuer: Idr
+
+
 def handle_resolve(
     v: InitialMessage, auth: Authenticated, deps: Deps, ex: Exchange, now: float
-) -> bytes:
+) -> bytes | Foreign:
     assert isinstance(v, ResolveInitPsk | ResolveInitPk)  # the service routes by data type
     ks = deps.keystore
     ticket = v.ticket
@@ -160,10 +169,8 @@ def handle_resolve(
     ex.audit["ticket_id"] = tid
     issuer = idr_in_policy(ticket.policy, IdRole.IDRKMS)
     if issuer is not None and issuer.data != deps.policy.kms_id:
-        # RFC 6043 9: not ours; ask the KMS that issued it, as a Responder ourselves.
-        from kms.core.federation import forward_resolve
-
-        return forward_resolve(v, auth, deps, ex, now, ticket, issuer)
+        # RFC 6043 9: not ours; the caller asks the KMS that issued it.
+        return Foreign(issuer)
     contents = open_ticket(ticket, deps)
     expires = check_validity(ticket, deps, now)
     responder = auth.identity.data

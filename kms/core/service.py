@@ -20,9 +20,10 @@ from kms.core.authn import (
 )
 from kms.core.context import Authenticated, Deps, Exchange
 from kms.core.errors import Refusal, malformed
-from kms.core.ports import StoreUnavailable
+from kms.core.federation import PeerCall, finish_forward, start_forward
+from kms.core.ports import PeerError, StoreUnavailable
 from kms.core.request import fresh_timestamp, handle_request
-from kms.core.resolve import handle_resolve
+from kms.core.resolve import Foreign, handle_resolve
 from kms.keystore import KeyStoreError, TokenUnavailable
 from kms.mikey.buffer import Reader
 from kms.mikey.compose import InitialMessage, compose
@@ -38,7 +39,7 @@ from kms.mikey.views import RequestInitPk, ResolveInitPk, ResolveInitPsk
 
 log = logging.getLogger("kms.core")
 
-Handler = Callable[[InitialMessage, Authenticated, Deps, Exchange, float], bytes]
+Handler = Callable[[InitialMessage, Authenticated, Deps, Exchange, float], "bytes | PeerCall"]
 
 _REQUEST_TYPES = {DataType.REQUEST_INIT_PSK, DataType.REQUEST_INIT_PK}
 _RESOLVE_TYPES = {DataType.RESOLVE_INIT_PSK, DataType.RESOLVE_INIT_PK}
@@ -52,6 +53,16 @@ def _header_only(wire: bytes) -> Message | None:
     except DecodeError:
         return None
     return Message(header)
+
+
+def _resolve(
+    v: InitialMessage, auth: Authenticated, deps: Deps, ex: Exchange, now: float
+) -> bytes | PeerCall:
+    out = handle_resolve(v, auth, deps, ex, now)
+    if isinstance(out, Foreign):
+        assert isinstance(v, ResolveInitPsk | ResolveInitPk)  # routed by data type
+        return start_forward(v, auth, deps, ex, now, v.ticket, out.issuer)
+    return out
 
 
 class Kms:
@@ -80,15 +91,43 @@ class Kms:
             raise first
 
     def request_ticket(self, wire: bytes, now: float, *, correlation_id: str = "") -> KmsReply:
-        return self._handle(wire, now, correlation_id, _REQUEST_TYPES, IdRole.IDRI, handle_request)
+        reply = self._handle(
+            wire, now, correlation_id, _REQUEST_TYPES, IdRole.IDRI, handle_request
+        )
+        assert isinstance(reply, KmsReply)  # a Ticket Request never asks a peer
+        return reply
 
     def resolve_ticket(
         self, wire: bytes, now: float, *, correlation_id: str = "", hops: int = 0
     ) -> KmsReply:
-        """``hops``: how many KMSs forwarded this request already (RFC 6043 9 federation)."""
+        """A resolve in one call, for a process that cannot reach peer KMSs: a ticket that
+        another KMS issued is refused as if its issuer did not answer."""
+        step = self.resolve_step(wire, now, correlation_id=correlation_id, hops=hops)
+        if isinstance(step, PeerCall):
+            return self.finish_resolve(
+                step, PeerError("unavailable", "no peer transport in this process"), now
+            )
+        return step
+
+    def resolve_step(
+        self, wire: bytes, now: float, *, correlation_id: str = "", hops: int = 0
+    ) -> KmsReply | PeerCall:
+        """Handle a RESOLVE_INIT up to the point where a peer KMS must answer (RFC 6043 9):
+        the reply, or a :class:`PeerCall` for the adapter to make and hand back to
+        :meth:`finish_resolve`. ``hops``: how many KMSs forwarded this request already."""
         return self._handle(
-            wire, now, correlation_id, _RESOLVE_TYPES, IdRole.IDRR, handle_resolve, hops
+            wire, now, correlation_id, _RESOLVE_TYPES, IdRole.IDRR, _resolve, hops
         )
+
+    def finish_resolve(
+        self, call: PeerCall, answer: bytes | PeerError, now: float
+    ) -> KmsReply:
+        """The rest of a forwarded resolve: ``answer`` is the peer's RESOLVE_RESP (to the
+        message built last) or why there is none; ``now``: the time it arrived."""
+        ex = call.pending.ex
+        step = self._run(ex, now, lambda: finish_forward(call, answer, self.deps, now))
+        assert isinstance(step, KmsReply)  # finish_forward never asks a peer again
+        return step
 
     def refuse_undecodable(
         self, size: int, now: float, *, correlation_id: str = "", detail: str = ""
@@ -158,7 +197,7 @@ class Kms:
         role: IdRole,
         handler: Handler,
         hops: int = 0,
-    ) -> KmsReply:
+    ) -> KmsReply | PeerCall:
         ex = Exchange(
             audit={"correlation_id": cid, "time": round(now, 3), "size": len(wire)},
             correlation_id=cid,
@@ -166,7 +205,8 @@ class Kms:
         )
         if hops:
             ex.audit["hops"] = hops
-        try:
+
+        def gather_check_issue() -> bytes | PeerCall:
             try:
                 msg = Message.decode(wire)
             except DecodeError as exc:
@@ -186,7 +226,18 @@ class Kms:
             self._check_prf(msg)
             auth = self._authenticate(view, ex, now, role)
             ex.audit["method"] = auth.method
-            data = handler(view, auth, self.deps, ex, now)
+            return handler(view, auth, self.deps, ex, now)
+
+        return self._run(ex, now, gather_check_issue)
+
+    def _run(
+        self, ex: Exchange, now: float, step: Callable[[], bytes | PeerCall]
+    ) -> KmsReply | PeerCall:
+        """Run one step of an exchange; every refusal and error becomes one audit record
+        and a MIKEY error message (the conversion point of the core)."""
+        cid = ex.correlation_id
+        try:
+            data = step()
         except Refusal as refusal:
             return self._refuse(ex, refusal, now)
         except TokenUnavailable:
@@ -220,6 +271,8 @@ class Kms:
                 f"unexpected {type(exc).__name__}",
             )
             return self._refuse(ex, internal, now, sign=False)
+        if isinstance(data, PeerCall):
+            return data  # audited when it finishes
         ex.audit["outcome"] = Outcome.OK.value
         self.deps.audit.emit(ex.audit)
         return KmsReply(Outcome.OK, data, audit=ex.audit)

@@ -86,7 +86,9 @@ class ObservedProcess:
             peers = self.metrics.peers(peers)
         return peers
 
-    def build_handler(self, peers: PeerResolver, workers: int | None = None) -> KmsHandler:
+    def build_handler(
+        self, peers: PeerResolver, workers: int | None = None, slots: CoreSlots | None = None
+    ) -> KmsHandler:
         store: KeyStore = self.home.keystore()
         if self.metrics is not None:
             metered = self.metrics.keystore(store)
@@ -95,7 +97,9 @@ class ObservedProcess:
             store = metered
         if self.tracer is not None:
             store = TracingKeyStore(store, self.tracer)
-        handler = build_handler(self.home, peers=peers, workers=workers, keystore=store)
+        handler = build_handler(
+            self.home, peers=peers, workers=workers, keystore=store, slots=slots
+        )
         if self.tracer is not None:
             handler = TracingHandler(handler, self.tracer)
         if self.metrics is not None:
