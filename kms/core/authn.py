@@ -1,5 +1,5 @@
 """Authenticating initial messages: identity, timestamp window, PSK MAC, rate and replay
-(RFC 6043 4.2.1.2, 4.2.3.2, 5.4; RFC 3830 5.4; reference 14.7-14.9).
+(RFC 6043 4.2.1.2, 4.2.3.2, 5.4; RFC 3830 5.4; docs/rfc-readings.md R7, R8).
 
 Order matters: nothing that costs state (rate counters, the replay cache) is touched before
 the MAC has been verified, so unauthenticated messages never build state in the KMS; and
@@ -62,7 +62,8 @@ def check_kms_identity(v: InitialMessage, deps: Deps) -> bytes:
 
 
 def sender_identity(v: PskInit, role: IdRole) -> Idr:
-    """The sender's identity: its IDRi/IDRr, else the owner named by IDRpsk (reference 14.7)."""
+    """The sender's identity: its IDRi/IDRr, else the owner named by IDRpsk
+    (docs/rfc-readings.md R7)."""
     idr, _ = sender_of(v)
     psk = v.idr_psk
     if idr is not None and psk is not None and psk.data != idr.data:
@@ -187,7 +188,7 @@ def authenticate_peer(
 ) -> Authenticated:
     """A peer KMS forwarding a Ticket Resolve: MAC with the key shared with that peer over
     RESOLVE_INIT || IDRr || IDRkms, then the issuing side's trust: may this peer resolve for
-    that identity, and within its quota (issue 6)."""
+    that identity, and within its quota (docs/federation.md)."""
     msg = v.msg
     suite = message_suite(msg)
     ex.audit["peer"] = peer.kms_id.decode("utf-8", "replace")
@@ -230,8 +231,8 @@ def peer_responder(v: ResolveInitPsk | ResolveInitPk) -> Idr:
 
 
 def check_peer_resolves_for(peer: PeerKms, identity: bytes, who: str) -> None:
-    """The peer's ``--resolve-for`` patterns must cover the end Responder (issue 6); ``who``
-    names the peer in the audit reason."""
+    """The peer's ``--resolve-for`` patterns must cover the end Responder
+    (docs/federation.md); ``who`` names the peer in the audit reason."""
     shown = identity.decode("utf-8", "replace")
     if not any(fnmatch.fnmatchcase(shown, pattern) for pattern in peer.resolve_for):
         raise denied(

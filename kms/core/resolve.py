@@ -89,7 +89,8 @@ def _tpk_lookup(deps: Deps, ticket: Ticket) -> Callable[[bytes | None], Key | No
 
 
 def check_validity(ticket: Ticket, deps: Deps, now: float) -> float:
-    """TRs / TRe with the RFC 4330 era rule (reference 10); returns the expiry time."""
+    """TRs / TRe with the RFC 4330 3 era rule (docs/rfc-readings.md R11); returns the
+    expiry time."""
     start, end = validity_of(ticket.policy)
     skew = deps.policy.timestamp_window_s
     if start is not None and now + skew < start:

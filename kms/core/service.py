@@ -293,7 +293,7 @@ class Kms:
 
     def _error_message(self, ex: Exchange, r: Refusal, now: float, sign: bool) -> bytes:
         """RFC 6043 5.4 / 6.12: HDR, T, ERR, [V]. V only once the sender was authenticated,
-        keyed like the response would have been (reference 8: "same key")."""
+        keyed like the response would have been (RFC 6043 5.4: the same key)."""
         msg = ex.msg
         if msg is not None:
             h = msg.header
