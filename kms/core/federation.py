@@ -17,14 +17,14 @@ message || IDRr || IDRkms; the answer is checked with keys from env_key
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from kms.core.api import Outcome
-from kms.core.context import Authenticated, Deps, Exchange
+from kms.core.context import Authenticated, Call, Deps, Issued, noting
 from kms.core.errors import Refusal, denied
 from kms.core.ports import PeerError, PeerFailure, PeerKms
 from kms.core.request import fresh_timestamp
@@ -72,6 +72,7 @@ class PeerCall:
     hops: int
     rebuild: Callable[[], bytes] = field(repr=False)
     pending: _Pending = field(repr=False)
+    audit: Mapping[str, object] = field(default_factory=dict)  # the record so far
 
 
 @dataclass(frozen=True)
@@ -81,7 +82,6 @@ class _Pending:
 
     v: ResolveInit
     auth: Authenticated
-    ex: Exchange
     ticket: Ticket
     built: list[tuple[Message, bytes, Key]]
 
@@ -110,28 +110,37 @@ def start_forward(
     v: ResolveInit,
     auth: Authenticated,
     deps: Deps,
-    ex: Exchange,
+    call: Call,
     now: float,
-    ticket: Ticket,
     issuer: Idr,
+    audit: Mapping[str, object],
 ) -> PeerCall:
-    """The first half of a federated resolve: checks, then the RESOLVE_INIT for the issuer."""
-    ex.audit["issuer"] = issuer.data.decode("utf-8", "replace")
-    if auth.method == "peer":
-        # A peer asked us to resolve a ticket we did not issue: never forward again, so
-        # that a routing loop (A -> B -> A) stops at the first hop.
-        raise denied(ErrorNo.INVALID_TICKET, "ticket not issued by this KMS", "no second hop")
-    if ex.hops >= 1:
-        raise denied(ErrorNo.INVALID_TICKET, "federation hop limit reached", "hop limit")
-    peer = deps.directory.peer(issuer.data)
-    if peer is None or not deps.federation:
-        raise denied(ErrorNo.INVALID_TICKET, "ticket issued by an unknown KMS", "unknown issuer")
-    if peer.psk is None and not _reachable_by_pk(peer):
-        raise denied(ErrorNo.INVALID_TICKET, "issuing KMS not reachable", "cert peer incomplete")
-    ex.audit["event"] = "ticket.forwarded"
-    ex.audit["peer"] = peer.kms_id.decode("utf-8", "replace")
+    """The first half of a federated resolve: checks, then the RESOLVE_INIT for the issuer.
+    ``audit``: what the resolve noted before it found the ticket foreign."""
+    ticket = v.ticket
+    notes: dict[str, object] = {**audit, "issuer": issuer.data.decode("utf-8", "replace")}
+    with noting(notes):
+        if auth.method == "peer":
+            # A peer asked us to resolve a ticket we did not issue: never forward again, so
+            # that a routing loop (A -> B -> A) stops at the first hop.
+            raise denied(
+                ErrorNo.INVALID_TICKET, "ticket not issued by this KMS", "no second hop"
+            )
+        if call.hops >= 1:
+            raise denied(ErrorNo.INVALID_TICKET, "federation hop limit reached", "hop limit")
+        peer = deps.directory.peer(issuer.data)
+        if peer is None or not deps.federation:
+            raise denied(
+                ErrorNo.INVALID_TICKET, "ticket issued by an unknown KMS", "unknown issuer"
+            )
+        if peer.psk is None and not _reachable_by_pk(peer):
+            raise denied(
+                ErrorNo.INVALID_TICKET, "issuing KMS not reachable", "cert peer incomplete"
+            )
+    notes["event"] = "ticket.forwarded"
+    notes["peer"] = peer.kms_id.decode("utf-8", "replace")
     if peer.psk is None:
-        ex.audit["peer_auth"] = "pk"
+        notes["peer_auth"] = "pk"
     built: list[tuple[Message, bytes, Key]] = []
 
     def build() -> bytes:
@@ -146,16 +155,23 @@ def start_forward(
         built.append((f, r, k))
         return bytes(f.wire)
 
-    first = build()
+    with noting(notes):
+        first = build()
     return PeerCall(
-        peer, first, ex.correlation_id, ex.hops + 1, build, _Pending(v, auth, ex, ticket, built)
+        peer,
+        first,
+        call.correlation_id,
+        call.hops + 1,
+        build,
+        _Pending(v, auth, ticket, built),
+        notes,
     )
 
 
-def finish_forward(call: PeerCall, answer: bytes | PeerError, deps: Deps, now: float) -> bytes:
+def finish_forward(pc: PeerCall, answer: bytes | PeerError, deps: Deps, now: float) -> Issued:
     """The second half: the issuing KMS's answer (or why there is none) becomes the
     RESOLVE_RESP for our Responder, or a refusal."""
-    p = call.pending
+    p = pc.pending
     if isinstance(answer, PeerError):
         exc = answer
         if exc.kind is PeerFailure.REFUSED:
@@ -175,13 +191,11 @@ def finish_forward(call: PeerCall, answer: bytes | PeerError, deps: Deps, now: f
         )
     fwd, rand_r, key = p.built[-1]  # the peer answered the message built last
     keys, rand_kms = _verify_peer_answer(answer, fwd, p.auth, deps, p.ticket, key, rand_r)
-    sealed = build_resolve_resp(
-        p.v, p.auth, deps, p.ex, now, keys, rand_kms, p.auth.identity.data
+    sealed = build_resolve_resp(p.v, p.auth, deps, now, keys, rand_kms, p.auth.identity.data)
+    return Issued(
+        sealed.wire,
+        {"event": "ticket.resolved", "via_peer": True, "forking": rand_kms is not None},
     )
-    p.ex.audit["event"] = "ticket.resolved"
-    p.ex.audit["via_peer"] = True
-    p.ex.audit["forking"] = rand_kms is not None
-    return sealed.wire
 
 
 def _forwarded_head(

@@ -3,10 +3,10 @@ A.3), with key forking bound to the resolving Responder's identity."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from kms.core.context import Authenticated, Deps, Exchange
+from kms.core.context import Authenticated, Call, Deps, Issued, noting
 from kms.core.errors import auth_failure, denied, precondition
 from kms.core.policy import (
     check_flag_rules,
@@ -113,7 +113,6 @@ def build_resolve_resp(
     v: ResolveInit,
     auth: Authenticated,
     deps: Deps,
-    ex: Exchange,
     now: float,
     keys: list[KeyData],
     rand_kms: bytes | None,
@@ -127,7 +126,6 @@ def build_resolve_resp(
     resp_keys = message_keys(
         ks, auth.response_key, msg, KeyDirection.RESPONSE, None, auth.rand_r, auth.suite
     )
-    ex.response_keys = resp_keys
     kemac = seal_kemac(
         ks,
         resp_keys,
@@ -157,44 +155,50 @@ class Foreign:
     continues in :mod:`kms.core.federation` (RFC 6043 9)."""
 
     issuer: Idr
+    audit: Mapping[str, object]
 
 
 def handle_resolve(
-    v: InitialMessage, auth: Authenticated, deps: Deps, ex: Exchange, now: float
-) -> bytes | Foreign:
+    v: InitialMessage, auth: Authenticated, deps: Deps, call: Call, now: float
+) -> Issued | Foreign:
     assert isinstance(v, ResolveInitPsk | ResolveInitPk)  # the service routes by data type
     ks = deps.keystore
     ticket = v.ticket
     check_ticket_type(ticket)
     tid = ticket_id(ticket.ticket_data)
-    ex.audit["ticket_id"] = tid
     issuer = idr_in_policy(ticket.policy, IdRole.IDRKMS)
     if issuer is not None and issuer.data != deps.policy.kms_id:
         # RFC 6043 9: not ours; the caller asks the KMS that issued it.
-        return Foreign(issuer)
-    contents = open_ticket(ticket, deps)
-    expires = check_validity(ticket, deps, now)
-    responder = auth.identity.data
-    check_responder(ticket, responder, deps)
-    try:
-        resolution = resolve_ticket_keys(ks, ticket, contents, responder)
-    except TicketError as exc:
-        raise auth_failure(f"ticket refused: {exc.reason}") from None
-    keys, rand_kms = list(resolution.keys), resolution.rand_kms
+        return Foreign(issuer, {"ticket_id": tid})
+    notes: dict[str, object] = {"ticket_id": tid}
+    with noting(notes):
+        contents = open_ticket(ticket, deps)
+        expires = check_validity(ticket, deps, now)
+        responder = auth.identity.data
+        check_responder(ticket, responder, deps)
+        try:
+            resolution = resolve_ticket_keys(ks, ticket, contents, responder)
+        except TicketError as exc:
+            raise auth_failure(f"ticket refused: {exc.reason}") from None
+        keys, rand_kms = list(resolution.keys), resolution.rand_kms
 
-    sealed = build_resolve_resp(v, auth, deps, ex, now, keys, rand_kms, responder)
-    # J = 0: record the resolve last, once every check (Vr included) has passed and the
-    # response is built, so that a refused RESOLVE_INIT never uses up the responder's resolve.
-    if not ticket.policy.flags & TpFlag.J and not deps.ledger.first_resolve(
-        bytes.fromhex(tid), responder, expires
-    ):
-        raise precondition(ErrorNo.UNSPECIFIED, "ticket already resolved (reuse not allowed)")
-    ex.audit.update(
+        sealed = build_resolve_resp(v, auth, deps, now, keys, rand_kms, responder)
+        # J = 0: record the resolve last, once every check (Vr included) has passed and the
+        # response is built, so that a refused RESOLVE_INIT never uses up the responder's
+        # resolve.
+        if not ticket.policy.flags & TpFlag.J and not deps.ledger.first_resolve(
+            bytes.fromhex(tid), responder, expires
+        ):
+            raise precondition(
+                ErrorNo.UNSPECIFIED, "ticket already resolved (reuse not allowed)"
+            )
+    return Issued(
+        sealed.wire,
         {
+            **notes,
             "event": "ticket.resolved",
             "forking": rand_kms is not None,
             "keys": [KeyDataType(k.key_type).name for k in contents.session_keys],
             "tpk": (contents.tpk_id or b"").decode("ascii", "replace"),
-        }
+        },
     )
-    return sealed.wire

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import traceback
 from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 from kms.core.api import KmsReply, Outcome
 from kms.core.authn import (
@@ -18,7 +19,7 @@ from kms.core.authn import (
     check_replay,
     forwarding_peer,
 )
-from kms.core.context import Authenticated, Deps, Exchange
+from kms.core.context import Authenticated, Call, Deps, Issued, noted_audit, noted_auth, noting
 from kms.core.errors import Refusal, malformed
 from kms.core.federation import PeerCall, finish_forward, start_forward
 from kms.core.ports import PeerError, StoreUnavailable
@@ -39,7 +40,7 @@ from kms.mikey.views import RequestInitPk, ResolveInitPk, ResolveInitPsk
 
 log = logging.getLogger("kms.core")
 
-Handler = Callable[[InitialMessage, Authenticated, Deps, Exchange, float], "bytes | PeerCall"]
+Handler = Callable[[InitialMessage, Authenticated, Deps, Call, float], "Issued | PeerCall"]
 
 _REQUEST_TYPES = {DataType.REQUEST_INIT_PSK, DataType.REQUEST_INIT_PK}
 _RESOLVE_TYPES = {DataType.RESOLVE_INIT_PSK, DataType.RESOLVE_INIT_PK}
@@ -56,13 +57,24 @@ def _header_only(wire: bytes) -> Message | None:
 
 
 def _resolve(
-    v: InitialMessage, auth: Authenticated, deps: Deps, ex: Exchange, now: float
-) -> bytes | PeerCall:
-    out = handle_resolve(v, auth, deps, ex, now)
+    v: InitialMessage, auth: Authenticated, deps: Deps, call: Call, now: float
+) -> Issued | PeerCall:
+    out = handle_resolve(v, auth, deps, call, now)
     if isinstance(out, Foreign):
         assert isinstance(v, ResolveInitPsk | ResolveInitPk)  # routed by data type
-        return start_forward(v, auth, deps, ex, now, v.ticket, out.issuer)
+        return start_forward(v, auth, deps, call, now, out.issuer, out.audit)
     return out
+
+
+@dataclass
+class _Trail:
+    """What the error path of one step needs: the audit record so far, the message (for
+    the CSB ID and T of the error message) and the authenticated sender (for its V).
+    Local to one call of :meth:`Kms._handle` or :meth:`Kms.finish_resolve`."""
+
+    audit: dict[str, object]
+    msg: Message | None = None
+    auth: Authenticated | None = None
 
 
 class Kms:
@@ -124,27 +136,27 @@ class Kms:
     ) -> KmsReply:
         """The rest of a forwarded resolve: ``answer`` is the peer's RESOLVE_RESP (to the
         message built last) or why there is none; ``now``: the time it arrived."""
-        ex = call.pending.ex
-        step = self._run(ex, now, lambda: finish_forward(call, answer, self.deps, now))
-        assert isinstance(step, KmsReply)  # finish_forward never asks a peer again
-        return step
+        p = call.pending
+        trail = _Trail(dict(call.audit), p.v.msg, p.auth)
+        try:
+            issued = finish_forward(call, answer, self.deps, now)
+        except Exception as exc:
+            return self._fail(trail, exc, now, call.correlation_id)
+        return self._issued(trail, issued)
 
     def refuse_undecodable(
         self, size: int, now: float, *, correlation_id: str = "", detail: str = ""
     ) -> KmsReply:
         """A call whose transport body could not be decoded at all (no MIKEY bytes to read):
         refused and audited like any other malformed input."""
-        ex = Exchange(
-            audit={"correlation_id": correlation_id, "time": round(now, 3), "size": size},
-            correlation_id=correlation_id,
-        )
+        trail = _Trail({"correlation_id": correlation_id, "time": round(now, 3), "size": size})
         refusal = Refusal(
             ErrorNo.UNSPECIFIED,
             Outcome.MALFORMED,
             detail or "malformed request",
             "request body is not a transport message",
         )
-        return self._refuse(ex, refusal, now)
+        return self._refuse(trail, refusal, now)
 
     # ---------------------------------------------------------------------------------------
 
@@ -161,14 +173,14 @@ class Kms:
             )
 
     def _authenticate(
-        self, v: InitialMessage, ex: Exchange, now: float, role: IdRole
-    ) -> Authenticated:
+        self, v: InitialMessage, now: float, role: IdRole
+    ) -> tuple[Authenticated, dict[str, object]]:
         msg = v.msg
         if not isinstance(v, RequestInitPk | ResolveInitPk):
             peer = forwarding_peer(v, self.deps)
             if peer is not None and isinstance(v, ResolveInitPsk):
-                return authenticate_peer(v, self.deps, ex, now, peer)
-            return authenticate_psk(v, self.deps, ex, now, role)
+                return authenticate_peer(v, self.deps, now, peer)
+            return authenticate_psk(v, self.deps, now, role)
         if self.deps.pk is None:
             raise Refusal(
                 ErrorNo.UNSUPPORTED_MESSAGE_TYPE,
@@ -176,17 +188,17 @@ class Kms:
                 "public-key messages are not enabled on this KMS",
             )
         auth = self.deps.pk.authenticate(v, now, role)
-        ex.auth = auth
-        ex.audit["sender"] = auth.identity.data.decode("utf-8", "replace")
+        notes: dict[str, object] = {"sender": auth.identity.data.decode("utf-8", "replace")}
         if auth.peer is not None:
-            ex.audit["peer"] = auth.peer.decode("utf-8", "replace")
-        if auth.method == "peer":
-            # A peer KMS resolving for its Responder: the per-peer quota (checked with the
-            # peer's trust) limits it, not the per-identity rate (same rule as PSK peers).
-            check_replay(msg, self.deps, now)
-        else:
-            admit(msg, self.deps, now, auth.identity.data)
-        return auth
+            notes["peer"] = auth.peer.decode("utf-8", "replace")
+        with noting(notes, auth):
+            if auth.method == "peer":
+                # A peer KMS resolving for its Responder: the per-peer quota (checked with
+                # the peer's trust) limits it, not the per-identity rate (as for PSK peers).
+                check_replay(msg, self.deps, now)
+            else:
+                admit(msg, self.deps, now, auth.identity.data)
+        return auth, notes
 
     def _handle(
         self,
@@ -198,23 +210,21 @@ class Kms:
         handler: Handler,
         hops: int = 0,
     ) -> KmsReply | PeerCall:
-        ex = Exchange(
-            audit={"correlation_id": cid, "time": round(now, 3), "size": len(wire)},
-            correlation_id=cid,
-            hops=hops,
-        )
+        """gather -> check -> issue for one initial message; every refusal and error
+        becomes one audit record and a MIKEY error message (the core's conversion point)."""
+        call = Call(cid, hops)
+        trail = _Trail({"correlation_id": cid, "time": round(now, 3), "size": len(wire)})
         if hops:
-            ex.audit["hops"] = hops
-
-        def gather_check_issue() -> bytes | PeerCall:
+            trail.audit["hops"] = hops
+        try:
             try:
                 msg = Message.decode(wire)
             except DecodeError as exc:
-                ex.msg = _header_only(wire)  # so that the error answers the request's CSB ID
+                trail.msg = _header_only(wire)  # so that the error answers the CSB ID
                 raise malformed(str(exc)) from None
-            ex.msg = msg
-            ex.audit["data_type"] = DataType(msg.data_type).name
-            ex.audit["csb_id"] = f"{msg.header.csb_id:08x}"
+            trail.msg = msg
+            trail.audit["data_type"] = DataType(msg.data_type).name
+            trail.audit["csb_id"] = f"{msg.header.csb_id:08x}"
             if msg.data_type not in types:
                 raise Refusal(ErrorNo.INVALID_DT, Outcome.MALFORMED, "wrong message type")
             try:
@@ -224,77 +234,78 @@ class Kms:
             # The data type was checked against ``types``: an initial message.
             assert isinstance(view, InitialMessage)
             self._check_prf(msg)
-            auth = self._authenticate(view, ex, now, role)
-            ex.audit["method"] = auth.method
-            return handler(view, auth, self.deps, ex, now)
+            trail.auth, notes = self._authenticate(view, now, role)
+            trail.audit.update(notes)
+            trail.audit["method"] = trail.auth.method
+            out = handler(view, trail.auth, self.deps, call, now)
+        except Exception as exc:
+            return self._fail(trail, exc, now, cid)
+        if isinstance(out, PeerCall):
+            # Audited when it finishes; the record so far travels with the call.
+            return replace(out, audit={**trail.audit, **out.audit})
+        return self._issued(trail, out)
 
-        return self._run(ex, now, gather_check_issue)
+    def _issued(self, trail: _Trail, issued: Issued) -> KmsReply:
+        audit = {**trail.audit, **issued.audit, "outcome": Outcome.OK.value}
+        self.deps.audit.emit(audit)
+        return KmsReply(Outcome.OK, issued.wire, audit=audit)
 
-    def _run(
-        self, ex: Exchange, now: float, step: Callable[[], bytes | PeerCall]
-    ) -> KmsReply | PeerCall:
-        """Run one step of an exchange; every refusal and error becomes one audit record
-        and a MIKEY error message (the conversion point of the core)."""
-        cid = ex.correlation_id
-        try:
-            data = step()
-        except Refusal as refusal:
-            return self._refuse(ex, refusal, now)
-        except TokenUnavailable:
+    def _fail(self, trail: _Trail, exc: Exception, now: float, cid: str) -> KmsReply:
+        """Whatever a step raised, as a refusal: with what the step had noted."""
+        trail.audit.update(noted_audit(exc))
+        trail.auth = trail.auth or noted_auth(exc)
+        if isinstance(exc, Refusal):
+            return self._refuse(trail, exc, now)
+        if isinstance(exc, TokenUnavailable):
             unavailable = Refusal(ErrorNo.UNSPECIFIED, Outcome.UNAVAILABLE, "token unavailable")
-            return self._refuse(ex, unavailable, now, sign=False)
-        except KeyStoreError as exc:
+            return self._refuse(trail, unavailable, now, sign=False)
+        if isinstance(exc, KeyStoreError):
             log.error("key store error (correlation id %s): %s", cid, type(exc).__name__)
             internal = Refusal(
                 ErrorNo.UNSPECIFIED, Outcome.INTERNAL, "internal error", type(exc).__name__
             )
-            return self._refuse(ex, internal, now, sign=False)
-        except StoreUnavailable as exc:
-            # The registry or a state store cannot answer (database locked, gone): transient.
-            # Fail closed: a message whose replay or ledger check could not run is not
-            # accepted (RFC 3830 5.4); the client may retry with a new message.
+            return self._refuse(trail, internal, now, sign=False)
+        if isinstance(exc, StoreUnavailable):
+            # The registry or a state store cannot answer (database locked, gone):
+            # transient. Fail closed: a message whose replay or ledger check could not run
+            # is not accepted (RFC 3830 5.4); the client may retry with a new message.
             log.error("store unavailable (correlation id %s): %s", cid, exc.what)
             unavailable = Refusal(
                 ErrorNo.UNSPECIFIED, Outcome.UNAVAILABLE, "KMS store unavailable", exc.what
             )
-            return self._refuse(ex, unavailable, now, sign=False)
-        except Exception as exc:
-            # Whatever escaped (a lookup error, a bug): still one audit record and a MIKEY
-            # error. Type only: the text of an exception may quote the request.
-            frames = traceback.extract_tb(exc.__traceback__)[-3:]
-            where = " <- ".join(f"{f.filename}:{f.lineno}" for f in reversed(frames))
-            log.error("unexpected %s (correlation id %s) at %s", type(exc).__name__, cid, where)
-            internal = Refusal(
-                ErrorNo.UNSPECIFIED,
-                Outcome.INTERNAL,
-                "internal error",
-                f"unexpected {type(exc).__name__}",
-            )
-            return self._refuse(ex, internal, now, sign=False)
-        if isinstance(data, PeerCall):
-            return data  # audited when it finishes
-        ex.audit["outcome"] = Outcome.OK.value
-        self.deps.audit.emit(ex.audit)
-        return KmsReply(Outcome.OK, data, audit=ex.audit)
+            return self._refuse(trail, unavailable, now, sign=False)
+        # Whatever escaped (a lookup error, a bug): still one audit record and a MIKEY
+        # error. Type only: the text of an exception may quote the request.
+        frames = traceback.extract_tb(exc.__traceback__)[-3:]
+        where = " <- ".join(f"{f.filename}:{f.lineno}" for f in reversed(frames))
+        log.error("unexpected %s (correlation id %s) at %s", type(exc).__name__, cid, where)
+        internal = Refusal(
+            ErrorNo.UNSPECIFIED,
+            Outcome.INTERNAL,
+            "internal error",
+            f"unexpected {type(exc).__name__}",
+        )
+        return self._refuse(trail, internal, now, sign=False)
 
-    def _refuse(self, ex: Exchange, r: Refusal, now: float, *, sign: bool = True) -> KmsReply:
-        ex.audit.setdefault("event", "refused")
-        if ex.audit["event"] in ("ticket.issued", "ticket.resolved"):
-            ex.audit["event"] = "refused"
-        ex.audit.update(
+    def _refuse(self, trail: _Trail, r: Refusal, now: float, *, sign: bool = True) -> KmsReply:
+        audit = trail.audit
+        audit.setdefault("event", "refused")
+        if audit["event"] in ("ticket.issued", "ticket.resolved"):
+            audit["event"] = "refused"
+        audit.update(
             {"outcome": r.outcome.value, "error_no": int(r.error_no), "reason": r.reason}
         )
-        self.deps.audit.emit(ex.audit)
+        self.deps.audit.emit(audit)
         try:
-            err = self._error_message(ex, r, now, sign)
+            err = self._error_message(trail, r, now, sign)
         except (KeyStoreError, ValueError, DecodeError):
-            err = self._error_message(ex, r, now, False)
-        return KmsReply(r.outcome, b"", err, r.detail, audit=ex.audit)
+            err = self._error_message(trail, r, now, False)
+        return KmsReply(r.outcome, b"", err, r.detail, audit=audit)
 
-    def _error_message(self, ex: Exchange, r: Refusal, now: float, sign: bool) -> bytes:
+    def _error_message(self, trail: _Trail, r: Refusal, now: float, sign: bool) -> bytes:
         """RFC 6043 5.4 / 6.12: HDR, T, ERR, [V]. V only once the sender was authenticated,
         keyed like the response would have been (RFC 6043 5.4: the same key)."""
-        msg = ex.msg
+        msg = trail.msg
         if msg is not None:
             h = msg.header
             prf = h.prf_func if h.prf_func <= 1 else 0
@@ -309,19 +320,17 @@ class Kms:
             header = Header(DataType.ERROR, 0, EmptyMap(0))
             t = Timestamp(TsType.NTP_UTC, encode_ts_value(TsType.NTP_UTC, now))
         payloads: list[Payload] = [t, Error(r.error_no)]
-        auth = ex.auth
+        auth = trail.auth
         if not (sign and auth is not None and msg is not None):
             return Message(header, tuple(payloads)).encode()
-        keys = ex.response_keys
-        if keys is None:
-            keys = message_keys(
-                self.deps.keystore,
-                auth.response_key,
-                msg,
-                KeyDirection.RESPONSE,
-                auth.rand_i,
-                auth.rand_r,
-                auth.suite,
-            )
+        keys = message_keys(
+            self.deps.keystore,
+            auth.response_key,
+            msg,
+            KeyDirection.RESPONSE,
+            auth.rand_i,
+            auth.rand_r,
+            auth.suite,
+        )
         payloads.append(placeholder_v(auth.suite.mac_alg))
         return seal_mac(Message(header, tuple(payloads)), keys, auth.suite.mac_alg, b"").wire
