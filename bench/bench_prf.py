@@ -28,8 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from hsm import TokenConfig, open_keystore, read_pin
 from hsm.provision import DEFAULT_SOFTHSM_MODULE, create_softhsm_token
-from kms.keystore import KeyRef
-from kms.mikey.prf import PrfFunc, prf
+from kms.keystore import Digest, KeyRef
+from kms.mikey.prf import PrfFunc, hmac_digest, prf
 
 
 def rate(fn: Callable[[int], object], seconds: float, threads: int) -> float:
@@ -91,13 +91,15 @@ def main() -> None:
             n = args.out_len
             cases: list[tuple[str, Callable[[int], object], Callable[[int], object]]] = []
             for func in PrfFunc:
-                def tok_lt(i: int, f: PrfFunc = func) -> object:
+                digest = hmac_digest(func)
+
+                def tok_lt(i: int, f: Digest = digest) -> object:
                     return ks.prf(ref, i.to_bytes(8, "big"), n, f)
 
-                def tok_stored(i: int, f: PrfFunc = func) -> object:
+                def tok_stored(i: int, f: Digest = digest) -> object:
                     return ks.prf(stored, i.to_bytes(8, "big"), n, f)
 
-                def tok_eph(i: int, f: PrfFunc = func) -> object:
+                def tok_eph(i: int, f: Digest = digest) -> object:
                     return ks.prf(eph, i.to_bytes(8, "big"), n, f)
 
                 def sw_lt(i: int, f: PrfFunc = func) -> object:
@@ -117,10 +119,10 @@ def main() -> None:
             labels = [(b"encr", 16), (b"auth", 20), (b"salt", 14)]
 
             def tok_many(i: int) -> object:
-                return ks.prf_many(eph, labels, PrfFunc.MIKEY_1)
+                return ks.prf_many(eph, labels, Digest.SHA1)
 
             def tok_three(i: int) -> object:
-                return [ks.prf(eph, lbl, k, PrfFunc.MIKEY_1) for lbl, k in labels]
+                return [ks.prf(eph, lbl, k, Digest.SHA1) for lbl, k in labels]
 
             assert tok_many(0) == tok_three(0)
             cases.append(("msg keys on token: prf_many | 3 x prf", tok_many, tok_three))

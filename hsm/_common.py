@@ -10,7 +10,8 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from kms.keystore import KeyStoreError, SignScheme
 
 MAX_SECRET_BYTES = 32
-"""Long-term secrets are <= 256 bits: one PRF in-key slice (reference section 12)."""
+"""Long-term secrets are <= 256 bits: one PRF in-key slice (RFC 3830 4.1.2 splits longer
+in-keys in 256-bit slices, which a token would have to hold as separate objects)."""
 
 MIN_RSA_BITS = 2048
 

@@ -30,6 +30,7 @@ from hsm._common import (
     scheme_hash,
 )
 from kms.keystore import (
+    Digest,
     InvalidSealedData,
     Key,
     KeyExists,
@@ -42,7 +43,7 @@ from kms.keystore import (
     SignScheme,
     UnsupportedOperation,
 )
-from kms.mikey.prf import PrfFunc, digest_name, prf
+from kms.mikey.prf import prf
 
 _PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
 
@@ -99,17 +100,17 @@ class SoftwareKeyStore:
         return entry.info
 
     # --- operations -----------------------------------------------------------------------
-    def hmac(self, key: Key, data: bytes, func: PrfFunc) -> bytes:
-        return _hmac.new(self._secret(key), data, digest_name(func)).digest()
+    def hmac(self, key: Key, data: bytes, func: Digest) -> bytes:
+        return _hmac.new(self._secret(key), data, Digest(func).value).digest()
 
-    def prf(self, key: Key, label: bytes, out_len: int, func: PrfFunc) -> bytes:
-        return prf(self._secret(key), label, out_len, func)
+    def prf(self, key: Key, label: bytes, out_len: int, func: Digest) -> bytes:
+        return prf(self._secret(key), label, out_len, Digest(func))
 
     def prf_many(
-        self, key: Key, requests: Sequence[tuple[bytes, int]], func: PrfFunc
+        self, key: Key, requests: Sequence[tuple[bytes, int]], func: Digest
     ) -> list[bytes]:
-        secret = self._secret(key)
-        return [prf(secret, label, n, func) for label, n in requests]
+        secret, digest = self._secret(key), Digest(func)
+        return [prf(secret, label, n, digest) for label, n in requests]
 
     def aes_cm(self, key: bytes, iv: bytes, data: bytes) -> bytes:
         check_aes_cm(key, iv)

@@ -1,7 +1,12 @@
-"""The HSM boundary: the key-store interface every component uses (interfaces only).
+"""The HSM boundary: the key-store interfaces every component uses (interfaces only).
+
+Two small interfaces: :class:`KeyOps`, the operations the request path needs (the KMS core,
+the MIKEY layer and the endpoint library depend on this one only), and :class:`KeyAdmin`, the
+administration the CLI and the KMS home need (create, import, delete, list keys).
+:class:`KeyStore` is both plus ``close``: what an implementation provides.
 
 Implementations live in ``hsm/`` (PKCS#11 and software). The KMS core talks to long-term
-keys only through :class:`KeyStore`, by :class:`KeyRef`; it never sees their values.
+keys only through :class:`KeyOps`, by :class:`KeyRef`; it never sees their values.
 Ephemeral per-message keys (MPK, TGK, derived encr/auth/salt keys) are passed as ``bytes``:
 the PKCS#11 implementation turns them into session objects for the operation and destroys
 them afterwards, so that PRF, forking and KEMAC wrapping all run on the token.
@@ -14,7 +19,16 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Protocol, runtime_checkable
 
-from kms.mikey.prf import PrfFunc
+
+class Digest(StrEnum):
+    """The hash of an HMAC (RFC 2104) computed by the store; values are hashlib names.
+
+    Which MIKEY PRF uses which digest (RFC 3830 4.1.2: SHA-1; RFC 6043 6.1: SHA-256) is the
+    MIKEY layer's business (``kms.mikey.prf.hmac_digest``), not the store's.
+    """
+
+    SHA1 = "sha1"
+    SHA256 = "sha256"
 
 
 @dataclass(frozen=True, order=True)
@@ -41,14 +55,17 @@ class KeyType(StrEnum):
 
 
 class RsaPadding(StrEnum):
-    """RSA encryption schemes accepted for PKE (reference 14.5)."""
+    """RSA encryption of the PKE payload's envelope key (RFC 3830 3.2, 6.4): RSAES-PKCS1-v1_5
+    (RFC 3830's mandatory scheme, the default) or RSAES-OAEP with SHA-1 (RFC 8017 7.1)."""
 
     PKCS1V15 = "pkcs1v15"
     OAEP_SHA1 = "oaep-sha1"
 
 
 class SignScheme(StrEnum):
-    """Signature schemes (reference 14.5: SIGN S type 0 / 1, SHA-256 default)."""
+    """Signature schemes: the SIGN payload's S type (RFC 3830 6.5: 0 = RSASSA-PKCS1-v1_5,
+    1 = RSASSA-PSS) over SHA-256 by default, SHA-1 where a deployment profile asks for it
+    (docs/hsm.md); ECDSA for certificates."""
 
     RSA_PKCS1V15_SHA256 = "rsa-pkcs1v15-sha256"
     RSA_PKCS1V15_SHA1 = "rsa-pkcs1v15-sha1"
@@ -95,20 +112,20 @@ class UnsupportedOperation(KeyStoreError):
 
 
 @runtime_checkable
-class KeyStore(Protocol):
-    """Cryptographic operations with keys that may never leave the store."""
+class KeyOps(Protocol):
+    """The request path's cryptographic operations, with keys that never leave the store."""
 
-    # --- operations ---------------------------------------------------------------------
-    def hmac(self, key: Key, data: bytes, func: PrfFunc) -> bytes:
-        """HMAC-SHA-1 (MIKEY_1) or HMAC-SHA-256 (PRF_HMAC_SHA_256) of ``data`` under ``key``."""
+    def hmac(self, key: Key, data: bytes, func: Digest) -> bytes:
+        """HMAC (RFC 2104) of ``data`` under ``key`` with the hash ``func``."""
         ...
 
-    def prf(self, key: Key, label: bytes, out_len: int, func: PrfFunc) -> bytes:
-        """The MIKEY PRF (RFC 3830 4.1.2 / RFC 6043 6.1) with ``key`` as in-key."""
+    def prf(self, key: Key, label: bytes, out_len: int, func: Digest) -> bytes:
+        """The PRF of RFC 3830 4.1.2 built on HMAC with the hash ``func`` (HMAC-SHA-1 for
+        MIKEY-1, HMAC-SHA-256 for PRF-HMAC-SHA-256 of RFC 6043 6.1), ``key`` as in-key."""
         ...
 
     def prf_many(
-        self, key: Key, requests: Sequence[tuple[bytes, int]], func: PrfFunc
+        self, key: Key, requests: Sequence[tuple[bytes, int]], func: Digest
     ) -> list[bytes]:
         """``[prf(key, label, out_len, func) for label, out_len in requests]`` as one
         operation: one token session, and for a key given by value one set of session
@@ -138,7 +155,11 @@ class KeyStore(Protocol):
         """DER SubjectPublicKeyInfo of an asymmetric key."""
         ...
 
-    # --- management ---------------------------------------------------------------------
+
+@runtime_checkable
+class KeyAdmin(Protocol):
+    """Key administration for the CLI and the KMS home: never on the request path."""
+
     def generate_secret(self, label: str, length: int) -> KeyInfo:
         """Create a sensitive, non-extractable secret of ``length`` bytes (<= 32)."""
         ...
@@ -166,6 +187,12 @@ class KeyStore(Protocol):
     def key_info(self, label: str) -> KeyInfo:
         """One key's description; KeyNotFound if absent."""
         ...
+
+
+@runtime_checkable
+class KeyStore(KeyOps, KeyAdmin, Protocol):
+    """Both interfaces and the store's lifetime: what an implementation in ``hsm/`` provides
+    and what the process that opens it (``kms serve``, the admin CLI) holds."""
 
     def close(self) -> None:
         """Release sessions and the module."""

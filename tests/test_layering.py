@@ -58,20 +58,24 @@ def test_core_is_sans_io(path: Path) -> None:
         )
 
 
-def test_only_hsm_imports_python_pkcs11() -> None:
+def test_only_hsm_pkcs11_imports_python_pkcs11() -> None:
+    # Endpoints, the core and the software key store never load a PKCS#11 module.
     offenders = [
         str(p.relative_to(ROOT))
-        for pkg in ("kms", "bench")
+        for pkg in ("kms", "hsm", "bench")
         for p in modules(pkg)
         if any(top(n) == "pkcs11" for n in imports_of(p))
+        and not p.is_relative_to(ROOT / "hsm" / "pkcs11")
     ]
     assert offenders == []
-    assert any(top(n) == "pkcs11" for n in imports_of(ROOT / "hsm" / "pkcs11_store.py"))
+    assert any(top(n) == "pkcs11" for n in imports_of(ROOT / "hsm" / "pkcs11" / "store.py"))
 
 
 def test_keystore_interface_and_hsm_point_inward() -> None:
+    # The boundary is interfaces only: the MIKEY PRF (which PRF func uses which HMAC digest)
+    # stays in kms.mikey, the boundary names digests itself.
     for name in imports_of(ROOT / "kms" / "keystore.py"):
-        assert top(name) in STDLIB or name.startswith("kms.mikey"), name
+        assert top(name) in STDLIB, name
     for p in modules("hsm"):
         for name in imports_of(p):
             assert not name.startswith(("kms.core", "kms.server", "kms.store", "kms.cli")), (
@@ -193,3 +197,140 @@ def test_core_knows_no_grpc_names() -> None:
         if _GRPC_STATUS.search(line)
     ]
     assert found == []
+
+
+def names_imported_from(path: Path, module: str) -> set[str]:
+    tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+    return {
+        a.name
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and node.module == module
+        for a in node.names
+    }
+
+
+@pytest.mark.parametrize(
+    "path", modules("kms.core") + modules("kms.mikey") + modules("kms.endpoint"),
+    ids=lambda p: f"{p.parent.name}/{p.name}",
+)
+def test_request_path_uses_only_the_key_operations(path: Path) -> None:
+    # The core, the MIKEY layer and the endpoint library compute with keys; creating,
+    # importing, listing and deleting keys (KeyAdmin) belong to the CLI and the home.
+    used = names_imported_from(path, "kms.keystore")
+    assert not used & {"KeyStore", "KeyAdmin"}, f"{path.relative_to(ROOT)} imports {used}"
+
+
+# --- import cycles --------------------------------------------------------------------------
+
+PACKAGES = ("kms", "hsm")
+
+# Cycles that exist today outside the key-store boundary; each is removed by the redesign of
+# its area (typed MIKEY views; the one-way core; the CLI's shared error). This list may only
+# shrink: a cycle not named here fails.
+KNOWN_CYCLES: tuple[frozenset[str], ...] = (
+    frozenset({"kms.core.federation", "kms.core.resolve"}),
+    frozenset({
+        "kms.cli", "kms.cli.admin", "kms.cli.app_cmd", "kms.cli.call_cmd", "kms.cli.mikey_cmd",
+        "kms.cli.peer_cmd", "kms.cli.psk_input", "kms.cli.serve_cmd", "kms.cli.token_cmd",
+    }),
+)
+
+
+def module_paths() -> dict[str, Path]:
+    """Dotted module name -> file, for every module of the project's packages."""
+    found: dict[str, Path] = {}
+    for pkg in PACKAGES:
+        for p in modules(pkg):
+            if "_generated" in p.parts:
+                continue
+            parts = p.relative_to(ROOT).with_suffix("").parts
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            found[".".join(parts)] = p
+    return found
+
+
+def import_graph(paths: dict[str, Path]) -> dict[str, set[str]]:
+    """Module -> the project modules it imports, at any place in the file (a function-level
+    or TYPE_CHECKING import is a dependency too). ``from a import b`` names ``a.b`` when that
+    is a module, else ``a``; a module's own package is not an edge."""
+
+    def known(name: str) -> str | None:
+        while name and name not in paths:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    graph: dict[str, set[str]] = {}
+    for mod, path in paths.items():
+        tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+        deps: set[str] = set()
+        for node in ast.walk(tree):
+            targets: list[str] = []
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                targets = [
+                    f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in paths
+                    else node.module
+                    for a in node.names
+                ]
+            for t in targets:
+                dep = known(t)
+                if dep is not None and dep != mod:
+                    deps.add(dep)
+        graph[mod] = deps
+    return graph
+
+
+def graph_cycles(graph: dict[str, set[str]]) -> list[frozenset[str]]:
+    """The strongly connected components with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[frozenset[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp: set[str] = set()
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                comp.add(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                found.append(frozenset(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_cycle_finder_finds_a_cycle() -> None:
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}, "e": set()}
+    assert graph_cycles(graph) == [frozenset({"a", "b", "c"})]
+    assert graph_cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_no_new_import_cycles() -> None:
+    found = graph_cycles(import_graph(module_paths()))
+    new = [sorted(c) for c in found if c not in KNOWN_CYCLES]
+    assert new == [], f"import cycles: {new}"
+
+
+def test_hsm_and_the_keystore_boundary_have_no_cycles() -> None:
+    found = graph_cycles(import_graph(module_paths()))
+    touching = [sorted(c) for c in found if any(m == "hsm" or m.startswith(("hsm.",
+                "kms.keystore")) for m in c)]
+    assert touching == []

@@ -12,11 +12,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from kms.cli.errors import CliError
 from kms.keystore import KeyStoreError
 
-
-class CliError(Exception):
-    """A user-facing error: printed as one line, exit status 1."""
+__all__ = ["CliError", "build_parser", "default_home", "main"]
 
 
 def default_home() -> Path:

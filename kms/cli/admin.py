@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from hsm.uri import Pkcs11UriError, key_uri, parse_uri
-from kms.cli import CliError
+from kms.cli.errors import CliError
 from kms.cli.psk_input import read_psk
 from kms.cli.token_cmd import add_token_uri_option, token_options
 from kms.keystore import KeyStoreError

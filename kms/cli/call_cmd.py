@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from kms.cli import CliError
+from kms.cli.errors import CliError
 from kms.cli.psk_input import read_psk
 from kms.mikey.base_ticket import ticket_id
 

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from kms.cli import CliError
+from kms.cli.errors import CliError
 from kms.cli.mikey_inspect import render_tree, to_json
 from kms.mikey.constants import DataType, IdRole, IdType, MacAlg, RandRole, TsType
 from kms.mikey.coverage import seal

@@ -25,7 +25,6 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from kms.cli import CliError
 from kms.cli.admin import (
     _errors_to_cli,
     _json_flag,
@@ -33,6 +32,7 @@ from kms.cli.admin import (
     _print_table,
     _show_time,
 )
+from kms.cli.errors import CliError
 from kms.cli.psk_input import read_psk
 from kms.server.config import URI_RE, is_loopback
 from kms.server.directory import split_peer_certs

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from kms.cli import CliError
+from kms.cli.errors import CliError
 from kms.server.home import PSK_MAX_BYTES, PSK_MIN_BYTES
 
 

@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Any
 
-from kms.cli import CliError
+from kms.cli.errors import CliError
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 

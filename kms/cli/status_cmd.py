@@ -19,7 +19,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from kms.cli import CliError
+from kms.cli.errors import CliError
 
 SERVICE = "mikey.kms.v1.KeyManagement"
 

@@ -15,8 +15,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from kms.cli import CliError
 from kms.cli.admin import _errors_to_cli
+from kms.cli.errors import CliError
 
 
 @_errors_to_cli

@@ -18,7 +18,7 @@ from typing import Any
 
 import hsm
 from hsm.uri import Pkcs11UriError, parse_uri
-from kms.cli import CliError
+from kms.cli.errors import CliError
 from kms.keystore import KeyStoreError
 from kms.server.config import ConfigError, load_config
 from kms.server.token_needs import required_operations
@@ -107,7 +107,7 @@ def cmd_token_check(args: argparse.Namespace) -> int:
         config, needed = _token_config(args)
     except KeyStoreError as exc:  # PinError
         raise CliError(str(exc)) from None
-    from hsm.token_check import render_text, run_check  # loads python-pkcs11
+    from hsm.pkcs11.token_check import render_text, run_check  # loads python-pkcs11
 
     report = run_check(config, required=needed, iterations=args.iterations,
                        threads=args.threads)

@@ -18,7 +18,7 @@ from kms.core.ports import (
     ReplayCache,
     ResolveLedger,
 )
-from kms.keystore import Key, KeyRef, KeyStore
+from kms.keystore import Key, KeyOps, KeyRef
 from kms.mikey.protect import Suite
 from kms.mikey.ticket import Idr
 from kms.mikey.views import RequestInitPk, ResolveInitPk
@@ -51,7 +51,7 @@ class PkAuthenticator(Protocol):
 
 @dataclass
 class Deps:
-    keystore: KeyStore
+    keystore: KeyOps
     directory: Directory
     replay: ReplayCache
     ledger: ResolveLedger

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from kms.core.context import Authenticated, Call, Deps, Issued
 from kms.core.policy import Grant, KeyRequest, grant_policy, invalid_tp
-from kms.keystore import KeyStore
+from kms.keystore import KeyOps
 from kms.mikey.base_ticket import derive_mpk_pair, issue_base_ticket, ticket_id
 from kms.mikey.chain import decode_key_data
 from kms.mikey.cipher import CryptoError
@@ -88,7 +88,7 @@ class _ExchangeRandom:
 
     CHUNK = 128  # covers SPIs, TEK/TGK/salt, MPK and RAND of a typical 1-3 key request
 
-    def __init__(self, ks: KeyStore) -> None:
+    def __init__(self, ks: KeyOps) -> None:
         self._ks = ks
         self._buf = b""
         self._pos = 0

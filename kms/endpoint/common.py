@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from kms.endpoint.session import EndpointError
-from kms.keystore import KeyStore
+from kms.keystore import KeyOps
 from kms.mikey.constants import DataType, IdType, TsType
 from kms.mikey.derive import KeyDirection, MessageKeys
 from kms.mikey.header import EmptyMap, Header
@@ -47,7 +47,7 @@ def now_timestamp(now: float, ts_type: TsType = TsType.NTP_UTC) -> Timestamp:
 
 
 def initial_message(
-    ks: KeyStore,
+    ks: KeyOps,
     data_type: DataType,
     csb_id: int,
     prf_func: int,
@@ -66,7 +66,7 @@ def initial_message(
 
 
 def accept_kms_response(
-    ks: KeyStore,
+    ks: KeyOps,
     data: bytes,
     expected: type[Response],
     initial: Message,

@@ -25,7 +25,7 @@ from kms.endpoint.session import (
     security_policy,
     srtp_keys,
 )
-from kms.keystore import KeyStore
+from kms.keystore import KeyOps
 from kms.mikey.chain import encode_key_data
 from kms.mikey.cipher import compute_mac
 from kms.mikey.compose import compose
@@ -116,7 +116,7 @@ class PendingTransfer:
 
 
 class Initiator:
-    def __init__(self, creds: Credentials, ks: KeyStore, suite: Suite | None = None) -> None:
+    def __init__(self, creds: Credentials, ks: KeyOps, suite: Suite | None = None) -> None:
         self.creds = creds
         self.ks = ks
         self.suite = suite or suite_for(PrfFunc.MIKEY_1)

@@ -31,7 +31,7 @@ from kms.endpoint.common import Credentials
 from kms.endpoint.initiator import DesiredPolicy, Initiator, PendingRequest, TicketGrant
 from kms.endpoint.responder import PendingResolve, ResolvedCall, Responder
 from kms.endpoint.session import EndpointError
-from kms.keystore import KeyStore, RsaPadding, SignScheme
+from kms.keystore import KeyOps, RsaPadding, SignScheme
 from kms.mikey.constants import (
     CertType,
     DataType,
@@ -205,7 +205,7 @@ class PkInitiator(Initiator):
     """An Initiator that authenticates its Ticket Request with certificate and signature
     (REQUEST_INIT_PK). Ticket Transfer is unchanged (it uses MPKi, not the PSK)."""
 
-    def __init__(self, creds: PkCredentials, ks: KeyStore, suite: Suite | None = None) -> None:
+    def __init__(self, creds: PkCredentials, ks: KeyOps, suite: Suite | None = None) -> None:
         super().__init__(_placeholder_credentials(creds), ks, suite)
         self.pk = creds
 
@@ -236,7 +236,7 @@ class PkInitiator(Initiator):
 class PkResponder(Responder):
     """A Responder that resolves tickets with RESOLVE_INIT_PK (certificate and signature)."""
 
-    def __init__(self, creds: PkCredentials, ks: KeyStore, suite: Suite | None = None) -> None:
+    def __init__(self, creds: PkCredentials, ks: KeyOps, suite: Suite | None = None) -> None:
         super().__init__(_placeholder_credentials(creds), ks, suite)
         self.pk = creds
 

@@ -16,7 +16,7 @@ from kms.endpoint.common import (
     now_timestamp,
 )
 from kms.endpoint.session import CallState, EndpointError, SrtpKeys, sessions_of, srtp_keys
-from kms.keystore import KeyStore
+from kms.keystore import KeyOps
 from kms.mikey.compose import compose
 from kms.mikey.constants import (
     BASE_TICKET_SUBTYPE,
@@ -65,7 +65,7 @@ class ResolvedCall:
 
 
 class Responder:
-    def __init__(self, creds: Credentials, ks: KeyStore, suite: Suite | None = None) -> None:
+    def __init__(self, creds: Credentials, ks: KeyOps, suite: Suite | None = None) -> None:
         self.creds = creds
         self.ks = ks
         self.suite = suite or suite_for(0)

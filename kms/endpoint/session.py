@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from kms.keystore import KeyStore
+from kms.keystore import KeyOps
 from kms.mikey.constants import KeyDataType, PrfFunc, ProtType, SrtpParam
 from kms.mikey.derive import MessageKeys, derive_srtp_salt, derive_tek
 from kms.mikey.header import GenericIdEntry, GenericIdMap
@@ -129,7 +129,7 @@ _TEK_LIKE = frozenset({KeyDataType.TEK, KeyDataType.TEK_SALT})
 
 
 def srtp_keys(
-    ks: KeyStore,
+    ks: KeyOps,
     session_keys: Sequence[KeyData],
     sessions: Sequence[CryptoSession],
     policies: Sequence[SecurityPolicy],

@@ -20,7 +20,7 @@ from kms.endpoint.session import (
     sessions_of,
     srtp_keys,
 )
-from kms.keystore import KeyStore
+from kms.keystore import KeyOps
 from kms.mikey.cipher import CryptoError
 from kms.mikey.compose import compose
 from kms.mikey.constants import DataType
@@ -42,7 +42,7 @@ class PendingUpdate:
 
 
 def update_init(
-    ks: KeyStore,
+    ks: KeyOps,
     state: CallState,
     now: float,
     new_keys: Sequence[KeyData] = (),
@@ -95,7 +95,7 @@ def _decode(
 
 
 def _apply(
-    ks: KeyStore,
+    ks: KeyOps,
     state: CallState,
     update: Update | None,
     sessions: tuple[CryptoSession, ...],
@@ -114,7 +114,7 @@ def _apply(
 
 
 def accept_update(
-    ks: KeyStore, state: CallState, data: bytes, now: float, window: float = 120.0
+    ks: KeyOps, state: CallState, data: bytes, now: float, window: float = 120.0
 ) -> tuple[bytes | None, CallState]:
     """Receive an update TRANSFER_INIT; return the TRANSFER_RESP (if its V flag asks for
     one) and the updated call."""
@@ -133,14 +133,14 @@ def accept_update(
     return resp.wire, new_state
 
 
-def apply_own_update(ks: KeyStore, pending: PendingUpdate) -> CallState:
+def apply_own_update(ks: KeyOps, pending: PendingUpdate) -> CallState:
     """The sender's new call state for an update sent without asking for a response."""
     state = replace(pending.state, session_keys=pending.new_keys or pending.state.session_keys)
     return _apply(ks, state, None, pending.sessions, pending.policies)
 
 
 def accept_update_resp(
-    ks: KeyStore, pending: PendingUpdate, data: bytes, now: float, window: float = 120.0
+    ks: KeyOps, pending: PendingUpdate, data: bytes, now: float, window: float = 120.0
 ) -> CallState:
     """Verify the TRANSFER_RESP to our update and switch to the new keys."""
     state = pending.state

@@ -13,7 +13,7 @@ import hmac
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
-from kms.keystore import Key, KeyStore
+from kms.keystore import Key, KeyOps
 from kms.mikey.cipher import CryptoError, compute_mac
 from kms.mikey.constants import IdRole, IdType, KeyDataType, MacAlg, PrfFunc, TsType
 from kms.mikey.derive import ALL_CSB, derive_mpki_mpkr, derive_ticket_keys
@@ -59,7 +59,7 @@ SESSION_KEY_TYPES = frozenset(
 
 
 def issue_base_ticket(
-    ks: KeyStore,
+    ks: KeyOps,
     tpk: Key,
     tpk_id: bytes,
     policy: TicketPolicy,
@@ -83,7 +83,7 @@ def issue_base_ticket(
 
 
 def open_base_ticket(
-    ks: KeyStore, ticket: Ticket, tpk_for: Callable[[bytes | None], Key | None]
+    ks: KeyOps, ticket: Ticket, tpk_for: Callable[[bytes | None], Key | None]
 ) -> TicketContents:
     """Verify and decrypt a base ticket. ``tpk_for(IDRpsk data)`` names the TPK (None: no
     such key). Raises TicketError for every failure; the MAC is checked before decrypting."""
@@ -129,7 +129,7 @@ def ticket_id(ticket_data: bytes) -> str:
 
 
 def derive_mpk_pair(
-    ks: KeyStore, mpk: bytes, rand: bytes, prf_func: PrfFunc
+    ks: KeyOps, mpk: bytes, rand: bytes, prf_func: PrfFunc
 ) -> tuple[bytes, bytes]:
     """(MPKi, MPKr) from the ticket MPK and the Ticket Data RAND (RFC 6043 A.2.2)."""
     return derive_mpki_mpkr(keyed_prf(ks, mpk, prf_func), rand, len(mpk))

@@ -1,6 +1,6 @@
 """KEMAC encryption and MACs (RFC 3830 4.2.3 / 4.2.4 / 6.2, RFC 6043 6.2, RFC 3394, RFC 3711 4.1.1).
 
-AES-CM can be delegated to a token through an :data:`AesCmFn` (e.g. ``KeyStore.aes_cm``).
+AES-CM can be delegated to a token through an :data:`AesCmFn` (e.g. ``KeyOps.aes_cm``).
 Error messages never contain key material.
 """
 

@@ -10,6 +10,8 @@ import hmac as _hmac
 from collections.abc import Callable, Sequence
 from enum import IntEnum
 
+from kms.keystore import Digest
+
 HmacFn = Callable[[bytes], bytes]
 """data -> HMAC tag; the key is held by whoever built the function."""
 
@@ -37,14 +39,27 @@ class PrfFunc(IntEnum):
     PRF_HMAC_SHA_256 = 1  # RFC 6043 6.1
 
 
-def digest_name(func: PrfFunc) -> str:
+PrfHash = PrfFunc | Digest
+"""Which PRF to compute: a MIKEY PRF func, or directly the digest of the HMAC it is built on
+(the key store's parameter: the construction of RFC 3830 4.1.2 is the same for both)."""
+
+
+def hmac_digest(func: PrfHash) -> Digest:
+    """The HMAC hash behind a PRF func: SHA-1 for MIKEY-1 (RFC 3830 4.1.2), SHA-256 for
+    PRF-HMAC-SHA-256 (RFC 6043 6.1). This is the one place that maps the one to the other."""
+    if isinstance(func, Digest):
+        return func
+    return Digest.SHA1 if func == PrfFunc.MIKEY_1 else Digest.SHA256
+
+
+def digest_name(func: PrfHash) -> str:
     """hashlib name of the HMAC hash behind a PRF func."""
-    return "sha1" if func == PrfFunc.MIKEY_1 else "sha256"
+    return hmac_digest(func).value
 
 
-def block_bytes(func: PrfFunc) -> int:
+def block_bytes(func: PrfHash) -> int:
     """Output block size of the PRF's HMAC (H/8 in RFC 3830 4.1.2)."""
-    return 20 if func == PrfFunc.MIKEY_1 else 32
+    return 20 if hmac_digest(func) is Digest.SHA1 else 32
 
 
 IN_KEY_SLICE = 32  # RFC 3830 4.1.2: the in-key is split in 256-bit slices (also for SHA-256)
@@ -60,7 +75,7 @@ def p_function(hmac: HmacFn, label: bytes, blocks: int) -> bytes:
     return bytes(out)
 
 
-def prf_over(hmacs: Sequence[HmacFn], label: bytes, out_len: int, func: PrfFunc) -> bytes:
+def prf_over(hmacs: Sequence[HmacFn], label: bytes, out_len: int, func: PrfHash) -> bytes:
     """PRF(inkey, label) where inkey = s_1 || ... || s_n and ``hmacs[i]`` is HMAC keyed by s_i.
 
     Output is the first ``out_len`` bytes of P(s_1, label, m) XOR ... XOR P(s_n, label, m).
@@ -78,7 +93,7 @@ def prf_over(hmacs: Sequence[HmacFn], label: bytes, out_len: int, func: PrfFunc)
     return bytes(acc[:out_len])
 
 
-def software_hmac(key: bytes, func: PrfFunc) -> HmacFn:
+def software_hmac(key: bytes, func: PrfHash) -> HmacFn:
     """HMAC over a key held in host memory (endpoints and the software key store)."""
     name = digest_name(func)
 
@@ -95,12 +110,12 @@ def split_in_key(key: bytes) -> list[bytes]:
     return [key[i : i + IN_KEY_SLICE] for i in range(0, len(key), IN_KEY_SLICE)]
 
 
-def prf(key: bytes, label: bytes, out_len: int, func: PrfFunc = PrfFunc.MIKEY_1) -> bytes:
+def prf(key: bytes, label: bytes, out_len: int, func: PrfHash = PrfFunc.MIKEY_1) -> bytes:
     """The MIKEY PRF with an in-key in host memory."""
     return prf_over([software_hmac(s, func) for s in split_in_key(key)], label, out_len, func)
 
 
-def software_prf(key: bytes, func: PrfFunc) -> KeyedPrf:
+def software_prf(key: bytes, func: PrfHash) -> KeyedPrf:
     """A KeyedPrf over a key held in host memory."""
 
     def fn(label: bytes, out_len: int) -> bytes:
@@ -114,8 +129,10 @@ __all__ = [
     "HmacFn",
     "KeyedPrf",
     "PrfFunc",
+    "PrfHash",
     "block_bytes",
     "digest_name",
+    "hmac_digest",
     "prf_outputs",
     "p_function",
     "prf",

@@ -1,7 +1,7 @@
 """Message protection shared by the KMS and endpoints: algorithm suites, message keys,
 KEMAC sealing/opening and V MACs (RFC 3830 4.1.4, 4.2.3; RFC 6043 5.1.2, 5.4, 6.2).
 
-Key operations go through a :class:`~kms.keystore.KeyStore`: the KMS passes its token-backed
+Key operations go through a :class:`~kms.keystore.KeyOps`: the KMS passes its token-backed
 store (so PRFs and AES-CM run on the token), endpoints a software one.
 """
 
@@ -11,7 +11,7 @@ import hmac
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from kms.keystore import Key, KeyStore
+from kms.keystore import Key, KeyOps
 from kms.mikey.chain import decode_key_data, encode_key_data
 from kms.mikey.cipher import CryptoError, compute_mac, decrypt_kemac_data, encrypt_kemac_data
 from kms.mikey.compose import compose_as
@@ -22,7 +22,7 @@ from kms.mikey.errors import DecodeError
 from kms.mikey.message import Message
 from kms.mikey.ntp import timestamp_t64
 from kms.mikey.payloads import Kemac, KeyData, Timestamp, Verification
-from kms.mikey.prf import KeyedPrf
+from kms.mikey.prf import KeyedPrf, hmac_digest
 from kms.mikey.views import RequestResp, ResolveResp
 
 
@@ -55,8 +55,8 @@ class _StorePrf:
 
     __slots__ = ("_func", "_key", "_ks")
 
-    def __init__(self, ks: KeyStore, key: Key, func: PrfFunc) -> None:
-        self._ks, self._key, self._func = ks, key, func
+    def __init__(self, ks: KeyOps, key: Key, func: PrfFunc) -> None:
+        self._ks, self._key, self._func = ks, key, hmac_digest(func)
 
     def __call__(self, label: bytes, out_len: int) -> bytes:
         return self._ks.prf(self._key, label, out_len, self._func)
@@ -65,7 +65,7 @@ class _StorePrf:
         return self._ks.prf_many(self._key, requests, self._func)
 
 
-def keyed_prf(ks: KeyStore, key: Key, func: PrfFunc) -> KeyedPrf:
+def keyed_prf(ks: KeyOps, key: Key, func: PrfFunc) -> KeyedPrf:
     """A KeyedPrf computed by the key store (token HMACs for the KMS)."""
     return _StorePrf(ks, key, func)
 
@@ -87,7 +87,7 @@ def _last_v(msg: Message) -> Verification:
 
 
 def message_keys(
-    ks: KeyStore,
+    ks: KeyOps,
     key: Key,
     msg: Message,
     direction: KeyDirection,
@@ -104,7 +104,7 @@ def message_keys(
 
 
 def seal_kemac(
-    ks: KeyStore,
+    ks: KeyOps,
     keys: MessageKeys,
     encr_alg: EncrAlg,
     csb_id: int,
@@ -121,7 +121,7 @@ def seal_kemac(
 
 
 def open_kemac(
-    ks: KeyStore, kemac: Kemac, keys: MessageKeys, csb_id: int, t64: bytes
+    ks: KeyOps, kemac: Kemac, keys: MessageKeys, csb_id: int, t64: bytes
 ) -> tuple[KeyData, ...]:
     """Decrypt and parse a KEMAC; CryptoError for anything wrong (opaque to the sender)."""
     try:
@@ -168,7 +168,7 @@ Response = RequestResp | ResolveResp
 
 
 def open_response(
-    ks: KeyStore,
+    ks: KeyOps,
     data: bytes,
     expected: type[Response],
     initial: Message,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hmac
 from dataclasses import dataclass, field
 
-from kms.keystore import KeyStore
+from kms.keystore import KeyOps
 from kms.mikey.base_ticket import TicketContents, TicketError, derive_mpk_pair
 from kms.mikey.cipher import compute_mac
 from kms.mikey.constants import KeyDataType, MacAlg, PrfFunc
@@ -64,7 +64,7 @@ def _check_vr(ticket: Ticket, mac_alg: MacAlg, key: bytes) -> None:
 
 
 def resolve_ticket_keys(
-    ks: KeyStore, ticket: Ticket, contents: TicketContents, responder: bytes
+    ks: KeyOps, ticket: Ticket, contents: TicketContents, responder: bytes
 ) -> Resolution:
     """The keys a resolver hands to ``responder`` (RFC 6043 4.2.3.5, 5.1.1): forking (I = 1)
     forks MPKr and every TGK with the responder's ID Data and a fresh RANDRkms; GTGKs and

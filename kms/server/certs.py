@@ -2,7 +2,7 @@
 
 ``cryptography``'s CertificateBuilder can only sign with a private key object it holds, so
 the TBSCertificate is built with asn1crypto and its DER is signed through
-:meth:`KeyStore.sign` (the token hashes and signs; the private key is never exported).
+:meth:`KeyOps.sign` (the token hashes and signs; the private key is never exported).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from asn1crypto import keys as asn1_keys
 from asn1crypto import pem
 from asn1crypto import x509 as asn1_x509
 
-from kms.keystore import KeyRef, KeyStore, SignScheme
+from kms.keystore import KeyOps, KeyRef, SignScheme
 
 DEFAULT_VALIDITY_DAYS = 3653  # ten years, leap days included
 CN_MAX = 64  # X.520 ub-common-name
@@ -29,7 +29,7 @@ def _time(when: dt.datetime) -> asn1_x509.Time:
 
 
 def build_self_signed_cert(
-    keystore: KeyStore,
+    keystore: KeyOps,
     key: KeyRef,
     kms_id: str,
     *,

@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Protocol, TypeVar
 
 from kms.keystore import (
+    Digest,
     InvalidSealedData,
     Key,
     KeyExists,
@@ -26,7 +27,6 @@ from kms.keystore import (
     TokenUnavailable,
     UnsupportedOperation,
 )
-from kms.mikey.prf import PrfFunc
 
 T = TypeVar("T")
 
@@ -106,14 +106,14 @@ class MeteredKeyStore:
         return True
 
     # --- operations -----------------------------------------------------------------------
-    def hmac(self, key: Key, data: bytes, func: PrfFunc) -> bytes:
+    def hmac(self, key: Key, data: bytes, func: Digest) -> bytes:
         return self._op("hmac", self._inner.hmac, key, data, func)
 
-    def prf(self, key: Key, label: bytes, out_len: int, func: PrfFunc) -> bytes:
+    def prf(self, key: Key, label: bytes, out_len: int, func: Digest) -> bytes:
         return self._op("prf", self._inner.prf, key, label, out_len, func)
 
     def prf_many(
-        self, key: Key, requests: Sequence[tuple[bytes, int]], func: PrfFunc
+        self, key: Key, requests: Sequence[tuple[bytes, int]], func: Digest
     ) -> list[bytes]:
         return self._op("prf_many", self._inner.prf_many, key, requests, func)
 

@@ -1,6 +1,6 @@
 """What a KMS configuration needs from its PKCS#11 module (checked when the token opens).
 
-Names are :class:`hsm.mechanisms.Operation` values; the module's mechanism plan must have a
+Names are :class:`hsm.pkcs11.mechanisms.Operation` values; the module's mechanism plan must have a
 way for each, or the token is refused at start with one line naming the missing mechanism
 (never at the first call that happens to need it).
 """

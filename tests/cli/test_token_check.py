@@ -8,9 +8,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from hsm.mechanisms import Operation
+from hsm.pkcs11.mechanisms import Operation
+from hsm.pkcs11.token_check import CheckReport, OperationRow, Probe, render_text
 from hsm.provision import DEFAULT_SOFTHSM_MODULE
-from hsm.token_check import CheckReport, OperationRow, Probe, render_text
 from hsm.uri import token_uri
 from tests.cli.conftest import _run
 from tests.token_modules import OckToken

@@ -20,7 +20,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hsm.pkcs11_store import RECONNECT_INTERVAL
+from hsm.pkcs11 import RECONNECT_INTERVAL
 from kms.core.api import KmsReply, Outcome
 from kms.core.service import Kms
 from kms.endpoint.common import Credentials, initial_message, new_csb_id, now_timestamp

@@ -10,6 +10,7 @@ import hmac as std_hmac
 import itertools
 import os
 from collections.abc import Callable, Iterator
+from typing import cast
 
 import pytest
 from cryptography.hazmat.primitives import hashes, serialization
@@ -17,12 +18,15 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from hsm import open_keystore
-from hsm.mechanisms import Operation
+from hsm.pkcs11.mechanisms import Operation
 from hsm.software import SoftwareKeyStore
 from kms.keystore import (
+    Digest,
     InvalidSealedData,
+    KeyAdmin,
     KeyExists,
     KeyNotFound,
+    KeyOps,
     KeyRef,
     KeyStore,
     KeyStoreError,
@@ -79,6 +83,10 @@ def test_without_ec_generate_ec_is_refused_naming_the_mechanism(store: KeyStore)
 
 def test_is_a_keystore(store: KeyStore) -> None:
     assert isinstance(store, KeyStore)
+    assert isinstance(store, KeyOps) and isinstance(store, KeyAdmin)
+    # The request path's interface holds no administration (the split of kms.keystore).
+    assert not {"generate_secret", "import_secret", "delete", "list_keys"} & set(dir(KeyOps))
+    assert not {"hmac", "prf", "sign", "rsa_decrypt"} & set(dir(KeyAdmin))
 
 
 # --- HMAC / PRF with long-term keys ---------------------------------------------------------
@@ -91,7 +99,7 @@ def test_long_term_hmac_and_prf_equal_software(store: KeyStore, key_len: int) ->
     info = store.import_secret(label, value)
     assert info.length_bits == key_len * 8  # the TRUE length, not the padded one
     ref = KeyRef(label)
-    for func in PrfFunc:
+    for func in Digest:
         for data in (b"", b"x", os.urandom(100)):
             assert store.hmac(ref, data, func) == std_hmac.new(
                 value, data, digest_name(func)
@@ -107,9 +115,22 @@ def test_generated_secret_is_usable(store: KeyStore) -> None:
         info = store.generate_secret(label, length)
         assert info.length_bits == length * 8
         assert info.key_type == KeyType.SECRET
-        a = store.prf(KeyRef(label), b"label", 32, PrfFunc.PRF_HMAC_SHA_256)
-        assert a == store.prf(KeyRef(label), b"label", 32, PrfFunc.PRF_HMAC_SHA_256)
+        a = store.prf(KeyRef(label), b"label", 32, Digest.SHA256)
+        assert a == store.prf(KeyRef(label), b"label", 32, Digest.SHA256)
         assert len(a) == 32
+
+
+def test_hash_is_named_by_the_boundary_digest(store: KeyStore) -> None:
+    # The store is told the HMAC hash (Digest); which MIKEY PRF func uses which hash is the
+    # MIKEY layer's mapping (kms.mikey.prf.hmac_digest). A PRF func number is refused.
+    key = os.urandom(16)
+    assert store.hmac(key, b"d", Digest.SHA256) == std_hmac.new(key, b"d", "sha256").digest()
+    assert store.prf(key, b"l", 20, Digest.SHA1) == prf(key, b"l", 20, PrfFunc.MIKEY_1)
+    not_a_digest = cast(Digest, PrfFunc.MIKEY_1)
+    with pytest.raises(ValueError, match="Digest"):
+        store.hmac(key, b"d", not_a_digest)
+    with pytest.raises(ValueError, match="Digest"):
+        store.prf_many(key, [(b"l", 16)], not_a_digest)
 
 
 # --- HMAC / PRF with ephemeral keys ---------------------------------------------------------
@@ -118,23 +139,23 @@ def test_generated_secret_is_usable(store: KeyStore) -> None:
 @pytest.mark.parametrize("key_len", [0, 16, 20, 32, 48, 70])
 def test_ephemeral_hmac_equals_software(store: KeyStore, key_len: int) -> None:
     key = os.urandom(key_len)
-    for func in PrfFunc:
+    for func in Digest:
         data = os.urandom(60)
         assert store.hmac(key, data, func) == std_hmac.new(key, data, digest_name(func)).digest()
 
 
 @pytest.mark.parametrize("key_len", [16, 20, 32, 48, 64, 80])
-@pytest.mark.parametrize("func", list(PrfFunc))
-def test_ephemeral_prf_equals_software(store: KeyStore, key_len: int, func: PrfFunc) -> None:
+@pytest.mark.parametrize("func", list(Digest))
+def test_ephemeral_prf_equals_software(store: KeyStore, key_len: int, func: Digest) -> None:
     key = os.urandom(key_len)  # 48 / 64 / 80 bytes: two or three 256-bit slices
     for out_len in (14, 16, 20, 32, 48):
         lbl = os.urandom(31)
         assert store.prf(key, lbl, out_len, func) == prf(key, lbl, out_len, func)
 
 
-@pytest.mark.parametrize("func", list(PrfFunc))
+@pytest.mark.parametrize("func", list(Digest))
 @pytest.mark.parametrize("key_len", [16, 32, 48])
-def test_prf_many_equals_one_at_a_time(store: KeyStore, func: PrfFunc, key_len: int) -> None:
+def test_prf_many_equals_one_at_a_time(store: KeyStore, func: Digest, key_len: int) -> None:
     value = os.urandom(key_len)
     requests = [(os.urandom(43), n) for n in (16, 20, 14, 48)]
     expected = [prf(value, lbl, n, func) for lbl, n in requests]
@@ -151,11 +172,11 @@ def test_prf_many_equals_one_at_a_time(store: KeyStore, func: PrfFunc, key_len: 
 
 def test_prf_rejects_bad_arguments(store: KeyStore) -> None:
     with pytest.raises(ValueError, match="positive"):
-        store.prf_many(os.urandom(16), [(b"l", 16), (b"m", 0)], PrfFunc.MIKEY_1)
+        store.prf_many(os.urandom(16), [(b"l", 16), (b"m", 0)], Digest.SHA1)
     with pytest.raises(ValueError, match="empty"):
-        store.prf(b"", b"l", 16, PrfFunc.MIKEY_1)
+        store.prf(b"", b"l", 16, Digest.SHA1)
     with pytest.raises(ValueError, match="positive"):
-        store.prf(os.urandom(16), b"l", 0, PrfFunc.MIKEY_1)
+        store.prf(os.urandom(16), b"l", 0, Digest.SHA1)
 
 
 # --- AES-CM ---------------------------------------------------------------------------------
@@ -268,7 +289,7 @@ def test_sign_verifies_with_cryptography(store: KeyStore, scheme: SignScheme) ->
 
 def test_key_type_misuse(store: KeyStore) -> None:
     with pytest.raises(UnsupportedOperation):
-        store.hmac(KeyRef("kms-rsa"), b"x", PrfFunc.MIKEY_1)
+        store.hmac(KeyRef("kms-rsa"), b"x", Digest.SHA1)
     if has_ec(store):
         with pytest.raises(UnsupportedOperation):
             store.sign(KeyRef("kms-ec"), b"x", SignScheme.RSA_PKCS1V15_SHA256)
@@ -314,7 +335,7 @@ def test_generate_import_list_delete(store: KeyStore) -> None:
     assert not {a, b, c} & {k.label for k in store.list_keys()}
     # The label can be reused after delete.
     store.import_secret(a, b"\x01" * 16)
-    assert store.hmac(KeyRef(a), b"d", PrfFunc.MIKEY_1) == std_hmac.new(
+    assert store.hmac(KeyRef(a), b"d", Digest.SHA1) == std_hmac.new(
         b"\x01" * 16, b"d", "sha1"
     ).digest()
     store.delete(a)
@@ -349,8 +370,8 @@ def test_duplicate_label_is_key_exists(store: KeyStore) -> None:
 def test_unknown_label_is_key_not_found(store: KeyStore) -> None:
     ref = KeyRef("no-such-key")
     calls: list[Callable[[], object]] = [
-        lambda: store.hmac(ref, b"x", PrfFunc.MIKEY_1),
-        lambda: store.prf(ref, b"x", 16, PrfFunc.MIKEY_1),
+        lambda: store.hmac(ref, b"x", Digest.SHA1),
+        lambda: store.prf(ref, b"x", 16, Digest.SHA1),
         lambda: store.rsa_decrypt(ref, b"x" * 256, RsaPadding.PKCS1V15),
         lambda: store.sign(ref, b"x", SignScheme.ECDSA_SHA256),
         lambda: store.public_key_der(ref),

@@ -9,7 +9,7 @@ import pytest
 from pkcs11 import Mechanism as M  # noqa: N817 - short in the tables below
 
 from hsm import TokenConfigError, open_keystore
-from hsm.mechanisms import MechanismPlan, MechInfo, Operation, Way, plan_for
+from hsm.pkcs11.mechanisms import MechanismPlan, MechInfo, Operation, Way, plan_for
 from kms.keystore import UnsupportedOperation
 from kms.server.token_needs import BASE_OPERATIONS, required_operations
 from tests.token_modules import OckToken

@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 
 from hsm import open_keystore
-from hsm.pkcs11_store import RECONNECT_INTERVAL, TokenConfigError
-from kms.keystore import KeyRef, KeyStoreError, TokenUnavailable
-from kms.mikey.prf import PrfFunc, prf
+from hsm.pkcs11 import RECONNECT_INTERVAL, TokenConfigError
+from kms.keystore import Digest, KeyRef, KeyStoreError, TokenUnavailable
+from kms.mikey.prf import prf
 
 PSK = bytes.fromhex("00112233445566778899aabbccddeeff")
 
@@ -36,8 +36,8 @@ def test_token_directory_lost_and_restored(softhsm_token: Any, tmp_path: Path) -
     try:
         ks.import_secret("psk", PSK)
         ref = KeyRef("psk")
-        expected = prf(PSK, b"label", 48, PrfFunc.MIKEY_1)
-        assert ks.prf(ref, b"label", 48, PrfFunc.MIKEY_1) == expected
+        expected = prf(PSK, b"label", 48, Digest.SHA1)
+        assert ks.prf(ref, b"label", 48, Digest.SHA1) == expected
 
         moved = tmp_path / "tokens-moved-away"
         shutil.move(softhsm_token.tokens_dir, moved)
@@ -48,9 +48,9 @@ def test_token_directory_lost_and_restored(softhsm_token: Any, tmp_path: Path) -
         calls = 0
         while time.monotonic() < deadline:
             with pytest.raises(TokenUnavailable, match="token unavailable"):
-                ks.prf(ref, b"label", 48, PrfFunc.MIKEY_1)
+                ks.prf(ref, b"label", 48, Digest.SHA1)
             with pytest.raises(TokenUnavailable):
-                ks.hmac(os.urandom(16), b"x", PrfFunc.MIKEY_1)
+                ks.hmac(os.urandom(16), b"x", Digest.SHA1)
             calls += 1
             time.sleep(0.05)
         assert calls >= 5
@@ -58,7 +58,7 @@ def test_token_directory_lost_and_restored(softhsm_token: Any, tmp_path: Path) -
 
         shutil.move(moved, softhsm_token.tokens_dir)
         # Same store object: it reconnects by itself (finalise, initialise, log in, rescan).
-        got = _until_ok(lambda: ks.prf(ref, b"label", 48, PrfFunc.MIKEY_1),
+        got = _until_ok(lambda: ks.prf(ref, b"label", 48, Digest.SHA1),
                         timeout=10 * RECONNECT_INTERVAL)
         assert got == expected
         assert ks.connected
@@ -76,16 +76,16 @@ def test_reconnect_attempts_are_rate_limited(softhsm_token: Any, tmp_path: Path)
         ks.import_secret("psk", PSK)
         shutil.move(softhsm_token.tokens_dir, tmp_path / "away")
         with pytest.raises(TokenUnavailable):
-            ks.hmac(KeyRef("psk"), b"x", PrfFunc.MIKEY_1)  # marks the connection broken
+            ks.hmac(KeyRef("psk"), b"x", Digest.SHA1)  # marks the connection broken
         with pytest.raises(TokenUnavailable):
-            ks.hmac(KeyRef("psk"), b"x", PrfFunc.MIKEY_1)  # one reconnect attempt: fails
+            ks.hmac(KeyRef("psk"), b"x", Digest.SHA1)  # one reconnect attempt: fails
         t0 = time.monotonic()
         for _ in range(50):  # inside the interval: refused at once, no token work
             with pytest.raises(TokenUnavailable):
-                ks.hmac(KeyRef("psk"), b"x", PrfFunc.MIKEY_1)
+                ks.hmac(KeyRef("psk"), b"x", Digest.SHA1)
         assert time.monotonic() - t0 < RECONNECT_INTERVAL
         shutil.move(tmp_path / "away", softhsm_token.tokens_dir)
-        _until_ok(lambda: ks.hmac(KeyRef("psk"), b"x", PrfFunc.MIKEY_1), 10 * RECONNECT_INTERVAL)
+        _until_ok(lambda: ks.hmac(KeyRef("psk"), b"x", Digest.SHA1), 10 * RECONNECT_INTERVAL)
     finally:
         ks.close()
 

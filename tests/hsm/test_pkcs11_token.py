@@ -20,9 +20,9 @@ import pytest
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from hsm import open_keystore
-from hsm.pkcs11_store import MISSING_KEY_RESCAN_S, Pkcs11KeyStore, TokenConfigError
-from kms.keystore import KeyNotFound, KeyRef
-from kms.mikey.prf import PrfFunc, prf
+from hsm.pkcs11 import MISSING_KEY_RESCAN_S, Pkcs11KeyStore, TokenConfigError
+from kms.keystore import Digest, KeyNotFound, KeyRef, TokenUnavailable
+from kms.mikey.prf import prf
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PSK16 = bytes(range(16))
@@ -134,12 +134,11 @@ def test_true_length_survives_reopen(store: Pkcs11KeyStore, token: Any) -> None:
             """
             import sys
             from hsm import TokenConfig, open_keystore
-            from kms.keystore import KeyRef
-            from kms.mikey.prf import PrfFunc
+            from kms.keystore import Digest, KeyRef
             ks = open_keystore(TokenConfig(sys.argv[1], sys.argv[2], None, sys.argv[3],
                                            sys.argv[4]))
             print(ks.key_info("psk16").length_bits, ks.key_info("psk32").length_bits)
-            print(ks.prf(KeyRef("psk16"), b"lbl", 48, PrfFunc.MIKEY_1).hex())
+            print(ks.prf(KeyRef("psk16"), b"lbl", 48, Digest.SHA1).hex())
             ks.close()
             """
         ), token.module, token.label, token.user_pin, str(token.conf)],
@@ -149,7 +148,7 @@ def test_true_length_survives_reopen(store: Pkcs11KeyStore, token: Any) -> None:
     assert proc.returncode == 0, proc.stderr
     lengths, out = proc.stdout.split("\n")[:2]
     assert lengths == "128 256"
-    assert bytes.fromhex(out) == prf(PSK16, b"lbl", 48, PrfFunc.MIKEY_1)
+    assert bytes.fromhex(out) == prf(PSK16, b"lbl", 48, Digest.SHA1)
 
 
 def test_handles_are_cached_not_searched(store: Pkcs11KeyStore, token: Any) -> None:
@@ -164,12 +163,12 @@ def test_handles_are_cached_not_searched(store: Pkcs11KeyStore, token: Any) -> N
     )
     assert proc.returncode == 0, proc.stderr
     time.sleep(MISSING_KEY_RESCAN_S)  # other tests' misses may have just rescanned
-    assert store.hmac(KeyRef("outside"), b"x", PrfFunc.MIKEY_1) == std_hmac.new(
+    assert store.hmac(KeyRef("outside"), b"x", Digest.SHA1) == std_hmac.new(
         value, b"x", "sha1"
     ).digest()
     rescanned_at = store._token._last_rescan
     with pytest.raises(KeyNotFound):
-        store.hmac(KeyRef("still-missing"), b"x", PrfFunc.MIKEY_1)
+        store.hmac(KeyRef("still-missing"), b"x", Digest.SHA1)
     assert store._token._last_rescan == rescanned_at  # rate-limited: no second scan
     assert store.key_info("outside").length_bits == 256  # no marker: the stored length
     store.delete("outside")
@@ -178,13 +177,13 @@ def test_handles_are_cached_not_searched(store: Pkcs11KeyStore, token: Any) -> N
 def test_stores_share_one_module(store: Pkcs11KeyStore, token: Any) -> None:
     second = open_keystore(token.config())
     try:
-        assert second.hmac(KeyRef("psk16"), b"d", PrfFunc.MIKEY_1) == std_hmac.new(
+        assert second.hmac(KeyRef("psk16"), b"d", Digest.SHA1) == std_hmac.new(
             PSK16, b"d", "sha1"
         ).digest()
     finally:
         second.close()
     # Closing the second store leaves the first one working.
-    assert store.prf(KeyRef("psk16"), b"l", 16, PrfFunc.MIKEY_1) == prf(PSK16, b"l", 16)
+    assert store.prf(KeyRef("psk16"), b"l", 16, Digest.SHA1) == prf(PSK16, b"l", 16)
     with pytest.raises(TokenConfigError, match="another token configuration"):
         open_keystore(token.config(token_label="other"))
 
@@ -200,7 +199,7 @@ def _hammer(store: Pkcs11KeyStore, errors: list[str], counter: list[int], seed: 
     try:
         for i in range(ROUNDS):
             label = f"lbl-{seed}-{i}".encode()
-            func = PrfFunc(i % 2)
+            func = list(Digest)[i % 2]
             if store.prf(KeyRef("psk16"), label, 48, func) != prf(PSK16, label, 48, func):
                 errors.append("prf psk16")
             if store.prf(KeyRef("psk32"), label, 20, func) != prf(PSK32, label, 20, func):
@@ -240,7 +239,7 @@ def _child(store: Pkcs11KeyStore, seed: int, results: Any) -> None:
 
 def test_threads_in_forked_processes(store: Pkcs11KeyStore) -> None:
     # Warm the parent so the children inherit a live, logged-in connection.
-    assert store.prf(KeyRef("psk16"), b"x", 16, PrfFunc.MIKEY_1) == prf(PSK16, b"x", 16)
+    assert store.prf(KeyRef("psk16"), b"x", 16, Digest.SHA1) == prf(PSK16, b"x", 16)
     ctx = multiprocessing.get_context("fork")
     results = ctx.Queue()
     procs = [ctx.Process(target=_child, args=(store, seed, results)) for seed in (1, 2)]
@@ -259,7 +258,7 @@ def test_threads_in_forked_processes(store: Pkcs11KeyStore) -> None:
         assert done == THREADS * ROUNDS
         assert pid != os.getpid()
     # And the parent still works after the children are gone.
-    assert store.hmac(KeyRef("psk32"), b"after", PrfFunc.PRF_HMAC_SHA_256) == std_hmac.new(
+    assert store.hmac(KeyRef("psk32"), b"after", Digest.SHA256) == std_hmac.new(
         PSK32, b"after", "sha256"
     ).digest()
 
@@ -296,8 +295,8 @@ def test_working_copies_are_sensitive_session_objects(store: Pkcs11KeyStore) -> 
     from pkcs11.exceptions import AttributeSensitive
 
     for _ in range(8):  # several pooled sessions
-        assert store.prf(KeyRef("psk32"), b"lbl", 20, PrfFunc.MIKEY_1) == prf(
-            PSK32, b"lbl", 20, PrfFunc.MIKEY_1
+        assert store.prf(KeyRef("psk32"), b"lbl", 20, Digest.SHA1) == prf(
+            PSK32, b"lbl", 20, Digest.SHA1
         )
     copies = _copies(store, "psk32")
     assert copies
@@ -316,8 +315,8 @@ def test_delete_destroys_working_copies(store: Pkcs11KeyStore) -> None:
     from pkcs11.exceptions import KeyHandleInvalid, ObjectHandleInvalid
 
     store.import_secret("short-lived", PSK16)
-    expected = prf(PSK16, b"x", 16, PrfFunc.MIKEY_1)
-    assert store.prf(KeyRef("short-lived"), b"x", 16, PrfFunc.MIKEY_1) == expected
+    expected = prf(PSK16, b"x", 16, Digest.SHA1)
+    assert store.prf(KeyRef("short-lived"), b"x", 16, Digest.SHA1) == expected
     copies = _copies(store, "short-lived")
     assert copies
     store.delete("short-lived")
@@ -326,7 +325,7 @@ def test_delete_destroys_working_copies(store: Pkcs11KeyStore) -> None:
         with pytest.raises((ObjectHandleInvalid, KeyHandleInvalid)):
             obj.sign(b"x", mechanism=Mechanism.SHA_1_HMAC)
     with pytest.raises(KeyNotFound):
-        store.prf(KeyRef("short-lived"), b"x", 16, PrfFunc.MIKEY_1)
+        store.prf(KeyRef("short-lived"), b"x", 16, Digest.SHA1)
 
 
 def test_key_replaced_by_another_process_does_not_live_on_in_its_copy(
@@ -334,12 +333,12 @@ def test_key_replaced_by_another_process_does_not_live_on_in_its_copy(
 ) -> None:
     # The KMS never reuses a label, but another tool may: the copy is checked against its
     # stored object (every WORKING_COPY_CHECK_S, 0 here), and a replaced key is picked up.
-    import hsm.pkcs11_store as mod
+    import hsm.pkcs11.working as mod
 
     old, new = os.urandom(32), os.urandom(32)
     store.import_secret("replaced", old)
     ref = KeyRef("replaced")
-    assert store.hmac(ref, b"x", PrfFunc.MIKEY_1) == std_hmac.new(old, b"x", "sha1").digest()
+    assert store.hmac(ref, b"x", Digest.SHA1) == std_hmac.new(old, b"x", "sha1").digest()
     proc = subprocess.run(
         [sys.executable, "-c", _DELETE_AND_RECREATE, token.module, token.label,
          token.user_pin, "replaced", new.hex()],
@@ -351,8 +350,8 @@ def test_key_replaced_by_another_process_does_not_live_on_in_its_copy(
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         try:
-            seen.append(store.hmac(ref, b"x", PrfFunc.MIKEY_1))
-        except mod.TokenUnavailable:
+            seen.append(store.hmac(ref, b"x", Digest.SHA1))
+        except TokenUnavailable:
             time.sleep(0.2)  # the store reconnects and rescans
             continue
         if seen[-1] == std_hmac.new(new, b"x", "sha1").digest():
@@ -374,7 +373,7 @@ def test_ephemeral_keys_are_sensitive_and_destroyed_after_use(
     conn = tok._conn
     assert conn is not None
     seen: list[tuple[bool, bool, bool, bool]] = []
-    real_destroy = tok._destroy
+    real_destroy = tok.objects.destroy
 
     def inspecting_destroy(obj: Any) -> None:
         try:
@@ -391,18 +390,18 @@ def test_ephemeral_keys_are_sensitive_and_destroyed_after_use(
         return len(list(ps.session.get_objects({Attribute.TOKEN: False})))
 
     before = session_objects()
-    monkeypatch.setattr(tok, "_destroy", inspecting_destroy)
+    monkeypatch.setattr(tok.objects, "destroy", inspecting_destroy)
     key, iv = os.urandom(16), os.urandom(16)
     enc = Cipher(algorithms.AES(key), modes.CTR(iv)).encryptor()
     assert store.aes_cm(key, iv, b"m" * 50) == enc.update(b"m" * 50) + enc.finalize()
-    assert store.prf(os.urandom(48), b"l", 16, PrfFunc.MIKEY_1)  # two slices
-    assert len(store.prf_many(os.urandom(16), [(b"a", 16), (b"b", 16)], PrfFunc.MIKEY_1)) == 2
+    assert store.prf(os.urandom(48), b"l", 16, Digest.SHA1)  # two slices
+    assert len(store.prf_many(os.urandom(16), [(b"a", 16), (b"b", 16)], Digest.SHA1)) == 2
     assert seen == [(False, True, False, False)] * 4
     assert session_objects() == before
 
 
 def test_working_copies_are_bounded(store: Pkcs11KeyStore, monkeypatch: pytest.MonkeyPatch) -> None:
-    import hsm.pkcs11_store as mod
+    import hsm.pkcs11.working as mod
 
     monkeypatch.setattr(mod, "MAX_WORKING_COPIES", 3)
     values = {f"bounded-{i}": os.urandom(32) for i in range(6)}
@@ -411,8 +410,8 @@ def test_working_copies_are_bounded(store: Pkcs11KeyStore, monkeypatch: pytest.M
     try:
         for _ in range(3):
             for label, value in values.items():
-                assert store.prf(KeyRef(label), b"l", 16, PrfFunc.MIKEY_1) == prf(
-                    value, b"l", 16, PrfFunc.MIKEY_1
+                assert store.prf(KeyRef(label), b"l", 16, Digest.SHA1) == prf(
+                    value, b"l", 16, Digest.SHA1
                 )
         conn = store._token._conn
         assert conn is not None

@@ -24,10 +24,10 @@ from typing import Any
 import pytest
 
 from hsm import open_keystore
-from hsm.mechanisms import Operation, Way
-from hsm.pkcs11_store import RECONNECT_INTERVAL, Pkcs11KeyStore
-from kms.keystore import KeyRef, TokenUnavailable
-from kms.mikey.prf import PrfFunc, prf
+from hsm.pkcs11 import RECONNECT_INTERVAL, Pkcs11KeyStore
+from hsm.pkcs11.mechanisms import Operation, Way
+from kms.keystore import Digest, KeyRef, TokenUnavailable
+from kms.mikey.prf import prf
 from tests.hsm.conftest import SoftToken, token_on
 from tests.token_modules import MODULES, OckToken, opencryptoki_token_lost
 
@@ -154,7 +154,7 @@ def test_key_info_flags(store: tuple[Pkcs11KeyStore, dict[str, str]]) -> None:
 def test_long_term_hmac_and_prf(store: tuple[Pkcs11KeyStore, dict[str, str]]) -> None:
     ks, labels = store
     for key, value in (("psk16", PSK16), ("psk32", PSK32)):
-        for func in PrfFunc:
+        for func in Digest:
             assert ks.prf(KeyRef(labels[key]), b"lbl", 48, func) == prf(value, b"lbl", 48, func)
 
 
@@ -197,10 +197,10 @@ def test_eight_threads_of_hmacs(store: tuple[Pkcs11KeyStore, dict[str, str]]) ->
             for j in range(40):
                 data = f"{i}-{j}".encode()
                 want = std_hmac.new(PSK16, data, "sha1").digest()
-                if ks.hmac(ref, data, PrfFunc.MIKEY_1) != want:
+                if ks.hmac(ref, data, Digest.SHA1) != want:
                     errors.append(f"thread {i}: wrong HMAC")
                 key = os.urandom(16)
-                if ks.hmac(key, data, PrfFunc.PRF_HMAC_SHA_256) != std_hmac.new(
+                if ks.hmac(key, data, Digest.SHA256) != std_hmac.new(
                         key, data, "sha256").digest():
                     errors.append(f"thread {i}: wrong ephemeral HMAC")
         except Exception as exc:
@@ -251,8 +251,8 @@ def test_token_lost_and_restored(module: str, request: pytest.FixtureRequest,
     try:
         ks.import_secret(label, PSK16)
         ref = KeyRef(label)
-        expected = prf(PSK16, b"label", 48, PrfFunc.MIKEY_1)
-        assert ks.prf(ref, b"label", 48, PrfFunc.MIKEY_1) == expected
+        expected = prf(PSK16, b"label", 48, Digest.SHA1)
+        assert ks.prf(ref, b"label", 48, Digest.SHA1) == expected
         with _lost(tok, tmp_path):
             # Every call fails with TokenUnavailable while the token is gone: never a wrong
             # result, never KeyNotFound; several rate-limited reconnect attempts fail.
@@ -260,7 +260,7 @@ def test_token_lost_and_restored(module: str, request: pytest.FixtureRequest,
             calls = 0
             while time.monotonic() < deadline:
                 with pytest.raises(TokenUnavailable, match="token unavailable"):
-                    ks.prf(ref, b"label", 48, PrfFunc.MIKEY_1)
+                    ks.prf(ref, b"label", 48, Digest.SHA1)
                 with pytest.raises(TokenUnavailable):
                     ks.aes_cm(os.urandom(16), os.urandom(16), b"x" * 20)
                 calls += 1
@@ -268,7 +268,7 @@ def test_token_lost_and_restored(module: str, request: pytest.FixtureRequest,
             assert calls >= 5
             assert not ks.connected
         # The same store reconnects by itself (initialise, log in, rescan).
-        got = _until_ok(lambda: ks.prf(ref, b"label", 48, PrfFunc.MIKEY_1),
+        got = _until_ok(lambda: ks.prf(ref, b"label", 48, Digest.SHA1),
                         timeout=10 * RECONNECT_INTERVAL)
         assert got == expected
         assert ks.connected

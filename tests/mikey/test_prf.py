@@ -161,3 +161,16 @@ def test_prf_matches_reference_implementation(
     key: bytes, label: bytes, out_len: int, func: PrfFunc
 ) -> None:
     assert prf(key, label, out_len, func) == reference_prf(key, label, out_len, func)
+
+
+def test_prf_func_maps_to_its_hmac_digest() -> None:
+    # RFC 3830 4.1.2: MIKEY-1 is built on HMAC-SHA-1; RFC 6043 6.1: PRF-HMAC-SHA-256.
+    from kms.keystore import Digest
+    from kms.mikey.prf import hmac_digest
+
+    assert hmac_digest(PrfFunc.MIKEY_1) is Digest.SHA1
+    assert hmac_digest(PrfFunc.PRF_HMAC_SHA_256) is Digest.SHA256
+    assert hmac_digest(Digest.SHA256) is Digest.SHA256
+    key = bytes(range(40))
+    for func in PrfFunc:
+        assert prf(key, b"label", 40, func) == prf(key, b"label", 40, hmac_digest(func))

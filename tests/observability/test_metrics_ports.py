@@ -19,8 +19,7 @@ from prometheus_client import CollectorRegistry
 
 from kms.core.api import Outcome
 from kms.core.ports import PeerError, PeerKms
-from kms.keystore import KeyNotFound, KeyRef, KeyStore
-from kms.mikey.prf import PrfFunc
+from kms.keystore import Digest, KeyNotFound, KeyRef, KeyStore
 from kms.server.compose import build_handler
 from kms.server.config import ConfigError, parse_config
 from kms.server.federation import GrpcPeerResolver, PeerRoute
@@ -58,12 +57,12 @@ def test_key_store_operations_are_timed_and_errors_classified(home: Home) -> Non
     ks = m.keystore(home.keystore())
     assert isinstance(ks, KeyStore)
     tpk = KeyRef(home.registry.tpk_current().key_label)  # type: ignore[union-attr]
-    a = ks.hmac(tpk, b"data", PrfFunc.MIKEY_1)
-    assert a == home.keystore().hmac(tpk, b"data", PrfFunc.MIKEY_1)  # same answers
-    ks.prf_many(tpk, [(b"label-1", 16), (b"label-2", 32)], PrfFunc.MIKEY_1)
+    a = ks.hmac(tpk, b"data", Digest.SHA1)
+    assert a == home.keystore().hmac(tpk, b"data", Digest.SHA1)  # same answers
+    ks.prf_many(tpk, [(b"label-1", 16), (b"label-2", 32)], Digest.SHA1)
     assert len(ks.random(8)) == 8
     with pytest.raises(KeyNotFound):
-        ks.hmac(KeyRef("psk/nobody"), b"x", PrfFunc.MIKEY_1)
+        ks.hmac(KeyRef("psk/nobody"), b"x", Digest.SHA1)
     assert sample(reg, "kms_token_operation_duration_seconds_count", operation="hmac") == 2
     assert sample(reg, "kms_token_operation_duration_seconds_count", operation="prf_many") == 1
     assert sample(reg, "kms_token_operation_duration_seconds_count", operation="random") == 1

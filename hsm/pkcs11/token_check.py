@@ -30,12 +30,12 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from pkcs11 import MGF, Attribute, Mechanism, ObjectClass
 from pkcs11 import KeyType as P11KeyType
 
-from hsm import TokenConfig
-from hsm.mechanisms import MechanismPlan, MechInfo, Operation
-from hsm.pkcs11_store import Pkcs11KeyStore, _public_der
-from hsm.token_ops import rsa_sign
-from kms.keystore import KeyStoreError, SignScheme
-from kms.mikey.prf import PrfFunc
+from hsm.config import TokenConfig
+from hsm.pkcs11.catalogue import public_der as _public_der
+from hsm.pkcs11.mechanisms import MechanismPlan, MechInfo, Operation
+from hsm.pkcs11.store import Pkcs11KeyStore
+from hsm.pkcs11.token_ops import rsa_sign
+from kms.keystore import Digest, KeyStoreError, SignScheme
 
 DATA = bytes(range(64))
 """What each operation is timed on: 64 bytes, the size of a MIKEY MAC input or KEMAC."""
@@ -243,7 +243,7 @@ def _probe_objects(session: Any, plan: MechanismPlan, report: CheckReport) -> di
     return keys
 
 
-def _timed(row: Any, fn: Callable[[], bool], iterations: int) -> None:
+def _timed(row: OperationRow, fn: Callable[[], bool], iterations: int) -> None:
     """Check one result, then time it; a wrong result or a token error goes into the row."""
     try:
         if not fn():
@@ -330,7 +330,7 @@ def _time_store_ops(store: Pkcs11KeyStore, report: CheckReport,
     row = OperationRow("hmac-sha1-per-message-key", False,
                        rows[Operation.HMAC_SHA1.value].uses, None, None)
     if row.uses is not None:
-        _timed(row, lambda: store.hmac(ephemeral, DATA, PrfFunc.MIKEY_1)
+        _timed(row, lambda: store.hmac(ephemeral, DATA, Digest.SHA1)
                == std_hmac.new(ephemeral, DATA, "sha1").digest(), iterations)
         report.operations.append(row)
 
@@ -346,7 +346,7 @@ def _probe_threads(store: Pkcs11KeyStore, report: CheckReport, threads: int) -> 
             key = os.urandom(16) + bytes([i, j])
             data = f"{i}/{j}".encode()
             try:
-                if store.hmac(key, data, PrfFunc.PRF_HMAC_SHA_256) != std_hmac.new(
+                if store.hmac(key, data, Digest.SHA256) != std_hmac.new(
                         key, data, "sha256").digest():
                     errors.append("wrong HMAC")
                     return

@@ -1,7 +1,7 @@
 """How the PKCS#11 key store runs AES-CM and RSA signatures on token objects, directly or by
-the token-side fallbacks that hsm.mechanisms chose (the key never leaves the token: the host
-computes only public digests and the XOR with a keystream). Used by hsm.pkcs11_store and by
-``kms token check`` (hsm.token_check)."""
+the token-side fallbacks that hsm.pkcs11.mechanisms chose (the key never leaves the token: the
+host computes only public digests and the XOR with a keystream). Used by hsm.pkcs11.store and
+by ``kms token check`` (hsm.pkcs11.token_check)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Any
 from pkcs11 import MGF, Mechanism
 
 from hsm._common import scheme_digest
-from hsm.mechanisms import MechanismPlan, Operation, Way
+from hsm.pkcs11.mechanisms import MechanismPlan, Operation, Way
 from kms.keystore import SignScheme
 
 _RSA_SIGN: dict[SignScheme, tuple[Mechanism, Any]] = {
@@ -31,8 +31,8 @@ def aes_cm_by_ctr(obj: Any, iv: bytes, data: bytes) -> bytes:
     while pos < len(data):
         # AES-CM counts over the full 128-bit block mod 2^128 (RFC 3711 4.1.1). With
         # ulCounterBits = 128 SoftHSM matches that, but refuses (DataLenRange) to wrap past
-        # 2^128 - 1 (measured), so split there. ulCounterBits = 16 (as the facts note
-        # suggests) is only right while the low 16 bits do not wrap; SoftHSM refuses that too.
+        # 2^128 - 1 (measured), so split there. ulCounterBits = 16 is only right while the
+        # low 16 bits do not wrap; SoftHSM refuses that too.
         blocks_left = (1 << 128) - counter
         chunk = data[pos : pos + blocks_left * 16]
         param = struct.pack("=Q", 128) + counter.to_bytes(16, "big")

@@ -26,14 +26,14 @@ of any module.
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from pkcs11 import Mechanism
 from pkcs11.exceptions import PKCS11Error
 
-from hsm import TokenConfigError
+from hsm.config import TokenConfigError
 from kms.keystore import UnsupportedOperation
 
 
@@ -147,7 +147,11 @@ def mechanism_name(number: int) -> str:
 # Key sizes asked for, in the units PKCS#11 v2.40 gives for each mechanism: bytes for HMAC
 # (section 4.1) and AES (section 2.9), bits for RSA, EC and CKM_GENERIC_SECRET_KEY_GEN.
 # Modules disagree on HMAC and generic-secret units in practice, so those accept either.
-_STORED_SECRET_BYTES = 32  # long-term secrets are stored padded to 32 bytes (pkcs11_store)
+_STORED_SECRET_BYTES = 32  # long-term secrets are stored padded to 32 bytes (catalogue)
+
+
+SizeCheck = Callable[[MechInfo], bool]
+"""Whether a mechanism's key-size range admits the key the KMS will use with it."""
 
 
 def _fits_bytes_or_bits(info: MechInfo, nbytes: int) -> bool:
@@ -156,7 +160,7 @@ def _fits_bytes_or_bits(info: MechInfo, nbytes: int) -> bool:
 
 def _choose(
     table: MechanismTable,
-    candidates: list[tuple[Mechanism, Way, Any]],
+    candidates: list[tuple[Mechanism, Way, SizeCheck | None]],
 ) -> tuple[Method | None, str]:
     """First candidate present whose key-size check passes; else the reason for the first."""
     reasons: list[str] = []
@@ -183,7 +187,7 @@ def plan_for(table: MechanismTable, *, has_rng: bool = True) -> MechanismPlan:
         # Stored and session secrets are padded to 32 bytes (SoftHSM's SHA-256 minimum).
         return _fits_bytes_or_bits(info, padded)
 
-    def aes(nbytes: int) -> Any:
+    def aes(nbytes: int) -> SizeCheck:
         return lambda info: info.fits(nbytes) or info.fits(nbytes * 8)
 
     def rsa2048(info: MechInfo) -> bool:
@@ -197,7 +201,7 @@ def plan_for(table: MechanismTable, *, has_rng: bool = True) -> MechanismPlan:
 
     m = Mechanism
     d = Way.DIRECT
-    wanted: dict[Operation, list[tuple[Mechanism, Way, Any]]] = {
+    wanted: dict[Operation, list[tuple[Mechanism, Way, SizeCheck | None]]] = {
         Operation.HMAC_SHA1: [(m.SHA_1_HMAC, d, hmac_ok)],
         Operation.HMAC_SHA256: [(m.SHA256_HMAC, d, hmac_ok)],
         Operation.AES_CM_128: [(m.AES_CTR, d, aes(16)),
