@@ -4,6 +4,7 @@ module, so that a stray import fails CI instead of eroding the architecture."""
 from __future__ import annotations
 
 import ast
+import re
 import sys
 from pathlib import Path
 
@@ -142,7 +143,9 @@ def cycles(paths: list[Path], root: Path = ROOT) -> list[list[str]]:
     return found
 
 
-@pytest.mark.parametrize("package", ["kms.mikey", "kms.endpoint", "kms.rpc"])
+@pytest.mark.parametrize(
+    "package", ["kms.mikey", "kms.endpoint", "kms.rpc", "kms.core", "kms.server"]
+)
 def test_no_import_cycles(package: str) -> None:
     assert cycles(modules(package)) == []
 
@@ -165,6 +168,42 @@ def test_cycle_check_sees_deferred_imports(tmp_path: Path) -> None:
     assert cycles(paths, tmp_path) == [["p.a", "p.b", "p.c", "p.a"]]
     (pkg / "c.py").write_text("", encoding="utf-8")
     assert cycles(paths, tmp_path) == []
+
+
+# Comments cite RFC sections or docs/ (docs/rfc-readings.md), never a document outside the
+# repository ("reference 14.7"), an issue number or a machine path.
+_OUTSIDE_CITATION = re.compile(r"\breference \d|\b[Ii]ssue \d|/work/|/home/\w")
+
+
+@pytest.mark.parametrize("package", ["kms.core", "kms.mikey", "kms.endpoint"])
+def test_comments_cite_rfcs_not_outside_documents(package: str) -> None:
+    found = [
+        f"{path.relative_to(ROOT)}:{n}"
+        for path in modules(package)
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+        if _OUTSIDE_CITATION.search(line)
+    ]
+    assert found == []
+
+
+_GRPC_STATUS = re.compile(
+    r"\bgrpc\b|\b(?:INVALID_ARGUMENT|PERMISSION_DENIED|FAILED_PRECONDITION|RESOURCE_EXHAUSTED"
+    r"|DEADLINE_EXCEEDED|StatusCode)\b"
+)
+
+
+def test_core_knows_no_grpc_names() -> None:
+    # The core's Outcome is its own vocabulary; kms.server maps it to gRPC status codes
+    # (and a peer's gRPC refusal back to an Outcome).
+    found = [
+        f"{path.relative_to(ROOT)}:{n}: {line.strip()}"
+        for path in modules("kms.core")
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+        if _GRPC_STATUS.search(line)
+    ]
+    assert found == []
+
+
 def names_imported_from(path: Path, module: str) -> set[str]:
     tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
     return {

@@ -11,16 +11,17 @@ from typing import Protocol
 
 
 class Outcome(StrEnum):
-    """How a request ended; the adapter maps each to a transport status (gRPC code)."""
+    """How a request ended, in the core's own words; the adapter maps each to a transport
+    status (``kms.server.grpc_server.STATUS_BY_OUTCOME``)."""
 
     OK = "ok"
-    MALFORMED = "malformed"  # undecodable or wrong-type message       -> INVALID_ARGUMENT
-    UNAUTHENTICATED = "unauthenticated"  # MAC / signature failure    -> UNAUTHENTICATED
-    DENIED = "denied"  # policy refusal (unauthorised responder, ...)  -> PERMISSION_DENIED
-    PRECONDITION = "precondition"  # expired, not yet valid, reused   -> FAILED_PRECONDITION
-    RATE_LIMITED = "rate_limited"  #                                  -> RESOURCE_EXHAUSTED
-    UNAVAILABLE = "unavailable"  # token (or a peer KMS) unavailable  -> UNAVAILABLE
-    INTERNAL = "internal"  # a bug; never carries detail               -> INTERNAL
+    MALFORMED = "malformed"  # undecodable or wrong-type message
+    UNAUTHENTICATED = "unauthenticated"  # MAC / signature failure
+    DENIED = "denied"  # policy refusal (unauthorised responder, ...)
+    PRECONDITION = "precondition"  # expired, not yet valid, reused
+    RATE_LIMITED = "rate_limited"  # rate limit, quota, replay cache full
+    UNAVAILABLE = "unavailable"  # token, a store or a peer KMS unavailable (transient)
+    INTERNAL = "internal"  # a bug; never carries detail
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,5 @@
 """Authenticating initial messages: identity, timestamp window, PSK MAC, rate and replay
-(RFC 6043 4.2.1.2, 4.2.3.2, 5.4; RFC 3830 5.4; reference 14.7-14.9).
+(RFC 6043 4.2.1.2, 4.2.3.2, 5.4; RFC 3830 5.4; docs/rfc-readings.md R7, R8).
 
 Order matters: nothing that costs state (rate counters, the replay cache) is touched before
 the MAC has been verified, so unauthenticated messages never build state in the KMS; and
@@ -14,7 +14,7 @@ import hashlib
 from dataclasses import replace
 
 from kms.core.api import Outcome
-from kms.core.context import Authenticated, Deps, Exchange
+from kms.core.context import Authenticated, Deps, noting
 from kms.core.errors import Refusal, auth_failure, denied, precondition
 from kms.core.ports import PeerKms, ReplayCacheFull
 from kms.keystore import KeyNotFound
@@ -62,7 +62,8 @@ def check_kms_identity(v: InitialMessage, deps: Deps) -> bytes:
 
 
 def sender_identity(v: PskInit, role: IdRole) -> Idr:
-    """The sender's identity: its IDRi/IDRr, else the owner named by IDRpsk (reference 14.7)."""
+    """The sender's identity: its IDRi/IDRr, else the owner named by IDRpsk
+    (docs/rfc-readings.md R7)."""
     idr, _ = sender_of(v)
     psk = v.idr_psk
     if idr is not None and psk is not None and psk.data != idr.data:
@@ -90,48 +91,50 @@ def claimed_identity(data: bytes) -> str:
 
 
 def authenticate_psk(
-    v: PskInit, deps: Deps, ex: Exchange, now: float, role: IdRole
-) -> Authenticated:
-    """Authenticate REQUEST_INIT_PSK (role IDRi) or RESOLVE_INIT_PSK (role IDRr)."""
+    v: PskInit, deps: Deps, now: float, role: IdRole
+) -> tuple[Authenticated, dict[str, object]]:
+    """Authenticate REQUEST_INIT_PSK (role IDRi) or RESOLVE_INIT_PSK (role IDRr); returns
+    the sender and the audit fields about it."""
     msg = v.msg
     suite = message_suite(msg)
     identity = sender_identity(v, role)
-    ex.audit["sender"] = claimed_identity(identity.data)
-    kms_id = check_kms_identity(v, deps)
-    registered = deps.directory.psk_for(identity.data)
-    # Registered or not, the same work in the same order: an unknown identity's MAC is
-    # verified against the dummy key, and every check that depends on the identity (the
-    # timestamp window included) comes only after the MAC has verified. Otherwise the
-    # answer, or the time it takes, tells a prober which identities are registered.
-    psk = registered if registered is not None else deps.dummy_psk
-    rand = sender_of(v)[1].value
-    rand_i, rand_r = (rand, None) if role == IdRole.IDRI else (None, rand)
-    # Verifying V needs the auth key only: with a NULL encryption algorithm the encryption
-    # and salt keys (two more PRFs under the PSK in the token) are not derived.
-    mac_only = replace(suite, encr_alg=EncrAlg.NULL)
-    verified = False
-    if psk is not None:
-        try:
-            keys = message_keys(
-                deps.keystore, psk, msg, KeyDirection.INITIAL, rand_i, rand_r, mac_only
-            )
-        except KeyNotFound:
-            if registered is not None:
-                raise auth_failure("PSK registered but missing in the token") from None
-        else:
-            verified = check_mac(msg, keys, suite, identity.data + kms_id)
-    if registered is None:
-        # Answered exactly like a wrong MAC: an "Invalid ID" here would tell anyone which
-        # identities are registered. The audit log keeps the real reason.
-        raise auth_failure("unknown identity")
-    if not verified:
-        raise auth_failure("MAC verification failed")
-    ex.audit["sender"] = identity.data.decode("utf-8", "replace")  # a registered identity
+    with noting({"sender": claimed_identity(identity.data)}):
+        kms_id = check_kms_identity(v, deps)
+        registered = deps.directory.psk_for(identity.data)
+        # Registered or not, the same work in the same order: an unknown identity's MAC is
+        # verified against the dummy key, and every check that depends on the identity (the
+        # timestamp window included) comes only after the MAC has verified. Otherwise the
+        # answer, or the time it takes, tells a prober which identities are registered.
+        psk = registered if registered is not None else deps.dummy_psk
+        rand = sender_of(v)[1].value
+        rand_i, rand_r = (rand, None) if role == IdRole.IDRI else (None, rand)
+        # Verifying V needs the auth key only: with a NULL encryption algorithm the
+        # encryption and salt keys (two more PRFs under the PSK in the token) are not derived.
+        mac_only = replace(suite, encr_alg=EncrAlg.NULL)
+        verified = False
+        if psk is not None:
+            try:
+                keys = message_keys(
+                    deps.keystore, psk, msg, KeyDirection.INITIAL, rand_i, rand_r, mac_only
+                )
+            except KeyNotFound:
+                if registered is not None:
+                    raise auth_failure("PSK registered but missing in the token") from None
+            else:
+                verified = check_mac(msg, keys, suite, identity.data + kms_id)
+        if registered is None:
+            # Answered exactly like a wrong MAC: an "Invalid ID" here would tell anyone which
+            # identities are registered. The audit log keeps the real reason.
+            raise auth_failure("unknown identity")
+        if not verified:
+            raise auth_failure("MAC verification failed")
+    notes: dict[str, object] = {"sender": identity.data.decode("utf-8", "replace")}
     auth = Authenticated(identity, registered, suite, rand_i, rand_r, kms_id, "psk")
-    ex.auth = auth  # from here on, refusals carry a V (the sender is authenticated)
-    check_timestamp(v, deps, now)
-    admit(msg, deps, now, identity.data)
-    return auth
+    # From here on, refusals carry a V (the sender is authenticated).
+    with noting(notes, auth):
+        check_timestamp(v, deps, now)
+        admit(msg, deps, now, identity.data)
+    return auth, notes
 
 
 def admit(msg: Message, deps: Deps, now: float, identity: bytes) -> None:
@@ -183,34 +186,39 @@ def forwarding_peer(v: InitialMessage, deps: Deps) -> PeerKms | None:
 
 
 def authenticate_peer(
-    v: ResolveInitPsk, deps: Deps, ex: Exchange, now: float, peer: PeerKms
-) -> Authenticated:
+    v: ResolveInitPsk, deps: Deps, now: float, peer: PeerKms
+) -> tuple[Authenticated, dict[str, object]]:
     """A peer KMS forwarding a Ticket Resolve: MAC with the key shared with that peer over
     RESOLVE_INIT || IDRr || IDRkms, then the issuing side's trust: may this peer resolve for
-    that identity, and within its quota (issue 6)."""
+    that identity, and within its quota (docs/federation.md)."""
     msg = v.msg
     suite = message_suite(msg)
-    ex.audit["peer"] = peer.kms_id.decode("utf-8", "replace")
-    identity = peer_responder(v)
-    ex.audit["sender"] = claimed_identity(identity.data)
-    kms_id = check_kms_identity(v, deps)
-    if peer.psk is None:
-        raise auth_failure("peer has no shared key for RESOLVE_INIT_PSK")
-    rand_r = v.rand_r.value
-    try:
-        keys = message_keys(deps.keystore, peer.psk, msg, KeyDirection.INITIAL, None, rand_r, suite)
-    except KeyNotFound:
-        raise auth_failure("peer key registered but missing in the token") from None
-    if not check_mac(msg, keys, suite, identity.data + kms_id):
-        raise auth_failure("peer MAC verification failed")
-    ex.audit["sender"] = identity.data.decode("utf-8", "replace")  # vouched for by the peer
-    check_timestamp(v, deps, now)  # after the MAC, as for endpoints
-    check_peer_resolves_for(peer, identity.data, "peer")
+    notes: dict[str, object] = {"peer": peer.kms_id.decode("utf-8", "replace")}
+    with noting(notes):
+        identity = peer_responder(v)
+    notes["sender"] = claimed_identity(identity.data)
+    with noting(notes):
+        kms_id = check_kms_identity(v, deps)
+        if peer.psk is None:
+            raise auth_failure("peer has no shared key for RESOLVE_INIT_PSK")
+        rand_r = v.rand_r.value
+        try:
+            keys = message_keys(
+                deps.keystore, peer.psk, msg, KeyDirection.INITIAL, None, rand_r, suite
+            )
+        except KeyNotFound:
+            raise auth_failure("peer key registered but missing in the token") from None
+        if not check_mac(msg, keys, suite, identity.data + kms_id):
+            raise auth_failure("peer MAC verification failed")
+    notes["sender"] = identity.data.decode("utf-8", "replace")  # vouched for by the peer
+    with noting(notes):
+        check_timestamp(v, deps, now)  # after the MAC, as for endpoints
+        check_peer_resolves_for(peer, identity.data, "peer")
     auth = Authenticated(identity, peer.psk, suite, None, rand_r, kms_id, "peer", peer.kms_id)
-    ex.auth = auth
-    check_peer_quota(peer, deps, now)
-    check_replay(msg, deps, now)
-    return auth
+    with noting(notes, auth):
+        check_peer_quota(peer, deps, now)
+        check_replay(msg, deps, now)
+    return auth, notes
 
 
 # --- the issuing side's trust in a peer KMS (PSK and certificate peers alike) ---------------
@@ -230,8 +238,8 @@ def peer_responder(v: ResolveInitPsk | ResolveInitPk) -> Idr:
 
 
 def check_peer_resolves_for(peer: PeerKms, identity: bytes, who: str) -> None:
-    """The peer's ``--resolve-for`` patterns must cover the end Responder (issue 6); ``who``
-    names the peer in the audit reason."""
+    """The peer's ``--resolve-for`` patterns must cover the end Responder
+    (docs/federation.md); ``who`` names the peer in the audit reason."""
     shown = identity.decode("utf-8", "replace")
     if not any(fnmatch.fnmatchcase(shown, pattern) for pattern in peer.resolve_for):
         raise denied(

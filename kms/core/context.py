@@ -1,7 +1,10 @@
-"""What every exchange handler needs: the ports, the policy, and per-request state."""
+"""What every exchange handler needs: the ports, the policy, the call's context; and what
+it returns."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -10,15 +13,12 @@ from kms.core.ports import (
     Admission,
     AuditSink,
     Directory,
-    PeerResolver,
     QuotaLimiter,
     RateLimiter,
     ReplayCache,
     ResolveLedger,
 )
 from kms.keystore import Key, KeyOps, KeyRef
-from kms.mikey.derive import MessageKeys
-from kms.mikey.message import Message
 from kms.mikey.protect import Suite
 from kms.mikey.ticket import Idr
 from kms.mikey.views import RequestInitPk, ResolveInitPk
@@ -59,7 +59,9 @@ class Deps:
     audit: AuditSink
     policy: KmsPolicy
     pk: PkAuthenticator | None = None
-    peers: PeerResolver | None = None  # federation: reaching the KMS that issued a ticket
+    # Federation (RFC 6043 9): whether the adapter can reach the KMS that issued a ticket
+    # (it makes the call the core returns as a PeerCall); False: such tickets are refused.
+    federation: bool = False
     peer_quota: QuotaLimiter | None = None  # per-peer quotas, keyed by peer KMS id
     # A secret in the key store that no endpoint knows: the MAC of a message from an
     # unregistered identity is verified against it, so that registered and unknown
@@ -68,13 +70,51 @@ class Deps:
     admission: Admission | None = None  # rate + replay in one step (shared stores)
 
 
-@dataclass
-class Exchange:
-    """Per-request state: filled as the request is processed, read by the error path."""
+@dataclass(frozen=True)
+class Call:
+    """What the transport says about one call: the immutable context every step gets."""
 
-    msg: Message | None = None
-    auth: Authenticated | None = None
-    response_keys: MessageKeys | None = field(default=None, repr=False)
-    audit: dict[str, object] = field(default_factory=dict)
     correlation_id: str = ""
-    hops: int = 0  # how many KMSs this request has already crossed (gRPC metadata)
+    hops: int = 0  # how many KMSs this request has already crossed (RFC 6043 9)
+
+
+@dataclass(frozen=True)
+class Issued:
+    """What a handler returns: the response and what the audit record says about it."""
+
+    wire: bytes = field(repr=False)
+    audit: Mapping[str, object]
+
+
+# --- what a failing step knew ---------------------------------------------------------------
+# A step of an exchange returns its result and its audit fields. When it raises instead (a
+# refusal, the token gone, a bug), the fields it had gathered and the sender it had already
+# authenticated travel on the exception: the error path writes them to the audit record and,
+# once the sender is authenticated, protects the MIKEY error message with a V (RFC 6043 5.4).
+
+_AUDIT = "kms_audit"
+_AUTH = "kms_auth"
+
+
+@contextmanager
+def noting(
+    audit: Mapping[str, object], auth: Authenticated | None = None
+) -> Iterator[None]:
+    """Whatever is raised in the block carries ``audit`` (fields noted deeper inside win)
+    and, if given and none is noted yet, the authenticated sender ``auth``."""
+    try:
+        yield
+    except Exception as exc:
+        setattr(exc, _AUDIT, {**audit, **noted_audit(exc)})
+        if auth is not None and noted_auth(exc) is None:
+            setattr(exc, _AUTH, auth)
+        raise
+
+
+def noted_audit(exc: BaseException) -> dict[str, object]:
+    found = getattr(exc, _AUDIT, None)
+    return dict(found) if isinstance(found, dict) else {}
+
+
+def noted_auth(exc: BaseException) -> Authenticated | None:
+    return getattr(exc, _AUTH, None)

@@ -41,3 +41,4 @@ def denied(error_no: ErrorNo, detail: str, reason: str | None = None) -> Refusal
 
 def precondition(error_no: ErrorNo, detail: str, reason: str | None = None) -> Refusal:
     return Refusal(error_no, Outcome.PRECONDITION, detail, reason)
+

@@ -17,14 +17,16 @@ message || IDRr || IDRkms; the answer is checked with keys from env_key
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from kms.core.api import Outcome
-from kms.core.context import Authenticated, Deps, Exchange
+from kms.core.context import Authenticated, Call, Deps, Issued, noting
 from kms.core.errors import Refusal, denied
-from kms.core.ports import PeerError, PeerKms
+from kms.core.ports import PeerError, PeerFailure, PeerKms
 from kms.core.request import fresh_timestamp
 from kms.core.resolve import build_resolve_resp
 from kms.keystore import Key, SignScheme
@@ -55,14 +57,33 @@ from kms.mikey.protect import (
 from kms.mikey.ticket import Idr, RandR, Ticket, TpFlag
 from kms.mikey.views import ResolveResp
 
-# gRPC status names a peer may answer with, and what the Responder then gets.
-_PEER_STATUS = {
-    "UNAUTHENTICATED": Outcome.DENIED,  # the peer did not accept *us*: a trust problem
-    "PERMISSION_DENIED": Outcome.DENIED,
-    "FAILED_PRECONDITION": Outcome.PRECONDITION,
-    "INVALID_ARGUMENT": Outcome.MALFORMED,
-    "RESOURCE_EXHAUSTED": Outcome.RATE_LIMITED,
-}
+
+@dataclass(frozen=True)
+class PeerCall:
+    """A Ticket Resolve the core cannot finish alone (RFC 6043 9): the adapter sends ``wire``
+    to ``peer`` (with ``correlation_id`` and ``hops``; ``rebuild`` makes a fresh message for
+    a retry, never the same bytes, RFC 3830 5.4), then hands the answer to the message built
+    last, or the :class:`PeerError`, and the time back to ``Kms.finish_resolve``. No core
+    state is held while the peer answers: everything needed to finish travels here."""
+
+    peer: PeerKms
+    wire: bytes = field(repr=False)
+    correlation_id: str
+    hops: int
+    rebuild: Callable[[], bytes] = field(repr=False)
+    pending: _Pending = field(repr=False)
+    audit: Mapping[str, object] = field(default_factory=dict)  # the record so far
+
+
+@dataclass(frozen=True)
+class _Pending:
+    """What finishing a forwarded resolve needs: the Responder's request and its sender,
+    and each message built for the peer (with its RANDRr and response key)."""
+
+    v: ResolveInit
+    auth: Authenticated
+    ticket: Ticket
+    built: list[tuple[Message, bytes, Key]]
 
 
 def _invalid(reason: str) -> Refusal:
@@ -85,31 +106,41 @@ def _peer_error_no(error_message: bytes | None) -> ErrorNo:
     return ErrorNo.UNSPECIFIED
 
 
-def forward_resolve(
+def start_forward(
     v: ResolveInit,
     auth: Authenticated,
     deps: Deps,
-    ex: Exchange,
+    call: Call,
     now: float,
-    ticket: Ticket,
     issuer: Idr,
-) -> bytes:
-    ex.audit["issuer"] = issuer.data.decode("utf-8", "replace")
-    if auth.method == "peer":
-        # A peer asked us to resolve a ticket we did not issue: never forward again, so
-        # that a routing loop (A -> B -> A) stops at the first hop.
-        raise denied(ErrorNo.INVALID_TICKET, "ticket not issued by this KMS", "no second hop")
-    if ex.hops >= 1:
-        raise denied(ErrorNo.INVALID_TICKET, "federation hop limit reached", "hop limit")
-    peer = deps.directory.peer(issuer.data)
-    if peer is None or deps.peers is None:
-        raise denied(ErrorNo.INVALID_TICKET, "ticket issued by an unknown KMS", "unknown issuer")
-    if peer.psk is None and not _reachable_by_pk(peer):
-        raise denied(ErrorNo.INVALID_TICKET, "issuing KMS not reachable", "cert peer incomplete")
-    ex.audit["event"] = "ticket.forwarded"
-    ex.audit["peer"] = peer.kms_id.decode("utf-8", "replace")
+    audit: Mapping[str, object],
+) -> PeerCall:
+    """The first half of a federated resolve: checks, then the RESOLVE_INIT for the issuer.
+    ``audit``: what the resolve noted before it found the ticket foreign."""
+    ticket = v.ticket
+    notes: dict[str, object] = {**audit, "issuer": issuer.data.decode("utf-8", "replace")}
+    with noting(notes):
+        if auth.method == "peer":
+            # A peer asked us to resolve a ticket we did not issue: never forward again, so
+            # that a routing loop (A -> B -> A) stops at the first hop.
+            raise denied(
+                ErrorNo.INVALID_TICKET, "ticket not issued by this KMS", "no second hop"
+            )
+        if call.hops >= 1:
+            raise denied(ErrorNo.INVALID_TICKET, "federation hop limit reached", "hop limit")
+        peer = deps.directory.peer(issuer.data)
+        if peer is None or not deps.federation:
+            raise denied(
+                ErrorNo.INVALID_TICKET, "ticket issued by an unknown KMS", "unknown issuer"
+            )
+        if peer.psk is None and not _reachable_by_pk(peer):
+            raise denied(
+                ErrorNo.INVALID_TICKET, "issuing KMS not reachable", "cert peer incomplete"
+            )
+    notes["event"] = "ticket.forwarded"
+    notes["peer"] = peer.kms_id.decode("utf-8", "replace")
     if peer.psk is None:
-        ex.audit["peer_auth"] = "pk"
+        notes["peer_auth"] = "pk"
     built: list[tuple[Message, bytes, Key]] = []
 
     def build() -> bytes:
@@ -124,35 +155,47 @@ def forward_resolve(
         built.append((f, r, k))
         return bytes(f.wire)
 
-    first = build()
-    try:
-        answer = deps.peers.forward_resolve(
-            peer, first, correlation_id=ex.correlation_id, hops=ex.hops + 1, rebuild=build
-        )
-    except PeerError as exc:
-        if exc.kind == "refused":
-            outcome = _PEER_STATUS.get(exc.status, Outcome.UNAVAILABLE)
+    with noting(notes):
+        first = build()
+    return PeerCall(
+        peer,
+        first,
+        call.correlation_id,
+        call.hops + 1,
+        build,
+        _Pending(v, auth, ticket, built),
+        notes,
+    )
+
+
+def finish_forward(pc: PeerCall, answer: bytes | PeerError, deps: Deps, now: float) -> Issued:
+    """The second half: the issuing KMS's answer (or why there is none) becomes the
+    RESOLVE_RESP for our Responder, or a refusal."""
+    p = pc.pending
+    if isinstance(answer, PeerError):
+        exc = answer
+        if exc.kind is PeerFailure.REFUSED:
             raise Refusal(
                 _peer_error_no(exc.error_message),
-                outcome,
+                exc.outcome or Outcome.UNAVAILABLE,
                 f"issuing KMS refused: {exc.detail}"[:200],
                 f"peer refused ({exc.status}): {exc.detail}",
-            ) from None
-        if exc.kind == "invalid":
-            raise _invalid(exc.detail) from None
+            )
+        if exc.kind is PeerFailure.INVALID:
+            raise _invalid(exc.detail)
         raise Refusal(
             ErrorNo.UNSPECIFIED,
             Outcome.UNAVAILABLE,
             "issuing KMS unavailable",
             f"peer unavailable: {exc.detail}",
-        ) from None
-    fwd, rand_r, key = built[-1]  # the peer answered the message built last
-    keys, rand_kms = _verify_peer_answer(answer, fwd, auth, deps, ticket, key, rand_r)
-    sealed = build_resolve_resp(v, auth, deps, ex, now, keys, rand_kms, auth.identity.data)
-    ex.audit["event"] = "ticket.resolved"
-    ex.audit["via_peer"] = True
-    ex.audit["forking"] = rand_kms is not None
-    return sealed.wire
+        )
+    fwd, rand_r, key = p.built[-1]  # the peer answered the message built last
+    keys, rand_kms = _verify_peer_answer(answer, fwd, p.auth, deps, p.ticket, key, rand_r)
+    sealed = build_resolve_resp(p.v, p.auth, deps, now, keys, rand_kms, p.auth.identity.data)
+    return Issued(
+        sealed.wire,
+        {"event": "ticket.resolved", "via_peer": True, "forking": rand_kms is not None},
+    )
 
 
 def _forwarded_head(

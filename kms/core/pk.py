@@ -1,5 +1,5 @@
 """Public-key authentication of REQUEST_INIT_PK and RESOLVE_INIT_PK (RFC 6043 4.2.1.1,
-4.2.3.1; RFC 3830 3.2, 4.2.5; reference 5.1, 8, 9, 14.5, 14.7-14.8).
+4.2.3.1, 5.4, 6.7; RFC 3830 3.2, 4.2.5, 6.8; docs/rfc-readings.md R5, R7, R8).
 
 REQUEST_INIT_PK = HDR, T, RANDRi, [IDRi], {CERTi}, [IDRkms], TP, [CHASH], PKE, SIGNi
 RESOLVE_INIT_PK = HDR, T, RANDRr, [IDRr], {CERTr}, [IDRkms], TICKET, [CHASH], PKE, SIGNr
@@ -17,13 +17,14 @@ for a message whose signature verified and whose timestamp is fresh):
    of the validated chain (``[pk] crl``; revoked, or a CRL expired -> fail closed)
    -> ERR Invalid Cert (8);
 3. identity binding: the certificate's subjectAltName URI equals IDRi / IDRr byte for byte
-   (reference 14.8), or becomes the identity when the IDR is omitted (14.7) -> Auth failure;
+   (docs/rfc-readings.md R8), or becomes the identity when the IDR is omitted (R7)
+   -> Auth failure;
 4. SIGN over the message up to the Signature field || Identity_i/r || Identity_kms
-   (reference 8), S type 0 RSASSA-PKCS1-v1_5 or 1 RSASSA-PSS, SHA-256 unless configured
-   (14.5) -> Auth failure;
+   (RFC 6043 5.4), S type 0 RSASSA-PKCS1-v1_5 or 1 RSASSA-PSS, SHA-256 unless configured
+   (docs/rfc-readings.md R5) -> Auth failure;
 5. timestamp window (RFC 3830 5.4; now authenticated by SIGN) -> Invalid TS;
 6. CHASH selects the envelope key (hash of that key's certificate) -> Auth failure;
-7. PKE decrypted in the token (PKCS#1 v1.5 or OAEP-SHA1 per configuration, 14.5); every
+7. PKE decrypted in the token (PKCS#1 v1.5 or OAEP-SHA1 per configuration, R5); every
    PKE failure, including a too short env_key, is the same opaque Auth failure;
 8. only then rate limit and replay cache (:func:`kms.core.authn.admit`), so unauthenticated
    messages never build state in the KMS.
@@ -82,7 +83,7 @@ _DER_CERT_TYPES = frozenset({CertType.X509V3, CertType.X509V3_SIGN})
 
 
 class SignHash(StrEnum):
-    """The hash under SIGN, which MIKEY does not signal (reference 9, 14.5): SHA-256 by
+    """The hash under SIGN, which MIKEY does not signal (docs/rfc-readings.md R5): SHA-256 by
     project default; SHA-1 (RFC 3830 4.2.1's mandatory hash) where a profile asks for it."""
 
     SHA256 = "sha256"
@@ -106,7 +107,7 @@ def chash_digest(hash_func: int, cert_der: bytes) -> bytes | None:
 @dataclass(frozen=True)
 class EnvelopeKey:
     """An RSA key of the KMS that endpoints encrypt env_key to, and its certificate (DER),
-    which CHASH names (reference 9)."""
+    which CHASH names (RFC 3830 6.8)."""
 
     key: KeyRef
     cert_der: bytes = field(repr=False)
@@ -261,7 +262,7 @@ class CertificateAuthenticator:
 
     def _validate_chain(self, v: PkInit, now: float) -> x509.Certificate:
         """CERTi / CERTr: own certificate first, each next one certifying the previous
-        (RFC 6043 6.7, reference 5.1), ending at (or issued by) a CA of the bundle.
+        (RFC 6043 4.2.1.1, 6.7), ending at (or issued by) a CA of the bundle.
 
         Path validation is cryptography's X.509 verifier with its client (end-entity)
         profile: RFC 5280 chain building, signatures, validity periods at ``now``,
@@ -336,7 +337,7 @@ class CertificateAuthenticator:
         self, v: PkInit, leaf: x509.Certificate, identity: bytes, kms_id: bytes
     ) -> None:
         """SIGNi / SIGNr over the message up to the Signature field || Identity_i/r ||
-        Identity_kms (RFC 6043 5.4, reference 8)."""
+        Identity_kms (RFC 6043 5.4)."""
         sign = v.sign
         key = leaf.public_key()
         assert isinstance(key, rsa.RSAPublicKey)  # _validate_chain checked it
@@ -357,7 +358,7 @@ class CertificateAuthenticator:
 
     def _envelope_key(self, v: PkInit) -> EnvelopeKey:
         """CHASH names the KMS certificate (hence key) the PKE is encrypted to (RFC 3830
-        6.8, reference 9); without CHASH the first envelope key is meant."""
+        6.8, docs/rfc-readings.md R5); without CHASH the first envelope key is meant."""
         chash = v.chash
         if chash is None:
             return self._envelope_keys[0]
@@ -374,9 +375,10 @@ class CertificateAuthenticator:
         raise auth_failure("CHASH names no envelope key of this KMS")
 
     def _open_envelope(self, v: PkInit) -> bytes:
-        """PKE = E(KMS public key, env_key) (RFC 3830 4.2.5, reference 9). The C field only
-        allows the receiver to cache env_key; the KMS never does, so any value is fine.
-        Every failure is the same Auth failure to the sender (reference 14.5)."""
+        """PKE = E(KMS public key, env_key) (RFC 3830 4.2.5, docs/rfc-readings.md R5). The C
+        field only allows the receiver to cache env_key; the KMS never does, so any value
+        is fine.
+        Every failure is the same Auth failure to the sender (docs/rfc-readings.md R5)."""
         env = self._envelope_key(v)
         pke = v.pke
         try:
@@ -390,8 +392,8 @@ class CertificateAuthenticator:
 
 def _bind_identity(v: PkInit, role: IdRole, leaf: x509.Certificate) -> Idr:
     """The sender's identity: IDRi / IDRr must be one of the certificate's subjectAltName
-    URIs (exact bytes, reference 14.8); without the IDR, the certificate's single URI is the
-    identity (14.7)."""
+    URIs (exact bytes, docs/rfc-readings.md R8); without the IDR, the certificate's single
+    URI is the identity (R7)."""
     try:
         san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         uris = [u.encode("utf-8") for u in san.get_values_for_type(x509.UniformResourceIdentifier)]

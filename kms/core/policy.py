@@ -89,7 +89,7 @@ class Grant:
 
 
 def check_flag_rules(flags: TpFlag, has_tgk: bool) -> str | None:
-    """RFC 6043 6.10 flag dependencies (reference 5.2); None when they hold, else why."""
+    """RFC 6043 6.10 flag dependencies; None when they hold, else why."""
     f = flags
 
     def on(x: TpFlag) -> bool:
@@ -215,7 +215,7 @@ def _tp_data_meaning(
 ) -> list[tuple[int, Payload]]:
     """TP Data without KEMAC, in RFC 6043 6.10 order, with the identities an omitted payload
     stands for made explicit: no IDRkms means this KMS, no IDRi the authenticated Initiator
-    (reference 14.7). An omitted TRs / TRe means no bound (reference 10) and stays omitted.
+    (docs/rfc-readings.md R7). An omitted TRs / TRe means no bound (R11) and stays omitted.
     Anything else (TRi, other roles) keeps its own rank, so that dropping it is a change."""
     out: list[tuple[int, Payload]] = []
     for p in payloads:
@@ -327,7 +327,7 @@ def grant_policy(
     has_tgk = any(k.key_type in TGK_TYPES for k in keys)
 
     # --- validity window ----------------------------------------------------------------
-    # An omitted TRs means no lower bound (reference 10) and is granted as such: the KMS
+    # An omitted TRs means no lower bound (docs/rfc-readings.md R11) and is granted as such: the KMS
     # adds no TRs of its own (docs/design.md). A desired TR that is honoured is kept as sent.
     start = None if trs is None else _time_of(trs)
     begin = now if start is None else max(start, now)

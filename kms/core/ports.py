@@ -13,6 +13,7 @@ from typing import Protocol
 
 from cryptography import x509
 
+from kms.core.api import Outcome
 from kms.keystore import KeyRef
 
 
@@ -131,22 +132,41 @@ class PeerKms:
     local_signing_cert_der: bytes | None = field(default=None, repr=False)
 
 
+class PeerFailure(StrEnum):
+    """How a forwarded resolve failed."""
+
+    UNAVAILABLE = "unavailable"  # the peer is down, slow or unreachable
+    REFUSED = "refused"  # the peer answered with a refusal
+    INVALID = "invalid"  # its answer did not verify
+
+
 class PeerError(Exception):
-    """A forwarded resolve failed. ``kind``: "unavailable" (down, slow, unreachable),
-    "refused" (the peer answered with a refusal) or "invalid" (its answer did not verify)."""
+    """A forwarded resolve failed. ``kind``: see :class:`PeerFailure`. ``status``: the
+    transport's name for a refusal (one word, for the audit reason); ``outcome``: what the
+    adapter maps that refusal to (None: the Responder is told the issuing KMS is
+    unavailable); ``error_message``: the peer's MIKEY error message, if it sent one."""
 
     def __init__(
-        self, kind: str, detail: str, status: str = "", error_message: bytes | None = None
+        self,
+        kind: str,
+        detail: str,
+        status: str = "",
+        error_message: bytes | None = None,
+        outcome: Outcome | None = None,
     ) -> None:
         super().__init__(detail)
-        self.kind = kind
+        self.kind = PeerFailure(kind)
         self.detail = detail
         self.status = status
         self.error_message = error_message
+        self.outcome = outcome
 
 
 class PeerResolver(Protocol):
-    """Sends a RESOLVE_INIT to the KMS that issued a ticket and returns its RESOLVE_RESP."""
+    """Sends a RESOLVE_INIT to the KMS that issued a ticket and returns its RESOLVE_RESP.
+
+    The core never calls it: it returns a :class:`kms.core.api.PeerCall` and the adapter
+    (``kms.server``) makes the call and hands the answer back."""
 
     def forward_resolve(
         self,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from kms.core.context import Authenticated, Deps, Exchange
+from kms.core.context import Authenticated, Call, Deps, Issued
 from kms.core.policy import Grant, KeyRequest, grant_policy, invalid_tp
 from kms.keystore import KeyOps
 from kms.mikey.base_ticket import derive_mpk_pair, issue_base_ticket, ticket_id
@@ -113,8 +113,8 @@ def _session_key(ks: _ExchangeRandom, req: KeyRequest) -> KeyData:
 
 
 def handle_request(
-    v: InitialMessage, auth: Authenticated, deps: Deps, ex: Exchange, now: float
-) -> bytes:
+    v: InitialMessage, auth: Authenticated, deps: Deps, call: Call, now: float
+) -> Issued:
     assert isinstance(v, RequestInitPsk | RequestInitPk)  # the service routes by data type
     ks = deps.keystore
     msg = v.msg
@@ -155,7 +155,6 @@ def handle_request(
     resp_keys = message_keys(
         ks, auth.response_key, msg, KeyDirection.RESPONSE, auth.rand_i, None, auth.suite
     )
-    ex.response_keys = resp_keys
     kemac = seal_kemac(
         ks,
         resp_keys,
@@ -175,7 +174,8 @@ def handle_request(
         ),
     )
     sealed = seal_mac(resp, resp_keys, auth.suite.mac_alg, msg.wire)
-    ex.audit.update(
+    return Issued(
+        sealed.wire,
         {
             "event": "ticket.issued",
             "ticket_id": ticket_id(ticket.ticket_data),
@@ -189,9 +189,8 @@ def handle_request(
                 for p in policy.payloads
                 if isinstance(p, Idr) and p.role == IdRole.IDRR
             ],
-        }
+        },
     )
-    return sealed.wire
 
 
 def _t64(t: Timestamp) -> bytes:

@@ -3,9 +3,10 @@ A.3), with key forking bound to the resolving Responder's identity."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
-from kms.core.context import Authenticated, Deps, Exchange
+from kms.core.context import Authenticated, Call, Deps, Issued, noting
 from kms.core.errors import auth_failure, denied, precondition
 from kms.core.policy import (
     check_flag_rules,
@@ -88,7 +89,8 @@ def _tpk_lookup(deps: Deps, ticket: Ticket) -> Callable[[bytes | None], Key | No
 
 
 def check_validity(ticket: Ticket, deps: Deps, now: float) -> float:
-    """TRs / TRe with the RFC 4330 era rule (reference 10); returns the expiry time."""
+    """TRs / TRe with the RFC 4330 3 era rule (docs/rfc-readings.md R11); returns the
+    expiry time."""
     start, end = validity_of(ticket.policy)
     skew = deps.policy.timestamp_window_s
     if start is not None and now + skew < start:
@@ -111,7 +113,6 @@ def build_resolve_resp(
     v: ResolveInit,
     auth: Authenticated,
     deps: Deps,
-    ex: Exchange,
     now: float,
     keys: list[KeyData],
     rand_kms: bytes | None,
@@ -125,7 +126,6 @@ def build_resolve_resp(
     resp_keys = message_keys(
         ks, auth.response_key, msg, KeyDirection.RESPONSE, None, auth.rand_r, auth.suite
     )
-    ex.response_keys = resp_keys
     kemac = seal_kemac(
         ks,
         resp_keys,
@@ -149,44 +149,56 @@ def build_resolve_resp(
     return seal_mac(resp, resp_keys, auth.suite.mac_alg, msg.wire)
 
 
+@dataclass(frozen=True)
+class Foreign:
+    """A ticket another KMS issued (IDRkms in its policy names ``issuer``): the resolve
+    continues in :mod:`kms.core.federation` (RFC 6043 9)."""
+
+    issuer: Idr
+    audit: Mapping[str, object]
+
+
 def handle_resolve(
-    v: InitialMessage, auth: Authenticated, deps: Deps, ex: Exchange, now: float
-) -> bytes:
+    v: InitialMessage, auth: Authenticated, deps: Deps, call: Call, now: float
+) -> Issued | Foreign:
     assert isinstance(v, ResolveInitPsk | ResolveInitPk)  # the service routes by data type
     ks = deps.keystore
     ticket = v.ticket
     check_ticket_type(ticket)
     tid = ticket_id(ticket.ticket_data)
-    ex.audit["ticket_id"] = tid
     issuer = idr_in_policy(ticket.policy, IdRole.IDRKMS)
     if issuer is not None and issuer.data != deps.policy.kms_id:
-        # RFC 6043 9: not ours; ask the KMS that issued it, as a Responder ourselves.
-        from kms.core.federation import forward_resolve
+        # RFC 6043 9: not ours; the caller asks the KMS that issued it.
+        return Foreign(issuer, {"ticket_id": tid})
+    notes: dict[str, object] = {"ticket_id": tid}
+    with noting(notes):
+        contents = open_ticket(ticket, deps)
+        expires = check_validity(ticket, deps, now)
+        responder = auth.identity.data
+        check_responder(ticket, responder, deps)
+        try:
+            resolution = resolve_ticket_keys(ks, ticket, contents, responder)
+        except TicketError as exc:
+            raise auth_failure(f"ticket refused: {exc.reason}") from None
+        keys, rand_kms = list(resolution.keys), resolution.rand_kms
 
-        return forward_resolve(v, auth, deps, ex, now, ticket, issuer)
-    contents = open_ticket(ticket, deps)
-    expires = check_validity(ticket, deps, now)
-    responder = auth.identity.data
-    check_responder(ticket, responder, deps)
-    try:
-        resolution = resolve_ticket_keys(ks, ticket, contents, responder)
-    except TicketError as exc:
-        raise auth_failure(f"ticket refused: {exc.reason}") from None
-    keys, rand_kms = list(resolution.keys), resolution.rand_kms
-
-    sealed = build_resolve_resp(v, auth, deps, ex, now, keys, rand_kms, responder)
-    # J = 0: record the resolve last, once every check (Vr included) has passed and the
-    # response is built, so that a refused RESOLVE_INIT never uses up the responder's resolve.
-    if not ticket.policy.flags & TpFlag.J and not deps.ledger.first_resolve(
-        bytes.fromhex(tid), responder, expires
-    ):
-        raise precondition(ErrorNo.UNSPECIFIED, "ticket already resolved (reuse not allowed)")
-    ex.audit.update(
+        sealed = build_resolve_resp(v, auth, deps, now, keys, rand_kms, responder)
+        # J = 0: record the resolve last, once every check (Vr included) has passed and the
+        # response is built, so that a refused RESOLVE_INIT never uses up the responder's
+        # resolve.
+        if not ticket.policy.flags & TpFlag.J and not deps.ledger.first_resolve(
+            bytes.fromhex(tid), responder, expires
+        ):
+            raise precondition(
+                ErrorNo.UNSPECIFIED, "ticket already resolved (reuse not allowed)"
+            )
+    return Issued(
+        sealed.wire,
         {
+            **notes,
             "event": "ticket.resolved",
             "forking": rand_kms is not None,
             "keys": [KeyDataType(k.key_type).name for k in contents.session_keys],
             "tpk": (contents.tpk_id or b"").decode("ascii", "replace"),
-        }
+        },
     )
-    return sealed.wire

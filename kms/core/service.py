@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import traceback
 from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 from kms.core.api import KmsReply, Outcome
 from kms.core.authn import (
@@ -18,11 +19,12 @@ from kms.core.authn import (
     check_replay,
     forwarding_peer,
 )
-from kms.core.context import Authenticated, Deps, Exchange
+from kms.core.context import Authenticated, Call, Deps, Issued, noted_audit, noted_auth, noting
 from kms.core.errors import Refusal, malformed
-from kms.core.ports import StoreUnavailable
+from kms.core.federation import PeerCall, finish_forward, start_forward
+from kms.core.ports import PeerError, StoreUnavailable
 from kms.core.request import fresh_timestamp, handle_request
-from kms.core.resolve import handle_resolve
+from kms.core.resolve import Foreign, handle_resolve
 from kms.keystore import KeyStoreError, TokenUnavailable
 from kms.mikey.buffer import Reader
 from kms.mikey.compose import InitialMessage, compose
@@ -38,7 +40,7 @@ from kms.mikey.views import RequestInitPk, ResolveInitPk, ResolveInitPsk
 
 log = logging.getLogger("kms.core")
 
-Handler = Callable[[InitialMessage, Authenticated, Deps, Exchange, float], bytes]
+Handler = Callable[[InitialMessage, Authenticated, Deps, Call, float], "Issued | PeerCall"]
 
 _REQUEST_TYPES = {DataType.REQUEST_INIT_PSK, DataType.REQUEST_INIT_PK}
 _RESOLVE_TYPES = {DataType.RESOLVE_INIT_PSK, DataType.RESOLVE_INIT_PK}
@@ -52,6 +54,27 @@ def _header_only(wire: bytes) -> Message | None:
     except DecodeError:
         return None
     return Message(header)
+
+
+def _resolve(
+    v: InitialMessage, auth: Authenticated, deps: Deps, call: Call, now: float
+) -> Issued | PeerCall:
+    out = handle_resolve(v, auth, deps, call, now)
+    if isinstance(out, Foreign):
+        assert isinstance(v, ResolveInitPsk | ResolveInitPk)  # routed by data type
+        return start_forward(v, auth, deps, call, now, out.issuer, out.audit)
+    return out
+
+
+@dataclass
+class _Trail:
+    """What the error path of one step needs: the audit record so far, the message (for
+    the CSB ID and T of the error message) and the authenticated sender (for its V).
+    Local to one call of :meth:`Kms._handle` or :meth:`Kms.finish_resolve`."""
+
+    audit: dict[str, object]
+    msg: Message | None = None
+    auth: Authenticated | None = None
 
 
 class Kms:
@@ -80,32 +103,60 @@ class Kms:
             raise first
 
     def request_ticket(self, wire: bytes, now: float, *, correlation_id: str = "") -> KmsReply:
-        return self._handle(wire, now, correlation_id, _REQUEST_TYPES, IdRole.IDRI, handle_request)
+        reply = self._handle(
+            wire, now, correlation_id, _REQUEST_TYPES, IdRole.IDRI, handle_request
+        )
+        assert isinstance(reply, KmsReply)  # a Ticket Request never asks a peer
+        return reply
 
     def resolve_ticket(
         self, wire: bytes, now: float, *, correlation_id: str = "", hops: int = 0
     ) -> KmsReply:
-        """``hops``: how many KMSs forwarded this request already (RFC 6043 9 federation)."""
+        """A resolve in one call, for a process that cannot reach peer KMSs: a ticket that
+        another KMS issued is refused as if its issuer did not answer."""
+        step = self.resolve_step(wire, now, correlation_id=correlation_id, hops=hops)
+        if isinstance(step, PeerCall):
+            return self.finish_resolve(
+                step, PeerError("unavailable", "no peer transport in this process"), now
+            )
+        return step
+
+    def resolve_step(
+        self, wire: bytes, now: float, *, correlation_id: str = "", hops: int = 0
+    ) -> KmsReply | PeerCall:
+        """Handle a RESOLVE_INIT up to the point where a peer KMS must answer (RFC 6043 9):
+        the reply, or a :class:`PeerCall` for the adapter to make and hand back to
+        :meth:`finish_resolve`. ``hops``: how many KMSs forwarded this request already."""
         return self._handle(
-            wire, now, correlation_id, _RESOLVE_TYPES, IdRole.IDRR, handle_resolve, hops
+            wire, now, correlation_id, _RESOLVE_TYPES, IdRole.IDRR, _resolve, hops
         )
+
+    def finish_resolve(
+        self, call: PeerCall, answer: bytes | PeerError, now: float
+    ) -> KmsReply:
+        """The rest of a forwarded resolve: ``answer`` is the peer's RESOLVE_RESP (to the
+        message built last) or why there is none; ``now``: the time it arrived."""
+        p = call.pending
+        trail = _Trail(dict(call.audit), p.v.msg, p.auth)
+        try:
+            issued = finish_forward(call, answer, self.deps, now)
+        except Exception as exc:
+            return self._fail(trail, exc, now, call.correlation_id)
+        return self._issued(trail, issued)
 
     def refuse_undecodable(
         self, size: int, now: float, *, correlation_id: str = "", detail: str = ""
     ) -> KmsReply:
         """A call whose transport body could not be decoded at all (no MIKEY bytes to read):
         refused and audited like any other malformed input."""
-        ex = Exchange(
-            audit={"correlation_id": correlation_id, "time": round(now, 3), "size": size},
-            correlation_id=correlation_id,
-        )
+        trail = _Trail({"correlation_id": correlation_id, "time": round(now, 3), "size": size})
         refusal = Refusal(
             ErrorNo.UNSPECIFIED,
             Outcome.MALFORMED,
             detail or "malformed request",
             "request body is not a transport message",
         )
-        return self._refuse(ex, refusal, now)
+        return self._refuse(trail, refusal, now)
 
     # ---------------------------------------------------------------------------------------
 
@@ -122,14 +173,14 @@ class Kms:
             )
 
     def _authenticate(
-        self, v: InitialMessage, ex: Exchange, now: float, role: IdRole
-    ) -> Authenticated:
+        self, v: InitialMessage, now: float, role: IdRole
+    ) -> tuple[Authenticated, dict[str, object]]:
         msg = v.msg
         if not isinstance(v, RequestInitPk | ResolveInitPk):
             peer = forwarding_peer(v, self.deps)
             if peer is not None and isinstance(v, ResolveInitPsk):
-                return authenticate_peer(v, self.deps, ex, now, peer)
-            return authenticate_psk(v, self.deps, ex, now, role)
+                return authenticate_peer(v, self.deps, now, peer)
+            return authenticate_psk(v, self.deps, now, role)
         if self.deps.pk is None:
             raise Refusal(
                 ErrorNo.UNSUPPORTED_MESSAGE_TYPE,
@@ -137,17 +188,17 @@ class Kms:
                 "public-key messages are not enabled on this KMS",
             )
         auth = self.deps.pk.authenticate(v, now, role)
-        ex.auth = auth
-        ex.audit["sender"] = auth.identity.data.decode("utf-8", "replace")
+        notes: dict[str, object] = {"sender": auth.identity.data.decode("utf-8", "replace")}
         if auth.peer is not None:
-            ex.audit["peer"] = auth.peer.decode("utf-8", "replace")
-        if auth.method == "peer":
-            # A peer KMS resolving for its Responder: the per-peer quota (checked with the
-            # peer's trust) limits it, not the per-identity rate (same rule as PSK peers).
-            check_replay(msg, self.deps, now)
-        else:
-            admit(msg, self.deps, now, auth.identity.data)
-        return auth
+            notes["peer"] = auth.peer.decode("utf-8", "replace")
+        with noting(notes, auth):
+            if auth.method == "peer":
+                # A peer KMS resolving for its Responder: the per-peer quota (checked with
+                # the peer's trust) limits it, not the per-identity rate (as for PSK peers).
+                check_replay(msg, self.deps, now)
+            else:
+                admit(msg, self.deps, now, auth.identity.data)
+        return auth, notes
 
     def _handle(
         self,
@@ -158,23 +209,22 @@ class Kms:
         role: IdRole,
         handler: Handler,
         hops: int = 0,
-    ) -> KmsReply:
-        ex = Exchange(
-            audit={"correlation_id": cid, "time": round(now, 3), "size": len(wire)},
-            correlation_id=cid,
-            hops=hops,
-        )
+    ) -> KmsReply | PeerCall:
+        """gather -> check -> issue for one initial message; every refusal and error
+        becomes one audit record and a MIKEY error message (the core's conversion point)."""
+        call = Call(cid, hops)
+        trail = _Trail({"correlation_id": cid, "time": round(now, 3), "size": len(wire)})
         if hops:
-            ex.audit["hops"] = hops
+            trail.audit["hops"] = hops
         try:
             try:
                 msg = Message.decode(wire)
             except DecodeError as exc:
-                ex.msg = _header_only(wire)  # so that the error answers the request's CSB ID
+                trail.msg = _header_only(wire)  # so that the error answers the CSB ID
                 raise malformed(str(exc)) from None
-            ex.msg = msg
-            ex.audit["data_type"] = DataType(msg.data_type).name
-            ex.audit["csb_id"] = f"{msg.header.csb_id:08x}"
+            trail.msg = msg
+            trail.audit["data_type"] = DataType(msg.data_type).name
+            trail.audit["csb_id"] = f"{msg.header.csb_id:08x}"
             if msg.data_type not in types:
                 raise Refusal(ErrorNo.INVALID_DT, Outcome.MALFORMED, "wrong message type")
             try:
@@ -184,64 +234,78 @@ class Kms:
             # The data type was checked against ``types``: an initial message.
             assert isinstance(view, InitialMessage)
             self._check_prf(msg)
-            auth = self._authenticate(view, ex, now, role)
-            ex.audit["method"] = auth.method
-            data = handler(view, auth, self.deps, ex, now)
-        except Refusal as refusal:
-            return self._refuse(ex, refusal, now)
-        except TokenUnavailable:
+            trail.auth, notes = self._authenticate(view, now, role)
+            trail.audit.update(notes)
+            trail.audit["method"] = trail.auth.method
+            out = handler(view, trail.auth, self.deps, call, now)
+        except Exception as exc:
+            return self._fail(trail, exc, now, cid)
+        if isinstance(out, PeerCall):
+            # Audited when it finishes; the record so far travels with the call.
+            return replace(out, audit={**trail.audit, **out.audit})
+        return self._issued(trail, out)
+
+    def _issued(self, trail: _Trail, issued: Issued) -> KmsReply:
+        audit = {**trail.audit, **issued.audit, "outcome": Outcome.OK.value}
+        self.deps.audit.emit(audit)
+        return KmsReply(Outcome.OK, issued.wire, audit=audit)
+
+    def _fail(self, trail: _Trail, exc: Exception, now: float, cid: str) -> KmsReply:
+        """Whatever a step raised, as a refusal: with what the step had noted."""
+        trail.audit.update(noted_audit(exc))
+        trail.auth = trail.auth or noted_auth(exc)
+        if isinstance(exc, Refusal):
+            return self._refuse(trail, exc, now)
+        if isinstance(exc, TokenUnavailable):
             unavailable = Refusal(ErrorNo.UNSPECIFIED, Outcome.UNAVAILABLE, "token unavailable")
-            return self._refuse(ex, unavailable, now, sign=False)
-        except KeyStoreError as exc:
+            return self._refuse(trail, unavailable, now, sign=False)
+        if isinstance(exc, KeyStoreError):
             log.error("key store error (correlation id %s): %s", cid, type(exc).__name__)
             internal = Refusal(
                 ErrorNo.UNSPECIFIED, Outcome.INTERNAL, "internal error", type(exc).__name__
             )
-            return self._refuse(ex, internal, now, sign=False)
-        except StoreUnavailable as exc:
-            # The registry or a state store cannot answer (database locked, gone): transient.
-            # Fail closed: a message whose replay or ledger check could not run is not
-            # accepted (RFC 3830 5.4); the client may retry with a new message.
+            return self._refuse(trail, internal, now, sign=False)
+        if isinstance(exc, StoreUnavailable):
+            # The registry or a state store cannot answer (database locked, gone):
+            # transient. Fail closed: a message whose replay or ledger check could not run
+            # is not accepted (RFC 3830 5.4); the client may retry with a new message.
             log.error("store unavailable (correlation id %s): %s", cid, exc.what)
             unavailable = Refusal(
                 ErrorNo.UNSPECIFIED, Outcome.UNAVAILABLE, "KMS store unavailable", exc.what
             )
-            return self._refuse(ex, unavailable, now, sign=False)
-        except Exception as exc:
-            # Whatever escaped (a lookup error, a bug): still one audit record and a MIKEY
-            # error. Type only: the text of an exception may quote the request.
-            frames = traceback.extract_tb(exc.__traceback__)[-3:]
-            where = " <- ".join(f"{f.filename}:{f.lineno}" for f in reversed(frames))
-            log.error("unexpected %s (correlation id %s) at %s", type(exc).__name__, cid, where)
-            internal = Refusal(
-                ErrorNo.UNSPECIFIED,
-                Outcome.INTERNAL,
-                "internal error",
-                f"unexpected {type(exc).__name__}",
-            )
-            return self._refuse(ex, internal, now, sign=False)
-        ex.audit["outcome"] = Outcome.OK.value
-        self.deps.audit.emit(ex.audit)
-        return KmsReply(Outcome.OK, data, audit=ex.audit)
+            return self._refuse(trail, unavailable, now, sign=False)
+        # Whatever escaped (a lookup error, a bug): still one audit record and a MIKEY
+        # error. Type only: the text of an exception may quote the request.
+        frames = traceback.extract_tb(exc.__traceback__)[-3:]
+        where = " <- ".join(f"{f.filename}:{f.lineno}" for f in reversed(frames))
+        log.error("unexpected %s (correlation id %s) at %s", type(exc).__name__, cid, where)
+        internal = Refusal(
+            ErrorNo.UNSPECIFIED,
+            Outcome.INTERNAL,
+            "internal error",
+            f"unexpected {type(exc).__name__}",
+        )
+        return self._refuse(trail, internal, now, sign=False)
 
-    def _refuse(self, ex: Exchange, r: Refusal, now: float, *, sign: bool = True) -> KmsReply:
-        ex.audit.setdefault("event", "refused")
-        if ex.audit["event"] in ("ticket.issued", "ticket.resolved"):
-            ex.audit["event"] = "refused"
-        ex.audit.update(
+    def _refuse(self, trail: _Trail, r: Refusal, now: float, *, sign: bool = True) -> KmsReply:
+        audit = trail.audit
+        audit.setdefault("event", "refused")
+        if audit["event"] in ("ticket.issued", "ticket.resolved"):
+            audit["event"] = "refused"
+        audit.update(
             {"outcome": r.outcome.value, "error_no": int(r.error_no), "reason": r.reason}
         )
-        self.deps.audit.emit(ex.audit)
+        self.deps.audit.emit(audit)
         try:
-            err = self._error_message(ex, r, now, sign)
+            err = self._error_message(trail, r, now, sign)
         except (KeyStoreError, ValueError, DecodeError):
-            err = self._error_message(ex, r, now, False)
-        return KmsReply(r.outcome, b"", err, r.detail, audit=ex.audit)
+            err = self._error_message(trail, r, now, False)
+        return KmsReply(r.outcome, b"", err, r.detail, audit=audit)
 
-    def _error_message(self, ex: Exchange, r: Refusal, now: float, sign: bool) -> bytes:
+    def _error_message(self, trail: _Trail, r: Refusal, now: float, sign: bool) -> bytes:
         """RFC 6043 5.4 / 6.12: HDR, T, ERR, [V]. V only once the sender was authenticated,
-        keyed like the response would have been (reference 8: "same key")."""
-        msg = ex.msg
+        keyed like the response would have been (RFC 6043 5.4: the same key)."""
+        msg = trail.msg
         if msg is not None:
             h = msg.header
             prf = h.prf_func if h.prf_func <= 1 else 0
@@ -256,19 +320,17 @@ class Kms:
             header = Header(DataType.ERROR, 0, EmptyMap(0))
             t = Timestamp(TsType.NTP_UTC, encode_ts_value(TsType.NTP_UTC, now))
         payloads: list[Payload] = [t, Error(r.error_no)]
-        auth = ex.auth
+        auth = trail.auth
         if not (sign and auth is not None and msg is not None):
             return Message(header, tuple(payloads)).encode()
-        keys = ex.response_keys
-        if keys is None:
-            keys = message_keys(
-                self.deps.keystore,
-                auth.response_key,
-                msg,
-                KeyDirection.RESPONSE,
-                auth.rand_i,
-                auth.rand_r,
-                auth.suite,
-            )
+        keys = message_keys(
+            self.deps.keystore,
+            auth.response_key,
+            msg,
+            KeyDirection.RESPONSE,
+            auth.rand_i,
+            auth.rand_r,
+            auth.suite,
+        )
         payloads.append(placeholder_v(auth.suite.mac_alg))
         return seal_mac(Message(header, tuple(payloads)), keys, auth.suite.mac_alg, b"").wire

@@ -27,7 +27,9 @@ from kms.mikey.constants import KeyDataType, PrfFunc
 from kms.server.config import KmsConfig
 from kms.server.crl import CrlStore
 from kms.server.directory import RegistryDirectory
+from kms.server.federated import FederatingHandler
 from kms.server.settings import KeyTypeName, Responders
+from kms.server.slots import CoreSlots
 from kms.server.stores import STATE_DIR
 from kms.store.audit import JsonLinesAuditSink
 
@@ -122,10 +124,13 @@ def build_handler(
     workers: int | None = None,
     keystore: KeyStore | None = None,
     wrap_replay: Callable[[ReplayCache], ReplayCache] | None = None,
+    slots: CoreSlots | None = None,
 ) -> KmsHandler:
     """The KMS core wired to this home's token, registry and stores (``keystore``: a
     decorator around ``home.keystore()``, e.g. the metered one, instead of the token;
-    ``wrap_replay``: a decorator for the replay cache, e.g. the metered one)."""
+    ``wrap_replay``: a decorator for the replay cache, e.g. the metered one).
+    With ``peers``, tickets of peer KMSs are resolved by asking them (RFC 6043 9), without
+    holding one of ``slots`` while the peer answers."""
     config = home.config
     stores = home.stores  # [store] backend: SQLite in the home, or PostgreSQL (cluster)
     state = config.home / STATE_DIR
@@ -148,7 +153,7 @@ def build_handler(
         ),
         policy=kms_policy(config),
         pk=pk,
-        peers=peers,
+        federation=peers is not None,
         peer_quota=stores.peer_quota(),
         admission=stores.admission(),
         dummy_psk=dummy_psk(keystore, lambda: stores.token_lock("dummy-psk")),
@@ -177,4 +182,7 @@ def build_handler(
         except (OSError, ValueError) as exc:
             raise HomeError(f"[pk] cannot be enabled: {exc}") from None
         deps.pk = authenticator
-    return Kms(deps)
+    core = Kms(deps)
+    if peers is None:
+        return core
+    return FederatingHandler(core, peers, slots)

@@ -95,7 +95,9 @@ class ObservedProcess:
             peers = self.metrics.peers(peers)
         return peers
 
-    def build_handler(self, peers: PeerResolver, workers: int | None = None) -> KmsHandler:
+    def build_handler(
+        self, peers: PeerResolver, workers: int | None = None, slots: CoreSlots | None = None
+    ) -> KmsHandler:
         store: KeyStore = self.home.keystore()
         if self.metrics is not None:
             metered = self.metrics.keystore(store)
@@ -105,7 +107,7 @@ class ObservedProcess:
         if self.tracer is not None:
             store = TracingKeyStore(store, self.tracer)
         handler = build_handler(
-            self.home, peers=peers, workers=workers, keystore=store,
+            self.home, peers=peers, workers=workers, keystore=store, slots=slots,
             wrap_replay=None if self.metrics is None else self.metrics.replay_cache,
         )
         if self.tracer is not None:

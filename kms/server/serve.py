@@ -60,7 +60,7 @@ from kms.server.federation import FederationConfigError, GrpcPeerResolver
 from kms.server.grpc_server import DEFAULT_THREADS, KmsServer, ServerError, tls_credentials
 from kms.server.metrics_http import MetricsListen
 from kms.server.observe import ObservedProcess, supervise_with_metrics
-from kms.server.slots import CoreSlots, SlotReleasingPeers, core_slots_for
+from kms.server.slots import CoreSlots, core_slots_for
 from kms.store.registry import RegistryError
 
 log = logging.getLogger("kms.server.serve")
@@ -309,12 +309,10 @@ def serve_once(
         peers = GrpcPeerResolver.from_config(home.config, home.stores.open_registry)
         home.stores.start_background()  # cluster mode: registry change watch, pruning
         if observed is None:
-            handler = build_handler(
-                home, peers=SlotReleasingPeers(peers, slots), workers=plan.workers
-            )
+            handler = build_handler(home, peers=peers, workers=plan.workers, slots=slots)
         else:
             handler = observed.build_handler(
-                SlotReleasingPeers(observed.peers(peers), slots), workers=plan.workers
+                observed.peers(peers), workers=plan.workers, slots=slots
             )
         home.stores.set_wait_hook(slots.released)  # database waits hold no core slot
         server = KmsServer(

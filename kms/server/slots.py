@@ -8,19 +8,18 @@ clients on one worker, 272/s and 3.6 ms handler CPU per call with 32 threads in 
 device instead, and there parallel calls help. Parallelism for a software token comes from
 worker processes.
 
-A call that waits on the network, a federated resolve forwarded to a peer KMS, gives its
-slot up while it waits (:class:`SlotReleasingPeers`), so a slow peer never holds up the
-calls this worker can compute.
+A call that waits on the network gives its slot up while it waits (``released``): the
+federated resolve, whose core steps return before the peer is asked
+(:mod:`kms.server.federated`), and database waits in cluster mode.
 """
 
 from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 
-from kms.core.ports import PeerKms, PeerResolver
 from kms.server.config import KmsConfig
 
 ENV = "KMS_CORE_CONCURRENCY"  # overrides [server] core_concurrency (benchmarks)
@@ -81,27 +80,4 @@ class CoreSlots:
             self._local.held = True
 
 
-class SlotReleasingPeers:
-    """A :class:`PeerResolver` that waits for the peer without holding a core slot."""
-
-    def __init__(self, inner: PeerResolver, slots: CoreSlots) -> None:
-        self._inner = inner
-        self._slots = slots
-
-    def forward_resolve(
-        self,
-        peer: PeerKms,
-        wire: bytes,
-        *,
-        correlation_id: str,
-        hops: int,
-        rebuild: Callable[[], bytes] | None = None,
-    ) -> bytes:
-        extra = {} if rebuild is None else {"rebuild": rebuild}
-        with self._slots.released():
-            return self._inner.forward_resolve(
-                peer, wire, correlation_id=correlation_id, hops=hops, **extra
-            )
-
-
-__all__ = ["ENV", "CoreSlots", "SlotReleasingPeers", "core_slots_for"]
+__all__ = ["ENV", "CoreSlots", "core_slots_for"]

@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from kms.core.ports import PeerKms
+from kms.core.api import KmsReply, Outcome
+from kms.core.federation import PeerCall
+from kms.core.ports import PeerError, PeerKms
 from kms.server.config import KmsConfig, parse_config
-from kms.server.slots import ENV, CoreSlots, SlotReleasingPeers, core_slots_for
+from kms.server.federated import FederatingHandler
+from kms.server.slots import ENV, CoreSlots, core_slots_for
 
 CONFIG = """
 [kms]
@@ -71,24 +75,68 @@ def test_one_slot_serialises_and_released_lets_others_in() -> None:
 
 
 class SlowPeer:
-    def __init__(self, slots: CoreSlots) -> None:
+    def __init__(self, slots: CoreSlots, fail: PeerError | None = None) -> None:
         self.slots = slots
         self.others_ran = False
+        self.fail = fail
+        self.rebuild: Callable[[], bytes] | None = None
 
     def forward_resolve(self, peer: PeerKms, wire: bytes, *, correlation_id: str,
-                        hops: int) -> bytes:
+                        hops: int, rebuild: Callable[[], bytes] | None = None) -> bytes:
         # While this call waits for its peer, another core call of the worker can run.
         self.others_ran = _enters_within(self.slots, 5)
+        self.rebuild = rebuild
         time.sleep(0.01)
+        if self.fail is not None:
+            raise self.fail
         return b"answer:" + wire
+
+
+class SteppedCore:
+    """The two steps of the core's federated resolve: a PeerCall out, the answer back in."""
+
+    def __init__(self) -> None:
+        self.finished: list[tuple[bytes | PeerError, float]] = []
+
+    def resolve_step(self, wire: bytes, now: float, *, correlation_id: str = "",
+                     hops: int = 0) -> PeerCall:
+        peer = PeerKms(b"kms:peer.example.org", psk=None)
+        return PeerCall(peer, wire, correlation_id, hops + 1, lambda: b"fresh",
+                        None)  # type: ignore[arg-type]
+
+    def finish_resolve(self, call: PeerCall, answer: bytes | PeerError,
+                       now: float) -> KmsReply:
+        self.finished.append((answer, now))
+        if isinstance(answer, PeerError):
+            return KmsReply(answer.outcome or Outcome.UNAVAILABLE)
+        return KmsReply(Outcome.OK, answer)
 
 
 def test_federated_call_waits_without_its_slot() -> None:
     slots = CoreSlots(1)
     inner = SlowPeer(slots)
-    peers = SlotReleasingPeers(inner, slots)
-    peer = PeerKms(b"kms:peer.example.org", psk=None)
+    core = SteppedCore()
+    handler = FederatingHandler(core, inner, slots)  # type: ignore[arg-type]
     with slots.held():
-        assert peers.forward_resolve(peer, b"x", correlation_id="c", hops=1) == b"answer:x"
+        reply = handler.resolve_ticket(b"x", 1000.0, correlation_id="c")
         assert not _enters_within(slots, 0.2)  # held again after the call
-    assert inner.others_ran
+    assert inner.others_ran  # the slot was free while the peer answered
+    assert reply.data == b"answer:x"
+    assert inner.rebuild is not None and inner.rebuild() == b"fresh"
+    answer, now = core.finished[0]
+    assert answer == b"answer:x"
+    assert now >= 1000.01  # the time the answer arrived, on the caller's clock
+
+
+def test_peer_refusal_is_mapped_to_the_cores_outcome_in_the_adapter() -> None:
+    slots = CoreSlots(1)
+    for status, outcome in [("PERMISSION_DENIED", Outcome.DENIED),
+                            ("RESOURCE_EXHAUSTED", Outcome.RATE_LIMITED),
+                            ("DATA_LOSS", Outcome.UNAVAILABLE)]:
+        core = SteppedCore()
+        inner = SlowPeer(slots, PeerError("refused", "no", status))
+        reply = FederatingHandler(core, inner, slots).resolve_ticket(  # type: ignore[arg-type]
+            b"x", 1000.0)
+        assert reply.outcome is outcome, status
+        failure = core.finished[0][0]
+        assert isinstance(failure, PeerError) and failure.status == status

@@ -1,0 +1,107 @@
+"""The adapter half of a federated Ticket Resolve (RFC 6043 9).
+
+The core (:class:`kms.core.service.Kms`) never waits on the network: a resolve of a ticket
+that another KMS issued comes back as a :class:`kms.core.federation.PeerCall`. This handler
+makes that call through the :class:`kms.core.ports.PeerResolver` (gRPC, with the metrics and
+tracing decorators around it) and hands the answer, or the failure, back to the core with
+the time it arrived. While it waits for the peer it holds no core slot
+(:mod:`kms.server.slots`), so a slow peer never holds up the calls this worker can compute.
+
+The gRPC status a peer refused with is mapped to the core's own :class:`Outcome` here: the
+core knows no gRPC names.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from kms.core.api import KmsReply, Outcome
+from kms.core.context import Deps
+from kms.core.federation import PeerCall
+from kms.core.ports import PeerError, PeerFailure, PeerResolver
+from kms.core.service import Kms
+from kms.server.slots import CoreSlots
+
+# gRPC status names a peer may refuse with, and what our Responder then gets.
+PEER_STATUS: dict[str, Outcome] = {
+    "UNAUTHENTICATED": Outcome.DENIED,  # the peer did not accept *us*: a trust problem
+    "PERMISSION_DENIED": Outcome.DENIED,
+    "FAILED_PRECONDITION": Outcome.PRECONDITION,
+    "INVALID_ARGUMENT": Outcome.MALFORMED,
+    "RESOURCE_EXHAUSTED": Outcome.RATE_LIMITED,
+}
+
+
+def peer_outcome(exc: PeerError) -> PeerError:
+    """``exc`` with ``outcome`` set from its gRPC status (refusals only; others stay None,
+    which the core answers as UNAVAILABLE)."""
+    if exc.kind is PeerFailure.REFUSED and exc.outcome is None:
+        exc.outcome = PEER_STATUS.get(exc.status)
+    return exc
+
+
+class FederatingHandler:
+    """:class:`kms.core.api.KmsHandler` over the core and a peer resolver: runs the core's
+    steps and does the peer IO between them."""
+
+    def __init__(
+        self,
+        core: Kms,
+        peers: PeerResolver,
+        slots: CoreSlots | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.core = core
+        self._peers = peers
+        self._slots = slots
+        self._monotonic = monotonic
+
+    @property
+    def deps(self) -> Deps:
+        return self.core.deps
+
+    def request_ticket(self, wire: bytes, now: float, *, correlation_id: str = "") -> KmsReply:
+        return self.core.request_ticket(wire, now, correlation_id=correlation_id)
+
+    def resolve_ticket(
+        self, wire: bytes, now: float, *, correlation_id: str = "", hops: int = 0
+    ) -> KmsReply:
+        started = self._monotonic()
+        step = self.core.resolve_step(wire, now, correlation_id=correlation_id, hops=hops)
+        if not isinstance(step, PeerCall):
+            return step
+        answer = self._ask(step)
+        # The time the answer arrived, on the caller's clock (a test may pass a fixed one).
+        return self.core.finish_resolve(step, answer, now + (self._monotonic() - started))
+
+    def refuse_undecodable(
+        self, size: int, now: float, *, correlation_id: str = "", detail: str = ""
+    ) -> KmsReply:
+        return self.core.refuse_undecodable(
+            size, now, correlation_id=correlation_id, detail=detail
+        )
+
+    def close(self) -> None:
+        self.core.close()
+
+    def _ask(self, call: PeerCall) -> bytes | PeerError:
+        if self._slots is None:
+            return self._forward(call)
+        with self._slots.released():  # waiting on the network needs no core slot
+            return self._forward(call)
+
+    def _forward(self, call: PeerCall) -> bytes | PeerError:
+        try:
+            return self._peers.forward_resolve(
+                call.peer,
+                call.wire,
+                correlation_id=call.correlation_id,
+                hops=call.hops,
+                rebuild=call.rebuild,
+            )
+        except PeerError as exc:
+            return peer_outcome(exc)
+
+
+__all__ = ["PEER_STATUS", "FederatingHandler", "peer_outcome"]
