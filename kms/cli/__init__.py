@@ -42,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
         call_cmd,
         mikey_cmd,
         peer_cmd,
+        revoke_cmd,
         serve_cmd,
         status_cmd,
         store_cmd,
@@ -57,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     token_cmd.register(sub)
     status_cmd.register(sub)
     store_cmd.register(sub)
+    revoke_cmd.register(sub)
     return parser
 
 

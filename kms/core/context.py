@@ -16,6 +16,7 @@ from kms.core.ports import (
     ReplayCache,
     ResolveLedger,
 )
+from kms.core.revocation import Revocations
 from kms.keystore import Key, KeyRef, KeyStore
 from kms.mikey.derive import MessageKeys
 from kms.mikey.message import Message
@@ -63,6 +64,8 @@ class Deps:
     # identities cost the same token work and get the same answer (threat model: probing).
     dummy_psk: KeyRef | None = None
     admission: Admission | None = None  # rate + replay in one step (shared stores)
+    # Suspended endpoints and revoked tickets (None: nothing is ever revoked).
+    revocations: Revocations | None = None
 
 
 @dataclass

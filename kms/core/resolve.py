@@ -14,6 +14,7 @@ from kms.core.policy import (
     validity_of,
 )
 from kms.core.request import fresh_timestamp, response_header
+from kms.core.revocation import check_ticket
 from kms.keystore import Key
 from kms.mikey.base_ticket import TicketContents, TicketError, open_base_ticket, ticket_id
 from kms.mikey.constants import (
@@ -163,6 +164,8 @@ def handle_resolve(
         return forward_resolve(msg, auth, deps, ex, now, ticket, issuer)
     contents = open_ticket(ticket, deps)
     expires = check_validity(ticket, deps, now)
+    creator = idr_in_policy(ticket.policy, IdRole.IDRI)
+    check_ticket(deps.revocations, tid, creator.data if creator else None, contents.t)
     responder = auth.identity.data
     check_responder(ticket, responder, deps)
     try:

@@ -23,6 +23,7 @@ from kms.core.errors import Refusal, malformed
 from kms.core.ports import StoreUnavailable
 from kms.core.request import fresh_timestamp, handle_request
 from kms.core.resolve import handle_resolve
+from kms.core.revocation import check_identity
 from kms.keystore import KeyStoreError, TokenUnavailable
 from kms.mikey.buffer import Reader
 from kms.mikey.compose import check_composition
@@ -180,6 +181,7 @@ class Kms:
             self._check_prf(msg)
             auth = self._authenticate(msg, ex, now, role)
             ex.audit["method"] = auth.method
+            check_identity(self.deps.revocations, auth.identity.data)  # suspended endpoints
             data = handler(msg, auth, self.deps, ex, now)
         except Refusal as refusal:
             return self._refuse(ex, refusal, now)

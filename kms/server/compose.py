@@ -124,11 +124,13 @@ def build_handler(
     state.mkdir(mode=0o700, exist_ok=True)
     if keystore is None:
         keystore = home.keystore()
+    directory = RegistryDirectory(
+        stores.open_registry, config.home / SIGNING_CERT_FILE, stores.generation
+    )
     deps = Deps(
         keystore=keystore,
-        directory=RegistryDirectory(
-            stores.open_registry, config.home / SIGNING_CERT_FILE, stores.generation
-        ),
+        directory=directory,
+        revocations=directory,  # suspended endpoints, revoked tickets (kms revoke)
         replay=stores.replay_cache(replay_capacity(config, workers)),
         ledger=stores.resolve_ledger(),
         rate=stores.rate_limiter(),

@@ -15,9 +15,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from kms.core.ports import PeerKms, StoreUnavailable
+from kms.core.revocation import RevocationList
 from kms.keystore import KeyRef
 from kms.server.home import SIGNING_CERT_FILE, SIGNING_LABEL, guess_id_type
 from kms.store.registry import Registry, RegistryUnavailable, TpkState, UnknownPeer
+from kms.store.revocations import RevocationKind
 
 TPK_ID_PREFIX = b"tpk/"
 T = TypeVar("T")
@@ -196,6 +198,25 @@ class RegistryDirectory:
             b"",
             lambda: frozenset(a.identity for a in self.registry.list_applications()),
         )
+
+    @_store_errors
+    def revocation_list(self) -> RevocationList:
+        """The whole revocation list in one read (cluster mode: once per registry change;
+        every revocation write bumps the generation, so replicas drop the cached list)."""
+        return self._cached("revocations", b"", self._revocation_list)
+
+    def _revocation_list(self) -> RevocationList:
+        suspended: set[bytes] = set()
+        tickets: set[bytes] = set()
+        before: dict[bytes, int] = {}
+        for e in self.registry.list_revocations():
+            if e.kind is RevocationKind.SUSPENDED:
+                suspended.add(e.subject)
+            elif e.kind is RevocationKind.TICKET:
+                tickets.add(e.subject)
+            else:
+                before[e.subject] = e.not_before
+        return RevocationList(frozenset(suspended), frozenset(tickets), before)
 
 
 @functools.lru_cache(maxsize=64)

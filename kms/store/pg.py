@@ -29,6 +29,7 @@ import psycopg_pool
 from psycopg import conninfo as pg_conninfo
 
 from kms.core.ports import StoreUnavailable
+from kms.store.revocations import PG_MIGRATION as _REVOCATIONS_MIGRATION
 
 log = logging.getLogger("kms.store.pg")
 
@@ -212,10 +213,14 @@ MIGRATIONS: Sequence[str] = (
     );
     CREATE INDEX rate_buckets_last ON rate_buckets(last);
     """,
+    # 2: revocation (suspended endpoints, revoked tickets, requested-before times); see
+    # kms.store.revocations
+    _REVOCATIONS_MIGRATION,
 )
 
 REGISTRY_TABLES = (
     "endpoints", "groups", "group_members", "applications", "peers", "tpk_versions",
+    "revocations",
 )
 
 

@@ -29,6 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from kms.core.ports import StoreUnavailable
+from kms.store.revocations import SQLITE_MIGRATION as _REVOCATIONS_MIGRATION
+from kms.store.revocations import RevocationTables
 
 REGISTRY_FILE = "registry.sqlite3"
 BUSY_TIMEOUT_MS = 10_000
@@ -246,6 +248,9 @@ MIGRATIONS: Sequence[str] = (
     ALTER TABLE peers ADD COLUMN rate_limit REAL NOT NULL DEFAULT 0;
     ALTER TABLE peers ADD COLUMN deadline_ms INTEGER NOT NULL DEFAULT 2000;
     """,
+    # 3: revocation (suspended endpoints, revoked tickets, requested-before times); see
+    # kms.store.revocations
+    _REVOCATIONS_MIGRATION,
 )
 
 
@@ -253,7 +258,7 @@ def _now() -> int:
     return int(time.time())
 
 
-class Registry:
+class Registry(RevocationTables):
     """Typed access to the registry database. One instance per process/thread."""
 
     def __init__(self, conn: sqlite3.Connection, path: Path) -> None:
