@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import math
 import time
 from typing import Any
 
@@ -42,10 +43,11 @@ def _audit(h: Home, record: dict[str, object]) -> None:
 
 
 def parse_time(text: str) -> int:
-    """``now``, Unix seconds, or an ISO 8601 time (UTC unless it names an offset)."""
+    """``now``, Unix seconds, or an ISO 8601 time (UTC unless it names an offset). Times are
+    whole seconds; ``now`` rounds up, so a ticket issued before the command is covered."""
     t = text.strip()
     if t == "now":
-        return int(time.time())
+        return math.ceil(time.time())
     if t.isdigit():
         return int(t)
     try:
@@ -195,8 +197,8 @@ def register(sub: Any) -> None:  # argparse._SubParsersAction
         "ticket",
         help="revoke one ticket by id",
         description=(
-            "Revoke the ticket TICKET_ID (64 hex digits: SHA-256 of the Ticket Data, as\n"
-            "`kms call` and the audit log print it). Final: every later Ticket Resolve of it\n"
+            "Revoke the ticket TICKET_ID (32 hex digits, as `kms call` and the audit log\n"
+            "print it). Final: every later Ticket Resolve of it\n"
             "is refused with Invalid ticket, here and for peer KMSs."
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -31,7 +31,7 @@ class RevocationList:
     """Everything revoked now, as the registry holds it."""
 
     suspended: frozenset[bytes] = frozenset()
-    tickets: frozenset[bytes] = frozenset()  # ticket ids (SHA-256 of the Ticket Data)
+    tickets: frozenset[bytes] = frozenset()  # ticket ids (see kms.mikey.base_ticket.ticket_id)
     requested_before: Mapping[bytes, int] = field(default_factory=dict)
 
     def __bool__(self) -> bool:

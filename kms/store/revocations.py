@@ -4,7 +4,8 @@ ticket this endpoint requested before T" (both the SQLite and the PostgreSQL reg
 One table, ``revocations (kind, subject)``, so that the serving path reads the whole list
 with one statement (cluster mode: once per registry change, from the replica's cache) and
 revocation takes effect on the next request. Entries are never secrets: identities, ticket
-ids (SHA-256 of the Ticket Data, as the audit log and ``kms call`` print them) and times.
+ids (the first 128 bits of SHA-256 over the Ticket Data, as the audit log and ``kms call``
+print them) and times.
 """
 
 from __future__ import annotations
@@ -16,13 +17,13 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-TICKET_ID_LEN = 32  # SHA-256
+TICKET_ID_LEN = 16  # first 128 bits of SHA-256 over Ticket Data
 MAX_REASON_LEN = 200
 
 
 class RevocationKind(StrEnum):
     SUSPENDED = "suspended"  # subject: an endpoint identity
-    TICKET = "ticket"  # subject: a ticket id (32 bytes)
+    TICKET = "ticket"  # subject: a ticket id (16 bytes)
     REQUESTED_BEFORE = "requested_before"  # subject: an identity; not_before: a Unix time
 
 
@@ -40,7 +41,7 @@ class RevocationError(Exception):
 
 
 def parse_ticket_id(text: str) -> bytes:
-    """A ticket id as printed by ``kms call`` and the audit log: 64 hex digits."""
+    """A ticket id as printed by ``kms call`` and the audit log: 32 hex digits."""
     t = text.strip().lower()
     if t.startswith("0x"):
         t = t[2:]
@@ -49,7 +50,7 @@ def parse_ticket_id(text: str) -> bytes:
     except ValueError:
         raw = b""
     if len(raw) != TICKET_ID_LEN:
-        raise RevocationError(f"a ticket id is {2 * TICKET_ID_LEN} hex digits (SHA-256)")
+        raise RevocationError(f"a ticket id is {2 * TICKET_ID_LEN} hex digits")
     return raw
 
 

@@ -21,7 +21,7 @@ from kms.store.revocations import (
 
 ALICE = b"sip:alice@example.org"
 BOB = b"sip:bob@example.org"
-TID = bytes(range(32))
+TID = bytes(range(16))
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -66,14 +66,14 @@ def test_revoke_ticket_and_requested_before(reg: Registry) -> None:
 
 
 def test_bad_input(reg: Registry) -> None:
-    with pytest.raises(RevocationError, match="32 bytes"):
+    with pytest.raises(RevocationError, match="16 bytes"):
         reg.revoke_ticket(b"short")
     with pytest.raises(RevocationError, match="one line"):
         reg.suspend(ALICE, "two\nlines")
-    with pytest.raises(RevocationError, match="64 hex digits"):
+    with pytest.raises(RevocationError, match="32 hex digits"):
         parse_ticket_id("abc")
-    with pytest.raises(RevocationError, match="64 hex digits"):
-        parse_ticket_id("zz" * 32)
+    with pytest.raises(RevocationError, match="32 hex digits"):
+        parse_ticket_id("zz" * 16)
     assert parse_ticket_id("0x" + TID.hex().upper()) == TID
     assert reg.list_revocations() == []
 
@@ -122,7 +122,7 @@ def test_postgresql_revocation_bumps_the_registry_generation(pg_dsn: str) -> Non
                 time.sleep(0.02)
             return False
 
-        assert generation_changes(lambda: r.revoke_ticket(bytes(32)))
+        assert generation_changes(lambda: r.revoke_ticket(bytes(16)))
         assert generation_changes(lambda: r.suspend(b"sip:x@example.org"))
         assert generation_changes(lambda: r.resume(b"sip:x@example.org"))
         assert generation_changes(lambda: r.revoke_requested_before(ALICE, 10))
