@@ -17,6 +17,7 @@ from kms.core.api import Outcome
 from kms.core.context import Authenticated, Deps, Exchange
 from kms.core.errors import Refusal, auth_failure, denied, malformed, precondition
 from kms.core.ports import PeerKms, ReplayCacheFull
+from kms.core.psk_versions import named_psk
 from kms.keystore import KeyNotFound
 from kms.mikey.constants import DataType, EncrAlg, ErrorNo, IdRole, IdType, RandRole, TsType
 from kms.mikey.derive import KeyDirection
@@ -98,10 +99,15 @@ def authenticate_psk(
 ) -> Authenticated:
     """Authenticate REQUEST_INIT_PSK (role IDRi) or RESOLVE_INIT_PSK (role IDRr)."""
     suite = message_suite(msg)
-    identity = sender_identity(msg, role)
+    named = named_psk(msg, deps, role, now)  # a rotated PSK's version, named by IDRpsk
+    identity = sender_identity(msg, role) if named is None else named.identity
     ex.audit["sender"] = claimed_identity(identity.data)
     kms_id = check_kms_identity(msg, deps)
-    registered = deps.directory.psk_for(identity.data)
+    if named is None:
+        registered, unknown = deps.directory.psk_for(identity.data), "unknown identity"
+    else:
+        registered, unknown = named.key, named.reason
+        ex.audit["psk_version"] = named.version
     # Registered or not, the same work in the same order: an unknown identity's MAC is
     # verified against the dummy key, and every check that depends on the identity (the
     # timestamp window included) comes only after the MAC has verified. Otherwise the
@@ -129,7 +135,7 @@ def authenticate_psk(
     if registered is None:
         # Answered exactly like a wrong MAC: an "Invalid ID" here would tell anyone which
         # identities are registered. The audit log keeps the real reason.
-        raise auth_failure("unknown identity")
+        raise auth_failure(unknown)
     if not verified:
         raise auth_failure("MAC verification failed")
     ex.audit["sender"] = identity.data.decode("utf-8", "replace")  # a registered identity

@@ -16,6 +16,7 @@ from kms.core.ports import (
     ReplayCache,
     ResolveLedger,
 )
+from kms.core.psk_versions import PskVersions
 from kms.core.revocation import Revocations
 from kms.keystore import Key, KeyRef, KeyStore
 from kms.mikey.derive import MessageKeys
@@ -66,6 +67,8 @@ class Deps:
     admission: Admission | None = None  # rate + replay in one step (shared stores)
     # Suspended endpoints and revoked tickets (None: nothing is ever revoked).
     revocations: Revocations | None = None
+    # Rotated endpoint PSKs, named by IDRpsk (None: every endpoint has its one PSK).
+    psk_versions: PskVersions | None = None
 
 
 @dataclass

@@ -131,6 +131,7 @@ def build_handler(
         keystore=keystore,
         directory=directory,
         revocations=directory,  # suspended endpoints, revoked tickets (kms revoke)
+        psk_versions=directory,  # rotated endpoint PSKs (kms endpoint rotate-psk)
         replay=stores.replay_cache(replay_capacity(config, workers)),
         ledger=stores.resolve_ledger(),
         rate=stores.rate_limiter(),

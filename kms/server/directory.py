@@ -15,6 +15,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from kms.core.ports import PeerKms, StoreUnavailable
+from kms.core.psk_versions import PskVersionRef
 from kms.core.revocation import RevocationList
 from kms.keystore import KeyRef
 from kms.server.home import SIGNING_CERT_FILE, SIGNING_LABEL, guess_id_type
@@ -198,6 +199,16 @@ class RegistryDirectory:
             b"",
             lambda: frozenset(a.identity for a in self.registry.list_applications()),
         )
+
+    @_store_errors
+    def psk_version(self, name: bytes) -> PskVersionRef | None:
+        return self._cached("psk_version", name, lambda: self._psk_version(name))
+
+    def _psk_version(self, name: bytes) -> PskVersionRef | None:
+        v = self.registry.find_psk_version(name)
+        if v is None:
+            return None
+        return PskVersionRef(v.identity, v.version, KeyRef(v.key_label), v.retired, v.retire_at)
 
     @_store_errors
     def revocation_list(self) -> RevocationList:

@@ -29,6 +29,7 @@ import psycopg_pool
 from psycopg import conninfo as pg_conninfo
 
 from kms.core.ports import StoreUnavailable
+from kms.store.psk_versions import PG_MIGRATION as _PSK_VERSIONS_MIGRATION
 from kms.store.revocations import PG_MIGRATION as _REVOCATIONS_MIGRATION
 
 log = logging.getLogger("kms.store.pg")
@@ -216,11 +217,13 @@ MIGRATIONS: Sequence[str] = (
     # 2: revocation (suspended endpoints, revoked tickets, requested-before times); see
     # kms.store.revocations
     _REVOCATIONS_MIGRATION,
+    # 3: PSK versions named by IDRpsk (rotation without downtime); see kms.store.psk_versions
+    _PSK_VERSIONS_MIGRATION,
 )
 
 REGISTRY_TABLES = (
     "endpoints", "groups", "group_members", "applications", "peers", "tpk_versions",
-    "revocations",
+    "revocations", "psk_versions",
 )
 
 

@@ -29,6 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from kms.core.ports import StoreUnavailable
+from kms.store.psk_versions import SQLITE_MIGRATION as _PSK_VERSIONS_MIGRATION
+from kms.store.psk_versions import PskVersionTables
 from kms.store.revocations import SQLITE_MIGRATION as _REVOCATIONS_MIGRATION
 from kms.store.revocations import RevocationTables
 
@@ -251,6 +253,8 @@ MIGRATIONS: Sequence[str] = (
     # 3: revocation (suspended endpoints, revoked tickets, requested-before times); see
     # kms.store.revocations
     _REVOCATIONS_MIGRATION,
+    # 4: PSK versions named by IDRpsk (rotation without downtime); see kms.store.psk_versions
+    _PSK_VERSIONS_MIGRATION,
 )
 
 
@@ -258,7 +262,7 @@ def _now() -> int:
     return int(time.time())
 
 
-class Registry(RevocationTables):
+class Registry(RevocationTables, PskVersionTables):
     """Typed access to the registry database. One instance per process/thread."""
 
     def __init__(self, conn: sqlite3.Connection, path: Path) -> None:
@@ -395,7 +399,8 @@ class Registry(RevocationTables):
         """Remove an endpoint and its group memberships; returns what was removed."""
         with self.transaction():
             ep = self.get_endpoint(identity)
-            # group_members rows go with it (ON DELETE CASCADE)
+            # group_members rows go with it (ON DELETE CASCADE); PSK versions explicitly
+            self._q("DELETE FROM psk_versions WHERE identity = ?", (identity,))
             self._q("DELETE FROM endpoints WHERE identity = ?", (identity,))
         return ep
 
@@ -735,6 +740,9 @@ class Registry(RevocationTables):
         for peer in self.list_peers():
             if peer.key_label:
                 owners[peer.key_label] = f"peer {show_identity(peer.kms_id)}"
+        for row in self._q("SELECT identity, version, key_label FROM psk_versions "
+                           "WHERE retired = 0"):
+            owners[str(row[2])] = f"endpoint {show_identity(bytes(row[0]))} PSK v{int(row[1])}"
         return owners
 
 
