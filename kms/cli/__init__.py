@@ -42,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
         call_cmd,
         mikey_cmd,
         peer_cmd,
+        psk_cmd,
         revoke_cmd,
         serve_cmd,
         status_cmd,
@@ -51,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     mikey_cmd.register(sub)
     admin.register(sub)
+    psk_cmd.register(sub)  # kms endpoint rotate-psk / retire-psk / psk-list
     serve_cmd.register(sub)
     call_cmd.register(sub)
     peer_cmd.register(sub)

@@ -740,9 +740,12 @@ class Registry(RevocationTables, PskVersionTables):
         for peer in self.list_peers():
             if peer.key_label:
                 owners[peer.key_label] = f"peer {show_identity(peer.kms_id)}"
-        for row in self._q("SELECT identity, version, key_label FROM psk_versions "
-                           "WHERE retired = 0"):
-            owners[str(row[2])] = f"endpoint {show_identity(bytes(row[0]))} PSK v{int(row[1])}"
+        for row in self._q("SELECT identity, version, key_label, retired FROM psk_versions"):
+            if row[3]:  # a retired PSK version: its token object is destroyed
+                owners.pop(str(row[2]), None)
+            else:
+                who = show_identity(bytes(row[0]))
+                owners[str(row[2])] = f"endpoint {who} PSK v{int(row[1])}"
         return owners
 
 
