@@ -214,7 +214,18 @@ class RegistryDirectory:
     def revocation_list(self) -> RevocationList:
         """The whole revocation list in one read (cluster mode: once per registry change;
         every revocation write bumps the generation, so replicas drop the cached list)."""
-        return self._cached("revocations", b"", self._revocation_list)
+        if self._generation is not None:
+            return self._cached("revocations", b"", self._revocation_list)
+        # SQLite: the list is re-read only when another connection (an operator command)
+        # has committed to the registry since this thread last read it.
+        version = self.registry.data_version()
+        cached: tuple[int, RevocationList] | None = getattr(self._local, "revocations", None)
+        if version is not None and cached is not None and cached[0] == version:
+            return cached[1]
+        value = self._revocation_list()
+        if version is not None:
+            self._local.revocations = (version, value)
+        return value
 
     def _revocation_list(self) -> RevocationList:
         suspended: set[bytes] = set()

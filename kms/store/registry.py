@@ -326,6 +326,11 @@ class Registry(RevocationTables, PskVersionTables):
     def schema_version(self) -> int:
         return int(self._conn.execute("PRAGMA user_version").fetchone()[0])
 
+    def data_version(self) -> int | None:
+        """A number that changes when another connection commits to this database (SQLite
+        ``PRAGMA data_version``); None where that is not known (PostgreSQL)."""
+        return int(self._q("PRAGMA data_version")[0][0])
+
     def close(self) -> None:
         self._conn.close()
 

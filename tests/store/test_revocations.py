@@ -129,3 +129,24 @@ def test_postgresql_revocation_bumps_the_registry_generation(pg_dsn: str) -> Non
     finally:
         watcher.close()
         db.close()
+
+
+def test_sqlite_directory_sees_an_operator_revocation_on_the_next_read(tmp_path: Path) -> None:
+    """The serving side caches the list per thread until another connection commits
+    (PRAGMA data_version): an operator's command is seen on the very next request."""
+    from kms.server.directory import RegistryDirectory
+
+    path = tmp_path / "registry.sqlite3"
+    with Registry.open(path, create=True) as r:
+        r.add_endpoint(ALICE, IdType.URI, "psk/alice")
+    directory = RegistryDirectory(path)
+    assert not directory.revocation_list()
+    assert directory.revocation_list() is directory.revocation_list()  # cached
+    with Registry.open(path) as operator:
+        operator.suspend(ALICE)
+    assert directory.revocation_list().suspended == {ALICE}
+    with Registry.open(path) as operator:
+        operator.resume(ALICE)
+        operator.revoke_ticket(TID)
+    rl = directory.revocation_list()
+    assert rl.suspended == frozenset() and rl.tickets == {TID}
