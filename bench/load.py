@@ -71,7 +71,7 @@ def _client_process(
 ) -> None:
     import grpc
 
-    from kms.server import stubs
+    from kms import rpc
 
     t0 = time.perf_counter()
     msgs = generate(w, count, time.time())
@@ -91,7 +91,7 @@ def _client_process(
     results: list[tuple[list[float], int, Counter[str], bool, int]] = []
 
     def client(ch: Any) -> None:
-        stub = stubs.client_stub(ch)
+        stub = rpc.client_stub(ch)
         call = getattr(stub, w.method)
         lat: list[float] = []
         done = 0
@@ -121,7 +121,7 @@ def _client_process(
                 break
             while True:
                 try:
-                    call(stubs.MikeyMessage(data=wire), timeout=CALL_TIMEOUT_S)
+                    call(rpc.MikeyMessage(data=wire), timeout=CALL_TIMEOUT_S)
                     ok = True
                     break
                 except grpc.RpcError as exc:

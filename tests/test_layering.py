@@ -80,7 +80,79 @@ def test_keystore_interface_and_hsm_point_inward() -> None:
 
 def test_endpoint_library_does_not_depend_on_the_kms() -> None:
     for p in modules("kms.endpoint"):
-        for name in imports_of(p) - {"kms.server.stubs"}:  # the generated wire contract only
+        for name in imports_of(p):  # the wire contract comes from kms.rpc, not the server
             assert not name.startswith(("kms.core", "kms.server", "kms.store", "hsm.pkcs11")), (
                 f"{p.relative_to(ROOT)} imports {name}"
             )
+
+
+def test_wire_contract_stands_alone() -> None:
+    # kms.rpc (stubs and metadata keys) is shared by server and endpoint library: it imports
+    # grpc, protobuf and nothing else of the project.
+    for p in modules("kms.rpc"):
+        for name in imports_of(p):
+            assert top(name) in STDLIB | {"grpc", "google"} or name.startswith("kms.rpc"), (
+                f"{p.relative_to(ROOT)} imports {name}"
+            )
+
+
+def _module_name(path: Path, root: Path = ROOT) -> str:
+    rel = path.relative_to(root).with_suffix("")
+    parts = rel.parts[:-1] if rel.name == "__init__" else rel.parts
+    return ".".join(parts)
+
+
+def _imported_modules(path: Path) -> set[str]:
+    """Like :func:`imports_of`, plus ``M.N`` for ``from M import N`` (N may be a module)."""
+    names = imports_of(path)
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.update(f"{node.module}.{a.name}" for a in node.names)
+    return names
+
+
+def cycles(paths: list[Path], root: Path = ROOT) -> list[list[str]]:
+    """Import cycles among ``paths`` (every import statement counts, also those inside
+    functions: deferring an import hides a cycle, it does not remove it)."""
+    graph: dict[str, set[str]] = {_module_name(p, root): set() for p in paths}
+    for p in paths:
+        me = _module_name(p, root)
+        graph[me] = {n for n in _imported_modules(p) if n in graph and n != me}
+    found: list[list[str]] = []
+    state: dict[str, int] = {}  # 1 on the stack, 2 done
+
+    def visit(node: str, stack: list[str]) -> None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                found.append([*stack[stack.index(nxt) :], nxt])
+            elif nxt not in state:
+                visit(nxt, stack)
+        stack.pop()
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [])
+    return found
+
+
+@pytest.mark.parametrize("package", ["kms.mikey", "kms.endpoint", "kms.rpc"])
+def test_no_import_cycles(package: str) -> None:
+    assert cycles(modules(package)) == []
+
+
+def test_cycle_check_sees_deferred_imports(tmp_path: Path) -> None:
+    # The checker itself: a cycle through an import inside a function is found.
+    pkg = tmp_path / "p"
+    pkg.mkdir()
+    (pkg / "a.py").write_text("from p.b import x\n", encoding="utf-8")
+    (pkg / "b.py").write_text("def x() -> None:\n    from p import a\n", encoding="utf-8")
+    (pkg / "c.py").write_text("import p.a\n", encoding="utf-8")
+    paths = sorted(pkg.glob("*.py"))
+    assert cycles(paths, tmp_path) == [["p.a", "p.b", "p.a"]]
+    (pkg / "b.py").write_text("def x() -> None:\n    import p.c\n", encoding="utf-8")
+    assert cycles(paths, tmp_path) == [["p.a", "p.b", "p.c", "p.a"]]
+    (pkg / "c.py").write_text("", encoding="utf-8")
+    assert cycles(paths, tmp_path) == []

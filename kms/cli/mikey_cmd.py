@@ -17,11 +17,11 @@ from pathlib import Path
 from typing import Any
 
 from kms.cli import CliError
+from kms.cli.mikey_inspect import render_tree, to_json
 from kms.mikey.constants import DataType, IdRole, IdType, MacAlg, RandRole, TsType
 from kms.mikey.coverage import seal
 from kms.mikey.errors import DecodeError
 from kms.mikey.header import EmptyMap, Header
-from kms.mikey.inspect import render_tree, to_json
 from kms.mikey.message import Message
 from kms.mikey.payloads import Timestamp, Verification
 from kms.mikey.ticket import Idr, RandR, TicketPolicy, TpFlag

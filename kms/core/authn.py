@@ -15,24 +15,20 @@ from dataclasses import replace
 
 from kms.core.api import Outcome
 from kms.core.context import Authenticated, Deps, Exchange
-from kms.core.errors import Refusal, auth_failure, denied, malformed, precondition
+from kms.core.errors import Refusal, auth_failure, denied, precondition
 from kms.core.ports import PeerKms, ReplayCacheFull
 from kms.core.psk_versions import named_psk
 from kms.keystore import KeyNotFound
-from kms.mikey.constants import DataType, EncrAlg, ErrorNo, IdRole, IdType, RandRole, TsType
+from kms.mikey.compose import InitialMessage, sender_of
+from kms.mikey.constants import EncrAlg, ErrorNo, IdRole, IdType, TsType
 from kms.mikey.derive import KeyDirection
 from kms.mikey.message import Message
 from kms.mikey.ntp import decode_ts_value
-from kms.mikey.protect import (
-    Suite,
-    check_mac,
-    idr_of,
-    message_keys,
-    rand_of,
-    suite_for,
-    timestamp_of,
-)
+from kms.mikey.protect import Suite, check_mac, message_keys, suite_for
 from kms.mikey.ticket import Idr
+from kms.mikey.views import RequestInitPsk, ResolveInitPk, ResolveInitPsk
+
+PskInit = RequestInitPsk | ResolveInitPsk
 
 
 def message_suite(msg: Message) -> Suite:
@@ -44,9 +40,9 @@ def message_suite(msg: Message) -> Suite:
         ) from None
 
 
-def check_timestamp(msg: Message, deps: Deps, now: float) -> None:
+def check_timestamp(v: InitialMessage, deps: Deps, now: float) -> None:
     """RFC 3830 5.4: the timestamp must fall inside the window around the KMS clock."""
-    t = timestamp_of(msg)
+    t = v.t
     if t.ts_type == TsType.COUNTER:
         raise precondition(ErrorNo.INVALID_TS, "COUNTER timestamps are not accepted by the KMS")
     sent = decode_ts_value(TsType(t.ts_type), t.value)
@@ -58,18 +54,18 @@ def check_timestamp(msg: Message, deps: Deps, now: float) -> None:
         )
 
 
-def check_kms_identity(msg: Message, deps: Deps) -> bytes:
+def check_kms_identity(v: InitialMessage, deps: Deps) -> bytes:
     """IDRkms, when present, must name this KMS; the MAC covers this KMS's identity."""
-    idr = idr_of(msg, IdRole.IDRKMS)
+    idr = v.idr_kms
     if idr is not None and idr.data != deps.policy.kms_id:
         raise denied(ErrorNo.INVALID_ID, "message addressed to another KMS")
     return deps.policy.kms_id
 
 
-def sender_identity(msg: Message, role: IdRole) -> Idr:
+def sender_identity(v: PskInit, role: IdRole) -> Idr:
     """The sender's identity: its IDRi/IDRr, else the owner named by IDRpsk (reference 14.7)."""
-    idr = idr_of(msg, role)
-    psk = idr_of(msg, IdRole.IDRPSK)
+    idr, _ = sender_of(v)
+    psk = v.idr_psk
     if idr is not None and psk is not None and psk.data != idr.data:
         raise auth_failure("IDRpsk names another identity than the sender's IDR")
     if idr is not None:
@@ -95,14 +91,15 @@ def claimed_identity(data: bytes) -> str:
 
 
 def authenticate_psk(
-    msg: Message, deps: Deps, ex: Exchange, now: float, role: IdRole
+    v: PskInit, deps: Deps, ex: Exchange, now: float, role: IdRole
 ) -> Authenticated:
     """Authenticate REQUEST_INIT_PSK (role IDRi) or RESOLVE_INIT_PSK (role IDRr)."""
+    msg = v.msg
     suite = message_suite(msg)
-    named = named_psk(msg, deps, role, now)  # a rotated PSK's version, named by IDRpsk
-    identity = sender_identity(msg, role) if named is None else named.identity
+    named = named_psk(v, deps, role, now)  # a rotated PSK's version, named by IDRpsk
+    identity = sender_identity(v, role) if named is None else named.identity
     ex.audit["sender"] = claimed_identity(identity.data)
-    kms_id = check_kms_identity(msg, deps)
+    kms_id = check_kms_identity(v, deps)
     if named is None:
         registered, unknown = deps.directory.psk_for(identity.data), "unknown identity"
     else:
@@ -113,10 +110,7 @@ def authenticate_psk(
     # timestamp window included) comes only after the MAC has verified. Otherwise the
     # answer, or the time it takes, tells a prober which identities are registered.
     psk = registered if registered is not None else deps.dummy_psk
-    rand_role = RandRole.RANDRI if role == IdRole.IDRI else RandRole.RANDRR
-    rand = rand_of(msg, rand_role)
-    if rand is None:  # pragma: no cover - the composition check requires it
-        raise malformed("missing RANDR")
+    rand = sender_of(v)[1].value
     rand_i, rand_r = (rand, None) if role == IdRole.IDRI else (None, rand)
     # Verifying V needs the auth key only: with a NULL encryption algorithm the encryption
     # and salt keys (two more PRFs under the PSK in the token) are not derived.
@@ -141,7 +135,7 @@ def authenticate_psk(
     ex.audit["sender"] = identity.data.decode("utf-8", "replace")  # a registered identity
     auth = Authenticated(identity, registered, suite, rand_i, rand_r, kms_id, "psk")
     ex.auth = auth  # from here on, refusals carry a V (the sender is authenticated)
-    check_timestamp(msg, deps, now)
+    check_timestamp(v, deps, now)
     admit(msg, deps, now, identity.data)
     return auth
 
@@ -186,31 +180,29 @@ def check_replay(msg: Message, deps: Deps, now: float) -> None:
         raise _replayed()
 
 
-def forwarding_peer(msg: Message, deps: Deps) -> PeerKms | None:
+def forwarding_peer(v: InitialMessage, deps: Deps) -> PeerKms | None:
     """RFC 6043 9: a RESOLVE_INIT_PSK whose IDRpsk names a registered peer KMS comes from
     that KMS, resolving on behalf of the Responder named by IDRr."""
-    if msg.data_type != DataType.RESOLVE_INIT_PSK:
+    if not isinstance(v, ResolveInitPsk) or v.idr_psk is None:
         return None
-    psk = idr_of(msg, IdRole.IDRPSK)
-    if psk is None:
-        return None
-    return deps.directory.peer(psk.data)
+    return deps.directory.peer(v.idr_psk.data)
 
 
 def authenticate_peer(
-    msg: Message, deps: Deps, ex: Exchange, now: float, peer: PeerKms
+    v: ResolveInitPsk, deps: Deps, ex: Exchange, now: float, peer: PeerKms
 ) -> Authenticated:
     """A peer KMS forwarding a Ticket Resolve: MAC with the key shared with that peer over
     RESOLVE_INIT || IDRr || IDRkms, then the issuing side's trust: may this peer resolve for
     that identity, and within its quota (issue 6)."""
+    msg = v.msg
     suite = message_suite(msg)
     ex.audit["peer"] = peer.kms_id.decode("utf-8", "replace")
-    identity = peer_responder(msg)
+    identity = peer_responder(v)
     ex.audit["sender"] = claimed_identity(identity.data)
-    kms_id = check_kms_identity(msg, deps)
+    kms_id = check_kms_identity(v, deps)
     if peer.psk is None:
         raise auth_failure("peer has no shared key for RESOLVE_INIT_PSK")
-    rand_r = rand_of(msg, RandRole.RANDRR)
+    rand_r = v.rand_r.value
     try:
         keys = message_keys(deps.keystore, peer.psk, msg, KeyDirection.INITIAL, None, rand_r, suite)
     except KeyNotFound:
@@ -218,7 +210,7 @@ def authenticate_peer(
     if not check_mac(msg, keys, suite, identity.data + kms_id):
         raise auth_failure("peer MAC verification failed")
     ex.audit["sender"] = identity.data.decode("utf-8", "replace")  # vouched for by the peer
-    check_timestamp(msg, deps, now)  # after the MAC, as for endpoints
+    check_timestamp(v, deps, now)  # after the MAC, as for endpoints
     check_peer_resolves_for(peer, identity.data, "peer")
     auth = Authenticated(identity, peer.psk, suite, None, rand_r, kms_id, "peer", peer.kms_id)
     ex.auth = auth
@@ -230,9 +222,9 @@ def authenticate_peer(
 # --- the issuing side's trust in a peer KMS (PSK and certificate peers alike) ---------------
 
 
-def peer_responder(msg: Message) -> Idr:
+def peer_responder(v: ResolveInitPsk | ResolveInitPk) -> Idr:
     """The end Responder a peer KMS resolves for (IDRr); refused when absent."""
-    identity = idr_of(msg, IdRole.IDRR)
+    identity = v.idr_r
     if identity is None:
         raise Refusal(
             ErrorNo.INVALID_ID,

@@ -23,6 +23,7 @@ from kms.mikey.derive import MessageKeys
 from kms.mikey.message import Message
 from kms.mikey.protect import Suite
 from kms.mikey.ticket import Idr
+from kms.mikey.views import RequestInitPk, ResolveInitPk
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,9 @@ class Authenticated:
 class PkAuthenticator(Protocol):
     """Authenticates REQUEST_INIT_PK / RESOLVE_INIT_PK (certificate, SIGN, PKE)."""
 
-    def authenticate(self, msg: Message, now: float, role: int) -> Authenticated: ...
+    def authenticate(
+        self, v: RequestInitPk | ResolveInitPk, now: float, role: int
+    ) -> Authenticated: ...
 
 
 @dataclass

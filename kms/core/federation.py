@@ -28,6 +28,7 @@ from kms.core.ports import PeerError, PeerKms
 from kms.core.request import fresh_timestamp
 from kms.core.resolve import build_resolve_resp
 from kms.keystore import Key, SignScheme
+from kms.mikey.compose import ResolveInit
 from kms.mikey.constants import (
     CertType,
     DataType,
@@ -46,15 +47,13 @@ from kms.mikey.message import Message
 from kms.mikey.payloads import Cert, Chash, Error, KeyData, Payload, Pke, Sign
 from kms.mikey.protect import (
     ResponseRejected,
-    idr_of,
     message_keys,
     open_response,
     placeholder_v,
-    rand_of,
     seal_mac,
-    timestamp_of,
 )
 from kms.mikey.ticket import Idr, RandR, Ticket, TpFlag
+from kms.mikey.views import ResolveResp
 
 # gRPC status names a peer may answer with, and what the Responder then gets.
 _PEER_STATUS = {
@@ -87,7 +86,7 @@ def _peer_error_no(error_message: bytes | None) -> ErrorNo:
 
 
 def forward_resolve(
-    msg: Message,
+    v: ResolveInit,
     auth: Authenticated,
     deps: Deps,
     ex: Exchange,
@@ -118,9 +117,9 @@ def forward_resolve(
         # peer must not be the same bytes (RFC 3830 5.4 replay protection refuses them).
         k: Key
         if peer.psk is None:
-            f, r, k = _forwarded_resolve_init_pk(msg, auth, deps, now, ticket, issuer, peer)
+            f, r, k = _forwarded_resolve_init_pk(v, auth, deps, now, ticket, issuer, peer)
         else:
-            f, r = _forwarded_resolve_init(msg, auth, deps, now, ticket, issuer, peer)
+            f, r = _forwarded_resolve_init(v, auth, deps, now, ticket, issuer, peer)
             k = peer.psk
         built.append((f, r, k))
         return bytes(f.wire)
@@ -149,7 +148,7 @@ def forward_resolve(
         ) from None
     fwd, rand_r, key = built[-1]  # the peer answered the message built last
     keys, rand_kms = _verify_peer_answer(answer, fwd, auth, deps, ticket, key, rand_r)
-    sealed = build_resolve_resp(msg, auth, deps, ex, now, keys, rand_kms, auth.identity.data)
+    sealed = build_resolve_resp(v, auth, deps, ex, now, keys, rand_kms, auth.identity.data)
     ex.audit["event"] = "ticket.resolved"
     ex.audit["via_peer"] = True
     ex.audit["forking"] = rand_kms is not None
@@ -157,16 +156,16 @@ def forward_resolve(
 
 
 def _forwarded_head(
-    data_type: DataType, msg: Message, auth: Authenticated, deps: Deps, now: float
+    data_type: DataType, v: ResolveInit, auth: Authenticated, deps: Deps, now: float
 ) -> tuple[Header, list[Payload], bytes]:
     """What both forms of the forwarded RESOLVE_INIT start with: a fresh HDR (own CSB ID),
     T, RANDRr and IDRr naming the end Responder. Returns them and RANDRr."""
     ks = deps.keystore
     rand_r = ks.random(32)
     csb = int.from_bytes(ks.random(4), "big")
-    header = Header(data_type, csb, EmptyMap(0), True, msg.header.prf_func)
+    header = Header(data_type, csb, EmptyMap(0), True, v.hdr.prf_func)
     head: list[Payload] = [
-        fresh_timestamp(timestamp_of(msg), now),
+        fresh_timestamp(v.t, now),
         RandR(RandRole.RANDRR, rand_r),
         Idr(IdRole.IDRR, auth.identity.id_type, auth.identity.data),
     ]
@@ -174,7 +173,7 @@ def _forwarded_head(
 
 
 def _forwarded_resolve_init(
-    msg: Message,
+    v: ResolveInit,
     auth: Authenticated,
     deps: Deps,
     now: float,
@@ -186,7 +185,7 @@ def _forwarded_resolve_init(
     IDRpsk (this KMS: names the key shared with the issuer), V."""
     ks = deps.keystore
     assert peer.psk is not None
-    header, head, rand_r = _forwarded_head(DataType.RESOLVE_INIT_PSK, msg, auth, deps, now)
+    header, head, rand_r = _forwarded_head(DataType.RESOLVE_INIT_PSK, v, auth, deps, now)
     payloads: list[Payload] = [
         *head,
         Idr(IdRole.IDRKMS, issuer.id_type, issuer.data),
@@ -208,7 +207,7 @@ def _reachable_by_pk(peer: PeerKms) -> bool:
 
 
 def _forwarded_resolve_init_pk(
-    msg: Message,
+    v: ResolveInit,
     auth: Authenticated,
     deps: Deps,
     now: float,
@@ -226,7 +225,7 @@ def _forwarded_resolve_init_pk(
     own = x509.load_der_x509_certificate(peer.local_signing_cert_der).public_key()
     if not isinstance(envelope, rsa.RSAPublicKey) or not isinstance(own, rsa.RSAPublicKey):
         raise denied(ErrorNo.INVALID_TICKET, "issuing KMS not reachable", "cert peer not RSA")
-    header, head, rand_r = _forwarded_head(DataType.RESOLVE_INIT_PK, msg, auth, deps, now)
+    header, head, rand_r = _forwarded_head(DataType.RESOLVE_INIT_PK, v, auth, deps, now)
     env_key = ks.random(32)
     payloads: list[Payload] = [
         *head,
@@ -260,7 +259,7 @@ def _verify_peer_answer(
     the key shared with the peer, or the env_key of a RESOLVE_INIT_PK."""
     try:
         resp, opened = open_response(
-            deps.keystore, answer, DataType.RESOLVE_RESP, fwd, key, auth.suite, None, rand_r
+            deps.keystore, answer, ResolveResp, fwd, key, auth.suite, None, rand_r
         )
     except ResponseRejected as exc:
         raise _invalid(exc.reason) from None
@@ -271,8 +270,9 @@ def _verify_peer_answer(
         raise _invalid("KEMAC does not start with MPKi [and MPKr']")
     rand_kms = None
     if forking:
-        bound = idr_of(resp, IdRole.IDRR)
-        rand_kms = rand_of(resp, RandRole.RANDRKMS)
-        if bound is None or bound.data != auth.identity.data or rand_kms is None:
+        assert isinstance(resp, ResolveResp)
+        bound, rand = resp.idr_r, resp.rand_kms
+        if bound is None or bound.data != auth.identity.data or rand is None:
             raise _invalid("forked keys not bound to the resolving Responder")
+        rand_kms = rand.value
     return key_data, rand_kms

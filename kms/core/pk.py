@@ -63,15 +63,16 @@ from kms.core.authn import (
     peer_responder,
 )
 from kms.core.context import Authenticated, Deps
-from kms.core.errors import Refusal, auth_failure, malformed
+from kms.core.errors import Refusal, auth_failure
 from kms.core.ports import PeerKms, Revocation, RevocationChecker
 from kms.keystore import InvalidSealedData, KeyRef, RsaPadding
-from kms.mikey.constants import CertType, ErrorNo, HashFunc, IdRole, IdType, RandRole, SignType
+from kms.mikey.compose import sender_of
+from kms.mikey.constants import CertType, ErrorNo, HashFunc, IdRole, IdType, SignType
 from kms.mikey.coverage import initial_mac_input
-from kms.mikey.message import Message
-from kms.mikey.payloads import Cert, Chash, Pke, Sign
-from kms.mikey.protect import idr_of, rand_of
 from kms.mikey.ticket import Idr
+from kms.mikey.views import RequestInitPk, ResolveInitPk
+
+PkInit = RequestInitPk | ResolveInitPk
 
 ENV_KEY_MIN_BYTES = 16  # RFC 6043 12.1: keys of at least 128 bits
 MAX_CHAIN_CERTS = 8  # CERT payloads accepted in one message (own certificate included)
@@ -169,35 +170,32 @@ class CertificateAuthenticator:
 
     # --- PkAuthenticator ------------------------------------------------------------------
 
-    def authenticate(self, msg: Message, now: float, role: int) -> Authenticated:
+    def authenticate(self, v: PkInit, now: float, role: int) -> Authenticated:
         deps = self._deps
         id_role = IdRole(role)
         if id_role not in (IdRole.IDRI, IdRole.IDRR):
             raise ValueError("role must be IDRi (Ticket Request) or IDRr (Ticket Resolve)")
         if id_role == IdRole.IDRR:
-            peer = self._certificate_peer(msg)
-            if peer is not None:
-                return self._authenticate_peer_pk(msg, now, *peer)
+            peer = self._certificate_peer(v)
+            if peer is not None and isinstance(v, ResolveInitPk):
+                return self._authenticate_peer_pk(v, now, *peer)
         if not self._endpoints_enabled:
             raise Refusal(
                 ErrorNo.UNSUPPORTED_MESSAGE_TYPE,
                 Outcome.MALFORMED,
                 "public-key messages are not enabled on this KMS",
             )
-        suite = message_suite(msg)
-        kms_id = check_kms_identity(msg, deps)
+        suite = message_suite(v.msg)
+        kms_id = check_kms_identity(v, deps)
 
-        leaf = self._validate_chain(msg, now)
-        identity = _bind_identity(msg, id_role, leaf)
-        self._verify_signature(msg, leaf, identity.data, kms_id)
+        leaf = self._validate_chain(v, now)
+        identity = _bind_identity(v, id_role, leaf)
+        self._verify_signature(v, leaf, identity.data, kms_id)
 
-        check_timestamp(msg, deps, now)
-        env_key = self._open_envelope(msg)
+        check_timestamp(v, deps, now)
+        env_key = self._open_envelope(v)
 
-        rand_role = RandRole.RANDRI if id_role == IdRole.IDRI else RandRole.RANDRR
-        rand = rand_of(msg, rand_role)
-        if rand is None:  # pragma: no cover - the composition check requires it
-            raise malformed("missing RANDR")
+        rand = sender_of(v)[1].value
         rand_i, rand_r = (rand, None) if id_role == IdRole.IDRI else (None, rand)
         # The service admits it (rate limit, replay cache) once it has recorded the
         # authentication, so that those refusals are MACed with env_key like any other.
@@ -205,10 +203,10 @@ class CertificateAuthenticator:
 
     # --- a peer KMS forwarding a Ticket Resolve (RFC 6043 9) ------------------------------
 
-    def _certificate_peer(self, msg: Message) -> tuple[PeerKms, x509.Certificate] | None:
+    def _certificate_peer(self, v: PkInit) -> tuple[PeerKms, x509.Certificate] | None:
         """The registered certificate peer KMS that the first CERT's subjectAltName URI
         names, with that certificate; None (the endpoint path) for anything else."""
-        first = msg.first(Cert)
+        first = v.certs[0] if v.certs else None
         if first is None or first.cert_type not in _DER_CERT_TYPES:
             return None
         try:
@@ -224,13 +222,13 @@ class CertificateAuthenticator:
         return None
 
     def _authenticate_peer_pk(
-        self, msg: Message, now: float, peer: PeerKms, leaf: x509.Certificate
+        self, v: ResolveInitPk, now: float, peer: PeerKms, leaf: x509.Certificate
     ) -> Authenticated:
         """RESOLVE_INIT_PK from a certificate peer: pinned certificate, SIGN by the peer over
         RESOLVE_INIT || IDRr || IDRkms, PKE, then the peer's trust (as authenticate_peer)."""
         deps = self._deps
-        suite = message_suite(msg)
-        kms_id = check_kms_identity(msg, deps)
+        suite = message_suite(v.msg)
+        kms_id = check_kms_identity(v, deps)
         der = leaf.public_bytes(Encoding.DER)
         if not any(hmac.compare_digest(der, pinned) for pinned in peer.signing_certs_der):
             raise invalid_cert("not the registered signing certificate of this peer KMS")
@@ -243,27 +241,25 @@ class CertificateAuthenticator:
         self._check_revocation(leaf, issuers, now, "peer ")
         if not isinstance(leaf.public_key(), rsa.RSAPublicKey):
             raise invalid_cert("certificate key is not RSA")
-        identity = peer_responder(msg)
+        identity = peer_responder(v)
         try:
-            self._verify_signature(msg, leaf, identity.data, kms_id)
+            self._verify_signature(v, leaf, identity.data, kms_id)
         except Refusal as refusal:
             raise auth_failure(f"peer {refusal.reason}") from None
-        check_timestamp(msg, deps, now)
-        env_key = self._open_envelope(msg)
+        check_timestamp(v, deps, now)
+        env_key = self._open_envelope(v)
         check_peer_resolves_for(
             peer, identity.data, f"peer {peer.kms_id.decode('utf-8', 'replace')}"
         )
         check_peer_quota(peer, deps, now)
-        rand_r = rand_of(msg, RandRole.RANDRR)
-        if rand_r is None:  # pragma: no cover - the composition check requires it
-            raise malformed("missing RANDR")
+        rand_r = v.rand_r.value
         # The replay cache (and the Responder's rate limit) follow in the service's admit().
         idr = Idr(IdRole.IDRR, identity.id_type, identity.data)
         return Authenticated(idr, env_key, suite, None, rand_r, kms_id, "peer", peer.kms_id)
 
     # --- steps --------------------------------------------------------------------------
 
-    def _validate_chain(self, msg: Message, now: float) -> x509.Certificate:
+    def _validate_chain(self, v: PkInit, now: float) -> x509.Certificate:
         """CERTi / CERTr: own certificate first, each next one certifying the previous
         (RFC 6043 6.7, reference 5.1), ending at (or issued by) a CA of the bundle.
 
@@ -272,7 +268,7 @@ class CertificateAuthenticator:
         basicConstraints / pathLen, keyUsage on CAs, name constraints and the CA/B-style
         algorithm floor (RSA >= 2048, no SHA-1 certificate signatures).
         """
-        payloads = msg.all(Cert)
+        payloads = v.certs
         if not payloads:
             # The KMS does not know certificates out of band, so CERT is required here.
             raise invalid_cert("no certificate in the message")
@@ -337,13 +333,11 @@ class CertificateAuthenticator:
             raise invalid_cert(f"{who}certificate revocation status unknown ({why})")
 
     def _verify_signature(
-        self, msg: Message, leaf: x509.Certificate, identity: bytes, kms_id: bytes
+        self, v: PkInit, leaf: x509.Certificate, identity: bytes, kms_id: bytes
     ) -> None:
         """SIGNi / SIGNr over the message up to the Signature field || Identity_i/r ||
         Identity_kms (RFC 6043 5.4, reference 8)."""
-        sign = msg.payloads[-1]
-        if not isinstance(sign, Sign):  # pragma: no cover - the composition check requires it
-            raise malformed("the last payload must be SIGN")
+        sign = v.sign
         key = leaf.public_key()
         assert isinstance(key, rsa.RSAPublicKey)  # _validate_chain checked it
         algorithm = self.sign_hash.algorithm()
@@ -356,15 +350,15 @@ class CertificateAuthenticator:
         else:
             raise auth_failure(f"SIGN S type {sign.sign_type} not supported")
         try:
-            data = initial_mac_input(msg, identity, kms_id)
+            data = initial_mac_input(v.msg, identity, kms_id)
             key.verify(sign.signature, data, scheme, algorithm)
         except InvalidSignature:
             raise auth_failure("signature verification failed") from None
 
-    def _envelope_key(self, msg: Message) -> EnvelopeKey:
+    def _envelope_key(self, v: PkInit) -> EnvelopeKey:
         """CHASH names the KMS certificate (hence key) the PKE is encrypted to (RFC 3830
         6.8, reference 9); without CHASH the first envelope key is meant."""
-        chash = msg.first(Chash)
+        chash = v.chash
         if chash is None:
             return self._envelope_keys[0]
         for env in self._envelope_keys:
@@ -379,12 +373,12 @@ class CertificateAuthenticator:
                 return env
         raise auth_failure("CHASH names no envelope key of this KMS")
 
-    def _open_envelope(self, msg: Message) -> bytes:
+    def _open_envelope(self, v: PkInit) -> bytes:
         """PKE = E(KMS public key, env_key) (RFC 3830 4.2.5, reference 9). The C field only
         allows the receiver to cache env_key; the KMS never does, so any value is fine.
         Every failure is the same Auth failure to the sender (reference 14.5)."""
-        env = self._envelope_key(msg)
-        pke = msg.one(Pke)
+        env = self._envelope_key(v)
+        pke = v.pke
         try:
             env_key = self._deps.keystore.rsa_decrypt(env.key, pke.data, self.pke_padding)
         except InvalidSealedData:
@@ -394,7 +388,7 @@ class CertificateAuthenticator:
         return env_key
 
 
-def _bind_identity(msg: Message, role: IdRole, leaf: x509.Certificate) -> Idr:
+def _bind_identity(v: PkInit, role: IdRole, leaf: x509.Certificate) -> Idr:
     """The sender's identity: IDRi / IDRr must be one of the certificate's subjectAltName
     URIs (exact bytes, reference 14.8); without the IDR, the certificate's single URI is the
     identity (14.7)."""
@@ -405,7 +399,7 @@ def _bind_identity(msg: Message, role: IdRole, leaf: x509.Certificate) -> Idr:
         uris = []
     if not uris:
         raise invalid_cert("certificate has no subjectAltName URI")
-    idr = idr_of(msg, role)
+    idr = sender_of(v)[0]
     if idr is None:
         if len(uris) != 1:
             raise Refusal(

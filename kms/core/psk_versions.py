@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 from kms.keystore import KeyRef
+from kms.mikey.compose import sender_of
 from kms.mikey.constants import IdRole, IdType
-from kms.mikey.message import Message
-from kms.mikey.protect import idr_of
 from kms.mikey.ticket import Idr
+from kms.mikey.views import RequestInitPsk, ResolveInitPsk
 
 if TYPE_CHECKING:
     from kms.core.context import Deps
@@ -47,14 +47,16 @@ class NamedPsk:
     reason: str = ""
 
 
-def named_psk(msg: Message, deps: Deps, role: IdRole, now: float) -> NamedPsk | None:
+def named_psk(
+    v: RequestInitPsk | ResolveInitPsk, deps: Deps, role: IdRole, now: float
+) -> NamedPsk | None:
     """The PSK version a REQUEST_INIT_PSK / RESOLVE_INIT_PSK uses, or None when its sender
     has never rotated (the caller then uses the registered PSK). Raises nothing: an IDRpsk
     naming another identity's version is returned with key None."""
     if deps.psk_versions is None:
         return None
-    idr = idr_of(msg, role)
-    psk = idr_of(msg, IdRole.IDRPSK)
+    idr, _ = sender_of(v)
+    psk = v.idr_psk
     name = psk.data if psk is not None else (idr.data if idr is not None else None)
     if not name:
         return None

@@ -8,6 +8,7 @@ from kms.keystore import KeyStore
 from kms.mikey.base_ticket import derive_mpk_pair, issue_base_ticket, ticket_id
 from kms.mikey.chain import decode_key_data
 from kms.mikey.cipher import CryptoError
+from kms.mikey.compose import InitialMessage, RequestInit
 from kms.mikey.constants import (
     DataType,
     EncrAlg,
@@ -29,9 +30,9 @@ from kms.mikey.protect import (
     seal_kemac,
     seal_mac,
     t64_of,
-    timestamp_of,
 )
 from kms.mikey.ticket import Idr, TicketPolicy, TpFlag
+from kms.mikey.views import RequestInitPk, RequestInitPsk
 
 SPI_LENGTH = 4
 
@@ -49,7 +50,7 @@ def response_header(req: Message, data_type: DataType) -> Header:
 
 
 def _desired_keys(
-    msg: Message, tp: TicketPolicy, deps: Deps, auth: Authenticated
+    v: RequestInit, tp: TicketPolicy, deps: Deps, auth: Authenticated
 ) -> tuple[tuple[KeyData, ...], bool]:
     """Key data listed in the desired TP's KEMAC, and whether the Initiator supplied values.
 
@@ -69,13 +70,13 @@ def _desired_keys(
         keys = message_keys(
             deps.keystore,
             auth.response_key,
-            msg,
+            v.msg,
             KeyDirection.INITIAL,
             auth.rand_i,
             None,
             auth.suite,
         )
-        return open_kemac(deps.keystore, kemac, keys, msg.header.csb_id, t64_of(msg)), True
+        return open_kemac(deps.keystore, kemac, keys, v.hdr.csb_id, t64_of(v.t)), True
     except (DecodeError, CryptoError):
         raise invalid_tp("desired KEMAC cannot be parsed") from None
 
@@ -112,11 +113,13 @@ def _session_key(ks: _ExchangeRandom, req: KeyRequest) -> KeyData:
 
 
 def handle_request(
-    msg: Message, auth: Authenticated, deps: Deps, ex: Exchange, now: float
+    v: InitialMessage, auth: Authenticated, deps: Deps, ex: Exchange, now: float
 ) -> bytes:
+    assert isinstance(v, RequestInitPsk | RequestInitPk)  # the service routes by data type
     ks = deps.keystore
-    tp = msg.one(TicketPolicy)
-    requested, supplied = _desired_keys(msg, tp, deps, auth)
+    msg = v.msg
+    tp = v.tp
+    requested, supplied = _desired_keys(v, tp, deps, auth)
     grant: Grant = grant_policy(
         tp,
         initiator=Idr(IdRole.IDRI, auth.identity.id_type, auth.identity.data),
@@ -148,7 +151,7 @@ def handle_request(
         out_keys.append(KeyData(KeyDataType.MPK, mpkr, None, mpk_spi))
     out_keys.extend(k for k, r in zip(session, grant.keys, strict=True) if r.supplied is None)
 
-    t = fresh_timestamp(timestamp_of(msg), now)
+    t = fresh_timestamp(v.t, now)
     resp_keys = message_keys(
         ks, auth.response_key, msg, KeyDirection.RESPONSE, auth.rand_i, None, auth.suite
     )

@@ -17,6 +17,7 @@ from kms.core.request import fresh_timestamp, response_header
 from kms.core.revocation import check_ticket
 from kms.keystore import Key
 from kms.mikey.base_ticket import TicketContents, TicketError, open_base_ticket, ticket_id
+from kms.mikey.compose import InitialMessage, ResolveInit
 from kms.mikey.constants import (
     BASE_TICKET_SUBTYPE,
     BASE_TICKET_VERSION,
@@ -39,10 +40,10 @@ from kms.mikey.protect import (
     placeholder_v,
     seal_kemac,
     seal_mac,
-    timestamp_of,
 )
 from kms.mikey.resolution import resolve_ticket_keys
 from kms.mikey.ticket import Idr, RandR, Ticket, TpFlag
+from kms.mikey.views import ResolveInitPk, ResolveInitPsk
 
 
 def check_ticket_type(ticket: Ticket) -> None:
@@ -108,7 +109,7 @@ def check_responder(ticket: Ticket, identity: bytes, deps: Deps) -> None:
 
 
 def build_resolve_resp(
-    msg: Message,
+    v: ResolveInit,
     auth: Authenticated,
     deps: Deps,
     ex: Exchange,
@@ -120,7 +121,8 @@ def build_resolve_resp(
     """RESOLVE_RESP = HDR, T, IDRkms, KEMAC, [IDRr, RANDRkms], V (RFC 6043 4.2.3.5),
     protected with keys from the resolver's PSK or envelope key (0x02 label, RANDRr)."""
     ks = deps.keystore
-    t = fresh_timestamp(timestamp_of(msg), now)
+    msg = v.msg
+    t = fresh_timestamp(v.t, now)
     resp_keys = message_keys(
         ks, auth.response_key, msg, KeyDirection.RESPONSE, None, auth.rand_r, auth.suite
     )
@@ -149,10 +151,11 @@ def build_resolve_resp(
 
 
 def handle_resolve(
-    msg: Message, auth: Authenticated, deps: Deps, ex: Exchange, now: float
+    v: InitialMessage, auth: Authenticated, deps: Deps, ex: Exchange, now: float
 ) -> bytes:
+    assert isinstance(v, ResolveInitPsk | ResolveInitPk)  # the service routes by data type
     ks = deps.keystore
-    ticket = msg.one(Ticket)
+    ticket = v.ticket
     check_ticket_type(ticket)
     tid = ticket_id(ticket.ticket_data)
     ex.audit["ticket_id"] = tid
@@ -161,7 +164,7 @@ def handle_resolve(
         # RFC 6043 9: not ours; ask the KMS that issued it, as a Responder ourselves.
         from kms.core.federation import forward_resolve
 
-        return forward_resolve(msg, auth, deps, ex, now, ticket, issuer)
+        return forward_resolve(v, auth, deps, ex, now, ticket, issuer)
     contents = open_ticket(ticket, deps)
     expires = check_validity(ticket, deps, now)
     creator = idr_in_policy(ticket.policy, IdRole.IDRI)
@@ -174,7 +177,7 @@ def handle_resolve(
         raise auth_failure(f"ticket refused: {exc.reason}") from None
     keys, rand_kms = list(resolution.keys), resolution.rand_kms
 
-    sealed = build_resolve_resp(msg, auth, deps, ex, now, keys, rand_kms, responder)
+    sealed = build_resolve_resp(v, auth, deps, ex, now, keys, rand_kms, responder)
     # J = 0: record the resolve last, once every check (Vr included) has passed and the
     # response is built, so that a refused RESOLVE_INIT never uses up the responder's resolve.
     if not ticket.policy.flags & TpFlag.J and not deps.ledger.first_resolve(

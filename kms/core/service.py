@@ -26,7 +26,7 @@ from kms.core.resolve import handle_resolve
 from kms.core.revocation import check_identity
 from kms.keystore import KeyStoreError, TokenUnavailable
 from kms.mikey.buffer import Reader
-from kms.mikey.compose import check_composition
+from kms.mikey.compose import InitialMessage, compose
 from kms.mikey.constants import DataType, ErrorNo, IdRole, PrfFunc, TsType
 from kms.mikey.derive import KeyDirection
 from kms.mikey.errors import DecodeError
@@ -34,11 +34,12 @@ from kms.mikey.header import EmptyMap, Header
 from kms.mikey.message import Message
 from kms.mikey.ntp import encode_ts_value
 from kms.mikey.payloads import Error, Payload, Timestamp
-from kms.mikey.protect import message_keys, placeholder_v, seal_mac, timestamp_of
+from kms.mikey.protect import message_keys, placeholder_v, seal_mac
+from kms.mikey.views import RequestInitPk, ResolveInitPk, ResolveInitPsk
 
 log = logging.getLogger("kms.core")
 
-Handler = Callable[[Message, Authenticated, Deps, Exchange, float], bytes]
+Handler = Callable[[InitialMessage, Authenticated, Deps, Exchange, float], bytes]
 
 _REQUEST_TYPES = {DataType.REQUEST_INIT_PSK, DataType.REQUEST_INIT_PK}
 _RESOLVE_TYPES = {DataType.RESOLVE_INIT_PSK, DataType.RESOLVE_INIT_PK}
@@ -121,19 +122,22 @@ class Kms:
                 f"header PRF func {prf} not accepted by [policy] prf",
             )
 
-    def _authenticate(self, msg: Message, ex: Exchange, now: float, role: IdRole) -> Authenticated:
-        if msg.data_type in (DataType.REQUEST_INIT_PSK, DataType.RESOLVE_INIT_PSK):
-            peer = forwarding_peer(msg, self.deps)
-            if peer is not None:
-                return authenticate_peer(msg, self.deps, ex, now, peer)
-            return authenticate_psk(msg, self.deps, ex, now, role)
+    def _authenticate(
+        self, v: InitialMessage, ex: Exchange, now: float, role: IdRole
+    ) -> Authenticated:
+        msg = v.msg
+        if not isinstance(v, RequestInitPk | ResolveInitPk):
+            peer = forwarding_peer(v, self.deps)
+            if peer is not None and isinstance(v, ResolveInitPsk):
+                return authenticate_peer(v, self.deps, ex, now, peer)
+            return authenticate_psk(v, self.deps, ex, now, role)
         if self.deps.pk is None:
             raise Refusal(
                 ErrorNo.UNSUPPORTED_MESSAGE_TYPE,
                 Outcome.MALFORMED,
                 "public-key messages are not enabled on this KMS",
             )
-        auth = self.deps.pk.authenticate(msg, now, role)
+        auth = self.deps.pk.authenticate(v, now, role)
         ex.auth = auth
         ex.audit["sender"] = auth.identity.data.decode("utf-8", "replace")
         if auth.peer is not None:
@@ -175,14 +179,16 @@ class Kms:
             if msg.data_type not in types:
                 raise Refusal(ErrorNo.INVALID_DT, Outcome.MALFORMED, "wrong message type")
             try:
-                check_composition(msg)
+                view = compose(msg)
             except DecodeError as exc:
                 raise malformed(str(exc)) from None
+            # The data type was checked against ``types``: an initial message.
+            assert isinstance(view, InitialMessage)
             self._check_prf(msg)
-            auth = self._authenticate(msg, ex, now, role)
+            auth = self._authenticate(view, ex, now, role)
             ex.audit["method"] = auth.method
             check_identity(self.deps.revocations, auth.identity.data)  # suspended endpoints
-            data = handler(msg, auth, self.deps, ex, now)
+            data = handler(view, auth, self.deps, ex, now)
         except Refusal as refusal:
             return self._refuse(ex, refusal, now)
         except TokenUnavailable:
@@ -242,9 +248,11 @@ class Kms:
             h = msg.header
             prf = h.prf_func if h.prf_func <= 1 else 0
             header = Header(DataType.ERROR, h.csb_id, EmptyMap(0), False, prf, h.version)
-            try:
-                t = fresh_timestamp(timestamp_of(msg), now)
-            except DecodeError:
+            # Any decodable message may be in error here, composed or not: its T if it has one.
+            sent = msg.first(Timestamp)
+            if sent is not None:
+                t = fresh_timestamp(sent, now)
+            else:
                 t = Timestamp(TsType.NTP_UTC, encode_ts_value(TsType.NTP_UTC, now))
         else:
             header = Header(DataType.ERROR, 0, EmptyMap(0))

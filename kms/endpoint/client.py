@@ -24,7 +24,7 @@ from typing import Any
 
 import grpc
 
-import kms.server.stubs as stubs
+from kms import rpc
 from kms.endpoint.initiator import DesiredPolicy, Initiator, TicketGrant
 from kms.endpoint.responder import ResolvedCall, Responder
 from kms.endpoint.session import AES_CM_128_HMAC_SHA1_80, CallState, CryptoSession, SrtpProfile
@@ -32,9 +32,8 @@ from kms.mikey.constants import DataType, ErrorNo
 from kms.mikey.errors import DecodeError
 from kms.mikey.message import Message
 from kms.mikey.payloads import Error
+from kms.rpc import CORRELATION_KEY, ERROR_TRAILER
 
-ERROR_TRAILER = "mikey-error-bin"
-CORRELATION_KEY = "x-correlation-id"
 DEFAULT_TIMEOUT_S = 10.0
 
 Pem = bytes | str | Path
@@ -167,7 +166,7 @@ class KmsClient:
                 self._channels.append(grpc.secure_channel(t, creds, options=opts))
             else:
                 self._channels.append(grpc.insecure_channel(t, options=opts))
-        self._stubs = [stubs.client_stub(c) for c in self._channels]
+        self._stubs = [rpc.client_stub(c) for c in self._channels]
         self._channel = self._channels[0]
         self._stub = self._stubs[0]
         self._next = itertools.count()
@@ -194,7 +193,7 @@ class KmsClient:
         method = getattr(self._stubs[i], name)
         try:
             response, call = method.with_call(
-                stubs.MikeyMessage(data=data), timeout=self.timeout, metadata=metadata
+                rpc.MikeyMessage(data=data), timeout=self.timeout, metadata=metadata
             )
         except grpc.RpcError as exc:
             err: Any = exc  # a grpc.Call as well

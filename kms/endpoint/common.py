@@ -16,13 +16,13 @@ from kms.mikey.message import Message
 from kms.mikey.ntp import decode_ts_value, encode_ts_value
 from kms.mikey.payloads import KeyData, Payload, Timestamp
 from kms.mikey.protect import (
+    Response,
     ResponseRejected,
     Suite,
     message_keys,
     open_response,
     placeholder_v,
     seal_mac,
-    timestamp_of,
 )
 
 
@@ -71,14 +71,15 @@ def initial_message(
 def accept_kms_response(
     ks: KeyStore,
     data: bytes,
-    expected: DataType,
+    expected: type[Response],
     initial: Message,
     key: bytes,
     suite: Suite,
     rand_i: bytes | None,
     rand_r: bytes | None,
-) -> tuple[Message, tuple[KeyData, ...]]:
-    """Verify a REQUEST_RESP / RESOLVE_RESP against the initial message and open its KEMAC.
+) -> tuple[Response, tuple[KeyData, ...]]:
+    """Verify a REQUEST_RESP / RESOLVE_RESP against the initial message and open its KEMAC;
+    its typed view and key data.
 
     RFC 6043 4.2.1.6: a response that does not verify is discarded (EndpointError here).
     """
@@ -88,9 +89,8 @@ def accept_kms_response(
         raise EndpointError(f"KMS response rejected: {exc.reason}") from None
 
 
-def check_fresh(msg: Message, now: float, window: float) -> None:
-    """RFC 3830 5.4: the sender's timestamp must be within the window of our clock."""
-    t = timestamp_of(msg)
+def check_fresh(t: Timestamp, now: float, window: float) -> None:
+    """RFC 3830 5.4: the sender's timestamp (its T) must be within the window of our clock."""
     if t.ts_type == TsType.COUNTER:
         return
     if abs(decode_ts_value(TsType(t.ts_type), t.value) - now) > window:

@@ -28,7 +28,7 @@ from kms.endpoint.session import (
 from kms.keystore import KeyStore
 from kms.mikey.chain import encode_key_data
 from kms.mikey.cipher import compute_mac
-from kms.mikey.compose import check_composition
+from kms.mikey.compose import compose
 from kms.mikey.constants import (
     DataType,
     EncrAlg,
@@ -56,16 +56,15 @@ from kms.mikey.payloads import Kemac, KeyData, Payload, SecurityPolicy, Verifica
 from kms.mikey.protect import (
     Suite,
     check_mac,
-    idr_of,
     keyed_prf,
     message_keys,
     placeholder_v,
-    rand_of,
     seal_kemac,
     seal_mac,
     suite_for,
 )
 from kms.mikey.ticket import Idr, InitiatorData, RandR, Ticket, TicketPolicy, TpFlag, Tr
+from kms.mikey.views import RequestResp, TransferResp
 
 DEFAULT_FLAGS = TpFlag.E | TpFlag.F | TpFlag.G | TpFlag.H | TpFlag.N | TpFlag.O
 RAND_LENGTH = 32  # RFC 6043 12.1: at least the longest key (256 bits covers every suite)
@@ -205,17 +204,18 @@ class Initiator:
 
     def accept_ticket(self, pending: PendingRequest, data: bytes, now: float) -> TicketGrant:
         """Verify REQUEST_RESP and keep the ticket and keys (RFC 6043 4.2.1.6)."""
-        msg, keys = accept_kms_response(
+        resp, keys = accept_kms_response(
             self.ks,
             data,
-            DataType.REQUEST_RESP,
+            RequestResp,
             pending.message,
             self.creds.psk,
             self.suite,
             pending.rand_i,
             None,
         )
-        ticket = msg.one(Ticket)
+        assert isinstance(resp, RequestResp)
+        ticket = resp.ticket
         mpks = [k for k in keys if k.key_type == KeyDataType.MPK]
         forking = bool(ticket.policy.flags & TpFlag.I)
         if len(mpks) != (2 if forking else 1) or keys[: len(mpks)] != tuple(mpks):
@@ -309,25 +309,22 @@ class Initiator:
         suite = suite_for(policy.prf_func)
         try:
             msg = Message.decode(data)
-            check_composition(msg)
+            view = compose(msg)
         except DecodeError as exc:
             raise EndpointError(f"malformed TRANSFER_RESP: {exc}") from None
-        if (
-            msg.data_type != DataType.TRANSFER_RESP
-            or msg.header.csb_id != pending.message.header.csb_id
-        ):
+        if not isinstance(view, TransferResp) or msg.header.csb_id != pending.message.header.csb_id:
             raise EndpointError("message does not answer this TRANSFER_INIT")
-        check_fresh(msg, now, self.window_s)
-        rand_r = rand_of(msg, RandRole.RANDRR)
+        check_fresh(view.t, now, self.window_s)
+        rand_r = view.rand_r.value if view.rand_r is not None else None
         if policy.flags & TpFlag.G and rand_r is None:
             raise EndpointError("TRANSFER_RESP lacks RANDRr although the ticket asks for it")
         session_keys = grant.session_keys
         mac_key = grant.mpki
         if policy.flags & TpFlag.I:
-            idr_r = idr_of(msg, IdRole.IDRR)
-            rand_kms = rand_of(msg, RandRole.RANDRKMS)
-            if idr_r is None or rand_kms is None or grant.mpkr is None:
+            idr_r = view.idr_r
+            if idr_r is None or view.rand_kms is None or grant.mpkr is None:
                 raise EndpointError("forking TRANSFER_RESP lacks IDRr or RANDRkms")
+            rand_kms = view.rand_kms.value
             prf = PrfFunc(policy.prf_func)
             mac_key = derive_forked_mpkr(
                 keyed_prf(self.ks, grant.mpkr, prf), idr_r.data, rand_kms, len(grant.mpkr)

@@ -21,11 +21,10 @@ from kms.mikey.base_ticket import (
     issue_base_ticket,
     open_base_ticket,
 )
-from kms.mikey.compose import check_composition
+from kms.mikey.compose import compose
 from kms.mikey.constants import (
     BASE_TICKET_SUBTYPE,
     BASE_TICKET_VERSION,
-    DataType,
     IdRole,
     KeyDataType,
     PrfFunc,
@@ -38,7 +37,8 @@ from kms.mikey.message import Message
 from kms.mikey.ntp import decode_ts_value, encode_ts_value
 from kms.mikey.payloads import KeyData, KvSpi, Payload
 from kms.mikey.resolution import resolve_ticket_keys
-from kms.mikey.ticket import Idr, Ticket, TicketPolicy, TpFlag, Tr
+from kms.mikey.ticket import Idr, TicketPolicy, TpFlag, Tr
+from kms.mikey.views import TransferInit
 
 SALTED = (KeyDataType.TGK_SALT, KeyDataType.TEK_SALT, KeyDataType.GTGK_SALT)
 
@@ -92,13 +92,12 @@ def resolve_locally(
     """Modes 2 and 4: resolve the TICKET of a TRANSFER_INIT without the KMS, with the TPK
     that ``tpk_for(IDRpsk data)`` returns, then finish the exchange as after a resolve."""
     try:
-        ti = Message.decode(transfer_init)
-        check_composition(ti)
+        ti = compose(Message.decode(transfer_init))
     except DecodeError as exc:
         raise EndpointError(f"malformed TRANSFER_INIT: {exc}") from None
-    if ti.data_type != DataType.TRANSFER_INIT:
+    if not isinstance(ti, TransferInit):
         raise EndpointError("not a TRANSFER_INIT")
-    ticket = ti.first(Ticket)
+    ticket = ti.ticket
     if ticket is None:
         raise EndpointError("TRANSFER_INIT without TICKET")
     p = ticket.policy

@@ -1,5 +1,5 @@
 """Public-key variants for endpoints: REQUEST_INIT_PK and RESOLVE_INIT_PK (RFC 6043 4.2.1.1,
-4.2.3.1; reference 5.1, 8, 9, 14.5).
+4.2.3.1, 5.4; RFC 3830 4.2.5; algorithms: docs/rfc-readings.md R5).
 
     REQUEST_INIT_PK = HDR, T, RANDRi, [IDRi], {CERTi}, [IDRkms], TP, [CHASH], PKE, SIGNi
     RESOLVE_INIT_PK = HDR, T, RANDRr, [IDRr], {CERTr}, [IDRkms], TICKET, [CHASH], PKE, SIGNr
@@ -67,10 +67,11 @@ class PkCredentials:
     certifying the previous: RFC 6043 6.7) and RSA private key, and the KMS certificate it
     encrypts env_key to (pinned: the KMS's certificate is self-signed).
 
-    ``sign_scheme``: SIGN S type and hash (reference 14.5: SHA-256 by default, SHA-1 where a
-    profile asks). ``pke_padding``: must match the KMS's ``[pk] pke_padding``. ``chash``:
-    hash function of the CHASH naming the KMS certificate, or None to omit CHASH.
-    ``send_idr``: False omits IDRi / IDRr, so the certificate's URI is the identity (14.7).
+    ``sign_scheme``: SIGN S type and hash (docs/rfc-readings.md R5: SHA-256 by default,
+    SHA-1 where a profile asks). ``pke_padding``: must match the KMS's ``[pk] pke_padding``.
+    ``chash``: hash function of the CHASH naming the KMS certificate, or None to omit CHASH.
+    ``send_idr``: False omits IDRi / IDRr, so the certificate's URI is the identity
+    (docs/rfc-readings.md R7).
     """
 
     identity: bytes
@@ -104,7 +105,8 @@ class PkCredentials:
 
 def encrypt_env_key(creds: PkCredentials, env_key: bytes) -> bytes:
     """PKE Data: RSA encryption of env_key under the KMS certificate's public key
-    (RFC 3830 4.2.5; PKCS#1 v1.5 by default, OAEP-SHA1 by configuration, reference 14.5)."""
+    (RFC 3830 4.2.5; PKCS#1 v1.5 by default, OAEP-SHA1 by configuration: docs/rfc-readings.md
+    R5)."""
     public = x509.load_der_x509_certificate(creds.kms_cert_der).public_key()
     if not isinstance(public, rsa.RSAPublicKey):
         raise ValueError("the KMS certificate does not hold an RSA key")
@@ -129,7 +131,7 @@ def kms_cert_hash(creds: PkCredentials) -> Chash | None:
 def sign_message(creds: PkCredentials, msg: Message) -> Message:
     """Fill the SIGN payload (the last one, its Signature already of the final length): the
     signature covers the message up to the Signature field || own identity || Identity_kms
-    (RFC 6043 5.4, reference 8)."""
+    (RFC 6043 5.4)."""
     sign_type, hash_cls = _SIGN[creds.sign_scheme]
     algorithm = hash_cls()
     scheme: padding.AsymmetricPadding = padding.PKCS1v15()
@@ -165,7 +167,7 @@ def pk_message(creds: PkCredentials, draft: Message, env_key: bytes) -> Message:
     chash = kms_cert_hash(creds)
     if chash is not None:
         body.append(chash)
-    body.append(Pke(0, encrypt_env_key(creds, env_key)))  # C = 0: no cache (reference 9)
+    body.append(Pke(0, encrypt_env_key(creds, env_key)))  # C = 0: no cache (RFC 3830 6.4)
     sign_type, _ = _SIGN[creds.sign_scheme]
     body.append(Sign(sign_type, bytes((creds.private_key.key_size + 7) // 8)))
     header = replace(draft.header, data_type=data_type, v_flag=True)

@@ -17,7 +17,7 @@ from kms.endpoint.common import (
 )
 from kms.endpoint.session import CallState, EndpointError, SrtpKeys, sessions_of, srtp_keys
 from kms.keystore import KeyStore
-from kms.mikey.compose import check_composition
+from kms.mikey.compose import compose
 from kms.mikey.constants import (
     BASE_TICKET_SUBTYPE,
     BASE_TICKET_VERSION,
@@ -32,26 +32,24 @@ from kms.mikey.derive import KeyDirection, MessageKeys
 from kms.mikey.errors import DecodeError
 from kms.mikey.header import Header
 from kms.mikey.message import Message
-from kms.mikey.payloads import KeyData, Payload, SecurityPolicy
+from kms.mikey.payloads import KeyData, Payload
 from kms.mikey.protect import (
     Suite,
     check_mac,
-    idr_of,
     message_keys,
     placeholder_v,
-    rand_of,
     seal_mac,
     suite_for,
-    verification_of,
 )
-from kms.mikey.ticket import Idr, RandR, Ticket, TpFlag
+from kms.mikey.ticket import Idr, RandR, TpFlag
+from kms.mikey.views import ResolveResp, TransferInit
 
 RAND_LENGTH = 32
 
 
 @dataclass(frozen=True)
 class PendingResolve:
-    transfer_init: Message
+    transfer_init: TransferInit
     resolve_init: Message
     rand_r: bytes = field(repr=False)
 
@@ -79,14 +77,14 @@ class Responder:
         IDRkms, TICKET, V to send to our KMS (4.2.3.2). The TICKET is forwarded unchanged."""
         try:
             msg = Message.decode(data)
-            check_composition(msg)
+            view = compose(msg)
         except DecodeError as exc:
             raise EndpointError(f"malformed TRANSFER_INIT: {exc}") from None
-        if msg.data_type != DataType.TRANSFER_INIT:
+        if not isinstance(view, TransferInit):
             raise EndpointError("not a TRANSFER_INIT")
-        check_fresh(msg, now, self.window_s)
-        ticket = msg.first(Ticket)
-        if ticket is None or rand_of(msg, RandRole.RANDRI) is None:
+        check_fresh(view.t, now, self.window_s)
+        ticket = view.ticket
+        if ticket is None or view.rand_i is None:
             raise EndpointError("TRANSFER_INIT without TICKET or RANDRi")
         p = ticket.policy
         if (p.ticket_type, p.subtype, p.version) != (
@@ -119,7 +117,7 @@ class Responder:
             rand_r,
             c.identity + c.kms_id,
         )
-        return resolve.wire, PendingResolve(msg, resolve, rand_r)
+        return resolve.wire, PendingResolve(view, resolve, rand_r)
 
     def accept_resolve(self, pending: PendingResolve, data: bytes, now: float) -> ResolvedCall:
         """Verify RESOLVE_RESP (4.2.3.6), then TRANSFER_INIT with MPKi (and Vi when forking),
@@ -127,25 +125,25 @@ class Responder:
         resp, keys = accept_kms_response(
             self.ks,
             data,
-            DataType.RESOLVE_RESP,
+            ResolveResp,
             pending.resolve_init,
             self.creds.psk,
             self.suite,
             None,
             pending.rand_r,
         )
-        ticket = pending.transfer_init.one(Ticket)
+        ticket = pending.transfer_init.ticket
+        assert ticket is not None  # receive_transfer_init refused a TRANSFER_INIT without
         forking = bool(ticket.policy.flags & TpFlag.I)
         mpks = [k for k in keys if k.key_type == KeyDataType.MPK]
         if len(mpks) != (2 if forking else 1) or keys[: len(mpks)] != tuple(mpks):
             raise EndpointError("RESOLVE_RESP KEMAC must start with MPKi [and MPKr']")
         modifier = None
         if forking:
-            kms_idr = idr_of(resp, IdRole.IDRR)
-            rand_kms = rand_of(resp, RandRole.RANDRKMS)
-            if kms_idr is None or rand_kms is None:
+            assert isinstance(resp, ResolveResp)
+            if resp.idr_r is None or resp.rand_kms is None:
                 raise EndpointError("forking RESOLVE_RESP lacks IDRr or RANDRkms")
-            modifier = (kms_idr, rand_kms)
+            modifier = (resp.idr_r, resp.rand_kms.value)
         return self.finish(
             pending.transfer_init,
             mpks[0].key,
@@ -157,7 +155,7 @@ class Responder:
 
     def finish(
         self,
-        ti: Message,
+        view: TransferInit,
         mpki: bytes,
         forked_mpkr: bytes | None,
         session_keys: tuple[KeyData, ...],
@@ -166,15 +164,16 @@ class Responder:
     ) -> ResolvedCall:
         """With the ticket's keys in hand (from the KMS or resolved locally): verify
         TRANSFER_INIT, derive SRTP keys and build TRANSFER_RESP (RFC 6043 4.2.2.3)."""
-        ticket = ti.one(Ticket)
+        ti, ticket = view.msg, view.ticket
+        if ticket is None:
+            raise EndpointError("TRANSFER_INIT without TICKET")
         policy = ticket.policy
         forking = bool(policy.flags & TpFlag.I)
         suite = suite_for(policy.prf_func)
 
         # TRANSFER_INIT can be verified only now that MPKi is known (RFC 6043 4.2.2).
-        rand_i = rand_of(ti, RandRole.RANDRI)
-        idr_i = idr_of(ti, IdRole.IDRI)
-        idr_r = idr_of(ti, IdRole.IDRR)
+        rand_i = view.rand_i.value if view.rand_i is not None else None
+        idr_i, idr_r = view.idr_i, view.idr_r
         id_i = idr_i.data if idr_i is not None else b""
         id_r = idr_r.data if idr_r is not None else self.creds.identity
         ti_keys = message_keys(self.ks, mpki, ti, KeyDirection.INITIAL, rand_i, None, suite)
@@ -182,11 +181,11 @@ class Responder:
             raise EndpointError("TRANSFER_INIT MAC verification failed")
         if forking:
             init = ticket.initiator_data
-            if init is None or not hmac.compare_digest(init.vi.mac, verification_of(ti).mac):
+            if init is None or not hmac.compare_digest(init.vi.mac, view.v.mac):
                 raise EndpointError("Vi does not match the TRANSFER_INIT MAC")
 
         sessions = sessions_of(ti.header.cs_map)
-        sps = tuple(ti.all(SecurityPolicy))
+        sps = view.sps
         rand_r = self.ks.random(RAND_LENGTH) if policy.flags & TpFlag.G else None
         srtp = srtp_keys(
             self.ks, session_keys, sessions, sps, policy, ti.header.prf_func, rand_i, rand_r

@@ -2,7 +2,7 @@
 same CSB ID, a new T, no RANDs and no TICKET, to send new TGKs/TEKs or add crypto sessions.
 
 Both messages are protected with the keys that protected the last message of the initial
-exchange (reference 13.10, reading A, per the project decision 14.10). Session keys from a
+exchange (RFC 6043 5.2, read literally: docs/rfc-readings.md R9). Session keys from a
 new TGK use the RANDs of the initial exchange: new RANDs MUST NOT be sent.
 """
 
@@ -22,13 +22,14 @@ from kms.endpoint.session import (
 )
 from kms.keystore import KeyStore
 from kms.mikey.cipher import CryptoError
-from kms.mikey.compose import check_composition
+from kms.mikey.compose import compose
 from kms.mikey.constants import DataType
 from kms.mikey.errors import DecodeError
 from kms.mikey.header import Header
 from kms.mikey.message import Message
-from kms.mikey.payloads import Kemac, KeyData, Payload, SecurityPolicy
+from kms.mikey.payloads import KeyData, Payload, SecurityPolicy
 from kms.mikey.protect import check_mac, open_kemac, placeholder_v, seal_kemac, seal_mac, t64_of
+from kms.mikey.views import TransferInit, TransferResp
 
 
 @dataclass(frozen=True)
@@ -62,9 +63,8 @@ def update_init(
     t = now_timestamp(now)
     body: list[Payload] = [t, *sps]
     if new_keys:
-        draft = Message(header, (t,))
         kemac = seal_kemac(
-            ks, state.keys, state.suite.encr_alg, state.csb_id, t64_of(draft), new_keys
+            ks, state.keys, state.suite.encr_alg, state.csb_id, t64_of(t), new_keys
         )
         body.append(kemac)
     body.append(placeholder_v(state.suite.mac_alg))
@@ -77,32 +77,34 @@ def update_init(
     return sealed.wire, PendingUpdate(state, sealed, tuple(new_keys), cs, sps)
 
 
+Update = TransferInit | TransferResp
+
+
 def _decode(
-    data: bytes, expected: DataType, state: CallState, now: float, window: float
-) -> Message:
+    data: bytes, expected: type[Update], state: CallState, now: float, window: float
+) -> Update:
     try:
         msg = Message.decode(data)
-        check_composition(msg)
+        view = compose(msg)
     except DecodeError as exc:
         raise EndpointError(f"malformed CSB update: {exc}") from None
-    if msg.data_type != expected or msg.header.csb_id != state.csb_id:
+    if not isinstance(view, expected) or msg.header.csb_id != state.csb_id:
         raise EndpointError("not a CSB update of this call")
-    check_fresh(msg, now, window)
-    return msg
+    check_fresh(view.t, now, window)
+    return view
 
 
 def _apply(
     ks: KeyStore,
     state: CallState,
-    msg: Message,
+    update: Update | None,
     sessions: tuple[CryptoSession, ...],
     policies: tuple[SecurityPolicy, ...],
 ) -> CallState:
-    kemac = msg.first(Kemac)
     keys = state.session_keys
-    if kemac is not None:
+    if update is not None and update.kemac is not None:
         try:
-            keys = open_kemac(ks, kemac, state.keys, state.csb_id, t64_of(msg))
+            keys = open_kemac(ks, update.kemac, state.keys, state.csb_id, t64_of(update.t))
         except CryptoError as exc:
             raise EndpointError("CSB update KEMAC cannot be decrypted") from exc
     srtp = srtp_keys(
@@ -116,11 +118,12 @@ def accept_update(
 ) -> tuple[bytes | None, CallState]:
     """Receive an update TRANSFER_INIT; return the TRANSFER_RESP (if its V flag asks for
     one) and the updated call."""
-    msg = _decode(data, DataType.TRANSFER_INIT, state, now, window)
+    view = _decode(data, TransferInit, state, now, window)
+    msg = view.msg
     if not check_mac(msg, state.keys, state.suite, state.peer_id + state.local_id):
         raise EndpointError("CSB update MAC verification failed")
-    sps = tuple(msg.all(SecurityPolicy)) or state.policies
-    new_state = _apply(ks, state, msg, tuple(sessions_of(msg.header.cs_map)), sps)
+    sps = view.sps or state.policies
+    new_state = _apply(ks, state, view, tuple(sessions_of(msg.header.cs_map)), sps)
     if not msg.header.v_flag:
         return None, new_state
     h = msg.header
@@ -133,8 +136,7 @@ def accept_update(
 def apply_own_update(ks: KeyStore, pending: PendingUpdate) -> CallState:
     """The sender's new call state for an update sent without asking for a response."""
     state = replace(pending.state, session_keys=pending.new_keys or pending.state.session_keys)
-    header = Header(DataType.TRANSFER_INIT, state.csb_id, prf_func=state.prf_func)
-    return _apply(ks, state, Message(header, ()), pending.sessions, pending.policies)
+    return _apply(ks, state, None, pending.sessions, pending.policies)
 
 
 def accept_update_resp(
@@ -142,7 +144,7 @@ def accept_update_resp(
 ) -> CallState:
     """Verify the TRANSFER_RESP to our update and switch to the new keys."""
     state = pending.state
-    msg = _decode(data, DataType.TRANSFER_RESP, state, now, window)
+    msg = _decode(data, TransferResp, state, now, window).msg
     if not check_mac(msg, state.keys, state.suite, pending.message.wire):
         raise EndpointError("CSB update response MAC verification failed")
     return apply_own_update(ks, pending)

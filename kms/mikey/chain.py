@@ -1,84 +1,51 @@
-"""Payload chaining: each payload's Next Payload field names the type of the one after it.
+"""Payload chaining: each payload's Next Payload field names the type of the one after it
+(RFC 3830 6.1).
 
-Used for the message body, TP Data, Ticket Data and the KEMAC's Key data sub-payloads.
+Used for the message body, TP Data, Ticket Data and the KEMAC's Key data sub-payloads. The
+caller passes the class map of what may appear (``kms.mikey.catalog`` for a message body,
+``kms.mikey.ticket`` its own for TP Data and Ticket Data), so this module depends on no
+payload module but the base one.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 from kms.mikey.buffer import Reader, Writer
 from kms.mikey.constants import PayloadType
 from kms.mikey.errors import EncodeError
-from kms.mikey.payloads import (
-    Cert,
-    Chash,
-    Dh,
-    Error,
-    GeneralExtension,
-    Id,
-    Kemac,
-    KeyData,
-    Payload,
-    Pke,
-    Rand,
-    SecurityPolicy,
-    Sign,
-    Timestamp,
-    Verification,
-)
-from kms.mikey.ticket import Idr, RandR, Ticket, TicketPolicy, Tr
+from kms.mikey.payloads import KeyData, Payload, Sign
 
-PAYLOAD_CLASSES: dict[int, type[Payload]] = {
-    cls.TYPE: cls
-    for cls in (
-        Kemac,
-        Pke,
-        Dh,
-        Sign,
-        Timestamp,
-        Id,
-        Cert,
-        Chash,
-        Verification,
-        SecurityPolicy,
-        Rand,
-        Error,
-        Tr,
-        Idr,
-        RandR,
-        TicketPolicy,
-        Ticket,
-        KeyData,
-        GeneralExtension,
-    )
-}
-
-
-def payload_name(t: int) -> str:
-    cls = PAYLOAD_CLASSES.get(t)
-    return cls.NAME if cls is not None else f"payload type {t}"
+#: A payload type -> class map: what may appear in one chain (the caller's knowledge; the
+#: chain itself knows no payload but SIGN, which ends it, and Key data, RFC 3830 6.13).
+ClassMap = Mapping[int, type[Payload]]
 
 
 def decode_chain(
-    r: Reader, first: int, allowed: frozenset[int] | None, context: str
+    r: Reader,
+    first: int,
+    classes: ClassMap,
+    context: str,
+    allowed: frozenset[int] | None = None,
 ) -> list[Payload]:
     """Decode payloads from ``r`` starting with type ``first`` until Next Payload = 0.
 
-    SIGN has no Next Payload field and ends the chain. ``allowed`` restricts the types
-    (None: any known payload). Each payload keeps its exact bytes in ``raw``.
+    ``classes`` maps the payload types this chain may hold to their classes; ``allowed``
+    restricts them further (None: all of ``classes``). SIGN has no Next Payload field and ends
+    the chain. Each payload keeps its exact bytes in ``raw``.
     """
     out: list[Payload] = []
     nxt = first
     while nxt != PayloadType.LAST:
         start = r.pos
-        cls = PAYLOAD_CLASSES.get(nxt)
-        if cls is None:
+        cls = classes.get(nxt)
+        if cls is None or (allowed is not None and nxt not in allowed):
             r.payload = context
+            if cls is not None:
+                raise r.error(f"{cls.NAME} payload not allowed in {context}")
+            if nxt in PayloadType.__members__.values():
+                raise r.error(f"{PayloadType(nxt).name} payload not allowed in {context}")
             raise r.error(f"unknown payload type {nxt}")
-        if allowed is not None and nxt not in allowed:
-            r.payload = context
-            raise r.error(f"{cls.NAME} payload not allowed in {context}")
         r.payload = cls.NAME
         # RFC 3830 6.5: SIGN has no Next Payload field and is always last.
         following = int(PayloadType.LAST) if cls is Sign else r.pull_u8("next payload")
@@ -113,6 +80,8 @@ def first_type(payloads: Sequence[Payload]) -> int:
 
 # --- KEMAC plaintext: a chain of Key data sub-payloads (RFC 3830 6.2, 6.13) ---------------
 
+_KEY_DATA: ClassMap = {PayloadType.KEY_DATA: KeyData}
+
 
 def encode_key_data(keys: Iterable[KeyData]) -> bytes:
     """The KEMAC Encr data plaintext: Key data sub-payloads, NP 20 each, the last NP 0."""
@@ -125,7 +94,7 @@ def decode_key_data(plaintext: bytes) -> tuple[KeyData, ...]:
     r = Reader(plaintext, payload="Key data")
     if not plaintext:
         raise r.error("KEMAC carries no Key data")
-    ps = decode_chain(r, PayloadType.KEY_DATA, frozenset({PayloadType.KEY_DATA}), "KEMAC")
+    ps = decode_chain(r, PayloadType.KEY_DATA, _KEY_DATA, "KEMAC")
     if not r.at_end():
         raise r.error("trailing bytes after the last Key data sub-payload")
     return tuple(p for p in ps if isinstance(p, KeyData))

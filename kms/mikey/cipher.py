@@ -36,7 +36,8 @@ class CryptoError(Exception):
 
 
 def aes_cm_iv(salt_key: bytes, csb_id: int, t64: bytes) -> bytes:
-    """IV = (S XOR (0x0000 || CSB ID || T64)) || 0x0000 (RFC 3830 4.2.3, reference 7)."""
+    """IV = (S XOR (0x0000 || CSB ID || T64)) || 0x0000 (RFC 3830 4.2.3; which T and CSB ID:
+    docs/rfc-readings.md R1)."""
     if len(salt_key) != AES_CM_SALT_LENGTH:
         raise ValueError("AES-CM salt_key must be 14 bytes")
     if len(t64) != T64_LENGTH:
@@ -135,7 +136,7 @@ def encrypt_kemac_data(
     """Encr data of a KEMAC from its plaintext sub-payload chain (RFC 3830 4.2.3, 6.2).
 
     NULL: identity. AES-CM-128/256: ``aes_cm`` under the IV of :func:`aes_cm_iv`. AES-KW-128:
-    RFC 3394 with salt_key as IV, no padding (reference 14.6); ``csb_id``/``t64`` unused.
+    RFC 3394 with salt_key as IV, no padding (docs/rfc-readings.md R6); ``csb_id``/``t64`` unused.
     """
     encr_alg = EncrAlg(encr_alg)
     if encr_alg == EncrAlg.NULL:

@@ -1,7 +1,7 @@
 """MIKEY and MIKEY-TICKET registries (RFC 3830 6, RFC 4563, RFC 4738, RFC 6043 6).
 
 Values come from the section 6 tables themselves, never through RFC 6043 section 14's table
-references (several of those point at the wrong table; see reference 1.9).
+references (several of those point at the wrong table; see docs/rfc-readings.md).
 """
 
 from __future__ import annotations

@@ -58,7 +58,7 @@ def _without_initiator_data(msg: Message, body: bytes) -> bytes:
 
 def initial_mac_input(msg: Message, identity_a: bytes, identity_b: bytes) -> bytes:
     """REQUEST_INIT || Id_i || Id_kms, TRANSFER_INIT' || Id_i || Id_r,
-    RESOLVE_INIT || Id_r || Id_kms (identities are ID Data bytes, reference 14.8)."""
+    RESOLVE_INIT || Id_r || Id_kms (identities are ID Data bytes, docs/rfc-readings.md R8)."""
     return covered_prefix(msg) + identity_a + identity_b
 
 

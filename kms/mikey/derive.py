@@ -2,7 +2,8 @@
 
 Every function takes a :data:`~kms.mikey.prf.KeyedPrf` whose in-key is held by the caller
 (host memory or a token): this module never sees long-term keys. Label layouts follow
-reference section 6.3 (RFC 6043) and 6.2 (RFC 3830 compatibility); output lengths follow 6.4.
+RFC 6043 5.1.1-5.1.3, 6.10 and A.2 (and RFC 3830 4.1.3-4.1.4 for compatibility); output
+lengths RFC 3830 4.1.4 and RFC 6043 6.2.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ SALT_KEY_LENGTH = {
     EncrAlg.AES_KW_128: 8,  # RFC 3830 4.2.3 / RFC 3394: 64-bit IV for AES-KW
     EncrAlg.AES_CM_256: 14,  # RFC 6043 6.2
 }
-"""salt_key length in bytes per KEMAC encryption algorithm (reference 6.4)."""
+"""salt_key length in bytes per KEMAC encryption algorithm (RFC 3830 4.1.4, 4.2.3)."""
 
 AUTH_KEY_LENGTH = dict(MAC_LENGTH)
 """auth_key length in bytes per MAC algorithm: 160 / 256 bits (RFC 3830 4.1.4, RFC 6043 6.2)."""
@@ -237,7 +238,8 @@ def derive_message_keys(
 ) -> MessageKeys:
     """Message keys from a PSK, envelope key, MPKi or MPKr' (RFC 6043 5.1.2).
 
-    ``prf`` is keyed with that key and uses the HDR PRF func (reference 6.5).
+    ``prf`` is keyed with that key and uses the HDR PRF func (RFC 3830 6.1; RFC 6043 5.1.2
+    names none).
     """
     labels = {c: message_key_label(c, csb_id, direction, rand_i, rand_r) for c in _MESSAGE_CONSTS}
     return _message_keys(prf, labels, encr_alg, mac_alg)
@@ -318,7 +320,7 @@ def derive_srtp_salt(
 def derive_vr_auth_key(prf_mpkr: KeyedPrf, mac_alg: MacAlg) -> bytes:
     """auth_key for the Initiator Data Vr MAC from the unforked MPKr (RFC 6043 6.10).
 
-    ``prf_mpkr`` uses the TP PRF Func (project decision, reference 14.3).
+    ``prf_mpkr`` uses the TP PRF Func (docs/rfc-readings.md R3).
     """
     return _prf_or_empty(prf_mpkr, vr_key_label(PrfLabel.AUTH), AUTH_KEY_LENGTH[MacAlg(mac_alg)])
 

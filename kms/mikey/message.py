@@ -12,10 +12,12 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from kms.mikey.buffer import Reader
+from kms.mikey.catalog import PAYLOAD_CLASSES
 from kms.mikey.chain import decode_chain, encode_chain, first_type
 from kms.mikey.constants import DataType, PayloadType
 from kms.mikey.errors import DecodeError
 from kms.mikey.header import Header
+from kms.mikey.layout import TICKET_ALLOWED
 from kms.mikey.payloads import Payload
 
 P = TypeVar("P", bound=Payload)
@@ -23,8 +25,9 @@ P = TypeVar("P", bound=Payload)
 _T = PayloadType
 _EXT = _T.GENERAL_EXT
 
-# Which payloads each message type may carry (RFC 3830 5.2-5.3, RFC 4650 3, RFC 4738 3,
-# RFC 6043 4.2 and 5.2). General Extensions may extend any message (RFC 3830 6.15).
+# Which payloads each message type may carry (RFC 3830 5.2-5.3, RFC 4650 3, RFC 4738 3).
+# General Extensions may extend any message (RFC 3830 6.15). The MIKEY-TICKET messages
+# (RFC 6043 4.2, 5.2) take theirs from the one layout table.
 ALLOWED_PAYLOADS: dict[int, frozenset[int]] = {
     DataType.PSK_INIT: frozenset({_T.T, _T.RAND, _T.ID, _T.SP, _T.KEMAC, _EXT}),
     DataType.PSK_RESP: frozenset({_T.T, _T.ID, _T.V, _EXT}),
@@ -41,20 +44,7 @@ ALLOWED_PAYLOADS: dict[int, frozenset[int]] = {
     DataType.RSA_R_RESP: frozenset(
         {_T.T, _T.RAND, _T.ID, _T.CERT, _T.SP, _T.KEMAC, _T.PKE, _T.SIGN, _EXT}
     ),
-    DataType.REQUEST_INIT_PSK: frozenset({_T.T, _T.RANDR, _T.IDR, _T.TP, _T.V, _EXT}),
-    DataType.REQUEST_INIT_PK: frozenset(
-        {_T.T, _T.RANDR, _T.IDR, _T.CERT, _T.TP, _T.CHASH, _T.PKE, _T.SIGN, _EXT}
-    ),
-    DataType.REQUEST_RESP: frozenset({_T.T, _T.IDR, _T.TICKET, _T.KEMAC, _T.V, _EXT}),
-    DataType.TRANSFER_INIT: frozenset(
-        {_T.T, _T.RANDR, _T.IDR, _T.SP, _T.TICKET, _T.KEMAC, _T.V, _EXT}
-    ),
-    DataType.TRANSFER_RESP: frozenset({_T.T, _T.RANDR, _T.IDR, _T.SP, _T.KEMAC, _T.V, _EXT}),
-    DataType.RESOLVE_INIT_PSK: frozenset({_T.T, _T.RANDR, _T.IDR, _T.TICKET, _T.V, _EXT}),
-    DataType.RESOLVE_INIT_PK: frozenset(
-        {_T.T, _T.RANDR, _T.IDR, _T.CERT, _T.TICKET, _T.CHASH, _T.PKE, _T.SIGN, _EXT}
-    ),
-    DataType.RESOLVE_RESP: frozenset({_T.T, _T.IDR, _T.KEMAC, _T.RANDR, _T.V, _EXT}),
+    **TICKET_ALLOWED,
 }
 
 
@@ -90,7 +80,7 @@ class Message:
             name = DataType(header.data_type).name
         except ValueError:  # pragma: no cover - Header.decode only returns known types
             name = str(header.data_type)
-        payloads = decode_chain(r, first, allowed, name)
+        payloads = decode_chain(r, first, PAYLOAD_CLASSES, name, allowed)
         if not r.at_end():
             r.payload = payloads[-1].NAME if payloads else "HDR"
             raise r.error(f"{r.remaining()} trailing byte(s) after the last payload")

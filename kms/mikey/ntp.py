@@ -81,10 +81,10 @@ def _check_ts_value(ts_type: TsType, ts_value: bytes) -> None:
 
 
 def timestamp_t64(ts_type: TsType, ts_value: bytes) -> bytes:
-    """The 64-bit timestamp used in AES-CM IVs and PRF inputs (reference 7, 14.2).
+    """The 64-bit timestamp used in AES-CM IVs and PRF inputs (RFC 3830 4.2.3; RFC 6043 6.3).
 
     NTP-UTC / NTP: the 8 bytes as sent; NTP-UTC-32: seconds || 0x00000000 (zero fraction,
-    RFC 6043 6.3); COUNTER: 0x00000000 || counter (project decision, reference 14.2).
+    RFC 6043 6.3); COUNTER: 0x00000000 || counter (docs/rfc-readings.md R2).
     """
     ts_type = TsType(ts_type)
     _check_ts_value(ts_type, ts_value)

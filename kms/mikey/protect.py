@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from kms.keystore import Key, KeyStore
 from kms.mikey.chain import decode_key_data, encode_key_data
 from kms.mikey.cipher import CryptoError, compute_mac, decrypt_kemac_data, encrypt_kemac_data
-from kms.mikey.compose import check_composition
+from kms.mikey.compose import compose_as
 from kms.mikey.constants import MAC_LENGTH, DataType, EncrAlg, MacAlg, PrfFunc, TsType
 from kms.mikey.coverage import covered_prefix, seal
 from kms.mikey.derive import KeyDirection, MessageKeys, derive_message_keys
@@ -23,7 +23,7 @@ from kms.mikey.message import Message
 from kms.mikey.ntp import timestamp_t64
 from kms.mikey.payloads import Kemac, KeyData, Timestamp, Verification
 from kms.mikey.prf import KeyedPrf
-from kms.mikey.ticket import Idr, RandR
+from kms.mikey.views import RequestResp, ResolveResp
 
 
 @dataclass(frozen=True)
@@ -70,36 +70,13 @@ def keyed_prf(ks: KeyStore, key: Key, func: PrfFunc) -> KeyedPrf:
     return _StorePrf(ks, key, func)
 
 
-# --- reading a message ---------------------------------------------------------------------
-
-
-def timestamp_of(msg: Message) -> Timestamp:
-    t = msg.first(Timestamp)
-    if t is None:
-        raise DecodeError("T", 0, "missing T payload")
-    return t
-
-
-def t64_of(msg: Message) -> bytes:
-    t = timestamp_of(msg)
+def t64_of(t: Timestamp) -> bytes:
+    """The 64-bit form of a T payload used in AES-CM IVs (RFC 3830 4.2.3; RFC 6043 6.3)."""
     return timestamp_t64(TsType(t.ts_type), t.value)
 
 
-def rand_of(msg: Message, role: int) -> bytes | None:
-    for p in msg.all(RandR):
-        if p.role == role:
-            return p.value
-    return None
-
-
-def idr_of(msg: Message, role: int) -> Idr | None:
-    for p in msg.all(Idr):
-        if p.role == role:
-            return p
-    return None
-
-
-def verification_of(msg: Message) -> Verification:
+def _last_v(msg: Message) -> Verification:
+    """RFC 6043 5.4: the V MAC covers everything before it, so V must be the last payload."""
     last = msg.payloads[-1] if msg.payloads else None
     if not isinstance(last, Verification):
         raise DecodeError("V", len(msg.wire), "the last payload must be V")
@@ -119,7 +96,7 @@ def message_keys(
     suite: Suite,
 ) -> MessageKeys:
     """encr/auth/salt keys of a message from a PSK, envelope key or MPK (RFC 6043 5.1.2),
-    with the message's CSB ID and the HDR PRF (reference 6.5)."""
+    with the message's CSB ID and the HDR PRF (RFC 3830 6.1; RFC 6043 5.1.2 names none)."""
     prf = keyed_prf(ks, key, PrfFunc(msg.header.prf_func))
     return derive_message_keys(
         prf, msg.header.csb_id, direction, rand_i, rand_r, suite.encr_alg, suite.mac_alg
@@ -172,7 +149,7 @@ def check_mac(msg: Message, keys: MessageKeys, suite: Suite, extra: bytes) -> bo
 
     The V Auth alg must be the suite's: a NULL MAC is never accepted.
     """
-    v = verification_of(msg)
+    v = _last_v(msg)
     if v.mac_alg != suite.mac_alg or v.mac_alg == MacAlg.NULL:
         return False
     expected = compute_mac(suite.mac_alg, keys.auth_key, covered_prefix(msg) + extra)
@@ -187,39 +164,43 @@ class ResponseRejected(Exception):
         self.reason = reason
 
 
+Response = RequestResp | ResolveResp
+
+
 def open_response(
     ks: KeyStore,
     data: bytes,
-    expected: int,
+    expected: type[Response],
     initial: Message,
     key: Key,
     suite: Suite,
     rand_i: bytes | None,
     rand_r: bytes | None,
-) -> tuple[Message, tuple[KeyData, ...]]:
+) -> tuple[Response, tuple[KeyData, ...]]:
     """Verify a REQUEST_RESP / RESOLVE_RESP against the initial message it answers and open its
     KEMAC (RFC 6043 4.2.1.6, 4.2.3.6): decoded and composed as RFC 6043 lays it out, same CSB
     ID, V MAC over response || initial message with the 0x02 keys from ``key``. Used by
-    endpoints and by a KMS that resolved through a peer. Raises ResponseRejected."""
+    endpoints and by a KMS that resolved through a peer. Returns the response's typed view
+    and the KEMAC's key data; raises ResponseRejected."""
     try:
         msg = Message.decode(data)
     except DecodeError as exc:
         raise ResponseRejected(f"undecodable: {exc}") from None
     if msg.data_type == DataType.ERROR:
         raise ResponseRejected("answered with an error message")
-    if msg.data_type != expected or msg.header.csb_id != initial.header.csb_id:
+    if msg.data_type != expected.DATA_TYPE or msg.header.csb_id != initial.header.csb_id:
         raise ResponseRejected(
-            f"not a {DataType(expected).name} to our {DataType(initial.data_type).name}"
+            f"not a {expected.DATA_TYPE.name} to our {DataType(initial.data_type).name}"
         )
     try:
-        check_composition(msg)
+        resp = compose_as(msg, expected)
     except DecodeError as exc:
         raise ResponseRejected(f"malformed: {exc}") from None
     keys = message_keys(ks, key, initial, KeyDirection.RESPONSE, rand_i, rand_r, suite)
     if not check_mac(msg, keys, suite, initial.wire):
         raise ResponseRejected("MAC verification failed")
     try:
-        key_data = open_kemac(ks, msg.one(Kemac), keys, msg.header.csb_id, t64_of(msg))
+        key_data = open_kemac(ks, resp.kemac, keys, msg.header.csb_id, t64_of(resp.t))
     except CryptoError:
         raise ResponseRejected("KEMAC cannot be decrypted") from None
-    return msg, key_data
+    return resp, key_data

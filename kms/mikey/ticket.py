@@ -8,6 +8,7 @@ from enum import IntFlag
 from typing import Self
 
 from kms.mikey.buffer import Reader, Writer
+from kms.mikey.chain import ClassMap, decode_chain, encode_chain
 from kms.mikey.constants import (
     BASE_TICKET_SUBTYPE,
     BASE_TICKET_VERSION,
@@ -156,8 +157,6 @@ class TicketPolicy(Payload):
         return bool(self.flags & flag)
 
     def encode_body(self) -> bytes:
-        from kms.mikey.chain import encode_chain
-
         if not 0 <= self.prf_func <= 0x7F or self.flags & ~TP_FLAG_MASK:
             raise EncodeError("TP: PRF Func must fit in 7 bits and flags in D..O")
         if not 0 <= self.reserved <= TP_RESERVED_MASK:
@@ -173,8 +172,6 @@ class TicketPolicy(Payload):
 
     @classmethod
     def decode_body(cls, r: Reader) -> Self:
-        from kms.mikey.chain import decode_chain
-
         ticket_type = r.pull_u16("Ticket Type")
         subtype = r.pull_u8("Subtype")
         version = r.pull_u8("Version")
@@ -185,7 +182,7 @@ class TicketPolicy(Payload):
         sub = r.sub(n, "TP Data")
         outer = r.payload
         first = sub.pull_u8("First Payload")
-        payloads = decode_chain(sub, first, TP_DATA_PAYLOADS, "TP Data")
+        payloads = decode_chain(sub, first, _TP_DATA_CLASSES, "TP Data")
         sub.expect_end("TP Data")
         r.payload = outer
         return cls(
@@ -201,7 +198,8 @@ class TicketPolicy(Payload):
 
 @dataclass(frozen=True)
 class InitiatorData:
-    """Initiator Data of a TICKET (RFC 6043 6.10, reference 14.3): First Payload (9) | Vi | Vr.
+    """Initiator Data of a TICKET (RFC 6043 6.10; docs/rfc-readings.md R3): First Payload (9)
+    | Vi | Vr.
 
     Vi carries the MAC of the TRANSFER_INIT; Vr a MAC keyed from the unforked MPKr. Vi is
     sent with Next Payload 9 so that Vr can follow; NP 0 is accepted and kept as received.
@@ -272,7 +270,7 @@ class Ticket(Payload):
         return w.getvalue()
 
     def mac_input(self) -> bytes:
-        """What the base ticket's V MAC covers (RFC 6043 A.1, reference 5.4): the TICKET
+        """What the base ticket's V MAC covers (RFC 6043 A.1): the TICKET
         payload from Ticket Type to the end of Ticket Data, minus the MAC; Initiator Data
         length and Initiator Data are not covered. Uses the received bytes when decoded."""
         raw = self.raw or (bytes([0]) + self.encode_body())
@@ -336,8 +334,6 @@ class BaseTicketData:
         return tuple(ps)
 
     def encode(self) -> bytes:
-        from kms.mikey.chain import encode_chain
-
         w = Writer()
         w.push_u8(PayloadType.T)
         w.push_len16(self.thdr_data, "THDR Data")
@@ -346,12 +342,10 @@ class BaseTicketData:
 
     @classmethod
     def decode(cls, data: bytes) -> Self:
-        from kms.mikey.chain import decode_chain
-
         r = Reader(data, payload="THDR")
         first = r.pull_u8("next payload")
         thdr = r.pull_bytes(r.pull_u16("THDR Data length"), "THDR Data")
-        ps = decode_chain(r, first, None, "Ticket Data")
+        ps = decode_chain(r, first, _TICKET_DATA_CLASSES, "Ticket Data")
         if not r.at_end():
             raise r.error("trailing bytes after the base ticket V payload")
         types = [p.TYPE for p in ps]
@@ -373,6 +367,15 @@ class BaseTicketData:
             if idr.role != IdRole.IDRPSK:
                 raise DecodeError("Ticket Data", 0, "the IDR in a base ticket must be IDRpsk")
         return cls(t, rand, kemac, v, idr, thdr, raw=data)
+
+
+# What TP Data and a base ticket's Ticket Data may hold (RFC 6043 6.9, A.1): the class maps
+# these nested chains are decoded with.
+_TP_DATA_CLASSES: ClassMap = {cls.TYPE: cls for cls in (Idr, Tr, Kemac)}
+assert frozenset(_TP_DATA_CLASSES) == TP_DATA_PAYLOADS
+_TICKET_DATA_CLASSES: ClassMap = {
+    cls.TYPE: cls for cls in (Timestamp, Rand, Kemac, Idr, Verification)
+}
 
 
 __all__ = [

@@ -44,10 +44,11 @@ from typing import Any
 
 import grpc
 
+from kms import rpc
 from kms.core.ports import PeerError, PeerKms
-from kms.server import stubs
+from kms.rpc import CORRELATION_KEY, ERROR_TRAILER
 from kms.server.config import KmsConfig, is_loopback, split_listen
-from kms.server.grpc_server import CORRELATION_KEY, ERROR_TRAILER, HOPS_KEY
+from kms.server.grpc_server import HOPS_KEY
 from kms.server.tracing import outgoing_metadata
 from kms.store.registry import Registry, UnknownPeer, show_identity
 
@@ -218,7 +219,7 @@ class GrpcPeerResolver:
         metadata = (
             (CORRELATION_KEY, correlation_id), (HOPS_KEY, str(hops)), *outgoing_metadata()
         )
-        request = stubs.MikeyMessage(data=wire)
+        request = rpc.MikeyMessage(data=wire)
         deadline = self._clock() + peer.deadline_s
         attempt = 0
         first: str | None = None  # why the first attempt failed, when it is retried
@@ -250,7 +251,7 @@ class GrpcPeerResolver:
                         first = first or _one_line(err.details() or "")
                         self._sleep(pause)
                         if rebuild is not None:  # a fresh message: never the same bytes
-                            request = stubs.MikeyMessage(data=rebuild())
+                            request = rpc.MikeyMessage(data=rebuild())
                         continue
                 raise self._rpc_error(err, code, name, correlation_id, attempt, first) from None
             return bytes(response.data)
@@ -293,7 +294,7 @@ class GrpcPeerResolver:
                     certificate_chain=self._client.cert_pem,
                 )
                 channel = grpc.secure_channel(target, creds, options=list(CHANNEL_OPTIONS))
-            stub = stubs.client_stub(channel)
+            stub = rpc.client_stub(channel)
             self._channels[key] = (channel, stub)
             return stub
 

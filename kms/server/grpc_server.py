@@ -38,8 +38,10 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from kms import rpc
 from kms.core.api import KmsHandler, KmsReply, Outcome
-from kms.server import stubs, tracing
+from kms.rpc import CORRELATION_KEY, ERROR_TRAILER, SERVICE_NAME
+from kms.server import tracing
 from kms.server.admission import (
     CallGuard,
     GuardedHealth,
@@ -51,9 +53,6 @@ from kms.server.slots import CoreSlots
 
 log = logging.getLogger("kms.server.grpc")
 
-SERVICE_NAME = stubs.SERVICE_NAME
-CORRELATION_KEY = "x-correlation-id"
-ERROR_TRAILER = "mikey-error-bin"
 # A MIKEY message is a few hundred bytes (a PK request with two certificates a few KiB);
 # anything near this limit is not a request we want to spend token time on.
 MAX_REQUEST_BYTES = 64 * 1024
@@ -143,7 +142,7 @@ class Undecodable:
 def parse_request(body: bytes) -> Any:
     """``MikeyMessage.FromString`` that never raises: garbage becomes :class:`Undecodable`."""
     try:
-        return stubs.MikeyMessage.FromString(body)
+        return rpc.MikeyMessage.FromString(body)
     except Exception:  # protobuf's DecodeError (and whatever a C parser raises instead)
         return Undecodable(len(body))
 
@@ -235,13 +234,13 @@ class KmsServicer:
                 context.set_trailing_metadata(((CORRELATION_KEY, cid),))
                 context.set_code(grpc.StatusCode.INTERNAL)
                 context.set_details(INTERNAL_DETAIL)
-                return stubs.MikeyMessage()
+                return rpc.MikeyMessage()
 
             trailing: list[tuple[str, str | bytes]] = [(CORRELATION_KEY, cid)]
             if code is grpc.StatusCode.OK:
-                response = stubs.MikeyMessage(data=reply.data)
+                response = rpc.MikeyMessage(data=reply.data)
             else:
-                response = stubs.MikeyMessage()
+                response = rpc.MikeyMessage()
                 if reply.error_message is not None:
                     trailing.append((ERROR_TRAILER, bytes(reply.error_message)))
                 context.set_code(code)
@@ -368,7 +367,7 @@ class KmsServer:
             name: grpc.stream_unary_rpc_method_handler(
                 self._guarded(name),
                 request_deserializer=parse_request,
-                response_serializer=stubs.MikeyMessage.SerializeToString,
+                response_serializer=rpc.MikeyMessage.SerializeToString,
             )
             for name in ("RequestTicket", "ResolveTicket")
         }

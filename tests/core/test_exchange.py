@@ -9,11 +9,13 @@ import pytest
 
 from kms.endpoint.initiator import DEFAULT_FLAGS, DesiredPolicy
 from kms.endpoint.session import CryptoSession
-from kms.mikey.constants import IdRole, KeyDataType, PrfFunc, RandRole, TsRole
+from kms.mikey.compose import compose
+from kms.mikey.constants import IdRole, KeyDataType, PrfFunc, TsRole
 from kms.mikey.message import Message
 from kms.mikey.payloads import KeyData, KvSpi
-from kms.mikey.protect import SUITE_256, idr_of, rand_of
+from kms.mikey.protect import SUITE_256
 from kms.mikey.ticket import Idr, TpFlag, Tr
+from kms.mikey.views import TransferResp
 from tests.core.world import ALICE, BOB, CAROL, TEAM, World
 
 FORKING = TpFlag.E | TpFlag.F | TpFlag.G | TpFlag.H | TpFlag.I
@@ -54,9 +56,10 @@ def test_forking_gives_each_group_member_its_own_tgk(world: World) -> None:
     assert call_bob.session_keys[0].key != call_carol.session_keys[0].key
     assert call_bob.session_keys[0].key != grant.session_keys[0].key
     # TRANSFER_RESP echoes the identity the keys are bound to and RANDRkms.
-    resp = Message.decode(call_bob.transfer_resp or b"")
-    assert idr_of(resp, IdRole.IDRR) == Idr(IdRole.IDRR, 1, BOB)
-    assert rand_of(resp, RandRole.RANDRKMS) is not None
+    resp = compose(Message.decode(call_bob.transfer_resp or b""))
+    assert isinstance(resp, TransferResp)
+    assert resp.idr_r == Idr(IdRole.IDRR, 1, BOB)
+    assert resp.rand_kms is not None
 
 
 @pytest.mark.parametrize(

@@ -17,10 +17,12 @@ from kms.core.ports import PeerKms
 from kms.endpoint.initiator import DEFAULT_FLAGS, DesiredPolicy, TicketGrant
 from kms.endpoint.session import CryptoSession
 from kms.keystore import KeyRef
+from kms.mikey.compose import compose
 from kms.mikey.constants import IdRole, IdType
 from kms.mikey.message import Message
 from kms.mikey.protect import SUITE_128
-from kms.mikey.ticket import Idr, Ticket, TpFlag
+from kms.mikey.ticket import Idr, TpFlag
+from kms.mikey.views import ResolveInitPsk
 from kms.server.compose import build_handler
 from kms.store.memory import TokenBucketRateLimiter
 from tests.core.pki import Pki
@@ -48,7 +50,8 @@ def _psk_peer_resolve(world: World, grant: TicketGrant) -> bytes:
     bob = SoftwareKeyStore()
     bob.import_secret("peer", PEER_PSK)
     ri, _ = world.responder().receive_transfer_init(ti, world.now)  # any RESOLVE_INIT for T
-    msg = Message.decode(ri)
+    view = compose(Message.decode(ri))
+    assert isinstance(view, ResolveInitPsk)
     forwarding = SimpleNamespace(
         keystore=bob, policy=KmsPolicy(kms_id=PEER_ID.encode(), kms_id_type=IdType.URI)
     )
@@ -56,11 +59,11 @@ def _psk_peer_resolve(world: World, grant: TicketGrant) -> bytes:
         Idr(IdRole.IDRR, IdType.URI, BOB_B), KeyRef("peer"), SUITE_128, None, None, b"", "psk"
     )
     fwd, _ = _forwarded_resolve_init(
-        msg,
+        view,
         auth,
         forwarding,  # type: ignore[arg-type]
         world.now,
-        msg.one(Ticket),
+        view.ticket,
         Idr(IdRole.IDRKMS, IdType.URI, KMS_ID),
         PeerKms(PEER_ID.encode(), KeyRef("peer")),
     )

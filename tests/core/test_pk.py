@@ -37,13 +37,14 @@ from kms.endpoint.pk import (
 )
 from kms.endpoint.session import CryptoSession
 from kms.keystore import KeyRef, KeyStore, RsaPadding, SignScheme
-from kms.mikey.compose import check_composition
+from kms.mikey.compose import compose
 from kms.mikey.constants import DataType, ErrorNo, HashFunc, IdRole, KeyDataType
 from kms.mikey.derive import KeyDirection
 from kms.mikey.message import Message
 from kms.mikey.payloads import Cert, Chash, Error, KeyData, KvSpi, Payload, Pke, Sign, Verification
-from kms.mikey.protect import SUITE_128, check_mac, idr_of, message_keys
+from kms.mikey.protect import SUITE_128, check_mac, message_keys
 from kms.mikey.ticket import Idr, TpFlag
+from kms.mikey.views import ResolveInitPk, ResolveResp
 from kms.server.compose import build_handler
 from kms.server.config import load_config
 from kms.server.home import CERT_FILE, ENVELOPE_LABEL, SIGNING_CERT_FILE, HomeError
@@ -161,7 +162,7 @@ def test_pk_request_then_psk_resolve_gives_both_ends_the_same_keys(pk_world: PkW
     ini = pk_world.initiator()
     wire, pending = ini.request_ticket(DesiredPolicy(responders=(BOB,)), pk_world.now)
     msg = Message.decode(wire)
-    check_composition(msg)
+    compose(msg)
     assert msg.data_type == DataType.REQUEST_INIT_PK and msg.header.v_flag
     # HDR, T, RANDRi, IDRi, CERTi (leaf, intermediate), IDRkms, TP, CHASH, PKE, SIGNi
     assert [p.NAME for p in msg.payloads] == [
@@ -196,7 +197,7 @@ def test_pk_request_and_pk_resolve(pk_world: PkWorld, flags: TpFlag) -> None:
     res = PkResponder(pk_world.creds(BOB), pk_world.world.sw)
     ri, pr = res.receive_transfer_init(ti, pk_world.now)
     resolve = Message.decode(ri)
-    check_composition(resolve)
+    compose(resolve)
     assert resolve.data_type == DataType.RESOLVE_INIT_PK
     reply = pk_world.world.resolve(ri)
     assert reply.ok, reply.audit
@@ -206,7 +207,9 @@ def test_pk_request_and_pk_resolve(pk_world: PkWorld, flags: TpFlag) -> None:
     assert [k.key_and_salt for k in keys_a] == [k.key_and_salt for k in call.srtp]
     if flags & TpFlag.I:
         # Forking binds the keys to the certified identity (RFC 6043 5.1.1).
-        assert idr_of(Message.decode(reply.data), IdRole.IDRR).data == BOB  # type: ignore[union-attr]
+        resp = compose(Message.decode(reply.data))
+        assert isinstance(resp, ResolveResp) and resp.idr_r is not None
+        assert resp.idr_r.data == BOB
         assert call.session_keys[0].key != grant.session_keys[0].key
 
 
@@ -217,8 +220,9 @@ def test_psk_request_then_pk_resolve_without_idr(pk_world: PkWorld) -> None:
     ti, pt = ini.transfer_init(grant, pk_world.now, BOB, (CryptoSession(1, 7),))
     res = PkResponder(pk_world.creds(BOB, send_idr=False, chash=None), pk_world.world.sw)
     ri, pr = res.receive_transfer_init(ti, pk_world.now)
-    msg = Message.decode(ri)
-    assert idr_of(msg, IdRole.IDRR) is None and msg.first(Chash) is None
+    view = compose(Message.decode(ri))
+    assert isinstance(view, ResolveInitPk)
+    assert view.idr_r is None and view.chash is None
     reply = pk_world.world.resolve(ri)
     assert reply.ok, reply.audit
     call = res.accept_resolve(pr, reply.data, pk_world.now)

@@ -34,7 +34,7 @@ from kms.endpoint.initiator import (
 )
 from kms.endpoint.session import CryptoSession, EndpointError, SrtpKeys
 from kms.mikey.buffer import Reader
-from kms.mikey.compose import check_composition
+from kms.mikey.compose import InitialMessage, RequestInit, compose, sender_of
 from kms.mikey.constants import (
     DataType,
     ErrorNo,
@@ -51,7 +51,7 @@ from kms.mikey.header import Header
 from kms.mikey.message import Message
 from kms.mikey.ntp import encode_ts_value
 from kms.mikey.payloads import Error, KeyData, Payload, Verification
-from kms.mikey.protect import SUITE_128, check_mac, message_keys, rand_of, suite_for
+from kms.mikey.protect import SUITE_128, check_mac, message_keys, suite_for
 from kms.mikey.ticket import Idr, RandR, Ticket, TicketPolicy, TpFlag, Tr
 from kms.store.memory import TokenBucketRateLimiter
 from tests.core.world import ALICE, BOB, CAROL, DAVE, KMS_ID, PSKS, TEAM, World
@@ -133,7 +133,7 @@ def expect_refusal(
     assert reply.error_message is not None
     err = Message.decode(reply.error_message)
     assert err.data_type == DataType.ERROR
-    check_composition(err)
+    compose(err)
     assert [e.error_no for e in err.all(Error)] == [error_no]
     assert not err.header.v_flag  # reference 14.4: V = 0 in errors
     if csb_id is not None:
@@ -145,14 +145,18 @@ def expect_refusal(
     else:
         assert v is not None, "authenticated sender got no V in the error message"
         initial = Message.decode(signer.initial)
+        view = compose(initial)
+        assert isinstance(view, InitialMessage)
+        rand = sender_of(view)[1].value
+        request = isinstance(view, RequestInit)
         suite = suite_for(initial.header.prf_func)
         keys = message_keys(
             world.sw,
             signer.psk,
             initial,
             KeyDirection.RESPONSE,
-            rand_of(initial, RandRole.RANDRI),
-            rand_of(initial, RandRole.RANDRR),
+            rand if request else None,
+            None if request else rand,
             suite,
         )
         assert check_mac(err, keys, suite, b""), "error V does not verify (reference 8)"
@@ -846,7 +850,7 @@ def test_arbitrary_bytes_are_refused_and_the_kms_keeps_serving(
     assert reply.error_message is not None
     err = Message.decode(reply.error_message)
     assert err.data_type == DataType.ERROR
-    check_composition(err)
+    compose(err)
     assert len(err.all(Error)) == 1
     assert err.first(Verification) is None  # nothing here is authenticated
     assert len(world.audit()) == before + 1

@@ -32,12 +32,12 @@ import grpc
 import pytest
 
 from hsm.software import SoftwareKeyStore
+from kms import rpc
 from kms.endpoint.client import KmsClient
 from kms.endpoint.common import Credentials
 from kms.endpoint.initiator import Initiator
 from kms.endpoint.responder import Responder
 from kms.mikey.constants import IdType
-from kms.server import stubs
 from tests.e2e.harness import ServeProcess, free_port, run_kms
 from tests.federation.pki import CertFiles, TestCa
 
@@ -82,14 +82,14 @@ class Relay:
             ca.path.read_bytes(), cert.key_pem, cert.cert_pem
         )
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
-        stubs.kms_pb2_grpc.add_KeyManagementServicer_to_server(self, self.server)
+        rpc.add_servicer(self, self.server)
         self.port = self.server.add_secure_port("127.0.0.1:0", creds)
         self.address = f"127.0.0.1:{self.port}"
         self.server.start()
 
     def connect(self, name: str, address: str) -> None:
         channel = grpc.secure_channel(address, self._client_creds)
-        self.upstream[name] = stubs.client_stub(channel)
+        self.upstream[name] = rpc.client_stub(channel)
 
     def ResolveTicket(self, request: Any, context: Any) -> Any:
         md = dict(context.invocation_metadata())
@@ -100,7 +100,7 @@ class Relay:
             context.abort(grpc.StatusCode.UNAVAILABLE, "too late")
         if mode == "stale":
             assert self.last_answer is not None
-            return stubs.MikeyMessage(data=self.last_answer)
+            return rpc.MikeyMessage(data=self.last_answer)
         target = "B" if mode == "loop" else "C"
         hops = str(int(md.get("mikey-hops", "0")) + 1) if mode == "loop" else md["mikey-hops"]
         forward = (("x-correlation-id", md["x-correlation-id"]), ("mikey-hops", hops))
@@ -114,9 +114,9 @@ class Relay:
         if mode == "forge":
             forged = bytearray(data)
             forged[-1] ^= 0x01  # the last byte of V's MAC
-            return stubs.MikeyMessage(data=bytes(forged))
+            return rpc.MikeyMessage(data=bytes(forged))
         self.last_answer = data
-        return stubs.MikeyMessage(data=data)
+        return rpc.MikeyMessage(data=data)
 
     def RequestTicket(self, request: Any, context: Any) -> Any:  # pragma: no cover
         context.abort(grpc.StatusCode.UNIMPLEMENTED, "relay")

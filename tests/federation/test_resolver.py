@@ -14,8 +14,8 @@ from typing import Any
 import grpc
 import pytest
 
+from kms import rpc
 from kms.core.ports import PeerError, PeerKms
-from kms.server import stubs
 from kms.server.config import ConfigError, parse_config
 from kms.server.federation import ClientIdentity, GrpcPeerResolver, PeerRoute
 from kms.server.grpc_server import peer_hops
@@ -34,7 +34,7 @@ class FakePeer:
         self.calls: list[dict[str, str]] = []
         self._lock = threading.Lock()
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-        stubs.kms_pb2_grpc.add_KeyManagementServicer_to_server(self, self.server)
+        rpc.add_servicer(self, self.server)
         if creds is None:
             self.port = self.server.add_insecure_port("127.0.0.1:0")
         else:
@@ -45,7 +45,7 @@ class FakePeer:
     def ResolveTicket(self, request: Any, context: Any) -> Any:
         with self._lock:
             self.calls.append({k: v for k, v in context.invocation_metadata()})
-        return stubs.MikeyMessage(data=self.behaviour(request.data, context))
+        return rpc.MikeyMessage(data=self.behaviour(request.data, context))
 
     def RequestTicket(self, request: Any, context: Any) -> Any:  # pragma: no cover
         context.abort(grpc.StatusCode.UNIMPLEMENTED, "no")

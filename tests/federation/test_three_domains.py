@@ -14,6 +14,7 @@ from typing import Any
 import grpc
 import pytest
 
+from kms import rpc
 from kms.endpoint.client import KmsRefused, obtain_ticket, run_call
 from kms.endpoint.initiator import DEFAULT_FLAGS, DesiredPolicy, Initiator, TicketGrant
 from kms.endpoint.session import CryptoSession, EndpointError
@@ -22,7 +23,6 @@ from kms.mikey.constants import DataType, ErrorNo
 from kms.mikey.message import Message
 from kms.mikey.payloads import Error
 from kms.mikey.ticket import TpFlag
-from kms.server import stubs
 from tests.e2e.harness import check_srtp, run_kms
 from tests.federation.conftest import (
     ALICE,
@@ -252,7 +252,7 @@ def test_request_that_already_crossed_a_kms_is_not_forwarded(fed: Fed) -> None:
     stub = fed.client("B")._stub
     with pytest.raises(grpc.RpcError) as info:
         stub.ResolveTicket(
-            stubs.MikeyMessage(data=wire),
+            rpc.MikeyMessage(data=wire),
             metadata=(("x-correlation-id", correlation), ("mikey-hops", "1")),
             timeout=5,
         )

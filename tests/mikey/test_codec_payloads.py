@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 
 from kms.mikey.buffer import Reader
+from kms.mikey.catalog import PAYLOAD_CLASSES
 from kms.mikey.chain import decode_chain, decode_key_data, encode_chain, encode_key_data
 from kms.mikey.constants import (
     CertType,
@@ -80,7 +81,7 @@ from tests.mikey.strategies import hex_text
 def decode_one(data: bytes, ptype: int) -> Payload:
     """Decode one payload whose Next Payload field says Last (SIGN: no such field)."""
     r = Reader(data)
-    (p,) = decode_chain(r, ptype, None, "test")
+    (p,) = decode_chain(r, ptype, PAYLOAD_CLASSES, "test")
     assert r.at_end()
     return p
 

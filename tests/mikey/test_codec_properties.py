@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kms.mikey.buffer import Reader
+from kms.mikey.catalog import PAYLOAD_CLASSES
 from kms.mikey.chain import decode_chain, decode_key_data, encode_chain, encode_key_data
 from kms.mikey.constants import DataType, PayloadType
 from kms.mikey.header import Header
@@ -23,7 +24,7 @@ EXAMPLES = settings(max_examples=120, deadline=None)
 
 def roundtrip_payload(p: Payload) -> None:
     wire = encode_chain([p], with_first_payload=False)
-    (back,) = decode_chain(Reader(wire), p.TYPE, None, "test")
+    (back,) = decode_chain(Reader(wire), p.TYPE, PAYLOAD_CLASSES, "test")
     assert back == p
     assert back.raw == wire
     assert encode_chain([back], with_first_payload=False) == wire
@@ -85,7 +86,7 @@ def test_ticket_base_ticket_and_mac_input(t: Ticket) -> None:
     if (t.policy.ticket_type, t.policy.subtype, t.policy.version) != (1, 1, 1):
         return
     wire = encode_chain([t], with_first_payload=False)
-    (back,) = decode_chain(Reader(wire), PayloadType.TICKET, None, "test")
+    (back,) = decode_chain(Reader(wire), PayloadType.TICKET, PAYLOAD_CLASSES, "test")
     assert isinstance(back, Ticket)
     bt = back.base_ticket()
     # the MAC input ends exactly where the base ticket's MAC starts

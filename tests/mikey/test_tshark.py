@@ -32,6 +32,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from kms.mikey.buffer import Reader
+from kms.mikey.catalog import PAYLOAD_CLASSES
 from kms.mikey.chain import decode_chain, decode_key_data, encode_chain
 from kms.mikey.constants import (
     DataType,
@@ -210,7 +211,7 @@ def chain_case(name: str, header: Header, payloads: tuple[Payload, ...]) -> Case
     wire = header.encode(payloads[0].TYPE) + encode_chain(payloads, with_first_payload=False)
     r = Reader(wire)
     got_header, first = Header.decode(r)
-    got = decode_chain(r, first, None, "test")
+    got = decode_chain(r, first, PAYLOAD_CLASSES, "test")
     assert r.at_end()
     assert (got_header, tuple(got)) == (header, payloads)
     return Case(name, wire, got_header, tuple(got))

@@ -18,6 +18,7 @@ import grpc
 import pytest
 
 from hsm.software import SoftwareKeyStore
+from kms import rpc
 from kms.core.ports import PeerKms
 from kms.endpoint.client import KmsClient, obtain_ticket, resolve
 from kms.endpoint.common import Credentials
@@ -25,7 +26,6 @@ from kms.endpoint.initiator import DesiredPolicy, Initiator
 from kms.endpoint.responder import Responder
 from kms.endpoint.session import CryptoSession
 from kms.mikey.constants import IdType
-from kms.server import stubs
 from kms.server.config import ConfigError, parse_config
 from kms.server.federation import GrpcPeerResolver, PeerRoute
 from kms.server.tracing import (
@@ -141,9 +141,9 @@ def test_call_span_continues_the_callers_trace(traced: tuple[Kms, Collector]) ->
     k, collector = traced
     wire, _ = k.initiator(ALICE).request_ticket(DesiredPolicy(responders=(BOB,)), time.time())
     with grpc.insecure_channel(k.target) as ch:
-        stub = stubs.client_stub(ch)
+        stub = rpc.client_stub(ch)
         resp, _call = stub.RequestTicket.with_call(
-            stubs.MikeyMessage(data=wire), timeout=10,
+            rpc.MikeyMessage(data=wire), timeout=10,
             metadata=(("traceparent", f"00-{TRACE_ID}-{PARENT_ID}-01"),),
         )
     assert resp.data

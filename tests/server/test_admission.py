@@ -11,7 +11,7 @@ from typing import Any
 import grpc
 import pytest
 
-from kms.server import stubs
+from kms import rpc
 from kms.server.admission import CallGuard, Limits, peer_address
 from kms.server.grpc_server import SERVICE_NAME, KmsServer
 from tests.server.test_grpc_adapter import ScriptedHandler
@@ -112,9 +112,9 @@ def test_stalled_call_is_cancelled_and_others_served(small_server: KmsServer) ->
     ) as victim:
         method = attacker.stream_unary(f"/{SERVICE_NAME}/RequestTicket")
         futures = [method.future(never(stop)) for _ in range(20)]  # > 16 admitted calls
-        stub = stubs.kms_pb2_grpc.KeyManagementStub(victim)
+        stub = rpc.client_stub(victim)
         for _ in range(5):
-            assert stub.RequestTicket(stubs.MikeyMessage(data=b"ok"), timeout=5).data
+            assert stub.RequestTicket(rpc.MikeyMessage(data=b"ok"), timeout=5).data
         for f in futures:
             assert f.exception(timeout=10) is not None
             assert f.code() in (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE)
@@ -129,8 +129,8 @@ def test_unary_client_still_works_and_empty_stream_is_invalid(small_server: KmsS
     with grpc.insecure_channel(target) as ch:
         method = ch.stream_unary(
             f"/{SERVICE_NAME}/RequestTicket",
-            request_serializer=stubs.MikeyMessage.SerializeToString,
-            response_deserializer=stubs.MikeyMessage.FromString,
+            request_serializer=rpc.MikeyMessage.SerializeToString,
+            response_deserializer=rpc.MikeyMessage.FromString,
         )
         with pytest.raises(grpc.RpcError) as info:
             method(iter(()), timeout=5)  # half-closed without a request message
@@ -141,16 +141,16 @@ def test_unary_client_still_works_and_empty_stream_is_invalid(small_server: KmsS
 def test_oversized_metadata_is_refused_clearly(small_server: KmsServer) -> None:
     target = f"127.0.0.1:{small_server.port}"
     with grpc.insecure_channel(target) as ch:
-        stub = stubs.kms_pb2_grpc.KeyManagementStub(ch)
+        stub = rpc.client_stub(ch)
         with pytest.raises(grpc.RpcError) as info:
             stub.RequestTicket(
-                stubs.MikeyMessage(data=b"ok"), metadata=[("x-junk", "a" * 4096)], timeout=5
+                rpc.MikeyMessage(data=b"ok"), metadata=[("x-junk", "a" * 4096)], timeout=5
             )
         assert info.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "metadata size exceeds" in (info.value.details() or "")
         # Ordinary metadata (a correlation id) is fine.
         assert stub.RequestTicket(
-            stubs.MikeyMessage(data=b"ok"), metadata=[("x-correlation-id", "c" * 64)], timeout=5
+            rpc.MikeyMessage(data=b"ok"), metadata=[("x-correlation-id", "c" * 64)], timeout=5
         ).data
 
 
@@ -206,8 +206,8 @@ def test_health_watches_are_bounded(free_port: Any) -> None:
             assert first.count(grpc.StatusCode.RESOURCE_EXHAUSTED) == 24 - MAX_WATCHES
             assert s.health.watches == MAX_WATCHES
             assert stub.Check(health_pb2.HealthCheckRequest(), timeout=5).status == 1
-            kms = stubs.kms_pb2_grpc.KeyManagementStub(ch)
-            assert kms.RequestTicket(stubs.MikeyMessage(data=b"ok"), timeout=5).data
+            kms = rpc.client_stub(ch)
+            assert kms.RequestTicket(rpc.MikeyMessage(data=b"ok"), timeout=5).data
             for w in watches:
                 w.cancel()
         deadline = time.monotonic() + 10

@@ -17,8 +17,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from kms import rpc
 from kms.core.api import KmsReply, Outcome
-from kms.server import stubs
 from kms.server.grpc_server import (
     ERROR_TRAILER,
     MAX_REQUEST_BYTES,
@@ -85,14 +85,14 @@ def target(server: KmsServer) -> str:
 @pytest.fixture
 def stub(target: str) -> Iterator[Any]:
     with grpc.insecure_channel(target) as channel:
-        yield stubs.client_stub(channel)
+        yield rpc.client_stub(channel)
 
 
 def call(stub: Any, data: bytes, method: str = "RequestTicket", **kw: Any) -> Any:
     """-> (response or None, code, details, initial metadata, trailing metadata)."""
-    rpc = getattr(stub, method)
+    multi = getattr(stub, method)
     try:
-        resp, c = rpc.with_call(stubs.MikeyMessage(data=data), timeout=5, **kw)
+        resp, c = multi.with_call(rpc.MikeyMessage(data=data), timeout=5, **kw)
     except grpc.RpcError as err:
         e: Any = err
         return (None, e.code(), e.details(), dict(e.initial_metadata()),
@@ -157,7 +157,7 @@ def test_refusal_without_error_message_has_no_trailer(free_port: Any) -> None:
     s.start()
     try:
         with grpc.insecure_channel(f"127.0.0.1:{s.port}") as ch:
-            _, code, details, _, trailing = call(stubs.client_stub(ch), b"x")
+            _, code, details, _, trailing = call(rpc.client_stub(ch), b"x")
     finally:
         s.stop()
     assert code is grpc.StatusCode.PERMISSION_DENIED
@@ -219,7 +219,7 @@ def test_handler_returning_garbage_is_internal(free_port: Any) -> None:
     s.start()
     try:
         with grpc.insecure_channel(f"127.0.0.1:{s.port}") as ch:
-            _, code, details, _, _ = call(stubs.client_stub(ch), b"x")
+            _, code, details, _, _ = call(rpc.client_stub(ch), b"x")
     finally:
         s.stop()
     assert (code, details) == (grpc.StatusCode.INTERNAL, "internal error")
@@ -276,12 +276,12 @@ def test_drain_finishes_inflight_refuses_new_and_ends_watches(
     server: KmsServer, handler: ScriptedHandler, target: str
 ) -> None:
     channel = grpc.insecure_channel(target)
-    stub = stubs.client_stub(channel)
+    stub = rpc.client_stub(channel)
     watch = health_pb2_grpc.HealthStub(channel).Watch(
         health_pb2.HealthCheckRequest(service="mikey.kms.v1.KeyManagement"), timeout=10
     )
     assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
-    slow = stub.RequestTicket.future(stubs.MikeyMessage(data=b"block"), timeout=10)
+    slow = stub.RequestTicket.future(rpc.MikeyMessage(data=b"block"), timeout=10)
     assert handler.entered.wait(5)
 
     result: list[bool] = []
@@ -293,7 +293,7 @@ def test_drain_finishes_inflight_refuses_new_and_ends_watches(
     # while draining, or CANCELLED from gRPC core once server.stop() has run (a race we do not
     # control). Either way the handler never runs.
     with grpc.insecure_channel(target) as fresh:
-        _, code, _, _, _ = call(stubs.client_stub(fresh), b"ok")
+        _, code, _, _, _ = call(rpc.client_stub(fresh), b"ok")
     assert code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
     assert slow.running()
     handler.release.set()
@@ -308,7 +308,7 @@ def test_drain_finishes_inflight_refuses_new_and_ends_watches(
 def test_drain_cuts_off_calls_that_outlive_the_grace(
     server: KmsServer, handler: ScriptedHandler, stub: Any
 ) -> None:
-    slow = stub.RequestTicket.future(stubs.MikeyMessage(data=b"block"), timeout=10)
+    slow = stub.RequestTicket.future(rpc.MikeyMessage(data=b"block"), timeout=10)
     assert handler.entered.wait(5)
     t0 = time.monotonic()
     assert server.drain(0.5) is False

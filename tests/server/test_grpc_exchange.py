@@ -12,12 +12,12 @@ from typing import Any
 import grpc
 
 from hsm.software import SoftwareKeyStore
+from kms import rpc
 from kms.endpoint.common import Credentials
 from kms.endpoint.initiator import DesiredPolicy, Initiator
 from kms.endpoint.responder import Responder
 from kms.endpoint.session import CryptoSession
 from kms.mikey.constants import IdType
-from kms.server import stubs
 from kms.server.home import open_home
 
 ALICE = b"sip:alice@example.org"
@@ -43,14 +43,14 @@ def _exchange(target: str, kms_id: bytes) -> tuple[bytes, bytes]:
     bob = Responder(Credentials(BOB, PSKS[BOB], kms_id), sw)
     now = time.time()
     with grpc.insecure_channel(target) as channel:
-        kms = stubs.client_stub(channel)
+        kms = rpc.client_stub(channel)
         wire, pending = alice.request_ticket(DesiredPolicy(responders=(BOB,)), now)
         grant = alice.accept_ticket(
-            pending, kms.RequestTicket(stubs.MikeyMessage(data=wire), timeout=10).data, now
+            pending, kms.RequestTicket(rpc.MikeyMessage(data=wire), timeout=10).data, now
         )
         ti, pt = alice.transfer_init(grant, now, BOB, (CryptoSession(1, 0x11223344),))
         ri, pr = bob.receive_transfer_init(ti, now)
-        resolved = kms.ResolveTicket(stubs.MikeyMessage(data=ri), timeout=10).data
+        resolved = kms.ResolveTicket(rpc.MikeyMessage(data=ri), timeout=10).data
         call = bob.accept_resolve(pr, resolved, now)
     assert call.transfer_resp is not None
     alice_keys = alice.accept_transfer_resp(pt, call.transfer_resp, now)
@@ -80,7 +80,7 @@ def test_concurrent_exchanges_over_two_workers_and_replay(
     for _ in range(4):
         with grpc.insecure_channel(target) as channel:  # new connection each time
             try:
-                stubs.client_stub(channel).RequestTicket(stubs.MikeyMessage(data=wire), timeout=10)
+                rpc.client_stub(channel).RequestTicket(rpc.MikeyMessage(data=wire), timeout=10)
                 codes.append(grpc.StatusCode.OK)
             except grpc.RpcError as err:
                 e: Any = err

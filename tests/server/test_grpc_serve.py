@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from kms.server import stubs
+from kms import rpc
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -35,8 +35,8 @@ def request(target: str, data: bytes, creds: Any = None) -> tuple[Any, Any, Any]
     )
     with channel:
         try:
-            _, call = stubs.client_stub(channel).RequestTicket.with_call(
-                stubs.MikeyMessage(data=data), timeout=5
+            _, call = rpc.client_stub(channel).RequestTicket.with_call(
+                rpc.MikeyMessage(data=data), timeout=5
             )
         except grpc.RpcError as err:
             e: Any = err

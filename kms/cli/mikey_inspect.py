@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import TypeAlias
 
-from kms.mikey.chain import PAYLOAD_CLASSES, decode_key_data, encode_chain
+from kms.mikey.catalog import PAYLOAD_CLASSES
+from kms.mikey.chain import decode_key_data, encode_chain
 from kms.mikey.constants import (
     CertType,
     CsIdMapType,

@@ -1,4 +1,4 @@
-"""The inspector (kms.mikey.inspect): tree and JSON renderings name every payload and field."""
+"""The inspector (kms.cli.mikey_inspect): tree and JSON renderings name every payload and field."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 
+from kms.cli.mikey_inspect import enum_name, render_tree, to_json
 from kms.mikey.constants import DataType, EncrAlg, TsType
-from kms.mikey.inspect import enum_name, render_tree, to_json
 from kms.mikey.message import Message
 from tests.mikey import strategies as s
 
