@@ -41,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
         call_cmd,
         mikey_cmd,
         peer_cmd,
+        psk_cmd,
+        revoke_cmd,
         serve_cmd,
         status_cmd,
         store_cmd,
@@ -49,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     mikey_cmd.register(sub)
     admin.register(sub)
+    psk_cmd.register(sub)  # kms endpoint rotate-psk / retire-psk / psk-list
     serve_cmd.register(sub)
     call_cmd.register(sub)
     peer_cmd.register(sub)
@@ -56,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     token_cmd.register(sub)
     status_cmd.register(sub)
     store_cmd.register(sub)
+    revoke_cmd.register(sub)
     return parser
 
 

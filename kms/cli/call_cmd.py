@@ -143,8 +143,12 @@ def cmd_call(args: argparse.Namespace) -> int:
     desired = DesiredPolicy(responders=responders, flags=TpFlag(flags), lifetime_s=args.lifetime)
     ks = SoftwareKeyStore()
 
-    def creds(ident: bytes, key: bytes) -> Credentials:
-        return Credentials(ident, key, kms_id, guess_id_type(ident), guess_id_type(kms_id))
+    def creds(ident: bytes, key: bytes, psk_name: str | None = None) -> Credentials:
+        # psk_name: the PSK version (`kms endpoint rotate-psk`), sent as IDRpsk.
+        name = _identity(psk_name) if psk_name else None
+        return Credentials(
+            ident, key, kms_id, guess_id_type(ident), guess_id_type(kms_id), psk_name=name
+        )
 
     tls: dict[str, Any] = {}
     if args.tls_ca or args.tls:
@@ -160,12 +164,14 @@ def cmd_call(args: argparse.Namespace) -> int:
         if args.resolve_psk_hex is None and args.resolve_psk_file is None:
             raise CliError("--resolve-as needs --resolve-psk-hex or --resolve-psk-file")
         rpsk = read_psk(args.resolve_psk_hex, args.resolve_psk_file, "--resolve-psk")
-        resolver = Responder(creds(_identity(args.resolve_as), rpsk), ks)
+        resolver = Responder(
+            creds(_identity(args.resolve_as), rpsk, args.resolve_psk_name), ks
+        )
 
     stage = "RequestTicket"
     try:
         with client_mod.KmsClient(args.target, timeout=args.timeout, **tls) as kms:
-            ini = Initiator(creds(identity, psk), ks)
+            ini = Initiator(creds(identity, psk, args.psk_name), ks)
             grant = client_mod.obtain_ticket(kms, ini, desired)
             report: dict[str, Any] = {"target": args.target, "ticket": describe_grant(grant)}
             if resolver is not None:
@@ -291,6 +297,12 @@ def register(sub: Any) -> None:  # argparse._SubParsersAction
     src.add_argument("--psk-hex", metavar="HEX", help="the Initiator's PSK in hexadecimal")
     src.add_argument("--psk-file", metavar="FILE", help="file holding the PSK in hexadecimal")
     p.add_argument(
+        "--psk-name",
+        metavar="NAME",
+        help="the PSK version this PSK is, as `kms endpoint rotate-psk` printed it (sent as "
+        "IDRpsk); default: the endpoint's registered PSK",
+    )
+    p.add_argument(
         "--to",
         required=True,
         action="append",
@@ -311,6 +323,8 @@ def register(sub: Any) -> None:  # argparse._SubParsersAction
     rsrc = p.add_mutually_exclusive_group()
     rsrc.add_argument("--resolve-psk-hex", metavar="HEX", help="PSK of --resolve-as (hex)")
     rsrc.add_argument("--resolve-psk-file", metavar="FILE", help="file with that PSK (hex)")
+    p.add_argument("--resolve-psk-name", metavar="NAME",
+                   help="PSK version of --resolve-as (as --psk-name)")
     p.add_argument("--tls", action="store_true", help="use TLS with the system roots")
     p.add_argument("--tls-ca", metavar="PEM", help="CA certificate(s) of the server (TLS)")
     p.add_argument("--tls-cert", metavar="PEM", help="client certificate (mutual TLS)")

@@ -17,6 +17,7 @@ from kms.core.api import Outcome
 from kms.core.context import Authenticated, Deps, noting
 from kms.core.errors import Refusal, auth_failure, denied, precondition
 from kms.core.ports import PeerKms, ReplayCacheFull
+from kms.core.psk_versions import named_psk
 from kms.keystore import KeyNotFound
 from kms.mikey.compose import InitialMessage, sender_of
 from kms.mikey.constants import EncrAlg, ErrorNo, IdRole, IdType, TsType
@@ -97,10 +98,15 @@ def authenticate_psk(
     the sender and the audit fields about it."""
     msg = v.msg
     suite = message_suite(msg)
-    identity = sender_identity(v, role)
+    # A rotated PSK's version, named by IDRpsk (RFC 6043 4.2.1, 4.2.3).
+    named = named_psk(v, deps.psk_versions, deps.directory, role, now)
+    identity = sender_identity(v, role) if named is None else named.identity
     with noting({"sender": claimed_identity(identity.data)}):
         kms_id = check_kms_identity(v, deps)
-        registered = deps.directory.psk_for(identity.data)
+        if named is None:
+            registered, unknown = deps.directory.psk_for(identity.data), "unknown identity"
+        else:
+            registered, unknown = named.key, named.reason
         # Registered or not, the same work in the same order: an unknown identity's MAC is
         # verified against the dummy key, and every check that depends on the identity (the
         # timestamp window included) comes only after the MAC has verified. Otherwise the
@@ -125,10 +131,12 @@ def authenticate_psk(
         if registered is None:
             # Answered exactly like a wrong MAC: an "Invalid ID" here would tell anyone which
             # identities are registered. The audit log keeps the real reason.
-            raise auth_failure("unknown identity")
+            raise auth_failure(unknown)
         if not verified:
             raise auth_failure("MAC verification failed")
     notes: dict[str, object] = {"sender": identity.data.decode("utf-8", "replace")}
+    if named is not None:
+        notes["psk_version"] = named.version
     auth = Authenticated(identity, registered, suite, rand_i, rand_r, kms_id, "psk")
     # From here on, refusals carry a V (the sender is authenticated).
     with noting(notes, auth):

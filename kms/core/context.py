@@ -18,6 +18,8 @@ from kms.core.ports import (
     ReplayCache,
     ResolveLedger,
 )
+from kms.core.psk_versions import PskVersions
+from kms.core.revocation import Revocations
 from kms.keystore import Key, KeyOps, KeyRef
 from kms.mikey.protect import Suite
 from kms.mikey.ticket import Idr
@@ -68,6 +70,10 @@ class Deps:
     # identities cost the same token work and get the same answer (threat model: probing).
     dummy_psk: KeyRef | None = None
     admission: Admission | None = None  # rate + replay in one step (shared stores)
+    # Suspended endpoints and revoked tickets (None: nothing is ever revoked).
+    revocations: Revocations | None = None
+    # Rotated endpoint PSKs, named by IDRpsk (None: every endpoint has its one PSK).
+    psk_versions: PskVersions | None = None
 
 
 @dataclass(frozen=True)

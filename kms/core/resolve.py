@@ -15,6 +15,7 @@ from kms.core.policy import (
     validity_of,
 )
 from kms.core.request import fresh_timestamp, response_header
+from kms.core.revocation import check_ticket
 from kms.keystore import Key
 from kms.mikey.base_ticket import TicketContents, TicketError, open_base_ticket, ticket_id
 from kms.mikey.compose import InitialMessage, ResolveInit
@@ -174,6 +175,8 @@ def handle_resolve(
     with noting(notes):
         contents = open_ticket(ticket, deps)
         expires = check_validity(ticket, deps, now)
+        creator = idr_in_policy(ticket.policy, IdRole.IDRI)
+        check_ticket(deps.revocations, tid, creator.data if creator else None, contents.t)
         responder = auth.identity.data
         check_responder(ticket, responder, deps)
         try:

@@ -25,6 +25,7 @@ from kms.core.federation import PeerCall, finish_forward, start_forward
 from kms.core.ports import PeerError, StoreUnavailable
 from kms.core.request import fresh_timestamp, handle_request
 from kms.core.resolve import Foreign, handle_resolve
+from kms.core.revocation import check_identity
 from kms.keystore import KeyStoreError, TokenUnavailable
 from kms.mikey.buffer import Reader
 from kms.mikey.compose import InitialMessage, compose
@@ -237,6 +238,7 @@ class Kms:
             trail.auth, notes = self._authenticate(view, now, role)
             trail.audit.update(notes)
             trail.audit["method"] = trail.auth.method
+            check_identity(self.deps.revocations, trail.auth.identity.data)  # suspended
             out = handler(view, trail.auth, self.deps, call, now)
         except Exception as exc:
             return self._fail(trail, exc, now, cid)

@@ -35,6 +35,9 @@ class Credentials:
     kms_id: bytes
     id_type: int = IdType.URI
     kms_id_type: int = IdType.URI
+    # The PSK version this PSK is, as `kms endpoint rotate-psk` printed it (RFC 6043 4.2.1:
+    # IDRpsk names the PSK used); sent as IDRpsk when set. None: the registered PSK.
+    psk_name: bytes | None = None
 
 
 def new_csb_id() -> int:

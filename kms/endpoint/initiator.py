@@ -33,6 +33,7 @@ from kms.mikey.constants import (
     DataType,
     EncrAlg,
     IdRole,
+    IdType,
     KeyDataType,
     MacAlg,
     PrfFunc,
@@ -151,6 +152,8 @@ class Initiator:
             Idr(IdRole.IDRKMS, c.kms_id_type, c.kms_id),
             tp,
         ]
+        if c.psk_name is not None:
+            payloads.append(Idr(IdRole.IDRPSK, IdType.BYTE_STRING, c.psk_name))
         msg, _ = initial_message(
             self.ks,
             DataType.REQUEST_INIT_PSK,

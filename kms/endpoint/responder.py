@@ -23,6 +23,7 @@ from kms.mikey.constants import (
     BASE_TICKET_VERSION,
     DataType,
     IdRole,
+    IdType,
     KeyDataType,
     RandRole,
     TicketType,
@@ -102,6 +103,8 @@ class Responder:
             Idr(IdRole.IDRKMS, c.kms_id_type, c.kms_id),
             ticket,
         ]
+        if c.psk_name is not None:
+            payloads.append(Idr(IdRole.IDRPSK, IdType.BYTE_STRING, c.psk_name))
         resolve, _ = initial_message(
             self.ks,
             DataType.RESOLVE_INIT_PSK,

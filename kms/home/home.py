@@ -168,9 +168,12 @@ class Home:
         """Unregister an endpoint (and its group memberships) and destroy its PSK."""
         ks = self.keystore()
         with self.registry.transaction():
+            versions = self.registry.psk_versions(identity)  # rotated PSKs (v2, v3, ...)
             endpoint = self.registry.remove_endpoint(identity)
-            with contextlib.suppress(KeyNotFound):  # already gone: nothing to destroy
-                ks.delete(endpoint.key_label)
+            labels = {endpoint.key_label} | {v.key_label for v in versions if not v.retired}
+            for label in sorted(labels):
+                with contextlib.suppress(KeyNotFound):  # already gone: nothing to destroy
+                    ks.delete(label)
         return endpoint
 
     # --- peers (federation, RFC 6043 9) --------------------------------------------------

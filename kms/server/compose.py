@@ -140,11 +140,14 @@ def build_handler(
     replay = stores.replay_cache(replay_capacity(config, workers))
     if wrap_replay is not None:
         replay = wrap_replay(replay)
+    directory = RegistryDirectory(
+        stores.open_registry, config.home / SIGNING_CERT_FILE, stores.generation
+    )
     deps = Deps(
         keystore=keystore,
-        directory=RegistryDirectory(
-            stores.open_registry, config.home / SIGNING_CERT_FILE, stores.generation
-        ),
+        directory=directory,
+        revocations=directory,  # suspended endpoints, revoked tickets (kms revoke)
+        psk_versions=directory,  # rotated endpoint PSKs (kms endpoint rotate-psk)
         replay=replay,
         ledger=stores.resolve_ledger(),
         rate=stores.rate_limiter(),

@@ -15,9 +15,12 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from kms.core.ports import PeerKms, StoreUnavailable
+from kms.core.psk_versions import PskVersionRef
+from kms.core.revocation import RevocationList
 from kms.home import SIGNING_CERT_FILE, SIGNING_LABEL, guess_id_type
 from kms.keystore import KeyRef
 from kms.store.registry import Registry, RegistryUnavailable, TpkState, UnknownPeer
+from kms.store.revocations import RevocationKind
 
 TPK_ID_PREFIX = b"tpk/"
 T = TypeVar("T")
@@ -196,6 +199,46 @@ class RegistryDirectory:
             b"",
             lambda: frozenset(a.identity for a in self.registry.list_applications()),
         )
+
+    @_store_errors
+    def psk_version(self, name: bytes) -> PskVersionRef | None:
+        return self._cached("psk_version", name, lambda: self._psk_version(name))
+
+    def _psk_version(self, name: bytes) -> PskVersionRef | None:
+        v = self.registry.find_psk_version(name)
+        if v is None:
+            return None
+        return PskVersionRef(v.identity, v.version, KeyRef(v.key_label), v.retired, v.retire_at)
+
+    @_store_errors
+    def revocation_list(self) -> RevocationList:
+        """The whole revocation list in one read (cluster mode: once per registry change;
+        every revocation write bumps the generation, so replicas drop the cached list)."""
+        if self._generation is not None:
+            return self._cached("revocations", b"", self._revocation_list)
+        # SQLite: the list is re-read only when another connection (an operator command)
+        # has committed to the registry since this thread last read it.
+        version = self.registry.data_version()
+        cached: tuple[int, RevocationList] | None = getattr(self._local, "revocations", None)
+        if version is not None and cached is not None and cached[0] == version:
+            return cached[1]
+        value = self._revocation_list()
+        if version is not None:
+            self._local.revocations = (version, value)
+        return value
+
+    def _revocation_list(self) -> RevocationList:
+        suspended: set[bytes] = set()
+        tickets: set[bytes] = set()
+        before: dict[bytes, int] = {}
+        for e in self.registry.list_revocations():
+            if e.kind is RevocationKind.SUSPENDED:
+                suspended.add(e.subject)
+            elif e.kind is RevocationKind.TICKET:
+                tickets.add(e.subject)
+            else:
+                before[e.subject] = e.not_before
+        return RevocationList(frozenset(suspended), frozenset(tickets), before)
 
 
 @functools.lru_cache(maxsize=64)

@@ -77,12 +77,17 @@ _TABLES: dict[str, tuple[str, ...]] = {
     "peers": ("id", "kms_id", "address", "auth", "key_label", "cert_pem", "ca_pem",
               "created_at", "resolve_for", "rate_limit", "deadline_ms"),
     "tpk_versions": ("version", "key_label", "state", "created_at"),
+    "revocations": ("kind", "subject", "not_before", "created_at", "reason"),
+    "psk_versions": ("identity", "version", "name", "key_label", "retired", "created_at",
+                     "retire_at"),
 }
 _ORDER: dict[str, str] = {
     "endpoints": "id", "groups": "id", "group_members": "group_id, member_id",
     "applications": "id", "peers": "id", "tpk_versions": "version",
+    "revocations": "kind, subject",
+    "psk_versions": "identity, version",
 }
-_BLOB = {"identity", "kms_id"}
+_BLOB = {"identity", "kms_id", "subject", "name"}
 
 
 def _norm(table: str, row: tuple[Any, ...]) -> tuple[Any, ...]:

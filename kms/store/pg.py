@@ -29,6 +29,8 @@ import psycopg_pool
 from psycopg import conninfo as pg_conninfo
 
 from kms.core.ports import StoreUnavailable
+from kms.store.psk_versions import PG_MIGRATION as _PSK_VERSIONS_MIGRATION
+from kms.store.revocations import PG_MIGRATION as _REVOCATIONS_MIGRATION
 
 log = logging.getLogger("kms.store.pg")
 
@@ -212,10 +214,16 @@ MIGRATIONS: Sequence[str] = (
     );
     CREATE INDEX rate_buckets_last ON rate_buckets(last);
     """,
+    # 2: revocation (suspended endpoints, revoked tickets, requested-before times); see
+    # kms.store.revocations
+    _REVOCATIONS_MIGRATION,
+    # 3: PSK versions named by IDRpsk (rotation without downtime); see kms.store.psk_versions
+    _PSK_VERSIONS_MIGRATION,
 )
 
 REGISTRY_TABLES = (
     "endpoints", "groups", "group_members", "applications", "peers", "tpk_versions",
+    "revocations", "psk_versions",
 )
 
 

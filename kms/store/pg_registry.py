@@ -72,6 +72,9 @@ class PgRegistry(Registry):
         except DatabaseUnavailable as exc:
             raise RegistryUnavailable(str(exc)) from None
 
+    def data_version(self) -> int | None:
+        return None  # replicas learn of changes from the registry generation instead
+
     def close(self) -> None:
         if self._owns_db:
             self._db.close()

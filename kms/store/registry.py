@@ -30,6 +30,10 @@ from typing import Any
 
 from kms.core.ports import StoreUnavailable
 from kms.mikey.constants import IdType
+from kms.store.psk_versions import SQLITE_MIGRATION as _PSK_VERSIONS_MIGRATION
+from kms.store.psk_versions import PskVersionTables
+from kms.store.revocations import SQLITE_MIGRATION as _REVOCATIONS_MIGRATION
+from kms.store.revocations import RevocationTables
 
 REGISTRY_FILE = "registry.sqlite3"
 BUSY_TIMEOUT_MS = 10_000
@@ -239,6 +243,11 @@ MIGRATIONS: Sequence[str] = (
     ALTER TABLE peers ADD COLUMN rate_limit REAL NOT NULL DEFAULT 0;
     ALTER TABLE peers ADD COLUMN deadline_ms INTEGER NOT NULL DEFAULT 2000;
     """,
+    # 3: revocation (suspended endpoints, revoked tickets, requested-before times); see
+    # kms.store.revocations
+    _REVOCATIONS_MIGRATION,
+    # 4: PSK versions named by IDRpsk (rotation without downtime); see kms.store.psk_versions
+    _PSK_VERSIONS_MIGRATION,
 )
 
 
@@ -246,7 +255,7 @@ def _now() -> int:
     return int(time.time())
 
 
-class Registry:
+class Registry(RevocationTables, PskVersionTables):
     """Typed access to the registry database. One instance per process/thread."""
 
     def __init__(self, conn: sqlite3.Connection, path: Path) -> None:
@@ -309,6 +318,11 @@ class Registry:
 
     def schema_version(self) -> int:
         return int(self._conn.execute("PRAGMA user_version").fetchone()[0])
+
+    def data_version(self) -> int | None:
+        """A number that changes when another connection commits to this database (SQLite
+        ``PRAGMA data_version``); None where that is not known (PostgreSQL)."""
+        return int(self._q("PRAGMA data_version")[0][0])
 
     def close(self) -> None:
         self._conn.close()
@@ -383,7 +397,8 @@ class Registry:
         """Remove an endpoint and its group memberships; returns what was removed."""
         with self.transaction():
             ep = self.get_endpoint(identity)
-            # group_members rows go with it (ON DELETE CASCADE)
+            # group_members rows go with it (ON DELETE CASCADE); PSK versions explicitly
+            self._q("DELETE FROM psk_versions WHERE identity = ?", (identity,))
             self._q("DELETE FROM endpoints WHERE identity = ?", (identity,))
         return ep
 
@@ -723,6 +738,12 @@ class Registry:
         for peer in self.list_peers():
             if peer.key_label:
                 owners[peer.key_label] = f"peer {show_identity(peer.kms_id)}"
+        for row in self._q("SELECT identity, version, key_label, retired FROM psk_versions"):
+            if row[3]:  # a retired PSK version: its token object is destroyed
+                owners.pop(str(row[2]), None)
+            else:
+                who = show_identity(bytes(row[0]))
+                owners[str(row[2])] = f"endpoint {who} PSK v{int(row[1])}"
         return owners
 
 

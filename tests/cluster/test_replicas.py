@@ -20,6 +20,7 @@ from kms.endpoint.client import KmsClient, KmsRefused, obtain_ticket, resolve
 from kms.endpoint.common import Credentials
 from kms.endpoint.initiator import DEFAULT_FLAGS, DesiredPolicy, Initiator, TicketGrant
 from kms.endpoint.session import CryptoSession
+from kms.mikey.base_ticket import ticket_id
 from kms.mikey.ticket import TpFlag
 from tests.cluster.conftest import RATE, Cluster, eventually
 from tests.e2e.harness import (
@@ -229,6 +230,48 @@ def test_provisioning_through_one_replica_is_honoured_by_the_others(cluster: Clu
     call = resolve(cluster.client(2), cluster.responder(BOB), ti)
     state = alice.establish(pending, call.transfer_resp, time.time())
     check_srtp(state.srtp[0], call.srtp[0])
+
+
+def test_revocation_through_one_replica_is_enforced_by_every_replica(cluster: Cluster) -> None:
+    """`kms revoke` through one replica's home: the others refuse at once (the revocation
+    write bumps the registry generation, so no replica answers from a stale cache)."""
+    homes = cluster.homes
+    erin = cluster.initiator(ERIN)
+    grant = obtain_ticket(cluster.client(0), erin, DesiredPolicy(responders=(BOB,), flags=REUSABLE))
+    tid = ticket_id(grant.ticket.ticket_data)
+    cs = iter(range(100, 200))
+
+    def resolves(i: int, g: TicketGrant) -> grpc.StatusCode | None:
+        ti, _ = erin.transfer_init(g, time.time(), BOB, [CryptoSession(1, next(cs))])
+        try:
+            resolve(cluster.client(i), cluster.responder(BOB), ti)
+        except KmsRefused as exc:
+            return exc.code
+        return None
+
+    assert all(resolves(i, grant) is None for i in range(3))
+    run_kms(homes[1], "revoke", "ticket", tid)
+    for i in range(3):
+        eventually(lambda i=i: resolves(i, grant) is not None, 2.0, f"revoked on replica {i}")
+    assert resolves(2, grant) is grpc.StatusCode.PERMISSION_DENIED
+
+    run_kms(homes[2], "revoke", "suspend", ERIN.decode())
+    try:
+
+        def erin_refused(i: int) -> bool:
+            try:
+                obtain_ticket(cluster.client(i), erin, DesiredPolicy(responders=(BOB,)))
+            except KmsRefused as exc:
+                return exc.code is grpc.StatusCode.PERMISSION_DENIED
+            return False
+
+        for i in range(3):
+            eventually(lambda i=i: erin_refused(i), 2.0, f"suspended on replica {i}")
+    finally:
+        run_kms(homes[0], "revoke", "resume", ERIN.decode())
+    eventually(lambda: not erin_refused(1), 2.0, "resumed on replica 1")
+    listed = run_kms(homes[0], "revoke", "list").stdout
+    assert tid in listed and ERIN.decode() not in listed
 
 
 def test_kms_call_with_several_addresses_skips_a_dead_one(cluster: Cluster) -> None:

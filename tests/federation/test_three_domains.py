@@ -18,11 +18,12 @@ from kms import rpc
 from kms.endpoint.client import KmsRefused, obtain_ticket, run_call
 from kms.endpoint.initiator import DEFAULT_FLAGS, DesiredPolicy, Initiator, TicketGrant
 from kms.endpoint.session import CryptoSession, EndpointError
+from kms.mikey.base_ticket import ticket_id
 from kms.mikey.constants import DataType, ErrorNo
 from kms.mikey.message import Message
 from kms.mikey.payloads import Error
 from kms.mikey.ticket import TpFlag
-from tests.e2e.harness import check_srtp
+from tests.e2e.harness import check_srtp, run_kms
 from tests.federation.conftest import (
     ALICE,
     BOB,
@@ -280,3 +281,21 @@ def test_issuer_down_is_unavailable_within_the_deadline(fed: Fed) -> None:
     call = run_call(fed.client("A"), ini, fed.client("B"), fed.responder(BOB, "B"),
                     grant=grant, sessions=SESSIONS)  # fmt: skip
     check_srtp(call.initiator.srtp[0], call.responder.srtp[0])
+
+
+def test_revoked_ticket_is_refused_by_the_issuer_for_a_peer_kms(fed: Fed) -> None:
+    """A revokes one of its tickets: B (resolving it for its Responder, RFC 6043 9) is
+    refused by A, and B's Responder gets the issuer's refusal (Invalid ticket)."""
+    ini, grant = grant_from(fed, "A", ALICE, (BOB2,), DEFAULT_FLAGS | TpFlag.J)
+    call = run_call(fed.client("A"), ini, fed.client("B"), fed.responder(BOB2, "B"),
+                    grant=grant, sessions=SESSIONS)  # fmt: skip
+    check_srtp(call.initiator.srtp[0], call.responder.srtp[0])
+    tid = ticket_id(grant.ticket.ticket_data)
+    run_kms(fed["A"].home, "revoke", "ticket", tid, "--reason", "leaked")
+
+    refused, correlation, _ = resolve_refused(fed, ini, grant, BOB2, "B")
+    assert refused.code is grpc.StatusCode.PERMISSION_DENIED
+    assert error_no(refused) == ErrorNo.INVALID_TICKET
+    (a_rec,) = fed["A"].audit(correlation)
+    assert a_rec["method"] == "peer" and a_rec["peer"] == "kms:b.example"
+    assert a_rec["reason"] == "ticket revoked (by id)" and a_rec["ticket_id"] == tid

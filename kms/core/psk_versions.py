@@ -1,0 +1,77 @@
+"""Which PSK an initial message uses, when its sender's PSK has been rotated (RFC 6043 4.2.1,
+4.2.3: IDRpsk is "used to indicate the pre-shared key used").
+
+Reading (docs/design.md): IDRpsk ID Data names a PSK version, ``<identity>#psk<N>``; version
+1 is the PSK the endpoint was registered with and is named by the identity itself or by no
+IDRpsk (what every endpoint sent before rotation existed). The response is protected with
+the PSK the request used (the response keys derive from ``Authenticated.response_key``). A
+retired version, or one whose overlap has ended, is refused exactly like a wrong MAC.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+from kms.keystore import KeyRef
+from kms.mikey.compose import sender_of
+from kms.mikey.constants import IdRole, IdType
+from kms.mikey.ticket import Idr
+from kms.mikey.views import RequestInitPsk, ResolveInitPsk
+
+if TYPE_CHECKING:
+    from kms.core.ports import Directory
+
+
+@dataclass(frozen=True)
+class PskVersionRef:
+    owner: bytes
+    version: int
+    key: KeyRef = field(repr=False)
+    retired: bool
+    retire_at: int | None
+
+
+class PskVersions(Protocol):
+    def psk_version(self, name: bytes) -> PskVersionRef | None:
+        """The version IDRpsk ``name`` designates; None when ``name`` is no rotated
+        endpoint's (then the sender's registered PSK applies, as without rotation)."""
+        ...
+
+
+@dataclass(frozen=True)
+class NamedPsk:
+    identity: Idr
+    key: KeyRef | None  # None: refuse (as an unknown identity, with ``reason`` in the audit)
+    version: int
+    reason: str = ""
+
+
+def named_psk(
+    v: RequestInitPsk | ResolveInitPsk,
+    versions: PskVersions | None,
+    directory: Directory,
+    role: IdRole,
+    now: float,
+) -> NamedPsk | None:
+    """The PSK version a REQUEST_INIT_PSK / RESOLVE_INIT_PSK uses, or None when its sender
+    has never rotated (the caller then uses the registered PSK). Raises nothing: an IDRpsk
+    naming another identity's version is returned with key None."""
+    if versions is None:
+        return None
+    idr, _ = sender_of(v)
+    psk = v.idr_psk
+    name = psk.data if psk is not None else (idr.data if idr is not None else None)
+    if not name:
+        return None
+    ref = versions.psk_version(name)
+    if ref is None:
+        return None
+    identity = idr if idr is not None else Idr(role, IdType.URI, ref.owner)
+    if identity.data != ref.owner:
+        return NamedPsk(identity, None, ref.version, "IDRpsk names a PSK of another identity")
+    if directory.psk_for(ref.owner) is None:
+        return NamedPsk(identity, None, ref.version, "unknown identity")  # removed or disabled
+    if ref.retired or (ref.retire_at is not None and now >= ref.retire_at):
+        return NamedPsk(identity, None, ref.version, f"PSK version {ref.version} retired")
+    return NamedPsk(identity, ref.key, ref.version)
