@@ -208,9 +208,11 @@ def _enable_mtls(home: Path, cert: CertFiles, ca: Path) -> None:
     client certificate for calls to peers, over mutual TLS."""
     path = home / "kms.toml"
     text = path.read_text()
+    head, sep, rest = text.partition("\n[policy]")  # only [server]'s keys, not [metrics]'
     for key, value in (("tls_cert", cert.cert), ("tls_key", cert.key), ("tls_client_ca", ca)):
-        text, n = re.subn(rf"^# {key} = .*$", f'{key} = "{value}"', text, flags=re.MULTILINE)
+        head, n = re.subn(rf"^# {key} = .*$", f'{key} = "{value}"', head, flags=re.MULTILINE)
         assert n == 1, key
+    text = head + sep + rest
     path.write_text(text)
 
 

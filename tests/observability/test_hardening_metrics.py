@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import json
+import re
 import shutil
 import time
 from collections.abc import Iterator
@@ -36,9 +37,14 @@ def hardened(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Kms, in
     home = make_home(tmp_path_factory.mktemp("hard") / "home", {ALICE: PSKS[ALICE]}, {})
     set_policy(home, replay_cache_size=REPLAY_CACHE, rate_limit_per_s=0)
     toml = home / "kms.toml"
-    text = toml.read_text().replace(
-        "core_concurrency = 0", f"core_concurrency = 0\nrequest_timeout_ms = {REQUEST_TIMEOUT_MS}"
+    # The template writes every [server] key with its default: replace the one line.
+    text, n = re.subn(
+        r"^request_timeout_ms = \d+$",
+        f"request_timeout_ms = {REQUEST_TIMEOUT_MS}",
+        toml.read_text(),
+        flags=re.MULTILINE,
     )
+    assert n == 1
     toml.write_text(text)
     port = free_port()
     with running_kms(home, "--workers", "2", "--metrics-listen", f"127.0.0.1:{port}") as k:
