@@ -11,6 +11,7 @@ from kms.core.errors import auth_failure, denied, precondition
 from kms.core.policy import (
     check_flag_rules,
     idr_in_policy,
+    initiator_ticket_window,
     responders_of,
     validity_of,
 )
@@ -36,7 +37,7 @@ from kms.mikey.derive import (
 )
 from kms.mikey.message import Message
 from kms.mikey.ntp import timestamp_t64
-from kms.mikey.payloads import KeyData, Payload
+from kms.mikey.payloads import KeyData, Payload, Timestamp
 from kms.mikey.protect import (
     message_keys,
     placeholder_v,
@@ -100,9 +101,14 @@ def _tpk_lookup(
     return lookup
 
 
-def check_validity(ticket: Ticket, deps: Deps, now: float) -> float:
+def check_validity(
+    ticket: Ticket, deps: Deps, now: float, t: Timestamp | None = None
+) -> float:
     """TRs / TRe with the RFC 4330 3 era rule (docs/rfc-readings.md R11); returns the
-    expiry time."""
+    expiry time. ``t``: the base ticket's T, to hold an Initiator-made ticket to the
+    window the KMS's policy allows (:func:`initiator_ticket_window`)."""
+    if t is not None and not ticket.policy.flags & TpFlag.D:
+        initiator_ticket_window(ticket.policy, t, deps.policy, now)
     start, end = validity_of(ticket.policy)
     skew = deps.policy.timestamp_window_s
     if start is not None and now + skew < start:
@@ -185,7 +191,7 @@ def handle_resolve(
     notes: dict[str, object] = {"ticket_id": tid}
     with noting(notes):
         contents = open_ticket(ticket, deps, now)
-        expires = check_validity(ticket, deps, now)
+        expires = check_validity(ticket, deps, now, contents.t)
         creator = idr_in_policy(ticket.policy, IdRole.IDRI)
         check_ticket(deps.revocations, tid, creator.data if creator else None, contents.t)
         responder = auth.identity.data
