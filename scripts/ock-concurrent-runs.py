@@ -15,6 +15,7 @@ and prints each run's time next to the wall time. Usage (from the repository roo
 
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 import sys
@@ -38,7 +39,8 @@ def main(argv: list[str]) -> int:
         cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *targets]
         start = time.monotonic()
         procs = [
-            subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+            subprocess.Popen(cmd, cwd=REPO,  # noqa: S603 (our own interpreter and args)
+                             env=env, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True)
             for _ in range(2)
         ]
@@ -67,8 +69,8 @@ def main(argv: list[str]) -> int:
             held.append((opened.pop(pid), float(t), pid))
     assert not opened, f"never released: {opened}"
     held.sort()
-    overlaps = [(a, b) for a, b in zip(held, held[1:], strict=False) if b[0] < a[1]]
-    switches = sum(1 for a, b in zip(held, held[1:], strict=False) if a[2] != b[2])
+    overlaps = [(a, b) for a, b in itertools.pairwise(held) if b[0] < a[1]]
+    switches = sum(1 for a, b in itertools.pairwise(held) if a[2] != b[2])
     pids = sorted({h[2] for h in held})
     print(f"lock intervals: {len(held)} (pids {', '.join(pids)}), hand-overs between runs: "
           f"{switches}, overlapping intervals: {len(overlaps)}")
