@@ -62,9 +62,15 @@ def creds(who: bytes, psk: bytes, name: bytes | None) -> Credentials:
     return Credentials(who, psk, KMS_ID, IdType.URI, psk_name=name)
 
 
-def call(kms: Kms, ini: Initiator, res: Responder) -> None:
-    """A whole call: ticket, transfer, resolve, real SRTP."""
-    grant = obtain_ticket(kms.client(), ini, DesiredPolicy(responders=(res.creds.identity,)))
+def call(kms: Kms, ini: Initiator, res: Responder, *, mode3: bool = False) -> None:
+    """A whole call: ticket, transfer, resolve, real SRTP. ``mode3``: the Initiator makes
+    the ticket under its PSK (RFC 6043 4.1.1; IDRpsk names the version it holds) instead of
+    asking the KMS for one."""
+    desired = DesiredPolicy(responders=(res.creds.identity,))
+    if mode3:
+        grant = mode3_ticket(ini, desired, time.time())
+    else:
+        grant = obtain_ticket(kms.client(), ini, desired)
     ti, pending = ini.transfer_init(grant, time.time(), res.creds.identity, SESSIONS)
     got = resolve(kms.client(), res, ti)
     assert got.transfer_resp is not None
@@ -176,26 +182,15 @@ def test_kms_call_sends_the_psk_name(kms: Kms) -> None:
     assert proc.returncode == 1 and "UNAUTHENTICATED" in proc.stderr
 
 
-def mode3_call(kms: Kms, ini: Initiator, res: Responder) -> None:
-    """A mode-3 call (RFC 6043 4.1.1): the Initiator makes the ticket under its PSK (IDRpsk
-    names the version it holds), the Responder resolves it at the KMS; real SRTP."""
-    grant = mode3_ticket(ini, DesiredPolicy(responders=(res.creds.identity,)), time.time())
-    ti, pending = ini.transfer_init(grant, time.time(), res.creds.identity, SESSIONS)
-    got = resolve(kms.client(), res, ti)
-    assert got.transfer_resp is not None
-    ends = ini.establish(pending, got.transfer_resp, time.time())
-    check_srtp(ends.srtp[0], got.srtp[0])
-
-
 def test_mode_3_tickets_across_a_rotation(kms: Kms) -> None:
     old = Initiator(creds(FRANK, PSKS[FRANK], None), kms.ks)
     alice = kms.responder(ALICE)
-    mode3_call(kms, old, alice)
+    call(kms, old, alice, mode3=True)
     new_psk, name, _ = rotate(kms, FRANK)
     new = Initiator(creds(FRANK, new_psk, name), kms.ks)
     # Old and new phones both make tickets the KMS resolves, each under its own version.
-    mode3_call(kms, old, alice)
-    mode3_call(kms, new, alice)
+    call(kms, old, alice, mode3=True)
+    call(kms, new, alice, mode3=True)
     # A ticket made before the retirement, under the version about to be retired.
     stale = mode3_ticket(old, DesiredPolicy(responders=(ALICE,)), time.time())
     run_kms(kms.home, "endpoint", "retire-psk", FRANK.decode(), "1")
@@ -204,7 +199,7 @@ def test_mode_3_tickets_across_a_rotation(kms: Kms) -> None:
         ti, _ = old.transfer_init(grant, time.time(), ALICE, SESSIONS)
         r = refused(lambda ti=ti: resolve(kms.client(), alice, ti))
         assert (r.code, r.error_no) == (grpc.StatusCode.UNAUTHENTICATED, ErrorNo.AUTH_FAILURE)
-    mode3_call(kms, new, alice)
+    call(kms, new, alice, mode3=True)
     records = [json.loads(x) for x in (kms.home / "audit.log").read_text().splitlines()]
     assert any(
         r.get("reason") == "ticket refused: PSK version 1 retired" for r in records

@@ -13,7 +13,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +36,7 @@ class StandIn:
 
 
 @pytest.fixture
-def half_way(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, list[Any]]]:
+def half_way(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[Any]]:
     """Records what the setup makes, with provisioning and `kms serve` stood in for."""
     made: dict[str, list[Any]] = {"relays": [], "channels": [], "serves": []}
     relay_init, relay_connect = Relay.__init__, Relay.connect
@@ -61,7 +60,7 @@ def half_way(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, list[Any]]]:
     monkeypatch.setattr(Domain, "start", start)
     monkeypatch.setattr(conftest, "_provision", lambda *args: None)
     made["connect"] = [relay_connect]
-    yield made
+    return made
 
 
 def fail_on_connect_to(name: str, real: Any) -> Any:
