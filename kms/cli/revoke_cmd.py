@@ -23,12 +23,11 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import math
 import time
 from typing import Any
 
-from kms.cli.admin import _errors_to_cli, _identity, _json_flag, _open, _print_table, _show_time
+from kms.cli.admin import _errors_to_cli, _identity, _json_flag, _open, _show_time, print_listing
 from kms.cli.errors import CliError
 from kms.home import Home
 from kms.server.compose import AUDIT_LOG
@@ -136,35 +135,21 @@ def cmd_list(args: argparse.Namespace) -> int:
     with _open(args) as h:
         h.registry.prune_ticket_revocations(time.time(), revocation_horizon(h.config))
         entries = h.registry.list_revocations()
-    if args.json:
-        print(json.dumps([
-            {
-                "kind": e.kind.value,
-                "subject": _subject(e.kind, e.subject),
-                "before": _show_time(e.not_before) if e.kind is RevocationKind.REQUESTED_BEFORE
-                else None,
-                "since": _show_time(e.created_at),
-                "reason": e.reason,
-            }
-            for e in entries
-        ], indent=2))
-    elif not entries:
-        print("nothing is revoked")
-    else:
-        _print_table(
-            [
-                [
-                    e.kind.value,
-                    _subject(e.kind, e.subject),
-                    _show_time(e.not_before) if e.kind is RevocationKind.REQUESTED_BEFORE
-                    else "-",
-                    _show_time(e.created_at),
-                    e.reason or "-",
-                ]
-                for e in entries
-            ],
-            ["KIND", "SUBJECT", "BEFORE", "SINCE", "REASON"],
-        )
+    records = [
+        {
+            "kind": e.kind.value,
+            "subject": _subject(e.kind, e.subject),
+            "before": _show_time(e.not_before) if e.kind is RevocationKind.REQUESTED_BEFORE
+            else None,
+            "since": _show_time(e.created_at),
+            "reason": e.reason,
+        }
+        for e in entries
+    ]
+    print_listing(args.json, records, [
+        ("KIND", "kind"), ("SUBJECT", "subject"), ("BEFORE", "before"), ("SINCE", "since"),
+        ("REASON", "reason"),
+    ], empty="nothing is revoked")  # fmt: skip
     return 0
 
 
