@@ -214,7 +214,7 @@ class RegistryDirectory:
     def revocation_list(self) -> RevocationList:
         """The whole revocation list in one read (cluster mode: once per registry change;
         every revocation write bumps the generation, so replicas drop the cached list)."""
-        if self._generation is not None:
+        if self._generation is not None and self._generation() is not None:
             return self._cached("revocations", b"", self._revocation_list)
         # SQLite: the list is re-read only when another connection (an operator command)
         # has committed to the registry since this thread last read it.
@@ -231,13 +231,13 @@ class RegistryDirectory:
         suspended: set[bytes] = set()
         tickets: set[bytes] = set()
         before: dict[bytes, int] = {}
-        for e in self.registry.list_revocations():
-            if e.kind is RevocationKind.SUSPENDED:
-                suspended.add(e.subject)
-            elif e.kind is RevocationKind.TICKET:
-                tickets.add(e.subject)
+        for kind, subject, not_before in self.registry.revocation_rows():
+            if kind == RevocationKind.SUSPENDED:
+                suspended.add(subject)
+            elif kind == RevocationKind.TICKET:
+                tickets.add(subject)
             else:
-                before[e.subject] = e.not_before
+                before[subject] = not_before
         return RevocationList(frozenset(suspended), frozenset(tickets), before)
 
 

@@ -162,6 +162,12 @@ class RevocationTables:
                 self._q(f"DELETE FROM revocations {where}", params)  # noqa: S608
         return n
 
+    def revocation_rows(self) -> list[tuple[str, bytes, int]]:
+        """(kind, subject, not_before) of every entry, unordered: what the serving path
+        reads (the whole list at once, see kms.core.revocation)."""
+        rows = self._q("SELECT kind, subject, not_before FROM revocations")
+        return [(str(r[0]), bytes(r[1]), int(r[2])) for r in rows]
+
     def list_revocations(self) -> list[RevocationEntry]:
         rows = self._q(
             "SELECT kind, subject, not_before, created_at, reason FROM revocations "
