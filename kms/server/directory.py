@@ -14,7 +14,7 @@ from typing import ParamSpec, TypeVar
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from kms.core.ports import PeerKms, StoreUnavailable
+from kms.core.ports import IntermediateNode, PeerKms, StoreUnavailable
 from kms.core.psk_versions import PskVersionRef
 from kms.core.revocation import RevocationList
 from kms.home import SIGNING_CERT_FILE, SIGNING_LABEL, guess_id_type
@@ -191,6 +191,18 @@ class RegistryDirectory:
                 return None
             self._own_cert = certs[0].public_bytes(Encoding.DER)
         return self._own_cert
+
+    @_store_errors
+    def node(self, identity: bytes) -> IntermediateNode | None:
+        return self._cached("node", identity, lambda: self._node(identity))
+
+    def _node(self, identity: bytes) -> IntermediateNode | None:
+        n = self.registry.find_node(identity)
+        if n is None:
+            return None
+        return IntermediateNode(
+            n.identity, n.role.value, KeyRef(n.key_label), n.initiators, n.responders, n.groups
+        )
 
     @_store_errors
     def applications(self) -> frozenset[bytes]:

@@ -26,7 +26,7 @@ class NodeRole(StrEnum):
 
 
 class NodeError(Exception):
-    """Bad node operation (one line, no secrets); a RegistryError subclass wraps it."""
+    """Bad node operation (one line, no secrets)."""
 
 
 @dataclass(frozen=True)
