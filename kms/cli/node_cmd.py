@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import secrets
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,7 @@ def _audit(h: Home, record: dict[str, object]) -> None:
     cfg = h.config
     sink = JsonLinesAuditSink(cfg.home / AUDIT_LOG, cfg.audit.max_bytes, cfg.audit.keep)
     try:
-        sink.emit(record)
+        sink.emit({"time": round(time.time(), 3), "outcome": "ok", "source": "cli", **record})
     finally:
         sink.close()
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hmac
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from kms.endpoint.common import (
     Credentials,
@@ -159,3 +160,22 @@ class IntermediateNode:
             self.ks, keys, sessions_of(hdr.cs_map), ti.sps, policy, hdr.prf_func, rand_i, rand_r
         )
         return LegKeys(pending.leg, tuple(keys), tuple(srtp), rand_kms)
+
+
+class Resolver(Protocol):
+    """What :func:`leg_keys` needs of a KMS transport (``kms.endpoint.client.KmsClient``)."""
+
+    def resolve_ticket(self, data: bytes, *, correlation_id: str | None = None) -> bytes: ...
+
+
+def leg_keys(
+    kms: Resolver,
+    node: IntermediateNode,
+    transfer_init: bytes,
+    transfer_resp: bytes | None,
+    now: float,
+) -> LegKeys:
+    """Ask the KMS for the keys of the leg these messages set up; the KMS's refusal
+    (``KmsRefused`` from the gRPC client: Invalid ID for a node out of scope) propagates."""
+    wire, pending = node.resolve_init(transfer_init, transfer_resp, now)
+    return node.accept(pending, kms.resolve_ticket(wire))
