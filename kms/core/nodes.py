@@ -64,10 +64,12 @@ def node_request(v: InitialMessage, deps: Deps) -> ResolveInitPsk | None:
     if not isinstance(v, ResolveInitPsk) or v.idr_psk is None:
         return None
     name = v.idr_psk.data
+    leg = v.idr_r
+    if leg is not None and leg.data == name:
+        return None  # an endpoint naming its own PSK: no registry read on the common path
     if deps.nodes is not None and deps.nodes.node(name) is not None:
         return v
-    leg = v.idr_r
-    if leg is None or leg.data == name:
+    if leg is None:
         return None
     if deps.psk_versions is not None and deps.psk_versions.psk_version(name) is not None:
         return None
