@@ -20,6 +20,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import rsa
+
 from kms.cli.admin import _errors_to_cli, _identity, _json_flag, _open, _print_table, _show_time
 from kms.cli.errors import CliError
 from kms.cli.psk_input import read_psk
@@ -58,11 +61,39 @@ def _patterns(values: list[str] | None, flag: str) -> tuple[str, ...]:
     return out
 
 
+def _node_cert(path: str, identity: bytes) -> str:
+    """``--cert``: PEM certificate(s) naming the node as subjectAltName URI, RSA keys."""
+    try:
+        data = Path(path).read_bytes()
+        certs = x509.load_pem_x509_certificates(data)
+    except OSError as exc:
+        raise CliError(f"--cert {path}: {exc.strerror}") from None
+    except ValueError:
+        raise CliError(f"--cert {path}: not a PEM certificate") from None
+    for cert in certs:
+        try:
+            san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+            names = san.get_values_for_type(x509.UniformResourceIdentifier)
+            uris = [u.encode("utf-8") for u in names]
+        except x509.ExtensionNotFound:
+            uris = []
+        if identity not in uris:
+            raise CliError(f"--cert: a certificate does not name {show_identity(identity)} as "
+                           "subjectAltName URI")  # fmt: skip
+        if not isinstance(cert.public_key(), rsa.RSAPublicKey):
+            raise CliError("--cert: node certificates must hold RSA keys (RFC 3830 SIGN)")
+    return data.decode("ascii")
+
+
 @_errors_to_cli
 def cmd_node_add(args: argparse.Namespace) -> int:
     identity = _identity(args.identity)
     out: Path | None = None
-    if args.psk_hex is not None or args.psk_file is not None:
+    psk: bytes | None = None
+    cert_pem: str | None = None
+    if args.cert is not None:
+        cert_pem = _node_cert(args.cert, identity)
+    elif args.psk_hex is not None or args.psk_file is not None:
         psk = read_psk(args.psk_hex, args.psk_file, "--psk")
     else:
         if not PSK_MIN_BYTES <= args.psk_length <= PSK_MAX_BYTES:
@@ -79,14 +110,17 @@ def cmd_node_add(args: argparse.Namespace) -> int:
     with _open(args) as h:
         if h.registry.find_node(identity) is not None:
             raise CliError(f"node {show_identity(identity)} already exists")
-        if out is not None:
+        if out is not None and psk is not None:
             # Written before the key is registered, so that a registered PSK always exists
             # somewhere the operator can hand to the node; removed again on failure.
             fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "w", encoding="ascii") as f:
                 f.write(psk.hex() + "\n")
         try:
-            node = h.add_node(identity, NodeRole(args.role), psk, **scope)
+            node = h.add_node(
+                identity, NodeRole(args.role), psk, initiators=scope["initiators"],
+                responders=scope["responders"], groups=scope["groups"], cert_pem=cert_pem,
+            )  # fmt: skip
         except NodeError as exc:
             if out is not None:
                 out.unlink(missing_ok=True)
@@ -98,12 +132,13 @@ def cmd_node_add(args: argparse.Namespace) -> int:
         _audit(h, {"event": "node.added", "node": show_identity(node.identity),
                    "role": node.role.value, **_scope(node)})  # fmt: skip
         forbidden = h.config.policy.intermediate_nodes == "forbidden"
-    print(f"added {node.role.value} node {show_identity(node.identity)}, key {node.key_label}")
+    how = f"key {node.key_label}" if node.key_label else "pinned certificate"
+    print(f"added {node.role.value} node {show_identity(node.identity)}, {how}")
     for what, patterns in _scope(node).items():
         print(f"  {what}: " + (", ".join(patterns) if patterns else "none"))
     if not any(_scope(node).values()):
         print("  nothing is in scope: the node obtains no keys until given a scope")
-    if out is not None:
+    if out is not None and psk is not None:
         print(f"new {len(psk)}-byte PSK written to {out} (mode 0600)")
     if forbidden:
         print("  note: [policy] intermediate_nodes = \"forbidden\": nodes are refused")
@@ -144,7 +179,7 @@ def cmd_node_list(args: argparse.Namespace) -> int:
         return 0
     _print_table(
         [
-            [show_identity(n.identity), n.role.value, n.key_label,
+            [show_identity(n.identity), n.role.value, n.key_label or "certificate",
              ",".join(n.initiators) or "-", ",".join(n.responders) or "-",
              ",".join(n.groups) or "-", _show_time(n.created_at)]
             for n in nodes
@@ -247,7 +282,9 @@ def register(sub: Any) -> None:  # argparse._SubParsersAction
         description=(
             "Register NODE (the identity its RESOLVE_INIT names in IDRpsk) with a ROLE and a\n"
             "PSK kept in the token (sensitive, non-extractable). The PSK is given once:\n"
-            "--psk-hex / --psk-file, or --generate-psk FILE writes a new one there (0600).\n\n"
+            "--psk-hex / --psk-file, or --generate-psk FILE writes a new one there (0600).\n"
+            "--cert PEM instead: the node's signing certificate, pinned (it then sends\n"
+            "RESOLVE_INIT_PK, CERT = that certificate, SIGN over it || IDRr || IDRkms).\n\n"
             "Scope (nothing by default; repeatable; shell globs as `kms peer add`):\n"
             "  --initiator PATTERN  calls whose ticket names a matching IDRi\n"
             "  --responder PATTERN  legs whose Responder (IDRr) matches\n"
@@ -263,6 +300,11 @@ def register(sub: Any) -> None:  # argparse._SubParsersAction
     src.add_argument("--psk-hex", metavar="HEX", help="the node's PSK in hexadecimal")
     src.add_argument("--psk-file", metavar="FILE", help="file holding the PSK in hex")
     src.add_argument("--generate-psk", metavar="FILE", help="generate a PSK, write it to FILE")
+    src.add_argument(
+        "--cert", metavar="PEM",
+        help="the node's signing certificate (pinned; RSA, subjectAltName URI = NODE): "
+        "it then sends RESOLVE_INIT_PK instead of RESOLVE_INIT_PSK",
+    )  # fmt: skip
     q.add_argument("--psk-length", type=int, default=32, metavar="N",
                    help="bytes of a generated PSK (default 32)")  # fmt: skip
     for flag, what in (("--initiator", "initiator identity"), ("--responder", "responder "

@@ -52,7 +52,7 @@ from kms.mikey.derive import KeyDirection
 from kms.mikey.protect import check_mac, message_keys
 from kms.mikey.resolution import resolve_ticket_keys
 from kms.mikey.ticket import Idr, Ticket, TpFlag
-from kms.mikey.views import ResolveInitPsk
+from kms.mikey.views import ResolveInitPk, ResolveInitPsk
 
 EVENT = "ticket.node_keys"
 
@@ -101,7 +101,7 @@ def authenticate_node(
         suite = message_suite(msg)
         node = deps.nodes.node(name) if deps.nodes is not None else None
         kms_id = check_kms_identity(v, deps)
-        key = node.psk if node is not None else deps.dummy_psk
+        key = node.psk if node is not None and node.psk is not None else deps.dummy_psk
         leg = v.idr_r
         covered = (leg.data if leg is not None else name) + kms_id
         verified = False
@@ -118,6 +118,8 @@ def authenticate_node(
                 verified = check_mac(msg, keys, suite, covered)
         if node is None:
             raise _not_a_node("unknown node")
+        if node.psk is None:
+            raise _not_a_node("certificate node sent a PSK message")
         if not verified:
             raise _not_a_node("node MAC verification failed")
     notes = {"node": name.decode("utf-8", "replace"), "role": node.role, "sender": notes["node"]}
@@ -155,7 +157,7 @@ def handle_node_resolve(
     v: InitialMessage, auth: Authenticated, deps: Deps, call: Call, now: float
 ) -> Issued:
     """The session keys of the leg the node names, in a RESOLVE_RESP protected for it."""
-    assert isinstance(v, ResolveInitPsk)  # authenticate_node took only these
+    assert isinstance(v, ResolveInitPsk | ResolveInitPk)  # a node resolve (PSK or certificate)
     node = deps.nodes.node(auth.identity.data) if deps.nodes is not None else None
     if node is None:  # removed since it authenticated
         raise _not_a_node("node removed")
@@ -166,6 +168,8 @@ def handle_node_resolve(
     forking = bool(ticket.policy.flags & TpFlag.I)
     leg = v.idr_r.data if v.idr_r is not None else None
     notes: dict[str, object] = {
+        "node": node.identity.decode("utf-8", "replace"),
+        "role": node.role,
         "ticket_id": tid,
         "leg": "" if leg is None else leg.decode("utf-8", "replace"),
         "forking": forking,

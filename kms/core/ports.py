@@ -67,10 +67,12 @@ class IntermediateNode:
 
     identity: bytes
     role: str  # "recorder" | "bridge" | "transcoder"
-    psk: KeyRef
+    psk: KeyRef | None  # None: a certificate node (RESOLVE_INIT_PK)
     initiators: tuple[str, ...] = ()
     responders: tuple[str, ...] = ()
     groups: tuple[str, ...] = ()
+    # A certificate node's pinned signing certificate(s) (DER; `kms node add --cert`).
+    signing_certs_der: tuple[bytes, ...] = field(default=(), repr=False)
 
 
 class Nodes(Protocol):

@@ -16,7 +16,7 @@ Sans-IO: each step returns the bytes to send and the state to keep.
 from __future__ import annotations
 
 import hmac
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from kms.endpoint.common import (
@@ -26,6 +26,7 @@ from kms.endpoint.common import (
     new_csb_id,
     now_timestamp,
 )
+from kms.endpoint.pk import PkCredentials, pk_message
 from kms.endpoint.session import EndpointError, SrtpKeys, sessions_of, srtp_keys
 from kms.keystore import KeyOps
 from kms.mikey.compose import compose
@@ -179,3 +180,39 @@ def leg_keys(
     (``KmsRefused`` from the gRPC client: Invalid ID for a node out of scope) propagates."""
     wire, pending = node.resolve_init(transfer_init, transfer_resp, now)
     return node.accept(pending, kms.resolve_ticket(wire))
+
+
+@dataclass(frozen=True)
+class PkPendingLeg(PendingLeg):
+    env_key: bytes = field(default=b"", repr=False)
+
+
+class PkIntermediateNode(IntermediateNode):
+    """A certificate node (`kms node add --cert`): RESOLVE_INIT_PK = HDR, T, RANDRr, [IDRr],
+    CERT, IDRkms, TICKET, [CHASH], PKE, SIGN (RFC 6043 4.2.3.1), SIGN over the message ||
+    IDRr (the leg; the node's identity without one) || IDRkms; the answer is protected with
+    keys from env_key (5.1.2)."""
+
+    def __init__(self, creds: PkCredentials, ks: KeyOps, suite: Suite | None = None) -> None:
+        super().__init__(creds.psk_shaped(b""), ks, suite)
+        self.pk = creds
+
+    def _psk_side(self, env_key: bytes) -> IntermediateNode:
+        return IntermediateNode(self.pk.psk_shaped(env_key), self.ks, self.suite)
+
+    def resolve_init(
+        self, transfer_init: bytes, transfer_resp: bytes | None, now: float
+    ) -> tuple[bytes, PkPendingLeg]:
+        env_key = self.ks.random(self.pk.env_key_bytes)
+        _, draft = self._psk_side(env_key).resolve_init(transfer_init, transfer_resp, now)
+        signer = replace(self.pk, identity=draft.leg if draft.leg is not None else self.pk.identity)
+        msg = pk_message(signer, draft.resolve_init, env_key)
+        pending = PkPendingLeg(
+            draft.transfer_init, draft.transfer_resp, draft.leg, msg, draft.rand_r, env_key
+        )
+        return msg.wire, pending
+
+    def accept(self, pending: PendingLeg, data: bytes) -> LegKeys:
+        if not isinstance(pending, PkPendingLeg):
+            raise EndpointError("not a pending RESOLVE_INIT_PK")
+        return self._psk_side(pending.env_key).accept(pending, data)

@@ -184,14 +184,28 @@ class Home:
         self,
         identity: bytes,
         role: NodeRole,
-        psk: bytes,
+        psk: bytes | None,
         *,
         initiators: tuple[str, ...] = (),
         responders: tuple[str, ...] = (),
         groups: tuple[str, ...] = (),
+        cert_pem: str | None = None,
     ) -> Node:
-        """Register an intermediate node and import its PSK into the token (all or nothing)."""
+        """Register an intermediate node and import its PSK into the token (all or nothing),
+        or, with ``cert_pem`` instead of a PSK, pin its signing certificate."""
         validate_identity(identity, guess_id_type(identity))
+        reg = self.registry
+
+        def add(label: str | None) -> Node:
+            return reg.add_node(
+                identity, role, label, initiators=initiators, responders=responders,
+                groups=groups, cert_pem=cert_pem,
+            )  # fmt: skip
+
+        if psk is None:
+            if cert_pem is None:
+                raise HomeError("a node needs a PSK or a certificate")
+            return add(None)
         if not PSK_MIN_BYTES <= len(psk) <= PSK_MAX_BYTES:
             raise HomeError(
                 f"PSK must be {PSK_MIN_BYTES}..{PSK_MAX_BYTES} bytes, got {len(psk)}"
@@ -199,10 +213,7 @@ class Home:
         label = node_label(identity)
 
         def row() -> tuple[Node, str]:
-            node = self.registry.add_node(
-                identity, role, label, initiators=initiators, responders=responders, groups=groups
-            )
-            return node, label
+            return add(label), label
 
         return self._with_new_key(row, lambda ks, lbl: ks.import_secret(lbl, psk))
 
@@ -211,8 +222,9 @@ class Home:
         ks = self.keystore()
         with self.registry.transaction():
             node = self.registry.remove_node(identity)
-            with contextlib.suppress(KeyNotFound):
-                ks.delete(node.key_label)
+            if node.key_label is not None:
+                with contextlib.suppress(KeyNotFound):
+                    ks.delete(node.key_label)
         return node
 
     # --- peers (federation, RFC 6043 9) --------------------------------------------------

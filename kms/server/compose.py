@@ -183,6 +183,8 @@ def build_handler(
         ),
     )
     cert_peers = any(p.auth == "cert" for p in home.registry.list_peers())
+    # Certificate nodes (kms node add --cert) send RESOLVE_INIT_PK too (RFC 6043 11.1).
+    cert_peers = cert_peers or any(n.cert_pem for n in home.registry.list_nodes())
     if pk is None and (config.pk.ca_bundle is not None or cert_peers):
         # REQUEST_INIT_PK / RESOLVE_INIT_PK (RFC 6043 4.2.1.1, 4.2.3.1): endpoint
         # certificates chain to the [pk] ca_bundle; PKE is encrypted to the envelope key,

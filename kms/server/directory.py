@@ -200,8 +200,17 @@ class RegistryDirectory:
         n = self.registry.find_node(identity)
         if n is None:
             return None
+        certs: tuple[bytes, ...] = ()
+        if n.cert_pem is not None:
+            certs = pinned_certs(n.cert_pem)
         return IntermediateNode(
-            n.identity, n.role.value, KeyRef(n.key_label), n.initiators, n.responders, n.groups
+            n.identity,
+            n.role.value,
+            KeyRef(n.key_label) if n.key_label is not None else None,
+            n.initiators,
+            n.responders,
+            n.groups,
+            certs,
         )
 
     @_store_errors
@@ -251,6 +260,16 @@ class RegistryDirectory:
             else:
                 before[e.subject] = e.not_before
         return RevocationList(frozenset(suspended), frozenset(tickets), before)
+
+
+@functools.lru_cache(maxsize=64)
+def pinned_certs(cert_pem: str) -> tuple[bytes, ...]:
+    """The certificates of a PEM text as DER (a certificate node's pinned certificates)."""
+    try:
+        certs = x509.load_pem_x509_certificates(cert_pem.encode("ascii"))
+    except ValueError:
+        return ()
+    return tuple(c.public_bytes(Encoding.DER) for c in certs)
 
 
 @functools.lru_cache(maxsize=64)

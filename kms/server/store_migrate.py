@@ -81,7 +81,7 @@ _TABLES: dict[str, tuple[str, ...]] = {
     "psk_versions": ("identity", "version", "name", "key_label", "retired", "created_at",
                      "retire_at"),
     "nodes": ("identity", "role", "key_label", "created_at", "initiators", "responders",
-              "groups_in_scope"),
+              "groups_in_scope", "cert_pem"),
 }
 _ORDER: dict[str, str] = {
     "endpoints": "id", "groups": "id", "group_members": "group_id, member_id",

@@ -1,8 +1,9 @@
 """Authorised intermediate nodes (RFC 6043 11.1: recorders, conference bridges, transcoders)
 in the registry, on both backends.
 
-A node has an identity (what its RESOLVE_INIT names in IDRpsk), a role, the token label of
-the PSK it shares with the KMS, and its scope: identity patterns (the peer-trust globs of
+A node has an identity (what its RESOLVE_INIT names in IDRpsk, or its certificate's
+subjectAltName URI), a role, the token label of the PSK it shares with the KMS or its pinned
+signing certificate, and its scope: identity patterns (the peer-trust globs of
 ``kms peer add --resolve-for``) for the initiators and responders whose calls it may obtain
 keys for, and group identities (or patterns) whose calls it may join. Nothing is in scope by
 default. Removing a node deletes its row (and the caller destroys its PSK in the same
@@ -33,11 +34,12 @@ class NodeError(Exception):
 class Node:
     identity: bytes
     role: NodeRole
-    key_label: str
+    key_label: str | None  # its PSK in the token; None: a certificate node
     created_at: int
     initiators: tuple[str, ...] = ()
     responders: tuple[str, ...] = ()
     groups: tuple[str, ...] = ()
+    cert_pem: str | None = None  # pinned signing certificate(s) of a certificate node
 
 
 def _patterns(what: str, patterns: Sequence[str]) -> str:
@@ -46,7 +48,9 @@ def _patterns(what: str, patterns: Sequence[str]) -> str:
     return "\n".join(patterns)
 
 
-_COLUMNS = "identity, role, key_label, created_at, initiators, responders, groups_in_scope"
+_COLUMNS = (
+    "identity, role, key_label, created_at, initiators, responders, groups_in_scope, cert_pem"
+)
 
 
 class NodeTables:
@@ -73,15 +77,19 @@ class NodeTables:
         self,
         identity: bytes,
         role: NodeRole,
-        key_label: str,
+        key_label: str | None,
         *,
         initiators: Sequence[str] = (),
         responders: Sequence[str] = (),
         groups: Sequence[str] = (),
+        cert_pem: str | None = None,
     ) -> Node:
-        """Register a node (call inside the transaction that creates its PSK)."""
+        """Register a node (call inside the transaction that creates its PSK): a PSK node
+        (``key_label``) or a certificate node (``cert_pem``, pinned), exactly one of them."""
         if not identity or len(identity) > 0xFFFF:
             raise NodeError("a node identity is 1..65535 bytes")
+        if (key_label is None) == (cert_pem is None):
+            raise NodeError("a node has a PSK or a certificate (exactly one)")
         role = NodeRole(role)
         scope = (
             _patterns("initiator", initiators),
@@ -96,11 +104,12 @@ class NodeTables:
                 raise NodeError(f"{identity.decode('utf-8', 'replace')} is already {taken}")
             now = int(time.time())
             self._q(
-                f"INSERT INTO nodes ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",  # noqa: S608
-                (identity, role.value, key_label, now, *scope),
+                f"INSERT INTO nodes ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",  # noqa: S608
+                (identity, role.value, key_label, now, *scope, cert_pem),
             )
         return Node(
-            identity, role, key_label, now, tuple(initiators), tuple(responders), tuple(groups)
+            identity, role, key_label, now, tuple(initiators), tuple(responders), tuple(groups),
+            cert_pem,
         )
 
     def find_node(self, identity: bytes) -> Node | None:
@@ -132,11 +141,12 @@ def _node(r: Any) -> Node:
     return Node(
         identity=bytes(r[0]),
         role=NodeRole(r[1]),
-        key_label=str(r[2]),
+        key_label=None if r[2] is None else str(r[2]),
         created_at=int(r[3]),
         initiators=_split(r[4]),
         responders=_split(r[5]),
         groups=_split(r[6]),
+        cert_pem=None if r[7] is None else str(r[7]),
     )
 
 
@@ -144,11 +154,13 @@ SQLITE_MIGRATION = """
     CREATE TABLE nodes (
         identity        BLOB    PRIMARY KEY,
         role            TEXT    NOT NULL CHECK (role IN ('recorder', 'bridge', 'transcoder')),
-        key_label       TEXT    NOT NULL UNIQUE,
+        key_label       TEXT    UNIQUE,
         created_at      INTEGER NOT NULL,
         initiators      TEXT    NOT NULL DEFAULT '',
         responders      TEXT    NOT NULL DEFAULT '',
-        groups_in_scope TEXT    NOT NULL DEFAULT ''
+        groups_in_scope TEXT    NOT NULL DEFAULT '',
+        cert_pem        TEXT,
+        CHECK ((key_label IS NULL) <> (cert_pem IS NULL))
     );
     """
 
@@ -156,11 +168,13 @@ PG_MIGRATION = """
     CREATE TABLE nodes (
         identity        BYTEA   PRIMARY KEY,
         role            TEXT    NOT NULL CHECK (role IN ('recorder', 'bridge', 'transcoder')),
-        key_label       TEXT    NOT NULL UNIQUE,
+        key_label       TEXT    UNIQUE,
         created_at      BIGINT  NOT NULL,
         initiators      TEXT    NOT NULL DEFAULT '',
         responders      TEXT    NOT NULL DEFAULT '',
-        groups_in_scope TEXT    NOT NULL DEFAULT ''
+        groups_in_scope TEXT    NOT NULL DEFAULT '',
+        cert_pem        TEXT,
+        CHECK ((key_label IS NULL) <> (cert_pem IS NULL))
     );
     CREATE TRIGGER nodes_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE
         ON nodes FOR EACH STATEMENT EXECUTE FUNCTION kms_registry_changed();

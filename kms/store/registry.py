@@ -745,7 +745,9 @@ class Registry(RevocationTables, PskVersionTables, NodeTables):
             if peer.key_label:
                 owners[peer.key_label] = f"peer {show_identity(peer.kms_id)}"
         for node in self.list_nodes():
-            owners[node.key_label] = f"{node.role.value} node {show_identity(node.identity)}"
+            if node.key_label is not None:
+                who = show_identity(node.identity)
+                owners[node.key_label] = f"{node.role.value} node {who}"
         for row in self._q("SELECT identity, version, key_label, retired FROM psk_versions"):
             if row[3]:  # a retired PSK version: its token object is destroyed
                 owners.pop(str(row[2]), None)

@@ -75,3 +75,14 @@ def test_bad_patterns_and_roles_refused(reg: Registry) -> None:
     with pytest.raises(ValueError, match="'spy'"):
         reg.add_node(REC, "spy", "node/rec1")  # type: ignore[arg-type]
     assert reg.find_node(REC) is None
+
+
+def test_certificate_node_has_no_key(reg: Registry) -> None:
+    node = reg.add_node(REC, NodeRole.BRIDGE, None, cert_pem="-----BEGIN CERTIFICATE-----\n")
+    assert reg.get_node(REC) == node and node.key_label is None
+    assert node.cert_pem is not None and node.cert_pem.startswith("-----BEGIN")
+    assert not any("node" in owner for owner in reg.key_owners().values())
+    with pytest.raises(NodeError, match="exactly one"):
+        reg.add_node(b"node:x", NodeRole.BRIDGE, None)
+    with pytest.raises(NodeError, match="exactly one"):
+        reg.add_node(b"node:x", NodeRole.BRIDGE, "node/x", cert_pem="pem")
