@@ -10,14 +10,14 @@ import pytest
 from kms.core.api import Outcome
 from kms.core.policy import KmsPolicy
 from kms.endpoint.common import Credentials
-from kms.endpoint.initiator import DEFAULT_FLAGS, DesiredPolicy, TicketGrant
+from kms.endpoint.initiator import DEFAULT_FLAGS, DesiredPolicy, Initiator, TicketGrant
 from kms.endpoint.node import IntermediateNode, LegKeys
 from kms.endpoint.session import CryptoSession, EndpointError, SrtpKeys
 from kms.mikey.constants import ErrorNo, IdType, KeyDataType
 from kms.mikey.message import Message
 from kms.mikey.payloads import Error
 from kms.mikey.ticket import TpFlag
-from tests.core.world import ALICE, BOB, CAROL, DAVE, KMS_ID, TEAM, World, make_world
+from tests.core.world import ALICE, BOB, CAROL, DAVE, KMS_ID, PSKS, TEAM, World, make_world
 
 FORKING = TpFlag.E | TpFlag.F | TpFlag.G | TpFlag.H | TpFlag.I
 REC = b"node:recorder.example.org"
@@ -162,3 +162,22 @@ def test_policy_can_forbid_intermediate_nodes() -> None:
     ti, tr, _, _ = _call(world, grant, BOB, BOB)
     assert _refused(world, _node(world), ti, tr) == ErrorNo.INVALID_ID
     assert world.audit()[-1]["reason"] == "[policy] intermediate_nodes = forbidden"
+
+
+def test_ticket_of_another_kms_is_refused_with_a_reason(world: World) -> None:
+    """RFC 6043 9 federation is for Responders' KMSs: a node registered here asking about a
+    ticket another KMS issued is told to be registered at the issuer."""
+    world.directory.add_node(REC, NODE_PSK, initiators=("*",))
+    other_id = b"sip:other-kms.example.org"
+    other = make_world(KmsPolicy(kms_id=other_id))
+    ini = Initiator(Credentials(ALICE, PSKS[ALICE], other_id, IdType.URI), other.sw)
+    flags = (DEFAULT_FLAGS | TpFlag.H) & ~TpFlag.G & ~TpFlag.F & ~TpFlag.O  # no TRANSFER_RESP
+    wire, pending = ini.request_ticket(DesiredPolicy(responders=(BOB,), flags=flags), other.now)
+    reply = other.kms.request_ticket(wire, other.now)
+    assert reply.ok, reply.audit
+    grant = ini.accept_ticket(pending, reply.data, other.now)
+    ti, _ = ini.transfer_init(grant, world.now, BOB, SESSIONS)
+    assert _refused(world, _node(world), ti, None) == ErrorNo.INVALID_ID
+    record = world.audit()[-1]
+    assert record["reason"] == "node asked about a foreign ticket"
+    assert record["outcome"] == Outcome.DENIED.value
