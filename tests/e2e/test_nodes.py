@@ -122,6 +122,9 @@ def test_recorder_decrypts_both_directions_outsider_and_removed_node_refused(kms
     ]
     table = run_kms(kms.home, "audit", "nodes", "--refused").stdout
     assert "refused: recorder node out of scope" in table and OUTSIDER.decode() in table
+    mine = json.loads(run_kms(kms.home, "audit", "nodes", "--node", OUTSIDER.decode(),
+                              "--refused", "--json").stdout)  # fmt: skip
+    assert [(r["node"], r["error_no"]) for r in mine] == [(OUTSIDER.decode(), 7)]
     forked = json.loads(run_kms(kms.home, "audit", "nodes", "--json").stdout)
     assert {r["leg"] for r in forked if r["forking"]} == {BOB.decode(), CAROL.decode()}
 
