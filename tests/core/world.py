@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from hsm.software import SoftwareKeyStore
 from kms.core.context import Deps
 from kms.core.policy import KmsPolicy
-from kms.core.ports import PeerKms
+from kms.core.ports import IntermediateNode, PeerKms
 from kms.core.service import Kms
 from kms.keystore import KeyRef
 from kms.store.memory import (
@@ -38,6 +38,7 @@ from tests.core.exchange import (  # noqa: F401 (the identities, as the tests im
 
 TPK_BYTES = 32
 DUMMY_PSK_LABEL = "dummy-psk"
+FORK_MODIFIER_LABEL = "fork/modifier"
 
 
 class MemoryDirectory:
@@ -52,6 +53,7 @@ class MemoryDirectory:
         self.current = 0
         self.apps: frozenset[bytes] = frozenset()
         self.peers: dict[bytes, PeerKms] = {}
+        self.nodes: dict[bytes, IntermediateNode] = {}
 
     def add_endpoint(self, identity: bytes, psk: bytes) -> None:
         label = "psk/" + identity.hex()
@@ -88,6 +90,16 @@ class MemoryDirectory:
 
     def peer(self, kms_id: bytes) -> PeerKms | None:
         return self.peers.get(kms_id)
+
+    def node(self, identity: bytes) -> IntermediateNode | None:
+        return self.nodes.get(identity)
+
+    def add_node(
+        self, identity: bytes, psk: bytes, role: str = "recorder", **scope: tuple[str, ...]
+    ) -> None:
+        label = "node/" + identity.hex()
+        self.keystore.import_secret(label, psk)
+        self.nodes[identity] = IntermediateNode(identity, role, KeyRef(label), **scope)
 
 
 @dataclass
@@ -129,6 +141,7 @@ def make_world(policy: KmsPolicy | None = None) -> World:
     directory.groups[TEAM] = {BOB, CAROL}
     directory.rotate_tpk()
     keystore.generate_secret(DUMMY_PSK_LABEL, TPK_BYTES)
+    keystore.generate_secret(FORK_MODIFIER_LABEL, TPK_BYTES)
     sink = ListAuditSink()
     deps = Deps(
         keystore=keystore,
@@ -139,5 +152,7 @@ def make_world(policy: KmsPolicy | None = None) -> World:
         audit=sink,
         policy=policy or KmsPolicy(kms_id=KMS_ID),
         dummy_psk=KeyRef(DUMMY_PSK_LABEL),
+        nodes=directory,
+        fork_modifier=KeyRef(FORK_MODIFIER_LABEL),
     )
     return World(directory, sink, Kms(deps), float(int(time.time())))
