@@ -92,7 +92,8 @@ def opencryptoki_token() -> Iterator[OckToken]:
     """Hold the machine-wide lock, reset the soft token, yield it; stop and clean up after."""
     check_opencryptoki_installed()
     LOCK_FILE.parent.mkdir(parents=True, exist_ok=True)
-    with LOCK_FILE.open("a") as lock:
+    lock = _lock_fd()
+    try:
         fcntl.flock(lock, fcntl.LOCK_EX)
         _trace("acquired")
         try:
@@ -104,6 +105,23 @@ def opencryptoki_token() -> Iterator[OckToken]:
             finally:
                 _trace("released")
                 fcntl.flock(lock, fcntl.LOCK_UN)
+    finally:
+        os.close(lock)
+
+
+LOCK_FD_MIN = 900
+
+
+def _lock_fd() -> int:
+    """The lock file open on a high descriptor number. The lock is taken in the middle of a
+    session, when low numbers are being reused: a library that closes a descriptor of its
+    own twice (a PKCS#11 module unloaded and finalised) would otherwise close the lock with
+    it, silently letting another run take the token."""
+    fd = os.open(LOCK_FILE, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+    try:
+        return fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, LOCK_FD_MIN)
+    finally:
+        os.close(fd)
 
 
 def _trace(event: str) -> None:
