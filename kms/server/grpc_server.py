@@ -206,8 +206,9 @@ class KmsServicer:
         # could see "idle" and its final stop cut off a response the KMS already issued.
         registered = bool(context.add_callback(self._release))
         started = time.monotonic()
-        cid = correlation_id(context.invocation_metadata())
-        tracing.set_incoming(context.invocation_metadata())  # W3C traceparent, if sent
+        metadata = context.invocation_metadata()
+        cid = correlation_id(metadata)
+        tracing.set_incoming(metadata)  # W3C traceparent, if sent
         try:
             context.send_initial_metadata(((CORRELATION_KEY, cid),))
             if isinstance(request, Undecodable):
