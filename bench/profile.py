@@ -65,6 +65,7 @@ def main() -> int:
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--seconds", type=float, default=8.0)
     ap.add_argument("--top", type=int, default=40)
+    ap.add_argument("--rate", type=int, default=200, help="py-spy samples per second")
     ap.add_argument("--native", action="store_true", help="py-spy --native")
     ap.add_argument("--tree", type=Path, help="profile the kms/hsm of this source tree")
     ap.add_argument("--all-threads", action="store_true",
@@ -93,7 +94,7 @@ def main() -> int:
         raw = RESULTS / f"profile-{w.name.replace(' ', '-')}-c{args.clients}.txt"
         with server(setup.home, 1, args.echo, RESULTS) as (target, spid):
             spy = subprocess.Popen(
-                [pyspy, "record", "--pid", str(spid), "--format", "raw", "--rate", "200",
+                [pyspy, "record", "--pid", str(spid), "--format", "raw", "--rate", str(args.rate),
                  *([] if args.all_threads else ["--gil"]),
                  "--duration", str(math.ceil(args.seconds)), "--output", str(raw),
                  *(["--native"] if args.native else [])],
