@@ -8,8 +8,10 @@ fallback where not, threads share the module safely, and a lost token comes back
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hmac as std_hmac
 import itertools
+import json
 import os
 import shutil
 import subprocess
@@ -212,6 +214,46 @@ def test_eight_threads_of_hmacs(store: tuple[Pkcs11KeyStore, dict[str, str]]) ->
     for t in threads:
         t.join(120)
     assert not errors, errors[:5]
+
+
+# --- the module leaves the process's other descriptors alone ------------------------------
+
+_DESCRIPTORS = textwrap.dedent(
+    """
+    import dataclasses, json, os, sys
+    from hsm import TokenConfig
+    from hsm.pkcs11 import Pkcs11KeyStore
+    config = TokenConfig(**json.loads(sys.argv[1]))
+    for round_ in range(3):
+        # Low numbers held by the process, as a server's sockets and epoll descriptors are.
+        ours = os.pipe()
+        ids = [os.fstat(fd).st_ino for fd in ours]
+        ks = Pkcs11KeyStore(config)
+        ks.random(8)
+        ks.close()
+        for fd, ino in zip(ours, ids):
+            try:
+                same = os.fstat(fd).st_ino == ino
+            except OSError:
+                same = False
+            print(round_, fd, "kept" if same else "LOST")
+    """
+)
+
+
+def test_opening_and_closing_the_module_closes_no_descriptor_of_ours(token: Any) -> None:
+    """Every connect finalises and initialises the module again (hsm.pkcs11.module); a module
+    that reuses a stale descriptor number there (openCryptoki's process lock file) must not
+    close or lock a descriptor the process opened meanwhile."""
+    config = dataclasses.asdict(token.config())
+    proc = subprocess.run(
+        [sys.executable, "-c", _DESCRIPTORS, json.dumps(config)],
+        env=token.env(), capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 6, lines
+    assert all(line.endswith(" kept") for line in lines), (_module_name(token), lines)
 
 
 # --- token loss and recovery ----------------------------------------------------------------
