@@ -28,7 +28,7 @@ from kms.mikey.protect import (
     open_kemac,
     placeholder_v,
     seal_kemac,
-    seal_mac,
+    seal_mac_wire,
     t64_of,
 )
 from kms.mikey.ticket import Idr, TicketPolicy, TpFlag
@@ -173,9 +173,9 @@ def handle_request(
             placeholder_v(auth.suite.mac_alg),
         ),
     )
-    sealed = seal_mac(resp, resp_keys, auth.suite.mac_alg, msg.wire)
+    sealed = seal_mac_wire(resp, resp_keys, auth.suite.mac_alg, msg.wire)
     return Issued(
-        sealed.wire,
+        sealed,
         {
             "event": "ticket.issued",
             "ticket_id": ticket_id(ticket.ticket_data),

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from kms.keystore import Key, KeyOps
 from kms.mikey.cipher import CryptoError, compute_mac
@@ -76,10 +76,14 @@ def issue_base_ticket(
     t64 = timestamp_t64(TsType(t.ts_type), t.value)
     kemac = seal_kemac(ks, keys, suite.encr_alg, ALL_CSB, t64, [mpk, *session_keys])
     idr = Idr(IdRole.IDRPSK, IdType.BYTE_STRING, tpk_id)
-    data = BaseTicketData(t, Rand(rand), kemac, placeholder_v(suite.mac_alg), idr)
-    unsealed = Ticket(policy, data.encode())
-    mac = compute_mac(suite.mac_alg, keys.auth_key, unsealed.mac_input())
-    return Ticket(policy, replace(data, v=replace(data.v, mac=mac)).encode())
+    v = placeholder_v(suite.mac_alg)
+    data = BaseTicketData(t, Rand(rand), kemac, v, idr).encode()
+    # V is the last field of Ticket Data, its MAC the last bytes: the MAC covers the TICKET
+    # payload from Ticket Type to the end of Ticket Data minus the MAC (RFC 6043 A.1; no
+    # Initiator Data yet), i.e. Ticket.mac_input() without decoding what was just encoded.
+    body = Ticket(policy, data).encode_body()
+    mac = compute_mac(suite.mac_alg, keys.auth_key, body[: len(body) - 2 - len(v.mac)])
+    return Ticket(policy, data[: len(data) - len(v.mac)] + mac)
 
 
 def open_base_ticket(
