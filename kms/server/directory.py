@@ -55,9 +55,9 @@ class RegistryDirectory:
 
     ``generation`` (cluster mode): a function returning a number that changes whenever the
     registry may have changed anywhere in the cluster, or None when that is not known; reads
-    are then cached until it changes. Without it, reads are cached per thread for as long as
-    the thread's registry connection reports the same ``data_version`` (SQLite), and not at
-    all where the registry cannot tell (None).
+    are then cached until it changes. Without it (or while it says None), reads are cached
+    per thread for as long as the thread's registry connection reports the same
+    ``data_version`` (SQLite), and not at all where the registry cannot tell (None).
     """
 
     def __init__(
@@ -94,11 +94,11 @@ class RegistryDirectory:
         return reg
 
     def _cached(self, kind: str, key: bytes, read: Callable[[], T]) -> T:
-        if self._generation is None:
-            return self._thread_cached(kind, key, read)
-        gen = self._generation()
+        gen = self._generation() if self._generation is not None else None
         if gen is None:
-            return read()
+            # No cluster-wide generation (SQLite; or PostgreSQL while not watching, whose
+            # data_version is None: read through).
+            return self._thread_cached(kind, key, read)
         with self._cache_lock:
             if self._cache_gen != gen:
                 self._cache.clear()

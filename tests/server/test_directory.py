@@ -31,14 +31,24 @@ def reg_path(tmp_path: Path) -> Path:
     return path
 
 
+@pytest.fixture(params=["path", "opener"])
+def directory(request: pytest.FixtureRequest, reg_path: Path) -> RegistryDirectory:
+    """Built from a path, or as ``build_handler`` builds it on SQLite: an opener and a
+    generation function that answers None (no cluster-wide generation)."""
+    cert = reg_path.parent / "none.pem"
+    if request.param == "path":
+        return RegistryDirectory(reg_path, signing_cert=cert)
+    return RegistryDirectory(lambda: Registry.open(reg_path), cert, lambda: None)
+
+
 def _statements(d: RegistryDirectory) -> list[str]:
     seen: list[str] = []
     d.registry._conn.set_trace_callback(seen.append)
     return seen
 
 
-def test_repeated_lookups_read_the_registry_once(reg_path: Path) -> None:
-    d = RegistryDirectory(reg_path, signing_cert=reg_path.parent / "none.pem")
+def test_repeated_lookups_read_the_registry_once(directory: RegistryDirectory) -> None:
+    d = directory
     seen = _statements(d)
     assert d.psk_for(ALICE) == KeyRef("psk/alice")
     assert d.is_member(GROUP, ALICE)
@@ -55,8 +65,10 @@ def test_repeated_lookups_read_the_registry_once(reg_path: Path) -> None:
     assert sum(s.startswith("PRAGMA data_version") for s in seen) == 15
 
 
-def test_a_commit_by_another_connection_is_seen_by_the_next_lookup(reg_path: Path) -> None:
-    d = RegistryDirectory(reg_path, signing_cert=reg_path.parent / "none.pem")
+def test_a_commit_by_another_connection_is_seen_by_the_next_lookup(
+    directory: RegistryDirectory, reg_path: Path
+) -> None:
+    d = directory
     assert d.psk_for(ALICE) == KeyRef("psk/alice")
     assert d.is_member(GROUP, ALICE)
     assert d.is_known(BOB)
