@@ -1,6 +1,7 @@
 """Where the in-process time of one exchange goes, per part, in milliseconds.
 
     .venv/bin/python -m bench.profile_inproc [--only "request psk"] [--calls 600] [--rounds 3]
+    .venv/bin/python -m bench.profile_inproc --plain    # CPU / wall per exchange, floor only
 
 Each exchange runs on the KMS core in-process (no gRPC, one thread, the PKCS#11 key store on
 the bench home's SoftHSM2 token) with light timing wrappers around the functions that mark
@@ -118,6 +119,13 @@ def instrument(kms: Any) -> Probe:
     for name in ("create_secret", "create_aes", "destroy"):
         _patch_method(probe, "PKCS#11 calls", hwork.SessionObjects, name)
     _patch_method(probe, "PKCS#11 calls", hstore.Pkcs11KeyStore, "random")
+    try:  # per-message keys by handle (hsm.pkcs11.raw), where present
+        import hsm.pkcs11.raw as hraw
+    except ImportError:
+        pass
+    else:
+        for name in ("create_session_key", "destroy", "sign", "encrypt"):
+            _patch_method(probe, "PKCS#11 calls", hraw.RawCalls, name)
     # The key store's own Python around them.
     for name in ("prf_many", "aes_cm", "rsa_decrypt", "hmac", "sign"):
         _patch_method(probe, "hsm.pkcs11 (our wrapper)", hstore.Pkcs11KeyStore, name)
@@ -208,11 +216,32 @@ def show(b: Breakdown) -> None:
         print(f"  {k:<52} {v:>7.3f} {b.calls.get(k, 0):>6.1f}")
 
 
+def plain(kms: Any, w: Workload, calls: int, rounds: int) -> tuple[float, float, float]:
+    """(CPU ms, wall ms, token floor ms) per exchange, no wrappers: medians of ``rounds``
+    batches. CPU (this process, the token's C code included) moves less than wall time on a
+    shared machine."""
+    cpu, wall = [], []
+    inproc.call(kms, w, generate(w, 1, time.time())[0])  # warm
+    for _ in range(rounds):
+        msgs = generate(w, calls, time.time())
+        c0, t0 = time.process_time(), _clock()
+        for wire in msgs:
+            inproc.call(kms, w, wire)
+        wall.append((_clock() - t0) / calls)
+        cpu.append((time.process_time() - c0) / calls)
+    inner = kms.deps.keystore
+    floor = inproc.token_floor(inner, inproc.record_ops(kms, w, generate(w, 1, time.time())[0]))
+    return statistics.median(cpu) * 1e3, statistics.median(wall) * 1e3, floor.seconds * 1e3
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--only", help="substring of the workload name, e.g. 'psk'")
     ap.add_argument("--calls", type=int, default=500, help="exchanges per batch")
     ap.add_argument("--rounds", type=int, default=3, help="alternating plain/wrapped batches")
+    ap.add_argument("--plain", action="store_true",
+                    help="no breakdown: CPU and wall ms per exchange and the token floor only "
+                         "(for before/after runs of two trees, alternating)")
     args = ap.parse_args()
     from bench.world import create_home
     from kms.home import open_home
@@ -222,7 +251,7 @@ def main() -> None:
         setup = create_home(Path(tmp) / "home")
         home = open_home(setup.home)
         kms: Any = build_handler(home)
-        probe = instrument(kms)
+        probe = None if args.plain else instrument(kms)
         for ex, auth, fork in WORKLOADS:
             w = Workload(ex, auth, fork, setup.kms_cert_der, setup.pk)
             if args.only and args.only not in w.name:
@@ -230,6 +259,11 @@ def main() -> None:
             if ex == "resolve":
                 w = dataclasses.replace(w, grant=obtain_grant(w, inproc.request_sender(kms),
                                                               time.time()))
+            if probe is None:
+                cpu, wall, floor = plain(kms, w, args.calls, args.rounds)
+                print(f"{w.name:<18} cpu {cpu:.3f} ms  wall {wall:.3f} ms  floor {floor:.3f} ms"
+                      f"  cpu-floor {cpu - floor:.3f} ms", flush=True)
+                continue
             show(run(kms, w, probe, args.calls, args.rounds))
         home.close()
 
