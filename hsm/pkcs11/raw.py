@@ -110,6 +110,9 @@ _GENERIC = _ULONG(P11KeyType.GENERIC_SECRET)
 _AES = _ULONG(P11KeyType.AES)
 
 
+_PLAIN: dict[int, _Mech] = {}  # CK_MECHANISM without parameter, by mechanism type
+
+
 def _bool(v: ctypes.c_ubyte) -> tuple[int, int]:
     return ctypes.addressof(v), 1
 
@@ -172,11 +175,18 @@ class RawCalls:
     # --- operations -----------------------------------------------------------------------
     def sign(self, session: int, key: int, mechanism: int, data: bytes, out_len: int) -> bytes:
         """C_SignInit + C_Sign (single part); ``out_len``: the largest result expected."""
-        mech = _Mech(mechanism, None, 0)
-        rv = self._sign_init(session, ctypes.byref(mech), key)
+        mech = _PLAIN.get(mechanism)
+        if mech is None:  # a mechanism without parameter: one shared read-only struct
+            mech = _PLAIN.setdefault(mechanism, _Mech(mechanism, None, 0))
+        rv = self._sign_init(session, mech, key)
         if rv:
             raise error_for(rv)
-        return self._finish(self._sign, session, data, out_len)
+        out = ctypes.create_string_buffer(out_len)
+        n = _ULONG(out_len)
+        rv = self._sign(session, data, len(data), out, ctypes.byref(n))
+        if rv:
+            raise error_for(rv)
+        return out.raw[: n.value]
 
     def encrypt(
         self, session: int, key: int, mechanism: int, param: bytes | None, data: bytes
