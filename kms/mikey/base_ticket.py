@@ -108,7 +108,7 @@ def open_base_ticket(
     )
     if data.v.mac_alg != suite.mac_alg or data.v.mac_alg == MacAlg.NULL:
         raise TicketError("ticket MAC algorithm does not match the ticket PRF")
-    expected = compute_mac(suite.mac_alg, keys.auth_key, ticket.mac_input())
+    expected = compute_mac(suite.mac_alg, keys.auth_key, ticket.mac_input(data))
     if not hmac.compare_digest(expected, data.v.mac):
         raise TicketError("ticket MAC verification failed")
     if data.kemac.encr_alg != suite.encr_alg:

@@ -749,5 +749,6 @@ def test_issued_base_ticket_mac_covers_what_ticket_mac_input_says(prf: int) -> N
                               suite.mac_alg)
     data = ticket.base_ticket()
     assert data.v.mac == compute_mac(suite.mac_alg, keys.auth_key, ticket.mac_input())
+    assert ticket.mac_input(data) == ticket.mac_input()  # given the decoded base ticket
     assert data.v.mac != bytes(len(data.v.mac))
     assert open_base_ticket(ks, ticket, lambda _: tpk).mpk == mpk
