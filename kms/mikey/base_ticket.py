@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 
 from kms.keystore import Key, KeyOps
 from kms.mikey.cipher import CryptoError, compute_mac
-from kms.mikey.constants import IdRole, IdType, KeyDataType, MacAlg, PrfFunc, TsType
-from kms.mikey.derive import ALL_CSB, derive_mpki_mpkr, derive_ticket_keys
+from kms.mikey.constants import IdRole, IdType, KeyDataType, MacAlg, PrfFunc, PrfLabel, TsType
+from kms.mikey.derive import ALL_CSB, derive_mpki_mpkr, derive_ticket_keys, mpk_label
 from kms.mikey.errors import DecodeError
 from kms.mikey.ntp import timestamp_t64
 from kms.mikey.payloads import KeyData, Rand, Timestamp
@@ -137,3 +137,9 @@ def derive_mpk_pair(
 ) -> tuple[bytes, bytes]:
     """(MPKi, MPKr) from the ticket MPK and the Ticket Data RAND (RFC 6043 A.2.2)."""
     return derive_mpki_mpkr(keyed_prf(ks, mpk, prf_func), rand, len(mpk))
+
+
+def derive_mpki(ks: KeyOps, mpk: bytes, rand: bytes, prf_func: PrfFunc) -> bytes:
+    """MPKi alone (RFC 6043 A.2.2): what a REQUEST_RESP without forking carries (MPKr is
+    sent only with flag I, RFC 6043 4.2.1.5); the same value as ``derive_mpk_pair(...)[0]``."""
+    return keyed_prf(ks, mpk, prf_func)(mpk_label(PrfLabel.MPKI, rand), len(mpk))

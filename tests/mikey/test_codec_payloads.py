@@ -752,3 +752,16 @@ def test_issued_base_ticket_mac_covers_what_ticket_mac_input_says(prf: int) -> N
     assert ticket.mac_input(data) == ticket.mac_input()  # given the decoded base ticket
     assert data.v.mac != bytes(len(data.v.mac))
     assert open_base_ticket(ks, ticket, lambda _: tpk).mpk == mpk
+
+
+@pytest.mark.parametrize("prf", [0, 1])
+def test_mpki_alone_is_the_first_of_the_pair(prf: int) -> None:
+    """A Ticket Request without forking derives MPKi only (RFC 6043 A.2.2): the same value."""
+    from hsm.software import SoftwareKeyStore
+    from kms.mikey.base_ticket import derive_mpk_pair, derive_mpki
+    from kms.mikey.constants import PrfFunc
+
+    ks = SoftwareKeyStore()
+    mpk, rand = bytes(range(16)), bytes(range(50, 82))
+    mpki, mpkr = derive_mpk_pair(ks, mpk, rand, PrfFunc(prf))
+    assert derive_mpki(ks, mpk, rand, PrfFunc(prf)) == mpki != mpkr
