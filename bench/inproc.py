@@ -135,6 +135,8 @@ def software_kms(token_kms: Kms, setup: BenchSetup) -> tuple[Kms, bytes]:
         sw.import_secret(ref.label, psk)
     _, tpk = token_kms.deps.directory.current_tpk()
     sw.generate_secret(tpk.label, 32)
+    if token_kms.deps.fork_modifier is not None:  # RANDRkms key (kms.core.forking)
+        sw.generate_secret(token_kms.deps.fork_modifier.label, 32)
     sw.generate_rsa(ENVELOPE_LABEL, 2048)
     public = load_der_public_key(sw.public_key_der(KeyRef(ENVELOPE_LABEL)))
     assert isinstance(public, rsa.RSAPublicKey)

@@ -40,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
         app_cmd,
         call_cmd,
         mikey_cmd,
+        node_cmd,
         peer_cmd,
         psk_cmd,
         revoke_cmd,
@@ -60,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     status_cmd.register(sub)
     store_cmd.register(sub)
     revoke_cmd.register(sub)
+    node_cmd.register(sub)  # kms node ..., kms audit nodes
     return parser
 
 

@@ -245,11 +245,18 @@ def peer_responder(v: ResolveInitPsk | ResolveInitPk) -> Idr:
     return identity
 
 
+def identity_matches(identity: bytes, patterns: tuple[str, ...]) -> bool:
+    """Whether ``identity`` matches one of the trust ``patterns`` (case-sensitive globs, as
+    `kms peer add --resolve-for` and `kms node add --initiators ...` take them)."""
+    shown = identity.decode("utf-8", "replace")
+    return any(fnmatch.fnmatchcase(shown, pattern) for pattern in patterns)
+
+
 def check_peer_resolves_for(peer: PeerKms, identity: bytes, who: str) -> None:
     """The peer's ``--resolve-for`` patterns must cover the end Responder
     (docs/federation.md); ``who`` names the peer in the audit reason."""
     shown = identity.decode("utf-8", "replace")
-    if not any(fnmatch.fnmatchcase(shown, pattern) for pattern in peer.resolve_for):
+    if not identity_matches(identity, peer.resolve_for):
         raise denied(
             ErrorNo.INVALID_ID,
             "peer KMS may not resolve for this identity",

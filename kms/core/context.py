@@ -12,6 +12,7 @@ from kms.core.ports import (
     Admission,
     AuditSink,
     Directory,
+    Nodes,
     QuotaLimiter,
     RateLimiter,
     ReplayCache,
@@ -73,6 +74,11 @@ class Deps:
     revocations: Revocations | None = None
     # Rotated endpoint PSKs, named by IDRpsk (None: every endpoint has its one PSK).
     psk_versions: PskVersions | None = None
+    # Authorised intermediate nodes (RFC 6043 11.1; None: there are none).
+    nodes: Nodes | None = None
+    # The token secret RANDRkms is computed with (RFC 6043 5.1.1, kms.core.forking); None: a
+    # fresh random modifier per resolve (then no node can obtain a forked leg's keys).
+    fork_modifier: KeyRef | None = None
 
 
 @dataclass(frozen=True)

@@ -65,7 +65,7 @@ from kms.core.authn import (
 )
 from kms.core.context import Authenticated, Deps
 from kms.core.errors import Refusal, auth_failure
-from kms.core.ports import PeerKms, Revocation, RevocationChecker
+from kms.core.ports import IntermediateNode, PeerKms, Revocation, RevocationChecker
 from kms.keystore import InvalidSealedData, KeyRef, RsaPadding
 from kms.mikey.compose import sender_of
 from kms.mikey.constants import CertType, ErrorNo, HashFunc, IdRole, IdType, SignType
@@ -180,6 +180,9 @@ class CertificateAuthenticator:
             peer = self._certificate_peer(v)
             if peer is not None and isinstance(v, ResolveInitPk):
                 return self._authenticate_peer_pk(v, now, *peer)
+            node = self._certificate_node(v)
+            if node is not None and isinstance(v, ResolveInitPk):
+                return self._authenticate_node_pk(v, now, *node)
         if not self._endpoints_enabled:
             raise Refusal(
                 ErrorNo.UNSUPPORTED_MESSAGE_TYPE,
@@ -257,6 +260,61 @@ class CertificateAuthenticator:
         # The replay cache (and the Responder's rate limit) follow in the service's admit().
         idr = Idr(IdRole.IDRR, identity.id_type, identity.data)
         return Authenticated(idr, env_key, suite, None, rand_r, kms_id, "peer", peer.kms_id)
+
+    # --- an intermediate node (RFC 6043 11.1, kms.core.nodes) ------------------------------
+
+    def _certificate_node(self, v: PkInit) -> tuple[IntermediateNode, x509.Certificate] | None:
+        """The registered certificate node that the first CERT's subjectAltName URI names,
+        with that certificate; None (the endpoint path) for anything else."""
+        nodes = self._deps.nodes
+        first = v.certs[0] if v.certs else None
+        if nodes is None or first is None or first.cert_type not in _DER_CERT_TYPES:
+            return None
+        try:
+            leaf = x509.load_der_x509_certificate(first.data)
+            san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+            uris = san.get_values_for_type(x509.UniformResourceIdentifier)
+        except (ValueError, x509.ExtensionNotFound):
+            return None
+        for uri in uris:
+            node = nodes.node(uri.encode("utf-8"))
+            if node is not None and node.psk is None and node.signing_certs_der:
+                return node, leaf
+        return None
+
+    def _authenticate_node_pk(
+        self, v: ResolveInitPk, now: float, node: IntermediateNode, leaf: x509.Certificate
+    ) -> Authenticated:
+        """RESOLVE_INIT_PK from a certificate node: its pinned certificate, SIGN over
+        RESOLVE_INIT || IDRr (the leg; the node's identity without one) || IDRkms, PKE."""
+        deps = self._deps
+        if not deps.policy.intermediate_nodes:
+            raise Refusal(
+                ErrorNo.INVALID_ID,
+                Outcome.DENIED,
+                "intermediate nodes are not allowed by this KMS",
+                "[policy] intermediate_nodes = forbidden",
+            )
+        suite = message_suite(v.msg)
+        kms_id = check_kms_identity(v, deps)
+        der = leaf.public_bytes(Encoding.DER)
+        if not any(hmac.compare_digest(der, pinned) for pinned in node.signing_certs_der):
+            raise invalid_cert("not the registered certificate of this node")
+        when = dt.datetime.fromtimestamp(now, dt.UTC)
+        if not leaf.not_valid_before_utc <= when <= leaf.not_valid_after_utc:
+            raise invalid_cert("node certificate expired or not yet valid")
+        issuers = [r for r in self._roots if r.subject == leaf.issuer]
+        if leaf.issuer == leaf.subject:
+            issuers.insert(0, leaf)
+        self._check_revocation(leaf, issuers, now, "node ")
+        if not isinstance(leaf.public_key(), rsa.RSAPublicKey):
+            raise invalid_cert("certificate key is not RSA")
+        signed = v.idr_r.data if v.idr_r is not None else node.identity
+        self._verify_signature(v, leaf, signed, kms_id)
+        check_timestamp(v, deps, now)
+        env_key = self._open_envelope(v)
+        idr = Idr(IdRole.IDRR, IdType.URI, node.identity)
+        return Authenticated(idr, env_key, suite, None, v.rand_r.value, kms_id, "node")
 
     # --- steps --------------------------------------------------------------------------
 

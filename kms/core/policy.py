@@ -68,6 +68,9 @@ class KmsPolicy:
     responders_must_be_known: bool = False
     timestamp_window_s: int = 120
     rand_length: int = 16
+    # RFC 6043 11.1: whether registered intermediate nodes may obtain keys ([policy]
+    # intermediate_nodes); a node still needs the scope it was registered with.
+    intermediate_nodes: bool = True
 
 
 @dataclass(frozen=True)

@@ -59,6 +59,31 @@ class Directory(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class IntermediateNode:
+    """An authorised intermediate node (RFC 6043 11.1: recorder, bridge, transcoder) as the
+    core sees it: the PSK it authenticates with (in the token) and its scope, identity
+    patterns as for peer trust (``PeerKms.resolve_for``); nothing is in scope by default."""
+
+    identity: bytes
+    role: str  # "recorder" | "bridge" | "transcoder"
+    psk: KeyRef | None  # None: a certificate node (RESOLVE_INIT_PK)
+    initiators: tuple[str, ...] = ()
+    responders: tuple[str, ...] = ()
+    groups: tuple[str, ...] = ()
+    # A certificate node's pinned signing certificate(s) (DER; `kms node add --cert`).
+    signing_certs_der: tuple[bytes, ...] = field(default=(), repr=False)
+
+
+class Nodes(Protocol):
+    """The registered intermediate nodes."""
+
+    def node(self, identity: bytes) -> IntermediateNode | None:
+        """The node named ``identity`` (its IDRpsk), None if there is none (never was, or
+        removed: refused at once)."""
+        ...
+
+
 class ReplayCacheFull(Exception):
     """The replay cache holds its capacity of live digests (still inside the window): a new
     message cannot be remembered, so it must be refused. A live digest is never dropped to

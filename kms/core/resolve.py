@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from kms.core.context import Authenticated, Call, Deps, Issued, noting
 from kms.core.errors import auth_failure, denied, precondition
+from kms.core.forking import modifier_for
 from kms.core.policy import (
     check_flag_rules,
     idr_in_policy,
@@ -180,7 +181,8 @@ def handle_resolve(
         responder = auth.identity.data
         check_responder(ticket, responder, deps)
         try:
-            resolution = resolve_ticket_keys(ks, ticket, contents, responder)
+            modifier = modifier_for(ks, deps.fork_modifier, bytes.fromhex(tid), responder)
+            resolution = resolve_ticket_keys(ks, ticket, contents, responder, modifier)
         except TicketError as exc:
             raise auth_failure(f"ticket refused: {exc.reason}") from None
         keys, rand_kms = list(resolution.keys), resolution.rand_kms

@@ -22,6 +22,7 @@ from kms.core.authn import (
 from kms.core.context import Authenticated, Call, Deps, Issued, noted_audit, noted_auth, noting
 from kms.core.errors import Refusal, malformed
 from kms.core.federation import PeerCall, finish_forward, start_forward
+from kms.core.nodes import authenticate_node, handle_node_resolve, node_request
 from kms.core.ports import PeerError, StoreUnavailable
 from kms.core.request import fresh_timestamp, handle_request
 from kms.core.resolve import Foreign, handle_resolve
@@ -60,6 +61,8 @@ def _header_only(wire: bytes) -> Message | None:
 def _resolve(
     v: InitialMessage, auth: Authenticated, deps: Deps, call: Call, now: float
 ) -> Issued | PeerCall:
+    if auth.method == "node":  # an intermediate node (RFC 6043 11.1)
+        return handle_node_resolve(v, auth, deps, call, now)
     out = handle_resolve(v, auth, deps, call, now)
     if isinstance(out, Foreign):
         assert isinstance(v, ResolveInitPsk | ResolveInitPk)  # routed by data type
@@ -181,6 +184,9 @@ class Kms:
             peer = forwarding_peer(v, self.deps)
             if peer is not None and isinstance(v, ResolveInitPsk):
                 return authenticate_peer(v, self.deps, now, peer)
+            node = node_request(v, self.deps)
+            if node is not None:
+                return authenticate_node(node, self.deps, now)
             return authenticate_psk(v, self.deps, now, role)
         if self.deps.pk is None:
             raise Refusal(

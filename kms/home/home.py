@@ -19,9 +19,10 @@ from typing import TypeVar
 import hsm
 import hsm.provision
 from kms.home.errors import HomeError, HomeNotInitialised
-from kms.home.identity import validate_identity
+from kms.home.identity import guess_id_type, validate_identity
 from kms.home.layout import (
     ENVELOPE_LABEL,
+    FORK_MODIFIER_LABEL,
     INIT_MARKER,
     PSK_MAX_BYTES,
     PSK_MIN_BYTES,
@@ -29,6 +30,7 @@ from kms.home.layout import (
     SOFTHSM_CONF,
     TOKEN_DIR,
     TPK_BYTES,
+    node_label,
     peer_label,
     psk_label,
     tpk_label,
@@ -41,6 +43,7 @@ from kms.server.config import (
 )
 from kms.server.stores import SqliteStores, Stores, open_stores
 from kms.server.token_needs import required_operations
+from kms.store.nodes import Node, NodeRole
 from kms.store.registry import (
     DuplicateEndpoint,
     Endpoint,
@@ -176,6 +179,54 @@ class Home:
                     ks.delete(label)
         return endpoint
 
+    # --- intermediate nodes (RFC 6043 11.1) ------------------------------------------------
+    def add_node(
+        self,
+        identity: bytes,
+        role: NodeRole,
+        psk: bytes | None,
+        *,
+        initiators: tuple[str, ...] = (),
+        responders: tuple[str, ...] = (),
+        groups: tuple[str, ...] = (),
+        cert_pem: str | None = None,
+    ) -> Node:
+        """Register an intermediate node and import its PSK into the token (all or nothing),
+        or, with ``cert_pem`` instead of a PSK, pin its signing certificate."""
+        validate_identity(identity, guess_id_type(identity))
+        reg = self.registry
+
+        def add(label: str | None) -> Node:
+            return reg.add_node(
+                identity, role, label, initiators=initiators, responders=responders,
+                groups=groups, cert_pem=cert_pem,
+            )  # fmt: skip
+
+        if psk is None:
+            if cert_pem is None:
+                raise HomeError("a node needs a PSK or a certificate")
+            return add(None)
+        if not PSK_MIN_BYTES <= len(psk) <= PSK_MAX_BYTES:
+            raise HomeError(
+                f"PSK must be {PSK_MIN_BYTES}..{PSK_MAX_BYTES} bytes, got {len(psk)}"
+            )
+        label = node_label(identity)
+
+        def row() -> tuple[Node, str]:
+            return add(label), label
+
+        return self._with_new_key(row, lambda ks, lbl: ks.import_secret(lbl, psk))
+
+    def remove_node(self, identity: bytes) -> Node:
+        """Unregister a node and destroy its PSK: it is refused from the next request on."""
+        ks = self.keystore()
+        with self.registry.transaction():
+            node = self.registry.remove_node(identity)
+            if node.key_label is not None:
+                with contextlib.suppress(KeyNotFound):
+                    ks.delete(node.key_label)
+        return node
+
     # --- peers (federation, RFC 6043 9) --------------------------------------------------
     def add_peer(
         self,
@@ -256,6 +307,7 @@ class Home:
         owners = self.registry.key_owners()
         owners[ENVELOPE_LABEL] = "KMS envelope key (PKE)"
         owners[SIGNING_LABEL] = "KMS signing key (SIGNkms)"
+        owners[FORK_MODIFIER_LABEL] = "KMS key-forking modifier key (RANDRkms)"
         return owners
 
     def key_inventory(self) -> list[KeyEntry]:

@@ -20,6 +20,8 @@ from kms.home.layout import (
     CERT_FILE,
     EMBEDDED_TOKEN_LABEL,
     ENVELOPE_LABEL,
+    FORK_MODIFIER_BYTES,
+    FORK_MODIFIER_LABEL,
     INIT_MARKER,
     PIN_FILE,
     RSA_BITS,
@@ -248,7 +250,7 @@ def init_home(
         ks = h.keystore()
 
         say("generating TPK version 1")
-        for label in (tpk_label(1), ENVELOPE_LABEL, SIGNING_LABEL):
+        for label in (tpk_label(1), ENVELOPE_LABEL, SIGNING_LABEL, FORK_MODIFIER_LABEL):
             try:
                 ks.key_info(label)
             except KeyNotFound:
@@ -257,6 +259,10 @@ def init_home(
         ks.generate_secret(tpk_label(1), TPK_BYTES)
         undo.add_label(tpk_label(1))
         registry.add_tpk_version(1, tpk_label(1), TpkState.CURRENT)
+
+        say("generating the key-forking modifier key")
+        ks.generate_secret(FORK_MODIFIER_LABEL, FORK_MODIFIER_BYTES)
+        undo.add_label(FORK_MODIFIER_LABEL)
 
         say(f"generating the RSA-{RSA_BITS} envelope key")
         ks.generate_rsa(ENVELOPE_LABEL, RSA_BITS)

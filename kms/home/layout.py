@@ -40,6 +40,11 @@ EMBEDDED_TOKEN_LABEL = "kms"  # noqa: S105 - a token label, not a password
 
 ENVELOPE_LABEL = "kms/envelope-rsa"
 SIGNING_LABEL = "kms/signing"
+# RANDRkms of key forking is a keyed function of (ticket id, IDRr) under this token secret
+# (RFC 6043 5.1.1; kms.core.forking). Created by `kms init`, and by `kms serve` in a home
+# made before it existed.
+FORK_MODIFIER_LABEL = "kms/fork-modifier"
+FORK_MODIFIER_BYTES = 32
 RSA_BITS = 2048
 TPK_BYTES = 32
 PSK_MIN_BYTES = 16  # RFC 6043 12.1: long-term keys of at least 128 bits
@@ -65,6 +70,10 @@ def psk_label(identity: bytes) -> str:
 
 def peer_label(kms_id: bytes) -> str:
     return _fresh_label("peer", kms_id)
+
+
+def node_label(identity: bytes) -> str:
+    return _fresh_label("node", identity)
 
 
 def tpk_label(version: int) -> str:

@@ -8,6 +8,7 @@ and resolves locally (modes 2 and 4 of RFC 6043 4.1.1).
 from __future__ import annotations
 
 import hmac
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from kms.keystore import KeyOps
@@ -64,11 +65,16 @@ def _check_vr(ticket: Ticket, mac_alg: MacAlg, key: bytes) -> None:
 
 
 def resolve_ticket_keys(
-    ks: KeyOps, ticket: Ticket, contents: TicketContents, responder: bytes
+    ks: KeyOps,
+    ticket: Ticket,
+    contents: TicketContents,
+    responder: bytes,
+    modifier: Callable[[int], bytes] | None = None,
 ) -> Resolution:
     """The keys a resolver hands to ``responder`` (RFC 6043 4.2.3.5, 5.1.1): forking (I = 1)
-    forks MPKr and every TGK with the responder's ID Data and a fresh RANDRkms; GTGKs and
-    TEKs are never forked."""
+    forks MPKr and every TGK with the responder's ID Data and RANDRkms; GTGKs and TEKs are
+    never forked. ``modifier(n)`` gives the n-byte RANDRkms (the KMS: a keyed function of
+    the ticket and the responder, kms.core.forking); without it, a fresh random one."""
     tp_prf = PrfFunc(ticket.policy.prf_func)
     mpk = contents.mpk
     if not ticket.policy.flags & TpFlag.I:  # no forking: MPKi only (MPKr is not used)
@@ -79,7 +85,8 @@ def resolve_ticket_keys(
     keys = [KeyData(KeyDataType.MPK, mpki, None, mpk.kv)]
     mac_alg = _check_vr_alg(ticket)
     longest = max([len(mpkr), *(len(k.key) for k in contents.session_keys)])
-    rand_kms = ks.random(max(16, longest))  # RFC 6043 12.1: RANDRkms >= longest MPKr/TGK
+    n = max(16, longest)  # RFC 6043 12.1: RANDRkms >= longest MPKr/TGK
+    rand_kms = modifier(n) if modifier is not None else ks.random(n)
     # Vr key and MPKr' come from the same MPKr: one key-store call; MPKr' is used only
     # once Vr has verified.
     vr_key, forked = derive_vr_key_and_forked_mpkr(

@@ -17,6 +17,8 @@ from kms.core.service import Kms
 from kms.home import (
     CERT_FILE,
     ENVELOPE_LABEL,
+    FORK_MODIFIER_BYTES,
+    FORK_MODIFIER_LABEL,
     SIGNING_CERT_FILE,
     Home,
     HomeError,
@@ -28,7 +30,7 @@ from kms.server.config import KmsConfig
 from kms.server.crl import CrlStore
 from kms.server.directory import RegistryDirectory
 from kms.server.federated import FederatingHandler
-from kms.server.settings import KeyTypeName, Responders
+from kms.server.settings import IntermediateNodes, KeyTypeName, Responders
 from kms.server.slots import CoreSlots
 from kms.server.stores import STATE_DIR
 from kms.store.audit import JsonLinesAuditSink
@@ -74,20 +76,32 @@ def kms_policy(config: KmsConfig) -> KmsPolicy:
         reuse_allowed=p.reuse_allowed,
         responders_must_be_known=p.responders == Responders.REGISTERED,
         timestamp_window_s=p.timestamp_window_s,
+        intermediate_nodes=p.intermediate_nodes == IntermediateNodes.ALLOWED,
     )
 
 
 def dummy_psk(
     keystore: KeyStore, lock: Callable[[], contextlib.AbstractContextManager[None]]
 ) -> KeyRef:
-    """The dummy PSK, generated inside the token on first use (it never leaves it).
+    """The dummy PSK, generated inside the token on first use (it never leaves it)."""
+    return ensure_secret(keystore, DUMMY_PSK_LABEL, DUMMY_PSK_BYTES, lock)
+
+
+def ensure_secret(
+    keystore: KeyStore,
+    label: str,
+    length: int,
+    lock: Callable[[], contextlib.AbstractContextManager[None]],
+) -> KeyRef:
+    """A KMS-wide token secret (the dummy PSK, the forking modifier key), generated inside
+    the token on first use if the home was made before it existed (it never leaves it).
 
     Several workers, and in cluster mode several replicas sharing the token, may start at
     once: under ``lock`` (``Stores.token_lock``: a lock file, or a PostgreSQL advisory lock
     across replicas) one creates it, the others find it after a rescan of the token."""
     try:
-        keystore.key_info(DUMMY_PSK_LABEL)
-        return KeyRef(DUMMY_PSK_LABEL)
+        keystore.key_info(label)
+        return KeyRef(label)
     except KeyNotFound:
         pass
     with lock():
@@ -95,11 +109,11 @@ def dummy_psk(
         if callable(refresh):
             refresh()
         try:
-            keystore.key_info(DUMMY_PSK_LABEL)
+            keystore.key_info(label)
         except KeyNotFound:
             with contextlib.suppress(KeyExists):
-                keystore.generate_secret(DUMMY_PSK_LABEL, DUMMY_PSK_BYTES)
-    return KeyRef(DUMMY_PSK_LABEL)
+                keystore.generate_secret(label, length)
+    return KeyRef(label)
 
 
 # Ticket Requests one worker process can serve per second, with headroom (measured about
@@ -143,6 +157,9 @@ def build_handler(
     directory = RegistryDirectory(
         stores.open_registry, config.home / SIGNING_CERT_FILE, stores.generation
     )
+    def fork_lock() -> contextlib.AbstractContextManager[None]:
+        return stores.token_lock("fork-modifier")
+
     deps = Deps(
         keystore=keystore,
         directory=directory,
@@ -160,8 +177,14 @@ def build_handler(
         peer_quota=stores.peer_quota(),
         admission=stores.admission(),
         dummy_psk=dummy_psk(keystore, lambda: stores.token_lock("dummy-psk")),
+        nodes=directory,  # intermediate nodes (kms node add, RFC 6043 11.1)
+        fork_modifier=ensure_secret(
+            keystore, FORK_MODIFIER_LABEL, FORK_MODIFIER_BYTES, fork_lock
+        ),
     )
     cert_peers = any(p.auth == "cert" for p in home.registry.list_peers())
+    # Certificate nodes (kms node add --cert) send RESOLVE_INIT_PK too (RFC 6043 11.1).
+    cert_peers = cert_peers or any(n.cert_pem for n in home.registry.list_nodes())
     if pk is None and (config.pk.ca_bundle is not None or cert_peers):
         # REQUEST_INIT_PK / RESOLVE_INIT_PK (RFC 6043 4.2.1.1, 4.2.3.1): endpoint
         # certificates chain to the [pk] ca_bundle; PKE is encrypted to the envelope key,

@@ -30,6 +30,7 @@ from kms.server.settings import (
     SECTIONS,
     SETTINGS,
     Forking,
+    IntermediateNodes,
     KeyTypeName,
     Kind,
     PrfName,
@@ -124,6 +125,7 @@ class PolicySettings:
     forking: Forking = _d("policy", "forking")  # noqa: RUF009 (an enum member)
     reuse_allowed: bool = _d("policy", "reuse_allowed")
     responders: Responders = _d("policy", "responders")  # noqa: RUF009 (an enum member)
+    intermediate_nodes: IntermediateNodes = _d("policy", "intermediate_nodes")  # noqa: RUF009
     timestamp_window_s: int = _d("policy", "timestamp_window_s")
     replay_cache_size: int = _d("policy", "replay_cache_size")  # 0 = auto (replay_capacity)
     rate_limit_per_s: int = _d("policy", "rate_limit_per_s")
@@ -638,6 +640,7 @@ def _parse_policy(doc: Mapping[str, Any], home: Path) -> PolicySettings:
         forking=sec.value("forking"),
         reuse_allowed=sec.value("reuse_allowed"),
         responders=sec.value("responders"),
+        intermediate_nodes=sec.value("intermediate_nodes"),
         timestamp_window_s=sec.value("timestamp_window_s"),
         replay_cache_size=sec.value("replay_cache_size"),
         rate_limit_per_s=sec.value("rate_limit_per_s"),

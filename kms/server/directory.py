@@ -16,7 +16,7 @@ from typing import ParamSpec, TypeVar
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from kms.core.ports import PeerKms, StoreUnavailable
+from kms.core.ports import IntermediateNode, PeerKms, StoreUnavailable
 from kms.core.psk_versions import PskVersionRef
 from kms.core.revocation import RevocationList
 from kms.home import SIGNING_CERT_FILE, SIGNING_LABEL, guess_id_type
@@ -221,6 +221,27 @@ class RegistryDirectory:
         return self._own_cert
 
     @_store_errors
+    def node(self, identity: bytes) -> IntermediateNode | None:
+        return self._cached("node", identity, lambda: self._node(identity))
+
+    def _node(self, identity: bytes) -> IntermediateNode | None:
+        n = self.registry.find_node(identity)
+        if n is None:
+            return None
+        certs: tuple[bytes, ...] = ()
+        if n.cert_pem is not None:
+            certs = pinned_certs(n.cert_pem)
+        return IntermediateNode(
+            n.identity,
+            n.role.value,
+            KeyRef(n.key_label) if n.key_label is not None else None,
+            n.initiators,
+            n.responders,
+            n.groups,
+            certs,
+        )
+
+    @_store_errors
     def applications(self) -> frozenset[bytes]:
         return self._cached(
             "apps",
@@ -257,6 +278,16 @@ class RegistryDirectory:
             else:
                 before[e.subject] = e.not_before
         return RevocationList(frozenset(suspended), frozenset(tickets), before)
+
+
+@functools.lru_cache(maxsize=64)
+def pinned_certs(cert_pem: str) -> tuple[bytes, ...]:
+    """The certificates of a PEM text as DER (a certificate node's pinned certificates)."""
+    try:
+        certs = x509.load_pem_x509_certificates(cert_pem.encode("ascii"))
+    except ValueError:
+        return ()
+    return tuple(c.public_bytes(Encoding.DER) for c in certs)
 
 
 @functools.lru_cache(maxsize=64)

@@ -68,6 +68,7 @@ METHODS = {"request_ticket": "RequestTicket", "resolve_ticket": "ResolveTicket"}
 _ERROR_NOS = frozenset(str(int(e)) for e in ErrorNo)
 _KEY_TYPES = {"TGK": "tgk", "TEK": "tek", "GTGK": "gtgk"}
 PEER_OUTCOMES = ("ok", "refused", "invalid", "unavailable")
+NODE_ROLES = frozenset({"recorder", "bridge", "transcoder"})
 # The call guard's event counts (kms.server.admission) by their ``reason`` label value.
 GUARD_REASONS = {
     "request_timeouts": "request_timeout",  # no request message in time: cancelled
@@ -126,6 +127,14 @@ class ServerMetrics:
             "Ticket resolves: path local (this KMS issued the ticket) or forwarded (asked "
             "the issuing peer KMS, RFC 6043 9); result ok or refused",
             ("path", "result"),
+            registry=r,
+        )
+        self.node_keys = Counter(
+            "kms_node_key_requests_total",
+            "Key requests of intermediate nodes (RFC 6043 11.1) by node role (recorder, "
+            "bridge, transcoder; unknown before the node authenticated) and outcome: "
+            "released (keys sent, audit event ticket.node_keys) or refused",
+            ("role", "outcome"),
             registry=r,
         )
         self.replays = Counter(
@@ -310,6 +319,13 @@ class ServerMetrics:
                 self.resolves,
                 "forwarded" if forwarded else "local",
                 "ok" if outcome is Outcome.OK else "refused",
+            ).inc()
+        if "node" in audit:  # an intermediate node's request (kms.core.nodes)
+            role = str(audit.get("role", "unknown"))
+            self.child(
+                self.node_keys,
+                role if role in NODE_ROLES else "unknown",
+                "released" if outcome is Outcome.OK else "refused",
             ).inc()
         if outcome is Outcome.RATE_LIMITED:
             reason = str(audit.get("reason", ""))

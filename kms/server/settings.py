@@ -27,6 +27,7 @@ __all__ = [
     "SECTIONS",
     "SETTINGS",
     "Forking",
+    "IntermediateNodes",
     "Kind",
     "KeyTypeName",
     "PrfName",
@@ -66,6 +67,15 @@ class Responders(StrEnum):
 
     ANY = "any"
     REGISTERED = "registered"
+
+
+class IntermediateNodes(StrEnum):
+    """``[policy] intermediate_nodes``: whether registered intermediate nodes (RFC 6043 11.1:
+    recorders, bridges, transcoders) may obtain call keys; nothing is in scope until one is
+    registered with a scope (`kms node add`)."""
+
+    ALLOWED = "allowed"
+    FORBIDDEN = "forbidden"
 
 
 class StoreBackend(StrEnum):
@@ -231,6 +241,10 @@ SETTINGS: tuple[Setting, ...] = (
       "registered endpoints and groups (federation: responders of other domains are never "
       "registered here, so keep any there).", choices=_choices(Responders),
       example=Responders.REGISTERED),
+    S("policy", "intermediate_nodes", K.CHOICE, IntermediateNodes.ALLOWED, "Whether registered "
+      "intermediate nodes (recorders, bridges, transcoders; RFC 6043 11.1) may obtain the keys "
+      "of calls in their scope (`kms node add`; none is registered by default).",
+      choices=_choices(IntermediateNodes), example=IntermediateNodes.FORBIDDEN),
     S("policy", "timestamp_window_s", K.INT, _P.timestamp_window_s, "Accepted clock skew and "
       "replay window.", 1, 86400, example=30),
     S("policy", "replay_cache_size", K.INT, 0, "Replay cache entries (live ones are never "

@@ -80,12 +80,15 @@ _TABLES: dict[str, tuple[str, ...]] = {
     "revocations": ("kind", "subject", "not_before", "created_at", "reason"),
     "psk_versions": ("identity", "version", "name", "key_label", "retired", "created_at",
                      "retire_at"),
+    "nodes": ("identity", "role", "key_label", "created_at", "initiators", "responders",
+              "groups_in_scope", "cert_pem"),
 }
 _ORDER: dict[str, str] = {
     "endpoints": "id", "groups": "id", "group_members": "group_id, member_id",
     "applications": "id", "peers": "id", "tpk_versions": "version",
     "revocations": "kind, subject",
     "psk_versions": "identity, version",
+    "nodes": "identity",
 }
 _BLOB = {"identity", "kms_id", "subject", "name"}
 

@@ -29,6 +29,7 @@ import psycopg_pool
 from psycopg import conninfo as pg_conninfo
 
 from kms.core.ports import StoreUnavailable
+from kms.store.nodes import PG_MIGRATION as _NODES_MIGRATION
 from kms.store.psk_versions import PG_MIGRATION as _PSK_VERSIONS_MIGRATION
 from kms.store.revocations import PG_MIGRATION as _REVOCATIONS_MIGRATION
 
@@ -219,11 +220,13 @@ MIGRATIONS: Sequence[str] = (
     _REVOCATIONS_MIGRATION,
     # 3: PSK versions named by IDRpsk (rotation without downtime); see kms.store.psk_versions
     _PSK_VERSIONS_MIGRATION,
+    # 4: authorised intermediate nodes (RFC 6043 11.1); see kms.store.nodes
+    _NODES_MIGRATION,
 )
 
 REGISTRY_TABLES = (
     "endpoints", "groups", "group_members", "applications", "peers", "tpk_versions",
-    "revocations", "psk_versions",
+    "revocations", "psk_versions", "nodes",
 )
 
 

@@ -30,6 +30,8 @@ from typing import Any
 
 from kms.core.ports import StoreUnavailable
 from kms.mikey.constants import IdType
+from kms.store.nodes import SQLITE_MIGRATION as _NODES_MIGRATION
+from kms.store.nodes import NodeTables
 from kms.store.psk_versions import SQLITE_MIGRATION as _PSK_VERSIONS_MIGRATION
 from kms.store.psk_versions import PskVersionTables
 from kms.store.revocations import SQLITE_MIGRATION as _REVOCATIONS_MIGRATION
@@ -248,6 +250,8 @@ MIGRATIONS: Sequence[str] = (
     _REVOCATIONS_MIGRATION,
     # 4: PSK versions named by IDRpsk (rotation without downtime); see kms.store.psk_versions
     _PSK_VERSIONS_MIGRATION,
+    # 5: authorised intermediate nodes (RFC 6043 11.1); see kms.store.nodes
+    _NODES_MIGRATION,
 )
 
 
@@ -255,7 +259,7 @@ def _now() -> int:
     return int(time.time())
 
 
-class Registry(RevocationTables, PskVersionTables):
+class Registry(RevocationTables, PskVersionTables, NodeTables):
     """Typed access to the registry database. One instance per process/thread."""
 
     def __init__(self, conn: sqlite3.Connection, path: Path) -> None:
@@ -383,6 +387,8 @@ class Registry(RevocationTables, PskVersionTables):
                 raise DuplicateEndpoint(f"endpoint {show_identity(identity)} already exists")
             if self._group_id(identity) is not None:
                 raise IdentityConflict(f"{show_identity(identity)} is already a group")
+            if self.find_node(identity) is not None:
+                raise IdentityConflict(f"{show_identity(identity)} is already a node")
             if self._q("SELECT 1 FROM endpoints WHERE key_label = ?", (key_label,)):
                 raise DuplicateEndpoint(f"key label {key_label} is already used by an endpoint")
             now = _now()
@@ -738,6 +744,10 @@ class Registry(RevocationTables, PskVersionTables):
         for peer in self.list_peers():
             if peer.key_label:
                 owners[peer.key_label] = f"peer {show_identity(peer.kms_id)}"
+        for node in self.list_nodes():
+            if node.key_label is not None:
+                who = show_identity(node.identity)
+                owners[node.key_label] = f"{node.role.value} node {who}"
         for row in self._q("SELECT identity, version, key_label, retired FROM psk_versions"):
             if row[3]:  # a retired PSK version: its token object is destroyed
                 owners.pop(str(row[2]), None)

@@ -69,7 +69,7 @@ def test_help_via_subprocess(kms: Run, tmp_path: Path) -> None:
 def test_init_result(pristine_home: Path, kms: Run) -> None:
     home = pristine_home
     keys = _keys(kms, home)
-    assert sorted(keys) == ["kms/envelope-rsa", "kms/signing", "tpk/1"]
+    assert sorted(keys) == ["kms/envelope-rsa", "kms/fork-modifier", "kms/signing", "tpk/1"]
     for k in keys.values():
         assert k["present"]
         assert k["sensitive"] is True

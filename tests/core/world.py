@@ -17,7 +17,7 @@ from hsm.software import SoftwareKeyStore
 from kms.core.api import KmsReply
 from kms.core.context import Deps
 from kms.core.policy import KmsPolicy
-from kms.core.ports import PeerKms
+from kms.core.ports import IntermediateNode, PeerKms
 from kms.core.service import Kms
 from kms.endpoint.common import Credentials
 from kms.endpoint.initiator import DesiredPolicy, Initiator, PendingTransfer, TicketGrant
@@ -46,6 +46,7 @@ PSKS = {
 }
 TPK_BYTES = 32
 DUMMY_PSK_LABEL = "dummy-psk"
+FORK_MODIFIER_LABEL = "fork/modifier"
 
 
 class MemoryDirectory:
@@ -60,6 +61,7 @@ class MemoryDirectory:
         self.current = 0
         self.apps: frozenset[bytes] = frozenset()
         self.peers: dict[bytes, PeerKms] = {}
+        self.nodes: dict[bytes, IntermediateNode] = {}
 
     def add_endpoint(self, identity: bytes, psk: bytes) -> None:
         label = "psk/" + identity.hex()
@@ -96,6 +98,16 @@ class MemoryDirectory:
 
     def peer(self, kms_id: bytes) -> PeerKms | None:
         return self.peers.get(kms_id)
+
+    def node(self, identity: bytes) -> IntermediateNode | None:
+        return self.nodes.get(identity)
+
+    def add_node(
+        self, identity: bytes, psk: bytes, role: str = "recorder", **scope: tuple[str, ...]
+    ) -> None:
+        label = "node/" + identity.hex()
+        self.keystore.import_secret(label, psk)
+        self.nodes[identity] = IntermediateNode(identity, role, KeyRef(label), **scope)
 
 
 @dataclass
@@ -186,6 +198,7 @@ def make_world(policy: KmsPolicy | None = None) -> World:
     directory.groups[TEAM] = {BOB, CAROL}
     directory.rotate_tpk()
     keystore.generate_secret(DUMMY_PSK_LABEL, TPK_BYTES)
+    keystore.generate_secret(FORK_MODIFIER_LABEL, TPK_BYTES)
     sink = ListAuditSink()
     deps = Deps(
         keystore=keystore,
@@ -196,5 +209,7 @@ def make_world(policy: KmsPolicy | None = None) -> World:
         audit=sink,
         policy=policy or KmsPolicy(kms_id=KMS_ID),
         dummy_psk=KeyRef(DUMMY_PSK_LABEL),
+        nodes=directory,
+        fork_modifier=KeyRef(FORK_MODIFIER_LABEL),
     )
     return World(directory, sink, Kms(deps), float(int(time.time())))

@@ -17,7 +17,7 @@ import grpc
 import pytest
 from prometheus_client import CollectorRegistry
 
-from kms.core.api import Outcome
+from kms.core.api import KmsReply, Outcome
 from kms.core.ports import PeerError, PeerKms
 from kms.home import Home, open_home
 from kms.keystore import Digest, KeyNotFound, KeyRef, KeyStore
@@ -146,6 +146,24 @@ def test_key_type_label_is_bounded() -> None:
     assert key_type_label(["GTGK"]) == "gtgk"
     assert key_type_label(["WHATEVER"]) == "other"
     assert key_type_label(None) == "none"
+
+
+def test_node_key_requests_by_role_and_outcome() -> None:
+    """Intermediate nodes (RFC 6043 11.1): releases and refusals by role, bounded labels."""
+    reg = CollectorRegistry()
+    metrics = ServerMetrics(reg)
+    released = {"node": "sip:rec@x", "role": "recorder", "event": "ticket.node_keys",
+                "ticket_id": "00" * 16}  # fmt: skip
+    metrics.observe_call("resolve_ticket", KmsReply(Outcome.OK, b"x", audit=released), 0.001)
+    refused = {"node": "sip:who@x", "event": "refused", "error_no": 7}
+    metrics.observe_call("resolve_ticket", KmsReply(Outcome.UNAUTHENTICATED, audit=refused), 0.001)
+    bogus = {"node": "sip:b@x", "role": "spy", "event": "refused"}
+    metrics.observe_call("resolve_ticket", KmsReply(Outcome.DENIED, audit=bogus), 0.001)
+    metrics.observe_call("resolve_ticket", KmsReply(Outcome.OK, b"x", audit={}), 0.001)
+    name = "kms_node_key_requests_total"
+    assert sample(reg, name, role="recorder", outcome="released") == 1
+    assert sample(reg, name, role="unknown", outcome="refused") == 2
+    assert sample(reg, name, role="recorder", outcome="refused") == 0
 
 
 BASE = '[kms]\nid = "kms:x"\n[token]\nmodule = "m.so"\nlabel = "t"\npin_env = "P"\n'

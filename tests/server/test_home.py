@@ -22,6 +22,7 @@ import hsm
 import hsm.provision
 from kms.home import (
     ENVELOPE_LABEL,
+    FORK_MODIFIER_LABEL,
     SIGNING_LABEL,
     Home,
     HomeError,
@@ -92,7 +93,7 @@ def test_init_layout_keys_and_certs(home: Home) -> None:
     assert home.config.token.pin_file == p / "token/pin"
     assert home.config.token.softhsm_conf == p / "token/softhsm2.conf"
 
-    assert _labels(home) == [ENVELOPE_LABEL, SIGNING_LABEL, "tpk/1"]
+    assert _labels(home) == [ENVELOPE_LABEL, FORK_MODIFIER_LABEL, SIGNING_LABEL, "tpk/1"]
     for info in home.keystore().list_keys():
         assert info.sensitive
         assert not info.extractable
@@ -175,7 +176,7 @@ def test_init_with_external_token(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     h = init_home(tmp_path / "h", KMS_ID, module=module, token_label="ext",
                   pin_file=tmp_path / "pin")
     try:
-        assert _labels(h) == [ENVELOPE_LABEL, SIGNING_LABEL, "tpk/1"]
+        assert _labels(h) == [ENVELOPE_LABEL, FORK_MODIFIER_LABEL, SIGNING_LABEL, "tpk/1"]
         assert h.config.token.softhsm_conf is None
         assert h.config.token.pin_file == tmp_path / "pin"
         assert not (h.path / "token").exists()
@@ -197,7 +198,7 @@ def test_interrupted_init_is_cleaned_up_by_rerun(tmp_path: Path) -> None:
     init_home(path, "kms:second.example.org").close()
     with open_home(path) as h:
         assert h.config.kms_id == "kms:second.example.org"
-        assert _labels(h) == [ENVELOPE_LABEL, SIGNING_LABEL, "tpk/1"]
+        assert _labels(h) == [ENVELOPE_LABEL, FORK_MODIFIER_LABEL, SIGNING_LABEL, "tpk/1"]
 
 
 def test_init_refuses_foreign_leftovers(tmp_path: Path) -> None:

@@ -129,7 +129,7 @@ PROBES: dict[tuple[str, str], Probe] = {
     ("metrics", "allow_plaintext_non_loopback"): lambda c, h: _plain_metrics(c),
 }
 for _key in ("prf", "allowed_key_types", "max_lifetime_s", "default_lifetime_s", "forking",
-             "reuse_allowed", "responders", "timestamp_window_s"):
+             "reuse_allowed", "responders", "timestamp_window_s", "intermediate_nodes"):
     PROBES[("policy", _key)] = lambda c, h: kms_policy(c)
 
 # Keys whose component needs a logged-in token, a database or a running server to be built;

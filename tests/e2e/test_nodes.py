@@ -1,0 +1,176 @@
+"""Keys for authorised intermediate nodes (RFC 6043 11.1), end to end: nodes provisioned with
+`kms node add` while `kms serve` runs with its SoftHSM token; a recorder in scope decrypts
+both directions of Alice <-> Bob's real SRTP (libsrtp), with and without forking; one out of
+scope, a removed one and every node under [policy] intermediate_nodes = "forbidden" are
+refused with Invalid ID; a bridge joins a group call with the GTGK; `kms audit nodes` tells
+which node obtained which call's keys."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+
+from kms.endpoint.client import KmsRefused, obtain_ticket, resolve
+from kms.endpoint.common import Credentials
+from kms.endpoint.initiator import DEFAULT_FLAGS, DesiredPolicy
+from kms.endpoint.node import IntermediateNode, leg_keys
+from kms.endpoint.session import CryptoSession, SrtpKeys
+from kms.mikey.base_ticket import ticket_id
+from kms.mikey.constants import ErrorNo, IdType, KeyDataType
+from kms.mikey.ticket import TpFlag
+from tests.e2e.harness import (
+    ALICE,
+    BOB,
+    CAROL,
+    KMS_ID,
+    PSKS,
+    TEAM,
+    Kms,
+    check_srtp,
+    make_home,
+    run_kms,
+    running_kms,
+    set_policy,
+    srtp_refuses,
+)
+
+FORKING = TpFlag.E | TpFlag.F | TpFlag.G | TpFlag.H | TpFlag.I
+SESSIONS = (CryptoSession(1, 0x5EC00001), CryptoSession(2, 0x5EC00002))  # A->B, B->A
+RECORDER = b"sip:recorder@dispatch.example.org"
+OUTSIDER = b"sip:recorder@elsewhere.example.org"
+BRIDGE = b"sip:bridge@conf.example.org"
+NODE_PSKS = {
+    RECORDER: bytes.fromhex("4e" * 32),
+    OUTSIDER: bytes.fromhex("0d" * 32),
+    BRIDGE: bytes.fromhex("b1" * 32),
+}
+
+
+def _add(kms: Kms, who: bytes, role: str, *scope: str) -> None:
+    run_kms(kms.home, "node", "add", who.decode(), "--role", role,
+            "--psk-hex", NODE_PSKS[who].hex(), *scope)  # fmt: skip
+
+
+@pytest.fixture(scope="module", autouse=True)
+def nodes(kms: Kms) -> None:
+    """The nodes, provisioned with the CLI while `kms serve` runs, before any of them asks
+    (the server finds new token objects by one rate-limited rescan, docs/hsm.md)."""
+    _add(kms, RECORDER, "recorder", "--initiator", "sip:alice@*")
+    _add(kms, OUTSIDER, "recorder", "--responder", "sip:*@elsewhere.example.org")
+    _add(kms, BRIDGE, "bridge", "--group", TEAM.decode())
+
+
+def _node(kms: Kms, who: bytes) -> IntermediateNode:
+    return IntermediateNode(Credentials(who, NODE_PSKS[who], KMS_ID, IdType.URI), kms.ks)
+
+
+def _refused(kms: Kms, who: bytes, ti: bytes, tr: bytes | None) -> KmsRefused:
+    with pytest.raises(KmsRefused) as info:
+        leg_keys(kms.client(), _node(kms, who), ti, tr, time.time())
+    assert info.value.error_no == ErrorNo.INVALID_ID
+    return info.value
+
+
+def _both_directions(a: list[SrtpKeys] | tuple[SrtpKeys, ...], b: list[SrtpKeys] | tuple[
+        SrtpKeys, ...], node: tuple[SrtpKeys, ...]) -> None:  # fmt: skip
+    """Alice sends on CS 1, Bob on CS 2; the node decrypts both, as the far end does."""
+    check_srtp(a[0], b[0])
+    sent_by_alice = check_srtp(a[0], node[0])
+    sent_by_bob = check_srtp(b[1], node[1])
+    assert srtp_refuses(sent_by_alice, node[1]) and srtp_refuses(sent_by_bob, node[0])
+
+
+def test_recorder_decrypts_both_directions_outsider_and_removed_node_refused(kms: Kms) -> None:
+    ini = kms.initiator(ALICE)
+
+    # Without forking: the ticket's keys, both directions.
+    grant = obtain_ticket(kms.client(), ini, DesiredPolicy(responders=(BOB,)))
+    ti, pending = ini.transfer_init(grant, time.time(), BOB, SESSIONS)
+    bob = resolve(kms.client(), kms.responder(BOB), ti)
+    alice = ini.establish(pending, bob.transfer_resp, time.time())
+    leg = leg_keys(kms.client(), _node(kms, RECORDER), ti, bob.transfer_resp, time.time())
+    assert leg.leg == BOB and all(k.key_type != KeyDataType.MPK for k in leg.session_keys)
+    _both_directions(alice.srtp, bob.srtp, leg.srtp)
+    tid = ticket_id(grant.ticket.ticket_data)
+
+    # With forking: the leg the TRANSFER_RESP names (Bob's, then Carol's), each its own keys.
+    fork = obtain_ticket(kms.client(), ini, DesiredPolicy(responders=(TEAM,), flags=FORKING))
+    legs = []
+    for member in (BOB, CAROL):
+        ti_f, pending_f = ini.transfer_init(fork, time.time(), TEAM, SESSIONS)
+        far = resolve(kms.client(), kms.responder(member), ti_f)
+        near = ini.establish(pending_f, far.transfer_resp, time.time())
+        got = leg_keys(kms.client(), _node(kms, RECORDER), ti_f, far.transfer_resp, time.time())
+        assert got.leg == member and got.rand_kms is not None
+        _both_directions(near.srtp, far.srtp, got.srtp)
+        legs.append(got)
+    assert legs[0].srtp[0].key_and_salt != legs[1].srtp[0].key_and_salt
+
+    # Out of scope: Invalid ID, like an unauthorised Responder.
+    refused = _refused(kms, OUTSIDER, ti, bob.transfer_resp)
+    assert refused.code is grpc.StatusCode.PERMISSION_DENIED
+
+    # `kms audit nodes`: the compliance officer's view of who obtained this call's keys.
+    out = run_kms(kms.home, "audit", "nodes", "--ticket", tid, "--json").stdout
+    rows = json.loads(out)
+    assert [(r["node"], r["role"], r["leg"], r["forking"]) for r in rows] == [
+        (RECORDER.decode(), "recorder", BOB.decode(), False)
+    ]
+    table = run_kms(kms.home, "audit", "nodes", "--refused").stdout
+    assert "refused: recorder node out of scope" in table and OUTSIDER.decode() in table
+    mine = json.loads(run_kms(kms.home, "audit", "nodes", "--node", OUTSIDER.decode(),
+                              "--refused", "--json").stdout)  # fmt: skip
+    assert [(r["node"], r["error_no"]) for r in mine] == [(OUTSIDER.decode(), 7)]
+    forked = json.loads(run_kms(kms.home, "audit", "nodes", "--json").stdout)
+    assert {r["leg"] for r in forked if r["forking"]} == {BOB.decode(), CAROL.decode()}
+
+    # Removed: refused at once, with the same Invalid ID.
+    run_kms(kms.home, "node", "remove", RECORDER.decode())
+    _refused(kms, RECORDER, ti, bob.transfer_resp)
+    listed = json.loads(run_kms(kms.home, "node", "list", "--json").stdout)
+    assert RECORDER.decode() not in [n["identity"] for n in listed]
+    # Registered again (a new PSK): served again, without restarting `kms serve`.
+    NODE_PSKS[RECORDER] = bytes.fromhex("4f" * 32)
+    _add(kms, RECORDER, "recorder", "--responder", "sip:bob@*")
+    again = leg_keys(kms.client(), _node(kms, RECORDER), ti, bob.transfer_resp, time.time())
+    assert again.srtp == leg.srtp
+
+
+def test_bridge_joins_a_group_call_with_the_gtgk(kms: Kms) -> None:
+    ini = kms.initiator(ALICE)
+    flags = (DEFAULT_FLAGS | TpFlag.H) & ~TpFlag.G & ~TpFlag.F & ~TpFlag.O
+    desired = DesiredPolicy(responders=(TEAM,), flags=flags, key_types=(KeyDataType.GTGK,))
+    grant = obtain_ticket(kms.client(), ini, desired)
+    assert [k.key_type for k in grant.session_keys] == [KeyDataType.GTGK]
+    ti, pending = ini.transfer_init(grant, time.time(), TEAM, SESSIONS)
+    bob = resolve(kms.client(), kms.responder(BOB), ti)
+    carol = resolve(kms.client(), kms.responder(CAROL), ti)
+    assert bob.transfer_resp is None  # F = 0: a group call without TRANSFER_RESP
+    alice = ini.keys_without_response(pending)
+    bridge = leg_keys(kms.client(), _node(kms, BRIDGE), ti, None, time.time())
+    assert bridge.session_keys[0].key == grant.session_keys[0].key
+    sent = check_srtp(alice[0], bridge.srtp[0])  # the bridge hears Alice ...
+    check_srtp(bridge.srtp[1], carol.srtp[1])  # ... and speaks to Carol (and Bob)
+    check_srtp(bridge.srtp[1], bob.srtp[1])
+    assert not srtp_refuses(sent, bob.srtp[0])
+
+
+def test_policy_forbids_every_node(tmp_path: Path) -> None:
+    """A KMS whose [policy] says intermediate_nodes = "forbidden" refuses a node in scope."""
+    home = make_home(tmp_path / "home", {ALICE: PSKS[ALICE], BOB: PSKS[BOB]}, {})
+    set_policy(home, intermediate_nodes='"forbidden"')
+    who = RECORDER
+    with running_kms(home) as strict:
+        _add(strict, who, "recorder", "--initiator", "*")
+        ini = strict.initiator(ALICE)
+        grant = obtain_ticket(strict.client(), ini, DesiredPolicy(responders=(BOB,)))
+        ti, _ = ini.transfer_init(grant, time.time(), BOB, SESSIONS)
+        bob = resolve(strict.client(), strict.responder(BOB), ti)
+        refused = _refused(strict, who, ti, bob.transfer_resp)
+        assert refused.code is grpc.StatusCode.PERMISSION_DENIED
+        table = run_kms(home, "audit", "nodes", "--refused").stdout
+        assert "refused: [policy] intermediate_nodes = forbidden" in table
