@@ -111,11 +111,12 @@ def _inproc_child(home_path: str, grant: object, rounds: int, seconds: float,
     from kms.home import open_home
     from kms.server.compose import build_handler
     from kms.server.metrics import ServerMetrics
+    from kms.server.observed import ObservedHandler, ObservedKeyStore
 
     home = open_home(Path(home_path))
     plain = build_handler(home)
     m = ServerMetrics(None)
-    metered = m.handler(build_handler(home, keystore=m.keystore(home.keystore())))
+    metered = ObservedHandler(build_handler(home, keystore=ObservedKeyStore(home.keystore(), m)), m)
     out = {}
     block = 25
     for w in (Workload("request"), Workload("resolve", grant=grant)):  # type: ignore[arg-type]
@@ -152,11 +153,12 @@ def _micro_child(conn: object) -> None:
     from kms.keystore import KeyRef
     from kms.mikey.prf import PrfFunc
     from kms.server.metrics import ServerMetrics
+    from kms.server.observed import ObservedKeyStore
 
     m = ServerMetrics(None if os.environ.get("PROMETHEUS_MULTIPROC_DIR") else CollectorRegistry())
     ks = SoftwareKeyStore()
     ks.import_secret("k", b"k" * 20)
-    mk = m.keystore(ks)
+    mk = ObservedKeyStore(ks, m)
     key = KeyRef("k")
     hist = m.token_seconds.labels("hmac")
 

@@ -10,20 +10,33 @@ processes sharing the port with SO_REUSEPORT, the same :class:`KmsServer` (threa
 re-import this module as ``__mp_main__``) the composition root's ``build_handler`` is
 replaced by :class:`EchoHandler`, which answers every call with the request bytes: the
 floor of "a call through our server" with no MIKEY, no token and no state.
+
+With ``KMS_BENCH_COUNTS=DIR`` every worker counts the calls its handler answers in
+``DIR/<pid>`` (an 8-byte counter in a shared mapping that the driver reads at the start and
+end of a timed window: calls per worker, to see how SO_REUSEPORT spread the load).
+
+``KMS_BENCH_TREE=PATH`` serves the ``kms`` package of another source tree (e.g. a worktree
+of the branch point) with the same interpreter: ``bench.run --compare`` uses it for its
+before/after rounds.
 """
 
 from __future__ import annotations
 
 import argparse
+import mmap
 import os
+import struct
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+TREE_ENV = "KMS_BENCH_TREE"
+COUNTS_ENV = "KMS_BENCH_COUNTS"
+sys.path.insert(0, os.environ.get(TREE_ENV) or str(Path(__file__).resolve().parent.parent))
 
-import kms.server.serve as serve_mod
-from kms.core.api import KmsReply, Outcome
+import kms.server.serve as serve_mod  # noqa: E402
+from kms.core.api import KmsReply, Outcome  # noqa: E402
 
 ECHO_ENV = "KMS_BENCH_ECHO"
 
@@ -42,9 +55,50 @@ def _echo_handler(*_args: Any, **_kwargs: Any) -> Any:
     return EchoHandler()
 
 
-if os.environ.get(ECHO_ENV) == "1":
-    # Also runs in every spawned worker (it re-imports the main module).
-    serve_mod.build_handler = _echo_handler  # type: ignore[attr-defined]
+class CountingHandler:
+    """Counts the calls of the handler it wraps in ``DIR/<pid>`` (see the module doc)."""
+
+    def __init__(self, inner: Any, folder: str) -> None:
+        self._inner = inner
+        path = os.path.join(folder, str(os.getpid()))
+        with open(path, "wb") as f:
+            f.write(b"\0" * 8)
+        with open(path, "r+b") as f:
+            self._map = mmap.mmap(f.fileno(), 8)
+        self._n = 0
+        self._lock = threading.Lock()
+
+    def _count(self) -> None:
+        with self._lock:
+            self._n += 1
+            struct.pack_into("<Q", self._map, 0, self._n)
+
+    def request_ticket(self, *args: Any, **kwargs: Any) -> Any:
+        self._count()
+        return self._inner.request_ticket(*args, **kwargs)
+
+    def resolve_ticket(self, *args: Any, **kwargs: Any) -> Any:
+        self._count()
+        return self._inner.resolve_ticket(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:  # close(), refuse_undecodable()
+        return getattr(self._inner, name)
+
+
+def _install() -> None:
+    """Runs in the server and in every spawned worker (each re-imports the main module)."""
+    build: Any = _echo_handler if os.environ.get(ECHO_ENV) == "1" else serve_mod.build_handler
+    folder = os.environ.get(COUNTS_ENV)
+    if folder:
+        inner = build
+
+        def build(*args: Any, **kwargs: Any) -> Any:
+            return CountingHandler(inner(*args, **kwargs), folder)
+
+    serve_mod.build_handler = build  # type: ignore[attr-defined]
+
+
+_install()
 
 
 def main() -> int:
@@ -57,7 +111,7 @@ def main() -> int:
     args = ap.parse_args()
     if args.echo and os.environ.get(ECHO_ENV) != "1":
         os.environ[ECHO_ENV] = "1"
-        serve_mod.build_handler = _echo_handler  # type: ignore[attr-defined]
+        _install()
 
     def out(line: str) -> None:
         print(line, flush=True)

@@ -39,6 +39,9 @@ class LoadResult:
     retries: int = 0  # RESOURCE_EXHAUSTED refusals retried (server threads all busy)
     server_cores: float = math.nan  # CPU seconds of the server processes / window seconds
     client_cores: float = math.nan  # the same for the load processes
+    # Per serving worker (pid): TCP connections at the start of the window, calls answered
+    # and CPU seconds inside it (see worker_counts; empty without a counts folder).
+    workers: list[dict[str, float]] = field(default_factory=list)
 
     @property
     def server_cpu_ms_per_call(self) -> float:
@@ -188,6 +191,69 @@ def tree_cpu(roots: list[int]) -> float:
     return sum(stats[p][1] for p in want if p in stats)
 
 
+def connections_by_pid(pids: list[int], port: int) -> dict[int, int]:
+    """ESTABLISHED TCP connections whose local port is ``port`` held by each pid (Linux
+    /proc: the socket inodes among a process's fds, matched against /proc/net/tcp*)."""
+    inodes: dict[str, None] = {}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                next(f)
+                for line in f:
+                    parts = line.split()
+                    local, state, inode = parts[1], parts[3], parts[9]
+                    if state == "01" and int(local.rsplit(":", 1)[1], 16) == port:
+                        inodes[inode] = None
+        except OSError:
+            continue
+    out: dict[int, int] = {}
+    for pid in pids:
+        n = 0
+        try:
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                try:
+                    link = os.readlink(f"/proc/{pid}/fd/{fd}")
+                except OSError:
+                    continue
+                if link.startswith("socket:[") and link[8:-1] in inodes:
+                    n += 1
+        except OSError:
+            pass
+        out[pid] = n
+    return out
+
+
+def read_counts(folder: Any) -> dict[int, int]:
+    """Calls answered so far by each worker pid counting into ``folder`` (bench.echo)."""
+    out: dict[int, int] = {}
+    for name in os.listdir(folder):
+        if name.isdigit():
+            with open(os.path.join(folder, name), "rb") as f:
+                data = f.read(8)
+            if len(data) == 8:
+                out[int(name)] = int.from_bytes(data, "little")
+    return out
+
+
+def worker_counts(
+    conns: dict[int, int], start: dict[int, int], end: dict[int, int],
+    cpu0: dict[int, float], cpu1: dict[int, float],
+) -> list[dict[str, float]]:
+    """One row per worker pid: its connections, and calls and CPU seconds in the window."""
+    return [{"pid": pid, "connections": conns.get(pid, 0),
+             "calls": end[pid] - start.get(pid, 0),
+             "cpu_s": cpu1.get(pid, math.nan) - cpu0.get(pid, math.nan)} for pid in sorted(end)]
+
+
+def _cpu_of(pids: list[int]) -> dict[int, float]:
+    out = {}
+    for pid in pids:
+        st = _stat(pid)
+        if st is not None:
+            out[pid] = st[1]
+    return out
+
+
 def run_load(
     target: str,
     w: Workload,
@@ -201,6 +267,7 @@ def run_load(
     server_pid: int | None = None,
     server_pids: list[int] | None = None,
     on_window: Any = None,
+    counts_dir: Any = None,
 ) -> LoadResult:
     """Run ``clients`` concurrent clients over min(clients, max_processes) processes."""
     ctx = multiprocessing.get_context("spawn")
@@ -236,10 +303,18 @@ def run_load(
             clients_pids = [p.pid for p in procs if p.pid is not None]
             time.sleep(max(0.0, start + warmup - time.time()))
             s0, c0 = tree_cpu(roots), tree_cpu(clients_pids)
+            if counts_dir is not None:
+                k0 = read_counts(counts_dir)
+                w0 = _cpu_of(list(k0))
+                # Every client is connected by now (and none has closed yet, as at the end).
+                conns = connections_by_pid(list(k0), int(target.rsplit(":", 1)[1]))
             if on_window is not None:  # the caller's own counters, read at the same moments
                 on_window("start")
             time.sleep(max(0.0, start + warmup + duration - time.time()))
             s1, c1 = tree_cpu(roots), tree_cpu(clients_pids)
+            if counts_dir is not None:
+                k1 = read_counts(counts_dir)
+                res.workers = worker_counts(conns, k0, k1, w0, _cpu_of(list(k1)))
             if on_window is not None:
                 on_window("end")
             res.server_cores = (s1 - s0) / duration

@@ -27,9 +27,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+# bench.run first: its --tree handling must run before anything imports kms.
+from bench.run import RESULTS, server  # noqa: E402, I001
 from bench.load import run_load  # noqa: E402
 from bench.messages import Workload, obtain_grant  # noqa: E402
-from bench.run import RESULTS, server  # noqa: E402
 
 
 def summarise(raw: Path, top: int) -> None:
@@ -64,7 +65,9 @@ def main() -> int:
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--seconds", type=float, default=8.0)
     ap.add_argument("--top", type=int, default=40)
+    ap.add_argument("--rate", type=int, default=200, help="py-spy samples per second")
     ap.add_argument("--native", action="store_true", help="py-spy --native")
+    ap.add_argument("--tree", type=Path, help="profile the kms/hsm of this source tree")
     ap.add_argument("--all-threads", action="store_true",
                     help="sample every active thread, not only the GIL holder")
     args = ap.parse_args()
@@ -88,10 +91,10 @@ def main() -> int:
                                                           time.time()))
             home.close()
         RESULTS.mkdir(parents=True, exist_ok=True)
-        raw = RESULTS / f"profile-{w.name.replace(' ', '-')}.txt"
+        raw = RESULTS / f"profile-{w.name.replace(' ', '-')}-c{args.clients}.txt"
         with server(setup.home, 1, args.echo, RESULTS) as (target, spid):
             spy = subprocess.Popen(
-                [pyspy, "record", "--pid", str(spid), "--format", "raw", "--rate", "200",
+                [pyspy, "record", "--pid", str(spid), "--format", "raw", "--rate", str(args.rate),
                  *([] if args.all_threads else ["--gil"]),
                  "--duration", str(math.ceil(args.seconds)), "--output", str(raw),
                  *(["--native"] if args.native else [])],

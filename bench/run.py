@@ -18,7 +18,16 @@ Phases, all on 127.0.0.1 and a throwaway KMS home (see bench/world.py for its se
 4. 1 -> 2 worker processes (echo and every exchange, 64 clients);
 5. the echo floor again, to show how much the machine drifted during the run.
 
-Every rate is also shown as a ratio to the echo floor (same worker count) of this run.
+Every rate is also shown as a ratio to the echo floor (same worker count) of this run, and
+every exchange's "own" CPU per call: server CPU per call minus the echo call's (same
+workers and clients) minus the token floor, i.e. what our code costs beyond gRPC's floor
+and the token's.
+
+    .venv/bin/python -m bench.run --quick --with-fork --compare /tmp/base --rounds 2
+
+runs the quick bench against another source tree (``git worktree add /tmp/base <commit>``:
+its ``kms`` and ``hsm`` packages, served by this interpreter and this bench) and against
+this tree alternately, and prints the before/after ratios of the issue's targets.
 """
 
 from __future__ import annotations
@@ -42,11 +51,35 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+TREE_ENV = "KMS_BENCH_TREE"  # read by bench.echo (the servers) too
 
+
+def tree_shim(tree: Path, folder: Path) -> Path:
+    """A folder holding only ``kms`` and ``hsm`` of ``tree`` (symlinks): first on sys.path,
+    it serves that tree's code while ``bench`` stays this one."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for pkg in ("kms", "hsm"):
+        src = tree.resolve() / pkg
+        if not (src / "__init__.py").exists():
+            raise SystemExit(f"--tree {tree}: no {pkg} package there")
+        link = folder / pkg
+        if not link.exists():
+            link.symlink_to(src, target_is_directory=True)
+    return folder
+
+
+if "--tree" in sys.argv[:-1]:  # before anything imports kms
+    _tree = Path(sys.argv[sys.argv.index("--tree") + 1])
+    _shim = tree_shim(_tree, Path(tempfile.mkdtemp(prefix="kms-bench-tree-")))
+    os.environ[TREE_ENV] = str(_shim)
+    sys.path.insert(0, str(_shim))
+
+from bench.compare import compare_main  # noqa: E402
 from bench.load import LoadResult, run_load  # noqa: E402
 from bench.messages import WORKLOADS, Workload, obtain_grant  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
+COUNTS_ENV = "KMS_BENCH_COUNTS"  # bench.echo's per-worker call counters
 
 # Targets (docs/performance.md): exchange >= 0.8 x composed floor; 2 workers >= 1.6 x
 # 1 worker; p99 at half of peak < 10 ms; token path <= 2.5 x the software key store.
@@ -54,6 +87,12 @@ T_FLOOR = 0.8
 T_SCALE = 1.6
 T_P99_MS = 10.0
 T_TOKEN_SW = 2.5
+# The second pass's targets (issue "halve what our own code costs per exchange"): each PSK
+# exchange >= 0.6 x its composed floor with one worker, PK >= 0.7 x; own CPU per PSK
+# exchange at most half of the branch point's (--compare).
+T_FLOOR_PSK = 0.6
+T_FLOOR_PK = 0.7
+T_OWN = 0.5
 
 
 def log(msg: str) -> None:
@@ -67,13 +106,21 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def server(home: Path, workers: int, echo: bool, logdir: Path) -> Any:
+def server(
+    home: Path, workers: int, echo: bool, logdir: Path, counts: Path | None = None
+) -> Any:
+    """``bench.echo`` serving ``home``; with ``counts`` (an empty folder) every worker
+    counts its calls there (bench.load.read_counts)."""
     port = free_port()
     listen = f"127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "bench.echo", "--home", str(home), "--listen", listen,
            "--workers", str(workers)] + (["--echo"] if echo else [])
+    env = dict(os.environ)
+    if counts is not None:
+        env[COUNTS_ENV] = str(counts)
     errlog = open(logdir / f"server-{'echo' if echo else 'kms'}-w{workers}.log", "ab")  # noqa: SIM115
-    p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=errlog, text=True)
+    p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=errlog, text=True,
+                         env=env)
     try:
         deadline = time.monotonic() + 120
         assert p.stdout is not None
@@ -112,6 +159,7 @@ def load_row(name: str, workers: int, r: LoadResult, echo: float, **extra: Any) 
         "server_cores": r.server_cores,
         "client_cores": r.client_cores,
         "server_cpu_ms_per_call": r.server_cpu_ms_per_call,
+        "per_worker": r.workers,
         **extra,
     }
 
@@ -122,14 +170,25 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, help="timed window per gRPC case")
     ap.add_argument("--out", type=Path, help="JSON output path")
     ap.add_argument("--keep-home", action="store_true", help="keep the throwaway KMS home")
+    ap.add_argument("--with-fork", action="store_true",
+                    help="with --quick: the forking exchanges too")
+    ap.add_argument("--tree", type=Path,
+                    help="measure the kms/hsm packages of this source tree instead")
+    ap.add_argument("--compare", type=Path, metavar="BASE_TREE",
+                    help="alternate runs against BASE_TREE and this tree; before/after table")
+    ap.add_argument("--rounds", type=int, default=2, help="with --compare: runs per tree")
     args = ap.parse_args()
+    if args.compare is not None:
+        passthrough = [a for a in ("--quick", "--with-fork") if getattr(args, a[2:].replace(
+            "-", "_"))] + (["--seconds", str(args.seconds)] if args.seconds else [])
+        return compare_main(args.compare, args.rounds, passthrough, args.out)
     quick = args.quick
     duration = args.seconds or (1.0 if quick else 3.0)
     warmup = 0.3 if quick else 0.5
     inproc_s = 0.6 if quick else 1.5
     clients_list = (1, 8, 64)
-    scale_clients = (64,) if quick else (8, 64)
-    workloads = [w for w in WORKLOADS if not (quick and w[2])]
+    scale_clients = (8, 64)  # 8: where SO_REUSEPORT's spread of few connections shows
+    workloads = [w for w in WORKLOADS if not (quick and w[2] and not args.with_fork)]
     started = time.time()
     RESULTS.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -145,6 +204,7 @@ def main() -> int:
                     "platform": platform.platform()},
         "settings": {"duration_s": duration, "warmup_s": warmup, "inproc_s": inproc_s,
                      "quick": quick},
+        "tree": str(args.tree.resolve()) if args.tree else str(ROOT),
     }
     try:
         # --- setup ---------------------------------------------------------------------
@@ -211,14 +271,19 @@ def main() -> int:
         grpc_rows: list[dict[str, Any]] = []
         half_rows: list[dict[str, Any]] = []
 
+        def counts_dir() -> Path:
+            return Path(tempfile.mkdtemp(prefix="counts-", dir=tmp))
+
         def echo_runs(workers: int, clients: tuple[int, ...], tag: str = "") -> None:
-            with server(home_path, workers, True, logdir) as (target, spid):
+            cdir = counts_dir()
+            with server(home_path, workers, True, logdir, cdir) as (target, spid):
                 best = 0.0
                 rows = []
                 for n in clients:
                     per = math.ceil(15000 * (warmup + duration) / n) + 5
                     r = run_load(target, echo_w, clients=n, per_client_msgs=per,
-                                 warmup=warmup, duration=duration, server_pid=spid)
+                                 warmup=warmup, duration=duration, server_pid=spid,
+                                 counts_dir=cdir)
                     rows.append(r)
                     best = max(best, r.rate)
                     log(f"echo{tag} w={workers} c={n}: {r.rate:.0f} RPC/s "
@@ -229,7 +294,8 @@ def main() -> int:
                     grpc_rows.append(load_row("echo" + tag, workers, r, echo_floor[workers]))
 
         def exchange_runs(workers: int, clients: tuple[int, ...], half: bool) -> None:
-            with server(home_path, workers, False, logdir) as (target, spid):
+            cdir = counts_dir()
+            with server(home_path, workers, False, logdir, cdir) as (target, spid):
                 for ex, auth, fork in workloads:
                     name = Workload(ex, auth, fork).name
                     w = Workload(ex, auth, fork, setup.kms_cert_der, setup.pk,
@@ -239,7 +305,8 @@ def main() -> int:
                     for n in clients:
                         per = math.ceil(cap * (warmup + duration) * 1.3 / n) + 3
                         r = run_load(target, w, clients=n, per_client_msgs=per,
-                                     warmup=warmup, duration=duration, server_pid=spid)
+                                     warmup=warmup, duration=duration, server_pid=spid,
+                                     counts_dir=cdir)
                         peak = max(peak, r.rate)
                         grpc_rows.append(load_row(name, workers, r, echo_floor[workers]))
                         log(f"{name} w={workers} c={n}: {r.rate:.0f}/s p50 "
@@ -290,8 +357,12 @@ def summarise(res: dict[str, Any], workloads: list[tuple[str, str, bool]]) -> di
     echo2 = res["echo_floor"].get("2", math.nan)
     t_echo = 1.0 / echo1
     grpc = res["grpc"]
+    echo_cpu = echo_cpu_ms(res)
+    for r in grpc:
+        r["own_ms_per_call"] = own_ms(r, echo_cpu, res["token_floor"])
     out: dict[str, Any] = {"echo_call_ms": t_echo * 1e3,
-                           "echo_scaling": echo2 / echo1, "exchanges": {}}
+                           "echo_scaling": echo2 / echo1, "exchanges": {},
+                           "echo_cpu_ms": {f"w{w} c{c}": v for (w, c), v in echo_cpu.items()}}
     for ex, auth, fork in workloads:
         name = Workload(ex, auth, fork).name
         floor_s = res["token_floor"][name]["seconds"]
@@ -300,7 +371,24 @@ def summarise(res: dict[str, Any], workloads: list[tuple[str, str, bool]]) -> di
         p2 = _peak(grpc, name, 2)
         half = next((r for r in res["half_load"] if r["workload"] == name), None)
         ip = next(r for r in res["inproc"] if r["workload"] == name)
+        t_floor = T_FLOOR_PK if " pk" in name else T_FLOOR_PSK
+        w2 = [r for r in grpc if r["workload"] == name and r["workers"] == 2]
+        w2_peak = max(w2, key=lambda r: r["rate"], default=None)
+        w1 = [r for r in grpc if r["workload"] == name and r["workers"] == 1]
+        w1_peak = max(w1, key=lambda r: r["rate"], default=None)
+        # What 2 workers can reach on this machine: the cores the load generator leaves,
+        # over what one worker used at its peak (2 at most).
+        bound = math.nan
+        if w2_peak and w1_peak and w1_peak["server_cores"] > 0:
+            left = (res["machine"]["cpus"] or 2) - w2_peak["client_cores"]
+            bound = min(2.0, left / w1_peak["server_cores"])
         out["exchanges"][name] = {
+            "own_ms_c1": _own_at(grpc, name, 1, 1),
+            "own_ms_c8": _own_at(grpc, name, 1, 8),
+            "srv_ms_c1": _srv_at(grpc, name, 1, 1),
+            "srv_ms_c8": _srv_at(grpc, name, 1, 8),
+            "scaling_bound": bound,
+            "w2_balance": balance(w2_peak),
             "token_floor_ms": floor_s * 1e3,
             "composed_floor": composed,
             "peak_w1": p1,
@@ -310,7 +398,9 @@ def summarise(res: dict[str, Any], workloads: list[tuple[str, str, bool]]) -> di
             "scaling_w2_over_w1": p2 / p1,
             "half_load_p99_ms": half["p99_ms"] if half else math.nan,
             "token_over_software": ip["token_over_software"],
+            "floor_target": t_floor,
             "targets": {
+                "floor>=0.6/0.7": p1 / composed >= t_floor,
                 "floor>=0.8": p1 / composed >= T_FLOOR,
                 "scaling>=1.6": p2 / p1 >= T_SCALE,
                 "p99@half<10ms": bool(half and half["p99_ms"] < T_P99_MS),
@@ -318,6 +408,44 @@ def summarise(res: dict[str, Any], workloads: list[tuple[str, str, bool]]) -> di
             },
         }
     return out
+
+
+def echo_cpu_ms(res: dict[str, Any]) -> dict[tuple[int, int], float]:
+    """Server CPU per echo call by (workers, clients), from the first echo runs."""
+    return {(r["workers"], r["clients"]): r["server_cpu_ms_per_call"]
+            for r in res["grpc"] if r["workload"] == "echo"}
+
+
+def own_ms(
+    row: dict[str, Any], echo_cpu: dict[tuple[int, int], float], floors: dict[str, Any]
+) -> float:
+    """Server CPU per call - echo CPU per call (same workers and clients) - token floor."""
+    f = floors.get(row["workload"])
+    e = echo_cpu.get((row["workers"], row["clients"]))
+    if f is None or e is None:
+        return math.nan
+    return float(row["server_cpu_ms_per_call"] - e - f["seconds"] * 1e3)
+
+
+def _own_at(rows: list[dict[str, Any]], name: str, workers: int, clients: int) -> float:
+    return next((r.get("own_ms_per_call", math.nan) for r in rows if r["workload"] == name
+                 and r["workers"] == workers and r["clients"] == clients), math.nan)
+
+
+def _srv_at(rows: list[dict[str, Any]], name: str, workers: int, clients: int) -> float:
+    return next((r["server_cpu_ms_per_call"] for r in rows if r["workload"] == name
+                 and r["workers"] == workers and r["clients"] == clients), math.nan)
+
+
+def balance(row: dict[str, Any] | None) -> dict[str, Any]:
+    """How evenly a multi-worker row's calls and connections were spread."""
+    per = (row or {}).get("per_worker") or []
+    calls = [w["calls"] for w in per]
+    if len(calls) < 2 or not max(calls):
+        return {"calls": calls, "connections": [w["connections"] for w in per],
+                "min_over_max": math.nan}
+    return {"calls": calls, "connections": [w["connections"] for w in per],
+            "min_over_max": min(calls) / max(calls)}
 
 
 def print_tables(res: dict[str, Any]) -> None:
@@ -347,7 +475,7 @@ def print_tables(res: dict[str, Any]) -> None:
     print("\ngRPC (rate, ratio to the echo floor of the same worker count, latency)")
     print(f"{'workload':<28} {'w':>2} {'clients':>7} {'rate/s':>8} {'x echo':>7} "
           f"{'p50 ms':>7} {'p99 ms':>7} {'srv cores':>9} {'cli cores':>9} {'srv ms/call':>11}"
-          "  notes")
+          f" {'own ms':>7}  notes")
     for r in res["grpc"]:
         notes = []
         if r["errors"]:
@@ -359,7 +487,20 @@ def print_tables(res: dict[str, Any]) -> None:
         print(f"{r['workload']:<28} {r['workers']:>2} {r['clients']:>7} {r['rate']:>8,.0f} "
               f"{r['x_echo']:>7.3f} {r['p50_ms']:>7.2f} {r['p99_ms']:>7.2f} "
               f"{r['server_cores']:>9.2f} {r['client_cores']:>9.2f} "
-              f"{r['server_cpu_ms_per_call']:>11.3f}  {'; '.join(notes)}")
+              f"{r['server_cpu_ms_per_call']:>11.3f} {r.get('own_ms_per_call', math.nan):>7.3f}"
+              f"  {'; '.join(notes)}")
+    multi = [r for r in res["grpc"] if r["workers"] > 1 and r.get("per_worker")]
+    if multi:
+        print("\nPer worker (SO_REUSEPORT spreads connections; calls and CPU in the window)")
+        print(f"{'workload':<28} {'clients':>7} {'connections':>12} {'calls':>16} "
+              f"{'cpu s':>12} {'min/max calls':>13}")
+        for r in multi:
+            per = r["per_worker"]
+            conns = "/".join(str(w["connections"]) for w in per)
+            calls = "/".join(str(w["calls"]) for w in per)
+            cpu = "/".join(f"{w['cpu_s']:.2f}" for w in per)
+            print(f"{r['workload']:<28} {r['clients']:>7} {conns:>12} {calls:>16} {cpu:>12} "
+                  f"{balance(r)['min_over_max']:>13.2f}")
     print("\nHalf of peak load (open loop, 8 clients, 1 worker)")
     print(f"{'exchange':<18} {'offered/s':>9} {'done/s':>8} {'x echo':>7} {'p50 ms':>7} "
           f"{'p99 ms':>7}")
@@ -380,6 +521,19 @@ def print_tables(res: dict[str, Any]) -> None:
               f"{e['scaling_w2_over_w1']:>6.2f} {yn(t['scaling>=1.6']):>5} "
               f"{e['half_load_p99_ms']:>6.2f} {yn(t['p99@half<10ms']):>4} "
               f"{e['token_over_software']:>6.2f} {yn(t['token<=2.5xsw']):>5}")
+    print("\nSecond-pass targets (own = server CPU/call - echo CPU/call at the same workers and "
+          "clients - token floor;\n  w2 bound = what 2 workers can reach here: cores the load "
+          "generator leaves / cores 1 worker used)")
+    print(f"{'exchange':<18} {'own c1':>7} {'own c8':>7} {'ratio':>6} {'target':>6} {'met':>4} "
+          f"{'p99@½':>6} {'<10':>4} {'w2/w1':>6} {'bound':>6} {'>=1.6':>5} {'balance':>7}")
+    for name, e in s["exchanges"].items():
+        t = e["targets"]
+        print(f"{name:<18} {e['own_ms_c1']:>7.3f} {e['own_ms_c8']:>7.3f} "
+              f"{e['peak_w1_over_composed']:>6.2f} {e['floor_target']:>6.1f} "
+              f"{'yes' if t['floor>=0.6/0.7'] else 'NO':>4} {e['half_load_p99_ms']:>6.2f} "
+              f"{'yes' if t['p99@half<10ms'] else 'NO':>4} {e['scaling_w2_over_w1']:>6.2f} "
+              f"{e['scaling_bound']:>6.2f} {'yes' if t['scaling>=1.6'] else 'NO':>5} "
+              f"{e['w2_balance']['min_over_max']:>7.2f}")
 
 
 if __name__ == "__main__":

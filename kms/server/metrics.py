@@ -4,14 +4,17 @@ the token and the peer KMSs answer.
 The KMS core stays sans-IO and knows nothing of metrics: everything here is measured at the
 ports, by decorators built in the composition root around the real objects:
 
-* :class:`MeteredHandler` around the :class:`kms.core.api.KmsHandler`: calls by method and
+* :class:`kms.server.observed.ObservedHandler` around the :class:`kms.core.api.KmsHandler`
+  (the one observing layer, which also traces): calls by method and
   outcome (gRPC status and MIKEY error number, RFC 3830 6.12 / RFC 6043 6.14), latency
   (queueing for a core slot included), tickets issued, resolves, replay and rate-limit
   refusals. It classifies each call from the reply's audit record, which the core already
   fills in for every decision.
-* :class:`MeteredKeyStore` around the :class:`kms.keystore.KeyStore`: token operations by kind
+* :class:`kms.server.observed.ObservedKeyStore` around the :class:`kms.keystore.KeyStore`:
+  token operations by kind
   with latency, errors by kind, token availability and reconnects.
-* :class:`MeteredPeers` around the :class:`kms.core.ports.PeerResolver`: federated resolves
+* :class:`kms.server.observed.ObservedPeers` around the :class:`kms.core.ports.PeerResolver`:
+  federated resolves
   (RFC 6043 9) by peer KMS and outcome, with latency.
 * :class:`TimedSlots`: how long calls wait for a core slot.
 * :class:`MeteredReplayCache` around the :class:`kms.core.ports.ReplayCache`: new messages
@@ -34,17 +37,16 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from kms.core.api import KmsHandler, KmsReply, Outcome
-from kms.core.ports import PeerError, PeerKms, PeerResolver, ReplayCache, ReplayCacheFull
-from kms.keystore import KeyStore
+from kms.core.api import KmsReply, Outcome
+from kms.core.ports import ReplayCache, ReplayCacheFull
 from kms.mikey.constants import ErrorNo
-from kms.server.metrics_token import MeteredKeyStore, TokenProbe, error_kind
+from kms.server.metrics_token import TokenProbe, error_kind
 from kms.server.slots import CoreSlots
 
 # Seconds. A Ticket Request with SoftHSM takes ~2 ms of CPU; a federated resolve waits for a
@@ -219,7 +221,7 @@ class ServerMetrics:
         # Label children by label values: labels() costs a lock and a tuple per call.
         self._children: dict[tuple[object, ...], Any] = {}
         # When this thread's current call was admitted (set by TimedSlots, read by
-        # MeteredHandler), so that the call latency includes the wait for a slot.
+        # ObservedHandler), so that the call latency includes the wait for a slot.
         self._local = threading.local()
 
     # --- token state ------------------------------------------------------------------------
@@ -253,15 +255,6 @@ class ServerMetrics:
             self.token_up.set(0)
 
     # --- decorators ---------------------------------------------------------------------------
-    def keystore(self, inner: KeyStore) -> MeteredKeyStore:
-        return MeteredKeyStore(inner, self)
-
-    def peers(self, inner: PeerResolver) -> MeteredPeers:
-        return MeteredPeers(inner, self)
-
-    def handler(self, inner: KmsHandler) -> MeteredHandler:
-        return MeteredHandler(inner, self)
-
     def slots(self, n: int) -> TimedSlots:
         return TimedSlots(n, self)
 
@@ -355,59 +348,6 @@ class TimedSlots(CoreSlots):
                 self._metrics.set_admitted(None)
 
 
-class MeteredHandler:
-    """A :class:`KmsHandler` that counts and times every call of the handler it wraps."""
-
-    def __init__(self, inner: KmsHandler, metrics: ServerMetrics) -> None:
-        self._inner = inner
-        self._m = metrics
-
-    def request_ticket(self, wire: bytes, now: float, *, correlation_id: str = "") -> KmsReply:
-        return self._call("request_ticket", self._inner.request_ticket, wire, now,
-                          correlation_id=correlation_id)
-
-    def resolve_ticket(
-        self, wire: bytes, now: float, *, correlation_id: str = "", **kwargs: Any
-    ) -> KmsReply:
-        # ``hops`` (RFC 6043 9 federation) passes through when the adapter sets it.
-        return self._call("resolve_ticket", self._inner.resolve_ticket, wire, now,
-                          correlation_id=correlation_id, **kwargs)
-
-    def _call(self, method: str, fn: Callable[..., KmsReply], *args: Any, **kw: Any) -> KmsReply:
-        t0 = time.perf_counter()
-        started = self._m.admitted_at() or t0
-        reply: KmsReply | None = None
-        try:
-            reply = fn(*args, **kw)
-            return reply
-        finally:
-            self._m.observe_call(
-                method, reply if isinstance(reply, KmsReply) else None,
-                time.perf_counter() - started,
-            )
-
-    def refuse_undecodable(
-        self, size: int, now: float, *, correlation_id: str = "", detail: str = ""
-    ) -> KmsReply:
-        """A body that is not a transport message: the core audits it (passed through, so
-        that metrics or traces do not cost the audit record)."""
-        refuse = getattr(self._inner, "refuse_undecodable", None)
-        if callable(refuse):
-            reply = refuse(size, now, correlation_id=correlation_id, detail=detail)
-            if isinstance(reply, KmsReply):
-                return reply
-        return KmsReply(Outcome.MALFORMED, detail=detail)
-
-    def close(self) -> None:
-        close = getattr(self._inner, "close", None)
-        if callable(close):
-            close()
-
-    @property
-    def inner(self) -> KmsHandler:
-        return self._inner
-
-
 class MeteredReplayCache:
     """A :class:`ReplayCache` that counts the new messages refused because it is full."""
 
@@ -426,44 +366,7 @@ class MeteredReplayCache:
         return getattr(self._inner, name)
 
 
-class MeteredPeers:
-    """A :class:`PeerResolver` that counts and times forwarded resolves per peer KMS."""
-
-    def __init__(self, inner: PeerResolver, metrics: ServerMetrics) -> None:
-        self._inner = inner
-        self._m = metrics
-
-    def forward_resolve(
-        self,
-        peer: PeerKms,
-        wire: bytes,
-        *,
-        correlation_id: str,
-        hops: int,
-        rebuild: Callable[[], bytes] | None = None,
-    ) -> bytes:
-        name = peer.kms_id.decode("utf-8", "replace")
-        t0 = time.perf_counter()
-        outcome = "unavailable"
-        try:
-            answer = self._inner.forward_resolve(
-                peer, wire, correlation_id=correlation_id, hops=hops, rebuild=rebuild
-            )
-            outcome = "ok"
-            return answer
-        except PeerError as exc:
-            outcome = exc.kind if exc.kind in PEER_OUTCOMES else "unavailable"
-            raise
-        finally:
-            self._m.peer_seconds.labels(name).observe(time.perf_counter() - t0)
-            self._m.peer_calls.labels(name, outcome).inc()
-            self._m.peer_up.labels(name).set(0 if outcome == "unavailable" else 1)
-
-
 __all__ = [
-    "MeteredHandler",
-    "MeteredKeyStore",
-    "MeteredPeers",
     "MeteredReplayCache",
     "ServerMetrics",
     "TimedSlots",

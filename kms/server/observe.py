@@ -1,6 +1,6 @@
 """Metrics and traces wiring for ``kms serve`` (composition root): which process serves
-``/metrics``, and the metered and traced decorators around the token, the peer resolver and
-the handler.
+``/metrics``, and the one observing layer (:mod:`kms.server.observed`: metrics and traces
+together) around the token, the peer resolver and the handler.
 
 * One process: it keeps its metric families in memory and serves them itself, with the
   process collector (CPU, memory, open files of the KMS process).
@@ -34,14 +34,9 @@ from kms.server.metrics_http import (
     multiproc_dir,
     worker_exited,
 )
+from kms.server.observed import ObservedHandler, ObservedKeyStore, ObservedPeers
 from kms.server.slots import CoreSlots
-from kms.server.tracing import (
-    OtlpJsonExporter,
-    Tracer,
-    TracingHandler,
-    TracingKeyStore,
-    TracingPeers,
-)
+from kms.server.tracing import OtlpJsonExporter, Tracer
 from kms.store.registry import REGISTRY_FILE
 
 log = logging.getLogger("kms.server.metrics")
@@ -88,33 +83,29 @@ class ObservedProcess:
         return CoreSlots(n) if self.metrics is None else self.metrics.slots(n)
 
     def peers(self, inner: PeerResolver) -> PeerResolver:
-        peers = inner
-        if self.tracer is not None:
-            peers = TracingPeers(peers, self.tracer)
-        if self.metrics is not None:
-            peers = self.metrics.peers(peers)
-        return peers
+        if self.metrics is None and self.tracer is None:
+            return inner
+        return ObservedPeers(inner, self.metrics, self.tracer)
 
     def build_handler(
         self, peers: PeerResolver, workers: int | None = None, slots: CoreSlots | None = None
     ) -> KmsHandler:
+        """The core with one observing layer (metrics and/or traces) around its key store
+        and around itself."""
         store: KeyStore = self.home.keystore()
-        if self.metrics is not None:
-            metered = self.metrics.keystore(store)
-            self._probe = TokenProbe(metered, TOKEN_PROBE_S)  # probes are not traced
-            self._probe.start()
-            store = metered
-        if self.tracer is not None:
-            store = TracingKeyStore(store, self.tracer)
+        if self.metrics is not None or self.tracer is not None:
+            observed = ObservedKeyStore(store, self.metrics, self.tracer)
+            if self.metrics is not None:
+                self._probe = TokenProbe(observed, TOKEN_PROBE_S)  # probes are not traced
+                self._probe.start()
+            store = observed
         handler = build_handler(
             self.home, peers=peers, workers=workers, keystore=store, slots=slots,
             wrap_replay=None if self.metrics is None else self.metrics.replay_cache,
         )
-        if self.tracer is not None:
-            handler = TracingHandler(handler, self.tracer)
-        if self.metrics is not None:
-            handler = self.metrics.handler(handler)
-        return handler
+        if self.metrics is None and self.tracer is None:
+            return handler
+        return ObservedHandler(handler, self.metrics, self.tracer)
 
     def watch_server(self, server: KmsServer) -> None:
         """Export the call guard's and the adapter's event counts (stalled calls timed

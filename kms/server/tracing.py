@@ -22,13 +22,9 @@ import re
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
-
-from kms.core.api import KmsHandler, KmsReply, Outcome
-from kms.core.ports import PeerError, PeerKms, PeerResolver
-from kms.keystore import KeyStore
 
 log = logging.getLogger("kms.server.tracing")
 
@@ -65,12 +61,19 @@ def parse_traceparent(value: object) -> SpanContext | None:
 
 def set_incoming(metadata: Sequence[Any] | None) -> None:
     """Remember the caller's ``traceparent`` for the call this thread is about to handle
-    (set by the gRPC adapter; read by :class:`TracingHandler`)."""
+    (set by the gRPC adapter; read by :class:`kms.server.observed.ObservedHandler`)."""
     _local.incoming = None
     for item in metadata or ():
         if item[0] == TRACEPARENT:
             _local.incoming = parse_traceparent(item[1])
             break
+
+
+def take_incoming() -> SpanContext | None:
+    """The caller's trace context remembered by :func:`set_incoming`, once."""
+    parent: SpanContext | None = getattr(_local, "incoming", None)
+    _local.incoming = None
+    return parent
 
 
 def outgoing_metadata() -> tuple[tuple[str, str], ...]:
@@ -208,118 +211,14 @@ class Tracer:
             self.exporter.export(s)
 
 
-class TracingHandler:
-    """A server span per KMS call, child of the caller's ``traceparent`` if it sent one."""
-
-    def __init__(self, inner: KmsHandler, tracer: Tracer) -> None:
-        self._inner = inner
-        self._t = tracer
-
-    def request_ticket(self, wire: bytes, now: float, *, correlation_id: str = "") -> KmsReply:
-        return self._call("RequestTicket", self._inner.request_ticket, wire, now,
-                          correlation_id=correlation_id)
-
-    def resolve_ticket(
-        self, wire: bytes, now: float, *, correlation_id: str = "", **kwargs: Any
-    ) -> KmsReply:
-        return self._call("ResolveTicket", self._inner.resolve_ticket, wire, now,
-                          correlation_id=correlation_id, **kwargs)
-
-    def _call(self, method: str, fn: Callable[..., KmsReply], *args: Any, **kw: Any) -> KmsReply:
-        parent: SpanContext | None = getattr(_local, "incoming", None)
-        _local.incoming = None
-        with self._t.span(f"kms/{method}", kind=2, parent=parent,
-                          attributes={"rpc.method": method}) as s:
-            reply = fn(*args, **kw)
-            s.attributes["kms.outcome"] = reply.outcome.value
-            if reply.outcome is not Outcome.OK:
-                s.error = reply.outcome in (Outcome.INTERNAL, Outcome.UNAVAILABLE)
-                if reply.error_message is not None and "error_no" in reply.audit:
-                    s.attributes["mikey.error"] = str(reply.audit["error_no"])
-            if self._t.record_identities:
-                for key in ("sender", "ticket_id"):
-                    if key in reply.audit:
-                        s.attributes[f"kms.{key}"] = str(reply.audit[key])
-            return reply
-
-    def refuse_undecodable(
-        self, size: int, now: float, *, correlation_id: str = "", detail: str = ""
-    ) -> KmsReply:
-        """A body that is not a transport message: the core audits it (passed through, so
-        that metrics or traces do not cost the audit record)."""
-        refuse = getattr(self._inner, "refuse_undecodable", None)
-        if callable(refuse):
-            reply = refuse(size, now, correlation_id=correlation_id, detail=detail)
-            if isinstance(reply, KmsReply):
-                return reply
-        return KmsReply(Outcome.MALFORMED, detail=detail)
-
-    def close(self) -> None:
-        close = getattr(self._inner, "close", None)
-        if callable(close):
-            close()
-
-
-class TracingKeyStore:
-    """A span per key-store (token) operation; the key label only with record_identities."""
-
-    _OPS = frozenset({"hmac", "prf", "prf_many", "aes_cm", "random", "rsa_decrypt", "sign",
-                      "public_key_der"})
-
-    def __init__(self, inner: KeyStore, tracer: Tracer) -> None:
-        self._inner = inner
-        self._t = tracer
-
-    def __getattr__(self, name: str) -> Any:
-        target = getattr(self._inner, name)
-        if name not in self._OPS or not callable(target):
-            return target
-
-        def traced(*args: Any, **kwargs: Any) -> Any:
-            with self._t.span(f"token/{name}", attributes={"kms.token.operation": name}):
-                return target(*args, **kwargs)
-
-        return traced
-
-
-class TracingPeers:
-    """A client span per forwarded resolve; the federation client sends its traceparent."""
-
-    def __init__(self, inner: PeerResolver, tracer: Tracer) -> None:
-        self._inner = inner
-        self._t = tracer
-
-    def forward_resolve(
-        self,
-        peer: PeerKms,
-        wire: bytes,
-        *,
-        correlation_id: str,
-        hops: int,
-        rebuild: Callable[[], bytes] | None = None,
-    ) -> bytes:
-        attrs: dict[str, str | int] = {"kms.peer": peer.kms_id.decode("utf-8", "replace")}
-        with self._t.span("peer/ResolveTicket", kind=3, attributes=attrs) as s:
-            try:
-                return self._inner.forward_resolve(
-                    peer, wire, correlation_id=correlation_id, hops=hops, rebuild=rebuild
-                )
-            except PeerError as exc:
-                s.attributes["kms.peer.outcome"] = exc.kind
-                s.error = exc.kind != "refused"
-                raise
-
-
 __all__ = [
     "TRACEPARENT",
     "OtlpJsonExporter",
     "SpanContext",
     "Tracer",
-    "TracingHandler",
-    "TracingKeyStore",
-    "TracingPeers",
     "current",
     "outgoing_metadata",
     "parse_traceparent",
     "set_incoming",
+    "take_incoming",
 ]

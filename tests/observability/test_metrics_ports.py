@@ -26,6 +26,7 @@ from kms.server.config import ConfigError, parse_config
 from kms.server.federation import GrpcPeerResolver, PeerRoute
 from kms.server.metrics import ServerMetrics, key_type_label
 from kms.server.metrics_http import MetricsListen, MetricsServer, exposition_registry
+from kms.server.observed import ObservedHandler, ObservedKeyStore, ObservedPeers
 from tests.e2e.harness import free_port, run_kms
 from tests.federation.pki import TestCa
 from tests.federation.test_resolver import FakePeer
@@ -54,7 +55,7 @@ def home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Home]:
 def test_key_store_operations_are_timed_and_errors_classified(home: Home) -> None:
     reg = CollectorRegistry()
     m = ServerMetrics(reg)
-    ks = m.keystore(home.keystore())
+    ks = ObservedKeyStore(home.keystore(), m)
     assert isinstance(ks, KeyStore)
     tpk = KeyRef(home.registry.tpk_current().key_label)  # type: ignore[union-attr]
     a = ks.hmac(tpk, b"data", Digest.SHA1)
@@ -81,7 +82,7 @@ def test_key_store_operations_are_timed_and_errors_classified(home: Home) -> Non
 def test_handler_counts_calls_from_the_core(home: Home) -> None:
     reg = CollectorRegistry()
     m = ServerMetrics(reg)
-    handler = m.handler(build_handler(home, keystore=m.keystore(home.keystore())))
+    handler = ObservedHandler(build_handler(home, keystore=ObservedKeyStore(home.keystore(), m)), m)
     r = handler.request_ticket(b"\x01garbage", time.time(), correlation_id="c1")
     assert r.outcome is Outcome.MALFORMED
     # ``hops`` (set by the gRPC adapter for forwarded resolves) passes through.
@@ -115,7 +116,7 @@ def test_federation_calls_by_peer_and_outcome() -> None:
     m = ServerMetrics(reg)
     inner = GrpcPeerResolver(lambda kms_id: PeerRoute(routes[kms_id]), allow_plaintext=True,
                              backoff_s=0.01, max_retries=0)
-    peers = m.peers(inner)
+    peers = ObservedPeers(inner, m)
     try:
         assert peers.forward_resolve(PEER_A, b"x", correlation_id="c", hops=1) == b"resp:x"
         assert peers.forward_resolve(PEER_A, b"y", correlation_id="c", hops=1) == b"resp:y"

@@ -28,11 +28,11 @@ from kms.endpoint.session import CryptoSession
 from kms.mikey.constants import IdType
 from kms.server.config import ConfigError, parse_config
 from kms.server.federation import GrpcPeerResolver, PeerRoute
+from kms.server.observed import ObservedPeers
 from kms.server.tracing import (
     OtlpJsonExporter,
     SpanContext,
     Tracer,
-    TracingPeers,
     parse_traceparent,
 )
 from tests.e2e.harness import (
@@ -187,7 +187,7 @@ def test_forwarded_resolve_carries_the_trace_to_the_peer() -> None:
     exporter = OtlpJsonExporter(collector.url, "kms-b")
     tracer = Tracer(exporter)
     inner = GrpcPeerResolver(lambda _id: PeerRoute(peer_server.address), allow_plaintext=True)
-    peers = TracingPeers(inner, tracer)
+    peers = ObservedPeers(inner, tracer=tracer)
     peer = PeerKms(kms_id=b"kms:a.example", psk=None, deadline_s=2.0)
     try:
         with tracer.span("kms/ResolveTicket", kind=2) as call:

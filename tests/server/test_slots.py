@@ -140,3 +140,25 @@ def test_peer_refusal_is_mapped_to_the_cores_outcome_in_the_adapter() -> None:
         assert reply.outcome is outcome, status
         failure = core.finished[0][0]
         assert isinstance(failure, PeerError) and failure.status == status
+
+
+def test_several_slots_admit_that_many_at_once() -> None:
+    slots = CoreSlots(2)
+    entered = threading.Event()
+    leave = threading.Event()
+
+    def hold() -> None:
+        with slots.held():
+            entered.set()
+            leave.wait(5)
+
+    other = threading.Thread(target=hold)
+    other.start()
+    try:
+        assert entered.wait(5)
+        with slots.held():  # the second slot
+            assert not _enters_within(slots, 0.2)  # no third
+        assert _enters_within(slots, 5)
+    finally:
+        leave.set()
+        other.join(5)

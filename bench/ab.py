@@ -1,0 +1,128 @@
+#!/usr/bin/env python3
+"""Short alternating A/B of the server's CPU per call: another source tree against this one.
+
+    .venv/bin/python -m bench.ab --base /tmp/base --rounds 5
+    .venv/bin/python -m bench.ab --base /tmp/base --workloads "echo,request psk" --clients 1,8
+
+Per round, each side (base first, then this tree) serves the same bench home, one worker,
+and every workload runs at every client count for a short window; the table gives the
+median over the rounds of the server CPU per call (process tree, /proc) of each side, their
+ratio, and for each exchange its "own" CPU: server CPU per call minus the echo call's at the
+same client count minus the token floor (measured once, on this tree: neither side's
+changes may touch the token operations for the subtraction to be fair). Many short rounds
+resist this machine's drift better than a few long runs (``bench.run --compare``), and
+cover only what the gRPC path changes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.run import RESULTS, TREE_ENV, server, tree_shim  # noqa: E402, I001
+from bench.load import run_load  # noqa: E402
+from bench.messages import Workload, obtain_grant  # noqa: E402
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--base", type=Path, required=True, help="the other source tree")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--clients", default="1,8")
+    ap.add_argument("--workloads", default="echo,request psk,resolve psk")
+    ap.add_argument("--seconds", type=float, default=2.0)
+    args = ap.parse_args()
+    from bench import inproc
+    from bench.messages import generate
+    from bench.world import create_home
+    from kms.home import open_home
+    from kms.server.compose import build_handler
+
+    clients = [int(c) for c in args.clients.split(",")]
+    names = [w.strip() for w in args.workloads.split(",")]
+    tmp = Path(tempfile.mkdtemp(prefix="kms-ab-"))
+    try:
+        setup = create_home(tmp / "home")
+        shim = tree_shim(args.base, tmp / "base-tree")
+        home = open_home(setup.home)
+        kms: Any = build_handler(home)
+        work: dict[str, Workload] = {}
+        floors: dict[str, float] = {}
+        for name in names:
+            if name == "echo":
+                work[name] = Workload("echo")
+                continue
+            parts = name.split()
+            w = Workload(parts[0], parts[1], "fork" in parts[2:], setup.kms_cert_der, setup.pk)
+            if w.exchange == "resolve":
+                grant = obtain_grant(w, inproc.request_sender(kms), time.time())
+                w = dataclasses.replace(w, grant=grant)
+            work[name] = w
+            calls = inproc.record_ops(kms, w, generate(w, 1, time.time())[0])
+            floors[name] = inproc.token_floor(kms.deps.keystore, calls, 0.5).seconds * 1e3
+        home.close()
+        del kms
+        cpu: dict[tuple[str, str, int], list[float]] = {}
+        for rnd in range(args.rounds):
+            for side in ("base", "this"):
+                if side == "base":
+                    os.environ[TREE_ENV] = str(shim)
+                else:
+                    os.environ.pop(TREE_ENV, None)
+                for echo in (True, False):
+                    todo = [n for n in names if (n == "echo") == echo]
+                    if not todo:
+                        continue
+                    with server(setup.home, 1, echo, RESULTS) as (target, spid):
+                        for name in todo:
+                            for c in clients:
+                                cap = 4000 if echo else 700
+                                per = math.ceil(cap * (args.seconds + 0.5) * 1.3 / c) + 5
+                                r = run_load(target, work[name], clients=c, per_client_msgs=per,
+                                             warmup=0.5, duration=args.seconds,
+                                             server_pid=spid)
+                                cpu.setdefault((side, name, c), []).append(
+                                    r.server_cpu_ms_per_call)
+                                print(f"[{time.strftime('%H:%M:%S')}] round {rnd + 1} {side} "
+                                      f"{name} c={c}: {r.rate:,.0f}/s "
+                                      f"{r.server_cpu_ms_per_call:.3f} ms/call",
+                                      file=sys.stderr, flush=True)
+        os.environ.pop(TREE_ENV, None)
+
+        def med(side: str, name: str, c: int) -> float:
+            vals = [v for v in cpu.get((side, name, c), []) if not math.isnan(v)]
+            return statistics.median(vals) if vals else math.nan
+
+        print(f"\nbase: {args.base.resolve()}  this: {ROOT}  ({args.rounds} alternating rounds, "
+              f"{args.seconds:g} s windows, medians; server CPU ms per call)")
+        print(f"{'workload':<18} {'clients':>7} {'base':>8} {'this':>8} {'this/base':>9} "
+              f"{'floor':>7} {'own base':>8} {'own this':>8} {'this/base':>9}")
+        for name in names:
+            for c in clients:
+                b, t = med("base", name, c), med("this", name, c)
+                line = (f"{name:<18} {c:>7} {b:>8.3f} {t:>8.3f} {t / b:>9.2f}")
+                if name != "echo" and "echo" in names:
+                    f = floors[name]
+                    ob = b - med("base", "echo", c) - f
+                    ot = t - med("this", "echo", c) - f
+                    line += f" {f:>7.3f} {ob:>8.3f} {ot:>8.3f} {ot / ob:>9.2f}"
+                print(line)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
