@@ -1,8 +1,8 @@
 """Session-wide fixtures shared by several test folders.
 
-``ock_token``: openCryptoki's soft token, reset once per test session (it is machine-global
-state; see tests/token_modules.py). One session fixture, so that every folder shares the one
-lock and the one reset. ``pg_server``: one private PostgreSQL cluster for the session.
+``ock_token``: openCryptoki's soft token, held under a machine-wide lock and reset for each
+test module that uses it (it is machine-global state; see tests/token_modules.py).
+``pg_server``: one private PostgreSQL cluster for the session.
 ``world``: a composed KMS on a SoftHSM2 token for in-process exchanges (tests/server/world.py);
 tests/core overrides it with the core on the software key store and in-memory ports.
 """
@@ -19,8 +19,11 @@ from tests.server.world import World, make_world
 from tests.token_modules import OckToken, opencryptoki_token
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ock_token() -> Iterator[OckToken]:
+    """openCryptoki's soft token for the module that uses it: the machine-wide lock is held,
+    and the token freshly reset, only from the module's first use to its end, so another
+    test run on this machine waits for one module, not for this whole session."""
     with opencryptoki_token() as token:
         yield token
 

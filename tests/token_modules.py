@@ -2,7 +2,8 @@
 
 openCryptoki's soft token ("swtok") is machine-global state: one per machine, behind the slot
 daemon pkcsslotd. :func:`opencryptoki_token` therefore serialises on a lock file (other test
-runs on this machine wait), resets the token with known PINs through
+runs on this machine wait; the ``ock_token`` fixture holds it for one test module at a time,
+so concurrent runs interleave module by module), resets the token with known PINs through
 ``scripts/opencryptoki-token.sh`` (which also writes the minimal opencryptoki.conf and starts
 the daemon), and afterwards stops the daemon and removes the token state again.
 
@@ -18,6 +19,7 @@ import fcntl
 import os
 import shutil
 import subprocess
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,11 +37,12 @@ OCK_USER_PIN = "4711usr"  # openCryptoki: PINs are 4 to 8 characters
 OCK_SO_PIN = "0815so"
 
 MODULES = ("softhsm2", "opencryptoki")
+TRACE_ENV = "MIKEY_KMS_OCK_TRACE"
 
 
 @dataclass(frozen=True)
 class OckToken:
-    """openCryptoki's soft token, reset for this test session."""
+    """openCryptoki's soft token, reset for the holder of the lock."""
 
     label: str
     user_pin: str = field(repr=False)
@@ -89,14 +92,45 @@ def opencryptoki_token() -> Iterator[OckToken]:
     """Hold the machine-wide lock, reset the soft token, yield it; stop and clean up after."""
     check_opencryptoki_installed()
     LOCK_FILE.parent.mkdir(parents=True, exist_ok=True)
-    with LOCK_FILE.open("a") as lock:
+    lock = _lock_fd()
+    try:
         fcntl.flock(lock, fcntl.LOCK_EX)
+        _trace("acquired")
         try:
             _run("reset", OCK_LABEL, OCK_SO_PIN, OCK_USER_PIN)
             yield OckToken(OCK_LABEL, OCK_USER_PIN, OCK_SO_PIN)
         finally:
-            _run("stop")
-            fcntl.flock(lock, fcntl.LOCK_UN)
+            try:
+                _run("stop")
+            finally:
+                _trace("released")
+                fcntl.flock(lock, fcntl.LOCK_UN)
+    finally:
+        os.close(lock)
+
+
+LOCK_FD_MIN = 900
+
+
+def _lock_fd() -> int:
+    """The lock file open on a high descriptor number. The lock is taken in the middle of a
+    session, when low numbers are being reused: a library that closes a descriptor of its
+    own twice (a PKCS#11 module unloaded and finalised) would otherwise close the lock with
+    it, silently letting another run take the token."""
+    fd = os.open(LOCK_FILE, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+    try:
+        return fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, LOCK_FD_MIN)
+    finally:
+        os.close(fd)
+
+
+def _trace(event: str) -> None:
+    """With ``MIKEY_KMS_OCK_TRACE=<file>``, one line per lock event (``scripts/ock-concurrent
+    -runs.py`` checks from it that concurrent runs never hold the token at once)."""
+    path = os.environ.get(TRACE_ENV)
+    if path:
+        with open(path, "a") as fh:
+            fh.write(f"{time.time():.6f} {os.getpid()} {event}\n")
 
 
 @contextlib.contextmanager

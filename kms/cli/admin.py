@@ -18,7 +18,7 @@ import json
 import os
 import secrets
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +92,38 @@ def _print_table(rows: list[list[str]], header: list[str]) -> None:
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     for r in [header, *rows]:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+
+
+def _cell(value: object) -> str:
+    """A JSON value as a table cell: none, empty or an empty list is "-", a flag yes/no,
+    a list comma-separated."""
+    if value is None or value == "" or value == []:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, list):
+        return ",".join(str(v) for v in value)
+    return str(value)
+
+
+def print_listing(
+    as_json: bool,
+    records: list[dict[str, Any]],
+    columns: Sequence[tuple[str, str]],
+    empty: str | None = None,
+) -> None:
+    """What a ``list`` verb prints: ``records`` as JSON (``--json``), or a table of the
+    ``columns`` (header, record key), each cell by :func:`_cell`; ``empty``: the line for
+    no records (else a header alone)."""
+    if as_json:
+        print(json.dumps(records, indent=2))
+    elif not records and empty is not None:
+        print(empty)
+    else:
+        _print_table(
+            [[_cell(r[key]) for _, key in columns] for r in records],
+            [header for header, _ in columns],
+        )
 
 
 # ------------------------------------------------------------------------------------------
@@ -188,29 +220,22 @@ def cmd_endpoint_list(args: argparse.Namespace) -> int:
     with _open(args) as h:
         eps = h.registry.list_endpoints()
         groups = {ep.identity: h.registry.groups_of(ep.identity) for ep in eps}
-    if args.json:
-        print(json.dumps([
-            {
-                "identity": show_identity(ep.identity),
-                "identity_hex": ep.identity.hex(),
-                "id_type": ID_TYPE_NAMES[ep.id_type],
-                "key_label": ep.key_label,
-                "enabled": ep.enabled,
-                "created_at": _show_time(ep.created_at),
-                "groups": [show_identity(g) for g in groups[ep.identity]],
-            }
-            for ep in eps
-        ], indent=2))
-        return 0
-    _print_table(
-        [
-            [show_identity(ep.identity), ID_TYPE_NAMES[ep.id_type], ep.key_label,
-             "yes" if ep.enabled else "no", _show_time(ep.created_at),
-             ",".join(show_identity(g) for g in groups[ep.identity]) or "-"]
-            for ep in eps
-        ],
-        ["IDENTITY", "TYPE", "KEY LABEL", "ENABLED", "CREATED", "GROUPS"],
-    )
+    records = [
+        {
+            "identity": show_identity(ep.identity),
+            "identity_hex": ep.identity.hex(),
+            "id_type": ID_TYPE_NAMES[ep.id_type],
+            "key_label": ep.key_label,
+            "enabled": ep.enabled,
+            "created_at": _show_time(ep.created_at),
+            "groups": [show_identity(g) for g in groups[ep.identity]],
+        }
+        for ep in eps
+    ]
+    print_listing(args.json, records, [
+        ("IDENTITY", "identity"), ("TYPE", "id_type"), ("KEY LABEL", "key_label"),
+        ("ENABLED", "enabled"), ("CREATED", "created_at"), ("GROUPS", "groups"),
+    ])  # fmt: skip
     return 0
 
 
@@ -244,17 +269,11 @@ def cmd_group_remove(args: argparse.Namespace) -> int:
 def cmd_group_list(args: argparse.Namespace) -> int:
     with _open(args) as h:
         groups = h.registry.list_groups()
-    if args.json:
-        print(json.dumps([
-            {"group": show_identity(g.identity), "members": [show_identity(m) for m in g.members]}
-            for g in groups
-        ], indent=2))
-        return 0
-    _print_table(
-        [[show_identity(g.identity), ",".join(show_identity(m) for m in g.members) or "-"]
-         for g in groups],
-        ["GROUP", "MEMBERS"],
-    )
+    records = [
+        {"group": show_identity(g.identity), "members": [show_identity(m) for m in g.members]}
+        for g in groups
+    ]
+    print_listing(args.json, records, [("GROUP", "group"), ("MEMBERS", "members")])
     return 0
 
 

@@ -11,14 +11,13 @@ retired: with ``retire-psk``, or automatically at the end of ``--overlap`` (then
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import secrets
 import time
 from pathlib import Path
 from typing import Any
 
-from kms.cli.admin import _errors_to_cli, _identity, _json_flag, _open, _print_table, _show_time
+from kms.cli.admin import _errors_to_cli, _identity, _json_flag, _open, _show_time, print_listing
 from kms.cli.errors import CliError
 from kms.home import PSK_MAX_BYTES, PSK_MIN_BYTES
 from kms.server.psk_rotation import retire_due, retire_psk, rotate_psk
@@ -114,14 +113,10 @@ def cmd_list(args: argparse.Namespace) -> int:
         {"version": 1, "name": show_identity(identity), "key_label": ep.key_label,
          "state": "active", "created_at": _show_time(ep.created_at), "accepted_until": None}
     ]  # fmt: skip
-    if args.json:
-        print(json.dumps(rows, indent=2))
-    else:
-        _print_table(
-            [[str(r["version"]), r["name"], r["key_label"], r["state"], r["created_at"],
-              r["accepted_until"] or "-"] for r in rows],
-            ["VERSION", "NAME (IDRpsk)", "KEY", "STATE", "CREATED", "ACCEPTED UNTIL"],
-        )  # fmt: skip
+    print_listing(args.json, rows, [
+        ("VERSION", "version"), ("NAME (IDRpsk)", "name"), ("KEY", "key_label"),
+        ("STATE", "state"), ("CREATED", "created_at"), ("ACCEPTED UNTIL", "accepted_until"),
+    ])  # fmt: skip
     return 0
 
 

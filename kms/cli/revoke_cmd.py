@@ -12,21 +12,26 @@ Revocations live in the registry (SQLite, or PostgreSQL in cluster mode), so eve
 enforces them on its next request; a peer KMS asking to resolve a revoked ticket is refused
 by this KMS, the issuer. Each change is written to the audit log (``revocation.*`` events);
 refusals are audited by the server with the reason. Ticket revocations are final.
+
+Pruning: a ticket revocation is deleted once no ticket it could match can still be valid,
+2 x [policy] max_lifetime_s + timestamp_window_s + 1 s after it was made (the server prunes
+in the background; ``list`` prunes first, so it never shows such rows). Suspensions and
+requested-before times are kept until lifted or replaced.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import math
 import time
 from typing import Any
 
-from kms.cli.admin import _errors_to_cli, _identity, _json_flag, _open, _print_table, _show_time
+from kms.cli.admin import _errors_to_cli, _identity, _json_flag, _open, _show_time, print_listing
 from kms.cli.errors import CliError
 from kms.home import Home
 from kms.server.compose import AUDIT_LOG
+from kms.server.stores import revocation_horizon
 from kms.store.audit import JsonLinesAuditSink
 from kms.store.registry import show_identity
 from kms.store.revocations import RevocationError, RevocationKind, parse_ticket_id
@@ -128,36 +133,23 @@ def _subject(kind: RevocationKind, subject: bytes) -> str:
 @_errors_to_cli
 def cmd_list(args: argparse.Namespace) -> int:
     with _open(args) as h:
+        h.registry.prune_ticket_revocations(time.time(), revocation_horizon(h.config))
         entries = h.registry.list_revocations()
-    if args.json:
-        print(json.dumps([
-            {
-                "kind": e.kind.value,
-                "subject": _subject(e.kind, e.subject),
-                "before": _show_time(e.not_before) if e.kind is RevocationKind.REQUESTED_BEFORE
-                else None,
-                "since": _show_time(e.created_at),
-                "reason": e.reason,
-            }
-            for e in entries
-        ], indent=2))
-    elif not entries:
-        print("nothing is revoked")
-    else:
-        _print_table(
-            [
-                [
-                    e.kind.value,
-                    _subject(e.kind, e.subject),
-                    _show_time(e.not_before) if e.kind is RevocationKind.REQUESTED_BEFORE
-                    else "-",
-                    _show_time(e.created_at),
-                    e.reason or "-",
-                ]
-                for e in entries
-            ],
-            ["KIND", "SUBJECT", "BEFORE", "SINCE", "REASON"],
-        )
+    records = [
+        {
+            "kind": e.kind.value,
+            "subject": _subject(e.kind, e.subject),
+            "before": _show_time(e.not_before) if e.kind is RevocationKind.REQUESTED_BEFORE
+            else None,
+            "since": _show_time(e.created_at),
+            "reason": e.reason,
+        }
+        for e in entries
+    ]
+    print_listing(args.json, records, [
+        ("KIND", "kind"), ("SUBJECT", "subject"), ("BEFORE", "before"), ("SINCE", "since"),
+        ("REASON", "reason"),
+    ], empty="nothing is revoked")  # fmt: skip
     return 0
 
 
@@ -220,7 +212,16 @@ def register(sub: Any) -> None:  # argparse._SubParsersAction
                    help="now (default), Unix seconds, or ISO 8601 such as 2026-01-31T12:00:00Z")
     reason(q)
     q.set_defaults(func=cmd_requested_before)
-    q = rsub.add_parser("list", help="list suspensions and revocations",
-                        description="List suspended endpoints and revoked tickets.")
+    q = rsub.add_parser(
+        "list",
+        help="list suspensions and revocations",
+        description=(
+            "List suspended endpoints and revoked tickets. Ticket revocations older than\n"
+            "2 x [policy] max_lifetime_s + timestamp_window_s + 1 s are pruned first: every\n"
+            "ticket they could match has expired (suspensions and requested-before times\n"
+            "are kept)."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     _json_flag(q)
     q.set_defaults(func=cmd_list)

@@ -184,8 +184,8 @@ def handle_node_resolve(
                 "ticket issued by another KMS: the node must be registered there",
                 "node asked about a foreign ticket",
             )
-        contents = open_ticket(ticket, deps)
-        check_validity(ticket, deps, now)
+        contents = open_ticket(ticket, deps, now)
+        check_validity(ticket, deps, now, contents.t)
         creator = idr_in_policy(ticket.policy, IdRole.IDRI)
         check_ticket(deps.revocations, tid, creator.data if creator else None, contents.t)
         if forking and leg is None:

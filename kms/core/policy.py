@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
-from kms.core.errors import Refusal, denied
+from kms.core.errors import Refusal, denied, precondition
 from kms.mikey.constants import (
     BASE_TICKET_SUBTYPE,
     BASE_TICKET_VERSION,
@@ -28,7 +28,7 @@ from kms.mikey.constants import (
     TsType,
 )
 from kms.mikey.ntp import MAX_UNIX, MIN_UNIX, decode_ts_value, encode_ts_value
-from kms.mikey.payloads import Kemac, KeyData, KvData, Payload
+from kms.mikey.payloads import Kemac, KeyData, KvData, Payload, Timestamp
 from kms.mikey.ticket import Idr, TicketPolicy, TpFlag, Tr
 
 SESSION_KEY_TYPES = (
@@ -403,6 +403,35 @@ def validity_of(policy: TicketPolicy) -> tuple[float | None, float | None]:
             elif p.role == TsRole.TRE:
                 end = decode_ts_value(TsType(p.ts_type), p.value)
     return start, end
+
+
+def initiator_ticket_window(
+    policy: TicketPolicy, t: Timestamp, pol: KmsPolicy, now: float
+) -> None:
+    """Hold an Initiator-made ticket (RFC 6043 4.1.1 mode 3, D = 0), which never passed
+    :func:`grant_policy`, to the validity window grant_policy would grant at its issue time
+    (base-ticket T, A.1): T not ahead of this KMS's clock by more than the timestamp window
+    (Invalid TS), a TRe present, TRs at most max_lifetime_s after T and TRe at most
+    max_lifetime_s after max(TRs, T) (else Invalid TPpar, RFC 6043 6.12: the KMS's policy
+    does not allow that ticket policy). So no ticket this KMS resolves is valid more than
+    2 x max_lifetime_s after it was made, which bounds how long a ticket revocation or a
+    resolve-ledger row (flag J = 0) must be kept."""
+    try:
+        issued = decode_ts_value(TsType(t.ts_type), t.value)
+    except ValueError:
+        raise precondition(ErrorNo.INVALID_TS, "ticket time unreadable") from None
+    if issued > now + pol.timestamp_window_s:
+        raise precondition(ErrorNo.INVALID_TS, "ticket made in the future")
+    start, end = validity_of(policy)
+    why = None
+    if end is None:
+        why = "an Initiator-made ticket must carry TRe"
+    elif start is not None and start > issued + pol.max_lifetime_s:
+        why = "TRs later than max_lifetime_s after the ticket's T"
+    elif end > (issued if start is None else max(start, issued)) + pol.max_lifetime_s + 1:
+        why = "validity longer than max_lifetime_s"
+    if why is not None:
+        raise denied(ErrorNo.INVALID_TPPAR, "ticket validity not allowed by the KMS policy", why)
 
 
 def responders_of(policy: TicketPolicy) -> list[bytes]:

@@ -75,3 +75,32 @@ def named_psk(
     if ref.retired or (ref.retire_at is not None and now >= ref.retire_at):
         return NamedPsk(identity, None, ref.version, f"PSK version {ref.version} retired")
     return NamedPsk(identity, ref.key, ref.version)
+
+
+def ticket_psk(
+    versions: PskVersions | None,
+    directory: Directory,
+    creator: bytes,
+    name: bytes,
+    now: float,
+) -> tuple[KeyRef | None, str]:
+    """The PSK protecting an Initiator-made ticket (RFC 6043 4.1.1 mode 3, D = 0), named
+    by the IDRpsk of its Ticket Data (A.1), and why not when there is none.
+
+    Accepted: exactly the live versions of the creator's (IDRi's) own PSK, named as the
+    rotation names them (version 1 by the identity itself); an endpoint that has never
+    rotated is named by its identity only. A retired version, one whose overlap has ended,
+    or another identity's version is refused, as in :func:`named_psk`."""
+    ref = versions.psk_version(name) if versions is not None else None
+    if ref is None:
+        if name != creator:
+            return None, "IDRpsk does not name a PSK of the ticket's IDRi"
+        key = directory.psk_for(creator)
+        return key, "" if key is not None else "unknown identity"
+    if ref.owner != creator:
+        return None, "IDRpsk names a PSK of another identity"
+    if directory.psk_for(ref.owner) is None:
+        return None, "unknown identity"  # removed or disabled
+    if ref.retired or (ref.retire_at is not None and now >= ref.retire_at):
+        return None, f"PSK version {ref.version} retired"
+    return ref.key, ""

@@ -12,9 +12,11 @@ from kms.core.forking import modifier_for
 from kms.core.policy import (
     check_flag_rules,
     idr_in_policy,
+    initiator_ticket_window,
     responders_of,
     validity_of,
 )
+from kms.core.psk_versions import ticket_psk
 from kms.core.request import fresh_timestamp, response_header
 from kms.core.revocation import check_ticket
 from kms.keystore import Key
@@ -36,7 +38,7 @@ from kms.mikey.derive import (
 )
 from kms.mikey.message import Message
 from kms.mikey.ntp import timestamp_t64
-from kms.mikey.payloads import KeyData, Payload
+from kms.mikey.payloads import KeyData, Payload, Timestamp
 from kms.mikey.protect import (
     message_keys,
     placeholder_v,
@@ -58,19 +60,23 @@ def check_ticket_type(ticket: Ticket) -> None:
         raise denied(ErrorNo.INVALID_TICKET, "ticket type not supported")
 
 
-def open_ticket(ticket: Ticket, deps: Deps) -> TicketContents:
+def open_ticket(ticket: Ticket, deps: Deps, now: float) -> TicketContents:
     if not ticket.policy.flags & TpFlag.D:
         # An Initiator-made ticket never passed grant_policy: check the RFC 6043 6.10 rules.
         why = check_flag_rules(ticket.policy.flags, has_tgk=False)
         if why is not None:
             raise denied(ErrorNo.INVALID_TPPAR, "ticket policy is inconsistent", why)
+    why_not: list[str] = []
     try:
-        return open_base_ticket(deps.keystore, ticket, _tpk_lookup(deps, ticket))
+        return open_base_ticket(deps.keystore, ticket, _tpk_lookup(deps, ticket, now, why_not))
     except TicketError as exc:
-        raise auth_failure(f"ticket refused: {exc.reason}") from None
+        reason = why_not[0] if why_not else exc.reason
+        raise auth_failure(f"ticket refused: {reason}") from None
 
 
-def _tpk_lookup(deps: Deps, ticket: Ticket) -> Callable[[bytes | None], Key | None]:
+def _tpk_lookup(
+    deps: Deps, ticket: Ticket, now: float, why_not: list[str]
+) -> Callable[[bytes | None], Key | None]:
     kms_generated = bool(ticket.policy.flags & TpFlag.D)
     creator = idr_in_policy(ticket.policy, IdRole.IDRI)
 
@@ -80,19 +86,30 @@ def _tpk_lookup(deps: Deps, ticket: Ticket) -> Callable[[bytes | None], Key | No
                 return deps.directory.current_tpk()[1]
             return deps.directory.tpk(tpk_id)
         # Mode 3 (RFC 6043 4.1.1): an Initiator-generated ticket (D = 0) is protected by a
-        # key the Initiator shares with the KMS: its PSK, named by IDRpsk. IDRpsk must name
-        # the IDRi of the ticket policy, so nobody can create tickets in another's name; the
-        # label type byte (0x05 versus 0x01/0x02) separates this use from message keys.
-        if tpk_id is None or creator is None or tpk_id != creator.data:
+        # key the Initiator shares with the KMS: its PSK, named by IDRpsk (A.1). IDRpsk must
+        # name a live version of the PSK of the ticket policy's IDRi (after a rotation,
+        # ``<IDRi>#psk<N>``), so nobody can create tickets in another's name or with a
+        # retired PSK; the label type byte (0x05 versus 0x01/0x02) separates this use from
+        # message keys.
+        if tpk_id is None or creator is None:
+            why_not.append("an Initiator-made ticket must name its PSK (IDRpsk, IDRi)")
             return None
-        return deps.directory.psk_for(creator.data)
+        key, why = ticket_psk(deps.psk_versions, deps.directory, creator.data, tpk_id, now)
+        if key is None:
+            why_not.append(why)
+        return key
 
     return lookup
 
 
-def check_validity(ticket: Ticket, deps: Deps, now: float) -> float:
+def check_validity(
+    ticket: Ticket, deps: Deps, now: float, t: Timestamp | None = None
+) -> float:
     """TRs / TRe with the RFC 4330 3 era rule (docs/rfc-readings.md R11); returns the
-    expiry time."""
+    expiry time. ``t``: the base ticket's T, to hold an Initiator-made ticket to the
+    window the KMS's policy allows (:func:`initiator_ticket_window`)."""
+    if t is not None and not ticket.policy.flags & TpFlag.D:
+        initiator_ticket_window(ticket.policy, t, deps.policy, now)
     start, end = validity_of(ticket.policy)
     skew = deps.policy.timestamp_window_s
     if start is not None and now + skew < start:
@@ -174,8 +191,8 @@ def handle_resolve(
         return Foreign(issuer, {"ticket_id": tid})
     notes: dict[str, object] = {"ticket_id": tid}
     with noting(notes):
-        contents = open_ticket(ticket, deps)
-        expires = check_validity(ticket, deps, now)
+        contents = open_ticket(ticket, deps, now)
+        expires = check_validity(ticket, deps, now, contents.t)
         creator = idr_in_policy(ticket.policy, IdRole.IDRI)
         check_ticket(deps.revocations, tid, creator.data if creator else None, contents.t)
         responder = auth.identity.data

@@ -12,6 +12,8 @@ The readings (docs/design.md, "Revocation"):
 - A revoked ticket (by id, or issued to an Initiator before its revocation time) is refused
   with Invalid ticket (RFC 6043 6.12, 14), on every Responder and every peer KMS: the issuing
   KMS is the one that resolves its tickets (RFC 6043 9), so it refuses them for all.
+- A ticket revocation matters only while the ticket can still be valid, so its row is pruned
+  after :func:`ticket_revocation_horizon`.
 """
 
 from __future__ import annotations
@@ -87,3 +89,18 @@ def check_ticket(
                 "ticket revoked",
                 "ticket revoked (requested before the initiator's revocation time)",
             )
+
+
+def ticket_revocation_horizon(max_lifetime_s: int, timestamp_window_s: int) -> int:
+    """Seconds after its revocation when no ticket a ticket revocation could match is valid
+    (``[policy]`` max_lifetime_s and timestamp_window_s).
+
+    A ticket is resolved only until its TRe (:func:`kms.core.resolve.check_validity`). One
+    this KMS issued at time T has TRs <= T + max_lifetime_s and TRe <= max(TRs, T) +
+    max_lifetime_s (:func:`kms.core.policy.grant_policy`), so TRe <= T + 2 x max_lifetime_s;
+    an Initiator-made one (mode 3) is held to the same window at resolve
+    (:func:`kms.core.policy.initiator_ticket_window`), its T at most timestamp_window_s
+    ahead of this KMS's clock. A revoked ticket existed when it was revoked (its id is a hash
+    of its data), so T <= revocation time (+ the window for mode 3); one second more covers
+    the whole-second TRs/TRe the KMS writes."""
+    return 2 * max_lifetime_s + timestamp_window_s + 1

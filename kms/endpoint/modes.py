@@ -52,8 +52,9 @@ def build_ticket(
     lifetime_s: int = 3600,
 ) -> TicketGrant:
     """Modes 3 and 4: the Initiator creates a MIKEY base ticket under ``tpk`` (named by
-    ``tpk_id`` in IDRpsk; for mode 3 that is the Initiator's own identity, whose PSK the KMS
-    uses). D = 0 requires L = 1 (RFC 6043 6.10); E = 1 when a KMS must resolve (mode 3)."""
+    ``tpk_id`` in IDRpsk; for mode 3 that names the Initiator's own PSK, see
+    :func:`mode3_ticket`). D = 0 requires L = 1 (RFC 6043 6.10); E = 1 when a KMS must
+    resolve (mode 3)."""
     ks = ini.ks
     c = ini.creds
     flags = (desired.flags & ~(TpFlag.D | TpFlag.K)) | TpFlag.L
@@ -81,6 +82,17 @@ def build_ticket(
     ticket = issue_base_ticket(ks, tpk, tpk_id, policy, now_timestamp(now), rand, mpk, keys)
     mpki, mpkr = derive_mpk_pair(ks, mpk.key, rand, PrfFunc(policy.prf_func))
     return TicketGrant(ticket, mpki, mpkr if flags & TpFlag.I else None, keys)
+
+
+def mode3_ticket(
+    ini: Initiator, desired: DesiredPolicy, now: float, lifetime_s: int = 3600
+) -> TicketGrant:
+    """Mode 3: a ticket the Initiator creates under the PSK it shares with the KMS. IDRpsk
+    names that PSK (RFC 6043 A.1) as the message IDRpsk does (4.2.1): the version name
+    ``kms endpoint rotate-psk`` printed when the credentials hold one, else the identity."""
+    c = ini.creds
+    name = c.psk_name if c.psk_name is not None else c.identity
+    return build_ticket(ini, c.psk, name, desired, now, lifetime_s)
 
 
 def resolve_locally(

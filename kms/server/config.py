@@ -422,15 +422,34 @@ def _parse_tracing(doc: Mapping[str, Any], home: Path) -> TracingSettings:
     )
 
 
-def check_metrics_listen(listen: str, tls: bool, allow_plaintext: bool) -> None:
-    """``HOST:PORT`` for ``/metrics``; plain HTTP off loopback only when allowed. ValueError
-    with the reason (the caller names the setting)."""
+def check_plaintext_listen(
+    listen: str, tls: bool, allow_plaintext: bool, section: str, what: str
+) -> None:
+    """``HOST:PORT`` to listen on without TLS only on loopback, unless allowed: plaintext
+    off the loopback interface exposes tickets, metadata or metrics to the network, so it
+    has to be asked for explicitly. ValueError with the reason (the caller names the
+    setting); ``section``: where tls_cert / allow_plaintext_non_loopback are set, "" for
+    [server]; ``what``: the plaintext protocol."""
     host, _port = split_listen(listen)
     if not tls and not is_loopback(host) and not allow_plaintext:
+        where = f" in {section}" if section else ""
+        has = f"{section} has no tls_cert/tls_key" if section else "no tls_cert/tls_key is set"
         raise ValueError(
-            f"{listen} is not a loopback address and [metrics] has no tls_cert/tls_key "
-            "(set allow_plaintext_non_loopback = true in [metrics] to accept plain HTTP)"
+            f"{listen} is not a loopback address and {has} "
+            f"(set allow_plaintext_non_loopback = true{where} to accept {what})"
         )
+
+
+def check_metrics_listen(listen: str, tls: bool, allow_plaintext: bool) -> None:
+    """``HOST:PORT`` for ``/metrics``; plain HTTP off loopback only when allowed."""
+    check_plaintext_listen(listen, tls, allow_plaintext, "[metrics]", "plain HTTP")
+
+
+def _check_pair(sec: _Section, first: str, second: str, a: object, b: object) -> None:
+    """Two settings that go together (a certificate and its key): both or neither."""
+    if (a is None) != (b is None):
+        missing = second if b is None else first
+        raise sec.error(missing, f"{first} and {second} must be given together")
 
 
 def _parse_metrics(doc: Mapping[str, Any], home: Path) -> MetricsSettings:
@@ -442,9 +461,7 @@ def _parse_metrics(doc: Mapping[str, Any], home: Path) -> MetricsSettings:
         allow_plaintext_non_loopback=sec.value("allow_plaintext_non_loopback"),
         tpk_max_age_s=sec.value("tpk_max_age_s"),
     )
-    if (settings.tls_cert is None) != (settings.tls_key is None):
-        missing = "tls_key" if settings.tls_key is None else "tls_cert"
-        raise sec.error(missing, "tls_cert and tls_key must be given together")
+    _check_pair(sec, "tls_cert", "tls_key", settings.tls_cert, settings.tls_key)
     if settings.listen is not None:
         try:
             check_metrics_listen(
@@ -510,9 +527,7 @@ def _parse_federation(doc: Mapping[str, Any], home: Path) -> FederationSettings:
         max_retries=sec.value("max_retries"),
         default_deadline_ms=sec.value("default_deadline_ms"),
     )
-    if (settings.client_cert is None) != (settings.client_key is None):
-        missing = "client_key" if settings.client_key is None else "client_cert"
-        raise sec.error(missing, "client_cert and client_key must be given together")
+    _check_pair(sec, "client_cert", "client_key", settings.client_cert, settings.client_key)
     return settings
 
 
@@ -583,7 +598,7 @@ def _parse_server(doc: Mapping[str, Any], home: Path) -> ServerSettings:
     listen = sec.value("listen")
     assert listen is not None
     try:
-        host, _port = split_listen(listen)
+        split_listen(listen)
     except ValueError as exc:
         raise sec.error("listen", f"{exc}, got {_show(listen)}") from None
     settings = ServerSettings(
@@ -598,23 +613,16 @@ def _parse_server(doc: Mapping[str, Any], home: Path) -> ServerSettings:
         max_calls_per_peer=sec.value("max_calls_per_peer"),
         max_streams_per_connection=sec.value("max_streams_per_connection"),
     )
-    if (settings.tls_cert is None) != (settings.tls_key is None):
-        missing = "tls_key" if settings.tls_key is None else "tls_cert"
-        raise sec.error(missing, "tls_cert and tls_key must be given together")
+    _check_pair(sec, "tls_cert", "tls_key", settings.tls_cert, settings.tls_key)
     if settings.tls_client_ca is not None and settings.tls_cert is None:
         raise sec.error("tls_client_ca", "needs tls_cert and tls_key")
-    if (
-        settings.tls_cert is None
-        and not is_loopback(host)
-        and not settings.allow_plaintext_non_loopback
-    ):
-        # Plaintext gRPC off the loopback interface exposes tickets and metadata to the
-        # network; it has to be asked for explicitly.
-        raise sec.error(
-            "listen",
-            f"{listen} is not a loopback address and no tls_cert/tls_key is set "
-            "(set allow_plaintext_non_loopback = true to accept plaintext)",
+    try:
+        check_plaintext_listen(
+            listen, settings.tls_cert is not None, settings.allow_plaintext_non_loopback,
+            "", "plaintext",
         )
+    except ValueError as exc:
+        raise sec.error("listen", str(exc)) from None
     return settings
 
 

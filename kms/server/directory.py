@@ -263,20 +263,20 @@ class RegistryDirectory:
     def revocation_list(self) -> RevocationList:
         """The whole revocation list in one read, once per registry change (cluster mode:
         every revocation write bumps the generation, so replicas drop the cached list;
-        SQLite: re-read when another connection, an operator command, has committed)."""
+        SQLite, or PostgreSQL while not watching: as every other lookup, see _cached)."""
         return self._cached("revocations", b"", self._revocation_list)
 
     def _revocation_list(self) -> RevocationList:
         suspended: set[bytes] = set()
         tickets: set[bytes] = set()
         before: dict[bytes, int] = {}
-        for e in self.registry.list_revocations():
-            if e.kind is RevocationKind.SUSPENDED:
-                suspended.add(e.subject)
-            elif e.kind is RevocationKind.TICKET:
-                tickets.add(e.subject)
+        for kind, subject, not_before in self.registry.revocation_rows():
+            if kind == RevocationKind.SUSPENDED:
+                suspended.add(subject)
+            elif kind == RevocationKind.TICKET:
+                tickets.add(subject)
             else:
-                before[e.subject] = e.not_before
+                before[subject] = not_before
         return RevocationList(frozenset(suspended), frozenset(tickets), before)
 
 

@@ -16,18 +16,24 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import logging
+import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Protocol
 
 from kms.core.ports import Admission, QuotaLimiter, RateLimiter, ReplayCache, ResolveLedger
+from kms.core.revocation import ticket_revocation_horizon
 from kms.server.config import KmsConfig
 from kms.store.memory import PerKeyQuota, TokenBucketRateLimiter
 from kms.store.registry import REGISTRY_FILE, Registry, RegistryError, RegistryUnavailable
 from kms.store.state import SqliteReplayCache, SqliteResolveLedger
 
 STATE_DIR = "state"
+
+log = logging.getLogger("kms.server.stores")
 
 
 class Stores(Protocol):
@@ -85,6 +91,12 @@ def lock_key(name: str) -> int:
     return int.from_bytes(digest[:8], "big", signed=True)
 
 
+def revocation_horizon(config: KmsConfig) -> int:
+    """How long a ticket revocation is kept (see ticket_revocation_horizon)."""
+    p = config.policy
+    return ticket_revocation_horizon(p.max_lifetime_s, p.timestamp_window_s)
+
+
 class SqliteStores:
     backend = "sqlite"
 
@@ -92,6 +104,7 @@ class SqliteStores:
         self.config = config
         self.path = config.home / REGISTRY_FILE
         self._create = create
+        self._pruner: RevocationPruner | None = None
 
     def open_registry(self) -> Registry:
         reg = Registry.open(self.path, create=self._create)
@@ -122,7 +135,10 @@ class SqliteStores:
         return None
 
     def start_background(self) -> None:
-        return None
+        if self._pruner is None:
+            self._pruner = RevocationPruner(
+                self.open_registry, revocation_horizon(self.config)
+            )
 
     def set_wait_hook(self, hook: Callable[[], AbstractContextManager[None]]) -> None:
         return None  # local files: their waits are short and hold no slot worth giving up
@@ -134,7 +150,48 @@ class SqliteStores:
             yield
 
     def close(self) -> None:
-        return None
+        if self._pruner is not None:
+            self._pruner.close()
+            self._pruner = None
+
+
+class RevocationPruner:
+    """Deletes expired ticket revocations from a SQLite registry every ``interval_s``
+    seconds, in a background thread (what :class:`kms.store.pg_state.Pruner` does in
+    cluster mode). A pass that finds nothing due writes nothing."""
+
+    def __init__(
+        self, open_registry: Callable[[], Registry], horizon_s: int, interval_s: float = 60.0
+    ) -> None:
+        self._open = open_registry
+        self.horizon_s = horizon_s
+        self.interval_s = interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="kms-prune", daemon=True)
+        self._thread.start()
+
+    def prune_once(self, now: float | None = None) -> int:
+        reg = self._open()
+        try:
+            return reg.prune_ticket_revocations(
+                time.time() if now is None else now, self.horizon_s
+            )
+        finally:
+            reg.close()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.prune_once()
+            except Exception as exc:  # a busy or missing registry: try again next time
+                log.warning(
+                    "pruning ticket revocations failed",
+                    extra={"fields": {"error": type(exc).__name__}},
+                )
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
 
 
 class PgStores:
@@ -217,7 +274,9 @@ class PgStores:
             watcher.wait_synced(5.0)
             self._watcher = watcher
         if self._pruner is None:
-            self._pruner = Pruner(self.db)
+            self._pruner = Pruner(
+                self.db, revocation_horizon_s=revocation_horizon(self.config)
+            )
 
     def set_wait_hook(self, hook: Callable[[], AbstractContextManager[None]]) -> None:
         self.db.wait_hook = hook

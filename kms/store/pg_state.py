@@ -144,13 +144,21 @@ class PgQuota:
 class Pruner:
     """Deletes expired replay and ledger rows and idle buckets every ``interval_s`` seconds,
     in a background thread (never on the request path), in bounded batches. Rows whose
-    expiry lies in the future are never touched."""
+    expiry lies in the future are never touched. With ``revocation_horizon_s`` it also
+    deletes the ticket revocations older than that (see
+    :func:`kms.core.revocation.ticket_revocation_horizon`)."""
 
     BATCH = 5000
 
-    def __init__(self, db: PgDatabase, interval_s: float = 10.0) -> None:
+    def __init__(
+        self,
+        db: PgDatabase,
+        interval_s: float = 10.0,
+        revocation_horizon_s: int | None = None,
+    ) -> None:
         self._db = db
         self.interval_s = interval_s
+        self.revocation_horizon_s = revocation_horizon_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="kms-pg-prune", daemon=True)
         self._thread.start()
@@ -174,6 +182,10 @@ class Pruner:
                 total += max(0, n)
                 if n < self.BATCH:
                     break
+        if self.revocation_horizon_s is not None:
+            from kms.store.pg_registry import PgRegistry  # the registry's own SQL, once
+
+            total += PgRegistry(self._db).prune_ticket_revocations(t, self.revocation_horizon_s)
         return total
 
     def _run(self) -> None:

@@ -146,6 +146,28 @@ class RevocationTables:
                 )
         return RevocationEntry(RevocationKind.REQUESTED_BEFORE, identity, int(before), now, reason)
 
+    def prune_ticket_revocations(self, now: float, horizon_s: int) -> int:
+        """Delete the ticket revocations older than ``horizon_s`` (see
+        :func:`kms.core.revocation.ticket_revocation_horizon`): every ticket they could
+        match has expired, so they refuse nothing any more. Suspensions and requested-before
+        times are kept. Returns how many went; writes nothing (no registry change, so no
+        cache invalidation in cluster mode) when none is due."""
+        cutoff = int(now) - int(horizon_s)
+        params = (RevocationKind.TICKET.value, cutoff)
+        where = "WHERE kind = ? AND created_at < ?"
+        with self.transaction():
+            due = self._q(f"SELECT count(*) FROM revocations {where}", params)  # noqa: S608
+            n = int(due[0][0]) if due else 0
+            if n:
+                self._q(f"DELETE FROM revocations {where}", params)  # noqa: S608
+        return n
+
+    def revocation_rows(self) -> list[tuple[str, bytes, int]]:
+        """(kind, subject, not_before) of every entry, unordered: what the serving path
+        reads (the whole list at once, see kms.core.revocation)."""
+        rows = self._q("SELECT kind, subject, not_before FROM revocations")
+        return [(str(r[0]), bytes(r[1]), int(r[2])) for r in rows]
+
     def list_revocations(self) -> list[RevocationEntry]:
         rows = self._q(
             "SELECT kind, subject, not_before, created_at, reason FROM revocations "

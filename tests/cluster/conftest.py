@@ -85,15 +85,21 @@ class Cluster:
             self.serves[i] = None
 
     def close(self) -> None:
-        for c in self._clients:
-            c.close()
-        for i in range(len(self.serves)):
-            p = self.serves[i]
-            if p is not None and p.proc.poll() is None:
-                with contextlib.suppress(Exception):
-                    p.terminate()
-            if p is not None:
-                p.kill()
+        """Every replica stopped and every channel closed, even if one of them fails."""
+        with contextlib.ExitStack() as stack:
+            for p in self.serves:
+                if p is not None:
+                    stack.callback(p.kill)
+                    if p.proc.poll() is None:
+                        stack.callback(_terminate_quietly, p)
+            for c in self._clients:
+                stack.callback(c.close)
+            self._clients.clear()
+
+
+def _terminate_quietly(p: ServeProcess) -> None:
+    with contextlib.suppress(Exception):  # the kill that follows makes sure
+        p.terminate()
 
 
 def eventually(check: object, timeout: float = 2.0, what: str = "") -> float:

@@ -76,19 +76,20 @@ def replicas(tmp_path_factory: pytest.TempPathFactory, pg_server: PgServer) -> I
     # Replica 0 alone; replica 1 with two workers (its supervisor serves /metrics); all
     # started at once, before any waits for another.
     extra: list[list[str]] = [[], ["--workers", "2"]] + [[] for _ in homes[2:]]
-    serves = [
-        ServeProcess(h, free_port(), "--metrics-listen", f"127.0.0.1:{p}", *x)
-        for h, p, x in zip(homes, ports, extra, strict=True)
-    ]
+    serves: list[ServeProcess] = []
     try:
+        for h, p, x in zip(homes, ports, extra, strict=True):
+            serves.append(ServeProcess(h, free_port(), "--metrics-listen", f"127.0.0.1:{p}", *x))
         for s in serves:
             s.wait_ready(90)
         yield Replicas(homes, serves, ports, home1)
     finally:
         for s in serves:
-            if s.proc.poll() is None:
-                s.terminate()
-            s.kill()
+            try:
+                if s.proc.poll() is None:
+                    s.terminate()
+            finally:
+                s.kill()
 
 
 def pkcs11_tool(home: Path, *args: str) -> str:

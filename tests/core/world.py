@@ -14,36 +14,28 @@ import time
 from dataclasses import dataclass, field
 
 from hsm.software import SoftwareKeyStore
-from kms.core.api import KmsReply
 from kms.core.context import Deps
 from kms.core.policy import KmsPolicy
 from kms.core.ports import IntermediateNode, PeerKms
 from kms.core.service import Kms
-from kms.endpoint.common import Credentials
-from kms.endpoint.initiator import DesiredPolicy, Initiator, PendingTransfer, TicketGrant
-from kms.endpoint.responder import ResolvedCall, Responder
-from kms.endpoint.session import CryptoSession, SrtpKeys
 from kms.keystore import KeyRef
-from kms.mikey.constants import IdType
 from kms.store.memory import (
     ListAuditSink,
     MemoryReplayCache,
     MemoryResolveLedger,
     TokenBucketRateLimiter,
 )
+from tests.core.exchange import (  # noqa: F401 (the identities, as the tests import them)
+    ALICE,
+    BOB,
+    CAROL,
+    DAVE,
+    KMS_ID,
+    PSKS,
+    TEAM,
+    Exchanges,
+)
 
-KMS_ID = b"sip:kms.example.org"
-ALICE = b"sip:alice@example.org"
-BOB = b"sip:bob@example.org"
-CAROL = b"sip:carol@example.org"
-DAVE = b"sip:dave@example.org"
-TEAM = b"sip:team@example.org"
-PSKS = {
-    ALICE: bytes.fromhex("a1" * 16),
-    BOB: bytes.fromhex("b0b0" * 8),
-    CAROL: bytes.fromhex("ca" * 20),
-    DAVE: bytes.fromhex("da" * 32),
-}
 TPK_BYTES = 32
 DUMMY_PSK_LABEL = "dummy-psk"
 FORK_MODIFIER_LABEL = "fork/modifier"
@@ -111,27 +103,12 @@ class MemoryDirectory:
 
 
 @dataclass
-class World:
+class World(Exchanges):
     directory: MemoryDirectory
     sink: ListAuditSink
     kms: Kms
     now: float
     sw: SoftwareKeyStore = field(default_factory=SoftwareKeyStore)
-
-    def creds(self, who: bytes) -> Credentials:
-        return Credentials(who, PSKS[who], KMS_ID, IdType.URI)
-
-    def initiator(self, who: bytes = ALICE) -> Initiator:
-        return Initiator(self.creds(who), self.sw)
-
-    def responder(self, who: bytes = BOB) -> Responder:
-        return Responder(self.creds(who), self.sw)
-
-    def request(self, who: bytes, wire: bytes, now: float | None = None) -> KmsReply:
-        return self.kms.request_ticket(wire, self.now if now is None else now)
-
-    def resolve(self, wire: bytes, now: float | None = None) -> KmsReply:
-        return self.kms.resolve_ticket(wire, self.now if now is None else now)
 
     def rotate_tpk(self) -> int:
         return self.directory.rotate_tpk()
@@ -149,43 +126,9 @@ class World:
     def remove_group_members(self, group: bytes, members: list[bytes]) -> None:
         self.directory.groups[group].difference_update(members)
 
-    def grant(self, desired: DesiredPolicy, who: bytes = ALICE) -> TicketGrant:
-        ini = self.initiator(who)
-        wire, pending = ini.request_ticket(desired, self.now)
-        reply = self.kms.request_ticket(wire, self.now)
-        assert reply.ok, reply.audit
-        return ini.accept_ticket(pending, reply.data, self.now)
-
-    def call(
-        self,
-        grant: TicketGrant,
-        responder: bytes,
-        resolver: bytes | None = None,
-        sessions: tuple[CryptoSession, ...] = (CryptoSession(1, 0x11223344),),
-        who: bytes = ALICE,
-    ) -> tuple[list[SrtpKeys], ResolvedCall, PendingTransfer]:
-        """Transfer the ticket to ``responder`` (an identity or group), resolved by
-        ``resolver``; returns the Initiator's keys, the Responder's result and state."""
-        ini = self.initiator(who)
-        ti, pt = ini.transfer_init(grant, self.now, responder, sessions)
-        res = self.responder(resolver or responder)
-        ri, pr = res.receive_transfer_init(ti, self.now)
-        reply = self.resolve(ri)
-        assert reply.ok, reply.audit
-        call = res.accept_resolve(pr, reply.data, self.now)
-        keys = (
-            ini.accept_transfer_resp(pt, call.transfer_resp, self.now)
-            if call.transfer_resp is not None
-            else ini.keys_without_response(pt)
-        )
-        return keys, call, pt
-
     def audit_log_bytes(self) -> bytes:
         """The audit records as JSON lines, as the KMS's audit log would hold them."""
         return "".join(json.dumps(r, default=str) + "\n" for r in self.sink.records).encode()
-
-    def audit(self) -> list[dict[str, object]]:
-        return [json.loads(line) for line in self.audit_log_bytes().splitlines()]
 
 
 def make_world(policy: KmsPolicy | None = None) -> World:

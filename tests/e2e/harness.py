@@ -110,14 +110,18 @@ class ServeProcess:
         self.err_path = home.parent / f"serve-{stamp}.err"
         self._out = self.out_path.open("wb")
         self._err = self.err_path.open("wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "kms.cli", "--home", str(home), "serve",
-             "--listen", self.target, *args],
-            stdout=self._out,
-            stderr=self._err,
-            cwd=REPO,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )  # fmt: skip
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "kms.cli", "--home", str(home), "serve",
+                 "--listen", self.target, *args],
+                stdout=self._out,
+                stderr=self._err,
+                cwd=REPO,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )  # fmt: skip
+        except BaseException:
+            self._close()
+            raise
 
     @property
     def stdout(self) -> str:
@@ -189,9 +193,10 @@ class Kms:
         return obtain_ticket(self.client(), self.initiator(who), desired)
 
     def close_clients(self) -> None:
-        for c in self._clients:
-            c.close()
-        self._clients.clear()
+        with contextlib.ExitStack() as stack:  # every channel, even if one close fails
+            for c in self._clients:
+                stack.callback(c.close)
+            self._clients.clear()
 
 
 def start_serve(home: Path, *args: str) -> ServeProcess:
@@ -208,13 +213,17 @@ def start_serve(home: Path, *args: str) -> ServeProcess:
 def running_kms(home: Path, *args: str) -> Iterator[Kms]:
     serve = start_serve(home, *args)
     kms = Kms(home, serve)
-    try:
+    with contextlib.ExitStack() as stack:  # LIFO: clients closed, then the server stopped
+        stack.callback(serve.kill)  # whatever happens in between (a no-op once it exited)
+        stack.callback(_clean_stop, serve)
+        stack.callback(kms.close_clients)
         yield kms
-    finally:
-        kms.close_clients()
-        if serve.proc.poll() is None:
-            rc = serve.terminate()
-            assert rc == 0, serve.stderr
+
+
+def _clean_stop(serve: ServeProcess) -> None:
+    if serve.proc.poll() is None:
+        rc = serve.terminate()
+        assert rc == 0, serve.stderr
 
 
 # ------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Endpoint PSK rotation without downtime, end to end: `kms endpoint rotate-psk` while
 `kms serve` runs, old and new phones mixed (IDRpsk names the new version, RFC 6043 4.2.1 /
 4.2.3), calls with real SRTP across rotate and retire, the retired PSK refused and its token
-object destroyed."""
+object destroyed; mode-3 tickets (4.1.1, IDRpsk of the Ticket Data, A.1) likewise."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ import pytest
 from kms.endpoint.client import KmsRefused, obtain_ticket, resolve
 from kms.endpoint.common import Credentials
 from kms.endpoint.initiator import DesiredPolicy, Initiator
+from kms.endpoint.modes import mode3_ticket
 from kms.endpoint.responder import Responder
 from kms.endpoint.session import CryptoSession
 from kms.mikey.constants import ErrorNo, IdType
@@ -26,6 +27,7 @@ from tests.e2e.harness import (
     BOB,
     CAROL,
     ERIN,
+    FRANK,
     KMS_ID,
     PSKS,
     REPO,
@@ -60,9 +62,15 @@ def creds(who: bytes, psk: bytes, name: bytes | None) -> Credentials:
     return Credentials(who, psk, KMS_ID, IdType.URI, psk_name=name)
 
 
-def call(kms: Kms, ini: Initiator, res: Responder) -> None:
-    """A whole call: ticket, transfer, resolve, real SRTP."""
-    grant = obtain_ticket(kms.client(), ini, DesiredPolicy(responders=(res.creds.identity,)))
+def call(kms: Kms, ini: Initiator, res: Responder, *, mode3: bool = False) -> None:
+    """A whole call: ticket, transfer, resolve, real SRTP. ``mode3``: the Initiator makes
+    the ticket under its PSK (RFC 6043 4.1.1; IDRpsk names the version it holds) instead of
+    asking the KMS for one."""
+    desired = DesiredPolicy(responders=(res.creds.identity,))
+    if mode3:
+        grant = mode3_ticket(ini, desired, time.time())
+    else:
+        grant = obtain_ticket(kms.client(), ini, desired)
     ti, pending = ini.transfer_init(grant, time.time(), res.creds.identity, SESSIONS)
     got = resolve(kms.client(), res, ti)
     assert got.transfer_resp is not None
@@ -172,3 +180,27 @@ def test_kms_call_sends_the_psk_name(kms: Kms) -> None:
         capture_output=True, text=True, cwd=REPO, timeout=60, check=False,
     )  # fmt: skip
     assert proc.returncode == 1 and "UNAUTHENTICATED" in proc.stderr
+
+
+def test_mode_3_tickets_across_a_rotation(kms: Kms) -> None:
+    old = Initiator(creds(FRANK, PSKS[FRANK], None), kms.ks)
+    alice = kms.responder(ALICE)
+    call(kms, old, alice, mode3=True)
+    new_psk, name, _ = rotate(kms, FRANK)
+    new = Initiator(creds(FRANK, new_psk, name), kms.ks)
+    # Old and new phones both make tickets the KMS resolves, each under its own version.
+    call(kms, old, alice, mode3=True)
+    call(kms, new, alice, mode3=True)
+    # A ticket made before the retirement, under the version about to be retired.
+    stale = mode3_ticket(old, DesiredPolicy(responders=(ALICE,)), time.time())
+    run_kms(kms.home, "endpoint", "retire-psk", FRANK.decode(), "1")
+    fresh = mode3_ticket(old, DesiredPolicy(responders=(ALICE,)), time.time())
+    for grant in (stale, fresh):  # the retired version is refused, whenever it was used
+        ti, _ = old.transfer_init(grant, time.time(), ALICE, SESSIONS)
+        r = refused(lambda ti=ti: resolve(kms.client(), alice, ti))
+        assert (r.code, r.error_no) == (grpc.StatusCode.UNAUTHENTICATED, ErrorNo.AUTH_FAILURE)
+    call(kms, new, alice, mode3=True)
+    records = [json.loads(x) for x in (kms.home / "audit.log").read_text().splitlines()]
+    assert any(
+        r.get("reason") == "ticket refused: PSK version 1 retired" for r in records
+    ), records[-3:]

@@ -158,3 +158,24 @@ def test_cli_refuses_unknown_endpoints_and_documents_itself(kms: Kms) -> None:
     helptext = run_kms(kms.home, "revoke", "--help").stdout
     for verb in ("suspend", "resume", "ticket", "requested-before", "list"):
         assert verb in helptext
+
+
+def test_revoke_list_prunes_ticket_revocations_that_can_match_nothing(kms: Kms) -> None:
+    """Once every ticket it could match has expired (2 x max_lifetime_s + window), a ticket
+    revocation is pruned, and `kms revoke list` never shows it."""
+    import sqlite3
+
+    from kms.store.registry import REGISTRY_FILE
+
+    old, new = "ab" * 16, "cd" * 16
+    run_kms(kms.home, "revoke", "ticket", old)
+    run_kms(kms.home, "revoke", "ticket", new)
+    conn = sqlite3.connect(kms.home / REGISTRY_FILE)
+    with conn:  # as if revoked three days ago (max_lifetime_s is one day)
+        conn.execute("UPDATE revocations SET created_at = created_at - 3 * 86400 "
+                     "WHERE subject = ?", (bytes.fromhex(old),))  # fmt: skip
+    conn.close()
+    listed = json.loads(run_kms(kms.home, "revoke", "list", "--json").stdout)
+    subjects = {e["subject"] for e in listed}
+    assert new in subjects and old not in subjects
+    assert "pruned" in run_kms(kms.home, "revoke", "list", "--help").stdout

@@ -17,6 +17,7 @@ answer, forwarding back to B). A and C do not know each other.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
@@ -73,6 +74,7 @@ class Relay:
         self.last_answer: bytes | None = None
         self.release = threading.Event()
         self.upstream: dict[str, Any] = {}
+        self._channels: list[grpc.Channel] = []
         creds = grpc.ssl_server_credentials(
             [(cert.key_pem, cert.cert_pem)],
             root_certificates=ca.path.read_bytes(),
@@ -81,14 +83,20 @@ class Relay:
         self._client_creds = grpc.ssl_channel_credentials(
             ca.path.read_bytes(), cert.key_pem, cert.cert_pem
         )
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
-        rpc.add_servicer(self, self.server)
-        self.port = self.server.add_secure_port("127.0.0.1:0", creds)
-        self.address = f"127.0.0.1:{self.port}"
-        self.server.start()
+        self._pool = futures.ThreadPoolExecutor(max_workers=8)
+        self.server = grpc.server(self._pool)
+        try:
+            rpc.add_servicer(self, self.server)
+            self.port = self.server.add_secure_port("127.0.0.1:0", creds)
+            self.address = f"127.0.0.1:{self.port}"
+            self.server.start()
+        except BaseException:
+            self.stop()
+            raise
 
     def connect(self, name: str, address: str) -> None:
         channel = grpc.secure_channel(address, self._client_creds)
+        self._channels.append(channel)
         self.upstream[name] = rpc.client_stub(channel)
 
     def ResolveTicket(self, request: Any, context: Any) -> Any:
@@ -122,8 +130,14 @@ class Relay:
         context.abort(grpc.StatusCode.UNIMPLEMENTED, "relay")
 
     def stop(self) -> None:
+        """Stop serving, close the channels to B and C, end the worker threads (also after a
+        half-done setup; idempotent)."""
         self.release.set()
-        self.server.stop(None)
+        self.server.stop(None).wait(5)
+        for channel in self._channels:
+            channel.close()
+        self._channels.clear()
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 @dataclass
@@ -163,6 +177,10 @@ class Domain:
             rc = self.serve.terminate()
             assert rc == 0, self.serve.stderr
 
+    def kill(self) -> None:
+        if self.serve is not None:
+            self.serve.kill()
+
 
 @dataclass
 class Fed:
@@ -198,8 +216,10 @@ class Fed:
         return Responder(creds, self.ks)
 
     def close(self) -> None:
-        for c in self._clients:
-            c.close()
+        with contextlib.ExitStack() as stack:  # every client, even if one close fails
+            for c in self._clients:
+                stack.callback(c.close)
+            self._clients.clear()
 
 
 def _enable_mtls(home: Path, cert: CertFiles, ca: Path) -> None:
@@ -225,49 +245,55 @@ def _provision(d: Domain, ca: TestCa, users: dict[bytes, bytes], peers: list[lis
     _enable_mtls(d.home, d.cert, ca.path)
 
 
-@pytest.fixture(scope="module")
-def fed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fed]:
-    assert shutil.which("softhsm2-util"), "softhsm2-util is required (scripts/setup.sh)"
-    root = tmp_path_factory.mktemp("federation")
-    ca = TestCa(root / "pki")
-    relay = Relay(ca, ca.issue("relay"))
-    domains = {
-        name: Domain(name, kms_id, root / name, free_port(), ca.issue(f"kms-{name.lower()}"))
-        for name, kms_id in (("A", A_ID), ("B", B_ID), ("C", C_ID))
-    }
-    a, b, c = domains["A"], domains["B"], domains["C"]
-    plans = [
-        (a, {ALICE: PSKS[ALICE]},
-         [[B_ID, "--address", b.target, "--psk-hex", AB_KEY.hex(),
-           "--resolve-for", "sip:*@b.example"]]),
-        (b, {BOB: PSKS[BOB], BOB2: PSKS[BOB2], BOB3: PSKS[BOB3], CAROL: CAROL_AT_B_PSK},
-         [[A_ID, "--address", a.target, "--psk-hex", AB_KEY.hex(),
-           "--resolve-for", "sip:*@a.example", "--deadline-ms", str(DEADLINE_B_TO_A_MS)],
-          [C_ID, "--address", relay.address, "--psk-hex", BC_KEY.hex(),
-           "--deadline-ms", str(DEADLINE_B_TO_C_MS)]]),
-        (c, {CAROL: PSKS[CAROL]},
-         [[B_ID, "--address", b.target, "--psk-hex", BC_KEY.hex(),
-           "--resolve-for", "sip:*@b.example", "--rate", str(C_RATE_FOR_B)]]),
-    ]  # fmt: skip
-    # The three homes are independent: provision them side by side (init makes RSA keys).
-    with futures.ThreadPoolExecutor(3) as pool:
-        for f in [pool.submit(_provision, d, ca, users, peers) for d, users, peers in plans]:
-            f.result()
-    endpoint_cert = ca.issue("endpoints")
-    fed = Fed(domains, ca, endpoint_cert, relay)
-    try:
+@contextlib.contextmanager
+def federation(root: Path) -> Iterator[Fed]:
+    """The three domains and the relay, provisioned and started; everything started is
+    stopped again on the way out, also when the setup fails half-way (a gRPC server or
+    channel left open keeps polling a completion queue whose file descriptors are gone)."""
+    with contextlib.ExitStack() as stack:
+        ca = TestCa(root / "pki")
+        relay = Relay(ca, ca.issue("relay"))
+        stack.callback(relay.stop)
+        domains = {
+            name: Domain(name, kms_id, root / name, free_port(), ca.issue(f"kms-{name.lower()}"))
+            for name, kms_id in (("A", A_ID), ("B", B_ID), ("C", C_ID))
+        }
+        for d in domains.values():
+            stack.callback(d.kill)
+        a, b, c = domains["A"], domains["B"], domains["C"]
+        plans = [
+            (a, {ALICE: PSKS[ALICE]},
+             [[B_ID, "--address", b.target, "--psk-hex", AB_KEY.hex(),
+               "--resolve-for", "sip:*@b.example"]]),
+            (b, {BOB: PSKS[BOB], BOB2: PSKS[BOB2], BOB3: PSKS[BOB3], CAROL: CAROL_AT_B_PSK},
+             [[A_ID, "--address", a.target, "--psk-hex", AB_KEY.hex(),
+               "--resolve-for", "sip:*@a.example", "--deadline-ms", str(DEADLINE_B_TO_A_MS)],
+              [C_ID, "--address", relay.address, "--psk-hex", BC_KEY.hex(),
+               "--deadline-ms", str(DEADLINE_B_TO_C_MS)]]),
+            (c, {CAROL: PSKS[CAROL]},
+             [[B_ID, "--address", b.target, "--psk-hex", BC_KEY.hex(),
+               "--resolve-for", "sip:*@b.example", "--rate", str(C_RATE_FOR_B)]]),
+        ]  # fmt: skip
+        # The three homes are independent: provision them side by side (init makes RSA keys).
+        with futures.ThreadPoolExecutor(3) as pool:
+            for f in [pool.submit(_provision, d, ca, users, peers) for d, users, peers in plans]:
+                f.result()
+        endpoint_cert = ca.issue("endpoints")
+        fed = Fed(domains, ca, endpoint_cert, relay)
+        stack.callback(fed.close)
         with futures.ThreadPoolExecutor(3) as pool:
             for f in [pool.submit(d.start) for d in domains.values()]:
                 f.result()
         relay.connect("B", b.target)
         relay.connect("C", c.target)
         yield fed
-    finally:
-        fed.close()
-        relay.stop()
-        for d in domains.values():
-            if d.serve is not None:
-                d.serve.kill()
+
+
+@pytest.fixture(scope="module")
+def fed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fed]:
+    assert shutil.which("softhsm2-util"), "softhsm2-util is required (scripts/setup.sh)"
+    with federation(tmp_path_factory.mktemp("federation")) as f:
+        yield f
 
 
 def wait_until(predicate: Any, timeout: float = 5.0) -> bool:

@@ -9,6 +9,7 @@ B's token-held signing key, env_key encrypted to A's envelope key (RFC 6043 9, 4
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import re
 import shutil
@@ -107,27 +108,23 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
             # A runs without [pk] ca_bundle: certificate peers need none (pinned certificates).
             _enable_pk(me.home, ca.path)
     endpoint_cert = ca.issue("endpoints")
-    clients = {
-        d.name: KmsClient(
-            d.target,
-            root_certificates=ca.path,
-            certificate_chain=endpoint_cert.cert,
-            private_key=endpoint_cert.key,
-            timeout=10.0,
-        )
-        for d in (a, b)
-    }
-    try:
+    with contextlib.ExitStack() as stack:  # everything started is stopped, even half-way
+        for d in (a, b):
+            stack.callback(d.kill)
+        clients: dict[str, KmsClient] = {}
+        for d in (a, b):
+            clients[d.name] = KmsClient(
+                d.target,
+                root_certificates=ca.path,
+                certificate_chain=endpoint_cert.cert,
+                private_key=endpoint_cert.key,
+                timeout=10.0,
+            )
+            stack.callback(clients[d.name].close)
         with futures.ThreadPoolExecutor(2) as pool:
             for f in [pool.submit(d.start) for d in (a, b)]:
                 f.result()
         yield Pair(a, b, ca, clients, SoftwareKeyStore())
-    finally:
-        for c in clients.values():
-            c.close()
-        for d in (a, b):
-            if d.serve is not None:
-                d.serve.kill()
 
 
 def cid() -> str:

@@ -4,6 +4,7 @@ plaintext is allowed; ``mikey-hops`` parsing and the [federation] settings of km
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -33,14 +34,19 @@ class FakePeer:
         self.behaviour = behaviour
         self.calls: list[dict[str, str]] = []
         self._lock = threading.Lock()
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-        rpc.add_servicer(self, self.server)
-        if creds is None:
-            self.port = self.server.add_insecure_port("127.0.0.1:0")
-        else:
-            self.port = self.server.add_secure_port("127.0.0.1:0", creds)
-        self.address = f"127.0.0.1:{self.port}"
-        self.server.start()
+        self._pool = futures.ThreadPoolExecutor(max_workers=4)
+        self.server = grpc.server(self._pool)
+        try:
+            rpc.add_servicer(self, self.server)
+            if creds is None:
+                self.port = self.server.add_insecure_port("127.0.0.1:0")
+            else:
+                self.port = self.server.add_secure_port("127.0.0.1:0", creds)
+            self.address = f"127.0.0.1:{self.port}"
+            self.server.start()
+        except BaseException:
+            self.stop()
+            raise
 
     def ResolveTicket(self, request: Any, context: Any) -> Any:
         with self._lock:
@@ -51,21 +57,20 @@ class FakePeer:
         context.abort(grpc.StatusCode.UNIMPLEMENTED, "no")
 
     def stop(self) -> None:
-        self.server.stop(None)
+        self.server.stop(None).wait(5)
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 @pytest.fixture
 def fake() -> Iterator[Callable[..., FakePeer]]:
-    made: list[FakePeer] = []
+    with contextlib.ExitStack() as stack:  # every peer made is stopped, even if one fails
 
-    def make(behaviour: Behaviour, creds: grpc.ServerCredentials | None = None) -> FakePeer:
-        f = FakePeer(behaviour, creds)
-        made.append(f)
-        return f
+        def make(behaviour: Behaviour, creds: grpc.ServerCredentials | None = None) -> FakePeer:
+            f = FakePeer(behaviour, creds)
+            stack.callback(f.stop)
+            return f
 
-    yield make
-    for f in made:
-        f.stop()
+        yield make
 
 
 def plaintext_resolver(address: str, **kw: Any) -> GrpcPeerResolver:

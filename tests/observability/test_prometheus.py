@@ -5,6 +5,7 @@ made. `kms status` asks the same server."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import subprocess
@@ -73,35 +74,37 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         "scrape_configs:\n  - job_name: kms\n    static_configs:\n"
         f"      - targets: ['127.0.0.1:{mport}']\n"
     )
-    log = (base / "prometheus.log").open("wb")
-    prom = subprocess.Popen(
-        [tool("prometheus"), f"--config.file={base / 'prometheus.yml'}",
-         f"--storage.tsdb.path={base / 'data'}", f"--web.listen-address=127.0.0.1:{pport}",
-         "--log.level=warn"],
-        stdout=log, stderr=log,
-    )  # fmt: skip
     url = f"http://127.0.0.1:{pport}"
+    with contextlib.ExitStack() as cleanup:  # stopped and closed even if the setup fails
+        log = cleanup.enter_context((base / "prometheus.log").open("wb"))
+        prom = subprocess.Popen(
+            [tool("prometheus"), f"--config.file={base / 'prometheus.yml'}",
+             f"--storage.tsdb.path={base / 'data'}", f"--web.listen-address=127.0.0.1:{pport}",
+             "--log.level=warn"],
+            stdout=log, stderr=log,
+        )  # fmt: skip
+        cleanup.callback(_stop, prom)
 
-    def ready() -> bool:
-        assert prom.poll() is None, (base / "prometheus.log").read_text()
-        try:
-            with urllib.request.urlopen(url + "/-/ready", timeout=2) as r:
-                return bool(r.status == 200)
-        except OSError:
-            return False
+        def ready() -> bool:
+            assert prom.poll() is None, (base / "prometheus.log").read_text()
+            try:
+                with urllib.request.urlopen(url + "/-/ready", timeout=2) as r:
+                    return bool(r.status == 200)
+            except OSError:
+                return False
 
+        k = cleanup.enter_context(running_kms(home))
+        wait_for(ready, "prometheus ready")
+        yield Stack(k, mport, url)
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
     try:
-        with running_kms(home) as k:
-            wait_for(ready, "prometheus ready")
-            yield Stack(k, mport, url)
-    finally:
-        prom.terminate()
-        try:
-            prom.wait(20)
-        except subprocess.TimeoutExpired:
-            prom.kill()
-            prom.wait(10)
-        log.close()
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
 
 
 def test_single_process_exposes_process_metrics(stack: Stack) -> None:

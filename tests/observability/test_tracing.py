@@ -104,14 +104,14 @@ def attrs(span: dict[str, Any]) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def traced(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Kms, Collector]]:
     collector = Collector()
-    home = make_home(tmp_path_factory.mktemp("trace") / "home")
-    cfg = home / "kms.toml"
-    text = cfg.read_text()
-    example = '# otlp_endpoint = "http://127.0.0.1:4318"'
-    assert example in text and 'service_name = "kms"' in text
-    cfg.write_text(text.replace(example, f'otlp_endpoint = "{collector.url}"')
-                   .replace('service_name = "kms"', 'service_name = "kms-test"'))
     try:
+        home = make_home(tmp_path_factory.mktemp("trace") / "home")
+        cfg = home / "kms.toml"
+        text = cfg.read_text()
+        example = '# otlp_endpoint = "http://127.0.0.1:4318"'
+        assert example in text and 'service_name = "kms"' in text
+        cfg.write_text(text.replace(example, f'otlp_endpoint = "{collector.url}"')
+                       .replace('service_name = "kms"', 'service_name = "kms-test"'))
         with running_kms(home) as k:
             yield k, collector
     finally:

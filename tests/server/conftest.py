@@ -116,16 +116,14 @@ def health_status_fixture() -> Any:
 @pytest.fixture
 def serve_proc(tmp_path: Path) -> Iterator[Any]:
     """serve_proc(home, *args) -> ServeProcess; killed at the end of the test if still up."""
-    started: list[ServeProcess] = []
+    with contextlib.ExitStack() as stack:  # every process started is killed, even if one fails
 
-    def start(home: Path, *args: str) -> ServeProcess:
-        p = ServeProcess(home, tmp_path, *args)
-        started.append(p)
-        return p
+        def start(home: Path, *args: str) -> ServeProcess:
+            p = ServeProcess(home, tmp_path, *args)
+            stack.callback(p.kill)
+            return p
 
-    yield start
-    for p in started:
-        p.kill()
+        yield start
 
 
 def copy_home(src: Path, dst: Path) -> Path:

@@ -93,9 +93,11 @@ def small_server(free_port: Any) -> Iterator[KmsServer]:
     limits = Limits(request_timeout_s=0.5, max_waiting=8, max_waiting_per_peer=4,
                     max_calls_per_peer=8, max_streams_per_connection=4)  # fmt: skip
     s = KmsServer(ScriptedHandler(), f"127.0.0.1:{free_port()}", limits=limits, threads=16)
-    s.start()
-    yield s
-    s.stop()
+    try:
+        s.start()
+        yield s
+    finally:
+        s.stop()
 
 
 def never(stop: threading.Event) -> Iterator[Any]:

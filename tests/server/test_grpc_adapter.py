@@ -72,10 +72,12 @@ def handler() -> ScriptedHandler:
 @pytest.fixture
 def server(handler: ScriptedHandler, free_port: Any) -> Iterator[KmsServer]:
     s = KmsServer(handler, f"127.0.0.1:{free_port()}", clock=lambda: NOW)
-    s.start()
-    yield s
-    handler.release.set()
-    s.stop()
+    try:
+        s.start()
+        yield s
+    finally:
+        handler.release.set()
+        s.stop()
 
 
 @pytest.fixture

@@ -1,5 +1,5 @@
-"""State ports shared by replicas: the same contract for SQLite (one host) and PostgreSQL
-(cluster), then what only the cluster needs: one winner among processes, limits that hold
+"""State ports shared by replicas: the same contract for memory, SQLite (one host) and
+PostgreSQL (cluster), then what only the cluster needs: one winner among processes, limits that hold
 across replicas, pruning that never touches live rows, concurrent migrations, and failing
 closed (StoreUnavailable) when the database is gone."""
 
@@ -19,6 +19,7 @@ import psycopg
 import pytest
 
 from kms.core.ports import ReplayCache, ResolveLedger, StoreUnavailable
+from kms.store.memory import MemoryReplayCache, MemoryResolveLedger
 from kms.store.pg import MIGRATIONS, DatabaseError, PgDatabase, PgSettings, SchemaTooNewError
 from kms.store.pg_state import (
     PgAdmission,
@@ -47,10 +48,16 @@ def db(pg_dsn: str) -> Iterator[PgDatabase]:
     d.close()
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=["memory", "sqlite", "postgresql"])
 def stores(
     request: pytest.FixtureRequest, tmp_path: Path
 ) -> Iterator[tuple[ReplayCache, ResolveLedger]]:
+    """The replay cache and resolve ledger of each backend: in process memory (one worker,
+    and the core's unit tests), SQLite (the worker processes of one host), PostgreSQL (the
+    replicas of a cluster)."""
+    if request.param == "memory":
+        yield MemoryReplayCache(), MemoryResolveLedger()
+        return
     if request.param == "sqlite":
         yield (
             SqliteReplayCache(tmp_path / "replay.sqlite3"),
@@ -61,7 +68,7 @@ def stores(
     yield PgReplayCache(d), PgResolveLedger(d)
 
 
-# --- the contract, on both backends ------------------------------------------------------
+# --- the contract, on every backend ----------------------------------------------------
 
 
 def test_replay_cache_accepts_a_digest_once(stores: tuple[ReplayCache, ResolveLedger]) -> None:

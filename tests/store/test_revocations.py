@@ -63,6 +63,10 @@ def test_revoke_ticket_and_requested_before(reg: Registry) -> None:
         (RevocationKind.TICKET, TID, 0),
         (RevocationKind.REQUESTED_BEFORE, BOB, 2_000),
     }
+    # What the serving path reads: the same, as plain rows.
+    assert sorted(reg.revocation_rows()) == [
+        ("requested_before", BOB, 2_000), ("ticket", TID, 0),
+    ]
 
 
 def test_bad_input(reg: Registry) -> None:
@@ -139,7 +143,8 @@ def test_sqlite_directory_sees_an_operator_revocation_on_the_next_read(tmp_path:
     path = tmp_path / "registry.sqlite3"
     with Registry.open(path, create=True) as r:
         r.add_endpoint(ALICE, IdType.URI, "psk/alice")
-    directory = RegistryDirectory(path)
+    # As `kms serve` builds it: with the stores' generation, which SQLite answers None.
+    directory = RegistryDirectory(path, generation=lambda: None)
     assert not directory.revocation_list()
     assert directory.revocation_list() is directory.revocation_list()  # cached
     with Registry.open(path) as operator:
@@ -150,3 +155,69 @@ def test_sqlite_directory_sees_an_operator_revocation_on_the_next_read(tmp_path:
         operator.revoke_ticket(TID)
     rl = directory.revocation_list()
     assert rl.suspended == frozenset() and rl.tickets == {TID}
+
+
+def test_ticket_revocations_are_pruned_after_the_horizon_only(reg: Registry) -> None:
+    """Both stores: a ticket revocation goes once no ticket it could match can be valid;
+    suspensions and requested-before times stay; nothing due, nothing written."""
+    reg.revoke_ticket(TID, "leaked")
+    reg.suspend(ALICE)
+    reg.revoke_requested_before(BOB, 1_000)
+    created = next(e.created_at for e in reg.list_revocations() if e.subject == TID)
+    assert reg.prune_ticket_revocations(created + 100, 100) == 0  # not older than 100 s yet
+    assert len(reg.list_revocations()) == 3
+    assert reg.prune_ticket_revocations(created + 101, 100) == 1
+    kinds = sorted(e.kind for e in reg.list_revocations())
+    assert kinds == [RevocationKind.REQUESTED_BEFORE, RevocationKind.SUSPENDED]
+    assert reg.prune_ticket_revocations(created + 10**9, 100) == 0
+
+
+def test_postgresql_pruner_prunes_ticket_revocations_without_needless_writes(
+    pg_dsn: str,
+) -> None:
+    """The cluster's background pruner (replay, ledger, buckets) also prunes ticket
+    revocations; a pass with none due does not bump the registry generation (which would
+    make every replica drop its registry cache)."""
+    from kms.store.pg_state import Pruner
+
+    db = PgDatabase(PgSettings(dsn=pg_dsn))
+    r = PgRegistry(db)
+    r.migrate()
+
+    def generation() -> int:
+        return int(db.execute("SELECT n FROM registry_generation WHERE id = 1")[0][0])
+
+    pruner = Pruner(db, interval_s=3600, revocation_horizon_s=50)
+    try:
+        r.revoke_ticket(TID)
+        now = time.time()
+        before = generation()
+        pruner.prune_once(now)
+        assert generation() == before
+        assert [e.subject for e in r.list_revocations()] == [TID]
+        pruner.prune_once(now + 52)
+        assert r.list_revocations() == []
+        assert generation() != before
+    finally:
+        pruner.close()
+        db.close()
+
+
+def test_sqlite_pruner_and_stores_close(tmp_path: Path) -> None:
+    """SQLite homes: the serving process's pruner thread deletes due ticket revocations and
+    stops when the stores close."""
+    from kms.server.stores import RevocationPruner
+
+    path = tmp_path / "registry.sqlite3"
+    with Registry.open(path, create=True) as r:
+        r.revoke_ticket(TID)
+        r.suspend(ALICE)
+    pruner = RevocationPruner(lambda: Registry.open(path), horizon_s=50, interval_s=3600)
+    try:
+        assert pruner.prune_once(time.time()) == 0
+        assert pruner.prune_once(time.time() + 52) == 1
+    finally:
+        pruner.close()
+    assert not pruner._thread.is_alive()
+    with Registry.open(path) as r:
+        assert [e.kind for e in r.list_revocations()] == [RevocationKind.SUSPENDED]
