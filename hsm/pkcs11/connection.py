@@ -47,6 +47,49 @@ from kms.keystore import KeyStoreError, TokenUnavailable
 
 log = logging.getLogger(__name__)
 
+
+class _Borrowed:
+    """``with token.session(what) as (conn, ps)``: a pooled session under the shared gate,
+    PKCS#11 errors raised in the block converted once (hsm.pkcs11.errors.convert; a lost
+    token marks the connection broken before the session goes back to the pool)."""
+
+    __slots__ = ("_conn", "_gate", "_ps", "_sealed", "_tok", "_what")
+
+    def __init__(self, tok: Token, what: str, sealed: bool) -> None:
+        self._tok, self._what, self._sealed = tok, what, sealed
+
+    def __enter__(self) -> tuple[Connection, PooledSession]:
+        tok = self._tok
+        if tok._closed:
+            raise KeyStoreError("key store is closed")
+        gate, conn = tok._enter(exclusive=False)
+        try:
+            ps = conn.idle.get()
+        except BaseException:
+            gate.release_shared()
+            raise
+        self._gate, self._conn, self._ps = gate, conn, ps
+        return conn, ps
+
+    def __exit__(self, _type: object, exc: BaseException | None, _tb: object) -> None:
+        conn = self._conn
+        error: KeyStoreError | None = None
+        try:
+            if isinstance(exc, p11e.PKCS11Error):
+                converted = convert(exc, what=self._what, sealed=self._sealed,
+                                    cached_handle=True)
+                if converted.broken:
+                    conn.broken = True
+                    log.warning("token lost during %s (%s)", self._what, type(exc).__name__)
+                error = converted.error
+        finally:
+            try:
+                conn.idle.put(self._ps)
+            finally:
+                self._gate.release_shared()
+        if error is not None:
+            raise error from None
+
 RECONNECT_INTERVAL = 0.5
 """Seconds between reconnect attempts while the token is gone."""
 
@@ -253,27 +296,10 @@ class Token:
             log.info("token reconnected")
             return self._conn
 
-    @contextlib.contextmanager
-    def session(self, what: str, *, sealed: bool = False) -> Iterator[
-            tuple[Connection, PooledSession]]:
-        """Borrow a pooled session under the shared gate; convert PKCS#11 errors once."""
-        if self._closed:
-            raise KeyStoreError("key store is closed")
-        gate, conn = self._enter(exclusive=False)
-        try:
-            ps = conn.idle.get()
-            try:
-                yield conn, ps
-            except p11e.PKCS11Error as exc:
-                converted = convert(exc, what=what, sealed=sealed, cached_handle=True)
-                if converted.broken:
-                    conn.broken = True
-                    log.warning("token lost during %s (%s)", what, type(exc).__name__)
-                raise converted.error from None
-            finally:
-                conn.idle.put(ps)
-        finally:
-            gate.release_shared()
+    def session(self, what: str, *, sealed: bool = False) -> _Borrowed:
+        """Borrow a pooled session under the shared gate; convert PKCS#11 errors once.
+        (A plain class, not a generator context manager: it runs on every token call.)"""
+        return _Borrowed(self, what, sealed)
 
     def _enter(self, *, exclusive: bool) -> tuple[Gate, Connection]:
         """Take the gate with a live connection (reconnecting first if needed).

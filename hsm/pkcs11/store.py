@@ -30,6 +30,8 @@ from hsm.pkcs11 import admin, registry
 from hsm.pkcs11.catalogue import lookup
 from hsm.pkcs11.connection import DEFAULT_POOL_SIZE, Token
 from hsm.pkcs11.mechanisms import MechanismPlan, MechInfo, Operation, Way
+from hsm.pkcs11.raw import RawCalls
+from hsm.pkcs11.raw import calls_for as raw_calls
 from hsm.pkcs11.token_ops import aes_cm_by_ctr, aes_cm_by_ecb, rsa_sign
 from kms.keystore import (
     Digest,
@@ -52,6 +54,26 @@ HMAC_MECHANISM = {
     Digest.SHA1: Mechanism.SHA_1_HMAC,
     Digest.SHA256: Mechanism.SHA256_HMAC,
 }
+_HMAC_RAW = {d: (int(m), 32 if d == Digest.SHA256 else 20) for d, m in HMAC_MECHANISM.items()}
+
+
+class _RawKey:
+    """A per-message AES key by handle, with the one method hsm.pkcs11.token_ops uses."""
+
+    __slots__ = ("_handle", "_raw", "_session")
+
+    def __init__(self, raw: RawCalls, session: int, handle: int) -> None:
+        self._raw, self._session, self._handle = raw, session, handle
+
+    def encrypt(self, data: bytes, *, mechanism: Mechanism,
+                mechanism_param: bytes | None = None, buffer_size: int = 0) -> bytes:
+        return self._raw.encrypt(self._session, self._handle, int(mechanism), mechanism_param,
+                                 data)
+
+
+def _handle(obj: Any) -> int:
+    """The PKCS#11 handle of a python-pkcs11 object (working copy or stored key)."""
+    return int(obj.wrapper.handle)
 
 
 class Pkcs11KeyStore:
@@ -72,6 +94,8 @@ class Pkcs11KeyStore:
         self._config = config
         self._closed = False
         self._token = registry.acquire(config, pool_size)
+        # Per-message keys and HMACs straight through the function list (hsm.pkcs11.raw).
+        self._raw = raw_calls(config.module)
 
     def __repr__(self) -> str:
         who = self._config.token_label or self._config.token_serial
@@ -98,17 +122,19 @@ class Pkcs11KeyStore:
 
     # --- KeyOps: the request path ---------------------------------------------------------
     def hmac(self, key: Key, data: bytes, func: Digest) -> bytes:
-        mech = HMAC_MECHANISM[Digest(func)]
-        return self._with_missing_refresh(key, lambda: self._hmac(key, data, mech))
+        digest = Digest(func)
+        return self._with_missing_refresh(key, lambda: self._hmac(key, data, digest))
 
-    def _hmac(self, key: Key, data: bytes, mech: Mechanism) -> bytes:
-        tok = self._t()
+    def _hmac(self, key: Key, data: bytes, digest: Digest) -> bytes:
+        mech, out_len = _HMAC_RAW[digest]
+        tok, raw = self._t(), self._raw
         with tok.session("hmac") as (conn, ps):
+            sh = ps.session.handle
             if isinstance(key, KeyRef):
                 _, obj = tok.objects.working(conn, ps, key.label)
-                return bytes(obj.sign(data, mechanism=mech))
-            with tok.objects.ephemeral(ps, [bytes(key)]) as (obj,):
-                return bytes(obj.sign(data, mechanism=mech))
+                return raw.sign(sh, _handle(obj), mech, data, out_len)
+            with tok.objects.ephemeral_raw(ps, raw, [bytes(key)]) as (h,):
+                return raw.sign(sh, h, mech, data, out_len)
 
     def prf(self, key: Key, label: bytes, out_len: int, func: Digest) -> bytes:
         return self.prf_many(key, [(label, out_len)], func)[0]
@@ -124,15 +150,16 @@ class Pkcs11KeyStore:
     def _prf_many(
         self, key: Key, requests: Sequence[tuple[bytes, int]], digest: Digest
     ) -> list[bytes]:
-        mech = HMAC_MECHANISM[digest]
+        mech, out_len = _HMAC_RAW[digest]
+        tok, raw = self._t(), self._raw
 
-        def signer(obj: Any) -> HmacFn:
+        def signer(session: int, handle: int) -> HmacFn:
             def fn(data: bytes) -> bytes:
-                return bytes(obj.sign(data, mechanism=mech))
+                return raw.sign(session, handle, mech, data, out_len)
             return fn
 
-        tok = self._t()
         with tok.session("prf") as (conn, ps):
+            sh = ps.session.handle
             if isinstance(key, KeyRef):
                 meta, obj = tok.objects.working(conn, ps, key.label)
                 if meta.secret_len > MAX_SECRET_BYTES:
@@ -141,11 +168,11 @@ class Pkcs11KeyStore:
                     raise UnsupportedOperation(
                         f"key {key.label!r} is longer than one PRF slice (32 bytes)"
                     )
-                fns = [signer(obj)]
+                fns = [signer(sh, _handle(obj))]
                 return [prf_over(fns, label, n, digest) for label, n in requests]
             # Ephemeral in-key: one session object per 256-bit slice for all the outputs.
-            with tok.objects.ephemeral(ps, split_in_key(bytes(key))) as objs:
-                fns = [signer(o) for o in objs]
+            with tok.objects.ephemeral_raw(ps, raw, split_in_key(bytes(key))) as handles:
+                fns = [signer(sh, h) for h in handles]
                 return [prf_over(fns, label, n, digest) for label, n in requests]
 
     def aes_cm(self, key: bytes, iv: bytes, data: bytes) -> bytes:
@@ -153,17 +180,18 @@ class Pkcs11KeyStore:
         if not data:
             return b""
         op = Operation.AES_CM_128 if len(key) == 16 else Operation.AES_CM_256
-        tok = self._t()
+        tok, raw = self._t(), self._raw
         with tok.session("aes_cm") as (conn, ps):
             method = conn.plan.method(op)
-            obj = tok.objects.create_aes(ps, key)
+            handle = tok.objects.create_raw(ps, raw, bytes(key), aes=True)
+            obj = _RawKey(raw, ps.session.handle, handle)
             try:
                 if method.way is Way.ECB_COUNTER_BLOCKS:
                     return aes_cm_by_ecb(obj, iv, data)
                 return aes_cm_by_ctr(obj, iv, data)
             finally:
                 with contextlib.suppress(p11e.PKCS11Error):
-                    tok.objects.destroy(obj)
+                    tok.objects.destroy_raw(ps, raw, handle)
 
     def random(self, length: int) -> bytes:
         if length < 0:

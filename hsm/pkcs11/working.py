@@ -23,6 +23,7 @@ from pkcs11 import KeyType as P11KeyType
 
 from hsm.pkcs11.catalogue import PADDED_SECRET_BYTES, lookup
 from hsm.pkcs11.errors import STALE_HANDLE_ERRORS, UNAVAILABLE_ERRORS
+from hsm.pkcs11.raw import RawCalls
 from hsm.pkcs11.state import Connection, KeyMeta, PooledSession
 from kms.keystore import KeyType
 
@@ -81,6 +82,33 @@ class SessionObjects:
     def destroy(self, obj: Any) -> None:
         with self.lock:
             obj.destroy()
+
+    # Per-message keys by handle (hsm.pkcs11.raw: no python-pkcs11 object per key).
+    def create_raw(self, ps: PooledSession, raw: RawCalls, value: bytes, *, aes: bool) -> int:
+        """:meth:`create_aes` / :meth:`create_secret` as a bare handle."""
+        if not aes and len(value) < PADDED_SECRET_BYTES:
+            value = value + bytes(PADDED_SECRET_BYTES - len(value))  # as create_secret
+        with self.lock:
+            return raw.create_session_key(ps.session.handle, value, aes=aes)
+
+    def destroy_raw(self, ps: PooledSession, raw: RawCalls, handle: int) -> None:
+        with self.lock:
+            raw.destroy(ps.session.handle, handle)
+
+    @contextlib.contextmanager
+    def ephemeral_raw(
+        self, ps: PooledSession, raw: RawCalls, values: list[bytes]
+    ) -> Iterator[list[int]]:
+        """:meth:`ephemeral` by handle: HMAC session objects for ``values``, destroyed after."""
+        handles: list[int] = []
+        try:
+            for v in values:
+                handles.append(self.create_raw(ps, raw, v, aes=False))
+            yield handles
+        finally:
+            for h in handles:
+                with contextlib.suppress(p11e.PKCS11Error):
+                    self.destroy_raw(ps, raw, h)
 
     @contextlib.contextmanager
     def ephemeral(self, ps: PooledSession, values: list[bytes]) -> Iterator[list[Any]]:

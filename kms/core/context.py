@@ -3,8 +3,7 @@ it returns."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -108,19 +107,24 @@ _AUDIT = "kms_audit"
 _AUTH = "kms_auth"
 
 
-@contextmanager
-def noting(
-    audit: Mapping[str, object], auth: Authenticated | None = None
-) -> Iterator[None]:
+class noting:  # noqa: N801 - used as a function: ``with noting(audit, auth):``
     """Whatever is raised in the block carries ``audit`` (fields noted deeper inside win)
-    and, if given and none is noted yet, the authenticated sender ``auth``."""
-    try:
-        yield
-    except Exception as exc:
-        setattr(exc, _AUDIT, {**audit, **noted_audit(exc)})
-        if auth is not None and noted_auth(exc) is None:
-            setattr(exc, _AUTH, auth)
-        raise
+    and, if given and none is noted yet, the authenticated sender ``auth``. (A class, not a
+    generator context manager: several run on every exchange.)"""
+
+    __slots__ = ("_audit", "_auth")
+
+    def __init__(self, audit: Mapping[str, object], auth: Authenticated | None = None) -> None:
+        self._audit, self._auth = audit, auth
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, _type: object, exc: BaseException | None, _tb: object) -> None:
+        if isinstance(exc, Exception):
+            setattr(exc, _AUDIT, {**self._audit, **noted_audit(exc)})
+            if self._auth is not None and noted_auth(exc) is None:
+                setattr(exc, _AUTH, self._auth)
 
 
 def noted_audit(exc: BaseException) -> dict[str, object]:

@@ -193,7 +193,7 @@ def finish_forward(pc: PeerCall, answer: bytes | PeerError, deps: Deps, now: flo
     keys, rand_kms = _verify_peer_answer(answer, fwd, p.auth, deps, p.ticket, key, rand_r)
     sealed = build_resolve_resp(p.v, p.auth, deps, now, keys, rand_kms, p.auth.identity.data)
     return Issued(
-        sealed.wire,
+        sealed,
         {"event": "ticket.resolved", "via_peer": True, "forking": rand_kms is not None},
     )
 

@@ -211,7 +211,7 @@ def handle_node_resolve(
         keys = list(resolution.session_keys)
         sealed = build_resolve_resp(v, auth, deps, now, keys, resolution.rand_kms, leg or b"")
     return Issued(
-        sealed.wire,
+        sealed,
         {
             **notes,
             "event": EVENT,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from kms.core.context import Authenticated, Call, Deps, Issued
 from kms.core.policy import Grant, KeyRequest, grant_policy, invalid_tp
 from kms.keystore import KeyOps
-from kms.mikey.base_ticket import derive_mpk_pair, issue_base_ticket, ticket_id
+from kms.mikey.base_ticket import derive_mpk_pair, derive_mpki, issue_base_ticket, ticket_id
 from kms.mikey.chain import decode_key_data
 from kms.mikey.cipher import CryptoError
 from kms.mikey.compose import InitialMessage, RequestInit
@@ -28,7 +28,7 @@ from kms.mikey.protect import (
     open_kemac,
     placeholder_v,
     seal_kemac,
-    seal_mac,
+    seal_mac_wire,
     t64_of,
 )
 from kms.mikey.ticket import Idr, TicketPolicy, TpFlag
@@ -142,13 +142,15 @@ def handle_request(
     t_ticket = Timestamp(TsType.NTP_UTC, encode_ts_value(TsType.NTP_UTC, now))
     tpk_id, tpk = deps.directory.current_tpk()
     ticket = issue_base_ticket(ks, tpk, tpk_id, policy, t_ticket, rand, mpk, session)
-    mpki, mpkr = derive_mpk_pair(ks, mpk.key, rand, tp_prf)
-
     # REQUEST_RESP KEMAC = E(encr_key, MPKi || [MPKr] || {TEK|TGK|GTGK}) (RFC 6043 4.2.1.5):
-    # MPKr only with forking; Initiator-supplied keys are not sent back.
-    out_keys = [KeyData(KeyDataType.MPK, mpki, None, mpk_spi)]
+    # MPKr only with forking (so derived only then); Initiator-supplied keys are not sent back.
     if policy.flags & TpFlag.I:
-        out_keys.append(KeyData(KeyDataType.MPK, mpkr, None, mpk_spi))
+        mpki, mpkr = derive_mpk_pair(ks, mpk.key, rand, tp_prf)
+        out_keys = [KeyData(KeyDataType.MPK, mpki, None, mpk_spi),
+                    KeyData(KeyDataType.MPK, mpkr, None, mpk_spi)]
+    else:
+        out_keys = [KeyData(KeyDataType.MPK, derive_mpki(ks, mpk.key, rand, tp_prf), None,
+                            mpk_spi)]
     out_keys.extend(k for k, r in zip(session, grant.keys, strict=True) if r.supplied is None)
 
     t = fresh_timestamp(v.t, now)
@@ -173,9 +175,9 @@ def handle_request(
             placeholder_v(auth.suite.mac_alg),
         ),
     )
-    sealed = seal_mac(resp, resp_keys, auth.suite.mac_alg, msg.wire)
+    sealed = seal_mac_wire(resp, resp_keys, auth.suite.mac_alg, msg.wire)
     return Issued(
-        sealed.wire,
+        sealed,
         {
             "event": "ticket.issued",
             "ticket_id": ticket_id(ticket.ticket_data),

@@ -43,7 +43,7 @@ from kms.mikey.protect import (
     message_keys,
     placeholder_v,
     seal_kemac,
-    seal_mac,
+    seal_mac_wire,
 )
 from kms.mikey.resolution import resolve_ticket_keys
 from kms.mikey.ticket import Idr, RandR, Ticket, TpFlag
@@ -136,7 +136,7 @@ def build_resolve_resp(
     keys: list[KeyData],
     rand_kms: bytes | None,
     bound_to: bytes,
-) -> Message:
+) -> bytes:
     """RESOLVE_RESP = HDR, T, IDRkms, KEMAC, [IDRr, RANDRkms], V (RFC 6043 4.2.3.5),
     protected with keys from the resolver's PSK or envelope key (0x02 label, RANDRr)."""
     ks = deps.keystore
@@ -165,7 +165,7 @@ def build_resolve_resp(
         payloads.append(RandR(RandRole.RANDRKMS, rand_kms))
     payloads.append(placeholder_v(auth.suite.mac_alg))
     resp = Message(response_header(msg, DataType.RESOLVE_RESP), tuple(payloads))
-    return seal_mac(resp, resp_keys, auth.suite.mac_alg, msg.wire)
+    return seal_mac_wire(resp, resp_keys, auth.suite.mac_alg, msg.wire)
 
 
 @dataclass(frozen=True)
@@ -215,7 +215,7 @@ def handle_resolve(
                 ErrorNo.UNSPECIFIED, "ticket already resolved (reuse not allowed)"
             )
     return Issued(
-        sealed.wire,
+        sealed,
         {
             **notes,
             "event": "ticket.resolved",

@@ -37,7 +37,7 @@ from kms.mikey.header import EmptyMap, Header
 from kms.mikey.message import Message
 from kms.mikey.ntp import encode_ts_value
 from kms.mikey.payloads import Error, Payload, Timestamp
-from kms.mikey.protect import message_keys, placeholder_v, seal_mac
+from kms.mikey.protect import message_keys, placeholder_v, seal_mac_wire
 from kms.mikey.views import RequestInitPk, ResolveInitPk, ResolveInitPsk
 
 log = logging.getLogger("kms.core")
@@ -341,4 +341,4 @@ class Kms:
             auth.suite,
         )
         payloads.append(placeholder_v(auth.suite.mac_alg))
-        return seal_mac(Message(header, tuple(payloads)), keys, auth.suite.mac_alg, b"").wire
+        return seal_mac_wire(Message(header, tuple(payloads)), keys, auth.suite.mac_alg, b"")

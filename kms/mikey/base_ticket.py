@@ -11,12 +11,12 @@ from __future__ import annotations
 import hashlib
 import hmac
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from kms.keystore import Key, KeyOps
 from kms.mikey.cipher import CryptoError, compute_mac
-from kms.mikey.constants import IdRole, IdType, KeyDataType, MacAlg, PrfFunc, TsType
-from kms.mikey.derive import ALL_CSB, derive_mpki_mpkr, derive_ticket_keys
+from kms.mikey.constants import IdRole, IdType, KeyDataType, MacAlg, PrfFunc, PrfLabel, TsType
+from kms.mikey.derive import ALL_CSB, derive_mpki_mpkr, derive_ticket_keys, mpk_label
 from kms.mikey.errors import DecodeError
 from kms.mikey.ntp import timestamp_t64
 from kms.mikey.payloads import KeyData, Rand, Timestamp
@@ -76,10 +76,14 @@ def issue_base_ticket(
     t64 = timestamp_t64(TsType(t.ts_type), t.value)
     kemac = seal_kemac(ks, keys, suite.encr_alg, ALL_CSB, t64, [mpk, *session_keys])
     idr = Idr(IdRole.IDRPSK, IdType.BYTE_STRING, tpk_id)
-    data = BaseTicketData(t, Rand(rand), kemac, placeholder_v(suite.mac_alg), idr)
-    unsealed = Ticket(policy, data.encode())
-    mac = compute_mac(suite.mac_alg, keys.auth_key, unsealed.mac_input())
-    return Ticket(policy, replace(data, v=replace(data.v, mac=mac)).encode())
+    v = placeholder_v(suite.mac_alg)
+    data = BaseTicketData(t, Rand(rand), kemac, v, idr).encode()
+    # V is the last field of Ticket Data, its MAC the last bytes: the MAC covers the TICKET
+    # payload from Ticket Type to the end of Ticket Data minus the MAC (RFC 6043 A.1; no
+    # Initiator Data yet), i.e. Ticket.mac_input() without decoding what was just encoded.
+    body = Ticket(policy, data).encode_body()
+    mac = compute_mac(suite.mac_alg, keys.auth_key, body[: len(body) - 2 - len(v.mac)])
+    return Ticket(policy, data[: len(data) - len(v.mac)] + mac)
 
 
 def open_base_ticket(
@@ -104,7 +108,7 @@ def open_base_ticket(
     )
     if data.v.mac_alg != suite.mac_alg or data.v.mac_alg == MacAlg.NULL:
         raise TicketError("ticket MAC algorithm does not match the ticket PRF")
-    expected = compute_mac(suite.mac_alg, keys.auth_key, ticket.mac_input())
+    expected = compute_mac(suite.mac_alg, keys.auth_key, ticket.mac_input(data))
     if not hmac.compare_digest(expected, data.v.mac):
         raise TicketError("ticket MAC verification failed")
     if data.kemac.encr_alg != suite.encr_alg:
@@ -133,3 +137,9 @@ def derive_mpk_pair(
 ) -> tuple[bytes, bytes]:
     """(MPKi, MPKr) from the ticket MPK and the Ticket Data RAND (RFC 6043 A.2.2)."""
     return derive_mpki_mpkr(keyed_prf(ks, mpk, prf_func), rand, len(mpk))
+
+
+def derive_mpki(ks: KeyOps, mpk: bytes, rand: bytes, prf_func: PrfFunc) -> bytes:
+    """MPKi alone (RFC 6043 A.2.2): what a REQUEST_RESP without forking carries (MPKr is
+    sent only with flag I, RFC 6043 4.2.1.5); the same value as ``derive_mpk_pair(...)[0]``."""
+    return keyed_prf(ks, mpk, prf_func)(mpk_label(PrfLabel.MPKI, rand), len(mpk))

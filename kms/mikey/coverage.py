@@ -99,3 +99,24 @@ def seal(msg: Message, compute: MacFn, extra: bytes = b"") -> Message:
     if len(value) != n:
         raise EncodeError("MAC/signature length differs from the placeholder's")
     return Message.decode(body + value)
+
+
+def seal_wire(msg: Message, compute: MacFn, extra: bytes = b"") -> bytes:
+    """:func:`seal` for a sender that only needs the bytes to send: the same bytes, without
+    decoding them again. Not for TRANSFER_INIT with a TICKET (its coverage needs the decoded
+    ticket: use :func:`seal`)."""
+    last = msg.payloads[-1] if msg.payloads else None
+    if isinstance(last, Verification):
+        n = len(last.mac)
+    elif isinstance(last, Sign):
+        n = len(last.signature)
+    else:
+        raise EncodeError("last payload is neither V nor SIGN")
+    if msg.data_type == DataType.TRANSFER_INIT and msg.first(Ticket) is not None:
+        return seal(msg, compute, extra).wire
+    wire = msg.encode()
+    body = wire[: len(wire) - n]  # the MAC / signature field is the last n bytes
+    value = compute(body + extra)
+    if len(value) != n:
+        raise EncodeError("MAC/signature length differs from the placeholder's")
+    return body + value

@@ -85,6 +85,10 @@ def prf_over(hmacs: Sequence[HmacFn], label: bytes, out_len: int, func: PrfHash)
     if out_len <= 0:
         raise ValueError("PRF output length must be positive")
     h = block_bytes(func)
+    if out_len <= h and len(hmacs) == 1:
+        # The common case (one slice, one block): P = HMAC(s, HMAC(s, label) || label).
+        fn = hmacs[0]
+        return fn(fn(label) + label)[:out_len]
     m = -(-out_len // h)
     acc = bytearray(p_function(hmacs[0], label, m))
     for fn in hmacs[1:]:

@@ -16,7 +16,7 @@ from kms.mikey.chain import decode_key_data, encode_key_data
 from kms.mikey.cipher import CryptoError, compute_mac, decrypt_kemac_data, encrypt_kemac_data
 from kms.mikey.compose import compose_as
 from kms.mikey.constants import MAC_LENGTH, DataType, EncrAlg, MacAlg, PrfFunc, TsType
-from kms.mikey.coverage import covered_prefix, seal
+from kms.mikey.coverage import covered_prefix, seal, seal_wire
 from kms.mikey.derive import KeyDirection, MessageKeys, derive_message_keys
 from kms.mikey.errors import DecodeError
 from kms.mikey.message import Message
@@ -142,6 +142,11 @@ def placeholder_v(mac_alg: MacAlg) -> Verification:
 def seal_mac(msg: Message, keys: MessageKeys, mac_alg: MacAlg, extra: bytes) -> Message:
     """Fill the V MAC over the covered bytes || extra (identities or the initial message)."""
     return seal(msg, lambda data: compute_mac(mac_alg, keys.auth_key, data), extra)
+
+
+def seal_mac_wire(msg: Message, keys: MessageKeys, mac_alg: MacAlg, extra: bytes) -> bytes:
+    """:func:`seal_mac` when only the bytes are needed (a KMS response): not decoded again."""
+    return seal_wire(msg, lambda data: compute_mac(mac_alg, keys.auth_key, data), extra)
 
 
 def check_mac(msg: Message, keys: MessageKeys, suite: Suite, extra: bytes) -> bool:

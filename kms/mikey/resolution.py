@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from kms.keystore import KeyOps
-from kms.mikey.base_ticket import TicketContents, TicketError, derive_mpk_pair
+from kms.mikey.base_ticket import TicketContents, TicketError, derive_mpk_pair, derive_mpki
 from kms.mikey.cipher import compute_mac
 from kms.mikey.constants import KeyDataType, MacAlg, PrfFunc
 from kms.mikey.derive import (
@@ -77,10 +77,12 @@ def resolve_ticket_keys(
     the ticket and the responder, kms.core.forking); without it, a fresh random one."""
     tp_prf = PrfFunc(ticket.policy.prf_func)
     mpk = contents.mpk
+    if not ticket.policy.flags & TpFlag.I:  # no forking: MPKi only (MPKr is not used)
+        mpki = derive_mpki(ks, mpk.key, contents.rand, tp_prf)
+        return Resolution((KeyData(KeyDataType.MPK, mpki, None, mpk.kv),
+                           *contents.session_keys), None)
     mpki, mpkr = derive_mpk_pair(ks, mpk.key, contents.rand, tp_prf)
     keys = [KeyData(KeyDataType.MPK, mpki, None, mpk.kv)]
-    if not ticket.policy.flags & TpFlag.I:
-        return Resolution((*keys, *contents.session_keys), None)
     mac_alg = _check_vr_alg(ticket)
     longest = max([len(mpkr), *(len(k.key) for k in contents.session_keys)])
     n = max(16, longest)  # RFC 6043 12.1: RANDRkms >= longest MPKr/TGK

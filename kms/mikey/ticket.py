@@ -269,13 +269,14 @@ class Ticket(Payload):
         )
         return w.getvalue()
 
-    def mac_input(self) -> bytes:
+    def mac_input(self, base: BaseTicketData | None = None) -> bytes:
         """What the base ticket's V MAC covers (RFC 6043 A.1): the TICKET
         payload from Ticket Type to the end of Ticket Data, minus the MAC; Initiator Data
-        length and Initiator Data are not covered. Uses the received bytes when decoded."""
+        length and Initiator Data are not covered. Uses the received bytes when decoded.
+        ``base``: :meth:`base_ticket` when the caller has it already (not decoded again)."""
         raw = self.raw or (bytes([0]) + self.encode_body())
         k = 0 if self.initiator_data is None else len(self.initiator_data.encode())
-        mac_len = len(self.base_ticket().v.mac)
+        mac_len = len((base or self.base_ticket()).v.mac)
         return raw[1 : len(raw) - 2 - k - mac_len]
 
     def without_initiator_data(self) -> Ticket:

@@ -1,6 +1,8 @@
-"""The core's Directory port over the registry. On SQLite it reads per request (a removed
-group member is refused at once); in cluster mode (PostgreSQL) reads are cached until the
-database says the registry changed (see kms.server.stores)."""
+"""The core's Directory port over the registry. Answers are cached until the registry may
+have changed: on SQLite per thread, checked on every lookup with ``PRAGMA data_version``
+(which changes when any other connection, of any process, commits; so a removed group member
+is still refused at once); in cluster mode (PostgreSQL) until the database says the registry
+changed (LISTEN/NOTIFY and a generation poll, see kms.server.stores)."""
 
 from __future__ import annotations
 
@@ -53,7 +55,9 @@ class RegistryDirectory:
 
     ``generation`` (cluster mode): a function returning a number that changes whenever the
     registry may have changed anywhere in the cluster, or None when that is not known; reads
-    are then cached until it changes. Without it every read goes to the registry.
+    are then cached until it changes. Without it (or while it says None), reads are cached
+    per thread for as long as the thread's registry connection reports the same
+    ``data_version`` (SQLite), and not at all where the registry cannot tell (None).
     """
 
     def __init__(
@@ -92,7 +96,9 @@ class RegistryDirectory:
     def _cached(self, kind: str, key: bytes, read: Callable[[], T]) -> T:
         gen = self._generation() if self._generation is not None else None
         if gen is None:
-            return read()
+            # No cluster-wide generation (SQLite; or PostgreSQL while not watching, whose
+            # data_version is None: read through).
+            return self._thread_cached(kind, key, read)
         with self._cache_lock:
             if self._cache_gen != gen:
                 self._cache.clear()
@@ -108,6 +114,28 @@ class RegistryDirectory:
                     if len(self._cache) >= CACHE_MAX:
                         self._cache.clear()
                     self._cache[(kind, key)] = value
+        return value
+
+    def _thread_cached(self, kind: str, key: bytes, read: Callable[[], T]) -> T:
+        """Per-thread cache keyed by the thread's own connection's ``PRAGMA data_version``:
+        one cheap statement per lookup instead of the query. The version is read before the
+        value, so a commit that races the read at worst empties the cache once more."""
+        version = self.registry.data_version()
+        if version is None:
+            return read()
+        local = self._local
+        cache: dict[tuple[str, bytes], object] | None = getattr(local, "cache", None)
+        if cache is None or local.cache_version != version:
+            cache = {}
+            local.cache = cache
+            local.cache_version = version
+        hit = cache.get((kind, key), _MISS)
+        if hit is not _MISS:
+            return hit  # type: ignore[return-value]
+        value = read()
+        if len(cache) >= CACHE_MAX:
+            cache.clear()
+        cache[(kind, key)] = value
         return value
 
     @_store_errors
@@ -233,20 +261,10 @@ class RegistryDirectory:
 
     @_store_errors
     def revocation_list(self) -> RevocationList:
-        """The whole revocation list in one read (cluster mode: once per registry change;
-        every revocation write bumps the generation, so replicas drop the cached list)."""
-        if self._generation is not None and self._generation() is not None:
-            return self._cached("revocations", b"", self._revocation_list)
-        # SQLite: the list is re-read only when another connection (an operator command)
-        # has committed to the registry since this thread last read it.
-        version = self.registry.data_version()
-        cached: tuple[int, RevocationList] | None = getattr(self._local, "revocations", None)
-        if version is not None and cached is not None and cached[0] == version:
-            return cached[1]
-        value = self._revocation_list()
-        if version is not None:
-            self._local.revocations = (version, value)
-        return value
+        """The whole revocation list in one read, once per registry change (cluster mode:
+        every revocation write bumps the generation, so replicas drop the cached list;
+        SQLite, or PostgreSQL while not watching: as every other lookup, see _cached)."""
+        return self._cached("revocations", b"", self._revocation_list)
 
     def _revocation_list(self) -> RevocationList:
         suspended: set[bytes] = set()

@@ -61,8 +61,9 @@ class Stores(Protocol):
         ...
 
     def generation(self) -> int | None:
-        """A number that changes whenever the registry may have changed; None: do not cache
-        registry reads (SQLite: they are local and cheap, and always fresh)."""
+        """A number that changes whenever the registry may have changed anywhere in the
+        cluster; None: no such number (SQLite, where the directory asks each thread's own
+        connection instead: PRAGMA data_version)."""
         ...
 
     def start_background(self) -> None:

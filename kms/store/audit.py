@@ -40,10 +40,10 @@ def bounded_text(text: str, limit: int = MAX_FIELD_CHARS) -> str:
 
 def bounded_record(record: Mapping[str, object]) -> str:
     """The record as one JSON line of at most MAX_RECORD_BYTES (UTF-8)."""
-    cut = {
-        bounded_text(str(k), 64): bounded_text(v) if isinstance(v, str) else v
-        for k, v in record.items()
-    }
+    cut: dict[str, object] = {}
+    for k, v in record.items():  # one record per exchange: no call for what is short
+        key = k if isinstance(k, str) and len(k) <= 64 else bounded_text(str(k), 64)
+        cut[key] = bounded_text(v) if isinstance(v, str) and len(v) > MAX_FIELD_CHARS else v
     line = json.dumps(cut, sort_keys=True, default=str, separators=(",", ":"))
     if len(line.encode("utf-8")) <= MAX_RECORD_BYTES:
         return line
@@ -75,15 +75,19 @@ class JsonLinesAuditSink:
         # several worker processes interleave whole.
         return open(self.path, "a", buffering=1, encoding="utf-8")
 
-    def _reopen_if_moved(self) -> None:
-        """Another process (or logrotate) renamed the file: write to the new one."""
+    def _reopen_if_moved(self) -> int:
+        """Another process (or logrotate) renamed the file: write to the new one. Returns
+        the size of the file written to."""
         try:
             current = os.stat(self.path).st_ino
         except FileNotFoundError:
             current = -1
-        if current != os.fstat(self._fh.fileno()).st_ino:
+        st = os.fstat(self._fh.fileno())
+        if current != st.st_ino:
             self._fh.close()
             self._fh = self._open()
+            st = os.fstat(self._fh.fileno())
+        return st.st_size
 
     def _rotate(self) -> None:
         with open(self._lock_path, "a") as lock:
@@ -108,11 +112,11 @@ class JsonLinesAuditSink:
             self._fh = self._open()
 
     def emit(self, record: Mapping[str, object]) -> None:
-        line = bounded_record(record)
+        line = bounded_record(record) + "\n"  # ASCII (json.dumps escapes the rest)
         with self._lock:
-            self._reopen_if_moved()
-            self._fh.write(line + "\n")
-            if self.max_bytes and os.fstat(self._fh.fileno()).st_size >= self.max_bytes:
+            size = self._reopen_if_moved()
+            self._fh.write(line)  # line-buffered: one write(2) before the response is sent
+            if self.max_bytes and size + len(line) >= self.max_bytes:
                 self._rotate()
 
     def close(self) -> None:

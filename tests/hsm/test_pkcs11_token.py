@@ -373,9 +373,12 @@ def test_ephemeral_keys_are_sensitive_and_destroyed_after_use(
     conn = tok._conn
     assert conn is not None
     seen: list[tuple[bool, bool, bool, bool]] = []
-    real_destroy = tok.objects.destroy
+    real_destroy = tok.objects.destroy_raw
 
-    def inspecting_destroy(obj: Any) -> None:
+    def inspecting_destroy(ps: Any, raw: Any, handle: int) -> None:
+        # Per-message keys are bare handles (hsm.pkcs11.raw): find the object by handle.
+        (obj,) = [o for o in ps.session.get_objects({Attribute.TOKEN: False})
+                  if o.wrapper.handle == handle]
         try:
             obj[Attribute.VALUE]
             readable = True
@@ -383,14 +386,14 @@ def test_ephemeral_keys_are_sensitive_and_destroyed_after_use(
             readable = False
         seen.append((obj[Attribute.TOKEN], obj[Attribute.SENSITIVE],
                      obj[Attribute.EXTRACTABLE], readable))
-        real_destroy(obj)
+        real_destroy(ps, raw, handle)
 
     def session_objects() -> int:
         ps = conn.sessions[0]
         return len(list(ps.session.get_objects({Attribute.TOKEN: False})))
 
     before = session_objects()
-    monkeypatch.setattr(tok.objects, "destroy", inspecting_destroy)
+    monkeypatch.setattr(tok.objects, "destroy_raw", inspecting_destroy)
     key, iv = os.urandom(16), os.urandom(16)
     enc = Cipher(algorithms.AES(key), modes.CTR(iv)).encryptor()
     assert store.aes_cm(key, iv, b"m" * 50) == enc.update(b"m" * 50) + enc.finalize()

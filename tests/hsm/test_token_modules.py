@@ -160,6 +160,55 @@ def test_long_term_hmac_and_prf(store: tuple[Pkcs11KeyStore, dict[str, str]]) ->
             assert ks.prf(KeyRef(labels[key]), b"lbl", 48, func) == prf(value, b"lbl", 48, func)
 
 
+def test_per_message_keys_by_handle(store: tuple[Pkcs11KeyStore, dict[str, str]]) -> None:
+    """Per-message keys go through hsm.pkcs11.raw (bare handles, C_CreateObject / C_Sign /
+    C_Encrypt / C_DestroyObject on the function list): the same answers as the software
+    computation on each module (AES-CM directly on SoftHSM, over ECB on openCryptoki), for
+    HMAC keys of one and two PRF slices and both digests, and no session object left over."""
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+    from pkcs11 import Attribute
+
+    ks, labels = store
+    for n in (16, 20, 32, 48):
+        key = os.urandom(n)
+        for func in Digest:
+            assert ks.prf(key, b"lbl", 40, func) == prf(key, b"lbl", 40, func)
+            assert ks.hmac(key, b"data", func) == std_hmac.new(key, b"data", str(func)).digest()
+    for size in (16, 32):
+        key, iv = os.urandom(size), os.urandom(16)
+        for length in (1, 16, 50):
+            data = os.urandom(length)
+            enc = Cipher(algorithms.AES(key), modes.CTR(iv)).encryptor()
+            assert ks.aes_cm(key, iv, data) == enc.update(data) + enc.finalize()
+    ks.hmac(KeyRef(labels["psk16"]), b"x", Digest.SHA1)  # a working copy exists: it stays
+    conn = ks._token._conn
+    assert conn is not None
+    # Session objects are visible from every session of the process: all of them, less the
+    # working copies of long-term keys (hsm.pkcs11.working).
+    copies = {w[0].wrapper.handle for ps in conn.sessions for w in ps.working.values()}
+    assert copies
+    objs = conn.sessions[0].session.get_objects({Attribute.TOKEN: False})
+    assert [o for o in objs if o.wrapper.handle not in copies] == []
+
+
+def test_raw_call_errors_are_python_pkcs11_errors_mapped_as_before() -> None:
+    import pkcs11.exceptions as p11e
+
+    from hsm.pkcs11.errors import convert, is_not_initialized
+    from hsm.pkcs11.raw import error_for
+    from kms.keystore import KeyStoreError
+
+    assert isinstance(error_for(0xB3), p11e.SessionHandleInvalid)
+    assert isinstance(error_for(0x82), p11e.ObjectHandleInvalid)
+    assert isinstance(error_for(0x21), p11e.DataLenRange)
+    assert is_not_initialized(error_for(0x190))
+    assert type(error_for(0x7FFF)) is p11e.PKCS11Error
+    lost = convert(error_for(0xE0), what="prf", sealed=False, cached_handle=True)
+    assert lost.broken and isinstance(lost.error, TokenUnavailable)
+    bad = convert(error_for(0x21), what="aes_cm", sealed=False, cached_handle=False)
+    assert not bad.broken and type(bad.error) is KeyStoreError
+
+
 # --- the mechanism plan ---------------------------------------------------------------------
 
 

@@ -246,6 +246,9 @@ def ticket(draw: st.DrawFn) -> Ticket:
         td = draw(base_ticket_data()).encode()
     else:
         td = draw(blob(40))
+        if (policy.ticket_type, policy.subtype, policy.version) == (1, 1, 1):
+            # Arbitrary bytes are not a base ticket: do not label them as one.
+            policy = TicketPolicy(1, 1, 2, policy.prf_func, policy.flags, policy.payloads)
     return Ticket(policy, td, draw(st.none() | initiator_data()))
 
 

@@ -721,3 +721,47 @@ def test_hdr_malformed(bad: str) -> None:
     with pytest.raises(DecodeError) as ei:
         Header.decode(Reader(hex_text(bad)))
     assert ei.value.payload == "HDR"
+
+
+@pytest.mark.parametrize("prf", [0, 1])
+def test_issued_base_ticket_mac_covers_what_ticket_mac_input_says(prf: int) -> None:
+    """issue_base_ticket computes the V MAC without decoding the Ticket Data it just encoded:
+    the MAC must be the one over Ticket.mac_input() of the final ticket (RFC 6043 A.1)."""
+    from hsm.software import SoftwareKeyStore
+    from kms.keystore import KeyRef
+    from kms.mikey.base_ticket import issue_base_ticket, open_base_ticket
+    from kms.mikey.cipher import compute_mac
+    from kms.mikey.constants import KeyDataType, PrfFunc, TsType
+    from kms.mikey.derive import derive_ticket_keys
+    from kms.mikey.ntp import encode_ts_value
+    from kms.mikey.payloads import KeyData, KvSpi, Timestamp
+    from kms.mikey.protect import keyed_prf, suite_for
+
+    ks = SoftwareKeyStore()
+    ks.generate_secret("tpk/1", 32)
+    tpk = KeyRef("tpk/1")
+    mpk = KeyData(KeyDataType.MPK, bytes(range(16)), None, KvSpi(b"\x01\x02\x03\x04"))
+    t = Timestamp(TsType.NTP_UTC, encode_ts_value(TsType.NTP_UTC, 1.7e9))
+    rand = bytes(range(100, 132))
+    ticket = issue_base_ticket(ks, tpk, b"tpk/1", TicketPolicy(prf_func=prf), t, rand, mpk, [])
+    suite = suite_for(prf)
+    keys = derive_ticket_keys(keyed_prf(ks, tpk, PrfFunc(prf)), rand, suite.encr_alg,
+                              suite.mac_alg)
+    data = ticket.base_ticket()
+    assert data.v.mac == compute_mac(suite.mac_alg, keys.auth_key, ticket.mac_input())
+    assert ticket.mac_input(data) == ticket.mac_input()  # given the decoded base ticket
+    assert data.v.mac != bytes(len(data.v.mac))
+    assert open_base_ticket(ks, ticket, lambda _: tpk).mpk == mpk
+
+
+@pytest.mark.parametrize("prf", [0, 1])
+def test_mpki_alone_is_the_first_of_the_pair(prf: int) -> None:
+    """A Ticket Request without forking derives MPKi only (RFC 6043 A.2.2): the same value."""
+    from hsm.software import SoftwareKeyStore
+    from kms.mikey.base_ticket import derive_mpk_pair, derive_mpki
+    from kms.mikey.constants import PrfFunc
+
+    ks = SoftwareKeyStore()
+    mpk, rand = bytes(range(16)), bytes(range(50, 82))
+    mpki, mpkr = derive_mpk_pair(ks, mpk, rand, PrfFunc(prf))
+    assert derive_mpki(ks, mpk, rand, PrfFunc(prf)) == mpki != mpkr

@@ -19,6 +19,7 @@ from kms.mikey.coverage import (
     protected_tail,
     response_mac_input,
     seal,
+    seal_wire,
 )
 from kms.mikey.errors import DecodeError, EncodeError
 from kms.mikey.message import Message
@@ -137,6 +138,33 @@ def test_seal_signature_placeholder() -> None:
     sealed = seal(msg, lambda data: hashlib.sha256(data).digest()[:4])
     assert sealed.wire[-4:] == hashlib.sha256(fixture("error_signed")[:-4]).digest()[:4]
     assert isinstance(sealed.payloads[-1], Sign)
+
+
+@pytest.mark.parametrize(
+    ("name", "extra"),
+    [
+        ("request_resp", ALICE + KMS),
+        ("resolve_resp", BOB + KMS),
+        ("error_request", b""),
+        ("transfer_init_initiator_data", ALICE + BOB),  # falls back to seal()
+    ],
+)
+def test_seal_wire_gives_the_bytes_seal_gives(name: str, extra: bytes) -> None:
+    msg = Message.decode(fixture(name))
+    expected = seal(msg, hmac_sha1, extra).wire
+    assert seal_wire(msg, hmac_sha1, extra) == expected
+    # and independently: the MAC is the last 20 bytes, over what precedes it (not TRANSFER)
+    if not name.startswith("transfer"):
+        assert expected[-20:] == hmac_sha1(fixture(name)[:-20] + extra)
+
+
+def test_seal_wire_refuses_what_seal_refuses() -> None:
+    msg = Message.decode(fixture("request_init_psk"))
+    with pytest.raises(EncodeError):
+        seal_wire(msg, lambda data: bytes(32))
+    bare = Message(msg.header, msg.payloads[:-1])
+    with pytest.raises(EncodeError):
+        seal_wire(bare, hmac_sha1)
 
 
 def test_seal_refuses_a_value_of_another_length() -> None:

@@ -175,3 +175,17 @@ def test_prf_func_maps_to_its_hmac_digest() -> None:
     key = bytes(range(40))
     for func in PrfFunc:
         assert prf(key, b"label", 40, func) == prf(key, b"label", 40, hmac_digest(func))
+
+
+@pytest.mark.parametrize("func", list(PrfFunc))
+@pytest.mark.parametrize("out_len", [1, 14, 16, 20])
+def test_one_slice_one_block_shortcut_is_rfc3830_p(func: PrfFunc, out_len: int) -> None:
+    """prf_over's shortcut for one in-key slice and one output block: HMAC(s, A_1 || label)
+    with A_1 = HMAC(s, label) (RFC 3830 4.1.2), computed here by hand."""
+    from kms.mikey.prf import prf_over, software_hmac
+
+    key, label = bytes(range(7, 39)), b"label bytes"
+    name = "sha1" if func == PrfFunc.MIKEY_1 else "sha256"
+    a1 = hmac.new(key, label, name).digest()
+    expected = hmac.new(key, a1 + label, name).digest()[:out_len]
+    assert prf_over([software_hmac(key, func)], label, out_len, func) == expected
