@@ -74,6 +74,7 @@ def main() -> int:
             floors[name] = inproc.token_floor(kms.deps.keystore, calls, 0.5).seconds * 1e3
         home.close()
         del kms
+        RESULTS.mkdir(parents=True, exist_ok=True)  # a clean clone has none yet
         cpu: dict[tuple[str, str, int], list[float]] = {}
         for rnd in range(args.rounds):
             for side in ("base", "this"):
