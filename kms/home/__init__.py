@@ -12,6 +12,7 @@ from kms.home.identity import guess_id_type, validate_identity
 from kms.home.init import init_home
 from kms.home.layout import (
     CERT_FILE,
+    DUMMY_PSK_LABEL,
     ENVELOPE_LABEL,
     FORK_MODIFIER_BYTES,
     FORK_MODIFIER_LABEL,
@@ -31,6 +32,7 @@ __all__ = [
     "CERT_FILE",
     "ENVELOPE_LABEL",
     "FORK_MODIFIER_BYTES",
+    "DUMMY_PSK_LABEL",
     "FORK_MODIFIER_LABEL",
     "PIN_FILE",
     "PSK_MAX_BYTES",

@@ -21,6 +21,7 @@ import hsm.provision
 from kms.home.errors import HomeError, HomeNotInitialised
 from kms.home.identity import guess_id_type, validate_identity
 from kms.home.layout import (
+    DUMMY_PSK_LABEL,
     ENVELOPE_LABEL,
     FORK_MODIFIER_LABEL,
     INIT_MARKER,
@@ -308,6 +309,7 @@ class Home:
         owners[ENVELOPE_LABEL] = "KMS envelope key (PKE)"
         owners[SIGNING_LABEL] = "KMS signing key (SIGNkms)"
         owners[FORK_MODIFIER_LABEL] = "KMS key-forking modifier key (RANDRkms)"
+        owners[DUMMY_PSK_LABEL] = "KMS dummy PSK (unknown identities' MACs)"
         return owners
 
     def key_inventory(self) -> list[KeyEntry]:
@@ -316,10 +318,12 @@ class Home:
         infos = {k.label: k for k in self.keystore().list_keys()}
         labels = sorted(set(infos) | set(owners))
         retired = {t.key_label for t in self.registry.tpk_versions() if t.state is TpkState.RETIRED}
+        # Made by `kms serve` on first use: not missing before the KMS has served.
+        optional = retired | {DUMMY_PSK_LABEL}
         return [
             KeyEntry(label, infos.get(label), owners.get(label))
             for label in labels
-            if label in infos or label not in retired  # a retired TPK has no object: fine
+            if label in infos or label not in optional  # a retired TPK has no object: fine
         ]
 
     def delete_orphan(self, label: str) -> None:

@@ -44,6 +44,9 @@ SIGNING_LABEL = "kms/signing"
 # (RFC 6043 5.1.1; kms.core.forking). Created by `kms init`, and by `kms serve` in a home
 # made before it existed.
 FORK_MODIFIER_LABEL = "kms/fork-modifier"
+# The dummy PSK an unknown identity's MAC is checked against (no registration oracle); made
+# in the token by `kms serve` on first use.
+DUMMY_PSK_LABEL = "authn/dummy"
 FORK_MODIFIER_BYTES = 32
 RSA_BITS = 2048
 TPK_BYTES = 32

@@ -16,6 +16,7 @@ from kms.core.ports import PeerResolver, ReplayCache
 from kms.core.service import Kms
 from kms.home import (
     CERT_FILE,
+    DUMMY_PSK_LABEL,
     ENVELOPE_LABEL,
     FORK_MODIFIER_BYTES,
     FORK_MODIFIER_LABEL,
@@ -39,7 +40,6 @@ __all__ = ["AUDIT_LOG", "STATE_DIR", "build_handler", "kms_policy"]
 AUDIT_LOG = "audit.log"
 # A token secret no endpoint knows: MACs of messages from unregistered identities are
 # verified against it (same work, same answer as a registered identity with a wrong MAC).
-DUMMY_PSK_LABEL = "authn/dummy"
 DUMMY_PSK_BYTES = 32
 
 # [policy] allowed_key_types -> the Key Data types issued (RFC 3830 6.13, RFC 6043 6.13).

@@ -27,10 +27,10 @@ import pytest
 from kms.endpoint.client import KmsClient, KmsRefused
 from kms.endpoint.common import Credentials
 from kms.endpoint.initiator import DesiredPolicy, Initiator
+from kms.home.layout import DUMMY_PSK_LABEL
 from kms.mikey.constants import DataType, IdType
 from kms.mikey.message import Message
 from kms.mikey.payloads import Error, Verification
-from kms.server.compose import DUMMY_PSK_LABEL
 from tests.e2e.harness import (
     ALICE,
     BOB,

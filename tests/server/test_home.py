@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 import hsm
 import hsm.provision
 from kms.home import (
+    DUMMY_PSK_LABEL,
     ENVELOPE_LABEL,
     FORK_MODIFIER_LABEL,
     SIGNING_LABEL,
@@ -302,3 +303,15 @@ def test_pin_file_permissions_not_loosened_by_copy(home: Home) -> None:
     with pytest.raises(FileExistsError):
         home_mod._write_secret_file(home.path / "token/pin", "x")
     assert os.stat(home.path / "token/pin").st_mode & 0o077 == 0
+
+
+def test_kms_wide_secrets_are_owned_not_orphans(home: Home) -> None:
+    """The dummy PSK (made by `kms serve` on first use) and the forking modifier key are the
+    KMS's own: listed with an owner, never offered for deletion as orphans."""
+    home.keystore().generate_secret(DUMMY_PSK_LABEL, 32)
+    owners = {e.label: e.owner for e in home.key_inventory()}
+    assert owners[DUMMY_PSK_LABEL] and "dummy" in owners[DUMMY_PSK_LABEL]
+    assert owners[FORK_MODIFIER_LABEL]
+    for label in (DUMMY_PSK_LABEL, FORK_MODIFIER_LABEL):
+        with pytest.raises(HomeError, match="in use"):
+            home.delete_orphan(label)
