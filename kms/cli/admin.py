@@ -16,7 +16,6 @@ import datetime as dt
 import functools
 import json
 import os
-import secrets
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -24,11 +23,9 @@ from typing import Any
 
 from hsm.uri import Pkcs11UriError, key_uri, parse_uri
 from kms.cli.errors import CliError
-from kms.cli.psk_input import read_psk
+from kms.cli.psk_input import generate_psk, psk_file_written, read_psk
 from kms.cli.token_cmd import add_token_uri_option, token_options
 from kms.home import (
-    PSK_MAX_BYTES,
-    PSK_MIN_BYTES,
     Home,
     HomeError,
     guess_id_type,
@@ -174,28 +171,14 @@ def cmd_endpoint_add(args: argparse.Namespace) -> int:
     if args.psk_hex is not None or args.psk_file is not None:
         psk = read_psk(args.psk_hex, args.psk_file, "--psk")
     else:
-        if not PSK_MIN_BYTES <= args.psk_length <= PSK_MAX_BYTES:
-            raise CliError(f"--psk-length must be {PSK_MIN_BYTES}..{PSK_MAX_BYTES}")
         out = Path(args.generate_psk)
-        if out.exists():
-            raise CliError(f"--generate-psk {out}: file exists; not overwriting it")
-        psk = secrets.token_bytes(args.psk_length)
+        psk = generate_psk(args.psk_length, out, "--generate-psk")
 
     with _open(args) as h:
         if h.registry.find_endpoint(identity) is not None:
             raise DuplicateEndpoint(f"endpoint {show_identity(identity)} already exists")
-        if out is not None:
-            # Written before the key is registered so that a registered PSK always exists
-            # somewhere the operator can hand to the endpoint; removed again on failure.
-            fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w", encoding="ascii") as f:
-                f.write(psk.hex() + "\n")
-        try:
+        with psk_file_written(out, psk):
             ep = h.add_endpoint(identity, id_type, psk)
-        except BaseException:
-            if out is not None:
-                out.unlink(missing_ok=True)
-            raise
     print(f"added endpoint {show_identity(ep.identity)} ({ID_TYPE_NAMES[ep.id_type]}), "
           f"key {ep.key_label}")
     if out is not None:

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import secrets
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,8 +23,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from kms.cli.admin import _errors_to_cli, _identity, _json_flag, _open, _print_table, _show_time
 from kms.cli.errors import CliError
-from kms.cli.psk_input import read_psk
-from kms.home import PSK_MAX_BYTES, PSK_MIN_BYTES, Home
+from kms.cli.psk_input import generate_psk, psk_file_written, read_psk
+from kms.home import Home
 from kms.server.compose import AUDIT_LOG
 from kms.store.audit import JsonLinesAuditSink
 from kms.store.nodes import Node, NodeError, NodeRole
@@ -96,12 +94,8 @@ def cmd_node_add(args: argparse.Namespace) -> int:
     elif args.psk_hex is not None or args.psk_file is not None:
         psk = read_psk(args.psk_hex, args.psk_file, "--psk")
     else:
-        if not PSK_MIN_BYTES <= args.psk_length <= PSK_MAX_BYTES:
-            raise CliError(f"--psk-length must be {PSK_MIN_BYTES}..{PSK_MAX_BYTES}")
         out = Path(args.generate_psk)
-        if out.exists():
-            raise CliError(f"--generate-psk {out}: file exists; not overwriting it")
-        psk = secrets.token_bytes(args.psk_length)
+        psk = generate_psk(args.psk_length, out, "--generate-psk")
     scope = {
         "initiators": _patterns(args.initiator, "--initiator"),
         "responders": _patterns(args.responder, "--responder"),
@@ -110,25 +104,15 @@ def cmd_node_add(args: argparse.Namespace) -> int:
     with _open(args) as h:
         if h.registry.find_node(identity) is not None:
             raise CliError(f"node {show_identity(identity)} already exists")
-        if out is not None and psk is not None:
-            # Written before the key is registered, so that a registered PSK always exists
-            # somewhere the operator can hand to the node; removed again on failure.
-            fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w", encoding="ascii") as f:
-                f.write(psk.hex() + "\n")
         try:
-            node = h.add_node(
-                identity, NodeRole(args.role), psk, initiators=scope["initiators"],
-                responders=scope["responders"], groups=scope["groups"], cert_pem=cert_pem,
-            )  # fmt: skip
+            with psk_file_written(out, psk or b""):
+                node = h.add_node(
+                    identity, NodeRole(args.role), psk, initiators=scope["initiators"],
+                    responders=scope["responders"], groups=scope["groups"],
+                    cert_pem=cert_pem,
+                )  # fmt: skip
         except NodeError as exc:
-            if out is not None:
-                out.unlink(missing_ok=True)
             raise CliError(str(exc)) from None
-        except BaseException:
-            if out is not None:
-                out.unlink(missing_ok=True)
-            raise
         _audit(h, {"event": "node.added", "node": show_identity(node.identity),
                    "role": node.role.value, **_scope(node)})  # fmt: skip
         forbidden = h.config.policy.intermediate_nodes == "forbidden"

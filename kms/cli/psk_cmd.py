@@ -11,14 +11,13 @@ retired: with ``retire-psk``, or automatically at the end of ``--overlap`` (then
 from __future__ import annotations
 
 import argparse
-import os
-import secrets
 import time
 from pathlib import Path
 from typing import Any
 
 from kms.cli.admin import _errors_to_cli, _identity, _json_flag, _open, _show_time, print_listing
 from kms.cli.errors import CliError
+from kms.cli.psk_input import generate_psk, psk_file_written
 from kms.home import PSK_MAX_BYTES, PSK_MIN_BYTES
 from kms.server.psk_rotation import retire_due, retire_psk, rotate_psk
 from kms.store.psk_versions import PskVersionError
@@ -32,28 +31,15 @@ def _show_name(name: bytes) -> str:
 @_errors_to_cli
 def cmd_rotate(args: argparse.Namespace) -> int:
     identity = _identity(args.identity)
-    if not PSK_MIN_BYTES <= args.psk_length <= PSK_MAX_BYTES:
-        raise CliError(f"--psk-length must be {PSK_MIN_BYTES}..{PSK_MAX_BYTES}")
     out = Path(args.out) if args.out else None
-    if out is not None and out.exists():
-        raise CliError(f"--out {out}: file exists; not overwriting it")
-    psk = secrets.token_bytes(args.psk_length)
+    psk = generate_psk(args.psk_length, out, "--out")
     with _open(args) as h:
         h.registry.get_endpoint(identity)
-        if out is not None:
-            # Written before the version is registered, so that a registered PSK always
-            # exists somewhere the operator can hand to the phone; removed on failure.
-            fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w", encoding="ascii") as f:
-                f.write(psk.hex() + "\n")
         try:
-            v = rotate_psk(h, identity, psk, args.overlap)
-        except BaseException as exc:
-            if out is not None:
-                out.unlink(missing_ok=True)
-            if isinstance(exc, PskVersionError):
-                raise CliError(str(exc)) from None
-            raise
+            with psk_file_written(out, psk):
+                v = rotate_psk(h, identity, psk, args.overlap)
+        except PskVersionError as exc:
+            raise CliError(str(exc)) from None
         retire_at = h.registry.psk_versions(identity)[0].retire_at
     print(f"endpoint {show_identity(identity)}: new PSK version {v.version}, key {v.key_label}")
     print(f"  name (IDRpsk): {_show_name(v.name)}")
