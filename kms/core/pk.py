@@ -225,6 +225,25 @@ class CertificateAuthenticator:
                 return peer, leaf
         return None
 
+    def _check_pinned(
+        self, leaf: x509.Certificate, pinned: Sequence[bytes], now: float, who: str,
+        mismatch: str,
+    ) -> None:
+        """A pinned certificate (a certificate peer's or node's): one of ``pinned``, valid now,
+        not revoked, with an RSA key; Invalid Cert otherwise."""
+        der = leaf.public_bytes(Encoding.DER)
+        if not any(hmac.compare_digest(der, p) for p in pinned):
+            raise invalid_cert(mismatch)
+        when = dt.datetime.fromtimestamp(now, dt.UTC)
+        if not leaf.not_valid_before_utc <= when <= leaf.not_valid_after_utc:
+            raise invalid_cert(f"{who} certificate expired or not yet valid")
+        issuers = [r for r in self._roots if r.subject == leaf.issuer]
+        if leaf.issuer == leaf.subject:
+            issuers.insert(0, leaf)  # self-issued: only its own key can sign its CRL
+        self._check_revocation(leaf, issuers, now, f"{who} ")
+        if not isinstance(leaf.public_key(), rsa.RSAPublicKey):
+            raise invalid_cert("certificate key is not RSA")
+
     def _authenticate_peer_pk(
         self, v: ResolveInitPk, now: float, peer: PeerKms, leaf: x509.Certificate
     ) -> Authenticated:
@@ -233,18 +252,10 @@ class CertificateAuthenticator:
         deps = self._deps
         suite = message_suite(v.msg)
         kms_id = check_kms_identity(v, deps)
-        der = leaf.public_bytes(Encoding.DER)
-        if not any(hmac.compare_digest(der, pinned) for pinned in peer.signing_certs_der):
-            raise invalid_cert("not the registered signing certificate of this peer KMS")
-        when = dt.datetime.fromtimestamp(now, dt.UTC)
-        if not leaf.not_valid_before_utc <= when <= leaf.not_valid_after_utc:
-            raise invalid_cert("peer certificate expired or not yet valid")
-        issuers = [r for r in self._roots if r.subject == leaf.issuer]
-        if leaf.issuer == leaf.subject:
-            issuers.insert(0, leaf)  # self-issued: only its own key can sign its CRL
-        self._check_revocation(leaf, issuers, now, "peer ")
-        if not isinstance(leaf.public_key(), rsa.RSAPublicKey):
-            raise invalid_cert("certificate key is not RSA")
+        self._check_pinned(
+            leaf, peer.signing_certs_der, now, "peer",
+            "not the registered signing certificate of this peer KMS",
+        )  # fmt: skip
         identity = peer_responder(v)
         try:
             self._verify_signature(v, leaf, identity.data, kms_id)
@@ -297,18 +308,9 @@ class CertificateAuthenticator:
             )
         suite = message_suite(v.msg)
         kms_id = check_kms_identity(v, deps)
-        der = leaf.public_bytes(Encoding.DER)
-        if not any(hmac.compare_digest(der, pinned) for pinned in node.signing_certs_der):
-            raise invalid_cert("not the registered certificate of this node")
-        when = dt.datetime.fromtimestamp(now, dt.UTC)
-        if not leaf.not_valid_before_utc <= when <= leaf.not_valid_after_utc:
-            raise invalid_cert("node certificate expired or not yet valid")
-        issuers = [r for r in self._roots if r.subject == leaf.issuer]
-        if leaf.issuer == leaf.subject:
-            issuers.insert(0, leaf)
-        self._check_revocation(leaf, issuers, now, "node ")
-        if not isinstance(leaf.public_key(), rsa.RSAPublicKey):
-            raise invalid_cert("certificate key is not RSA")
+        self._check_pinned(
+            leaf, node.signing_certs_der, now, "node", "not the registered certificate of this node"
+        )
         signed = v.idr_r.data if v.idr_r is not None else node.identity
         self._verify_signature(v, leaf, signed, kms_id)
         check_timestamp(v, deps, now)
