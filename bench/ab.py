@@ -76,6 +76,8 @@ def main() -> int:
         del kms
         RESULTS.mkdir(parents=True, exist_ok=True)  # a clean clone has none yet
         cpu: dict[tuple[str, str, int], list[float]] = {}
+        rates: dict[tuple[str, str, int], list[float]] = {}
+        errors: dict[tuple[str, str, int], int] = {}
         for rnd in range(args.rounds):
             for side in ("base", "this"):
                 if side == "base":
@@ -96,14 +98,18 @@ def main() -> int:
                                              server_pid=spid)
                                 cpu.setdefault((side, name, c), []).append(
                                     r.server_cpu_ms_per_call)
+                                rates.setdefault((side, name, c), []).append(r.rate)
+                                errors[(side, name, c)] = (errors.get((side, name, c), 0)
+                                                           + sum(r.errors.values()))
                                 print(f"[{time.strftime('%H:%M:%S')}] round {rnd + 1} {side} "
                                       f"{name} c={c}: {r.rate:,.0f}/s "
-                                      f"{r.server_cpu_ms_per_call:.3f} ms/call",
+                                      f"{r.server_cpu_ms_per_call:.3f} ms/call "
+                                      f"errors {dict(r.errors)}",
                                       file=sys.stderr, flush=True)
         os.environ.pop(TREE_ENV, None)
 
-        def med(side: str, name: str, c: int) -> float:
-            vals = [v for v in cpu.get((side, name, c), []) if not math.isnan(v)]
+        def med(side: str, name: str, c: int, of: Any = cpu) -> float:
+            vals = [v for v in of.get((side, name, c), []) if not math.isnan(v)]
             return statistics.median(vals) if vals else math.nan
 
         print(f"\nbase: {args.base.resolve()}  this: {ROOT}  ({args.rounds} alternating rounds, "
@@ -120,6 +126,15 @@ def main() -> int:
                     ot = t - med("this", "echo", c) - f
                     line += f" {f:>7.3f} {ob:>8.3f} {ot:>8.3f} {ot / ob:>9.2f}"
                 print(line)
+        print("\nrates (calls/s, medians) and failed calls (all rounds)")
+        print(f"{'workload':<18} {'clients':>7} {'base':>8} {'this':>8} {'this/base':>9} "
+              f"{'err base':>8} {'err this':>8}")
+        for name in names:
+            for c in clients:
+                b, t = med("base", name, c, rates), med("this", name, c, rates)
+                print(f"{name:<18} {c:>7} {b:>8.0f} {t:>8.0f} {t / b:>9.2f} "
+                      f"{errors.get(('base', name, c), 0):>8} "
+                      f"{errors.get(('this', name, c), 0):>8}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return 0

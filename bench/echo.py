@@ -3,9 +3,10 @@
     python -m bench.echo --home H --listen 127.0.0.1:P --workers N [--echo]
 
 Both run :func:`kms.server.serve.serve` unchanged: the same supervisor and ``spawn``ed worker
-processes sharing the port with SO_REUSEPORT, the same :class:`KmsServer` (thread pool of
-``DEFAULT_THREADS``, ``maximum_concurrent_rpcs``, options, health and reflection), the same
-:class:`KmsServicer` (correlation id, initial and trailing metadata, status mapping). With
+processes sharing the port with SO_REUSEPORT, the same :class:`KmsServer` (the event-loop
+server, ``maximum_concurrent_rpcs``, options, call guard, health and reflection; the handler
+inline on the loop with one core slot), the same :class:`KmsServicer` (correlation id,
+initial and trailing metadata, status mapping). With
 ``--echo`` (environment ``KMS_BENCH_ECHO=1``, so that spawned workers see it too when they
 re-import this module as ``__mp_main__``) the composition root's ``build_handler`` is
 replaced by :class:`EchoHandler`, which answers every call with the request bytes: the
@@ -80,6 +81,14 @@ class CountingHandler:
     def resolve_ticket(self, *args: Any, **kwargs: Any) -> Any:
         self._count()
         return self._inner.resolve_ticket(*args, **kwargs)
+
+    def resolve_steps(self, *args: Any, **kwargs: Any) -> Any:
+        """The event-loop server's resolve as steps (kms.server.federated), counted."""
+        self._count()
+        steps = getattr(self._inner, "resolve_steps", None)
+        if steps is None:
+            return self._inner.resolve_ticket(*args, **kwargs)
+        return (yield from steps(*args, **kwargs))
 
     def __getattr__(self, name: str) -> Any:  # close(), refuse_undecodable()
         return getattr(self._inner, name)

@@ -29,6 +29,7 @@ from kms.mikey.prf import PrfFunc
 from kms.server.settings import (
     SECTIONS,
     SETTINGS,
+    CoreCalls,
     Forking,
     IntermediateNodes,
     KeyTypeName,
@@ -92,6 +93,9 @@ class ServerSettings:
     allow_plaintext_non_loopback: bool = _d("server", "allow_plaintext_non_loopback")
     # How many KMS core calls run at once in one worker; 0 = auto (see core_slots_for).
     core_concurrency: int = _d("server", "core_concurrency")
+    # Where the core's calls run: inline on the event loop, or in threads (auto: see
+    # kms.server.slots.core_threads_for).
+    core_calls: CoreCalls = _d("server", "core_calls")  # noqa: RUF009 (an enum member)
     # Call admission per worker (kms.server.admission): how long a call may take to send
     # its request message, how many calls one peer address may hold, HTTP/2 streams per
     # connection.
@@ -609,6 +613,7 @@ def _parse_server(doc: Mapping[str, Any], home: Path) -> ServerSettings:
         tls_client_ca=sec.value("tls_client_ca"),
         allow_plaintext_non_loopback=sec.value("allow_plaintext_non_loopback"),
         core_concurrency=sec.value("core_concurrency"),
+        core_calls=sec.value("core_calls"),
         request_timeout_ms=sec.value("request_timeout_ms"),
         max_calls_per_peer=sec.value("max_calls_per_peer"),
         max_streams_per_connection=sec.value("max_streams_per_connection"),

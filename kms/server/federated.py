@@ -7,14 +7,20 @@ tracing decorators around it) and hands the answer, or the failure, back to the 
 the time it arrived. While it waits for the peer it holds no core slot
 (:mod:`kms.server.slots`), so a slow peer never holds up the calls this worker can compute.
 
+The same resolve is also offered as steps (:meth:`FederatingHandler.resolve_steps`, a
+generator that yields the blocking peer call and receives its answer): the event-loop server
+(:mod:`kms.server.grpc_server`) runs the core's steps inline on its loop and awaits the peer
+call in a thread, so that no network wait ever blocks the loop.
+
 The gRPC status a peer refused with is mapped to the core's own :class:`Outcome` here: the
 core knows no gRPC names.
 """
 
 from __future__ import annotations
 
+import functools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 
 from kms.core.api import KmsReply, Outcome
 from kms.core.context import Deps
@@ -31,6 +37,25 @@ PEER_STATUS: dict[str, Outcome] = {
     "INVALID_ARGUMENT": Outcome.MALFORMED,
     "RESOURCE_EXHAUSTED": Outcome.RATE_LIMITED,
 }
+
+
+# What a resolve's steps yield (the blocking peer call, run off the event loop), what they
+# are sent back (its answer or failure) and what they return.
+PeerIo = Callable[[], "bytes | PeerError"]
+ResolveSteps = Generator[PeerIo, "bytes | PeerError", KmsReply]
+
+
+def run_steps(steps: ResolveSteps, run_io: Callable[[PeerIo], bytes | PeerError]) -> KmsReply:
+    """Drive ``steps`` on this thread, ``run_io`` making each peer call."""
+    answer: bytes | PeerError | None = None
+    try:
+        io = next(steps)
+        while True:
+            answer = run_io(io)
+            io = steps.send(answer)
+    except StopIteration as done:
+        reply: KmsReply = done.value
+        return reply
 
 
 def peer_outcome(exc: PeerError) -> PeerError:
@@ -67,11 +92,20 @@ class FederatingHandler:
     def resolve_ticket(
         self, wire: bytes, now: float, *, correlation_id: str = "", hops: int = 0
     ) -> KmsReply:
+        steps = self.resolve_steps(wire, now, correlation_id=correlation_id, hops=hops)
+        return run_steps(steps, self._ask)
+
+    def resolve_steps(
+        self, wire: bytes, now: float, *, correlation_id: str = "", hops: int = 0
+    ) -> ResolveSteps:
+        """The resolve as steps: the core's first step, then (a ticket of a peer KMS,
+        RFC 6043 9) ``yield`` of the peer call for the caller to make off the event loop,
+        then the core's last step with its answer."""
         started = self._monotonic()
         step = self.core.resolve_step(wire, now, correlation_id=correlation_id, hops=hops)
         if not isinstance(step, PeerCall):
             return step
-        answer = self._ask(step)
+        answer = yield functools.partial(self._forward, step)
         # The time the answer arrived, on the caller's clock (a test may pass a fixed one).
         return self.core.finish_resolve(step, answer, now + (self._monotonic() - started))
 
@@ -85,11 +119,11 @@ class FederatingHandler:
     def close(self) -> None:
         self.core.close()
 
-    def _ask(self, call: PeerCall) -> bytes | PeerError:
+    def _ask(self, io: PeerIo) -> bytes | PeerError:
         if self._slots is None:
-            return self._forward(call)
+            return io()
         with self._slots.released():  # waiting on the network needs no core slot
-            return self._forward(call)
+            return io()
 
     def _forward(self, call: PeerCall) -> bytes | PeerError:
         try:
@@ -104,4 +138,6 @@ class FederatingHandler:
             return peer_outcome(exc)
 
 
-__all__ = ["PEER_STATUS", "FederatingHandler", "peer_outcome"]
+__all__ = [
+    "PEER_STATUS", "FederatingHandler", "PeerIo", "ResolveSteps", "peer_outcome", "run_steps",
+]

@@ -13,6 +13,8 @@ identities (unless ``record_identities``) and correlation ids never become label
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
@@ -29,9 +31,10 @@ from kms.keystore import (
     RsaPadding,
     SignScheme,
 )
+from kms.server.federated import PeerIo, ResolveSteps
 from kms.server.metrics import PEER_OUTCOMES, ServerMetrics
 from kms.server.metrics_token import TokenMetrics, error_kind
-from kms.server.tracing import SpanContext, Tracer, take_incoming
+from kms.server.tracing import Span, SpanContext, Tracer, active, take_incoming
 
 T = TypeVar("T")
 
@@ -87,16 +90,64 @@ class ObservedHandler:
         with self._t.span(f"kms/{name}", kind=2, parent=parent,
                           attributes={"rpc.method": name}) as s:
             reply = fn(*args, **kw)
-            s.attributes["kms.outcome"] = reply.outcome.value
-            if reply.outcome is not Outcome.OK:
-                s.error = reply.outcome in (Outcome.INTERNAL, Outcome.UNAVAILABLE)
-                if reply.error_message is not None and "error_no" in reply.audit:
-                    s.attributes["mikey.error"] = str(reply.audit["error_no"])
-            if self._t.record_identities:
-                for key in ("sender", "ticket_id"):
-                    if key in reply.audit:
-                        s.attributes[f"kms.{key}"] = str(reply.audit[key])
+            self._annotate(s, reply)
             return reply
+
+    def _annotate(self, s: Span, reply: KmsReply) -> None:
+        assert self._t is not None
+        s.attributes["kms.outcome"] = reply.outcome.value
+        if reply.outcome is not Outcome.OK:
+            s.error = reply.outcome in (Outcome.INTERNAL, Outcome.UNAVAILABLE)
+            if reply.error_message is not None and "error_no" in reply.audit:
+                s.attributes["mikey.error"] = str(reply.audit["error_no"])
+        if self._t.record_identities:
+            for key in ("sender", "ticket_id"):
+                if key in reply.audit:
+                    s.attributes[f"kms.{key}"] = str(reply.audit[key])
+
+    def resolve_steps(
+        self, wire: bytes, now: float, *, correlation_id: str = "", **kwargs: Any
+    ) -> ResolveSteps:
+        """:meth:`resolve_ticket` as steps (:mod:`kms.server.federated`), recorded the same
+        way: one call from the first step to the last (the peer's time included), one server
+        span that is current only while a step or the peer call runs (the event loop runs
+        other calls in between), with the peer's client span as its child."""
+        inner_steps = getattr(self._inner, "resolve_steps", None)
+        if not callable(inner_steps):
+            return self.resolve_ticket(wire, now, correlation_id=correlation_id, **kwargs)
+        m = self._m
+        t0 = time.perf_counter()
+        started = (m.admitted_at() or t0) if m is not None else t0
+        span: Span | None = None
+        if self._t is not None:
+            span = self._t.start("kms/ResolveTicket", kind=2, parent=take_incoming(),
+                                 attributes={"rpc.method": "ResolveTicket"})
+        reply: KmsReply | None = None
+        try:
+            steps: ResolveSteps = inner_steps(wire, now, correlation_id=correlation_id,
+                                              **kwargs)
+            answer: Any = None
+            while True:
+                try:
+                    with _current(span):
+                        io = steps.send(answer)
+                except StopIteration as done:
+                    reply = done.value
+                    break
+                answer = yield io if span is None else functools.partial(_in_span, span, io)
+            if span is not None:
+                self._annotate(span, reply)
+            return reply
+        except BaseException:
+            if span is not None:
+                span.error = True
+            raise
+        finally:
+            if span is not None and self._t is not None:
+                self._t.finish(span)
+            if m is not None:
+                m.observe_call("resolve_ticket", reply if isinstance(reply, KmsReply) else None,
+                               time.perf_counter() - started)
 
     def refuse_undecodable(
         self, size: int, now: float, *, correlation_id: str = "", detail: str = ""
@@ -114,6 +165,15 @@ class ObservedHandler:
         close = getattr(self._inner, "close", None)
         if callable(close):
             close()
+
+
+def _current(span: Span | None) -> contextlib.AbstractContextManager[Any]:
+    return contextlib.nullcontext() if span is None else active(span)
+
+
+def _in_span(span: Span, io: PeerIo) -> bytes | PeerError:
+    with active(span):  # on the thread that makes the peer call
+        return io()
 
 
 class ObservedKeyStore:

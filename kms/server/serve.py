@@ -1,4 +1,6 @@
-"""``kms serve``: the process model around :class:`kms.server.grpc_server.KmsServer`.
+"""``kms serve``: the process model around :class:`kms.server.grpc_server.KmsServer` (an
+asyncio gRPC server whose loop runs on a thread of its own, while the main thread waits for
+a signal).
 
 * workers = 1: one process serves (no parent, no fork).
 * workers = N > 1: a supervisor process starts N workers with multiprocessing's ``spawn``
@@ -60,7 +62,7 @@ from kms.server.federation import FederationConfigError, GrpcPeerResolver
 from kms.server.grpc_server import DEFAULT_THREADS, KmsServer, ServerError, tls_credentials
 from kms.server.metrics_http import MetricsListen
 from kms.server.observe import ObservedProcess, supervise_with_metrics
-from kms.server.slots import CoreSlots, core_slots_for
+from kms.server.slots import CoreSlots, core_slots_for, core_threads_for
 from kms.store.registry import RegistryError
 
 log = logging.getLogger("kms.server.serve")
@@ -315,6 +317,7 @@ def serve_once(
                 observed.peers(peers), workers=plan.workers, slots=slots
             )
         home.stores.set_wait_hook(slots.released)  # database waits hold no core slot
+        core_threads = core_threads_for(home.config, n_slots, plan.threads)
         server = KmsServer(
             handler,
             plan.listen,
@@ -323,6 +326,7 @@ def serve_once(
             reuse_port=plan.workers > 1,
             slots=slots,
             limits=limits_for(home.config.server, plan.threads),
+            core_threads=core_threads,
         )
         if observed is not None:
             observed.watch_server(server)  # the guard's counts on /metrics
@@ -330,7 +334,8 @@ def serve_once(
         log.info(
             "serving",
             extra={"fields": {"listen": plan.listen, "port": server.port, "tls": plan.mode,
-                              "core_slots": slots.size}},
+                              "core_slots": slots.size,
+                              "core_calls": "threads" if core_threads else "inline"}},
         )
         ready(server)
         while not stop.wait(PARENT_CHECK_S):

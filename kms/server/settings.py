@@ -31,6 +31,7 @@ __all__ = [
     "Kind",
     "KeyTypeName",
     "PrfName",
+    "CoreCalls",
     "Responders",
     "RsaPadding",
     "Section",
@@ -60,6 +61,14 @@ class KeyTypeName(StrEnum):
     TGK = "tgk"
     TEK = "tek"
     GTGK = "gtgk"
+
+
+class CoreCalls(StrEnum):
+    """``[server] core_calls``: where a worker's KMS core calls run (kms.server.adapter)."""
+
+    AUTO = "auto"
+    INLINE = "inline"
+    THREADS = "threads"
 
 
 class Responders(StrEnum):
@@ -216,6 +225,11 @@ SETTINGS: tuple[Setting, ...] = (
     S("server", "core_concurrency", K.INT, 0, "KMS calls computed at once per worker; 0 = "
       "auto: 1 for SoftHSM (its threads only convoy on the GIL), 8 for other modules.", 0, 256,
       example=4),
+    S("server", "core_calls", K.CHOICE, CoreCalls.AUTO, "Where KMS calls run: inline on "
+      "the gRPC event loop (one core slot, no thread hand-off), or in threads (several "
+      "slots compute at once; database waits leave the loop free); auto = inline with one "
+      "core slot and SQLite stores, threads otherwise.", choices=_choices(CoreCalls),
+      example=CoreCalls.THREADS),
     S("server", "request_timeout_ms", K.INT, 2000, "How long a call may take to send its "
       "request message.", 50, 60_000, example=500),
     S("server", "max_calls_per_peer", K.INT, 96, "Calls one peer address may hold at once.",

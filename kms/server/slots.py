@@ -11,6 +11,12 @@ worker processes.
 A call that waits on the network gives its slot up while it waits (``released``): the
 federated resolve, whose core steps return before the peer is asked
 (:mod:`kms.server.federated`), and database waits in cluster mode.
+
+Where the calls run (:func:`core_threads_for`, ``[server] core_calls``): with one slot and
+SQLite stores, inline on the server's event loop (the loop itself is the one slot: no
+semaphore, no thread); with several slots, or PostgreSQL stores (cluster mode: a call waits
+on the database several times, and the loop must go on meanwhile), in a thread per admitted
+call, the threads sharing the slots.
 """
 
 from __future__ import annotations
@@ -21,8 +27,10 @@ from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 
 from kms.server.config import KmsConfig
+from kms.server.settings import CoreCalls, StoreBackend
 
 ENV = "KMS_CORE_CONCURRENCY"  # overrides [server] core_concurrency (benchmarks)
+CALLS_ENV = "KMS_CORE_CALLS"  # overrides [server] core_calls (benchmarks)
 SOFTWARE_TOKEN_SLOTS = 1
 HARDWARE_TOKEN_SLOTS = 8
 
@@ -43,6 +51,21 @@ def core_slots_for(config: KmsConfig) -> int:
         return config.server.core_concurrency
     module = os.path.basename(str(config.token.module)).lower()
     return SOFTWARE_TOKEN_SLOTS if "softhsm" in module else HARDWARE_TOKEN_SLOTS
+
+
+def core_threads_for(config: KmsConfig, slots: int, calls: int) -> int:
+    """0: the core runs inline on the event loop; else the number of threads it runs in
+    (``calls``, the calls a worker admits: each can wait for a slot or the database)."""
+    env = os.environ.get(CALLS_ENV)
+    try:
+        mode = CoreCalls(env) if env else CoreCalls(config.server.core_calls)
+    except ValueError:
+        raise ValueError(f"{CALLS_ENV} must be one of auto, inline, threads, got {env!r}"
+                         ) from None
+    if mode is CoreCalls.AUTO:
+        cluster = config.store.backend == StoreBackend.POSTGRESQL
+        mode = CoreCalls.INLINE if slots == 1 and not cluster else CoreCalls.THREADS
+    return 0 if mode is CoreCalls.INLINE else max(calls, slots)
 
 
 class CoreSlots:
@@ -101,4 +124,4 @@ class _Held:
         self._slots._exit()
 
 
-__all__ = ["ENV", "CoreSlots", "core_slots_for"]
+__all__ = ["CALLS_ENV", "ENV", "CoreSlots", "core_slots_for", "core_threads_for"]

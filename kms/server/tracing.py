@@ -191,24 +191,46 @@ class Tracer:
         self, name: str, *, kind: int = 1, parent: SpanContext | None = None,
         attributes: dict[str, str | int] | None = None,
     ) -> Iterator[Span]:
-        up = current()
-        parent_ctx = parent if parent is not None else (None if up is None else up.context)
-        trace_id = parent_ctx.trace_id if parent_ctx is not None else os.urandom(16).hex()
-        s = Span(name, SpanContext(trace_id, os.urandom(8).hex()),
-                 None if parent_ctx is None else parent_ctx.span_id, time.time_ns(), kind,
-                 dict(attributes or {}))
-        stack: list[Span] = getattr(_local, "stack", None) or []
-        _local.stack = stack
-        stack.append(s)
+        s = self.start(name, kind=kind, parent=parent, attributes=attributes)
         try:
-            yield s
+            with active(s):
+                yield s
         except BaseException:
             s.error = True
             raise
         finally:
-            stack.pop()
-            s.end_ns = time.time_ns()
-            self.exporter.export(s)
+            self.finish(s)
+
+    def start(
+        self, name: str, *, kind: int = 1, parent: SpanContext | None = None,
+        attributes: dict[str, str | int] | None = None,
+    ) -> Span:
+        """A span (child of ``parent``, else of this thread's current span) that is not
+        made current: for a call that runs in pieces (:func:`active` around each piece),
+        possibly on several threads, like a federated resolve on the event-loop server."""
+        up = current()
+        parent_ctx = parent if parent is not None else (None if up is None else up.context)
+        trace_id = parent_ctx.trace_id if parent_ctx is not None else os.urandom(16).hex()
+        return Span(name, SpanContext(trace_id, os.urandom(8).hex()),
+                    None if parent_ctx is None else parent_ctx.span_id, time.time_ns(), kind,
+                    dict(attributes or {}))
+
+    def finish(self, s: Span) -> None:
+        s.end_ns = time.time_ns()
+        self.exporter.export(s)
+
+
+@contextlib.contextmanager
+def active(s: Span) -> Iterator[Span]:
+    """``s`` is this thread's current span for the block (children and outgoing calls made
+    in it name it as their parent)."""
+    stack: list[Span] = getattr(_local, "stack", None) or []
+    _local.stack = stack
+    stack.append(s)
+    try:
+        yield s
+    finally:
+        stack.pop()
 
 
 __all__ = [
@@ -216,6 +238,7 @@ __all__ = [
     "OtlpJsonExporter",
     "SpanContext",
     "Tracer",
+    "active",
     "current",
     "outgoing_metadata",
     "parse_traceparent",

@@ -1,7 +1,8 @@
 """The gRPC adapter over real gRPC on 127.0.0.1, with a scripted handler (no KMS core).
 
 What a client sees for every outcome: status code, details, ``mikey-error-bin``,
-``x-correlation-id``; plus health checking, reflection, size limit and draining.
+``x-correlation-id``; plus health checking, reflection, size limit and draining. Every test
+of the ``server`` fixture runs twice: the core inline on the event loop, and in threads.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from kms import rpc
 from kms.core.api import KmsReply, Outcome
+from kms.server.federated import ResolveSteps
 from kms.server.grpc_server import (
     ERROR_TRAILER,
     MAX_REQUEST_BYTES,
@@ -46,6 +48,21 @@ class ScriptedHandler:
     def resolve_ticket(self, wire: bytes, now: float, *, correlation_id: str = "") -> KmsReply:
         return self._reply("resolve", wire, now, correlation_id)
 
+    def resolve_steps(self, wire: bytes, now: float, *, correlation_id: str = "") -> ResolveSteps:
+        """What the inline server calls: b"block" waits like a federated resolve's peer
+        call (off the event loop), everything else is one step."""
+        if wire != b"block":
+            return self._reply("resolve", wire, now, correlation_id)
+        self.calls.append(("resolve", wire, now, correlation_id))
+        answer = yield self._wait
+        assert isinstance(answer, bytes)
+        return KmsReply(Outcome.OK, data=answer)
+
+    def _wait(self) -> bytes:
+        self.entered.set()
+        self.release.wait(10)
+        return b"late"
+
     def _reply(self, kind: str, wire: bytes, now: float, cid: str) -> KmsReply:
         self.calls.append((kind, wire, now, cid))
         if wire == b"raise" or wire.startswith(SECRET):
@@ -69,9 +86,13 @@ def handler() -> ScriptedHandler:
     return ScriptedHandler()
 
 
-@pytest.fixture
-def server(handler: ScriptedHandler, free_port: Any) -> Iterator[KmsServer]:
-    s = KmsServer(handler, f"127.0.0.1:{free_port()}", clock=lambda: NOW)
+@pytest.fixture(params=["inline", "threads"])
+def server(
+    handler: ScriptedHandler, free_port: Any, request: pytest.FixtureRequest
+) -> Iterator[KmsServer]:
+    s = KmsServer(handler, f"127.0.0.1:{free_port()}", clock=lambda: NOW,
+                  core_threads=0 if request.param == "inline" else 4)
+    assert s.inline is (request.param == "inline")
     try:
         s.start()
         yield s
@@ -284,7 +305,9 @@ def test_drain_finishes_inflight_refuses_new_and_ends_watches(
         health_pb2.HealthCheckRequest(service="mikey.kms.v1.KeyManagement"), timeout=10
     )
     assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
-    slow = stub.RequestTicket.future(rpc.MikeyMessage(data=b"block"), timeout=10)
+    # On the inline server a call is in flight while it waits off the loop (a federated
+    # resolve's peer call); on the threaded one while its thread computes.
+    slow = stub.ResolveTicket.future(rpc.MikeyMessage(data=b"block"), timeout=10)
     assert handler.entered.wait(5)
 
     result: list[bool] = []
@@ -311,7 +334,7 @@ def test_drain_finishes_inflight_refuses_new_and_ends_watches(
 def test_drain_cuts_off_calls_that_outlive_the_grace(
     server: KmsServer, handler: ScriptedHandler, stub: Any
 ) -> None:
-    slow = stub.RequestTicket.future(rpc.MikeyMessage(data=b"block"), timeout=10)
+    slow = stub.ResolveTicket.future(rpc.MikeyMessage(data=b"block"), timeout=10)
     assert handler.entered.wait(5)
     t0 = time.monotonic()
     assert server.drain(0.5) is False

@@ -33,7 +33,7 @@ from kms.server.config import (
 from kms.server.federation import GrpcPeerResolver
 from kms.server.serve import ServeError, make_plan, metrics_plan
 from kms.server.settings import SECTIONS, SETTINGS, Setting, settings_markdown
-from kms.server.slots import core_slots_for
+from kms.server.slots import core_slots_for, core_threads_for
 from kms.server.stores import SqliteStores
 from kms.server.token_needs import required_operations
 
@@ -113,6 +113,7 @@ PROBES: dict[tuple[str, str], Probe] = {
     ("server", "tls_client_ca"): lambda c, h: _plan(h),
     ("server", "allow_plaintext_non_loopback"): lambda c, h: _plan(h, "0.0.0.0:50051"),
     ("server", "core_concurrency"): lambda c, h: core_slots_for(c),
+    ("server", "core_calls"): lambda c, h: core_threads_for(c, 1, 128),
     ("server", "request_timeout_ms"): lambda c, h: limits_for(c.server, 256),
     ("server", "max_calls_per_peer"): lambda c, h: limits_for(c.server, 256),
     ("server", "max_streams_per_connection"): lambda c, h: limits_for(c.server, 256),

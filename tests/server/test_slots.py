@@ -1,5 +1,6 @@
-"""Core slots: how many KMS core calls one worker computes at once, and how a federated call
-gives its slot up while it waits for the peer."""
+"""Core slots: how many KMS core calls one worker computes at once, where they run (inline
+on the event loop or in threads), and how a federated call gives its slot up (or leaves the
+loop) while it waits for the peer."""
 
 from __future__ import annotations
 
@@ -7,15 +8,19 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import grpc
 import pytest
 
+from kms import rpc
 from kms.core.api import KmsReply, Outcome
 from kms.core.federation import PeerCall
 from kms.core.ports import PeerError, PeerKms
 from kms.server.config import KmsConfig, parse_config
 from kms.server.federated import FederatingHandler
-from kms.server.slots import ENV, CoreSlots, core_slots_for
+from kms.server.grpc_server import KmsServer
+from kms.server.slots import CALLS_ENV, ENV, CoreSlots, core_slots_for, core_threads_for
 
 CONFIG = """
 [kms]
@@ -162,3 +167,81 @@ def test_several_slots_admit_that_many_at_once() -> None:
     finally:
         leave.set()
         other.join(5)
+
+
+def test_core_calls_auto_is_inline_only_for_one_slot_on_sqlite(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv(CALLS_ENV, raising=False)
+    assert core_threads_for(config(), 1, 128) == 0  # SoftHSM, SQLite: inline on the loop
+    assert core_threads_for(config(), 8, 128) == 128  # a hardware HSM: threads
+    cluster = '[store]\nbackend = "postgresql"\ndsn = "postgresql://kms@db/kms"\n'
+    assert core_threads_for(config(extra=cluster), 1, 128) == 128  # database waits
+    assert core_threads_for(config(extra='[server]\ncore_calls = "threads"\n'), 1, 64) == 64
+    assert core_threads_for(config(extra='[server]\ncore_calls = "inline"\n'), 8, 64) == 0
+    monkeypatch.setenv(CALLS_ENV, "threads")
+    assert core_threads_for(config(), 1, 32) == 32
+    monkeypatch.setenv(CALLS_ENV, "sideways")
+    with pytest.raises(ValueError, match=CALLS_ENV):
+        core_threads_for(config(), 1, 32)
+
+
+class LoopCore(SteppedCore):
+    """Records the thread of each core step; also answers Ticket Requests."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.threads: list[tuple[str, str]] = []
+
+    def resolve_step(self, wire: bytes, now: float, *, correlation_id: str = "",
+                     hops: int = 0) -> PeerCall:
+        self.threads.append(("step", threading.current_thread().name))
+        return super().resolve_step(wire, now, correlation_id=correlation_id, hops=hops)
+
+    def finish_resolve(self, call: PeerCall, answer: bytes | PeerError,
+                       now: float) -> KmsReply:
+        self.threads.append(("finish", threading.current_thread().name))
+        return super().finish_resolve(call, answer, now)
+
+    def request_ticket(self, wire: bytes, now: float, *, correlation_id: str = "") -> KmsReply:
+        self.threads.append(("request", threading.current_thread().name))
+        return KmsReply(Outcome.OK, b"ticket")
+
+
+class BlockedPeer:
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.thread = ""
+
+    def forward_resolve(self, peer: PeerKms, wire: bytes, *, correlation_id: str,
+                        hops: int, rebuild: Callable[[], bytes] | None = None) -> bytes:
+        self.thread = threading.current_thread().name
+        self.entered.set()
+        assert self.release.wait(10)
+        return b"answer:" + wire
+
+
+def test_inline_server_awaits_the_peer_call_off_the_loop(free_port: Any) -> None:
+    """RFC 6043 9 on the event-loop server: the core's steps run on the loop, the peer call
+    in a thread, and the loop serves other calls while the peer has not answered."""
+    core, peer = LoopCore(), BlockedPeer()
+    handler = FederatingHandler(core, peer, CoreSlots(1))  # type: ignore[arg-type]
+    server = KmsServer(handler, f"127.0.0.1:{free_port()}", slots=CoreSlots(1))
+    assert server.inline
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+            stub = rpc.client_stub(ch)
+            pending = stub.ResolveTicket.future(rpc.MikeyMessage(data=b"t"), timeout=10)
+            assert peer.entered.wait(5)
+            # The peer has not answered: a Ticket Request is served meanwhile.
+            assert stub.RequestTicket(rpc.MikeyMessage(data=b"r"), timeout=5).data == b"ticket"
+            peer.release.set()
+            assert pending.result().data == b"answer:t"
+    finally:
+        peer.release.set()
+        server.stop()
+    assert core.threads == [("step", "kms-loop"), ("request", "kms-loop"),
+                            ("finish", "kms-loop")]
+    assert peer.thread.startswith("kms-peer")
