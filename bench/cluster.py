@@ -119,7 +119,7 @@ def measure(
         if w_kind == "resolve":
             import grpc
 
-            from kms.server import stubs
+            from kms import rpc as stubs
 
             with grpc.insecure_channel(targets[0]) as ch:
                 stub = stubs.client_stub(ch)
