@@ -264,3 +264,32 @@ def test_non_protobuf_body_without_core_auditing(small_server: KmsServer) -> Non
     assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
     assert info.value.details() == "request is not a mikey.kms.v1.MikeyMessage"
     assert small_server.servicer.counters["undecodable_body"] == 1
+
+
+@pytest.mark.parametrize("core_threads", [0, 4], ids=["inline", "threads"])
+def test_calls_beyond_the_admitted_are_refused_at_once(free_port: Any, core_threads: int) -> None:
+    """``maximum_concurrent_rpcs``: a call beyond the admitted ones is refused with
+    RESOURCE_EXHAUSTED (no hidden queue), and served again once one has finished."""
+    handler = ScriptedHandler()
+    s = KmsServer(handler, f"127.0.0.1:{free_port()}", threads=4, core_threads=core_threads,
+                  limits=Limits(max_calls_per_peer=64))
+    s.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{s.port}", options=OWN) as ch:
+            stub = rpc.client_stub(ch)
+            # Four calls in flight (a peer call off the loop; or a thread computing).
+            held = [stub.ResolveTicket.future(rpc.MikeyMessage(data=b"block"), timeout=20)
+                    for _ in range(4)]
+            deadline = time.monotonic() + 10
+            while s.servicer.inflight < 4 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert s.servicer.inflight == 4
+            with pytest.raises(grpc.RpcError) as info:
+                stub.RequestTicket(rpc.MikeyMessage(data=b"ok"), timeout=5)
+            assert info.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+            handler.release.set()
+            assert [f.result().data for f in held] == [b"late"] * 4
+            assert stub.RequestTicket(rpc.MikeyMessage(data=b"ok"), timeout=5).data
+    finally:
+        handler.release.set()
+        s.stop()
