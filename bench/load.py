@@ -36,7 +36,7 @@ class LoadResult:
     errors: Counter[str] = field(default_factory=Counter)
     latencies_ms: list[float] = field(default_factory=list)
     exhausted: int = 0  # clients that ran out of pre-generated messages in the window
-    retries: int = 0  # RESOURCE_EXHAUSTED refusals retried (server threads all busy)
+    retries: int = 0  # RESOURCE_EXHAUSTED refusals retried (admitted calls all busy)
     server_cores: float = math.nan  # CPU seconds of the server processes / window seconds
     client_cores: float = math.nan  # the same for the load processes
     # Per serving worker (pid): TCP connections at the start of the window, calls answered

@@ -10,7 +10,7 @@ Phases, all on 127.0.0.1 and a throwaway KMS home (see bench/world.py for its se
 1. in-process, no gRPC: the token floor of each exchange (its PKCS#11 operations replayed
    alone), then each exchange called straight on the core with the PKCS#11 key store and
    with the pure-software key store;
-2. the echo floor: the same server stack (``kms serve``'s supervisor, workers, thread pool,
+2. the echo floor: the same server stack (``kms serve``'s supervisor, workers, event-loop server,
    servicer) with a handler that echoes the request, 1 / 8 / 64 clients;
 3. Ticket Request and Ticket Resolve over gRPC (PSK and PK, with and without forking), 1 / 8
    / 64 concurrent clients from separate processes, p50 / p99 latency; then each at half of

@@ -5,10 +5,11 @@ The server is an asyncio gRPC server whose event loop runs on a thread of its ow
 (:class:`KmsServer` is the blocking face ``kms serve`` and the tests use: start, drain,
 stop). With one core slot (the SoftHSM default, kms.server.slots) the core runs inline on
 that loop: the thread that handles gRPC's events also computes, with no hand-off between a
-poller thread, a pool thread and the core slot. That was measured 25-40 % faster than the
-thread-pool server at 8 clients (docs/performance.md, "Second pass, part S"), and the same
-at 1 client. With more core slots, or in cluster mode (PostgreSQL round trips, which must
-not stop the loop), the core runs in a pool of threads instead (``[server] core_calls``).
+poller thread, a pool thread and the core slot. Against the thread-pool server it replaced
+that gave 1.35-1.45 x the rate at 8 and 64 clients and about the same at 1 client, in the
+quieter of two alternating runs (docs/performance.md, "Second pass, part S"). With more
+core slots, or in cluster mode (PostgreSQL round trips, which must not stop the loop), the
+core runs in a pool of threads instead (``[server] core_calls``).
 
 Guarantees kept from the thread-pool server: ``maximum_concurrent_rpcs`` admitted calls
 (more are refused with RESOURCE_EXHAUSTED at once), the call guard (kms.server.admission:
