@@ -70,8 +70,9 @@ def register(sub: Any) -> None:  # argparse._SubParsersAction
     p.add_argument("--workers", type=_positive(int), metavar="N",
                    help="worker processes sharing the port (default: [server] workers)")
     p.add_argument("--threads", type=_positive(int), metavar="N",
-                   help="calls admitted per worker (default: 128; they wait for a core slot, "
-                   "see [server] core_concurrency); more are refused with RESOURCE_EXHAUSTED")
+                   help="calls admitted per worker (default: 128; they wait for the event "
+                   "loop or a core slot, see [server] core_calls and core_concurrency); more "
+                   "are refused with RESOURCE_EXHAUSTED")
     p.add_argument("--grace", type=_positive(float), default=10.0, metavar="SECONDS",
                    help="how long in-flight calls may take after SIGTERM (default: 10)")
     p.add_argument("--log-level", choices=LOG_LEVELS, default="INFO", type=str.upper,
