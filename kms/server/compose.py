@@ -31,6 +31,7 @@ from kms.server.config import KmsConfig
 from kms.server.crl import CrlStore
 from kms.server.directory import RegistryDirectory
 from kms.server.federated import FederatingHandler
+from kms.server.key_rescan import RescanOnFirstMiss
 from kms.server.settings import IntermediateNodes, KeyTypeName, Responders
 from kms.server.slots import CoreSlots
 from kms.server.stores import STATE_DIR
@@ -161,7 +162,9 @@ def build_handler(
         return stores.token_lock("fork-modifier")
 
     deps = Deps(
-        keystore=keystore,
+        # A key the registry names but the catalogue lacks (made by `kms node add` etc.
+        # while serving) is rescanned for on its first miss, whatever other misses happened.
+        keystore=RescanOnFirstMiss(keystore),
         directory=directory,
         revocations=directory,  # suspended endpoints, revoked tickets (kms revoke)
         psk_versions=directory,  # rotated endpoint PSKs (kms endpoint rotate-psk)
