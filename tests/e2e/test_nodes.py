@@ -8,6 +8,7 @@ which node obtained which call's keys."""
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 
@@ -174,3 +175,56 @@ def test_policy_forbids_every_node(tmp_path: Path) -> None:
         assert refused.code is grpc.StatusCode.PERMISSION_DENIED
         table = run_kms(home, "audit", "nodes", "--refused").stdout
         assert "refused: [policy] intermediate_nodes = forbidden" in table
+
+
+def test_node_psk_rotation_without_a_gap(kms: Kms) -> None:
+    """`kms node rotate-psk` while `kms serve` runs: the recorder keeps getting a call's keys
+    with its old PSK and with the new version (IDRpsk ``<node>#psk2``, RFC 6043 4.2.3) until
+    `kms node retire-psk` retires the old one, which is then refused with Invalid ID and its
+    token object destroyed; `kms node remove` destroys the new one too."""
+    who = b"sip:rotating-recorder@dispatch.example.org"
+    NODE_PSKS[who] = bytes.fromhex("7e" * 32)
+    _add(kms, who, "recorder", "--initiator", "sip:alice@*")
+    ini = kms.initiator(ALICE)
+    grant = obtain_ticket(kms.client(), ini, DesiredPolicy(responders=(BOB,)))
+    ti, pending = ini.transfer_init(grant, time.time(), BOB, SESSIONS)
+    bob = resolve(kms.client(), kms.responder(BOB), ti)
+    alice = ini.establish(pending, bob.transfer_resp, time.time())
+    old = _node(kms, who)
+    _both_directions(alice.srtp, bob.srtp, leg_keys(kms.client(), old, ti, bob.transfer_resp,
+                                                    time.time()).srtp)  # fmt: skip
+
+    out = run_kms(kms.home, "node", "rotate-psk", who.decode()).stdout
+    psk_hex = re.search(r"psk: ([0-9a-f]+)", out)
+    assert psk_hex and f"name (IDRpsk): {who.decode()}#psk2" in out, out
+    new = IntermediateNode(Credentials(who, bytes.fromhex(psk_hex[1]), KMS_ID, IdType.URI,
+                                       psk_name=who + b"#psk2"), kms.ks)  # fmt: skip
+    for node in (new, old, new):  # both at once: no gap while the recorder is re-provisioned
+        got = leg_keys(kms.client(), node, ti, bob.transfer_resp, time.time())
+        _both_directions(alice.srtp, bob.srtp, got.srtp)
+    listed = json.loads(run_kms(kms.home, "node", "psk-list", who.decode(), "--json").stdout)
+    assert [(v["version"], v["state"]) for v in listed] == [(1, "active"), (2, "active")]
+    v1_label, v2_label = listed[0]["key_label"], listed[1]["key_label"]
+    keys = {k["label"]: k for k in json.loads(run_kms(kms.home, "keys", "list", "--json").stdout)}
+    assert keys[v2_label]["sensitive"] and not keys[v2_label]["extractable"]
+    assert keys[v2_label]["owner"] == f"recorder node {who.decode()} PSK v2"
+
+    out = run_kms(kms.home, "node", "retire-psk", who.decode(), "1").stdout
+    assert f"key {v1_label} destroyed" in out
+    refused = _refused(kms, who, ti, bob.transfer_resp)  # the retired PSK: Invalid ID
+    assert refused.code is grpc.StatusCode.UNAUTHENTICATED
+    got = leg_keys(kms.client(), new, ti, bob.transfer_resp, time.time())
+    _both_directions(alice.srtp, bob.srtp, got.srtp)
+    assert v1_label not in {k["label"] for k in json.loads(
+        run_kms(kms.home, "keys", "list", "--json").stdout)}  # fmt: skip
+    rows = json.loads(run_kms(kms.home, "audit", "nodes", "--node", who.decode(), "--refused",
+                              "--json").stdout)  # fmt: skip
+    assert [r["reason"] for r in rows if r["outcome"] != "ok"] == ["PSK version 1 retired"]
+    p = run_kms(kms.home, "node", "retire-psk", who.decode(), "2", check=False)
+    assert p.returncode == 1 and "only PSK" in p.stderr
+
+    run_kms(kms.home, "node", "remove", who.decode())
+    with pytest.raises(KmsRefused):
+        leg_keys(kms.client(), new, ti, bob.transfer_resp, time.time())
+    assert v2_label not in {k["label"] for k in json.loads(
+        run_kms(kms.home, "keys", "list", "--json").stdout)}  # fmt: skip
