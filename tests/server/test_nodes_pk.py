@@ -107,7 +107,18 @@ def test_unpinned_certificate_and_psk_message_refused(world: World, pki: Pki) ->
     reply = world.resolve(wire)
     assert reply.outcome is Outcome.UNAUTHENTICATED and reply.error_message is not None
     assert Message.decode(reply.error_message).one(Error).error_no == ErrorNo.INVALID_CERT
-    assert world.audit()[-1]["reason"] == "not the registered certificate of this node"
+    record = world.audit()[-1]
+    assert record["reason"] == "not the registered certificate of this node"
+    # Audited with the registered node it claims (the wire answer is the same Invalid Cert).
+    assert (record["node"], record["role"]) == (NODE.decode(), "recorder")
+    # A certificate naming no registered node is no node request: no node in the record.
+    stranger = b"sip:stranger@dispatch.example.org"
+    key, chain = pki.chain(stranger)
+    kms_cert = x509.load_pem_x509_certificate((world.home.path / CERT_FILE).read_bytes())
+    creds = PkCredentials(stranger, chain, key, KMS_ID, kms_cert.public_bytes(Encoding.DER))
+    wire, _ = PkIntermediateNode(creds, world.sw).resolve_init(ti, tr, time.time())
+    assert not world.resolve(wire).ok
+    assert "node" not in world.audit()[-1]
     # A certificate node has no PSK: a RESOLVE_INIT_PSK naming it is refused as no node.
     psk_node = IntermediateNode(Credentials(NODE, bytes(32), KMS_ID, IdType.URI), world.sw)
     wire, _ = psk_node.resolve_init(ti, tr, time.time())
