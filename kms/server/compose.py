@@ -25,7 +25,7 @@ from kms.home import (
     HomeError,
     guess_id_type,
 )
-from kms.keystore import KeyExists, KeyNotFound, KeyRef, KeyStore
+from kms.keystore import KeyExists, KeyNotFound, KeyRef, KeyStore, KeyStoreError
 from kms.mikey.constants import KeyDataType, PrfFunc
 from kms.server.config import KmsConfig
 from kms.server.crl import CrlStore
@@ -132,6 +132,48 @@ def replay_capacity(config: KmsConfig, workers: int | None = None) -> int:
     return 2 * config.policy.timestamp_window_s * REPLAY_RATE_PER_WORKER * max(1, n)
 
 
+def pk_authenticator(home: Home, deps: Deps) -> PkAuthenticator | None:
+    """REQUEST_INIT_PK / RESOLVE_INIT_PK (RFC 6043 4.2.1.1, 4.2.3.1): endpoint certificates
+    chain to the [pk] ca_bundle; PKE is encrypted to the envelope key, whose certificate
+    (kms-cert.pem) CHASH names (RFC 3830 6.8). Without a CA bundle, only certificate peer
+    KMSs and certificate nodes (pinned certificates, looked up per request) may send them,
+    and endpoints get "public-key messages are not enabled", as without an authenticator.
+
+    Built whenever the home has its envelope key and certificate (`kms init` makes both),
+    so that a certificate peer or node registered while `kms serve` runs is served without
+    a restart. A failure is fatal only when PK is needed now (a CA bundle, or a certificate
+    peer or node registered); otherwise the KMS runs without the PK path (None)."""
+    config = home.config
+    cert_peers = any(p.auth == "cert" for p in home.registry.list_peers())
+    # Certificate nodes (kms node add --cert) send RESOLVE_INIT_PK too (RFC 6043 11.1).
+    cert_peers = cert_peers or any(n.cert_pem for n in home.registry.list_nodes())
+    needed = config.pk.ca_bundle is not None or cert_peers
+    try:
+        bundle = config.pk.ca_bundle
+        roots = load_pem_certificates(bundle.read_bytes()) if bundle is not None else []
+        kms_cert = load_pem_certificates((config.home / CERT_FILE).read_bytes())[0]
+        # [pk] crl: revocation for endpoint chains and certificate peers; the store
+        # re-reads the CRLs when they change and fails closed when one has expired.
+        crls = CrlStore(config.pk.crl) if config.pk.crl is not None else None
+        authenticator = CertificateAuthenticator(
+            deps,
+            roots,
+            [EnvelopeKey(KeyRef(ENVELOPE_LABEL), kms_cert.public_bytes(Encoding.DER))],
+            pke_padding=config.pk.rsa_padding,
+            revocation=crls,
+        )
+        authenticator.check_envelope_keys()
+    except (OSError, ValueError) as exc:
+        if needed:
+            raise HomeError(f"[pk] cannot be enabled: {exc}") from None
+        return None
+    except KeyStoreError:  # the envelope key missing from the token
+        if needed:
+            raise
+        return None
+    return authenticator
+
+
 def build_handler(
     home: Home,
     pk: PkAuthenticator | None = None,
@@ -185,32 +227,8 @@ def build_handler(
             keystore, FORK_MODIFIER_LABEL, FORK_MODIFIER_BYTES, fork_lock
         ),
     )
-    cert_peers = any(p.auth == "cert" for p in home.registry.list_peers())
-    # Certificate nodes (kms node add --cert) send RESOLVE_INIT_PK too (RFC 6043 11.1).
-    cert_peers = cert_peers or any(n.cert_pem for n in home.registry.list_nodes())
-    if pk is None and (config.pk.ca_bundle is not None or cert_peers):
-        # REQUEST_INIT_PK / RESOLVE_INIT_PK (RFC 6043 4.2.1.1, 4.2.3.1): endpoint
-        # certificates chain to the [pk] ca_bundle; PKE is encrypted to the envelope key,
-        # whose certificate (kms-cert.pem) CHASH names (RFC 3830 6.8). Without a CA bundle,
-        # only certificate peer KMSs (pinned certificates) may send them.
-        try:
-            bundle = config.pk.ca_bundle
-            roots = load_pem_certificates(bundle.read_bytes()) if bundle is not None else []
-            kms_cert = load_pem_certificates((config.home / CERT_FILE).read_bytes())[0]
-            # [pk] crl: revocation for endpoint chains and certificate peers; the store
-            # re-reads the CRLs when they change and fails closed when one has expired.
-            crls = CrlStore(config.pk.crl) if config.pk.crl is not None else None
-            authenticator = CertificateAuthenticator(
-                deps,
-                roots,
-                [EnvelopeKey(KeyRef(ENVELOPE_LABEL), kms_cert.public_bytes(Encoding.DER))],
-                pke_padding=config.pk.rsa_padding,
-                revocation=crls,
-            )
-            authenticator.check_envelope_keys()
-        except (OSError, ValueError) as exc:
-            raise HomeError(f"[pk] cannot be enabled: {exc}") from None
-        deps.pk = authenticator
+    if pk is None:
+        deps.pk = pk_authenticator(home, deps)
     core = Kms(deps)
     if peers is None:
         return core

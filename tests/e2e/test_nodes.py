@@ -7,6 +7,7 @@ which node obtained which call's keys."""
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import re
 import time
@@ -14,12 +15,17 @@ from pathlib import Path
 
 import grpc
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from kms.endpoint.client import KmsRefused, obtain_ticket, resolve
 from kms.endpoint.common import Credentials
 from kms.endpoint.initiator import DEFAULT_FLAGS, DesiredPolicy
-from kms.endpoint.node import IntermediateNode, leg_keys
+from kms.endpoint.node import IntermediateNode, PkIntermediateNode, leg_keys
+from kms.endpoint.pk import PkCredentials
 from kms.endpoint.session import CryptoSession, SrtpKeys
+from kms.home import CERT_FILE
 from kms.mikey.base_ticket import ticket_id
 from kms.mikey.constants import ErrorNo, IdType, KeyDataType
 from kms.mikey.ticket import TpFlag
@@ -38,6 +44,7 @@ from tests.e2e.harness import (
     set_policy,
     srtp_refuses,
 )
+from tests.pki import make_pki
 
 FORKING = TpFlag.E | TpFlag.F | TpFlag.G | TpFlag.H | TpFlag.I
 SESSIONS = (CryptoSession(1, 0x5EC00001), CryptoSession(2, 0x5EC00002))  # A->B, B->A
@@ -228,3 +235,66 @@ def test_node_psk_rotation_without_a_gap(kms: Kms) -> None:
         leg_keys(kms.client(), new, ti, bob.transfer_resp, time.time())
     assert v2_label not in {k["label"] for k in json.loads(
         run_kms(kms.home, "keys", "list", "--json").stdout)}  # fmt: skip
+
+
+def test_certificate_node_added_while_serving_decrypts_a_forked_leg(kms: Kms) -> None:
+    """`kms node add --cert` while `kms serve` runs (no [pk] ca_bundle, no certificate peer
+    or node at start: no restart needed): the transcoder's RESOLVE_INIT_PK (RFC 6043
+    4.2.3.1; CERT = its pinned certificate, SIGN over it || IDRr || IDRkms) gets the forked
+    leg's keys, which decrypt the leg's real SRTP; another certificate naming it is refused
+    with Invalid Cert and audited with the node, one naming no node like any endpoint's."""
+    who = b"sip:transcoder@media.example.org"
+    pki = make_pki(dt.datetime.now(dt.UTC).replace(microsecond=0))
+    key, chain = pki.chain(who)
+    pem = kms.home.parent / "transcoder.pem"
+    pem.write_bytes(x509.load_der_x509_certificate(chain[0]).public_bytes(Encoding.PEM))
+    run_kms(kms.home, "node", "add", who.decode(), "--role", "transcoder", "--cert", str(pem),
+            "--responder", "sip:bob@*")  # fmt: skip
+    kms_cert = x509.load_pem_x509_certificate((kms.home / CERT_FILE).read_bytes())
+
+    def node(chain_of: tuple[rsa.RSAPrivateKey, tuple[bytes, ...]], ident: bytes = who
+             ) -> PkIntermediateNode:  # fmt: skip
+        creds = PkCredentials(ident, chain_of[1], chain_of[0], KMS_ID,
+                              kms_cert.public_bytes(Encoding.DER))  # fmt: skip
+        return PkIntermediateNode(creds, kms.ks)
+
+    ini = kms.initiator(ALICE)
+    fork = obtain_ticket(kms.client(), ini, DesiredPolicy(responders=(TEAM,), flags=FORKING))
+    legs = {}
+    for member in (BOB, CAROL):
+        ti, pending = ini.transfer_init(fork, time.time(), TEAM, SESSIONS)
+        far = resolve(kms.client(), kms.responder(member), ti)
+        legs[member] = (ti, far, ini.establish(pending, far.transfer_resp, time.time()))
+    ti, bob, alice = legs[BOB]
+    got = leg_keys(kms.client(), node((key, chain)), ti, bob.transfer_resp, time.time())
+    assert got.leg == BOB and all(k.key_type != KeyDataType.MPK for k in got.session_keys)
+    _both_directions(alice.srtp, bob.srtp, got.srtp)
+    # Carol's leg is out of its scope (responder patterns: Bob only).
+    ti_c, carol, _ = legs[CAROL]
+    with pytest.raises(KmsRefused) as info:
+        leg_keys(kms.client(), node((key, chain)), ti_c, carol.transfer_resp, time.time())
+    assert (info.value.code, info.value.error_no) == (grpc.StatusCode.PERMISSION_DENIED,
+                                                      ErrorNo.INVALID_ID)  # fmt: skip
+
+    # A valid certificate for the same identity that is not the pinned one: Invalid Cert.
+    client = kms.client()
+    with pytest.raises(KmsRefused) as info:
+        leg_keys(client, node(pki.chain(who, "another key")), ti, bob.transfer_resp,
+                 time.time())  # fmt: skip
+    assert (info.value.code, info.value.error_no) == (grpc.StatusCode.UNAUTHENTICATED,
+                                                      ErrorNo.INVALID_CERT)  # fmt: skip
+    records = [json.loads(x) for x in (kms.home / "audit.log").read_text().splitlines()]
+    (refusal,) = [r for r in records if r.get("correlation_id") == client.last_correlation_id]
+    assert refusal["reason"] == "not the registered certificate of this node"
+    assert (refusal["node"], refusal["role"]) == (who.decode(), "transcoder")
+    # A certificate naming no registered node goes the endpoint way (no [pk] ca_bundle).
+    stranger = b"sip:stranger@media.example.org"
+    with pytest.raises(KmsRefused) as info:
+        leg_keys(client, node(pki.chain(stranger), stranger), ti, bob.transfer_resp,
+                 time.time())  # fmt: skip
+    assert info.value.error_no == ErrorNo.UNSUPPORTED_MESSAGE_TYPE
+    records = [json.loads(x) for x in (kms.home / "audit.log").read_text().splitlines()]
+    (refusal,) = [r for r in records if r.get("correlation_id") == client.last_correlation_id]
+    assert "node" not in refusal
+    rows = json.loads(run_kms(kms.home, "audit", "nodes", "--node", who.decode(), "--json").stdout)
+    assert [(r["leg"], r["forking"]) for r in rows] == [(BOB.decode(), True)]
