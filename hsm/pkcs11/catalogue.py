@@ -105,8 +105,31 @@ def public_der(obj: Any) -> bytes | None:
     return None
 
 
+SCAN_TRIES = 3
+"""Scans of the token before giving up when objects keep changing under it."""
+
+
 def scan(sessions: list[PooledSession]) -> dict[str, KeyMeta]:
-    """The one scan of the token: metadata from session 0, bindings in every session."""
+    """The one scan of the token: metadata from session 0, bindings in every session.
+
+    An object C_FindObjects returned can be gone (or be half-written by another process)
+    when its class is read: SoftHSM then answers CKR_OBJECT_HANDLE_INVALID for that
+    handle, and the whole scan is made again (the search is finalised first), at most
+    SCAN_TRIES times: a second worker scanning while another process created or deleted
+    keys made the start-up scan, or a rescan, fail."""
+    for attempt in range(1, SCAN_TRIES + 1):
+        try:
+            return _scan_once(sessions)
+        except p11e.ObjectHandleInvalid:
+            for ps in sessions:
+                ps.bound.clear()
+            if attempt == SCAN_TRIES:
+                raise
+            log.info("a token object changed during the scan; scanning again")
+    raise AssertionError("unreachable")
+
+
+def _scan_once(sessions: list[PooledSession]) -> dict[str, KeyMeta]:
     keys: dict[str, KeyMeta] = {}
     first = sessions[0]
     for obj in first.session.get_objects():
@@ -140,6 +163,18 @@ def remember(keys: dict[str, KeyMeta], ps: PooledSession, obj: Any) -> None:
         log.warning("token holds several %s objects labelled %r; using the first",
                     cls.name, label)
         return
+    try:
+        _describe(keys, ps, obj, label, cls, meta)
+    except p11e.ObjectHandleInvalid:
+        # Gone or half-written meanwhile (another process): not usable, skipped this scan
+        # (any other error, e.g. a lost token, still fails the scan and the connection).
+        log.info("token object %r went away while it was read; skipped", label)
+
+
+def _describe(
+    keys: dict[str, KeyMeta], ps: PooledSession, obj: Any, label: str, cls: ObjectClass,
+    meta: KeyMeta | None,
+) -> None:  # fmt: skip
     if cls == ObjectClass.SECRET_KEY:
         if meta is not None:
             log.warning("label %r names a secret and a key pair; ignoring the secret", label)

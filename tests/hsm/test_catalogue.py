@@ -1,4 +1,5 @@
-"""The handle catalogue adopting a new token object that does not read back under its label.
+"""The handle catalogue when other processes change the token under it: adopting a new
+object that does not read back under its label, and a scan meeting an object that went away.
 
 SoftHSM 2.6.1's file store loses CKA_LABEL of an object created while another process reads
 or writes the token (measured with two processes, docs/design.md); a worker creating the
@@ -17,7 +18,8 @@ from pkcs11 import KeyType as P11KeyType
 
 from hsm import open_keystore
 from hsm.pkcs11.admin import SECRET_TEMPLATE
-from hsm.pkcs11.catalogue import LEN_MARKER, adopt
+from hsm.pkcs11.catalogue import LEN_MARKER, adopt, scan
+from hsm.pkcs11.state import PooledSession
 from hsm.pkcs11.store import Pkcs11KeyStore
 from kms.keystore import Digest, KeyRef, KeyStoreError
 from tests.hsm.conftest import SoftToken
@@ -61,5 +63,39 @@ def test_object_that_cannot_be_labelled_again_is_a_clear_error(softhsm_token: So
             ks._t().manage("test") as (conn, ps),
         ):  # fmt: skip
             adopt(conn, "authn/dummy", [_unlabelled(ps, modifiable=False)])
+    finally:
+        ks.close()
+
+
+class VanishingSession:
+    """A session whose first search is overtaken by another process deleting every object
+    but the first one found, after C_FindObjects returned their handles (what a second
+    worker scanning while `kms node remove` or `retire-psk` ran saw)."""
+
+    def __init__(self, real: Any, doomed: list[Any]) -> None:
+        self.real = real
+        self.doomed = doomed
+
+    def get_objects(self, attrs: Any = None) -> Any:
+        found = self.real.get_objects(attrs)
+        yield next(found)
+        for obj in self.doomed:
+            if obj.handle is not None:
+                obj.destroy()
+        self.doomed = []
+        yield from found
+
+
+def test_scan_meeting_a_vanished_object_scans_again(softhsm_token: SoftToken) -> None:
+    ks = open_keystore(softhsm_token.config())
+    assert isinstance(ks, Pkcs11KeyStore)
+    try:
+        for name in ("a", "b", "c", "d"):
+            ks.import_secret(f"scan/{name}", VALUE)
+        with ks._t().manage("test") as (_conn, ps):
+            first = next(iter(ps.session.get_objects()))[Attribute.LABEL]
+            doomed = [o for o in ps.session.get_objects() if o[Attribute.LABEL] != first]
+            keys = scan([PooledSession(VanishingSession(ps.session, doomed))])
+        assert set(keys) == {first}  # the second scan: only what is still there, no error
     finally:
         ks.close()
