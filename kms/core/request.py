@@ -67,15 +67,17 @@ def _desired_keys(
             return decode_key_data(kemac.encr_data), False
         if kemac.encr_alg != auth.suite.encr_alg:
             raise invalid_tp("desired KEMAC encryption does not match the message suite")
-        keys = message_keys(
-            deps.keystore,
-            auth.response_key,
-            v.msg,
-            KeyDirection.INITIAL,
-            auth.rand_i,
-            None,
-            auth.suite,
-        )
+        keys = auth.initial_keys
+        if keys is None or not keys.encr_key:
+            keys = message_keys(
+                deps.keystore,
+                auth.response_key,
+                v.msg,
+                KeyDirection.INITIAL,
+                auth.rand_i,
+                None,
+                auth.suite,
+            )
         return open_kemac(deps.keystore, kemac, keys, v.hdr.csb_id, t64_of(v.t)), True
     except (DecodeError, CryptoError):
         raise invalid_tp("desired KEMAC cannot be parsed") from None
@@ -154,9 +156,7 @@ def handle_request(
     out_keys.extend(k for k, r in zip(session, grant.keys, strict=True) if r.supplied is None)
 
     t = fresh_timestamp(v.t, now)
-    resp_keys = message_keys(
-        ks, auth.response_key, msg, KeyDirection.RESPONSE, auth.rand_i, None, auth.suite
-    )
+    resp_keys = auth.keys_for_response(ks, msg)
     kemac = seal_kemac(
         ks,
         resp_keys,

@@ -33,14 +33,10 @@ from kms.mikey.constants import (
     TicketType,
     TsType,
 )
-from kms.mikey.derive import (
-    KeyDirection,
-)
 from kms.mikey.message import Message
 from kms.mikey.ntp import timestamp_t64
 from kms.mikey.payloads import KeyData, Payload, Timestamp
 from kms.mikey.protect import (
-    message_keys,
     placeholder_v,
     seal_kemac,
     seal_mac_wire,
@@ -142,9 +138,7 @@ def build_resolve_resp(
     ks = deps.keystore
     msg = v.msg
     t = fresh_timestamp(v.t, now)
-    resp_keys = message_keys(
-        ks, auth.response_key, msg, KeyDirection.RESPONSE, None, auth.rand_r, auth.suite
-    )
+    resp_keys = auth.keys_for_response(ks, msg)
     kemac = seal_kemac(
         ks,
         resp_keys,

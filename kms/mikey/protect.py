@@ -17,7 +17,12 @@ from kms.mikey.cipher import CryptoError, compute_mac, decrypt_kemac_data, encry
 from kms.mikey.compose import compose_as
 from kms.mikey.constants import MAC_LENGTH, DataType, EncrAlg, MacAlg, PrfFunc, TsType
 from kms.mikey.coverage import covered_prefix, seal, seal_wire
-from kms.mikey.derive import KeyDirection, MessageKeys, derive_message_keys
+from kms.mikey.derive import (
+    KeyDirection,
+    MessageKeys,
+    derive_exchange_keys,
+    derive_message_keys,
+)
 from kms.mikey.errors import DecodeError
 from kms.mikey.message import Message
 from kms.mikey.ntp import timestamp_t64
@@ -100,6 +105,25 @@ def message_keys(
     prf = keyed_prf(ks, key, PrfFunc(msg.header.prf_func))
     return derive_message_keys(
         prf, msg.header.csb_id, direction, rand_i, rand_r, suite.encr_alg, suite.mac_alg
+    )
+
+
+def exchange_keys(
+    ks: KeyOps,
+    key: Key,
+    msg: Message,
+    rand_i: bytes | None,
+    rand_r: bytes | None,
+    initial: Suite,
+    response: Suite,
+) -> tuple[MessageKeys, MessageKeys]:
+    """The initial message's keys (0x01, for the ``initial`` suite's algorithms) and its
+    response's (0x02) from one PSK or envelope key, in one key-store operation
+    (RFC 6043 5.1.2, the HDR PRF of ``msg`` as in :func:`message_keys`)."""
+    prf = keyed_prf(ks, key, PrfFunc(msg.header.prf_func))
+    return derive_exchange_keys(
+        prf, msg.header.csb_id, rand_i, rand_r,
+        (initial.encr_alg, initial.mac_alg), (response.encr_alg, response.mac_alg),
     )
 
 
