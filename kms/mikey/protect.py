@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from kms.keystore import Key, KeyOps
-from kms.mikey.chain import decode_key_data, encode_key_data
+from kms.mikey.chain import decode_key_data
 from kms.mikey.cipher import CryptoError, compute_mac, decrypt_kemac_data, encrypt_kemac_data
 from kms.mikey.compose import compose_as
 from kms.mikey.constants import MAC_LENGTH, DataType, EncrAlg, MacAlg, PrfFunc, TsType
@@ -29,6 +29,7 @@ from kms.mikey.ntp import timestamp_t64
 from kms.mikey.payloads import Kemac, KeyData, Timestamp, Verification
 from kms.mikey.prf import KeyedPrf, hmac_digest
 from kms.mikey.views import RequestResp, ResolveResp
+from kms.mikey.writer import key_data_chain
 
 
 @dataclass(frozen=True)
@@ -137,11 +138,24 @@ def seal_kemac(
 ) -> Kemac:
     """KEMAC = E(encr_key, key data...) with MAC alg NULL: integrity comes from V
     (RFC 6043 6.2). AES-CM runs in the key store."""
-    plaintext = encode_key_data(key_data)
-    data = encrypt_kemac_data(
-        encr_alg, keys.encr_key, keys.salt_key, csb_id, t64, plaintext, ks.aes_cm
+    return Kemac(encr_alg, encrypt_key_data(ks, keys, encr_alg, csb_id, t64, key_data),
+                 MacAlg.NULL, b"")
+
+
+def encrypt_key_data(
+    ks: KeyOps,
+    keys: MessageKeys,
+    encr_alg: EncrAlg,
+    csb_id: int,
+    t64: bytes,
+    key_data: Sequence[KeyData],
+) -> bytes:
+    """A KEMAC's Encr data: the Key data chain encrypted with ``keys`` (RFC 3830 4.2.3,
+    6.2), AES-CM in the key store; what :func:`seal_kemac` puts in its KEMAC, for a sender
+    that writes the KEMAC itself (kms.mikey.writer)."""
+    return encrypt_kemac_data(
+        encr_alg, keys.encr_key, keys.salt_key, csb_id, t64, key_data_chain(key_data), ks.aes_cm
     )
-    return Kemac(encr_alg, data, MacAlg.NULL, b"")
 
 
 def open_kemac(
