@@ -268,12 +268,13 @@ def derive_exchange_keys(
     ID): one token operation for the KMS instead of one per message. ``initial`` and
     ``response`` are the (Encr alg, MAC alg) each message's keys are for; a NULL algorithm
     derives no key (e.g. verifying a V needs the auth key only)."""
+    # The six labels differ in the constant and the type byte only (message_key_label).
+    csb = bytes([NO_CS_ID]) + _u32(csb_id, "CSB ID")
+    rands = _len8(rand_i, "RANDRi") + _len8(rand_r, "RANDRr")
     first = _key_requests(
-        {c: message_key_label(c, csb_id, KeyDirection.INITIAL, rand_i, rand_r)
-         for c in _MESSAGE_CONSTS}, *initial)
+        {c: c.to_bytes(4, "big") + csb + b"\x01" + rands for c in _MESSAGE_CONSTS}, *initial)
     second = _key_requests(
-        {c: message_key_label(c, csb_id, KeyDirection.RESPONSE, rand_i, rand_r)
-         for c in _MESSAGE_CONSTS}, *response)
+        {c: c.to_bytes(4, "big") + csb + b"\x02" + rands for c in _MESSAGE_CONSTS}, *response)
     outputs = prf_outputs(prf, [(label, n) for _, label, n in first + second])
     return _keys_of(first, outputs[: len(first)]), _keys_of(second, outputs[len(first) :])
 
