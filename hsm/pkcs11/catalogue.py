@@ -30,7 +30,7 @@ from pkcs11.util.ec import encode_named_curve_parameters
 
 from hsm._common import CURVE_BITS
 from hsm.pkcs11.state import Connection, KeyMeta, PooledSession
-from kms.keystore import KeyInfo, KeyNotFound, KeyType, UnsupportedOperation
+from kms.keystore import KeyInfo, KeyNotFound, KeyStoreError, KeyType, UnsupportedOperation
 
 log = logging.getLogger(__name__)
 
@@ -105,8 +105,31 @@ def public_der(obj: Any) -> bytes | None:
     return None
 
 
+SCAN_TRIES = 3
+"""Scans of the token before giving up when objects keep changing under it."""
+
+
 def scan(sessions: list[PooledSession]) -> dict[str, KeyMeta]:
-    """The one scan of the token: metadata from session 0, bindings in every session."""
+    """The one scan of the token: metadata from session 0, bindings in every session.
+
+    An object C_FindObjects returned can be gone (or be half-written by another process)
+    when its class is read: SoftHSM then answers CKR_OBJECT_HANDLE_INVALID for that
+    handle, and the whole scan is made again (the search is finalised first), at most
+    SCAN_TRIES times: a second worker scanning while another process created or deleted
+    keys made the start-up scan, or a rescan, fail."""
+    for attempt in range(1, SCAN_TRIES + 1):
+        try:
+            return _scan_once(sessions)
+        except p11e.ObjectHandleInvalid:
+            for ps in sessions:
+                ps.bound.clear()
+            if attempt == SCAN_TRIES:
+                raise
+            log.info("a token object changed during the scan; scanning again")
+    raise AssertionError("unreachable")
+
+
+def _scan_once(sessions: list[PooledSession]) -> dict[str, KeyMeta]:
     keys: dict[str, KeyMeta] = {}
     first = sessions[0]
     for obj in first.session.get_objects():
@@ -140,6 +163,18 @@ def remember(keys: dict[str, KeyMeta], ps: PooledSession, obj: Any) -> None:
         log.warning("token holds several %s objects labelled %r; using the first",
                     cls.name, label)
         return
+    try:
+        _describe(keys, ps, obj, label, cls, meta)
+    except p11e.ObjectHandleInvalid:
+        # Gone or half-written meanwhile (another process): not usable, skipped this scan
+        # (any other error, e.g. a lost token, still fails the scan and the connection).
+        log.info("token object %r went away while it was read; skipped", label)
+
+
+def _describe(
+    keys: dict[str, KeyMeta], ps: PooledSession, obj: Any, label: str, cls: ObjectClass,
+    meta: KeyMeta | None,
+) -> None:  # fmt: skip
     if cls == ObjectClass.SECRET_KEY:
         if meta is not None:
             log.warning("label %r names a secret and a key pair; ignoring the secret", label)
@@ -219,10 +254,18 @@ def describe_private(label: str, obj: Any) -> KeyMeta | None:
 
 
 def adopt(conn: Connection, label: str, objs: list[Any]) -> KeyInfo:
-    """Put freshly created objects into the cache and bind them in every session."""
+    """Put freshly created objects into the cache and bind them in every session.
+
+    A new object that does not read back under ``label`` (SoftHSM 2.6.1's file store loses
+    CKA_LABEL of an object being created while another process reads or writes the token,
+    measured: docs/design.md, "Token objects created while other processes use the token")
+    is labelled again once (CKA_LABEL is modifiable, PKCS#11 v2.40 4.4); if that fails too,
+    a clear KeyStoreError says so instead of a KeyError."""
     first = conn.sessions[0]
     for obj in objs:
         remember(conn.keys, first, obj)
+    if not _adopted(conn, label, objs):
+        _label_again(conn, label, objs)
     meta = conn.keys[label]
     for ps in conn.sessions[1:]:
         for obj in ps.session.get_objects({Attribute.LABEL: label}):
@@ -230,6 +273,35 @@ def adopt(conn: Connection, label: str, objs: list[Any]) -> KeyInfo:
                 if obj.handle == h:
                     ps.bound.setdefault(label, {})[cls] = obj
     return meta.info
+
+
+def _adopted(conn: Connection, label: str, objs: list[Any]) -> bool:
+    meta = conn.keys.get(label)
+    return meta is not None and all(o.handle in meta.handles.values() for o in objs)
+
+
+def _label_again(conn: Connection, label: str, objs: list[Any]) -> None:
+    """The new objects read back without ``label``: set it again and re-read, or fail."""
+    what = f"token object {label!r} was created but does not read back under its label"
+    try:
+        for obj in objs:
+            if obj[Attribute.LABEL] != label:
+                log.warning("new token object %r read back with another label (another "
+                            "process used the token at the same moment?); labelling it again",
+                            label)  # fmt: skip
+                obj[Attribute.LABEL] = label
+    except p11e.PKCS11Error as exc:
+        raise KeyStoreError(f"{what}, and setting it again failed ({type(exc).__name__}); "
+                            "another process may have used the token at the same moment: "
+                            "retry") from None  # fmt: skip
+    conn.keys.pop(label, None)  # a half-remembered key pair is described again
+    for ps in conn.sessions:
+        ps.bound.pop(label, None)
+    for obj in objs:
+        remember(conn.keys, conn.sessions[0], obj)
+    if not _adopted(conn, label, objs):
+        raise KeyStoreError(f"{what} (another process may have used the token at the same "
+                            "moment): retry")  # fmt: skip
 
 
 def lookup(conn: Connection, ps: PooledSession, label: str, cls: ObjectClass,

@@ -5,8 +5,10 @@ A node asks the KMS for the keys of a call leg it handles with a RESOLVE_INIT_PS
 (IDRpsk names the node, IDRr the leg's Responder; docs/design.md). It authenticates with a
 PSK kept in the token like an endpoint's, and obtains keys only for calls in its scope:
 initiator and responder identity patterns (shell globs, as `kms peer add --resolve-for`)
-and groups. Nothing is in scope by default. ``kms node remove`` destroys the PSK: the node is
-refused from its next request on. Every key release is audited (``ticket.node_keys``).
+and groups. Nothing is in scope by default. ``kms node rotate-psk`` gives a node a new PSK
+version next to the old one (IDRpsk ``<node>#psk<N>``) until ``retire-psk`` (kms.cli.psk_cmd,
+shared with endpoints). ``kms node remove`` destroys its PSKs: the node is refused from its
+next request on. Every key release is audited (``ticket.node_keys``).
 """
 
 from __future__ import annotations
@@ -23,9 +25,11 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from kms.cli.admin import _errors_to_cli, _identity, _json_flag, _open, _print_table, _show_time
 from kms.cli.errors import CliError
+from kms.cli.psk_cmd import add_psk_verbs
 from kms.cli.psk_input import generate_psk, psk_file_written, read_psk
 from kms.home import Home
 from kms.server.compose import AUDIT_LOG
+from kms.server.psk_rotation import Owner
 from kms.store.audit import JsonLinesAuditSink
 from kms.store.nodes import Node, NodeError, NodeRole
 from kms.store.registry import show_identity
@@ -139,8 +143,8 @@ def cmd_node_remove(args: argparse.Namespace) -> int:
             raise CliError(str(exc)) from None
         _audit(h, {"event": "node.removed", "node": show_identity(node.identity),
                    "role": node.role.value})  # fmt: skip
-    print(f"removed {node.role.value} node {show_identity(node.identity)} and destroyed key "
-          f"{node.key_label}")  # fmt: skip
+    what = f"destroyed key {node.key_label}" if node.key_label else "its pinned certificate"
+    print(f"removed {node.role.value} node {show_identity(node.identity)} and {what}")
     return 0
 
 
@@ -299,7 +303,8 @@ def register(sub: Any) -> None:  # argparse._SubParsersAction
     q = nsub.add_parser(
         "remove",
         help="unregister a node and destroy its PSK (refused at once)",
-        description="Unregister NODE and destroy its PSK: its next request is refused.",
+        description="Unregister NODE and destroy its PSK (every version): its next request "
+        "is refused.",
     )
     q.add_argument("identity", metavar="NODE")
     q.set_defaults(func=cmd_node_remove)
@@ -319,6 +324,8 @@ def register(sub: Any) -> None:  # argparse._SubParsersAction
     )
     q.add_argument("identity", metavar="NODE")
     q.set_defaults(func=cmd_node_show)
+    # rotate-psk / retire-psk / psk-list, shared with `kms endpoint` (kms.cli.psk_cmd)
+    add_psk_verbs(nsub, Owner.NODE)
 
     p = sub.add_parser(
         "audit",

@@ -44,7 +44,7 @@ from kms.core.resolve import (
     open_ticket,
 )
 from kms.core.revocation import check_ticket
-from kms.keystore import KeyNotFound
+from kms.keystore import KeyNotFound, KeyRef
 from kms.mikey.base_ticket import TicketError, ticket_id
 from kms.mikey.compose import InitialMessage
 from kms.mikey.constants import EncrAlg, ErrorNo, IdRole, IdType, KeyDataType
@@ -58,9 +58,10 @@ EVENT = "ticket.node_keys"
 
 
 def node_request(v: InitialMessage, deps: Deps) -> ResolveInitPsk | None:
-    """A RESOLVE_INIT_PSK from an intermediate node: IDRpsk names a registered node, or
-    names another identity than IDRr that is no endpoint's PSK version (an unknown or
-    removed node, refused as such). None: an ordinary resolve."""
+    """A RESOLVE_INIT_PSK from an intermediate node: IDRpsk names a registered node or a
+    version of its PSK (``<node>#psk<N>``, kms.core.psk_versions), or names another
+    identity than IDRr that is no endpoint's PSK version (an unknown or removed node,
+    refused as such). None: an ordinary resolve."""
     if not isinstance(v, ResolveInitPsk) or v.idr_psk is None:
         return None
     name = v.idr_psk.data
@@ -69,9 +70,10 @@ def node_request(v: InitialMessage, deps: Deps) -> ResolveInitPsk | None:
         return None  # an endpoint naming its own PSK: no registry read on the common path
     if deps.nodes is not None and deps.nodes.node(name) is not None:
         return v
+    ref = deps.psk_versions.psk_version(name) if deps.psk_versions is not None else None
+    if ref is not None:  # a rotated PSK's name: a node's version, or an endpoint's
+        return v if deps.nodes is not None and deps.nodes.node(ref.owner) is not None else None
     if leg is None:
-        return None
-    if deps.psk_versions is not None and deps.psk_versions.psk_version(name) is not None:
         return None
     return v
 
@@ -99,9 +101,11 @@ def authenticate_node(
                 "[policy] intermediate_nodes = forbidden",
             )
         suite = message_suite(msg)
-        node = deps.nodes.node(name) if deps.nodes is not None else None
+        node, psk, version, why = node_psk(name, deps, now)
+        if node is not None:  # the audit log names a registered node (never on the wire)
+            notes.update(node=node.identity.decode("utf-8", "replace"), role=node.role)
         kms_id = check_kms_identity(v, deps)
-        key = node.psk if node is not None and node.psk is not None else deps.dummy_psk
+        key = psk if psk is not None else deps.dummy_psk
         leg = v.idr_r
         covered = (leg.data if leg is not None else name) + kms_id
         verified = False
@@ -120,16 +124,45 @@ def authenticate_node(
             raise _not_a_node("unknown node")
         if node.psk is None:
             raise _not_a_node("certificate node sent a PSK message")
+        if psk is None:
+            raise _not_a_node(why)
         if not verified:
             raise _not_a_node("node MAC verification failed")
-    notes = {"node": name.decode("utf-8", "replace"), "role": node.role, "sender": notes["node"]}
+    notes = {"node": node.identity.decode("utf-8", "replace"), "role": node.role,
+             "sender": claimed_identity(name)}  # fmt: skip
+    if version is not None:
+        notes["psk_version"] = version
     auth = Authenticated(
-        Idr(IdRole.IDRR, IdType.URI, name), node.psk, suite, None, v.rand_r.value, kms_id, "node"
-    )
+        Idr(IdRole.IDRR, IdType.URI, node.identity), psk, suite, None, v.rand_r.value, kms_id,
+        "node",
+    )  # fmt: skip
     with noting(notes, auth):
         check_timestamp(v, deps, now)
-        admit(msg, deps, now, name)
+        admit(msg, deps, now, node.identity)  # one rate for all its PSK versions
     return auth, notes
+
+
+def node_psk(
+    name: bytes, deps: Deps, now: float
+) -> tuple[IntermediateNode | None, KeyRef | None, int | None, str]:
+    """The node IDRpsk ``name`` designates, the PSK to verify its message with (None:
+    refuse, for the reason given), and the PSK version when the node's PSK was rotated.
+
+    ``name`` is the node's identity (its registered PSK, version 1) or, once rotated, a
+    version name ``<node>#psk<N>`` as for endpoints (kms.core.psk_versions: "used to
+    indicate the pre-shared key used", RFC 6043 4.2.3); a retired version, or one whose
+    overlap has ended, is refused like a wrong MAC."""
+    nodes = deps.nodes
+    ref = deps.psk_versions.psk_version(name) if deps.psk_versions is not None else None
+    if ref is None:
+        node = nodes.node(name) if nodes is not None else None
+        return node, node.psk if node is not None else None, None, "unknown node"
+    node = nodes.node(ref.owner) if nodes is not None else None
+    if node is None or node.psk is None:
+        return node, None, ref.version, "unknown node"  # an endpoint's version, or stale
+    if not ref.live(now):
+        return node, None, ref.version, f"PSK version {ref.version} retired"
+    return node, ref.key, ref.version, ""
 
 
 def scope_of(node: IntermediateNode, ticket: Ticket, leg: bytes | None, deps: Deps) -> str | None:

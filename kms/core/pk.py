@@ -63,7 +63,7 @@ from kms.core.authn import (
     message_suite,
     peer_responder,
 )
-from kms.core.context import Authenticated, Deps
+from kms.core.context import Authenticated, Deps, noting
 from kms.core.errors import Refusal, auth_failure
 from kms.core.ports import IntermediateNode, PeerKms, Revocation, RevocationChecker
 from kms.keystore import InvalidSealedData, KeyRef, RsaPadding
@@ -297,24 +297,27 @@ class CertificateAuthenticator:
         self, v: ResolveInitPk, now: float, node: IntermediateNode, leaf: x509.Certificate
     ) -> Authenticated:
         """RESOLVE_INIT_PK from a certificate node: its pinned certificate, SIGN over
-        RESOLVE_INIT || IDRr (the leg; the node's identity without one) || IDRkms, PKE."""
+        RESOLVE_INIT || IDRr (the leg; the node's identity without one) || IDRkms, PKE.
+        Refusals are audited with the (registered) node and its role, as for PSK nodes."""
         deps = self._deps
-        if not deps.policy.intermediate_nodes:
-            raise Refusal(
-                ErrorNo.INVALID_ID,
-                Outcome.DENIED,
-                "intermediate nodes are not allowed by this KMS",
-                "[policy] intermediate_nodes = forbidden",
-            )
-        suite = message_suite(v.msg)
-        kms_id = check_kms_identity(v, deps)
-        self._check_pinned(
-            leaf, node.signing_certs_der, now, "node", "not the registered certificate of this node"
-        )
-        signed = v.idr_r.data if v.idr_r is not None else node.identity
-        self._verify_signature(v, leaf, signed, kms_id)
-        check_timestamp(v, deps, now)
-        env_key = self._open_envelope(v)
+        with noting({"node": node.identity.decode("utf-8", "replace"), "role": node.role}):
+            if not deps.policy.intermediate_nodes:
+                raise Refusal(
+                    ErrorNo.INVALID_ID,
+                    Outcome.DENIED,
+                    "intermediate nodes are not allowed by this KMS",
+                    "[policy] intermediate_nodes = forbidden",
+                )
+            suite = message_suite(v.msg)
+            kms_id = check_kms_identity(v, deps)
+            self._check_pinned(
+                leaf, node.signing_certs_der, now, "node",
+                "not the registered certificate of this node",
+            )  # fmt: skip
+            signed = v.idr_r.data if v.idr_r is not None else node.identity
+            self._verify_signature(v, leaf, signed, kms_id)
+            check_timestamp(v, deps, now)
+            env_key = self._open_envelope(v)
         idr = Idr(IdRole.IDRR, IdType.URI, node.identity)
         return Authenticated(idr, env_key, suite, None, v.rand_r.value, kms_id, "node")
 

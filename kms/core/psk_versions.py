@@ -31,11 +31,16 @@ class PskVersionRef:
     retired: bool
     retire_at: int | None
 
+    def live(self, now: float) -> bool:
+        """Neither retired nor past the end of its overlap: messages under it are accepted."""
+        return not self.retired and (self.retire_at is None or now < self.retire_at)
+
 
 class PskVersions(Protocol):
     def psk_version(self, name: bytes) -> PskVersionRef | None:
         """The version IDRpsk ``name`` designates; None when ``name`` is no rotated
-        endpoint's (then the sender's registered PSK applies, as without rotation)."""
+        endpoint's or node's (then the sender's registered PSK applies, as without
+        rotation)."""
         ...
 
 
@@ -72,7 +77,7 @@ def named_psk(
         return NamedPsk(identity, None, ref.version, "IDRpsk names a PSK of another identity")
     if directory.psk_for(ref.owner) is None:
         return NamedPsk(identity, None, ref.version, "unknown identity")  # removed or disabled
-    if ref.retired or (ref.retire_at is not None and now >= ref.retire_at):
+    if not ref.live(now):
         return NamedPsk(identity, None, ref.version, f"PSK version {ref.version} retired")
     return NamedPsk(identity, ref.key, ref.version)
 
@@ -101,6 +106,6 @@ def ticket_psk(
         return None, "IDRpsk names a PSK of another identity"
     if directory.psk_for(ref.owner) is None:
         return None, "unknown identity"  # removed or disabled
-    if ref.retired or (ref.retire_at is not None and now >= ref.retire_at):
+    if not ref.live(now):
         return None, f"PSK version {ref.version} retired"
     return ref.key, ""

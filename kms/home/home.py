@@ -219,13 +219,18 @@ class Home:
         return self._with_new_key(row, lambda ks, lbl: ks.import_secret(lbl, psk))
 
     def remove_node(self, identity: bytes) -> Node:
-        """Unregister a node and destroy its PSK: it is refused from the next request on."""
+        """Unregister a node and destroy its PSKs (every live version, when rotated): it is
+        refused from the next request on."""
         ks = self.keystore()
         with self.registry.transaction():
+            versions = self.registry.psk_versions(identity)  # rotated PSKs (v2, v3, ...)
             node = self.registry.remove_node(identity)
+            labels = {v.key_label for v in versions if not v.retired}
             if node.key_label is not None:
+                labels.add(node.key_label)
+            for label in sorted(labels):
                 with contextlib.suppress(KeyNotFound):
-                    ks.delete(node.key_label)
+                    ks.delete(label)
         return node
 
     # --- peers (federation, RFC 6043 9) --------------------------------------------------

@@ -25,12 +25,13 @@ from kms.home import (
     HomeError,
     guess_id_type,
 )
-from kms.keystore import KeyExists, KeyNotFound, KeyRef, KeyStore
+from kms.keystore import KeyExists, KeyNotFound, KeyRef, KeyStore, KeyStoreError
 from kms.mikey.constants import KeyDataType, PrfFunc
 from kms.server.config import KmsConfig
 from kms.server.crl import CrlStore
 from kms.server.directory import RegistryDirectory
 from kms.server.federated import FederatingHandler
+from kms.server.key_rescan import RescanOnFirstMiss
 from kms.server.settings import IntermediateNodes, KeyTypeName, Responders
 from kms.server.slots import CoreSlots
 from kms.server.stores import STATE_DIR
@@ -41,6 +42,8 @@ AUDIT_LOG = "audit.log"
 # A token secret no endpoint knows: MACs of messages from unregistered identities are
 # verified against it (same work, same answer as a registered identity with a wrong MAC).
 DUMMY_PSK_BYTES = 32
+# Creations of a KMS-wide secret that a rescan must find before start-up gives up.
+SECRET_CREATE_TRIES = 3
 
 # [policy] allowed_key_types -> the Key Data types issued (RFC 3830 6.13, RFC 6043 6.13).
 _KEY_TYPES: dict[KeyTypeName, tuple[KeyDataType, KeyDataType]] = {
@@ -106,14 +109,23 @@ def ensure_secret(
         pass
     with lock():
         refresh = getattr(keystore, "refresh", None)
-        if callable(refresh):
-            refresh()
-        try:
-            keystore.key_info(label)
-        except KeyNotFound:
+        rescan: Callable[[], object] = refresh if callable(refresh) else (lambda: None)
+        rescan()
+        for made in range(SECRET_CREATE_TRIES + 1):
+            try:
+                keystore.key_info(label)
+                return KeyRef(label)
+            except KeyNotFound:
+                if made == SECRET_CREATE_TRIES:
+                    break
             with contextlib.suppress(KeyExists):
                 keystore.generate_secret(label, length)
-    return KeyRef(label)
+            # SoftHSM 2.6.1 can lose the label of an object created while another process
+            # uses the token (docs/design.md): a rescan, still under the lock, makes sure
+            # every process will find this one, else it is made again.
+            rescan()
+    raise HomeError(f"token secret {label!r} was created but is not found under its label "
+                    "(another process using the token at the same moment?); start again")
 
 
 # Ticket Requests one worker process can serve per second, with headroom (measured about
@@ -129,6 +141,48 @@ def replay_capacity(config: KmsConfig, workers: int | None = None) -> int:
         return config.policy.replay_cache_size
     n = workers if workers is not None else config.server.workers
     return 2 * config.policy.timestamp_window_s * REPLAY_RATE_PER_WORKER * max(1, n)
+
+
+def pk_authenticator(home: Home, deps: Deps) -> PkAuthenticator | None:
+    """REQUEST_INIT_PK / RESOLVE_INIT_PK (RFC 6043 4.2.1.1, 4.2.3.1): endpoint certificates
+    chain to the [pk] ca_bundle; PKE is encrypted to the envelope key, whose certificate
+    (kms-cert.pem) CHASH names (RFC 3830 6.8). Without a CA bundle, only certificate peer
+    KMSs and certificate nodes (pinned certificates, looked up per request) may send them,
+    and endpoints get "public-key messages are not enabled", as without an authenticator.
+
+    Built whenever the home has its envelope key and certificate (`kms init` makes both),
+    so that a certificate peer or node registered while `kms serve` runs is served without
+    a restart. A failure is fatal only when PK is needed now (a CA bundle, or a certificate
+    peer or node registered); otherwise the KMS runs without the PK path (None)."""
+    config = home.config
+    cert_peers = any(p.auth == "cert" for p in home.registry.list_peers())
+    # Certificate nodes (kms node add --cert) send RESOLVE_INIT_PK too (RFC 6043 11.1).
+    cert_peers = cert_peers or any(n.cert_pem for n in home.registry.list_nodes())
+    needed = config.pk.ca_bundle is not None or cert_peers
+    try:
+        bundle = config.pk.ca_bundle
+        roots = load_pem_certificates(bundle.read_bytes()) if bundle is not None else []
+        kms_cert = load_pem_certificates((config.home / CERT_FILE).read_bytes())[0]
+        # [pk] crl: revocation for endpoint chains and certificate peers; the store
+        # re-reads the CRLs when they change and fails closed when one has expired.
+        crls = CrlStore(config.pk.crl) if config.pk.crl is not None else None
+        authenticator = CertificateAuthenticator(
+            deps,
+            roots,
+            [EnvelopeKey(KeyRef(ENVELOPE_LABEL), kms_cert.public_bytes(Encoding.DER))],
+            pke_padding=config.pk.rsa_padding,
+            revocation=crls,
+        )
+        authenticator.check_envelope_keys()
+    except (OSError, ValueError) as exc:
+        if needed:
+            raise HomeError(f"[pk] cannot be enabled: {exc}") from None
+        return None
+    except KeyStoreError:  # the envelope key missing from the token
+        if needed:
+            raise
+        return None
+    return authenticator
 
 
 def build_handler(
@@ -161,7 +215,9 @@ def build_handler(
         return stores.token_lock("fork-modifier")
 
     deps = Deps(
-        keystore=keystore,
+        # A key the registry names but the catalogue lacks (made by `kms node add` etc.
+        # while serving) is rescanned for on its first miss, whatever other misses happened.
+        keystore=RescanOnFirstMiss(keystore),
         directory=directory,
         revocations=directory,  # suspended endpoints, revoked tickets (kms revoke)
         psk_versions=directory,  # rotated endpoint PSKs (kms endpoint rotate-psk)
@@ -182,32 +238,8 @@ def build_handler(
             keystore, FORK_MODIFIER_LABEL, FORK_MODIFIER_BYTES, fork_lock
         ),
     )
-    cert_peers = any(p.auth == "cert" for p in home.registry.list_peers())
-    # Certificate nodes (kms node add --cert) send RESOLVE_INIT_PK too (RFC 6043 11.1).
-    cert_peers = cert_peers or any(n.cert_pem for n in home.registry.list_nodes())
-    if pk is None and (config.pk.ca_bundle is not None or cert_peers):
-        # REQUEST_INIT_PK / RESOLVE_INIT_PK (RFC 6043 4.2.1.1, 4.2.3.1): endpoint
-        # certificates chain to the [pk] ca_bundle; PKE is encrypted to the envelope key,
-        # whose certificate (kms-cert.pem) CHASH names (RFC 3830 6.8). Without a CA bundle,
-        # only certificate peer KMSs (pinned certificates) may send them.
-        try:
-            bundle = config.pk.ca_bundle
-            roots = load_pem_certificates(bundle.read_bytes()) if bundle is not None else []
-            kms_cert = load_pem_certificates((config.home / CERT_FILE).read_bytes())[0]
-            # [pk] crl: revocation for endpoint chains and certificate peers; the store
-            # re-reads the CRLs when they change and fails closed when one has expired.
-            crls = CrlStore(config.pk.crl) if config.pk.crl is not None else None
-            authenticator = CertificateAuthenticator(
-                deps,
-                roots,
-                [EnvelopeKey(KeyRef(ENVELOPE_LABEL), kms_cert.public_bytes(Encoding.DER))],
-                pke_padding=config.pk.rsa_padding,
-                revocation=crls,
-            )
-            authenticator.check_envelope_keys()
-        except (OSError, ValueError) as exc:
-            raise HomeError(f"[pk] cannot be enabled: {exc}") from None
-        deps.pk = authenticator
+    if pk is None:
+        deps.pk = pk_authenticator(home, deps)
     core = Kms(deps)
     if peers is None:
         return core

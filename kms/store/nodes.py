@@ -126,9 +126,11 @@ class NodeTables:
         return [_node(r) for r in self._q(f"SELECT {_COLUMNS} FROM nodes ORDER BY identity")]  # noqa: S608
 
     def remove_node(self, identity: bytes) -> Node:
-        """Delete a node (the caller destroys its PSK in the same transaction)."""
+        """Delete a node and its PSK versions (the caller destroys its PSKs in the same
+        transaction: :meth:`psk_versions` lists the rotated ones before)."""
         with self.transaction():
             node = self.get_node(identity)
+            self._q("DELETE FROM psk_versions WHERE identity = ?", (identity,))
             self._q("DELETE FROM nodes WHERE identity = ?", (identity,))
         return node
 

@@ -1,4 +1,5 @@
-"""Versions of an endpoint's PSK, for rotation without downtime (both registries).
+"""Versions of an endpoint's or an intermediate node's PSK, for rotation without downtime
+(both registries; one table for both: endpoint and node identities never coincide).
 
 RFC 6043 4.2.1 / 4.2.3: IDRpsk in REQUEST_INIT_PSK / RESOLVE_INIT_PSK is "used to indicate the
 pre-shared key used". A version is named by IDRpsk ID Data ``<identity>#psk<N>``; version 1
@@ -108,14 +109,12 @@ class PskVersionTables:
             versions = self.psk_versions(identity)
             found = next((v for v in versions if v.version == version), None)
             if found is None:
-                raise PskVersionError(f"no PSK version {version} for this endpoint")
+                raise PskVersionError(f"no PSK version {version} for this identity")
             if found.retired:
                 raise PskVersionError(f"PSK version {version} is already retired")
             live = [v for v in versions if not v.retired]
             if [v.version for v in live] == [version]:
-                raise PskVersionError(
-                    f"PSK version {version} is the endpoint's only PSK; rotate first"
-                )
+                raise PskVersionError(f"PSK version {version} is the only PSK left; rotate first")
             self._q(
                 "UPDATE psk_versions SET retired = 1 WHERE identity = ? AND version = ?",
                 (identity, version),

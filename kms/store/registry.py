@@ -744,7 +744,9 @@ class Registry(RevocationTables, PskVersionTables, NodeTables):
         for peer in self.list_peers():
             if peer.key_label:
                 owners[peer.key_label] = f"peer {show_identity(peer.kms_id)}"
+        kinds: dict[bytes, str] = {}
         for node in self.list_nodes():
+            kinds[node.identity] = f"{node.role.value} node"
             if node.key_label is not None:
                 who = show_identity(node.identity)
                 owners[node.key_label] = f"{node.role.value} node {who}"
@@ -752,8 +754,9 @@ class Registry(RevocationTables, PskVersionTables, NodeTables):
             if row[3]:  # a retired PSK version: its token object is destroyed
                 owners.pop(str(row[2]), None)
             else:
-                who = show_identity(bytes(row[0]))
-                owners[str(row[2])] = f"endpoint {who} PSK v{int(row[1])}"
+                owner = bytes(row[0])
+                kind = kinds.get(owner, "endpoint")
+                owners[str(row[2])] = f"{kind} {show_identity(owner)} PSK v{int(row[1])}"
         return owners
 
 

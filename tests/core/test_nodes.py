@@ -5,14 +5,19 @@ nodes are refused with Invalid ID."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from kms.core.api import Outcome
 from kms.core.policy import KmsPolicy
+from kms.core.psk_versions import PskVersionRef
+from kms.core.service import Kms
 from kms.endpoint.common import Credentials
 from kms.endpoint.initiator import DEFAULT_FLAGS, DesiredPolicy, Initiator, TicketGrant
 from kms.endpoint.node import IntermediateNode, LegKeys
 from kms.endpoint.session import CryptoSession, EndpointError, SrtpKeys
+from kms.keystore import KeyRef
 from kms.mikey.constants import ErrorNo, IdType, KeyDataType
 from kms.mikey.message import Message
 from kms.mikey.payloads import Error
@@ -181,3 +186,59 @@ def test_ticket_of_another_kms_is_refused_with_a_reason(world: World) -> None:
     record = world.audit()[-1]
     assert record["reason"] == "node asked about a foreign ticket"
     assert record["outcome"] == Outcome.DENIED.value
+
+
+class NodePskVersions:
+    """The core's PskVersions port over a dict (the registry's rows, by IDRpsk name)."""
+
+    def __init__(self) -> None:
+        self.rows: dict[bytes, PskVersionRef] = {}
+
+    def psk_version(self, name: bytes) -> PskVersionRef | None:
+        return self.rows.get(name)
+
+
+def test_rotated_node_psk_old_and_new_until_retired(world: World) -> None:
+    """A node's PSK rotated as an endpoint's (IDRpsk ``<node>#psk2``, RFC 6043 4.2.3): old
+    and new versions both work until the old one is retired, then it is refused like a
+    wrong MAC; the RESOLVE_RESP is protected with the version the node used."""
+    world.directory.add_node(REC, NODE_PSK, initiators=("*",))
+    new_psk = bytes.fromhex("6f" * 32)
+    world.directory.keystore.import_secret("node/rec-2", new_psk)
+    versions = NodePskVersions()
+    v1 = PskVersionRef(REC, 1, KeyRef("node/" + REC.hex()), False, None)
+    versions.rows[REC] = v1
+    versions.rows[REC + b"#psk2"] = PskVersionRef(REC, 2, KeyRef("node/rec-2"), False, None)
+    world.kms = Kms(dataclasses.replace(world.kms.deps, psk_versions=versions))
+    grant = world.grant(DesiredPolicy(responders=(BOB,)))
+    ti, tr, alice, _ = _call(world, grant, BOB, BOB)
+    new = IntermediateNode(
+        Credentials(REC, new_psk, KMS_ID, IdType.URI, psk_name=REC + b"#psk2"), world.sw
+    )
+    assert _pairs(_ask(world, new, ti, tr).srtp) == _pairs(alice)
+    record = world.audit()[-1]
+    assert (record["node"], record["psk_version"], record["outcome"]) == (REC.decode(), 2, "ok")
+    assert _pairs(_ask(world, _node(world), ti, tr).srtp) == _pairs(alice)  # old, v1
+    assert world.audit()[-1]["psk_version"] == 1
+    # The new PSK under the old name, or the old PSK under the new name: wrong MAC.
+    swapped = IntermediateNode(
+        Credentials(REC, NODE_PSK, KMS_ID, IdType.URI, psk_name=REC + b"#psk2"), world.sw
+    )
+    assert _refused(world, swapped, ti, tr) == ErrorNo.INVALID_ID
+    assert world.audit()[-1]["reason"] == "node MAC verification failed"
+    # Retired (or its overlap over): refused, the same answer as an unknown node.
+    versions.rows[REC] = dataclasses.replace(v1, retired=True)
+    assert _refused(world, _node(world), ti, tr) == ErrorNo.INVALID_ID
+    record = world.audit()[-1]
+    assert record["reason"] == "PSK version 1 retired" and record["node"] == REC.decode()
+    assert record["outcome"] == "unauthenticated"
+    versions.rows[REC] = dataclasses.replace(v1, retire_at=int(world.now) - 1)
+    assert _refused(world, _node(world), ti, tr) == ErrorNo.INVALID_ID
+    assert _pairs(_ask(world, new, ti, tr).srtp) == _pairs(alice)
+    # A version of an endpoint's PSK is no node's: an ordinary (refused) resolve.
+    versions.rows[ALICE + b"#psk2"] = PskVersionRef(ALICE, 2, KeyRef("node/rec-2"), False, None)
+    alias = IntermediateNode(
+        Credentials(REC, new_psk, KMS_ID, IdType.URI, psk_name=ALICE + b"#psk2"), world.sw
+    )
+    _refused(world, alias, ti, tr)
+    assert "node" not in world.audit()[-1]

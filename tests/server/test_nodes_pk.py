@@ -1,7 +1,8 @@
 """Certificate intermediate nodes (RFC 6043 11.1) against the composed KMS and its SoftHSM2
 token: a node registered with `--cert` (pinned) sends RESOLVE_INIT_PK naming the leg in IDRr
 and gets the leg's session keys; another certificate naming it, or a PSK message from it,
-is refused; without [pk] ca_bundle, registering a certificate node enables the PK path."""
+is refused; without [pk] ca_bundle, a certificate node registered after the KMS was built
+(while `kms serve` runs) is served without a restart."""
 
 from __future__ import annotations
 
@@ -19,14 +20,13 @@ from kms.core.api import Outcome
 from kms.endpoint.common import Credentials
 from kms.endpoint.initiator import DesiredPolicy
 from kms.endpoint.node import IntermediateNode, PkIntermediateNode
-from kms.endpoint.pk import PkCredentials
+from kms.endpoint.pk import PkCredentials, PkInitiator
 from kms.endpoint.session import CryptoSession
 from kms.home import CERT_FILE
 from kms.mikey.constants import ErrorNo, IdType, KeyDataType
 from kms.mikey.message import Message
 from kms.mikey.payloads import Error
 from kms.mikey.ticket import TpFlag
-from kms.server.compose import build_handler
 from kms.store.nodes import NodeRole
 from tests.pki import Pki, make_pki
 from tests.server.world import ALICE, BOB, KMS_ID, TEAM, World, make_world
@@ -54,8 +54,7 @@ def world(tmp_path: Path, node_chain: tuple[rsa.RSAPrivateKey, tuple[bytes, ...]
         leaf = x509.load_der_x509_certificate(chain[0])
         w.home.add_node(NODE, NodeRole.RECORDER, None, groups=(TEAM.decode(),),
                         cert_pem=leaf.public_bytes(Encoding.PEM).decode())  # fmt: skip
-        w.kms = build_handler(w.home)  # no [pk] ca_bundle: the certificate node enables PK
-        yield w
+        yield w  # built before the node was registered: served without a rebuild
 
 
 def _node(
@@ -107,7 +106,18 @@ def test_unpinned_certificate_and_psk_message_refused(world: World, pki: Pki) ->
     reply = world.resolve(wire)
     assert reply.outcome is Outcome.UNAUTHENTICATED and reply.error_message is not None
     assert Message.decode(reply.error_message).one(Error).error_no == ErrorNo.INVALID_CERT
-    assert world.audit()[-1]["reason"] == "not the registered certificate of this node"
+    record = world.audit()[-1]
+    assert record["reason"] == "not the registered certificate of this node"
+    # Audited with the registered node it claims (the wire answer is the same Invalid Cert).
+    assert (record["node"], record["role"]) == (NODE.decode(), "recorder")
+    # A certificate naming no registered node is no node request: no node in the record.
+    stranger = b"sip:stranger@dispatch.example.org"
+    key, chain = pki.chain(stranger)
+    kms_cert = x509.load_pem_x509_certificate((world.home.path / CERT_FILE).read_bytes())
+    creds = PkCredentials(stranger, chain, key, KMS_ID, kms_cert.public_bytes(Encoding.DER))
+    wire, _ = PkIntermediateNode(creds, world.sw).resolve_init(ti, tr, time.time())
+    assert not world.resolve(wire).ok
+    assert "node" not in world.audit()[-1]
     # A certificate node has no PSK: a RESOLVE_INIT_PSK naming it is refused as no node.
     psk_node = IntermediateNode(Credentials(NODE, bytes(32), KMS_ID, IdType.URI), world.sw)
     wire, _ = psk_node.resolve_init(ti, tr, time.time())
@@ -115,3 +125,22 @@ def test_unpinned_certificate_and_psk_message_refused(world: World, pki: Pki) ->
     assert reply.error_message is not None
     assert Message.decode(reply.error_message).one(Error).error_no == ErrorNo.INVALID_ID
     assert world.audit()[-1]["reason"] == "certificate node sent a PSK message"
+
+
+def test_pk_path_without_bundle_peers_or_nodes(tmp_path: Path) -> None:
+    """No CA bundle, no certificate peer or node: the PK authenticator is built anyway (for
+    nodes registered later), and endpoints get the answer they got without one."""
+    pki = make_pki(dt.datetime.now(dt.UTC).replace(microsecond=0))
+    for w in make_world(tmp_path / "home"):
+        assert w.kms.deps.pk is not None  # type: ignore[attr-defined]
+        assert not w.home.registry.list_nodes() and w.home.config.pk.ca_bundle is None
+        key, chain = pki.chain(ALICE)
+        kms_cert = x509.load_pem_x509_certificate((w.home.path / CERT_FILE).read_bytes())
+        creds = PkCredentials(ALICE, chain, key, KMS_ID, kms_cert.public_bytes(Encoding.DER))
+        wire, _ = PkInitiator(creds, w.sw).request_ticket(DesiredPolicy(responders=(BOB,)),
+                                                          time.time())  # fmt: skip
+        reply = w.kms.request_ticket(wire, time.time())
+        assert reply.outcome is Outcome.MALFORMED and reply.error_message is not None
+        error = Message.decode(reply.error_message).one(Error)
+        assert error.error_no == ErrorNo.UNSUPPORTED_MESSAGE_TYPE
+        assert w.audit()[-1]["reason"] == "public-key messages are not enabled on this KMS"

@@ -10,6 +10,7 @@ import pytest
 from kms.store.nodes import NodeError, NodeRole
 from kms.store.pg import PgDatabase, PgSettings
 from kms.store.pg_registry import PgRegistry
+from kms.store.psk_versions import PskVersionError
 from kms.store.registry import IdentityConflict, IdType, Registry
 
 ALICE = b"sip:alice@example.org"
@@ -86,3 +87,25 @@ def test_certificate_node_has_no_key(reg: Registry) -> None:
         reg.add_node(b"node:x", NodeRole.BRIDGE, None)
     with pytest.raises(NodeError, match="exactly one"):
         reg.add_node(b"node:x", NodeRole.BRIDGE, "node/x", cert_pem="pem")
+
+
+def test_node_psk_versions_share_the_endpoint_table_and_go_with_the_node(reg: Registry) -> None:
+    """A node's rotated PSKs are rows of psk_versions like an endpoint's (the identities
+    never coincide); `kms keys list` names them as the node's, and removing the node drops
+    them (its caller destroys their token objects in the same transaction)."""
+    reg.add_node(REC, NodeRole.RECORDER, "node/rec1")
+    v2 = reg.add_psk_version(REC, "node/rec1", "node/rec1.2", 60)
+    assert (v2.version, v2.name) == (2, REC + b"#psk2")
+    v1 = reg.find_psk_version(REC)
+    assert v1 is not None and (v1.version, v1.key_label, v1.identity) == (1, "node/rec1", REC)
+    assert v1.retire_at is not None and v2.retire_at is None
+    owners = reg.key_owners()
+    assert owners["node/rec1.2"] == "recorder node node:recorder-1 PSK v2"
+    assert owners["node/rec1"] == "recorder node node:recorder-1 PSK v1"
+    reg.retire_psk_version(REC, 1)
+    assert "node/rec1" not in reg.key_owners()
+    with pytest.raises(PskVersionError, match="only PSK"):
+        reg.retire_psk_version(REC, 2)
+    reg.remove_node(REC)
+    assert reg.psk_versions(REC) == [] and reg.find_psk_version(REC + b"#psk2") is None
+    assert "node/rec1.2" not in reg.key_owners()
