@@ -2,6 +2,7 @@
 
     .venv/bin/python -m bench.profile_inproc [--only "request psk"] [--calls 600] [--rounds 3]
     .venv/bin/python -m bench.profile_inproc --plain    # CPU / wall per exchange, floor only
+    .venv/bin/python -m bench.profile_inproc --plain --batches 30 --calls 60 --only psk
 
 Each exchange runs on the KMS core in-process (no gRPC, one thread, the PKCS#11 key store on
 the bench home's SoftHSM2 token) with light timing wrappers around the functions that mark
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import statistics
 import sys
 import tempfile
@@ -73,8 +75,17 @@ class Probe:
 
 
 def _patch_function(probe: Probe, part: str, module: str, name: str) -> None:
-    """Wrap a module-level function everywhere it was imported by name."""
-    original = getattr(sys.modules[module], name)
+    """Wrap a module-level function everywhere it was imported by name (if the tree being
+    measured has it: the profile runs against older trees too)."""
+    mod_obj = sys.modules.get(module)
+    if mod_obj is None:
+        try:
+            mod_obj = importlib.import_module(module)
+        except ImportError:
+            return
+    original = getattr(mod_obj, name, None)
+    if original is None:
+        return
     wrapped = probe.wrap(part, original)
     for mod in list(sys.modules.values()):
         mname = getattr(mod, "__name__", "")
@@ -140,6 +151,15 @@ def instrument(kms: Any) -> Probe:
                     "derive_mpk_pair")
     _patch_function(probe, "ticket (issue / open, encode)", "kms.mikey.base_ticket",
                     "issue_base_ticket")
+    # One-pass responses (kms.mikey.writer, where the tree has it): the response's encoding
+    # and V MAC, the KEMAC's Key data and encryption, the ticket; and both message-key sets
+    # from one PSK in one key-store operation.
+    _patch_function(probe, "codec: encode", "kms.mikey.writer", "sealed_response")
+    _patch_function(probe, "codec: KEMAC", "kms.mikey.protect", "encrypt_key_data")
+    _patch_function(probe, "ticket (issue / open, encode)", "kms.mikey.base_ticket",
+                    "issue_ticket")
+    _patch_function(probe, "key derivation (labels, PRF framing)", "kms.mikey.protect",
+                    "exchange_keys")
     if "kms.mikey.base_ticket" in sys.modules and hasattr(sys.modules["kms.mikey.base_ticket"],
                                                           "open_base_ticket"):
         _patch_function(probe, "ticket (issue / open, encode)", "kms.mikey.base_ticket",
@@ -231,6 +251,31 @@ def plain(kms: Any, w: Workload, calls: int, rounds: int) -> tuple[float, float,
     return statistics.median(cpu) * 1e3, statistics.median(wall) * 1e3, floor.seconds * 1e3
 
 
+def interleaved(kms: Any, ws: list[Workload], calls: int, batches: int) -> None:
+    """Many short batches, the workloads interleaved (every one sees the same drift): the
+    median, first quartile and minimum of the per-batch CPU per exchange. Two trees measured
+    by two such processes run *at the same time* share the machine's load (see
+    docs/performance.md, "Second pass, part C")."""
+    cpu: dict[str, list[float]] = {w.name: [] for w in ws}
+    for w in ws:
+        for wire in generate(w, 20, time.time()):  # warm
+            inproc.call(kms, w, wire)
+    for _ in range(batches):
+        for w in ws:
+            msgs = generate(w, calls, time.time())
+            c0 = time.process_time()
+            for wire in msgs:
+                inproc.call(kms, w, wire)
+            cpu[w.name].append((time.process_time() - c0) / calls * 1e3)
+    for w in ws:
+        v = sorted(cpu[w.name])
+        inner = kms.deps.keystore
+        floor = inproc.token_floor(inner, inproc.record_ops(kms, w,
+                                                            generate(w, 1, time.time())[0]))
+        print(f"{w.name:<18} cpu median {statistics.median(v):.3f} p25 {v[len(v) // 4]:.3f} "
+              f"min {v[0]:.3f} ms  floor {floor.seconds * 1e3:.3f} ms", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--only", help="substring of the workload name, e.g. 'psk'")
@@ -239,6 +284,9 @@ def main() -> None:
     ap.add_argument("--plain", action="store_true",
                     help="no breakdown: CPU and wall ms per exchange and the token floor only "
                          "(for before/after runs of two trees, alternating)")
+    ap.add_argument("--batches", type=int, default=0,
+                    help="with --plain: this many short batches of --calls exchanges, the "
+                         "workloads interleaved; median / p25 / min of the batches")
     args = ap.parse_args()
     from bench.world import create_home
     from kms.home import open_home
@@ -249,6 +297,7 @@ def main() -> None:
         home = open_home(setup.home)
         kms: Any = build_handler(home)
         probe = None if args.plain else instrument(kms)
+        chosen: list[Workload] = []
         for ex, auth, fork in WORKLOADS:
             w = Workload(ex, auth, fork, setup.kms_cert_der, setup.pk)
             if args.only and args.only not in w.name:
@@ -256,12 +305,17 @@ def main() -> None:
             if ex == "resolve":
                 w = dataclasses.replace(w, grant=obtain_grant(w, inproc.request_sender(kms),
                                                               time.time()))
+            if probe is None and args.batches:
+                chosen.append(w)
+                continue
             if probe is None:
                 cpu, wall, floor = plain(kms, w, args.calls, args.rounds)
                 print(f"{w.name:<18} cpu {cpu:.3f} ms  wall {wall:.3f} ms  floor {floor:.3f} ms"
                       f"  cpu-floor {cpu - floor:.3f} ms", flush=True)
                 continue
             show(run(kms, w, probe, args.calls, args.rounds))
+        if chosen:
+            interleaved(kms, chosen, args.calls, args.batches)
         home.close()
 
 

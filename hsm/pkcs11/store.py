@@ -168,10 +168,24 @@ class Pkcs11KeyStore:
                     raise UnsupportedOperation(
                         f"key {key.label!r} is longer than one PRF slice (32 bytes)"
                     )
-                fns = [signer(sh, _handle(obj))]
-                return [prf_over(fns, label, n, digest) for label, n in requests]
+                h, sign = _handle(obj), raw.sign
+                # One slice and at most one output block, nearly every PRF of an exchange:
+                # P = HMAC(s, HMAC(s, label) || label) (RFC 3830 4.1.2), as prf_over does.
+                return [
+                    sign(sh, h, mech, sign(sh, h, mech, label, out_len) + label, out_len)[:n]
+                    if n <= out_len else prf_over([signer(sh, h)], label, n, digest)
+                    for label, n in requests
+                ]
             # Ephemeral in-key: one session object per 256-bit slice for all the outputs.
             with tok.objects.ephemeral_raw(ps, raw, split_in_key(bytes(key))) as handles:
+                if len(handles) == 1:
+                    h, sign = handles[0], raw.sign
+                    return [
+                        sign(sh, h, mech, sign(sh, h, mech, label, out_len) + label,
+                             out_len)[:n]
+                        if n <= out_len else prf_over([signer(sh, h)], label, n, digest)
+                        for label, n in requests
+                    ]
                 fns = [signer(sh, h) for h in handles]
                 return [prf_over(fns, label, n, digest) for label, n in requests]
 

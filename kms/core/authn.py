@@ -21,10 +21,10 @@ from kms.core.psk_versions import named_psk
 from kms.keystore import KeyNotFound
 from kms.mikey.compose import InitialMessage, sender_of
 from kms.mikey.constants import EncrAlg, ErrorNo, IdRole, IdType, TsType
-from kms.mikey.derive import KeyDirection
 from kms.mikey.message import Message
 from kms.mikey.ntp import decode_ts_value
-from kms.mikey.protect import Suite, check_mac, message_keys, suite_for
+from kms.mikey.payloads import Kemac
+from kms.mikey.protect import Suite, check_mac, exchange_keys, suite_for
 from kms.mikey.ticket import Idr
 from kms.mikey.views import RequestInitPsk, ResolveInitPk, ResolveInitPsk
 
@@ -60,6 +60,14 @@ def check_kms_identity(v: InitialMessage, deps: Deps) -> bytes:
     if idr is not None and idr.data != deps.policy.kms_id:
         raise denied(ErrorNo.INVALID_ID, "message addressed to another KMS")
     return deps.policy.kms_id
+
+
+def _supplies_keys(v: PskInit) -> bool:
+    """Whether a REQUEST_INIT_PSK's desired TP carries a KEMAC of Initiator-chosen keys,
+    encrypted with the request's own message keys (RFC 6043 4.2.1.1; docs/design.md)."""
+    if not isinstance(v, RequestInitPsk):
+        return False
+    return any(isinstance(p, Kemac) and p.encr_alg != EncrAlg.NULL for p in v.tp.payloads)
 
 
 def sender_identity(v: PskInit, role: IdRole) -> Idr:
@@ -114,14 +122,17 @@ def authenticate_psk(
         psk = registered if registered is not None else deps.dummy_psk
         rand = sender_of(v)[1].value
         rand_i, rand_r = (rand, None) if role == IdRole.IDRI else (None, rand)
-        # Verifying V needs the auth key only: with a NULL encryption algorithm the
-        # encryption and salt keys (two more PRFs under the PSK in the token) are not derived.
-        mac_only = replace(suite, encr_alg=EncrAlg.NULL)
+        # Verifying V needs the initial message's auth key only (its encryption and salt
+        # keys only to open a desired KEMAC with Initiator-supplied keys). The response's
+        # keys come from the same PSK: all in one key-store operation (RFC 6043 5.1.2). A
+        # forged message costs the same token work, registered identity or not.
+        initial = suite if _supplies_keys(v) else replace(suite, encr_alg=EncrAlg.NULL)
         verified = False
+        keys = resp_keys = None
         if psk is not None:
             try:
-                keys = message_keys(
-                    deps.keystore, psk, msg, KeyDirection.INITIAL, rand_i, rand_r, mac_only
+                keys, resp_keys = exchange_keys(
+                    deps.keystore, psk, msg, rand_i, rand_r, initial, suite
                 )
             except KeyNotFound:
                 if registered is not None:
@@ -137,7 +148,10 @@ def authenticate_psk(
     notes: dict[str, object] = {"sender": identity.data.decode("utf-8", "replace")}
     if named is not None:
         notes["psk_version"] = named.version
-    auth = Authenticated(identity, registered, suite, rand_i, rand_r, kms_id, "psk")
+    auth = Authenticated(
+        identity, registered, suite, rand_i, rand_r, kms_id, "psk",
+        response_keys=resp_keys, initial_keys=keys if initial is suite else None,
+    )
     # From here on, refusals carry a V (the sender is authenticated).
     with noting(notes, auth):
         check_timestamp(v, deps, now)
@@ -211,8 +225,8 @@ def authenticate_peer(
             raise auth_failure("peer has no shared key for RESOLVE_INIT_PSK")
         rand_r = v.rand_r.value
         try:
-            keys = message_keys(
-                deps.keystore, peer.psk, msg, KeyDirection.INITIAL, None, rand_r, suite
+            keys, resp_keys = exchange_keys(
+                deps.keystore, peer.psk, msg, None, rand_r, suite, suite
             )
         except KeyNotFound:
             raise auth_failure("peer key registered but missing in the token") from None
@@ -222,7 +236,10 @@ def authenticate_peer(
     with noting(notes):
         check_timestamp(v, deps, now)  # after the MAC, as for endpoints
         check_peer_resolves_for(peer, identity.data, "peer")
-    auth = Authenticated(identity, peer.psk, suite, None, rand_r, kms_id, "peer", peer.kms_id)
+    auth = Authenticated(
+        identity, peer.psk, suite, None, rand_r, kms_id, "peer", peer.kms_id,
+        response_keys=resp_keys,
+    )
     with noting(notes, auth):
         check_peer_quota(peer, deps, now)
         check_replay(msg, deps, now)

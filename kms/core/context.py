@@ -21,7 +21,9 @@ from kms.core.ports import (
 from kms.core.psk_versions import PskVersions
 from kms.core.revocation import Revocations
 from kms.keystore import Key, KeyOps, KeyRef
-from kms.mikey.protect import Suite
+from kms.mikey.derive import KeyDirection, MessageKeys
+from kms.mikey.message import Message
+from kms.mikey.protect import Suite, message_keys
 from kms.mikey.ticket import Idr
 from kms.mikey.views import RequestInitPk, ResolveInitPk
 
@@ -41,6 +43,23 @@ class Authenticated:
     kms_identity: bytes
     method: str  # "psk", "pk", or "peer" (a peer KMS resolving on behalf of ``identity``)
     peer: bytes | None = None
+    # The response's message keys (0x02, RFC 6043 5.1.2) when they were derived together
+    # with the initial message's, in the same key-store operation (None: derive them from
+    # ``response_key`` when needed).
+    response_keys: MessageKeys | None = field(default=None, repr=False)
+    # The initial message's encr/auth/salt keys (0x01) when derived in full (a desired
+    # KEMAC with Initiator-supplied keys, RFC 6043 4.2.1.1); None otherwise.
+    initial_keys: MessageKeys | None = field(default=None, repr=False)
+
+    def keys_for_response(self, ks: KeyOps, msg: Message) -> MessageKeys:
+        """The response's message keys: the ones derived at authentication, else derived
+        now from ``response_key`` (RFC 6043 5.1.2, 0x02 label with the initial RANDs)."""
+        if self.response_keys is not None:
+            return self.response_keys
+        return message_keys(
+            ks, self.response_key, msg, KeyDirection.RESPONSE, self.rand_i, self.rand_r,
+            self.suite,
+        )
 
 
 class PkAuthenticator(Protocol):

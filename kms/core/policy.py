@@ -91,25 +91,29 @@ class Grant:
     changed: bool
 
 
+_D, _E, _F, _G, _H, _I, _K, _L, _M = (
+    int(x) for x in (TpFlag.D, TpFlag.E, TpFlag.F, TpFlag.G, TpFlag.H, TpFlag.I, TpFlag.K,
+                     TpFlag.L, TpFlag.M)
+)
+
+
 def check_flag_rules(flags: TpFlag, has_tgk: bool) -> str | None:
     """RFC 6043 6.10 flag dependencies; None when they hold, else why."""
     f = int(flags)  # plain int tests: enum.Flag operators cost a microsecond each
-
-    def on(x: TpFlag) -> bool:
-        return bool(f & x.value)
-
-    rules = (
-        (on(TpFlag.D) or on(TpFlag.L), "an Initiator-generated ticket (D=0) needs L=1"),
-        (not on(TpFlag.G) or on(TpFlag.F), "G=1 needs F=1"),
-        (on(TpFlag.G) or on(TpFlag.H), "G=0 needs H=1"),
-        (not on(TpFlag.I) or on(TpFlag.E), "forking (I=1) needs E=1"),
-        (not on(TpFlag.K) or on(TpFlag.D), "K=1 needs D=1"),
-        (not on(TpFlag.M) or on(TpFlag.F), "M=1 needs F=1"),
-        (not (on(TpFlag.I) and has_tgk) or on(TpFlag.F), "forking a TGK needs F=1"),
-    )
-    for ok, why in rules:
-        if not ok:
-            return why
+    if not f & (_D | _L):
+        return "an Initiator-generated ticket (D=0) needs L=1"
+    if f & _G and not f & _F:
+        return "G=1 needs F=1"
+    if not f & (_G | _H):
+        return "G=0 needs H=1"
+    if f & _I and not f & _E:
+        return "forking (I=1) needs E=1"
+    if f & _K and not f & _D:
+        return "K=1 needs D=1"
+    if f & _M and not f & _F:
+        return "M=1 needs F=1"
+    if f & _I and has_tgk and not f & _F:
+        return "forking a TGK needs F=1"
     return None
 
 

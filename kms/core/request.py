@@ -5,15 +5,16 @@ from __future__ import annotations
 from kms.core.context import Authenticated, Call, Deps, Issued
 from kms.core.policy import Grant, KeyRequest, grant_policy, invalid_tp
 from kms.keystore import KeyOps
-from kms.mikey.base_ticket import derive_mpk_pair, derive_mpki, issue_base_ticket, ticket_id
+from kms.mikey.base_ticket import derive_mpk_pair, derive_mpki, issue_ticket, ticket_id
 from kms.mikey.chain import decode_key_data
-from kms.mikey.cipher import CryptoError
+from kms.mikey.cipher import CryptoError, compute_mac
 from kms.mikey.compose import InitialMessage, RequestInit
 from kms.mikey.constants import (
     DataType,
     EncrAlg,
     IdRole,
     KeyDataType,
+    PayloadType,
     PrfFunc,
     TsType,
 )
@@ -23,24 +24,23 @@ from kms.mikey.header import Header
 from kms.mikey.message import Message
 from kms.mikey.ntp import encode_ts_value, timestamp_t64
 from kms.mikey.payloads import Kemac, KeyData, KvSpi, Timestamp
-from kms.mikey.protect import (
-    message_keys,
-    open_kemac,
-    placeholder_v,
-    seal_kemac,
-    seal_mac_wire,
-    t64_of,
-)
+from kms.mikey.protect import encrypt_key_data, message_keys, open_kemac, t64_of
 from kms.mikey.ticket import Idr, TicketPolicy, TpFlag
 from kms.mikey.views import RequestInitPk, RequestInitPsk
+from kms.mikey.writer import idr_body, kemac_body, sealed_response, t_body
 
 SPI_LENGTH = 4
 
 
-def fresh_timestamp(like: Timestamp, now: float) -> Timestamp:
-    """RFC 6043: responses carry a fresh T of the request's (NTP) type."""
+def fresh_ts(like: Timestamp, now: float) -> tuple[TsType, bytes]:
+    """RFC 6043: responses carry a fresh T of the request's (NTP) type: (TS type, value)."""
     ts_type = TsType(like.ts_type) if like.ts_type != TsType.COUNTER else TsType.NTP_UTC
-    return Timestamp(ts_type, encode_ts_value(ts_type, now))
+    return ts_type, encode_ts_value(ts_type, now)
+
+
+def fresh_timestamp(like: Timestamp, now: float) -> Timestamp:
+    """:func:`fresh_ts` as a T payload."""
+    return Timestamp(*fresh_ts(like, now))
 
 
 def response_header(req: Message, data_type: DataType) -> Header:
@@ -67,15 +67,17 @@ def _desired_keys(
             return decode_key_data(kemac.encr_data), False
         if kemac.encr_alg != auth.suite.encr_alg:
             raise invalid_tp("desired KEMAC encryption does not match the message suite")
-        keys = message_keys(
-            deps.keystore,
-            auth.response_key,
-            v.msg,
-            KeyDirection.INITIAL,
-            auth.rand_i,
-            None,
-            auth.suite,
-        )
+        keys = auth.initial_keys
+        if keys is None or not keys.encr_key:
+            keys = message_keys(
+                deps.keystore,
+                auth.response_key,
+                v.msg,
+                KeyDirection.INITIAL,
+                auth.rand_i,
+                None,
+                auth.suite,
+            )
         return open_kemac(deps.keystore, kemac, keys, v.hdr.csb_id, t64_of(v.t)), True
     except (DecodeError, CryptoError):
         raise invalid_tp("desired KEMAC cannot be parsed") from None
@@ -141,7 +143,7 @@ def handle_request(
     rand = rng.random(max(32, mpk_len))
     t_ticket = Timestamp(TsType.NTP_UTC, encode_ts_value(TsType.NTP_UTC, now))
     tpk_id, tpk = deps.directory.current_tpk()
-    ticket = issue_base_ticket(ks, tpk, tpk_id, policy, t_ticket, rand, mpk, session)
+    issued = issue_ticket(ks, tpk, tpk_id, policy, t_ticket, rand, mpk, session)
     # REQUEST_RESP KEMAC = E(encr_key, MPKi || [MPKr] || {TEK|TGK|GTGK}) (RFC 6043 4.2.1.5):
     # MPKr only with forking (so derived only then); Initiator-supplied keys are not sent back.
     if policy.flags & TpFlag.I:
@@ -153,34 +155,32 @@ def handle_request(
                             mpk_spi)]
     out_keys.extend(k for k, r in zip(session, grant.keys, strict=True) if r.supplied is None)
 
-    t = fresh_timestamp(v.t, now)
-    resp_keys = message_keys(
-        ks, auth.response_key, msg, KeyDirection.RESPONSE, auth.rand_i, None, auth.suite
-    )
-    kemac = seal_kemac(
-        ks,
-        resp_keys,
-        auth.suite.encr_alg,
-        msg.header.csb_id,
-        _t64(t),
-        out_keys,
-    )
-    resp = Message(
-        response_header(msg, DataType.REQUEST_RESP),
+    # REQUEST_RESP = HDR, T, IDRkms, TICKET, KEMAC, V (RFC 6043 4.2.1.5), written in one
+    # pass (kms.mikey.writer); V over the response || REQUEST_INIT (RFC 6043 5.4).
+    ts_type, ts_value = fresh_ts(v.t, now)
+    resp_keys = auth.keys_for_response(ks, msg)
+    suite = auth.suite
+    encr = encrypt_key_data(ks, resp_keys, suite.encr_alg, msg.header.csb_id,
+                            timestamp_t64(ts_type, ts_value), out_keys)
+    sealed = sealed_response(
+        msg,
+        DataType.REQUEST_RESP,
         (
-            t,
-            Idr(IdRole.IDRKMS, deps.policy.kms_id_type, deps.policy.kms_id),
-            ticket,
-            kemac,
-            placeholder_v(auth.suite.mac_alg),
+            (PayloadType.T, t_body(ts_type, ts_value)),
+            (PayloadType.IDR, idr_body(IdRole.IDRKMS, deps.policy.kms_id_type,
+                                       deps.policy.kms_id)),
+            (PayloadType.TICKET, issued.body),
+            (PayloadType.KEMAC, kemac_body(suite.encr_alg, encr)),
         ),
+        suite.mac_alg,
+        lambda data: compute_mac(suite.mac_alg, resp_keys.auth_key, data),
+        msg.wire,
     )
-    sealed = seal_mac_wire(resp, resp_keys, auth.suite.mac_alg, msg.wire)
     return Issued(
         sealed,
         {
             "event": "ticket.issued",
-            "ticket_id": ticket_id(ticket.ticket_data),
+            "ticket_id": ticket_id(issued.ticket_data),
             "tpk": tpk_id.decode("ascii", "replace"),
             "policy_changed": grant.changed,
             "forking": bool(policy.flags & TpFlag.I),
@@ -193,7 +193,3 @@ def handle_request(
             ],
         },
     )
-
-
-def _t64(t: Timestamp) -> bytes:
-    return timestamp_t64(TsType(t.ts_type), t.value)

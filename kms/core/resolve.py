@@ -17,10 +17,11 @@ from kms.core.policy import (
     validity_of,
 )
 from kms.core.psk_versions import ticket_psk
-from kms.core.request import fresh_timestamp, response_header
+from kms.core.request import fresh_ts
 from kms.core.revocation import check_ticket
 from kms.keystore import Key
 from kms.mikey.base_ticket import TicketContents, TicketError, open_base_ticket, ticket_id
+from kms.mikey.cipher import compute_mac
 from kms.mikey.compose import InitialMessage, ResolveInit
 from kms.mikey.constants import (
     BASE_TICKET_SUBTYPE,
@@ -29,25 +30,17 @@ from kms.mikey.constants import (
     ErrorNo,
     IdRole,
     KeyDataType,
+    PayloadType,
     RandRole,
     TicketType,
-    TsType,
 )
-from kms.mikey.derive import (
-    KeyDirection,
-)
-from kms.mikey.message import Message
 from kms.mikey.ntp import timestamp_t64
-from kms.mikey.payloads import KeyData, Payload, Timestamp
-from kms.mikey.protect import (
-    message_keys,
-    placeholder_v,
-    seal_kemac,
-    seal_mac_wire,
-)
+from kms.mikey.payloads import KeyData, Timestamp
+from kms.mikey.protect import encrypt_key_data
 from kms.mikey.resolution import resolve_ticket_keys
-from kms.mikey.ticket import Idr, RandR, Ticket, TpFlag
+from kms.mikey.ticket import Idr, Ticket, TpFlag
 from kms.mikey.views import ResolveInitPk, ResolveInitPsk
+from kms.mikey.writer import idr_body, kemac_body, randr_body, sealed_response, t_body
 
 
 def check_ticket_type(ticket: Ticket) -> None:
@@ -141,31 +134,30 @@ def build_resolve_resp(
     protected with keys from the resolver's PSK or envelope key (0x02 label, RANDRr)."""
     ks = deps.keystore
     msg = v.msg
-    t = fresh_timestamp(v.t, now)
-    resp_keys = message_keys(
-        ks, auth.response_key, msg, KeyDirection.RESPONSE, None, auth.rand_r, auth.suite
-    )
-    kemac = seal_kemac(
-        ks,
-        resp_keys,
-        auth.suite.encr_alg,
-        msg.header.csb_id,
-        timestamp_t64(TsType(t.ts_type), t.value),
-        keys,
-    )
-    payloads: list[Payload] = [
-        t,
-        Idr(IdRole.IDRKMS, deps.policy.kms_id_type, deps.policy.kms_id),
-        kemac,
+    suite = auth.suite
+    ts_type, ts_value = fresh_ts(v.t, now)
+    resp_keys = auth.keys_for_response(ks, msg)
+    encr = encrypt_key_data(ks, resp_keys, suite.encr_alg, msg.header.csb_id,
+                            timestamp_t64(ts_type, ts_value), keys)
+    parts = [
+        (PayloadType.T, t_body(ts_type, ts_value)),
+        (PayloadType.IDR, idr_body(IdRole.IDRKMS, deps.policy.kms_id_type, deps.policy.kms_id)),
+        (PayloadType.KEMAC, kemac_body(suite.encr_alg, encr)),
     ]
     if rand_kms is not None:
         # With forking, IDRr (the identity the keys are bound to) and the modifier RANDRkms,
         # which the Responder echoes in TRANSFER_RESP.
-        payloads.append(Idr(IdRole.IDRR, auth.identity.id_type, bound_to))
-        payloads.append(RandR(RandRole.RANDRKMS, rand_kms))
-    payloads.append(placeholder_v(auth.suite.mac_alg))
-    resp = Message(response_header(msg, DataType.RESOLVE_RESP), tuple(payloads))
-    return seal_mac_wire(resp, resp_keys, auth.suite.mac_alg, msg.wire)
+        parts.append((PayloadType.IDR, idr_body(IdRole.IDRR, auth.identity.id_type, bound_to)))
+        parts.append((PayloadType.RANDR, randr_body(RandRole.RANDRKMS, rand_kms)))
+    # Written in one pass (kms.mikey.writer); V over the response || RESOLVE_INIT (RFC 6043 5.4).
+    return sealed_response(
+        msg,
+        DataType.RESOLVE_RESP,
+        parts,
+        suite.mac_alg,
+        lambda data: compute_mac(suite.mac_alg, resp_keys.auth_key, data),
+        msg.wire,
+    )
 
 
 @dataclass(frozen=True)

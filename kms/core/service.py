@@ -31,13 +31,12 @@ from kms.keystore import KeyStoreError, TokenUnavailable
 from kms.mikey.buffer import Reader
 from kms.mikey.compose import InitialMessage, compose
 from kms.mikey.constants import DataType, ErrorNo, IdRole, PrfFunc, TsType
-from kms.mikey.derive import KeyDirection
 from kms.mikey.errors import DecodeError
 from kms.mikey.header import EmptyMap, Header
 from kms.mikey.message import Message
 from kms.mikey.ntp import encode_ts_value
 from kms.mikey.payloads import Error, Payload, Timestamp
-from kms.mikey.protect import message_keys, placeholder_v, seal_mac_wire
+from kms.mikey.protect import placeholder_v, seal_mac_wire
 from kms.mikey.views import RequestInitPk, ResolveInitPk, ResolveInitPsk
 
 log = logging.getLogger("kms.core")
@@ -331,14 +330,6 @@ class Kms:
         auth = trail.auth
         if not (sign and auth is not None and msg is not None):
             return Message(header, tuple(payloads)).encode()
-        keys = message_keys(
-            self.deps.keystore,
-            auth.response_key,
-            msg,
-            KeyDirection.RESPONSE,
-            auth.rand_i,
-            auth.rand_r,
-            auth.suite,
-        )
+        keys = auth.keys_for_response(self.deps.keystore, msg)
         payloads.append(placeholder_v(auth.suite.mac_alg))
         return seal_mac_wire(Message(header, tuple(payloads)), keys, auth.suite.mac_alg, b"")

@@ -15,13 +15,14 @@ from dataclasses import dataclass, field
 
 from kms.keystore import Key, KeyOps
 from kms.mikey.cipher import CryptoError, compute_mac
-from kms.mikey.constants import IdRole, IdType, KeyDataType, MacAlg, PrfFunc, PrfLabel, TsType
+from kms.mikey.constants import MAC_LENGTH, KeyDataType, MacAlg, PrfFunc, PrfLabel, TsType
 from kms.mikey.derive import ALL_CSB, derive_mpki_mpkr, derive_ticket_keys, mpk_label
 from kms.mikey.errors import DecodeError
 from kms.mikey.ntp import timestamp_t64
-from kms.mikey.payloads import KeyData, Rand, Timestamp
-from kms.mikey.protect import keyed_prf, open_kemac, placeholder_v, seal_kemac, suite_for
-from kms.mikey.ticket import BaseTicketData, Idr, Ticket, TicketPolicy
+from kms.mikey.payloads import KeyData, Timestamp
+from kms.mikey.protect import encrypt_key_data, keyed_prf, open_kemac, suite_for
+from kms.mikey.ticket import Ticket, TicketPolicy
+from kms.mikey.writer import base_ticket_head, ticket_body
 
 
 class TicketError(Exception):
@@ -58,6 +59,49 @@ SESSION_KEY_TYPES = frozenset(
 )
 
 
+@dataclass(frozen=True)
+class IssuedTicket:
+    """A base ticket just issued: its Ticket Data and the TICKET payload body as sent (TP
+    fields, Ticket Data, Initiator Data length 0), written once (kms.mikey.writer)."""
+
+    policy: TicketPolicy
+    ticket_data: bytes = field(repr=False)
+    body: bytes = field(repr=False)
+
+    def ticket(self) -> Ticket:
+        return Ticket(self.policy, self.ticket_data)
+
+
+def issue_ticket(
+    ks: KeyOps,
+    tpk: Key,
+    tpk_id: bytes,
+    policy: TicketPolicy,
+    t: Timestamp,
+    rand: bytes,
+    mpk: KeyData,
+    session_keys: Sequence[KeyData],
+) -> IssuedTicket:
+    """Build a TICKET payload (Initiator Data empty, RFC 6043 6.10) protected by ``tpk``:
+    KEMAC = E(keys from the TPK, MPK || session keys) with the Ticket Data T in the IV
+    (RFC 6043 A.2.1), then V."""
+    suite = suite_for(policy.prf_func)
+    keys = derive_ticket_keys(
+        keyed_prf(ks, tpk, PrfFunc(policy.prf_func)), rand, suite.encr_alg, suite.mac_alg
+    )
+    t64 = timestamp_t64(TsType(t.ts_type), t.value)
+    encr = encrypt_key_data(ks, keys, suite.encr_alg, ALL_CSB, t64, [mpk, *session_keys])
+    head = base_ticket_head(t.ts_type, t.value, rand, suite.encr_alg, encr, tpk_id,
+                            suite.mac_alg)
+    # V is the last field of Ticket Data, its MAC the last bytes: the MAC covers the TICKET
+    # payload from Ticket Type to the end of Ticket Data minus the MAC (RFC 6043 A.1; no
+    # Initiator Data yet): the TP fields, the Ticket Data length and ``head``.
+    n = MAC_LENGTH[suite.mac_alg]
+    covered = ticket_body(policy.encode_body(), head + bytes(n))[: -2 - n]
+    mac = compute_mac(suite.mac_alg, keys.auth_key, covered)
+    return IssuedTicket(policy, head + mac, covered + mac + b"\x00\x00")
+
+
 def issue_base_ticket(
     ks: KeyOps,
     tpk: Key,
@@ -68,22 +112,8 @@ def issue_base_ticket(
     mpk: KeyData,
     session_keys: Sequence[KeyData],
 ) -> Ticket:
-    """Build a TICKET payload (Initiator Data empty, RFC 6043 6.10) protected by ``tpk``."""
-    suite = suite_for(policy.prf_func)
-    keys = derive_ticket_keys(
-        keyed_prf(ks, tpk, PrfFunc(policy.prf_func)), rand, suite.encr_alg, suite.mac_alg
-    )
-    t64 = timestamp_t64(TsType(t.ts_type), t.value)
-    kemac = seal_kemac(ks, keys, suite.encr_alg, ALL_CSB, t64, [mpk, *session_keys])
-    idr = Idr(IdRole.IDRPSK, IdType.BYTE_STRING, tpk_id)
-    v = placeholder_v(suite.mac_alg)
-    data = BaseTicketData(t, Rand(rand), kemac, v, idr).encode()
-    # V is the last field of Ticket Data, its MAC the last bytes: the MAC covers the TICKET
-    # payload from Ticket Type to the end of Ticket Data minus the MAC (RFC 6043 A.1; no
-    # Initiator Data yet), i.e. Ticket.mac_input() without decoding what was just encoded.
-    body = Ticket(policy, data).encode_body()
-    mac = compute_mac(suite.mac_alg, keys.auth_key, body[: len(body) - 2 - len(v.mac)])
-    return Ticket(policy, data[: len(data) - len(v.mac)] + mac)
+    """:func:`issue_ticket` as a :class:`Ticket` payload."""
+    return issue_ticket(ks, tpk, tpk_id, policy, t, rand, mpk, session_keys).ticket()
 
 
 def open_base_ticket(

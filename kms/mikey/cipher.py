@@ -44,8 +44,8 @@ def aes_cm_iv(salt_key: bytes, csb_id: int, t64: bytes) -> bytes:
         raise ValueError("timestamp must be 8 bytes")
     if not 0 <= csb_id <= 0xFFFF_FFFF:
         raise ValueError("CSB ID must fit in 32 bits")
-    mask = b"\x00\x00" + csb_id.to_bytes(4, "big") + t64
-    return bytes(s ^ m for s, m in zip(salt_key, mask, strict=True)) + b"\x00\x00"
+    mask = int.from_bytes(csb_id.to_bytes(4, "big") + t64, "big")  # 0x0000 || CSB ID || T64
+    return (int.from_bytes(salt_key, "big") ^ mask).to_bytes(14, "big") + b"\x00\x00"
 
 
 def software_aes_cm(key: bytes, iv: bytes, data: bytes) -> bytes:

@@ -199,12 +199,11 @@ def _prf_or_empty(prf: KeyedPrf, label: bytes, length: int) -> bytes:
     return prf(label, length) if length else b""
 
 
-def _message_keys(
-    prf: KeyedPrf,
-    label_for: dict[PrfLabel, bytes],
-    encr_alg: EncrAlg,
-    mac_alg: MacAlg,
-) -> MessageKeys:
+def _key_requests(
+    label_for: dict[PrfLabel, bytes], encr_alg: EncrAlg, mac_alg: MacAlg
+) -> list[tuple[PrfLabel, bytes, int]]:
+    """(constant, label, length) of the encr/auth/salt keys a suite needs; a NULL algorithm
+    derives no key (RFC 3830 4.1.4)."""
     encr_alg = EncrAlg(encr_alg)
     mac_alg = MacAlg(mac_alg)
     lengths = {
@@ -212,16 +211,27 @@ def _message_keys(
         PrfLabel.AUTH: AUTH_KEY_LENGTH[mac_alg],
         PrfLabel.SALT: SALT_KEY_LENGTH[encr_alg],
     }
-    # The three keys under one in-key in one go (one token operation for the KMS); a NULL
-    # algorithm derives no key (b"").
-    wanted = [c for c in _MESSAGE_CONSTS if lengths[c]]
-    outputs = dict(zip(wanted, prf_outputs(prf, [(label_for[c], lengths[c]) for c in wanted]),
-                       strict=True))
+    return [(c, label_for[c], lengths[c]) for c in _MESSAGE_CONSTS if lengths[c]]
+
+
+def _keys_of(wanted: list[tuple[PrfLabel, bytes, int]], outputs: list[bytes]) -> MessageKeys:
+    got = {c: out for (c, _, _), out in zip(wanted, outputs, strict=True)}
     return MessageKeys(
-        encr_key=outputs.get(PrfLabel.ENCR, b""),
-        auth_key=outputs.get(PrfLabel.AUTH, b""),
-        salt_key=outputs.get(PrfLabel.SALT, b""),
+        encr_key=got.get(PrfLabel.ENCR, b""),
+        auth_key=got.get(PrfLabel.AUTH, b""),
+        salt_key=got.get(PrfLabel.SALT, b""),
     )
+
+
+def _message_keys(
+    prf: KeyedPrf,
+    label_for: dict[PrfLabel, bytes],
+    encr_alg: EncrAlg,
+    mac_alg: MacAlg,
+) -> MessageKeys:
+    # The three keys under one in-key in one go (one token operation for the KMS).
+    wanted = _key_requests(label_for, encr_alg, mac_alg)
+    return _keys_of(wanted, prf_outputs(prf, [(label, n) for _, label, n in wanted]))
 
 
 _MESSAGE_CONSTS = (PrfLabel.ENCR, PrfLabel.AUTH, PrfLabel.SALT)  # RFC 3830 4.1.4
@@ -243,6 +253,30 @@ def derive_message_keys(
     """
     labels = {c: message_key_label(c, csb_id, direction, rand_i, rand_r) for c in _MESSAGE_CONSTS}
     return _message_keys(prf, labels, encr_alg, mac_alg)
+
+
+def derive_exchange_keys(
+    prf: KeyedPrf,
+    csb_id: int,
+    rand_i: bytes | None,
+    rand_r: bytes | None,
+    initial: tuple[EncrAlg, MacAlg],
+    response: tuple[EncrAlg, MacAlg],
+) -> tuple[MessageKeys, MessageKeys]:
+    """The keys of an initial message (0x01) and of its response (0x02) under the same
+    in-key, in one go (RFC 6043 5.1.2: both labels carry the initial message's RANDs and CSB
+    ID): one token operation for the KMS instead of one per message. ``initial`` and
+    ``response`` are the (Encr alg, MAC alg) each message's keys are for; a NULL algorithm
+    derives no key (e.g. verifying a V needs the auth key only)."""
+    # The six labels differ in the constant and the type byte only (message_key_label).
+    csb = bytes([NO_CS_ID]) + _u32(csb_id, "CSB ID")
+    rands = _len8(rand_i, "RANDRi") + _len8(rand_r, "RANDRr")
+    first = _key_requests(
+        {c: c.to_bytes(4, "big") + csb + b"\x01" + rands for c in _MESSAGE_CONSTS}, *initial)
+    second = _key_requests(
+        {c: c.to_bytes(4, "big") + csb + b"\x02" + rands for c in _MESSAGE_CONSTS}, *response)
+    outputs = prf_outputs(prf, [(label, n) for _, label, n in first + second])
+    return _keys_of(first, outputs[: len(first)]), _keys_of(second, outputs[len(first) :])
 
 
 def derive_ticket_keys(
@@ -374,6 +408,7 @@ __all__ = [
     "SRTP_SALT_LENGTH",
     "KeyDirection",
     "MessageKeys",
+    "derive_exchange_keys",
     "derive_forked_mpkr",
     "derive_forked_tgk",
     "derive_message_keys",

@@ -12,18 +12,24 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from kms.keystore import Key, KeyOps
-from kms.mikey.chain import decode_key_data, encode_key_data
+from kms.mikey.chain import decode_key_data
 from kms.mikey.cipher import CryptoError, compute_mac, decrypt_kemac_data, encrypt_kemac_data
 from kms.mikey.compose import compose_as
 from kms.mikey.constants import MAC_LENGTH, DataType, EncrAlg, MacAlg, PrfFunc, TsType
 from kms.mikey.coverage import covered_prefix, seal, seal_wire
-from kms.mikey.derive import KeyDirection, MessageKeys, derive_message_keys
+from kms.mikey.derive import (
+    KeyDirection,
+    MessageKeys,
+    derive_exchange_keys,
+    derive_message_keys,
+)
 from kms.mikey.errors import DecodeError
 from kms.mikey.message import Message
 from kms.mikey.ntp import timestamp_t64
 from kms.mikey.payloads import Kemac, KeyData, Timestamp, Verification
 from kms.mikey.prf import KeyedPrf, hmac_digest
 from kms.mikey.views import RequestResp, ResolveResp
+from kms.mikey.writer import key_data_chain
 
 
 @dataclass(frozen=True)
@@ -103,6 +109,25 @@ def message_keys(
     )
 
 
+def exchange_keys(
+    ks: KeyOps,
+    key: Key,
+    msg: Message,
+    rand_i: bytes | None,
+    rand_r: bytes | None,
+    initial: Suite,
+    response: Suite,
+) -> tuple[MessageKeys, MessageKeys]:
+    """The initial message's keys (0x01, for the ``initial`` suite's algorithms) and its
+    response's (0x02) from one PSK or envelope key, in one key-store operation
+    (RFC 6043 5.1.2, the HDR PRF of ``msg`` as in :func:`message_keys`)."""
+    prf = keyed_prf(ks, key, PrfFunc(msg.header.prf_func))
+    return derive_exchange_keys(
+        prf, msg.header.csb_id, rand_i, rand_r,
+        (initial.encr_alg, initial.mac_alg), (response.encr_alg, response.mac_alg),
+    )
+
+
 def seal_kemac(
     ks: KeyOps,
     keys: MessageKeys,
@@ -113,11 +138,24 @@ def seal_kemac(
 ) -> Kemac:
     """KEMAC = E(encr_key, key data...) with MAC alg NULL: integrity comes from V
     (RFC 6043 6.2). AES-CM runs in the key store."""
-    plaintext = encode_key_data(key_data)
-    data = encrypt_kemac_data(
-        encr_alg, keys.encr_key, keys.salt_key, csb_id, t64, plaintext, ks.aes_cm
+    return Kemac(encr_alg, encrypt_key_data(ks, keys, encr_alg, csb_id, t64, key_data),
+                 MacAlg.NULL, b"")
+
+
+def encrypt_key_data(
+    ks: KeyOps,
+    keys: MessageKeys,
+    encr_alg: EncrAlg,
+    csb_id: int,
+    t64: bytes,
+    key_data: Sequence[KeyData],
+) -> bytes:
+    """A KEMAC's Encr data: the Key data chain encrypted with ``keys`` (RFC 3830 4.2.3,
+    6.2), AES-CM in the key store; what :func:`seal_kemac` puts in its KEMAC, for a sender
+    that writes the KEMAC itself (kms.mikey.writer)."""
+    return encrypt_kemac_data(
+        encr_alg, keys.encr_key, keys.salt_key, csb_id, t64, key_data_chain(key_data), ks.aes_cm
     )
-    return Kemac(encr_alg, data, MacAlg.NULL, b"")
 
 
 def open_kemac(

@@ -35,7 +35,10 @@ from kms.keystore import (
     SignScheme,
     UnsupportedOperation,
 )
-from kms.mikey.prf import PrfFunc, digest_name, prf
+from kms.mikey.constants import EncrAlg
+from kms.mikey.derive import derive_exchange_keys
+from kms.mikey.prf import PrfFunc, digest_name, prf, software_prf
+from kms.mikey.protect import keyed_prf, suite_for
 from tests.hsm.conftest import token_on
 
 _labels = itertools.count()
@@ -408,3 +411,37 @@ def test_reprs_and_errors_carry_no_key_material(store: KeyStore) -> None:
     with pytest.raises(InvalidSealedData) as ei:
         store.rsa_decrypt(KeyRef("kms-rsa"), value * 8, RsaPadding.PKCS1V15)
     assert value.hex() not in str(ei.value)
+
+
+@pytest.mark.parametrize("prf_func", list(PrfFunc))
+def test_an_exchanges_psk_keys_in_one_operation(store: KeyStore, prf_func: PrfFunc) -> None:
+    """The 0x01 and 0x02 message keys of an exchange (RFC 6043 5.1.2) from a long-term PSK
+    in one prf_many: the same keys as in host memory, one key-store operation."""
+    value = os.urandom(16)
+    label = fresh("xchg")
+    store.import_secret(label, value)
+    suite = suite_for(prf_func)
+    mac_only = (EncrAlg.NULL, suite.mac_alg)
+    full = (suite.encr_alg, suite.mac_alg)
+    rand_i = os.urandom(16)
+    calls: list[int] = []
+
+    class Counted:
+        def __getattr__(self, name: str) -> object:
+            return getattr(store, name)
+
+        def prf_many(self, key: object, requests: list[tuple[bytes, int]], func: Digest
+                     ) -> list[bytes]:
+            calls.append(len(requests))
+            return store.prf_many(key, requests, func)  # type: ignore[arg-type]
+
+    got = derive_exchange_keys(
+        keyed_prf(cast(KeyStore, Counted()), KeyRef(label), prf_func),
+        0x0BADCAFE, rand_i, None, mac_only, full,
+    )
+    want = derive_exchange_keys(
+        software_prf(value, prf_func), 0x0BADCAFE, rand_i, None, mac_only, full
+    )
+    assert got == want and calls == [4]
+    assert got[1].encr_key and got[1].salt_key and not got[0].encr_key
+    store.delete(label)

@@ -10,10 +10,12 @@ from typing import Any
 
 import pytest
 
+import kms.mikey.prf as prf_mod
 from kms.mikey.constants import EncrAlg, MacAlg, PrfLabel
 from kms.mikey.derive import (
     KeyDirection,
     MessageKeys,
+    derive_exchange_keys,
     derive_forked_mpkr,
     derive_forked_tgk,
     derive_message_keys,
@@ -402,3 +404,31 @@ def test_key_direction_values() -> None:
     assert int(KeyDirection.INITIAL) == 0x01
     assert int(KeyDirection.RESPONSE) == 0x02
     assert bytes([KeyDirection.RESPONSE]) == b"\x02"
+
+
+@pytest.mark.parametrize("rands", [(b"\x01" * 16, None), (None, b"\x02" * 20)])
+@pytest.mark.parametrize(
+    "initial",
+    [(EncrAlg.NULL, MacAlg.HMAC_SHA_1_160), (EncrAlg.AES_CM_128, MacAlg.HMAC_SHA_1_160)],
+)
+def test_exchange_keys_are_both_directions_in_one_operation(
+    rands: tuple[bytes | None, bytes | None], initial: tuple[EncrAlg, MacAlg]
+) -> None:
+    key = bytes(range(16))
+    calls: list[int] = []
+
+    def fn(label: bytes, n: int) -> bytes:
+        return prf_mod.prf(key, label, n)
+
+    def many(requests: list[tuple[bytes, int]]) -> list[bytes]:
+        calls.append(len(requests))
+        return [fn(label, n) for label, n in requests]
+
+    fn.many = many  # type: ignore[attr-defined]
+    response = (EncrAlg.AES_CM_128, MacAlg.HMAC_SHA_1_160)
+    first, second = derive_exchange_keys(fn, 0x1234, *rands, initial, response)
+    alone = prf_mod.software_prf(key, prf_mod.PrfFunc.MIKEY_1)
+    assert first == derive_message_keys(alone, 0x1234, KeyDirection.INITIAL, *rands, *initial)
+    assert second == derive_message_keys(alone, 0x1234, KeyDirection.RESPONSE, *rands, *response)
+    assert calls == [(3 if initial[0] else 1) + 3]
+    assert first.auth_key != second.auth_key

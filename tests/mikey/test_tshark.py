@@ -16,6 +16,7 @@ RFC 3830 HDR with T types 0-2. The test FAILS (never skips) when tshark is missi
 from __future__ import annotations
 
 import datetime as dt
+import hmac
 import json
 import shutil
 import struct
@@ -46,6 +47,7 @@ from kms.mikey.constants import (
     MacAlg,
     PayloadType,
     ProtType,
+    RandRole,
     SrtpParam,
     TsType,
 )
@@ -72,7 +74,8 @@ from kms.mikey.payloads import (
     Timestamp,
     Verification,
 )
-from kms.mikey.ticket import BaseTicketData, Idr
+from kms.mikey.ticket import BaseTicketData, Idr, Ticket
+from kms.mikey.writer import idr_body, kemac_body, randr_body, sealed_response, t_body
 from tests.mikey.strategies import fixture
 
 PORT = 2269
@@ -215,6 +218,34 @@ def chain_case(name: str, header: Header, payloads: tuple[Payload, ...]) -> Case
     assert r.at_end()
     assert (got_header, tuple(got)) == (header, payloads)
     return Case(name, wire, got_header, tuple(got))
+
+
+def ticket_of(wire: bytes) -> bytes:
+    ticket = Message.decode(wire).first(Ticket)
+    assert ticket is not None
+    return ticket.encode_body()
+
+
+def writer_case(
+    name: str, request_wire: bytes, data_type: DataType,
+    more: tuple[tuple[int, bytes], ...] = (),
+) -> Case:
+    """A response as kms.mikey.writer writes it for a request: T, IDRkms, [TICKET], KEMAC
+    (AES-CM), [IDRr, RANDRkms], V (HMAC-SHA-1 over response || request)."""
+    request = Message.decode(request_wire)
+    parts = [
+        (PayloadType.T, t_body(TsType.NTP_UTC, NTP_VALUE)),
+        (PayloadType.IDR, idr_body(IdRole.IDRKMS, IdType.URI, b"sip:kms@example.org")),
+    ]
+    tickets = [p for p in more if p[0] == PayloadType.TICKET]
+    parts += tickets
+    parts.append((PayloadType.KEMAC, kemac_body(EncrAlg.AES_CM_128, bytes(range(40)))))
+    parts += [p for p in more if p[0] != PayloadType.TICKET]
+    wire = sealed_response(
+        request, data_type, parts, MacAlg.HMAC_SHA_1_160,
+        lambda data: hmac.new(b"k" * 20, data, "sha1").digest(), request.wire,
+    )
+    return message_case(name, wire)
 
 
 def build_cases() -> list[Case]:
@@ -368,6 +399,23 @@ def build_cases() -> list[Case]:
         ),
         # RFC 6043 messages as sent: tshark shows what it knows, then stops silently
         message_case("resolve_resp", fixture("resolve_resp")),
+        # What the KMS sends, written in one pass by kms.mikey.writer
+        writer_case("writer_resolve_resp", fixture("resolve_init_psk"), DataType.RESOLVE_RESP),
+        writer_case(
+            "writer_resolve_resp_forked",
+            fixture("resolve_init_psk"),
+            DataType.RESOLVE_RESP,
+            (
+                (PayloadType.IDR, idr_body(IdRole.IDRR, IdType.URI, b"sip:bob@example.org")),
+                (PayloadType.RANDR, randr_body(RandRole.RANDRKMS, RAND16)),
+            ),
+        ),
+        writer_case(
+            "writer_request_resp",
+            fixture("request_init_psk"),
+            DataType.REQUEST_RESP,
+            ((PayloadType.TICKET, ticket_of(fixture("request_resp"))),),
+        ),
         message_case("request_init_psk", fixture("request_init_psk")),
         # GENERIC-ID map info is not consumed: tshark reads it as payloads (a known gap)
         message_case("transfer_resp_generic_id", fixture("transfer_resp"), kind="limit"),
