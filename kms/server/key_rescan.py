@@ -17,12 +17,10 @@ store's rate-limited rescan (e.g. a token restored from a backup later).
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from collections.abc import Sequence
+from typing import Any
 
 from kms.keystore import Digest, Key, KeyNotFound, KeyOps, KeyRef, RsaPadding, SignScheme
-
-_R = TypeVar("_R")
 
 
 class RescanOnFirstMiss:
@@ -42,30 +40,46 @@ class RescanOnFirstMiss:
             self._missed.add(label)
             return True
 
-    def _retry(self, key: Key, op: Callable[[], _R]) -> _R:
-        try:
-            return op()
-        except KeyNotFound:
-            refresh = getattr(self._inner, "refresh", None)
-            if not isinstance(key, KeyRef) or not callable(refresh):
-                raise
-            if not self._first_miss(key.label):
-                raise
-            refresh()
-            self.rescans += 1
-            return op()
+    def _rescanned(self, key: Key) -> bool:
+        """After a KeyNotFound for ``key``: rescan the token if this is the label's first
+        miss (True: the caller retries once); False: the miss stands."""
+        refresh = getattr(self._inner, "refresh", None)
+        if not isinstance(key, KeyRef) or not callable(refresh):
+            return False
+        if not self._first_miss(key.label):
+            return False
+        refresh()
+        self.rescans += 1
+        return True
 
     # --- KeyOps ---------------------------------------------------------------------------
+    # Each method calls the store directly and only on a KeyNotFound goes through the
+    # rescan: these are on every exchange's path, so no closure or extra frame per call.
     def hmac(self, key: Key, data: bytes, func: Digest) -> bytes:
-        return self._retry(key, lambda: self._inner.hmac(key, data, func))
+        try:
+            return self._inner.hmac(key, data, func)
+        except KeyNotFound:
+            if not self._rescanned(key):
+                raise
+        return self._inner.hmac(key, data, func)
 
     def prf(self, key: Key, label: bytes, out_len: int, func: Digest) -> bytes:
-        return self._retry(key, lambda: self._inner.prf(key, label, out_len, func))
+        try:
+            return self._inner.prf(key, label, out_len, func)
+        except KeyNotFound:
+            if not self._rescanned(key):
+                raise
+        return self._inner.prf(key, label, out_len, func)
 
     def prf_many(
         self, key: Key, requests: Sequence[tuple[bytes, int]], func: Digest
     ) -> list[bytes]:
-        return self._retry(key, lambda: self._inner.prf_many(key, requests, func))
+        try:
+            return self._inner.prf_many(key, requests, func)
+        except KeyNotFound:
+            if not self._rescanned(key):
+                raise
+        return self._inner.prf_many(key, requests, func)
 
     def aes_cm(self, key: bytes, iv: bytes, data: bytes) -> bytes:
         return self._inner.aes_cm(key, iv, data)
@@ -74,13 +88,28 @@ class RescanOnFirstMiss:
         return self._inner.random(length)
 
     def rsa_decrypt(self, key: KeyRef, data: bytes, padding: RsaPadding) -> bytes:
-        return self._retry(key, lambda: self._inner.rsa_decrypt(key, data, padding))
+        try:
+            return self._inner.rsa_decrypt(key, data, padding)
+        except KeyNotFound:
+            if not self._rescanned(key):
+                raise
+        return self._inner.rsa_decrypt(key, data, padding)
 
     def sign(self, key: KeyRef, data: bytes, scheme: SignScheme) -> bytes:
-        return self._retry(key, lambda: self._inner.sign(key, data, scheme))
+        try:
+            return self._inner.sign(key, data, scheme)
+        except KeyNotFound:
+            if not self._rescanned(key):
+                raise
+        return self._inner.sign(key, data, scheme)
 
     def public_key_der(self, key: KeyRef) -> bytes:
-        return self._retry(key, lambda: self._inner.public_key_der(key))
+        try:
+            return self._inner.public_key_der(key)
+        except KeyNotFound:
+            if not self._rescanned(key):
+                raise
+        return self._inner.public_key_der(key)
 
     def __getattr__(self, name: str) -> Any:
         # Anything else the store offers (refresh, close, batch helpers) passes through.
