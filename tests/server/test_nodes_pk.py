@@ -99,6 +99,18 @@ def test_certificate_node_gets_the_forked_leg(world: World, node_chain: Chain) -
     )  # fmt: skip
 
 
+def test_replayed_node_request_is_audited_with_the_node(world: World, node_chain: Chain
+                                                        ) -> None:  # fmt: skip
+    ti, tr, _ = _forked_call(world)
+    wire, _ = _node(world, node_chain).resolve_init(ti, tr, time.time())
+    assert world.resolve(wire).ok
+    again = world.resolve(wire)  # the same RESOLVE_INIT_PK: refused by the replay cache
+    assert not again.ok and again.outcome is not Outcome.INTERNAL
+    record = world.audit()[-1]
+    assert "replay" in str(record.get("reason", "")).lower(), record
+    assert (record["node"], record["role"]) == (NODE.decode(), "recorder")
+
+
 def test_unpinned_certificate_and_psk_message_refused(world: World, pki: Pki) -> None:
     ti, tr, _ = _forked_call(world)
     # A valid certificate for the same identity, but not the one registered.
