@@ -55,3 +55,17 @@ class KmsHandler(Protocol):
     def resolve_ticket(self, wire: bytes, now: float, *, correlation_id: str = "") -> KmsReply:
         """Handle a RESOLVE_INIT_PSK / RESOLVE_INIT_PK; ``now`` is Unix time."""
         ...
+
+
+def refuse_undecodable(
+    handler: object, size: int, now: float, *, correlation_id: str, detail: str
+) -> KmsReply:
+    """A call whose transport body is not a message at all: the handler's own
+    ``refuse_undecodable`` (the core audits it), else a plain MALFORMED reply (a handler
+    without one, e.g. the bench's echo)."""
+    refuse = getattr(handler, "refuse_undecodable", None)
+    if callable(refuse):
+        reply = refuse(size, now, correlation_id=correlation_id, detail=detail)
+        if isinstance(reply, KmsReply):
+            return reply
+    return KmsReply(Outcome.MALFORMED, detail=detail)

@@ -75,6 +75,17 @@ def error_mac_input(msg: Message) -> bytes:
 # --- building ----------------------------------------------------------------------------
 
 
+def _sealed_field_length(msg: Message) -> int:
+    """The length of the MAC / signature field that ends ``msg``: its last payload must be
+    a V or a SIGN (RFC 3830 6.9, 6.5)."""
+    last = msg.payloads[-1] if msg.payloads else None
+    if isinstance(last, Verification):
+        return len(last.mac)
+    if isinstance(last, Sign):
+        return len(last.signature)
+    raise EncodeError("last payload is neither V nor SIGN")
+
+
 def seal(msg: Message, compute: MacFn, extra: bytes = b"") -> Message:
     """Fill the last payload's MAC / signature: ``compute(covered bytes || extra)``.
 
@@ -82,13 +93,7 @@ def seal(msg: Message, compute: MacFn, extra: bytes = b"") -> Message:
     are fine): the MAC input includes length fields, so they must not change afterwards.
     Returns the decoded sealed message (with ``wire`` set).
     """
-    last = msg.payloads[-1] if msg.payloads else None
-    if isinstance(last, Verification):
-        n = len(last.mac)
-    elif isinstance(last, Sign):
-        n = len(last.signature)
-    else:
-        raise EncodeError("last payload is neither V nor SIGN")
+    n = _sealed_field_length(msg)
     wire = msg.encode()
     body = wire[: len(wire) - n]  # the MAC / signature field is the last n bytes
     if msg.data_type == DataType.TRANSFER_INIT and msg.first(Ticket) is not None:
@@ -105,13 +110,7 @@ def seal_wire(msg: Message, compute: MacFn, extra: bytes = b"") -> bytes:
     """:func:`seal` for a sender that only needs the bytes to send: the same bytes, without
     decoding them again. Not for TRANSFER_INIT with a TICKET (its coverage needs the decoded
     ticket: use :func:`seal`)."""
-    last = msg.payloads[-1] if msg.payloads else None
-    if isinstance(last, Verification):
-        n = len(last.mac)
-    elif isinstance(last, Sign):
-        n = len(last.signature)
-    else:
-        raise EncodeError("last payload is neither V nor SIGN")
+    n = _sealed_field_length(msg)
     if msg.data_type == DataType.TRANSFER_INIT and msg.first(Ticket) is not None:
         return seal(msg, compute, extra).wire
     wire = msg.encode()

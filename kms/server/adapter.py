@@ -41,7 +41,7 @@ from typing import Any
 import grpc
 
 from kms import rpc
-from kms.core.api import KmsHandler, KmsReply, Outcome
+from kms.core.api import KmsHandler, KmsReply, Outcome, refuse_undecodable
 from kms.rpc import CORRELATION_KEY, ERROR_TRAILER, HOPS_KEY
 from kms.server import tracing
 from kms.server.admission import EventCounts, RateLimitedLog, peer_address
@@ -337,12 +337,9 @@ class KmsServicer:
             "undecodable", "request body is not a MikeyMessage",
             method=method, size=size, peer=peer_address(peer), correlation_id=correlation_id,
         )  # fmt: skip
-        refuse = getattr(self._handler, "refuse_undecodable", None)
-        if callable(refuse):
-            reply = refuse(size, now, correlation_id=correlation_id, detail=UNDECODABLE_DETAIL)
-            if isinstance(reply, KmsReply):
-                return reply
-        return KmsReply(Outcome.MALFORMED, detail=UNDECODABLE_DETAIL)
+        return refuse_undecodable(
+            self._handler, size, now, correlation_id=correlation_id, detail=UNDECODABLE_DETAIL
+        )
 
     def close(self) -> None:
         self.runner.close()

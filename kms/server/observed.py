@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
-from kms.core.api import KmsHandler, KmsReply, Outcome
+from kms.core.api import KmsHandler, KmsReply, Outcome, refuse_undecodable
 from kms.core.ports import PeerError, PeerKms, PeerResolver
 from kms.keystore import (
     Digest,
@@ -154,12 +154,9 @@ class ObservedHandler:
     ) -> KmsReply:
         """A body that is not a transport message: the core audits it (passed through, so
         that metrics or traces do not cost the audit record)."""
-        refuse = getattr(self._inner, "refuse_undecodable", None)
-        if callable(refuse):
-            reply = refuse(size, now, correlation_id=correlation_id, detail=detail)
-            if isinstance(reply, KmsReply):
-                return reply
-        return KmsReply(Outcome.MALFORMED, detail=detail)
+        return refuse_undecodable(
+            self._inner, size, now, correlation_id=correlation_id, detail=detail
+        )
 
     def close(self) -> None:
         close = getattr(self._inner, "close", None)
