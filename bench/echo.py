@@ -82,6 +82,14 @@ class CountingHandler:
         self._count()
         return self._inner.resolve_ticket(*args, **kwargs)
 
+    def request_steps(self, *args: Any, **kwargs: Any) -> Any:
+        """The event-loop server's Ticket Request as steps (kms.server.federated), counted."""
+        self._count()
+        steps = getattr(self._inner, "request_steps", None)
+        if steps is None:
+            return self._inner.request_ticket(*args, **kwargs)
+        return (yield from steps(*args, **kwargs))
+
     def resolve_steps(self, *args: Any, **kwargs: Any) -> Any:
         """The event-loop server's resolve as steps (kms.server.federated), counted."""
         self._count()

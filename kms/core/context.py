@@ -20,6 +20,7 @@ from kms.core.ports import (
 )
 from kms.core.psk_versions import PskVersions
 from kms.core.revocation import Revocations
+from kms.core.steps import Steps
 from kms.keystore import Key, KeyOps, KeyRef
 from kms.mikey.derive import KeyDirection, MessageKeys
 from kms.mikey.message import Message
@@ -71,6 +72,13 @@ class PkAuthenticator(Protocol):
     def authenticate(
         self, v: RequestInitPk | ResolveInitPk, now: float, role: int
     ) -> Authenticated: ...
+
+    def authenticate_steps(
+        self, v: RequestInitPk | ResolveInitPk, now: float, role: int
+    ) -> Steps[Authenticated]:
+        """:meth:`authenticate` as steps: the blocking token operation (the PKE's RSA
+        decryption) is yielded (kms.core.steps)."""
+        ...
 
 
 @dataclass

@@ -43,7 +43,7 @@ import datetime as dt
 import hashlib
 import hmac
 import itertools
-from collections.abc import Sequence
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -66,6 +66,7 @@ from kms.core.authn import (
 from kms.core.context import Authenticated, Deps, noting
 from kms.core.errors import Refusal, auth_failure
 from kms.core.ports import IntermediateNode, PeerKms, Revocation, RevocationChecker
+from kms.core.steps import Steps, TokenIo, drive, token
 from kms.keystore import InvalidSealedData, KeyRef, RsaPadding
 from kms.mikey.compose import sender_of
 from kms.mikey.constants import CertType, ErrorNo, HashFunc, IdRole, IdType, SignType
@@ -172,6 +173,12 @@ class CertificateAuthenticator:
     # --- PkAuthenticator ------------------------------------------------------------------
 
     def authenticate(self, v: PkInit, now: float, role: int) -> Authenticated:
+        """:meth:`authenticate_steps` run to the end here, the RSA operation included."""
+        return drive(self.authenticate_steps(v, now, role))
+
+    def authenticate_steps(self, v: PkInit, now: float, role: int) -> Steps[Authenticated]:
+        """The authentication as steps (:mod:`kms.core.steps`): everything before the PKE
+        runs here; the envelope's RSA decryption is yielded as the one :class:`TokenIo`."""
         deps = self._deps
         id_role = IdRole(role)
         if id_role not in (IdRole.IDRI, IdRole.IDRR):
@@ -179,10 +186,10 @@ class CertificateAuthenticator:
         if id_role == IdRole.IDRR:
             peer = self._certificate_peer(v)
             if peer is not None and isinstance(v, ResolveInitPk):
-                return self._authenticate_peer_pk(v, now, *peer)
+                return (yield from self._authenticate_peer_pk(v, now, *peer))
             node = self._certificate_node(v)
             if node is not None and isinstance(v, ResolveInitPk):
-                return self._authenticate_node_pk(v, now, *node)
+                return (yield from self._authenticate_node_pk(v, now, *node))
         if not self._endpoints_enabled:
             raise Refusal(
                 ErrorNo.UNSUPPORTED_MESSAGE_TYPE,
@@ -197,7 +204,7 @@ class CertificateAuthenticator:
         self._verify_signature(v, leaf, identity.data, kms_id)
 
         check_timestamp(v, deps, now)
-        env_key = self._open_envelope(v)
+        env_key = yield from self._open_envelope(v)
 
         rand = sender_of(v)[1].value
         rand_i, rand_r = (rand, None) if id_role == IdRole.IDRI else (None, rand)
@@ -246,7 +253,7 @@ class CertificateAuthenticator:
 
     def _authenticate_peer_pk(
         self, v: ResolveInitPk, now: float, peer: PeerKms, leaf: x509.Certificate
-    ) -> Authenticated:
+    ) -> Steps[Authenticated]:
         """RESOLVE_INIT_PK from a certificate peer: pinned certificate, SIGN by the peer over
         RESOLVE_INIT || IDRr || IDRkms, PKE, then the peer's trust (as authenticate_peer)."""
         deps = self._deps
@@ -262,7 +269,7 @@ class CertificateAuthenticator:
         except Refusal as refusal:
             raise auth_failure(f"peer {refusal.reason}") from None
         check_timestamp(v, deps, now)
-        env_key = self._open_envelope(v)
+        env_key = yield from self._open_envelope(v)
         check_peer_resolves_for(
             peer, identity.data, f"peer {peer.kms_id.decode('utf-8', 'replace')}"
         )
@@ -295,7 +302,7 @@ class CertificateAuthenticator:
 
     def _authenticate_node_pk(
         self, v: ResolveInitPk, now: float, node: IntermediateNode, leaf: x509.Certificate
-    ) -> Authenticated:
+    ) -> Steps[Authenticated]:
         """RESOLVE_INIT_PK from a certificate node: its pinned certificate, SIGN over
         RESOLVE_INIT || IDRr (the leg; the node's identity without one) || IDRkms, PKE.
         Refusals are audited with the (registered) node and its role, as for PSK nodes."""
@@ -317,7 +324,7 @@ class CertificateAuthenticator:
             signed = v.idr_r.data if v.idr_r is not None else node.identity
             self._verify_signature(v, leaf, signed, kms_id)
             check_timestamp(v, deps, now)
-            env_key = self._open_envelope(v)
+            env_key = yield from self._open_envelope(v)
         idr = Idr(IdRole.IDRR, IdType.URI, node.identity)
         return Authenticated(
             idr, env_key, suite, None, v.rand_r.value, kms_id, "node", node_role=node.role
@@ -439,15 +446,19 @@ class CertificateAuthenticator:
                 return env
         raise auth_failure("CHASH names no envelope key of this KMS")
 
-    def _open_envelope(self, v: PkInit) -> bytes:
+    def _open_envelope(self, v: PkInit) -> Generator[TokenIo[bytes], object, bytes]:
         """PKE = E(KMS public key, env_key) (RFC 3830 4.2.5, docs/rfc-readings.md R5). The C
         field only allows the receiver to cache env_key; the KMS never does, so any value
-        is fine.
+        is fine. The RSA decryption is the step yielded to the caller (kms.core.steps): it
+        may run it off its event loop. The checks before it are all done by then, so a
+        forged or stale message never costs a private-key operation.
         Every failure is the same Auth failure to the sender (docs/rfc-readings.md R5)."""
         env = self._envelope_key(v)
         pke = v.pke
         try:
-            env_key = self._deps.keystore.rsa_decrypt(env.key, pke.data, self.pke_padding)
+            env_key = yield from token(
+                self._deps.keystore.rsa_decrypt, env.key, pke.data, self.pke_padding
+            )
         except InvalidSealedData:
             raise auth_failure("PKE cannot be decrypted") from None
         if len(env_key) < ENV_KEY_MIN_BYTES:

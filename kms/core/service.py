@@ -27,6 +27,7 @@ from kms.core.ports import PeerError, StoreUnavailable
 from kms.core.request import fresh_timestamp, handle_request
 from kms.core.resolve import Foreign, handle_resolve
 from kms.core.revocation import check_identity
+from kms.core.steps import Steps, drive
 from kms.keystore import KeyStoreError, TokenUnavailable
 from kms.mikey.buffer import Reader
 from kms.mikey.compose import InitialMessage, compose
@@ -37,7 +38,7 @@ from kms.mikey.message import Message
 from kms.mikey.ntp import encode_ts_value
 from kms.mikey.payloads import Error, Payload, Timestamp
 from kms.mikey.protect import placeholder_v, seal_mac_wire
-from kms.mikey.views import RequestInitPk, ResolveInitPk, ResolveInitPsk
+from kms.mikey.views import RequestInitPk, RequestInitPsk, ResolveInitPk, ResolveInitPsk
 
 log = logging.getLogger("kms.core")
 
@@ -106,7 +107,16 @@ class Kms:
             raise first
 
     def request_ticket(self, wire: bytes, now: float, *, correlation_id: str = "") -> KmsReply:
-        reply = self._handle(
+        """A Ticket Request in one call, any token operation made on this thread."""
+        return drive(self.request_steps(wire, now, correlation_id=correlation_id))
+
+    def request_steps(
+        self, wire: bytes, now: float, *, correlation_id: str = ""
+    ) -> Steps[KmsReply]:
+        """:meth:`request_ticket` as steps (kms.core.steps): a REQUEST_INIT_PK yields its
+        PKE's RSA decryption (RFC 3830 4.2.5) for the caller to run where it likes and send
+        back; a REQUEST_INIT_PSK yields nothing."""
+        reply = yield from self._handle(
             wire, now, correlation_id, _REQUEST_TYPES, IdRole.IDRI, handle_request
         )
         assert isinstance(reply, KmsReply)  # a Ticket Request never asks a peer
@@ -130,9 +140,17 @@ class Kms:
         """Handle a RESOLVE_INIT up to the point where a peer KMS must answer (RFC 6043 9):
         the reply, or a :class:`PeerCall` for the adapter to make and hand back to
         :meth:`finish_resolve`. ``hops``: how many KMSs forwarded this request already."""
-        return self._handle(
+        return drive(self.resolve_first_steps(wire, now, correlation_id=correlation_id,
+                                              hops=hops))
+
+    def resolve_first_steps(
+        self, wire: bytes, now: float, *, correlation_id: str = "", hops: int = 0
+    ) -> Steps[KmsReply | PeerCall]:
+        """:meth:`resolve_step` as steps (kms.core.steps): a RESOLVE_INIT_PK yields its
+        PKE's RSA decryption; a RESOLVE_INIT_PSK yields nothing."""
+        return (yield from self._handle(
             wire, now, correlation_id, _RESOLVE_TYPES, IdRole.IDRR, _resolve, hops
-        )
+        ))
 
     def finish_resolve(
         self, call: PeerCall, answer: bytes | PeerError, now: float
@@ -175,25 +193,31 @@ class Kms:
                 f"header PRF func {prf} not accepted by [policy] prf",
             )
 
-    def _authenticate(
-        self, v: InitialMessage, now: float, role: IdRole
+    def _authenticate_psk(
+        self, v: RequestInitPsk | ResolveInitPsk, now: float, role: IdRole
     ) -> tuple[Authenticated, dict[str, object]]:
+        """A PSK message (endpoint, peer KMS or node): no step to yield, a plain call."""
+        peer = forwarding_peer(v, self.deps)
+        if peer is not None and isinstance(v, ResolveInitPsk):
+            return authenticate_peer(v, self.deps, now, peer)
+        node = node_request(v, self.deps)
+        if node is not None:
+            return authenticate_node(node, self.deps, now)
+        return authenticate_psk(v, self.deps, now, role)
+
+    def _authenticate_pk(
+        self, v: RequestInitPk | ResolveInitPk, now: float, role: IdRole
+    ) -> Steps[tuple[Authenticated, dict[str, object]]]:
+        """A PK message: its authentication's steps (the PKE's RSA decryption yielded),
+        then admission."""
         msg = v.msg
-        if not isinstance(v, RequestInitPk | ResolveInitPk):
-            peer = forwarding_peer(v, self.deps)
-            if peer is not None and isinstance(v, ResolveInitPsk):
-                return authenticate_peer(v, self.deps, now, peer)
-            node = node_request(v, self.deps)
-            if node is not None:
-                return authenticate_node(node, self.deps, now)
-            return authenticate_psk(v, self.deps, now, role)
         if self.deps.pk is None:
             raise Refusal(
                 ErrorNo.UNSUPPORTED_MESSAGE_TYPE,
                 Outcome.MALFORMED,
                 "public-key messages are not enabled on this KMS",
             )
-        auth = self.deps.pk.authenticate(v, now, role)
+        auth = yield from self.deps.pk.authenticate_steps(v, now, role)
         notes: dict[str, object] = {"sender": auth.identity.data.decode("utf-8", "replace")}
         if auth.peer is not None:
             notes["peer"] = auth.peer.decode("utf-8", "replace")
@@ -221,9 +245,11 @@ class Kms:
         role: IdRole,
         handler: Handler,
         hops: int = 0,
-    ) -> KmsReply | PeerCall:
+    ) -> Steps[KmsReply | PeerCall]:
         """gather -> check -> issue for one initial message; every refusal and error
-        becomes one audit record and a MIKEY error message (the core's conversion point)."""
+        becomes one audit record and a MIKEY error message (the core's conversion point).
+        Steps: a PK message yields its PKE's RSA decryption (whatever that raises is
+        re-raised here and refused as it would be inline); a PSK message yields nothing."""
         call = Call(cid, hops)
         trail = _Trail({"correlation_id": cid, "time": round(now, 3), "size": len(wire)})
         if hops:
@@ -246,7 +272,10 @@ class Kms:
             # The data type was checked against ``types``: an initial message.
             assert isinstance(view, InitialMessage)
             self._check_prf(msg)
-            trail.auth, notes = self._authenticate(view, now, role)
+            if isinstance(view, RequestInitPk | ResolveInitPk):
+                trail.auth, notes = yield from self._authenticate_pk(view, now, role)
+            else:
+                trail.auth, notes = self._authenticate_psk(view, now, role)
             trail.audit.update(notes)
             trail.audit["method"] = trail.auth.method
             check_identity(self.deps.revocations, trail.auth.identity.data)  # suspended

@@ -20,9 +20,15 @@ Where the handler runs (:class:`CoreRunner`): inline on the event loop when the 
 one core slot (kms.server.slots; the SoftHSM default), so that no thread hand-off sits
 between gRPC's events and the core; in a pool of threads, each taking a core slot, when
 calls must compute or wait in parallel (several slots: a hardware HSM; or cluster mode,
-whose database round trips must not stop the loop). A federated resolve's peer call
-(RFC 6043 9) never runs on the loop: the core's steps before and after it do, and the peer
-call is awaited in a thread of its own pool (:meth:`FederatingHandler.resolve_steps`).
+whose database round trips must not stop the loop). Inline, two kinds of blocking work never
+run on the loop: the core yields them as steps (:mod:`kms.server.federated`), runs its own
+steps on the loop and gets each one's result back when the runner has awaited it in a
+thread. A federated resolve's peer call (RFC 6043 9) runs in the peer pool; the RSA
+private-key decryption of a PK message's PKE (RFC 3830 4.2.5; RFC 6043 5.1, 5.3), about a
+millisecond of C in SoftHSM, runs in the token thread (one per worker). While it runs, the
+loop serves the worker's other calls (PSK exchanges, health checks); if the token hangs in
+that operation, the PK call waits and the rest of the worker goes on serving. In threads
+mode each call drives its own steps in its core thread, holding its slot as before.
 """
 
 from __future__ import annotations
@@ -42,10 +48,11 @@ import grpc
 
 from kms import rpc
 from kms.core.api import KmsHandler, KmsReply, Outcome, refuse_undecodable
+from kms.core.steps import TokenIo
 from kms.rpc import CORRELATION_KEY, ERROR_TRAILER, HOPS_KEY
 from kms.server import tracing
 from kms.server.admission import EventCounts, RateLimitedLog, peer_address
-from kms.server.federated import ResolveSteps
+from kms.server.federated import CallSteps
 from kms.server.slots import CoreSlots
 
 log = logging.getLogger("kms.server.grpc")
@@ -60,6 +67,13 @@ UNDECODABLE_DETAIL = "request is not a mikey.kms.v1.MikeyMessage"
 # Threads that wait on peer KMSs for federated resolves (RFC 6043 9), per worker: a peer
 # call holds one for up to its deadline, and nothing of the core.
 PEER_THREADS = 16
+# Threads that run the core's yielded token operations (the PKE's RSA decryption) off the
+# event loop, per worker: ONE. SoftHSM's RSA is CPU-bound C that releases the GIL; the loop
+# is the worker's other runnable thread, and these machines have two cores (another worker
+# or process gets the rest). A second token thread would only make two RSA operations
+# share a core with the loop and each other, and slow the loop's own calls; a burst of PK
+# calls queues here instead, while the loop keeps serving.
+TOKEN_THREADS = 1
 
 STATUS_BY_OUTCOME: dict[Outcome, grpc.StatusCode] = {
     Outcome.OK: grpc.StatusCode.OK,
@@ -149,6 +163,7 @@ class CoreRunner:
             else futures.ThreadPoolExecutor(threads, thread_name_prefix="kms-core")
         )
         self._peers: futures.ThreadPoolExecutor | None = None
+        self._token: futures.ThreadPoolExecutor | None = None
 
     async def run(self, fn: Callable[..., KmsReply], metadata: Any, *args: Any,
                   **kwargs: Any) -> KmsReply:
@@ -169,10 +184,11 @@ class CoreRunner:
         with self.slots.held():
             return fn(*args, **kwargs)
 
-    async def resolve(self, steps_fn: Callable[..., ResolveSteps], metadata: Any, *args: Any,
-                      **kwargs: Any) -> KmsReply:
-        """A resolve as steps (inline only): the core's steps on the loop, each peer call
-        awaited in the peer pool."""
+    async def steps(self, steps_fn: Callable[..., CallSteps], metadata: Any, *args: Any,
+                    **kwargs: Any) -> KmsReply:
+        """A call as steps (inline only): the core's steps on the loop, each yielded token
+        operation awaited in the token thread, each peer call in the peer pool. (Neither
+        kind raises; a cancelled call leaves its operation to finish in its thread.)"""
         tracing.set_incoming(metadata)
         steps = steps_fn(*args, **kwargs)
         answer: Any = None
@@ -181,17 +197,24 @@ class CoreRunner:
             while True:
                 with self.slots.held():
                     io = steps.send(answer)
-                if self._peers is None:
-                    self._peers = futures.ThreadPoolExecutor(
-                        PEER_THREADS, thread_name_prefix="kms-peer"
-                    )
-                answer = await loop.run_in_executor(self._peers, io)
+                answer = await loop.run_in_executor(self._pool_for(io), io)
         except StopIteration as done:
             reply: KmsReply = done.value
             return reply
 
+    def _pool_for(self, io: Callable[[], Any]) -> futures.ThreadPoolExecutor:
+        if isinstance(io, TokenIo):
+            if self._token is None:
+                self._token = futures.ThreadPoolExecutor(
+                    TOKEN_THREADS, thread_name_prefix="kms-token"
+                )
+            return self._token
+        if self._peers is None:
+            self._peers = futures.ThreadPoolExecutor(PEER_THREADS, thread_name_prefix="kms-peer")
+        return self._peers
+
     def close(self) -> None:
-        for pool in (self._pool, self._peers):
+        for pool in (self._pool, self._peers, self._token):
             if pool is not None:
                 pool.shutdown(wait=False, cancel_futures=True)
 
@@ -209,9 +232,15 @@ class KmsServicer:
         # One slot and no threads: the core runs on the loop, one call at a time.
         self.slots = slots or CoreSlots(max(threads, 1))
         self.runner = CoreRunner(self.slots, threads)
+        # Inline, calls run as steps when the handler offers them (kms.server.federated);
+        # in threads mode the plain methods drive the same steps in the core thread.
         steps = getattr(handler, "resolve_steps", None)
-        self._steps: Callable[..., ResolveSteps] | None = (
+        self._steps: Callable[..., CallSteps] | None = (
             steps if callable(steps) and self.runner.inline else None
+        )
+        request = getattr(handler, "request_steps", None)
+        self._request_steps: Callable[..., CallSteps] | None = (
+            request if callable(request) and self.runner.inline else None
         )
         self._inflight = 0
         self._idle: asyncio.Event | None = None
@@ -266,16 +295,20 @@ class KmsServicer:
             else:
                 wire = request.data
                 if method == "RequestTicket":
-                    reply = await runner.run(self._handler.request_ticket, metadata, wire,
-                                             self._clock(), correlation_id=cid)
+                    if self._request_steps is not None:
+                        reply = await runner.steps(self._request_steps, metadata, wire,
+                                                   self._clock(), correlation_id=cid)
+                    else:
+                        reply = await runner.run(self._handler.request_ticket, metadata,
+                                                 wire, self._clock(), correlation_id=cid)
                 else:
                     hops = peer_hops(metadata)
                     kw: dict[str, Any] = {"correlation_id": cid}
                     if hops:  # only then: handlers without federation need not know it
                         kw["hops"] = hops
                     if self._steps is not None:
-                        reply = await runner.resolve(self._steps, metadata, wire,
-                                                     self._clock(), **kw)
+                        reply = await runner.steps(self._steps, metadata, wire,
+                                                   self._clock(), **kw)
                     else:
                         reply = await runner.run(self._handler.resolve_ticket, metadata,
                                                  wire, self._clock(), **kw)

@@ -7,10 +7,16 @@ tracing decorators around it) and hands the answer, or the failure, back to the 
 the time it arrived. While it waits for the peer it holds no core slot
 (:mod:`kms.server.slots`), so a slow peer never holds up the calls this worker can compute.
 
-The same resolve is also offered as steps (:meth:`FederatingHandler.resolve_steps`, a
-generator that yields the blocking peer call and receives its answer): the event-loop server
-(:mod:`kms.server.grpc_server`) runs the core's steps inline on its loop and awaits the peer
-call in a thread, so that no network wait ever blocks the loop.
+Both calls are also offered as steps (:meth:`FederatingHandler.request_steps`,
+:meth:`FederatingHandler.resolve_steps`): generators that yield each blocking operation and
+are sent back its result. Two kinds are yielded: the core's token operation
+(:class:`kms.core.steps.TokenIo`: the RSA decryption of a PK message's PKE, RFC 3830 4.2.5)
+and the peer call (:data:`PeerIo`). The event-loop server (:mod:`kms.server.grpc_server`)
+runs the core's steps inline on its loop and awaits each yielded operation in a thread
+(token operations in a one-thread pool, peer calls in the peer pool:
+:class:`kms.server.adapter.CoreRunner`), so that neither an RSA operation nor a network wait
+blocks the loop. A caller without a loop drives the same steps on its own thread
+(:func:`run_steps`).
 
 The gRPC status a peer refused with is mapped to the core's own :class:`Outcome` here: the
 core knows no gRPC names.
@@ -21,12 +27,14 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Callable, Generator
+from typing import Any
 
 from kms.core.api import KmsReply, Outcome
 from kms.core.context import Deps
 from kms.core.federation import PeerCall
 from kms.core.ports import PeerError, PeerFailure, PeerResolver
 from kms.core.service import Kms
+from kms.core.steps import TokenIo
 from kms.server.slots import CoreSlots
 
 # gRPC status names a peer may refuse with, and what our Responder then gets.
@@ -39,19 +47,24 @@ PEER_STATUS: dict[str, Outcome] = {
 }
 
 
-# What a resolve's steps yield (the blocking peer call, run off the event loop), what they
-# are sent back (its answer or failure) and what they return.
+# What a call's steps yield: the blocking peer call (a federated resolve) or the core's
+# token operation (a PK message's PKE), each run off the event loop; what they are sent
+# back (the peer's answer or failure; the token operation's result or exception) and what
+# they return. Neither kind of operation raises.
 PeerIo = Callable[[], "bytes | PeerError"]
-ResolveSteps = Generator[PeerIo, "bytes | PeerError", KmsReply]
+CallIo = PeerIo | TokenIo[Any]
+CallSteps = Generator[CallIo, Any, KmsReply]
+ResolveSteps = CallSteps  # the name the resolve's steps had before requests had steps
 
 
-def run_steps(steps: ResolveSteps, run_io: Callable[[PeerIo], bytes | PeerError]) -> KmsReply:
-    """Drive ``steps`` on this thread, ``run_io`` making each peer call."""
-    answer: bytes | PeerError | None = None
+def run_steps(steps: CallSteps, run_io: Callable[[PeerIo], bytes | PeerError]) -> KmsReply:
+    """Drive ``steps`` on this thread: each token operation at once, ``run_io`` making
+    each peer call."""
+    answer: Any = None
     try:
         io = next(steps)
         while True:
-            answer = run_io(io)
+            answer = io() if isinstance(io, TokenIo) else run_io(io)
             io = steps.send(answer)
     except StopIteration as done:
         reply: KmsReply = done.value
@@ -89,6 +102,11 @@ class FederatingHandler:
     def request_ticket(self, wire: bytes, now: float, *, correlation_id: str = "") -> KmsReply:
         return self.core.request_ticket(wire, now, correlation_id=correlation_id)
 
+    def request_steps(self, wire: bytes, now: float, *, correlation_id: str = "") -> CallSteps:
+        """The Ticket Request as steps: the core's, which yield a PK message's token
+        operation (a Ticket Request never asks a peer)."""
+        return self.core.request_steps(wire, now, correlation_id=correlation_id)
+
     def resolve_ticket(
         self, wire: bytes, now: float, *, correlation_id: str = "", hops: int = 0
     ) -> KmsReply:
@@ -97,12 +115,15 @@ class FederatingHandler:
 
     def resolve_steps(
         self, wire: bytes, now: float, *, correlation_id: str = "", hops: int = 0
-    ) -> ResolveSteps:
-        """The resolve as steps: the core's first step, then (a ticket of a peer KMS,
-        RFC 6043 9) ``yield`` of the peer call for the caller to make off the event loop,
-        then the core's last step with its answer."""
+    ) -> CallSteps:
+        """The resolve as steps: the core's first steps (a RESOLVE_INIT_PK yields its
+        token operation), then (a ticket of a peer KMS, RFC 6043 9) ``yield`` of the peer
+        call for the caller to make off the event loop, then the core's last step with its
+        answer."""
         started = self._monotonic()
-        step = self.core.resolve_step(wire, now, correlation_id=correlation_id, hops=hops)
+        step = yield from self.core.resolve_first_steps(
+            wire, now, correlation_id=correlation_id, hops=hops
+        )
         if not isinstance(step, PeerCall):
             return step
         answer = yield functools.partial(self._forward, step)
@@ -139,5 +160,6 @@ class FederatingHandler:
 
 
 __all__ = [
-    "PEER_STATUS", "FederatingHandler", "PeerIo", "ResolveSteps", "peer_outcome", "run_steps",
+    "PEER_STATUS", "CallIo", "CallSteps", "FederatingHandler", "PeerIo", "ResolveSteps",
+    "peer_outcome", "run_steps",
 ]

@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 
 from kms.core.api import KmsHandler, KmsReply, Outcome, refuse_undecodable
 from kms.core.ports import PeerError, PeerKms, PeerResolver
+from kms.core.steps import TokenIo
 from kms.keystore import (
     Digest,
     Key,
@@ -31,7 +32,7 @@ from kms.keystore import (
     RsaPadding,
     SignScheme,
 )
-from kms.server.federated import PeerIo, ResolveSteps
+from kms.server.federated import CallIo, CallSteps
 from kms.server.metrics import PEER_OUTCOMES, ServerMetrics
 from kms.server.metrics_token import TokenMetrics, error_kind
 from kms.server.tracing import Span, SpanContext, Tracer, active, take_incoming
@@ -105,27 +106,44 @@ class ObservedHandler:
                 if key in reply.audit:
                     s.attributes[f"kms.{key}"] = str(reply.audit[key])
 
+    def request_steps(
+        self, wire: bytes, now: float, *, correlation_id: str = ""
+    ) -> CallSteps:
+        """:meth:`request_ticket` as steps (:mod:`kms.server.federated`), recorded as
+        :meth:`resolve_steps` records a resolve."""
+        inner_steps = getattr(self._inner, "request_steps", None)
+        if not callable(inner_steps):
+            return self.request_ticket(wire, now, correlation_id=correlation_id)
+        return (yield from self._steps("request_ticket", inner_steps, wire, now,
+                                       correlation_id=correlation_id))
+
     def resolve_steps(
         self, wire: bytes, now: float, *, correlation_id: str = "", **kwargs: Any
-    ) -> ResolveSteps:
+    ) -> CallSteps:
         """:meth:`resolve_ticket` as steps (:mod:`kms.server.federated`), recorded the same
-        way: one call from the first step to the last (the peer's time included), one server
-        span that is current only while a step or the peer call runs (the event loop runs
-        other calls in between), with the peer's client span as its child."""
+        way: one call from the first step to the last (the time of the yielded operations
+        included), one server span that is current only while a step or a yielded
+        operation runs (the event loop runs other calls in between), with the token
+        operation's span and the peer's client span as its children."""
         inner_steps = getattr(self._inner, "resolve_steps", None)
         if not callable(inner_steps):
             return self.resolve_ticket(wire, now, correlation_id=correlation_id, **kwargs)
+        return (yield from self._steps("resolve_ticket", inner_steps, wire, now,
+                                       correlation_id=correlation_id, **kwargs))
+
+    def _steps(self, method: str, inner_steps: Callable[..., CallSteps], *args: Any,
+               **kw: Any) -> CallSteps:
         m = self._m
         t0 = time.perf_counter()
         started = (m.admitted_at() or t0) if m is not None else t0
         span: Span | None = None
         if self._t is not None:
-            span = self._t.start("kms/ResolveTicket", kind=2, parent=take_incoming(),
-                                 attributes={"rpc.method": "ResolveTicket"})
+            name = "RequestTicket" if method == "request_ticket" else "ResolveTicket"
+            span = self._t.start(f"kms/{name}", kind=2, parent=take_incoming(),
+                                 attributes={"rpc.method": name})
         reply: KmsReply | None = None
         try:
-            steps: ResolveSteps = inner_steps(wire, now, correlation_id=correlation_id,
-                                              **kwargs)
+            steps: CallSteps = inner_steps(*args, **kw)
             answer: Any = None
             while True:
                 try:
@@ -134,7 +152,7 @@ class ObservedHandler:
                 except StopIteration as done:
                     reply = done.value
                     break
-                answer = yield io if span is None else functools.partial(_in_span, span, io)
+                answer = yield io if span is None else _spanned(span, io)
             if span is not None:
                 self._annotate(span, reply)
             return reply
@@ -146,7 +164,7 @@ class ObservedHandler:
             if span is not None and self._t is not None:
                 self._t.finish(span)
             if m is not None:
-                m.observe_call("resolve_ticket", reply if isinstance(reply, KmsReply) else None,
+                m.observe_call(method, reply if isinstance(reply, KmsReply) else None,
                                time.perf_counter() - started)
 
     def refuse_undecodable(
@@ -168,9 +186,17 @@ def _current(span: Span | None) -> contextlib.AbstractContextManager[Any]:
     return contextlib.nullcontext() if span is None else active(span)
 
 
-def _in_span(span: Span, io: PeerIo) -> bytes | PeerError:
-    with active(span):  # on the thread that makes the peer call
+def _in_span(span: Span, io: CallIo) -> Any:
+    with active(span):  # on the thread that makes the peer call or the token operation
         return io()
+
+
+def _spanned(span: Span, io: CallIo) -> CallIo:
+    """``io`` run inside ``span`` on whatever thread runs it, keeping its kind (a token
+    operation stays a :class:`TokenIo`: the server runs the two kinds in different pools)."""
+    if isinstance(io, TokenIo):
+        return TokenIo(_in_span, span, io)
+    return functools.partial(_in_span, span, io)
 
 
 class ObservedKeyStore:

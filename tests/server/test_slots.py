@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from pathlib import Path
 from typing import Any
 
@@ -109,6 +109,12 @@ class SteppedCore:
         return PeerCall(peer, wire, correlation_id, hops + 1, lambda: b"fresh",
                         None)  # type: ignore[arg-type]
 
+    def resolve_first_steps(self, wire: bytes, now: float, *, correlation_id: str = "",
+                            hops: int = 0) -> Generator[Any, Any, PeerCall]:
+        """The core's first step as steps (it yields no token operation here)."""
+        return self.resolve_step(wire, now, correlation_id=correlation_id, hops=hops)
+        yield  # a generator
+
     def finish_resolve(self, call: PeerCall, answer: bytes | PeerError,
                        now: float) -> KmsReply:
         self.finished.append((answer, now))
@@ -206,6 +212,11 @@ class LoopCore(SteppedCore):
     def request_ticket(self, wire: bytes, now: float, *, correlation_id: str = "") -> KmsReply:
         self.threads.append(("request", threading.current_thread().name))
         return KmsReply(Outcome.OK, b"ticket")
+
+    def request_steps(self, wire: bytes, now: float, *,
+                      correlation_id: str = "") -> Generator[Any, Any, KmsReply]:
+        return self.request_ticket(wire, now, correlation_id=correlation_id)
+        yield  # a generator
 
 
 class BlockedPeer:
