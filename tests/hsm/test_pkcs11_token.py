@@ -17,11 +17,13 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric import padding
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.serialization import load_der_public_key
 
 from hsm import open_keystore
 from hsm.pkcs11 import MISSING_KEY_RESCAN_S, Pkcs11KeyStore, TokenConfigError
-from kms.keystore import Digest, KeyNotFound, KeyRef, TokenUnavailable
+from kms.keystore import Digest, KeyNotFound, KeyRef, RsaPadding, TokenUnavailable
 from kms.mikey.prf import prf
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -262,6 +264,44 @@ def test_threads_in_forked_processes(store: Pkcs11KeyStore) -> None:
         PSK32, b"after", "sha256"
     ).digest()
 
+
+def test_rsa_decryptions_in_one_thread_while_another_computes(store: Pkcs11KeyStore) -> None:
+    """The inline server's two token users at once: its token thread decrypting PKEs
+    (RSA, the module's own locking: CKF_OS_LOCKING_OK) while the event loop's thread makes
+    an exchange's HMAC / PRF / AES-CM calls on other pooled sessions. Every result right."""
+    store.generate_rsa("envelope-threads", 2048)
+    try:
+        public = load_der_public_key(store.public_key_der(KeyRef("envelope-threads")))
+        secrets_in = [os.urandom(32) for _ in range(40)]
+        sealed = [public.encrypt(s, padding.PKCS1v15()) for s in secrets_in]  # type: ignore[union-attr]
+        opened: list[bytes] = []
+        failures: list[str] = []
+
+        def decrypt_all() -> None:
+            try:
+                for ct in sealed:
+                    opened.append(store.rsa_decrypt(KeyRef("envelope-threads"), ct,
+                                                    RsaPadding.PKCS1V15))
+            except Exception as exc:  # reported below
+                failures.append(type(exc).__name__)
+
+        token_thread = threading.Thread(target=decrypt_all, name="kms-token-test")
+        token_thread.start()
+        rounds = 0
+        while token_thread.is_alive() or rounds < 50:
+            data = rounds.to_bytes(4, "big")
+            assert store.hmac(KeyRef("psk32"), data, Digest.SHA256) == std_hmac.new(
+                PSK32, data, "sha256").digest()
+            assert store.prf(KeyRef("psk16"), data, 16, Digest.SHA1) == prf(PSK16, data, 16)
+            iv = bytes(16)
+            want = Cipher(algorithms.AES(PSK16), modes.CTR(iv)).encryptor().update(data)
+            assert store.aes_cm(PSK16, iv, data) == want
+            rounds += 1
+        token_thread.join(60)
+        assert failures == []
+        assert opened == secrets_in
+    finally:
+        store.delete("envelope-threads")
 
 
 # --- working copies of long-term secrets (session objects inside the token) -----------------
