@@ -27,7 +27,9 @@ from kms.mikey.message import Message
 from kms.mikey.payloads import Error, Pke
 from kms.rpc import ERROR_TRAILER
 from kms.server.grpc_server import KmsServer
+from kms.server.observed import ObservedHandler, ObservedKeyStore
 from kms.server.slots import CoreSlots
+from kms.server.tracing import Span, Tracer
 from tests.pki import Pki, make_pki
 from tests.server.test_pk import PkWorld, enable_pk, resign
 from tests.server.world import ALICE, BOB, make_world
@@ -161,3 +163,45 @@ def test_pke_failures_over_the_off_loop_path(
         assert err.details() == "token unavailable"
     assert len(store.threads) == 2
     assert all(t.startswith("kms-token") for t in store.threads)
+
+
+class Spans:
+    """An exporter that keeps the finished spans (the Tracer's only use of it)."""
+
+    def __init__(self) -> None:
+        self.spans: list[Span] = []
+
+    def export(self, span: Span) -> None:
+        self.spans.append(span)
+
+
+def test_the_token_span_of_the_off_loop_operation_is_a_child_of_the_call_span(
+    tmp_path: Path, offloop_pki: Pki, free_port: Any,
+) -> None:
+    spans = Spans()
+    tracer = Tracer(spans)  # type: ignore[arg-type]
+    for world in make_world(tmp_path / "home"):
+        pk = enable_pk(world, offloop_pki)
+        deps = pk.world.kms.deps  # type: ignore[attr-defined]
+        deps.keystore = ObservedKeyStore(deps.keystore, None, tracer)
+        handler = ObservedHandler(pk.world.kms, None, tracer)  # type: ignore[arg-type]
+        server = KmsServer(handler, f"127.0.0.1:{free_port()}", slots=CoreSlots(1))
+        assert server.inline
+        server.start()
+        try:
+            ini = pk.initiator()
+            wire, state = ini.request_ticket(DesiredPolicy(responders=(BOB,)), pk.now)
+            with grpc.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+                data = rpc.client_stub(ch).RequestTicket(rpc.MikeyMessage(data=wire),
+                                                         timeout=10).data
+            assert ini.accept_ticket(state, data, pk.now).session_keys
+        finally:
+            server.stop()
+    [call] = [s for s in spans.spans if s.name == "kms/RequestTicket"]
+    assert call.attributes["kms.outcome"] == "ok"
+    token_spans = [s for s in spans.spans if s.name.startswith("token/")]
+    [rsa] = [s for s in token_spans if s.name == "token/rsa_decrypt"]
+    assert len(token_spans) > 1  # the exchange's other token calls, made on the loop
+    # Every token span, the one made in the token thread included, is the call's child.
+    assert {s.parent_span_id for s in token_spans} == {call.context.span_id}
+    assert rsa.context.trace_id == call.context.trace_id
