@@ -50,13 +50,34 @@ def split_fences(text: str) -> tuple[list[str], str]:
     return inside, "\n".join(outside)
 
 
-def kms_argv(command: str) -> list[str] | None:
-    """The arguments after the `kms` program of a shell command line, or None when the line
-    does not run `kms` (directly, through sudo, or through the container's entrypoint)."""
+SHELL_OPERATORS = {"|", "||", "&&", ";", "&"}
+
+
+def kms_argvs(command: str) -> list[list[str]]:
+    """The arguments after the `kms` program of each command of a shell line (split at
+    pipes, `&&` and `;`) that runs `kms`: directly, through sudo, or through the container's
+    entrypoint."""
+    lexer = shlex.shlex(command, posix=True, punctuation_chars="|&;")
+    lexer.whitespace_split = True
+    lexer.commenters = "#"
     try:
-        words = shlex.split(command, comments=True)
+        words = list(lexer)
     except ValueError:
-        return None
+        return []
+    found: list[list[str]] = []
+    segment: list[str] = []
+    for word in [*words, ";"]:
+        if word not in SHELL_OPERATORS:
+            segment.append(word)
+            continue
+        argv = _kms_args(segment)
+        if argv is not None:
+            found.append(argv)
+        segment = []
+    return found
+
+
+def _kms_args(words: list[str]) -> list[str] | None:
     while words:
         if words[0] in KMS_PROGRAMS:
             return words[1:]
@@ -95,12 +116,9 @@ def verb_of(argv: list[str]) -> tuple[str, ...]:
 def commands(text: str) -> tuple[list[list[str]], list[list[str]]]:
     """(full command lines, inline mentions) of `kms` in a Markdown text."""
     fenced, outside = split_fences(text)
-    full = [argv for line in fenced if (argv := kms_argv(line)) is not None]
-    mentions = []
-    for span in re.findall(r"`([^`]+)`", outside):
-        argv = kms_argv(" ".join(span.split()))
-        if argv is not None:
-            mentions.append(argv)
+    full = [argv for line in fenced for argv in kms_argvs(line)]
+    mentions = [argv for span in re.findall(r"`([^`]+)`", outside)
+                for argv in kms_argvs(" ".join(span.split()))]
     return full, mentions
 
 
@@ -149,9 +167,13 @@ def test_the_checker_catches_a_renamed_command_or_option() -> None:
     assert parse_error(["--home", "/var/lib/kms", "tpk", "rotate"]) is None
     assert "invalid choice" in (parse_error(["tpk", "roll"]) or "")
     assert "unrecognized arguments" in (parse_error(["tpk", "rotate", "--now"]) or "")
-    assert kms_argv("sudo -u kms /opt/kms/bin/kms tpk list  # comment") == ["tpk", "list"]
-    assert kms_argv("docker exec kms kms-entrypoint endpoint list") == ["endpoint", "list"]
-    assert kms_argv("systemctl stop kms") is None
+    assert kms_argvs("sudo -u kms /opt/kms/bin/kms tpk list  # comment") == [["tpk", "list"]]
+    assert kms_argvs("docker exec kms kms-entrypoint endpoint list") == [["endpoint", "list"]]
+    assert kms_argvs("kms mikey example | kms mikey decode -") == [
+        ["mikey", "example"], ["mikey", "decode", "-"]
+    ]
+    assert kms_argvs("systemctl stop kms && kms status") == [["status"]]
+    assert kms_argvs("systemctl stop kms") == []
     full, mentions = commands("```sh\nkms tpk \\\n    retire 1\n```\nsee `kms status --json`\n")
     assert full == [["tpk", "retire", "1"]] and mentions == [["status", "--json"]]
 
