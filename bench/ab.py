@@ -12,6 +12,11 @@ same client count minus the token floor (measured once, on this tree: neither si
 changes may touch the token operations for the subtraction to be fair). Many short rounds
 resist this machine's drift better than a few long runs (``bench.run --compare``), and
 cover only what the gRPC path changes.
+
+Each round also gives a paired ratio (this round's value over the same round's base value);
+the table prints their spread (the middle half of the rounds, and the extremes), because
+on a shared machine one side can be 20-40 % off the other with identical code. ``--aa``
+serves this tree on both sides (an A/A run): its spread is the noise a real A/B must beat.
 """
 
 from __future__ import annotations
@@ -39,12 +44,16 @@ from bench.messages import Workload, obtain_grant  # noqa: E402
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--base", type=Path, required=True, help="the other source tree")
+    ap.add_argument("--base", type=Path, help="the other source tree")
+    ap.add_argument("--aa", action="store_true",
+                    help="A/A: this tree on both sides (the noise of the measurement)")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--clients", default="1,8")
     ap.add_argument("--workloads", default="echo,request psk,resolve psk")
     ap.add_argument("--seconds", type=float, default=2.0)
     args = ap.parse_args()
+    if (args.base is None) == (not args.aa):
+        ap.error("give --base PATH, or --aa")
     from bench import inproc
     from bench.messages import generate
     from bench.world import create_home
@@ -59,7 +68,7 @@ def main() -> int:
         # A key the base tree may not know yet (its default, auto, is what this tree uses).
         toml = setup.home / "kms.toml"
         toml.write_text(re.sub(r"(?m)^core_calls = .*\n", "", toml.read_text()))
-        shim = tree_shim(args.base, tmp / "base-tree")
+        shim = None if args.aa else tree_shim(args.base, tmp / "base-tree")
         home = open_home(setup.home)
         kms: Any = build_handler(home)
         work: dict[str, Workload] = {}
@@ -84,7 +93,7 @@ def main() -> int:
         errors: dict[tuple[str, str, int], int] = {}
         for rnd in range(args.rounds):
             for side in ("base", "this"):
-                if side == "base":
+                if side == "base" and shim is not None:
                     os.environ[TREE_ENV] = str(shim)
                 else:
                     os.environ.pop(TREE_ENV, None)
@@ -116,7 +125,26 @@ def main() -> int:
             vals = [v for v in of.get((side, name, c), []) if not math.isnan(v)]
             return statistics.median(vals) if vals else math.nan
 
-        print(f"\nbase: {args.base.resolve()}  this: {ROOT}  ({args.rounds} alternating rounds, "
+        def paired(name: str, c: int, of: Any = cpu, own: bool = False) -> list[float]:
+            """This round's value over the same round's base value, per round."""
+            b, t = of.get(("base", name, c), []), of.get(("this", name, c), [])
+            if own:
+                f = floors[name]
+                eb, et = cpu.get(("base", "echo", c), []), cpu.get(("this", "echo", c), [])
+                b = [x - e - f for x, e in zip(b, eb, strict=False)]
+                t = [x - e - f for x, e in zip(t, et, strict=False)]
+            return [y / x for x, y in zip(b, t, strict=False)
+                    if x > 0 and not (math.isnan(x) or math.isnan(y))]
+
+        def spread(vals: list[float]) -> str:
+            if not vals:
+                return f"{'-':>28}"
+            v = sorted(vals)
+            q = statistics.quantiles(v, n=4, method="inclusive") if len(v) > 1 else [v[0]] * 3
+            return f"{q[1]:>5.2f} [{q[0]:.2f}-{q[2]:.2f}] ({v[0]:.2f}-{v[-1]:.2f})"
+
+        base_name = "this tree (A/A)" if args.aa else str(args.base.resolve())
+        print(f"\nbase: {base_name}  this: {ROOT}  ({args.rounds} alternating rounds, "
               f"{args.seconds:g} s windows, medians; server CPU ms per call)")
         print(f"{'workload':<18} {'clients':>7} {'base':>8} {'this':>8} {'this/base':>9} "
               f"{'floor':>7} {'own base':>8} {'own this':>8} {'this/base':>9}")
@@ -139,6 +167,16 @@ def main() -> int:
                 print(f"{name:<18} {c:>7} {b:>8.0f} {t:>8.0f} {t / b:>9.2f} "
                       f"{errors.get(('base', name, c), 0):>8} "
                       f"{errors.get(('this', name, c), 0):>8}")
+        print("\npaired per-round ratios this/base: median [middle half] (extremes); "
+              "run --aa for the noise")
+        print(f"{'workload':<18} {'clients':>7} {'server CPU per call':>28} "
+              f"{'own CPU per call':>28} {'rate':>28}")
+        for name in names:
+            for c in clients:
+                own = (spread(paired(name, c, own=True))
+                       if name != "echo" and "echo" in names else f"{'-':>28}")
+                print(f"{name:<18} {c:>7} {spread(paired(name, c)):>28} {own:>28} "
+                      f"{spread(paired(name, c, rates)):>28}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return 0

@@ -50,6 +50,9 @@ class Authenticated:
     # The initial message's encr/auth/salt keys (0x01) when derived in full (a desired
     # KEMAC with Initiator-supplied keys, RFC 6043 4.2.1.1); None otherwise.
     initial_keys: MessageKeys | None = field(default=None, repr=False)
+    # An intermediate node's registered role (RFC 6043 11.1), for the audit of a refusal
+    # after it authenticated; None for every other sender.
+    node_role: str | None = None
 
     def keys_for_response(self, ks: KeyOps, msg: Message) -> MessageKeys:
         """The response's message keys: the ones derived at authentication, else derived

@@ -134,7 +134,7 @@ def authenticate_node(
         notes["psk_version"] = version
     auth = Authenticated(
         Idr(IdRole.IDRR, IdType.URI, node.identity), psk, suite, None, v.rand_r.value, kms_id,
-        "node",
+        "node", node_role=node.role,
     )  # fmt: skip
     with noting(notes, auth):
         check_timestamp(v, deps, now)

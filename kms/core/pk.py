@@ -319,7 +319,9 @@ class CertificateAuthenticator:
             check_timestamp(v, deps, now)
             env_key = self._open_envelope(v)
         idr = Idr(IdRole.IDRR, IdType.URI, node.identity)
-        return Authenticated(idr, env_key, suite, None, v.rand_r.value, kms_id, "node")
+        return Authenticated(
+            idr, env_key, suite, None, v.rand_r.value, kms_id, "node", node_role=node.role
+        )
 
     # --- steps --------------------------------------------------------------------------
 

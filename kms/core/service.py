@@ -201,9 +201,8 @@ class Kms:
             # A certificate node (RFC 6043 11.1), authenticated by its pinned certificate:
             # a refusal after authentication (rate, replay) names it, as for PSK nodes.
             notes["node"] = auth.identity.data.decode("utf-8", "replace")
-            known = self.deps.nodes.node(auth.identity.data) if self.deps.nodes else None
-            if known is not None:
-                notes["role"] = known.role
+            if auth.node_role is not None:
+                notes["role"] = auth.node_role
         with noting(notes, auth):
             if auth.method == "peer":
                 # A peer KMS resolving for its Responder: the per-peer quota (checked with
