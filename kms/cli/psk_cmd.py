@@ -145,15 +145,24 @@ def register(sub: Any) -> None:  # argparse._SubParsersAction
 def add_psk_verbs(esub: Any, owner: Owner) -> None:  # argparse._SubParsersAction
     """``rotate-psk``, ``retire-psk`` and ``psk-list`` for ``kms endpoint`` or ``kms node``."""
     who = owner.value
+    name = "IDENTITY" if owner == Owner.ENDPOINT else "NODE"
     fmt = argparse.RawDescriptionHelpFormatter
     q = esub.add_parser(
         "rotate-psk",
         help=f"give {'an' if owner == Owner.ENDPOINT else 'a'} {who} a new PSK version; "
         "the old one keeps working until retired",
-        description=__doc__,
+        description=(
+            f"Give the {who} {name} a new PSK version without a window in which it cannot\n"
+            "call (RFC 6043 4.2.1 / 4.2.3: IDRpsk names the PSK used). A new random PSK (or\n"
+            "the one in --psk-file) goes into the token as the next version, sensitive and\n"
+            "non-extractable; a generated one is shown ONCE (hex, with its name) or written\n"
+            f"to --out. Messages naming the new version (IDRpsk {name}#psk<N>) work at once;\n"
+            "older versions keep working until `retire-psk`, or until --overlap ends (then\n"
+            "refused; `retire-psk --due` destroys their token objects, e.g. daily)."
+        ),
         formatter_class=fmt,
     )
-    q.add_argument("identity", metavar="IDENTITY" if owner == Owner.ENDPOINT else "NODE")
+    q.add_argument("identity", metavar=name)
     q.add_argument("--overlap", type=_nonneg_int, metavar="SECONDS",
                    help="accept the older versions for this long, then refuse them "
                    "(default: until `retire-psk`)")  # fmt: skip

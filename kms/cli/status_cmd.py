@@ -160,9 +160,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     target, metrics, tls, ca = args.target, args.metrics, None, args.metrics_ca
     try:
         config = load_config(args.home)
-    except ConfigError:
+    except ConfigError as exc:
         if target is None or metrics is None:
-            raise
+            raise CliError(f"{exc} (or give --target and --metrics)") from None
         config = None
     if config is not None:
         target = target or config.server.listen

@@ -17,9 +17,11 @@ from kms.server.config import CONFIG_FILE, ConfigError, load_config, parse_confi
 
 # Keys of kms.toml whose values are paths (relative ones are resolved against the home).
 PATH_KEYS = (
-    "pin_file", "softhsm_conf", "tls_cert", "tls_key", "tls_client_ca", "ca_bundle",
+    "pin_file", "softhsm_conf", "tls_cert", "tls_key", "tls_client_ca", "ca_bundle", "crl",
     "client_cert", "client_key", "password_file",
 )
+# The [server] section: from its header to the next section header (or the end).
+SERVER_SECTION = re.compile(r"(?ms)^\[server\][ \t]*$.*?(?=^\[|\Z)")
 COPIED_FILES = ("kms-cert.pem", "kms-signing-cert.pem")
 
 
@@ -52,9 +54,13 @@ def make_replica_home(src: Path, dst: Path, listen: str | None = None) -> Path:
     keys = "|".join(PATH_KEYS)
     text = re.sub(rf'(?m)^(\s*(?:{keys}))(\s*=\s*)"([^"\n]*)"', absolute, text)
     if listen is not None:
-        text, n = re.subn(r'(?m)^listen\s*=\s*"[^"\n]*"', f'listen = "{listen}"', text)
-        if n != 1:
+        # Only [server] listen: [metrics] has a listen key of its own, left as it is.
+        section = SERVER_SECTION.search(text)
+        new, n = re.subn(r'(?m)^listen\s*=\s*"[^"\n]*"', f'listen = "{listen}"',
+                         section.group(0) if section else "")
+        if section is None or n != 1:
             raise ReplicaError(f"{src / CONFIG_FILE} has no [server] listen line to replace")
+        text = text[: section.start()] + new + text[section.end():]
     try:
         parse_config(text, dst)
     except ConfigError as exc:

@@ -11,6 +11,7 @@ reopens its file when someone else renamed it (logrotate without ``copytruncate`
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -19,7 +20,6 @@ import os
 import threading
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TextIO
 
 MAX_FIELD_CHARS = 256
 MAX_RECORD_BYTES = 2048
@@ -68,12 +68,17 @@ class JsonLinesAuditSink:
         self._lock = threading.Lock()
         path.parent.mkdir(parents=True, exist_ok=True)
         self._lock_path = path.with_name(path.name + ".lock")
-        self._fh = self._open()
+        # A write that the file system refused part-way (disk full) left a line without
+        # its end: the next record starts on a line of its own.
+        self._torn = False
+        self._fd = self._open()
 
-    def _open(self) -> TextIO:
-        # Line-buffered append: each record is one write(2) of one line, so records of
-        # several worker processes interleave whole.
-        return open(self.path, "a", buffering=1, encoding="utf-8")
+    def _open(self) -> int:
+        # Unbuffered append: each record is one write(2) of one line, so records of several
+        # worker processes interleave whole, and a record the file system refused (disk
+        # full) is not kept in a buffer to appear later, after a call it was refused for
+        # was answered INTERNAL.
+        return os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o666)
 
     def _reopen_if_moved(self) -> int:
         """Another process (or logrotate) renamed the file: write to the new one. Returns
@@ -82,11 +87,12 @@ class JsonLinesAuditSink:
             current = os.stat(self.path).st_ino
         except FileNotFoundError:
             current = -1
-        st = os.fstat(self._fh.fileno())
+        st = os.fstat(self._fd)
         if current != st.st_ino:
-            self._fh.close()
-            self._fh = self._open()
-            st = os.fstat(self._fh.fileno())
+            os.close(self._fd)
+            self._fd = self._open()
+            self._torn = False
+            st = os.fstat(self._fd)
         return st.st_size
 
     def _rotate(self) -> None:
@@ -97,7 +103,7 @@ class JsonLinesAuditSink:
             except FileNotFoundError:
                 st = None
             # Another worker may have rotated already: only the file we hold, once.
-            if st is not None and st.st_ino == os.fstat(self._fh.fileno()).st_ino and (
+            if st is not None and st.st_ino == os.fstat(self._fd).st_ino and (
                 st.st_size >= self.max_bytes
             ):
                 for n in range(self.keep - 1, 0, -1):
@@ -108,20 +114,41 @@ class JsonLinesAuditSink:
                     os.replace(self.path, self.path.with_name(f"{self.path.name}.1"))
                 else:
                     os.unlink(self.path)
-            self._fh.close()
-            self._fh = self._open()
+            os.close(self._fd)
+            self._fd = self._open()
+            self._torn = False
 
     def emit(self, record: Mapping[str, object]) -> None:
         line = bounded_record(record) + "\n"  # ASCII (json.dumps escapes the rest)
         with self._lock:
             size = self._reopen_if_moved()
-            self._fh.write(line)  # line-buffered: one write(2) before the response is sent
-            if self.max_bytes and size + len(line) >= self.max_bytes:
+            data = ("\n" + line if self._torn else line).encode("ascii")
+            self._write(data)  # one write(2), before the response is sent
+            if self.max_bytes and size + len(data) >= self.max_bytes:
                 self._rotate()
+
+    def _write(self, data: bytes) -> None:
+        """All of ``data`` or an OSError (the caller's call is then answered INTERNAL):
+        nothing is kept to be written later."""
+        done = os.write(self._fd, data)
+        if done == len(data):
+            self._torn = False
+            return
+        self._torn = True  # part of the line is in the file: end it before the next one
+        done += os.write(self._fd, data[done:])  # disk full: raises, the line stays torn
+        if done != len(data):
+            raise OSError(errno.ENOSPC, "audit record written only in part")
+        self._torn = False
 
     def close(self) -> None:
         with self._lock, contextlib.suppress(OSError):
-            self._fh.close()
+            fd, self._fd = self._fd, -1
+            if fd >= 0:
+                os.close(fd)
+
+    @property
+    def closed(self) -> bool:
+        return self._fd < 0
 
 
 class LoggingAuditSink:

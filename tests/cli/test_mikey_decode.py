@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -165,3 +166,17 @@ def test_help_explains_inputs_and_errors() -> None:
     ):
         assert words in out
     assert "example" in ok("--help")
+
+
+def test_a_reader_that_left_is_no_traceback() -> None:
+    """``kms ... | head``: the reader closes the pipe before the command writes. One exit
+    status (128 + SIGPIPE, as a shell reports it) and nothing on stderr."""
+    p = subprocess.Popen(
+        [sys.executable, "-m", "kms.cli", "mikey", "example"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    assert p.stdout is not None and p.stderr is not None
+    p.stdout.close()  # before the interpreter has even started
+    err = p.stderr.read()
+    assert p.wait(timeout=60) == 128 + signal.SIGPIPE
+    assert err == b""

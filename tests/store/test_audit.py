@@ -104,3 +104,57 @@ def test_rotation_across_processes_loses_no_record(tmp_path: Path) -> None:
             seen += [json.loads(x)["correlation_id"] for x in f.read_text().splitlines()]
     assert sorted(seen) == sorted(f"{n}-{i}" for n in "ab" for i in range(300))
     assert len([f for f in tmp_path.iterdir() if f.name.startswith("audit.log.")]) > 3
+
+
+FULL_DISK = """
+import errno, json, resource, signal, sys
+from pathlib import Path
+from kms.store.audit import JsonLinesAuditSink
+
+path = Path(sys.argv[1])
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # past the limit: EFBIG, as a full disk
+_, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+sink = JsonLinesAuditSink(path, max_bytes=0)
+
+def rec(i):
+    return {"correlation_id": f"c{i}", "event": "ticket.issued", "outcome": "ok",
+            "sender": "sip:alice@example.org" * 4}
+
+def refused(i, room):
+    resource.setrlimit(resource.RLIMIT_FSIZE, (path.stat().st_size + room, hard))
+    try:
+        sink.emit(rec(i))
+    except OSError as exc:
+        assert exc.errno in (errno.EFBIG, errno.ENOSPC), exc
+    else:
+        raise AssertionError(f"record {i} was accepted")
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (hard, hard))
+
+sink.emit(rec(1))
+refused(2, 40)   # part of the line fits
+sink.emit(rec(3))
+refused(4, 0)    # nothing fits
+sink.emit(rec(5))
+sink.close()
+print("done")
+"""
+
+
+def test_a_record_the_disk_refused_never_appears_later(tmp_path: Path) -> None:
+    """Disk full: the call whose record could not be written is answered INTERNAL, so its
+    record must not be written later by a buffer flushed with the next one; a line the file
+    system took only in part is ended, so the next records stay whole lines."""
+    path = tmp_path / "audit.log"
+    out = subprocess.run(
+        [sys.executable, "-c", FULL_DISK, str(path)],
+        capture_output=True, text=True, timeout=60, cwd=REPO,
+    )
+    assert out.returncode == 0 and out.stdout.strip() == "done", out.stderr
+    ids = []
+    for line in path.read_text().splitlines():
+        try:
+            ids.append(json.loads(line)["correlation_id"])
+        except ValueError:
+            ids.append("torn")
+    assert ids == ["c1", "torn", "c3", "c5"]

@@ -42,7 +42,7 @@ def test_handler_close_releases_state_and_audit(world: World) -> None:
 
     handler.close()  # type: ignore[attr-defined]
 
-    assert deps.audit._fh.closed
+    assert deps.audit.closed
     for store in (deps.replay, deps.ledger):
         with pytest.raises(sqlite3.ProgrammingError):
             store._set._conn().execute("SELECT 1")
