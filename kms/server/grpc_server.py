@@ -249,11 +249,12 @@ class KmsServer:
 
         self._on_loop(start(), STARTUP_TIMEOUT_S)
 
-    def set_token_ready(self, up: bool) -> None:
-        """Readiness: ``mikey.kms.v1.KeyManagement`` is NOT_SERVING while the token does not
-        answer (its calls would be UNAVAILABLE), SERVING again when it does; the overall
-        service ``""`` stays SERVING (the process lives: liveness). Called from the token
-        probe's thread; ignored once draining began (grpc.health.v1 keeps NOT_SERVING)."""
+    def set_ready(self, up: bool) -> None:
+        """Readiness: ``mikey.kms.v1.KeyManagement`` is NOT_SERVING while the token (or, in
+        cluster mode, the database) does not answer (its calls would be UNAVAILABLE), SERVING
+        again when it does; the overall service ``""`` stays SERVING (the process lives:
+        liveness). Called from the probe's thread; ignored once draining began
+        (grpc.health.v1 keeps NOT_SERVING)."""
         status = (health_pb2.HealthCheckResponse.SERVING if up
                   else health_pb2.HealthCheckResponse.NOT_SERVING)  # fmt: skip
         if not self._loop.is_closed():

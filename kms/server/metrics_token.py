@@ -94,6 +94,26 @@ class PlainProbe:
         return True
 
 
+class Pingable(Protocol):
+    """The shared state's readiness (kms.server.stores.Stores)."""
+
+    def ping(self) -> bool: ...
+
+
+class ServingProbe:
+    """:class:`Probed` for readiness: the token answers and so does the shared state (the
+    database in cluster mode). Both are asked every time, so that ``kms_token_up`` stays
+    current while the database is down."""
+
+    def __init__(self, token: Probed, stores: Pingable) -> None:
+        self._token = token
+        self._stores = stores
+
+    def probe(self) -> bool:
+        token_up = self._token.probe()
+        return self._stores.ping() and token_up
+
+
 class TokenProbe:
     """Probes the token every ``interval`` seconds on a thread of its own (a token that
     hangs holds this thread, not the worker's signal handling or its event loop), so that

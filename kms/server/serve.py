@@ -61,7 +61,7 @@ from kms.server.config import (
 from kms.server.federation import FederationConfigError, GrpcPeerResolver
 from kms.server.grpc_server import DEFAULT_THREADS, KmsServer, ServerError, tls_credentials
 from kms.server.metrics_http import MetricsListen
-from kms.server.metrics_token import TOKEN_PROBE_S, PlainProbe, TokenProbe
+from kms.server.metrics_token import TOKEN_PROBE_S, PlainProbe, ServingProbe, TokenProbe
 from kms.server.observe import ObservedProcess, supervise_with_metrics
 from kms.server.slots import CoreSlots, core_slots_for, core_threads_for
 from kms.store.registry import RegistryError
@@ -333,10 +333,12 @@ def serve_once(
         if observed is not None:
             observed.watch_server(server)  # the guard's counts on /metrics
         server.start()
-        # Readiness follows the token (and kms_token_up, with metrics): one probe thread.
-        probed = observed.probed if observed is not None else None
-        probe = TokenProbe(probed or PlainProbe(home.keystore()), TOKEN_PROBE_S,
-                           on_change=server.set_token_ready)
+        # Readiness follows the token and the shared state (and kms_token_up, with
+        # metrics): one probe thread.
+        token = (observed.probed if observed is not None else None) or PlainProbe(
+            home.keystore())
+        probe = TokenProbe(ServingProbe(token, home.stores), TOKEN_PROBE_S,
+                           on_change=server.set_ready)
         probe.start()
         log.info(
             "serving",
