@@ -58,6 +58,11 @@ def test_core_is_sans_io(path: Path) -> None:
         )
 
 
+# Bench scripts that measure the PKCS#11 module itself, below the key store (which would
+# repair or hide what they measure).
+MEASURES_THE_MODULE = {ROOT / "bench" / "softhsm_labels.py"}
+
+
 def test_only_hsm_pkcs11_imports_python_pkcs11() -> None:
     # Endpoints, the core and the software key store never load a PKCS#11 module.
     offenders = [
@@ -66,6 +71,7 @@ def test_only_hsm_pkcs11_imports_python_pkcs11() -> None:
         for p in modules(pkg)
         if any(top(n) == "pkcs11" for n in imports_of(p))
         and not p.is_relative_to(ROOT / "hsm" / "pkcs11")
+        and p not in MEASURES_THE_MODULE
     ]
     assert offenders == []
     assert any(top(n) == "pkcs11" for n in imports_of(ROOT / "hsm" / "pkcs11" / "store.py"))

@@ -203,12 +203,22 @@ def cmd_endpoint_list(args: argparse.Namespace) -> int:
     with _open(args) as h:
         eps = h.registry.list_endpoints()
         groups = {ep.identity: h.registry.groups_of(ep.identity) for ep in eps}
+        # After a rotation (RFC 6043 4.2.1: IDRpsk names the version), the endpoint's key is
+        # its newest version still accepted, not the first one (retired and destroyed).
+        current = {
+            ep.identity: max(
+                (v for v in h.registry.psk_versions(ep.identity) if not v.retired),
+                key=lambda v: v.version, default=None,
+            )
+            for ep in eps
+        }
     records = [
         {
             "identity": show_identity(ep.identity),
             "identity_hex": ep.identity.hex(),
             "id_type": ID_TYPE_NAMES[ep.id_type],
-            "key_label": ep.key_label,
+            "key_label": (c.key_label if (c := current[ep.identity]) else ep.key_label),
+            "psk_version": c.version if c else 1,
             "enabled": ep.enabled,
             "created_at": _show_time(ep.created_at),
             "groups": [show_identity(g) for g in groups[ep.identity]],
@@ -217,7 +227,8 @@ def cmd_endpoint_list(args: argparse.Namespace) -> int:
     ]
     print_listing(args.json, records, [
         ("IDENTITY", "identity"), ("TYPE", "id_type"), ("KEY LABEL", "key_label"),
-        ("ENABLED", "enabled"), ("CREATED", "created_at"), ("GROUPS", "groups"),
+        ("PSK", "psk_version"), ("ENABLED", "enabled"), ("CREATED", "created_at"),
+        ("GROUPS", "groups"),
     ])  # fmt: skip
     return 0
 

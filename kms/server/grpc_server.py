@@ -249,6 +249,17 @@ class KmsServer:
 
         self._on_loop(start(), STARTUP_TIMEOUT_S)
 
+    def set_ready(self, up: bool) -> None:
+        """Readiness: ``mikey.kms.v1.KeyManagement`` is NOT_SERVING while the token (or, in
+        cluster mode, the database) does not answer (its calls would be UNAVAILABLE), SERVING
+        again when it does; the overall service ``""`` stays SERVING (the process lives:
+        liveness). Called from the probe's thread; ignored once draining began
+        (grpc.health.v1 keeps NOT_SERVING)."""
+        status = (health_pb2.HealthCheckResponse.SERVING if up
+                  else health_pb2.HealthCheckResponse.NOT_SERVING)  # fmt: skip
+        if not self._loop.is_closed():
+            asyncio.run_coroutine_threadsafe(self.health.set(SERVICE_NAME, status), self._loop)
+
     def drain(self, grace: float) -> bool:
         """Stop: NOT_SERVING, refuse new calls, let in-flight KMS calls finish within
         ``grace`` seconds, then cancel whatever is left. True if nothing had to be cut off.

@@ -34,6 +34,7 @@ from prometheus_client.multiprocess import MultiProcessCollector, mark_process_d
 from prometheus_client.registry import Collector
 
 from kms.server.config import KmsConfig, split_listen
+from kms.server.metrics_expiry import ExpiryCollector
 from kms.store.registry import Registry, RegistryError, TpkState, TpkVersion
 
 log = logging.getLogger("kms.server.metrics")
@@ -223,6 +224,7 @@ def exposition_registry(
     if multiproc_dir is not None:
         MultiProcessCollector(reg, path=str(multiproc_dir))  # type: ignore[no-untyped-call]
     reg.register(collector or RegistryCollector(registry_path, config))
+    reg.register(ExpiryCollector(config))
     return reg
 
 

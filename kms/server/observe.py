@@ -24,7 +24,7 @@ from kms.keystore import KeyStore
 from kms.server.compose import STATE_DIR, build_handler
 from kms.server.config import load_config
 from kms.server.grpc_server import KmsServer
-from kms.server.metrics import ServerMetrics, TokenProbe
+from kms.server.metrics import ServerMetrics
 from kms.server.metrics_http import (
     MULTIPROC_ENV,
     MetricsListen,
@@ -34,14 +34,13 @@ from kms.server.metrics_http import (
     multiproc_dir,
     worker_exited,
 )
+from kms.server.metrics_token import Probed
 from kms.server.observed import ObservedHandler, ObservedKeyStore, ObservedPeers
 from kms.server.slots import CoreSlots
 from kms.server.tracing import OtlpJsonExporter, Tracer
 from kms.store.registry import REGISTRY_FILE
 
 log = logging.getLogger("kms.server.metrics")
-
-TOKEN_PROBE_S = 5.0
 
 
 class ObservedProcess:
@@ -52,7 +51,8 @@ class ObservedProcess:
         self.server: MetricsServer | None = None
         self.metrics: ServerMetrics | None = None
         self.tracer: Tracer | None = None
-        self._probe: TokenProbe | None = None
+        # The metered key store, which the worker's token probe uses (kms_token_up).
+        self.probed: Probed | None = None
         self._collector: RegistryCollector | None = None
         t = home.config.tracing
         if t.otlp_endpoint is not None:
@@ -96,8 +96,7 @@ class ObservedProcess:
         if self.metrics is not None or self.tracer is not None:
             observed = ObservedKeyStore(store, self.metrics, self.tracer)
             if self.metrics is not None:
-                self._probe = TokenProbe(observed, TOKEN_PROBE_S)  # probes are not traced
-                self._probe.start()
+                self.probed = observed  # probes are metered, not traced
             store = observed
         handler = build_handler(
             self.home, peers=peers, workers=workers, keystore=store, slots=slots,
@@ -116,8 +115,6 @@ class ObservedProcess:
         server.servicer.counters.listener = self.metrics.guard_event
 
     def close(self) -> None:
-        if self._probe is not None:
-            self._probe.stop()
         if self.server is not None:
             self.server.close()
         if self._collector is not None:

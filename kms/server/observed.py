@@ -31,10 +31,11 @@ from kms.keystore import (
     KeyStoreError,
     RsaPadding,
     SignScheme,
+    TokenUnavailable,
 )
 from kms.server.federated import CallIo, CallSteps
 from kms.server.metrics import PEER_OUTCOMES, ServerMetrics
-from kms.server.metrics_token import TokenMetrics, error_kind
+from kms.server.metrics_token import TokenMetrics, error_kind, probe_token
 from kms.server.tracing import Span, SpanContext, Tracer, active, take_incoming
 
 T = TypeVar("T")
@@ -257,14 +258,16 @@ class ObservedKeyStore:
             return self._metered(op, fn, *args)
 
     def probe(self) -> bool:
-        """One cheap token operation (C_GenerateRandom of 1 byte): is the token there?
-        Metered, not traced (a probe is no call of anyone's)."""
+        """One cheap token operation on a token object (:func:`probe_token`): is the token
+        there? Metered, not traced (a probe is no call of anyone's)."""
         if self._m is None:
             raise RuntimeError("probe needs metrics")
         try:
-            self._metered("random", self._inner.random, 1)
-        except KeyStoreError:
+            self._metered("hmac", probe_token, self._inner)
+        except TokenUnavailable:
             return False
+        except KeyStoreError:
+            pass  # an answer of the token (e.g. no such key): it is up
         self._m.token_ok()
         return True
 

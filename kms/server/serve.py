@@ -61,6 +61,7 @@ from kms.server.config import (
 from kms.server.federation import FederationConfigError, GrpcPeerResolver
 from kms.server.grpc_server import DEFAULT_THREADS, KmsServer, ServerError, tls_credentials
 from kms.server.metrics_http import MetricsListen
+from kms.server.metrics_token import TOKEN_PROBE_S, PlainProbe, ServingProbe, TokenProbe
 from kms.server.observe import ObservedProcess, supervise_with_metrics
 from kms.server.slots import CoreSlots, core_slots_for, core_threads_for
 from kms.store.registry import RegistryError
@@ -301,6 +302,7 @@ def serve_once(
     handler: Any = None
     peers: GrpcPeerResolver | None = None
     observed: ObservedProcess | None = None
+    probe: TokenProbe | None = None
     try:
         if plan.metrics is not None or home.config.tracing.enabled:
             observed = ObservedProcess(plan.metrics, plan.workers, home)
@@ -331,6 +333,13 @@ def serve_once(
         if observed is not None:
             observed.watch_server(server)  # the guard's counts on /metrics
         server.start()
+        # Readiness follows the token and the shared state (and kms_token_up, with
+        # metrics): one probe thread.
+        token = (observed.probed if observed is not None else None) or PlainProbe(
+            home.keystore())
+        probe = TokenProbe(ServingProbe(token, home.stores), TOKEN_PROBE_S,
+                           on_change=server.set_ready)
+        probe.start()
         log.info(
             "serving",
             extra={"fields": {"listen": plan.listen, "port": server.port, "tls": plan.mode,
@@ -350,6 +359,8 @@ def serve_once(
         )
         return clean
     finally:
+        if probe is not None:
+            probe.stop()
         close = getattr(handler, "close", None)
         if callable(close):
             with contextlib.suppress(Exception):

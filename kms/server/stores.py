@@ -82,6 +82,11 @@ class Stores(Protocol):
         have separate homes but share the token and the database)."""
         ...
 
+    def ping(self) -> bool:
+        """Whether the shared state answers (readiness): a local file store always does; a
+        database must answer one query."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -148,6 +153,9 @@ class SqliteStores:
         with (self._state() / f"{name}.lock").open("a") as fh:
             fcntl.flock(fh, fcntl.LOCK_EX)  # released when the file is closed
             yield
+
+    def ping(self) -> bool:
+        return True  # files in the home: their failures are the calls' own
 
     def close(self) -> None:
         if self._pruner is not None:
@@ -293,6 +301,16 @@ class PgStores:
             with contextlib.suppress(Exception):
                 conn.execute("SELECT pg_advisory_unlock(%s)", (lock_key(name),))
             conn.close()
+
+    def ping(self) -> bool:
+        # A pool connection of its own (not the calls' hot ones, whose round trips are
+        # counted): one query within the connect timeout.
+        try:
+            with self.db.pool.connection(timeout=self.config.store.connect_timeout_s) as conn:
+                conn.execute("SELECT 1")
+        except Exception:  # psycopg's errors, the pool's timeout: the database is not there
+            return False
+        return True
 
     def close(self) -> None:
         for part in (self._pruner, self._watcher):

@@ -157,6 +157,21 @@ def test_endpoint_add_list_remove(home: Path, kms: Run, tmp_path: Path) -> None:
     assert eps[ALICE]["key_label"] not in _keys(kms, home)
 
 
+def test_endpoint_list_shows_the_psk_version_in_use(home: Path, kms: Run, tmp_path: Path) -> None:
+    """After a rotation and the first version's retirement, the listed key is the one in use
+    (its token object exists), not the first one, which is destroyed."""
+    kms(home, "endpoint", "add", ALICE, "--psk-hex", PSK_HEX)
+    first = _endpoints(kms, home)[ALICE]
+    assert first["psk_version"] == 1
+    kms(home, "endpoint", "rotate-psk", ALICE, "--out", str(tmp_path / "alice-2.psk"))
+    kms(home, "endpoint", "retire-psk", ALICE, "1")
+    now = _endpoints(kms, home)[ALICE]
+    assert now["psk_version"] == 2
+    assert now["key_label"] != first["key_label"]
+    keys = _keys(kms, home)
+    assert now["key_label"] in keys and first["key_label"] not in keys
+
+
 def test_identities_are_exact_bytes(home: Path, kms: Run, kms_fails: Run) -> None:
     kms(home, "endpoint", "add", ALICE, "--psk-hex", PSK_HEX)
     kms(home, "endpoint", "add", "sip:Alice@example.org", "--psk-hex", PSK_HEX)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from kms.endpoint.client import KmsClient, KmsRefused, obtain_ticket, resolve
 from kms.endpoint.common import Credentials
@@ -22,6 +23,7 @@ from kms.endpoint.initiator import DEFAULT_FLAGS, DesiredPolicy, Initiator, Tick
 from kms.endpoint.session import CryptoSession
 from kms.mikey.base_ticket import ticket_id
 from kms.mikey.ticket import TpFlag
+from kms.rpc import SERVICE_NAME
 from tests.cluster.conftest import RATE, Cluster, eventually
 from tests.e2e.harness import (
     ALICE,
@@ -414,6 +416,13 @@ def test_sigkill_of_a_replica_under_load(cluster: Cluster) -> None:
     assert _served_counts(cluster)[2] > before  # back in the round robin of the clients
 
 
+def health(target: str, service: str) -> str:
+    with grpc.insecure_channel(target) as channel:
+        resp = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=service), timeout=5)
+        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status))
+
+
 def test_postgresql_stopped_under_load(cluster: Cluster) -> None:
     client = cluster.client(None)
     ini = cluster.initiator(ERIN)
@@ -447,12 +456,18 @@ def test_postgresql_stopped_under_load(cluster: Cluster) -> None:
             with pytest.raises(KmsRefused) as info:
                 cluster.client(0, timeout=15).request_ticket(accepted)
             assert info.value.code is grpc.StatusCode.UNAVAILABLE
-            time.sleep(1.5)
+            # Readiness: the KMS service leaves the load balancer's rotation within a probe
+            # (5 s); the process stays live.
+            eventually(lambda: health(cluster.target(0), SERVICE_NAME) == "NOT_SERVING",
+                       15.0, "readiness NOT_SERVING while PostgreSQL is down")
+            assert health(cluster.target(0), "") == "SERVING"
         finally:
             cluster.pg.start()
         during = codes - down
         assert during["UNAVAILABLE"] > 0, codes
-        # Recovery without a restart: every replica answers again.
+        # Recovery without a restart: ready again, and every replica answers again.
+        eventually(lambda: health(cluster.target(0), SERVICE_NAME) == "SERVING",
+                   15.0, "readiness SERVING once PostgreSQL is back")
         for i in range(3):
             eventually(lambda i=i: _grant_ok(cluster.client(i), cluster.initiator(ERIN)),
                        30.0, f"replica {i} after PostgreSQL came back")

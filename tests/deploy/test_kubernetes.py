@@ -69,6 +69,9 @@ def test_deployment_is_a_cluster() -> None:
     port = c["ports"][0]["containerPort"]
     for probe in ("readinessProbe", "livenessProbe"):
         assert c[probe]["grpc"]["port"] == port, probe  # native gRPC probes
+    # Readiness is the KMS service's health (token gone: NOT_SERVING); liveness the overall.
+    assert c["readinessProbe"]["grpc"]["service"] == "mikey.kms.v1.KeyManagement"
+    assert "service" not in c["livenessProbe"]["grpc"]
     env = {e["name"]: e for e in c["env"]}
     assert env["KMS_PIN"]["valueFrom"]["secretKeyRef"]["name"] == "kms-token-pin"
     assert env["KMS_DB_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == "kms-db"

@@ -14,6 +14,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from hsm.software import SoftwareKeyStore
 from kms.endpoint.client import KmsClient, KmsRefused, obtain_ticket
 from kms.endpoint.common import Credentials
 from kms.endpoint.initiator import DesiredPolicy, Initiator
@@ -280,3 +281,18 @@ def test_audit_log_rotates_under_kms_serve(small_cache: Kms) -> None:
     assert not (home / "audit.log.3").exists()  # keep = 2
     for name in ("audit.log", "audit.log.1", "audit.log.2"):
         assert (home / name).stat().st_size < 4096 + 2048
+
+
+def test_replay_is_refused_after_a_restart(tmp_path: Any) -> None:
+    """The replay cache outlives the process (RFC 3830 5.4: an accepted message is
+    remembered for its whole acceptance window): the same REQUEST_INIT sent again to a
+    restarted KMS is refused as a replay, not answered with a second ticket."""
+    home = make_home(tmp_path / "home", {ALICE: PSKS[ALICE]}, {})
+    wire, _ = Initiator(Credentials(ALICE, PSKS[ALICE], KMS_ID, IdType.URI),
+                        SoftwareKeyStore()).request_ticket(DesiredPolicy((BOB,)), time.time())
+    with running_kms(home) as k:
+        k.client().request_ticket(wire)
+    with running_kms(home) as k:
+        assert answer(k.client(), wire) == (
+            grpc.StatusCode.FAILED_PRECONDITION, "replayed message", 1, True,
+        )  # fmt: skip

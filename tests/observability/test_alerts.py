@@ -21,7 +21,7 @@ DOC = REPO / "docs" / "observability.md"
 REQUIRED = {
     "KmsReplicaDown", "KmsTokenDown", "KmsRefusalRatioHigh", "KmsLatencyP99High",
     "KmsPeerFailing", "KmsTpkNotRotated", "KmsReplayStorm", "KmsAbuseStorm",
-    "KmsReplayCacheFull",
+    "KmsReplayCacheFull", "KmsCertificateExpiresSoon", "KmsCrlExpiresSoon", "KmsCrlExpired",
 }
 
 

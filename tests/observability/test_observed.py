@@ -10,6 +10,7 @@ from prometheus_client import CollectorRegistry
 
 from hsm.software import SoftwareKeyStore
 from kms.core.api import KmsReply, Outcome
+from kms.home import DUMMY_PSK_LABEL
 from kms.keystore import Digest, KeyNotFound, KeyRef, KeyStore
 from kms.server.metrics import ServerMetrics
 from kms.server.observed import ObservedHandler, ObservedKeyStore
@@ -111,9 +112,13 @@ def test_either_half_alone(metrics: bool, traces: bool) -> None:
 def test_the_probe_is_metered_not_traced_and_needs_metrics() -> None:
     reg = CollectorRegistry()
     rec = Recorder()
-    store = ObservedKeyStore(SoftwareKeyStore(), ServerMetrics(reg), Tracer(rec))  # type: ignore[arg-type]
+    keys = SoftwareKeyStore()
+    store = ObservedKeyStore(keys, ServerMetrics(reg), Tracer(rec))  # type: ignore[arg-type]
+    # The probe is an operation on a token object (the dummy PSK), not C_GenerateRandom.
+    assert store.probe() is True  # "no such key" is an answer of the token: it is up
+    keys.generate_secret(DUMMY_PSK_LABEL, 32)
     assert store.probe() is True
-    assert token_ops(reg, "random") == 1
+    assert token_ops(reg, "hmac") >= 1 and token_ops(reg, "random") == 0
     assert reg.get_sample_value("kms_token_up") == 1
     assert rec.spans == []
     with pytest.raises(RuntimeError, match="metrics"):

@@ -9,6 +9,7 @@ import ipaddress
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -102,6 +103,37 @@ def test_serve_real_core_health_sigterm_and_restart(
     again.wait_ready()
     assert health_status(target) == "SERVING"
     assert again.terminate() == 0, again.stderr
+
+
+def test_readiness_follows_the_token(
+    serve_home: Path, serve_proc: Any, free_port: Any, health_status: Any
+) -> None:
+    """The KMS service's health is its readiness: NOT_SERVING while the token is gone (its
+    calls would be UNAVAILABLE), SERVING again when the token is back, without a call or a
+    restart; the overall health (liveness) stays SERVING throughout."""
+    port = free_port()
+    p = serve_proc(serve_home, "--listen", f"127.0.0.1:{port}")
+    target = p.wait_ready()
+    service = rpc.SERVICE_NAME
+
+    def wait_for(status: str) -> None:
+        deadline = time.monotonic() + 30  # the probe runs every TOKEN_PROBE_S (5 s)
+        while health_status(target, service) != status and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert health_status(target, service) == status, p.stderr
+
+    assert health_status(target, service) == "SERVING"
+    tokens = serve_home / "token" / "tokens"
+    away = serve_home.parent / "tokens-moved-away"
+    shutil.move(tokens, away)
+    try:
+        wait_for("NOT_SERVING")
+        assert health_status(target, "") == "SERVING"
+    finally:
+        shutil.move(away, tokens)
+    wait_for("SERVING")
+    assert health_status(target, "") == "SERVING"
+    assert p.terminate() == 0, p.stderr
 
 
 def test_second_server_on_same_home_is_refused(
