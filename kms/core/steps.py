@@ -61,14 +61,23 @@ def token(fn: Callable[..., T], *args: Any) -> Generator[TokenIo[Any], object, T
     return cast(T, result)
 
 
-def drive(steps: Generator[TokenIo[Any], object, R]) -> R:
-    """Run ``steps`` to the end on this thread, each yielded operation at once."""
+Y = TypeVar("Y")
+
+
+def run_with(steps: Generator[Y, Any, R], run: Callable[[Y], object]) -> R:
+    """Run ``steps`` to the end on this thread, each yielded operation made by ``run`` and
+    its answer sent back."""
     try:
         io = next(steps)
         while True:
-            io = steps.send(io())
+            io = steps.send(run(io))
     except StopIteration as done:
         return cast(R, done.value)
 
 
-__all__ = ["Steps", "TokenIo", "drive", "token"]
+def drive(steps: Generator[TokenIo[Any], object, R]) -> R:
+    """Run ``steps`` to the end on this thread, each yielded operation at once."""
+    return run_with(steps, TokenIo.__call__)
+
+
+__all__ = ["Steps", "TokenIo", "drive", "run_with", "token"]

@@ -34,7 +34,7 @@ from kms.core.context import Deps
 from kms.core.federation import PeerCall
 from kms.core.ports import PeerError, PeerFailure, PeerResolver
 from kms.core.service import Kms
-from kms.core.steps import TokenIo
+from kms.core.steps import TokenIo, run_with
 from kms.server.slots import CoreSlots
 
 # gRPC status names a peer may refuse with, and what our Responder then gets.
@@ -60,15 +60,7 @@ ResolveSteps = CallSteps  # the name the resolve's steps had before requests had
 def run_steps(steps: CallSteps, run_io: Callable[[PeerIo], bytes | PeerError]) -> KmsReply:
     """Drive ``steps`` on this thread: each token operation at once, ``run_io`` making
     each peer call."""
-    answer: Any = None
-    try:
-        io = next(steps)
-        while True:
-            answer = io() if isinstance(io, TokenIo) else run_io(io)
-            io = steps.send(answer)
-    except StopIteration as done:
-        reply: KmsReply = done.value
-        return reply
+    return run_with(steps, lambda io: io() if isinstance(io, TokenIo) else run_io(io))
 
 
 def peer_outcome(exc: PeerError) -> PeerError:

@@ -13,6 +13,7 @@ from kms.home import DUMMY_PSK_LABEL
 from kms.keystore import (
     Digest,
     InvalidSealedData,
+    Key,
     KeyExists,
     KeyNotFound,
     KeyOps,
@@ -72,10 +73,16 @@ it with its token directory gone. The dummy PSK (the unknown-identity refusal's 
 every serving home and protects nothing; the HMAC is thrown away."""
 
 
-def probe_token(store: KeyOps) -> None:
-    """One probe; TokenUnavailable when the token does not answer (any other key-store
-    error is an answer: the token is up)."""
-    store.hmac(PROBE_KEY, b"", Digest.SHA256)
+def probe_token(hmac: Callable[[Key, bytes, Digest], bytes]) -> bool:
+    """One probe through ``hmac`` (a key store's, metered or not): False when the token does
+    not answer (TokenUnavailable); any other key-store error is an answer: the token is up."""
+    try:
+        hmac(PROBE_KEY, b"", Digest.SHA256)
+    except TokenUnavailable:
+        return False
+    except KeyStoreError:
+        pass  # e.g. no such key
+    return True
 
 
 class PlainProbe:
@@ -85,13 +92,7 @@ class PlainProbe:
         self._store = store
 
     def probe(self) -> bool:
-        try:
-            probe_token(self._store)
-        except TokenUnavailable:
-            return False
-        except KeyStoreError:
-            pass  # an answer of the token (e.g. no such key): it is up
-        return True
+        return probe_token(self._store.hmac)
 
 
 class Pingable(Protocol):

@@ -31,7 +31,6 @@ from kms.keystore import (
     KeyStoreError,
     RsaPadding,
     SignScheme,
-    TokenUnavailable,
 )
 from kms.server.federated import CallIo, CallSteps
 from kms.server.metrics import PEER_OUTCOMES, ServerMetrics
@@ -260,16 +259,13 @@ class ObservedKeyStore:
     def probe(self) -> bool:
         """One cheap token operation on a token object (:func:`probe_token`): is the token
         there? Metered, not traced (a probe is no call of anyone's)."""
-        if self._m is None:
+        m = self._m
+        if m is None:
             raise RuntimeError("probe needs metrics")
-        try:
-            self._metered("hmac", probe_token, self._inner)
-        except TokenUnavailable:
-            return False
-        except KeyStoreError:
-            pass  # an answer of the token (e.g. no such key): it is up
-        self._m.token_ok()
-        return True
+        up = probe_token(functools.partial(self._metered, "hmac", self._inner.hmac))
+        if up:
+            m.token_ok()
+        return up
 
     # --- operations -----------------------------------------------------------------------
     def hmac(self, key: Key, data: bytes, func: Digest) -> bytes:
