@@ -22,6 +22,10 @@ class Outcome(StrEnum):
     RATE_LIMITED = "rate_limited"  # rate limit, quota, replay cache full
     UNAVAILABLE = "unavailable"  # token, a store or a peer KMS unavailable (transient)
     INTERNAL = "internal"  # a bug; never carries detail
+    # The client cancelled the call (or its deadline passed, or the server cut it off while
+    # draining) while the core waited for a yielded step (kms.core.steps): the token's RSA
+    # decryption of a PKE or a peer KMS's answer. Nothing was issued; nothing is sent.
+    CANCELLED = "cancelled"
 
 
 @dataclass(frozen=True)

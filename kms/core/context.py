@@ -20,7 +20,7 @@ from kms.core.ports import (
 )
 from kms.core.psk_versions import PskVersions
 from kms.core.revocation import Revocations
-from kms.core.steps import Steps
+from kms.core.steps import CallCancelled, Steps
 from kms.keystore import Key, KeyOps, KeyRef
 from kms.mikey.derive import KeyDirection, MessageKeys
 from kms.mikey.message import Message
@@ -138,9 +138,10 @@ _AUTH = "kms_auth"
 
 
 class noting:  # noqa: N801 - used as a function: ``with noting(audit, auth):``
-    """Whatever is raised in the block carries ``audit`` (fields noted deeper inside win)
-    and, if given and none is noted yet, the authenticated sender ``auth``. (A class, not a
-    generator context manager: several run on every exchange.)"""
+    """Whatever is raised in the block (a cancellation thrown in at a step included) carries
+    ``audit`` (fields noted deeper inside win) and, if given and none is noted yet, the
+    authenticated sender ``auth``. (A class, not a generator context manager: several run
+    on every exchange.)"""
 
     __slots__ = ("_audit", "_auth")
 
@@ -151,7 +152,7 @@ class noting:  # noqa: N801 - used as a function: ``with noting(audit, auth):``
         return None
 
     def __exit__(self, _type: object, exc: BaseException | None, _tb: object) -> None:
-        if isinstance(exc, Exception):
+        if isinstance(exc, Exception | CallCancelled):
             setattr(exc, _AUDIT, {**self._audit, **noted_audit(exc)})
             if self._auth is not None and noted_auth(exc) is None:
                 setattr(exc, _AUTH, self._auth)

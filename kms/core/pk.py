@@ -203,8 +203,11 @@ class CertificateAuthenticator:
         identity = _bind_identity(v, id_role, leaf)
         self._verify_signature(v, leaf, identity.data, kms_id)
 
-        check_timestamp(v, deps, now)
-        env_key = yield from self._open_envelope(v)
+        # Signed by the identity's certificate: a refusal from here on, or a call cancelled
+        # while its PKE is decrypted (kms.core.steps), is audited with its sender.
+        with noting({"sender": identity.data.decode("utf-8", "replace")}):
+            check_timestamp(v, deps, now)
+            env_key = yield from self._open_envelope(v)
 
         rand = sender_of(v)[1].value
         rand_i, rand_r = (rand, None) if id_role == IdRole.IDRI else (None, rand)
@@ -268,8 +271,10 @@ class CertificateAuthenticator:
             self._verify_signature(v, leaf, identity.data, kms_id)
         except Refusal as refusal:
             raise auth_failure(f"peer {refusal.reason}") from None
-        check_timestamp(v, deps, now)
-        env_key = yield from self._open_envelope(v)
+        with noting({"sender": identity.data.decode("utf-8", "replace"),
+                     "peer": peer.kms_id.decode("utf-8", "replace")}):
+            check_timestamp(v, deps, now)
+            env_key = yield from self._open_envelope(v)
         check_peer_resolves_for(
             peer, identity.data, f"peer {peer.kms_id.decode('utf-8', 'replace')}"
         )

@@ -27,7 +27,7 @@ from kms.core.ports import PeerError, StoreUnavailable
 from kms.core.request import fresh_timestamp, handle_request
 from kms.core.resolve import Foreign, handle_resolve
 from kms.core.revocation import check_identity
-from kms.core.steps import Steps, drive
+from kms.core.steps import CallCancelled, Steps, drive
 from kms.keystore import KeyStoreError, TokenUnavailable
 from kms.mikey.buffer import Reader
 from kms.mikey.compose import InitialMessage, compose
@@ -165,6 +165,14 @@ class Kms:
             return self._fail(trail, exc, now, call.correlation_id)
         return self._issued(trail, issued)
 
+    def cancel_resolve(self, call: PeerCall) -> KmsReply:
+        """A forwarded resolve whose client cancelled while the peer KMS had not answered
+        (RFC 6043 9): one audit record with what the call knew, outcome CANCELLED. Whatever
+        the peer answers later is discarded by the caller; nothing is issued here."""
+        peer = call.peer.kms_id.decode("utf-8", "replace")
+        trail = _Trail(dict(call.audit))
+        return self._cancelled(trail, f"cancelled while waiting for peer KMS {peer}")
+
     def refuse_undecodable(
         self, size: int, now: float, *, correlation_id: str = "", detail: str = ""
     ) -> KmsReply:
@@ -282,6 +290,11 @@ class Kms:
             out = handler(view, trail.auth, self.deps, call, now)
         except Exception as exc:
             return self._fail(trail, exc, now, cid)
+        except CallCancelled as cancelled:
+            # Thrown in where the steps yielded the PKE's RSA decryption (the one operation
+            # they yield, kms.core.steps): nothing was issued, nothing was admitted.
+            trail.audit.update(noted_audit(cancelled))
+            return self._cancelled(trail, "cancelled while waiting for the token")
         if isinstance(out, PeerCall):
             # Audited when it finishes; the record so far travels with the call.
             return replace(out, audit={**trail.audit, **out.audit})
@@ -291,6 +304,17 @@ class Kms:
         audit = {**trail.audit, **issued.audit, "outcome": Outcome.OK.value}
         self.deps.audit.emit(audit)
         return KmsReply(Outcome.OK, issued.wire, audit=audit)
+
+    def _cancelled(self, trail: _Trail, reason: str) -> KmsReply:
+        """The record of a call cancelled at a step: written like a refusal's (what was known
+        so far, outcome, reason) but without ``error_no``, since no MIKEY error message is
+        made: the client is gone. Steps are cancelled only while they wait, before anything
+        is issued, so a call never has an "ok" and a "cancelled" record."""
+        audit = trail.audit
+        audit["event"] = "refused"
+        audit.update({"outcome": Outcome.CANCELLED.value, "reason": reason})
+        self.deps.audit.emit(audit)
+        return KmsReply(Outcome.CANCELLED, detail="call cancelled", audit=audit)
 
     def _fail(self, trail: _Trail, exc: Exception, now: float, cid: str) -> KmsReply:
         """Whatever a step raised, as a refusal: with what the step had noted."""

@@ -15,6 +15,15 @@ not decrypt -> Auth failure, a token that is gone -> UNAVAILABLE, ...).
 
 The core imports no thread or event-loop machinery: where the operation runs is the caller's
 decision alone.
+
+A caller that gives up on a call while a yielded operation runs (its client cancelled, its
+deadline passed) does not drop the steps: it throws :class:`CallCancelled` into them at the
+yield where they wait (:func:`cancel`), and the core answers with the record of a cancelled
+call (outcome CANCELLED, one audit record) instead of nothing. Throwing, rather than sending
+a marker as the operation's answer, puts the cancellation at the exact point the core
+waited, with everything it had noted so far on the stack, and needs no new member in any
+answer type: every ``yield`` is a point where the call may end this way, as every ``await``
+is for a coroutine.
 """
 
 from __future__ import annotations
@@ -47,6 +56,13 @@ class TokenIo(Generic[T]):
         return f"TokenIo({getattr(self.fn, '__name__', type(self.fn).__name__)})"
 
 
+class CallCancelled(BaseException):
+    """Thrown into a call's steps at the yield where they wait when their caller gives up
+    on the call (:func:`cancel`). A BaseException, as asyncio's CancelledError and
+    GeneratorExit are: no ``except Exception`` between the yield and the core's conversion
+    point may turn it into a refusal of the message (an Auth failure of a PKE, ...)."""
+
+
 # Steps of the core: they yield token operations, are sent back what each returned, and
 # return ``R``.
 Steps = Generator[TokenIo[Any], object, R]
@@ -75,9 +91,23 @@ def run_with(steps: Generator[Y, Any, R], run: Callable[[Y], object]) -> R:
         return cast(R, done.value)
 
 
+def cancel(steps: Generator[Any, Any, R]) -> R:
+    """Tell ``steps``, suspended at a yield, that their call was cancelled: throws
+    :class:`CallCancelled` there and returns what the steps then return (the core's reply
+    with outcome CANCELLED). Steps that have already returned cannot be cancelled (the
+    CallCancelled comes straight back: their record is written); steps that yield again
+    instead of returning are closed, and RuntimeError says so."""
+    try:
+        steps.throw(CallCancelled())
+    except StopIteration as done:
+        return cast(R, done.value)
+    steps.close()
+    raise RuntimeError("steps went on after their call was cancelled")
+
+
 def drive(steps: Generator[TokenIo[Any], object, R]) -> R:
     """Run ``steps`` to the end on this thread, each yielded operation at once."""
     return run_with(steps, TokenIo.__call__)
 
 
-__all__ = ["Steps", "TokenIo", "drive", "run_with", "token"]
+__all__ = ["CallCancelled", "Steps", "TokenIo", "cancel", "drive", "run_with", "token"]

@@ -38,6 +38,7 @@ import functools
 import logging
 import os
 import re
+import threading
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -48,7 +49,7 @@ import grpc
 
 from kms import rpc
 from kms.core.api import KmsHandler, KmsReply, Outcome, refuse_undecodable
-from kms.core.steps import TokenIo
+from kms.core.steps import TokenIo, cancel
 from kms.rpc import CORRELATION_KEY, ERROR_TRAILER, HOPS_KEY
 from kms.server import tracing
 from kms.server.admission import EventCounts, RateLimitedLog, peer_address
@@ -84,6 +85,7 @@ STATUS_BY_OUTCOME: dict[Outcome, grpc.StatusCode] = {
     Outcome.RATE_LIMITED: grpc.StatusCode.RESOURCE_EXHAUSTED,
     Outcome.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
     Outcome.INTERNAL: grpc.StatusCode.INTERNAL,
+    Outcome.CANCELLED: grpc.StatusCode.CANCELLED,
 }
 
 _CID_DROP = re.compile(r"[^A-Za-z0-9._:\-]")
@@ -186,9 +188,18 @@ class CoreRunner:
 
     async def steps(self, steps_fn: Callable[..., CallSteps], metadata: Any, *args: Any,
                     **kwargs: Any) -> KmsReply:
-        """A call as steps (inline only): the core's steps on the loop, each yielded token
-        operation awaited in the token thread, each peer call in the peer pool. (Neither
-        kind raises; a cancelled call leaves its operation to finish in its thread.)"""
+        """A call as steps. Inline: the core's steps on the loop, each yielded token
+        operation awaited in the token thread, each peer call in the peer pool. In threads
+        mode: the steps driven in the call's core thread (:meth:`_held_steps`). Neither kind
+        of operation raises.
+
+        A call cancelled while it waits for an operation (the client hung up, its deadline
+        passed, drain cut it off) is not dropped: the core is told at the step where it
+        waits (:func:`kms.core.steps.cancel`) and writes its record, outcome CANCELLED;
+        then the CancelledError goes on, so that gRPC ends the call as cancelled. The
+        operation may still finish in its thread; its result goes nowhere."""
+        if self._pool is not None:
+            return await self._threaded_steps(steps_fn, metadata, args, kwargs)
         tracing.set_incoming(metadata)
         steps = steps_fn(*args, **kwargs)
         answer: Any = None
@@ -201,6 +212,50 @@ class CoreRunner:
         except StopIteration as done:
             reply: KmsReply = done.value
             return reply
+        except asyncio.CancelledError:
+            # Only an await raises it: the steps wait at a yield. The audit write is
+            # synchronous and short; made before gRPC learns the call is over.
+            with self.slots.held():
+                _record_cancel(steps, kwargs.get("correlation_id", ""))
+            raise
+
+    async def _threaded_steps(self, steps_fn: Callable[..., CallSteps], metadata: Any,
+                              args: Any, kwargs: Any) -> KmsReply:
+        loop = asyncio.get_running_loop()
+        gave_up = threading.Event()
+        call = functools.partial(self._held_steps, steps_fn, metadata, args, kwargs, gave_up)
+        try:
+            return await loop.run_in_executor(self._pool, call)
+        except asyncio.CancelledError:
+            # Not yet started in the pool: it never will (the core never saw it). Started:
+            # the core thread tells the steps when the operation they wait for returns,
+            # and the core records the call then (it runs there, not here).
+            gave_up.set()
+            raise
+
+    def _held_steps(self, steps_fn: Callable[..., CallSteps], metadata: Any, args: Any,
+                    kwargs: Any, gave_up: threading.Event) -> KmsReply:
+        """Threads mode: the steps on this core thread, holding its slot except while a
+        peer call waits on the network (kms.server.slots); ``gave_up`` set (the call was
+        cancelled) before or while an operation runs: the core is told, not sent its result."""
+        tracing.set_incoming(metadata)
+        with self.slots.held():
+            steps = steps_fn(*args, **kwargs)
+            answer: Any = None
+            try:
+                while True:
+                    io = steps.send(answer)
+                    if not gave_up.is_set():
+                        if isinstance(io, TokenIo):
+                            answer = io()
+                        else:
+                            with self.slots.released():
+                                answer = io()
+                    if gave_up.is_set():
+                        return _record_cancel(steps, kwargs.get("correlation_id", ""))
+            except StopIteration as done:
+                reply: KmsReply = done.value
+                return reply
 
     def _pool_for(self, io: Callable[[], Any]) -> futures.ThreadPoolExecutor:
         if isinstance(io, TokenIo):
@@ -219,6 +274,23 @@ class CoreRunner:
                 pool.shutdown(wait=False, cancel_futures=True)
 
 
+def _record_cancel(steps: CallSteps, cid: str) -> KmsReply:
+    """Tell ``steps`` their call was cancelled; the core records it (one audit record,
+    outcome CANCELLED; the metrics and the span of an observed handler count it). Whatever
+    goes wrong here is logged (type only) and becomes an INTERNAL reply, which nobody
+    receives: the cancellation itself must go on."""
+    try:
+        reply = cancel(steps)
+    except Exception as exc:
+        log.error("recording a cancelled call raised %s", type(exc).__name__,
+                  extra={"fields": {"correlation_id": cid}})
+        return KmsReply(Outcome.INTERNAL)
+    if log.isEnabledFor(logging.DEBUG):
+        log.debug("call cancelled", extra={"fields": {
+            "correlation_id": cid, "outcome": reply.outcome.value, "code": "CANCELLED"}})
+    return reply
+
+
 class KmsServicer:
     """RequestTicket / ResolveTicket on the event loop; counts in-flight calls for
     draining."""
@@ -232,15 +304,14 @@ class KmsServicer:
         # One slot and no threads: the core runs on the loop, one call at a time.
         self.slots = slots or CoreSlots(max(threads, 1))
         self.runner = CoreRunner(self.slots, threads)
-        # Inline, calls run as steps when the handler offers them (kms.server.federated);
-        # in threads mode the plain methods drive the same steps in the core thread.
+        # Calls run as steps when the handler offers them (kms.server.federated): inline
+        # on the loop, in threads mode in the core thread; either way a call cancelled
+        # while a step waits is recorded by the core (CoreRunner.steps).
         steps = getattr(handler, "resolve_steps", None)
-        self._steps: Callable[..., CallSteps] | None = (
-            steps if callable(steps) and self.runner.inline else None
-        )
+        self._steps: Callable[..., CallSteps] | None = steps if callable(steps) else None
         request = getattr(handler, "request_steps", None)
         self._request_steps: Callable[..., CallSteps] | None = (
-            request if callable(request) and self.runner.inline else None
+            request if callable(request) else None
         )
         self._inflight = 0
         self._idle: asyncio.Event | None = None

@@ -34,7 +34,7 @@ from kms.core.context import Deps
 from kms.core.federation import PeerCall
 from kms.core.ports import PeerError, PeerFailure, PeerResolver
 from kms.core.service import Kms
-from kms.core.steps import TokenIo, run_with
+from kms.core.steps import CallCancelled, TokenIo, run_with
 from kms.server.slots import CoreSlots
 
 # gRPC status names a peer may refuse with, and what our Responder then gets.
@@ -111,14 +111,20 @@ class FederatingHandler:
         """The resolve as steps: the core's first steps (a RESOLVE_INIT_PK yields its
         token operation), then (a ticket of a peer KMS, RFC 6043 9) ``yield`` of the peer
         call for the caller to make off the event loop, then the core's last step with its
-        answer."""
+        answer. A call cancelled while it waits (:func:`kms.core.steps.cancel`) is recorded by
+        the core as CANCELLED, at either kind of step."""
         started = self._monotonic()
         step = yield from self.core.resolve_first_steps(
             wire, now, correlation_id=correlation_id, hops=hops
         )
         if not isinstance(step, PeerCall):
             return step
-        answer = yield functools.partial(self._forward, step)
+        try:
+            answer = yield functools.partial(self._forward, step)
+        except CallCancelled:
+            # The client gave up while the peer had not answered: the core records it;
+            # the peer's answer, if it still comes, goes nowhere.
+            return self.core.cancel_resolve(step)
         # The time the answer arrived, on the caller's clock (a test may pass a fixed one).
         return self.core.finish_resolve(step, answer, now + (self._monotonic() - started))
 

@@ -65,6 +65,7 @@ STATUS_NAMES: dict[Outcome, str] = {
     Outcome.RATE_LIMITED: "RESOURCE_EXHAUSTED",
     Outcome.UNAVAILABLE: "UNAVAILABLE",
     Outcome.INTERNAL: "INTERNAL",
+    Outcome.CANCELLED: "CANCELLED",
 }
 METHODS = {"request_ticket": "RequestTicket", "resolve_ticket": "ResolveTicket"}
 _ERROR_NOS = frozenset(str(int(e)) for e in ErrorNo)

@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 from kms.core.api import KmsHandler, KmsReply, Outcome, refuse_undecodable
 from kms.core.ports import PeerError, PeerKms, PeerResolver
-from kms.core.steps import TokenIo
+from kms.core.steps import CallCancelled, TokenIo
 from kms.keystore import (
     Digest,
     Key,
@@ -145,14 +145,18 @@ class ObservedHandler:
         try:
             steps: CallSteps = inner_steps(*args, **kw)
             answer: Any = None
+            cancelled: CallCancelled | None = None
             while True:
                 try:
                     with _current(span):
-                        io = steps.send(answer)
+                        io = steps.send(answer) if cancelled is None else steps.throw(cancelled)
                 except StopIteration as done:
                     reply = done.value
                     break
-                answer = yield io if span is None else _spanned(span, io)
+                try:
+                    answer = yield io if span is None else _spanned(span, io)
+                except CallCancelled as exc:  # passed on to the steps that waited
+                    cancelled = exc
             if span is not None:
                 self._annotate(span, reply)
             return reply

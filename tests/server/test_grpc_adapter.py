@@ -147,6 +147,8 @@ EXPECTED = {
     Outcome.RATE_LIMITED: grpc.StatusCode.RESOURCE_EXHAUSTED,
     Outcome.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
     Outcome.INTERNAL: grpc.StatusCode.INTERNAL,
+    # Only a cancelled call gets it, and its client is gone; the mapping is still one.
+    Outcome.CANCELLED: grpc.StatusCode.CANCELLED,
 }
 
 
