@@ -21,16 +21,20 @@ from cryptography.hazmat.primitives.serialization import Encoding, load_der_publ
 from cryptography.x509.oid import NameOID
 
 from kms.core.api import KmsReply, Outcome
+from kms.core.federation import PeerCall
 from kms.core.pk import CertificateAuthenticator, EnvelopeKey
-from kms.core.steps import TokenIo, drive, token
-from kms.endpoint.initiator import DesiredPolicy
+from kms.core.policy import KmsPolicy
+from kms.core.ports import PeerKms
+from kms.core.steps import CallCancelled, TokenIo, cancel, drive, token
+from kms.endpoint.common import Credentials
+from kms.endpoint.initiator import DesiredPolicy, Initiator
 from kms.endpoint.pk import PkCredentials, PkInitiator
 from kms.keystore import InvalidSealedData, KeyRef, TokenUnavailable
-from kms.mikey.constants import ErrorNo
+from kms.mikey.constants import ErrorNo, IdType
 from kms.mikey.message import Message
 from kms.mikey.payloads import Error
 from kms.store.memory import MemoryReplayCache
-from tests.core.world import ALICE, BOB, KMS_ID, World, make_world
+from tests.core.world import ALICE, BOB, KMS_ID, PSKS, World, make_world
 
 ENVELOPE = "kms/envelope"
 DAY = dt.timedelta(days=1)
@@ -214,3 +218,118 @@ def test_token_io_returns_what_the_operation_raised() -> None:
         return "not reached"
 
     assert drive(steps()) == "b'xxx' then unavailable"
+
+
+# --- a call cancelled while its steps wait (kms.core.steps.cancel) ---------------------------
+
+
+def test_a_pk_request_cancelled_at_its_rsa_step_has_one_cancelled_record(
+    pk_core: PkCore,
+) -> None:
+    wire = pk_core.pk_request()
+    pk_core.fresh()
+    sink = pk_core.world.sink
+    before = len(sink.records)
+    steps = pk_core.world.kms.request_steps(wire, pk_core.world.now, correlation_id="c-cancel")
+    assert isinstance(next(steps), TokenIo)  # waiting for the PKE's RSA decryption
+    reply = cancel(steps)
+    assert reply.outcome is Outcome.CANCELLED and not reply.ok
+    assert reply.data == b"" and reply.error_message is None  # nobody to send one to
+    [record] = sink.records[before:]
+    assert record["outcome"] == "cancelled" and record["event"] == "refused"
+    assert record["reason"] == "cancelled while waiting for the token"
+    assert record["sender"] == ALICE.decode()  # its signature had verified
+    assert record["correlation_id"] == "c-cancel"
+    assert record["data_type"] == "REQUEST_INIT_PK"
+    assert "error_no" not in record and "ticket_id" not in record
+    # Nothing was admitted either: the same message is still answered (no replay).
+    again = drive(pk_core.world.kms.request_steps(wire, pk_core.world.now))
+    assert again.ok, again.audit
+    assert [r["outcome"] for r in sink.records[before:]] == ["cancelled", "ok"]
+
+
+def test_steps_that_returned_cannot_be_cancelled(pk_core: PkCore) -> None:
+    """The ticket is issued after the last yield, on the same run of the steps: once
+    issued (and its "ok" record written) there is no yield left to cancel at."""
+    wire = pk_core.pk_request()
+    pk_core.fresh()
+    sink = pk_core.world.sink
+    before = len(sink.records)
+    steps = pk_core.world.kms.request_steps(wire, pk_core.world.now)
+    io = next(steps)
+    assert isinstance(io, TokenIo)
+    with pytest.raises(StopIteration) as done:
+        steps.send(io())
+    assert done.value.value.ok
+    with pytest.raises(CallCancelled):
+        cancel(steps)
+    assert [r["outcome"] for r in sink.records[before:]] == ["ok"]  # never also "cancelled"
+
+
+def test_steps_that_go_on_after_a_cancel_are_closed() -> None:
+    closed: list[bool] = []
+
+    def stubborn() -> Generator[str, object, str]:
+        try:
+            try:
+                yield "first"
+            except CallCancelled:
+                yield "again"
+            return "no"
+        finally:
+            closed.append(True)
+
+    steps = stubborn()
+    next(steps)
+    with pytest.raises(RuntimeError, match="after their call was cancelled"):
+        cancel(steps)
+    assert closed == [True]
+
+
+def test_a_cancel_passes_every_except_exception_of_the_core() -> None:
+    """CallCancelled is no Exception: a step's error handling cannot turn it into a
+    refusal of the message."""
+    def guarded() -> Generator[TokenIo[Any], object, str]:
+        try:
+            yield from token(lambda: b"x")
+        except Exception:
+            return "refused"
+        return "done"
+
+    steps = guarded()
+    next(steps)
+    with pytest.raises(CallCancelled):
+        cancel(steps)
+    assert not issubclass(CallCancelled, Exception)
+
+
+OTHER_KMS = b"kms:other.example"
+
+
+def test_a_federated_resolve_cancelled_while_the_peer_has_not_answered() -> None:
+    """RFC 6043 9: Bob resolves, at our KMS, a ticket another KMS issued; the core returns
+    the peer call; the call is cancelled before the peer answers: one record, CANCELLED,
+    with Bob, the peer and the ticket's issuer, and nothing issued."""
+    world = make_world()
+    world.kms.deps.federation = True
+    world.directory.keystore.import_secret("peer/other", bytes.fromhex("ab" * 32))
+    world.directory.peers[OTHER_KMS] = PeerKms(OTHER_KMS, KeyRef("peer/other"))
+    other = make_world(KmsPolicy(kms_id=OTHER_KMS))
+    ini = Initiator(Credentials(ALICE, PSKS[ALICE], OTHER_KMS, IdType.URI), other.sw)
+    wire, pending = ini.request_ticket(DesiredPolicy(responders=(BOB,)), other.now)
+    issued = other.kms.request_ticket(wire, other.now)
+    assert issued.ok, issued.audit
+    grant = ini.accept_ticket(pending, issued.data, other.now)
+    ti, _ = ini.transfer_init(grant, world.now, BOB, ())
+    ri, _ = world.responder(BOB).receive_transfer_init(ti, world.now)
+    call = drive(world.kms.resolve_first_steps(ri, world.now, correlation_id="f-cancel"))
+    assert isinstance(call, PeerCall)
+    assert world.sink.records == []  # audited when it finishes
+    reply = world.kms.cancel_resolve(call)
+    assert reply.outcome is Outcome.CANCELLED and reply.data == b""
+    [record] = world.sink.records
+    assert record["outcome"] == "cancelled"
+    assert record["reason"] == "cancelled while waiting for peer KMS kms:other.example"
+    assert record["sender"] == BOB.decode() and record["peer"] == OTHER_KMS.decode()
+    assert record["correlation_id"] == "f-cancel"
+    assert record["event"] == "refused"
