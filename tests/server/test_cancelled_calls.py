@@ -1,0 +1,165 @@
+"""A call its client cancels while the core waits for a step off the event loop (here the
+PKE's RSA decryption, RFC 3830 4.2.5) still gets its one audit record, outcome
+``cancelled``, with the initiator's identity; it is counted under that outcome, nothing is
+issued for it, and the server goes on serving. Both core modes: inline on the loop (the
+core is told at once) and in threads (the core thread tells the core when the operation it
+waits for returns). Also when drain cuts the call off after its grace.
+
+A real KMS home with its SoftHSM2 token and a real gRPC server on 127.0.0.1; the key store
+holds rsa_decrypt until the test lets it go (tests/server/test_pk_offloop.py)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from prometheus_client import CollectorRegistry
+
+from kms import rpc
+from kms.endpoint.initiator import DesiredPolicy
+from kms.rpc import CORRELATION_KEY
+from kms.server.grpc_server import KmsServer
+from kms.server.metrics import ServerMetrics
+from kms.server.observed import ObservedHandler
+from kms.server.slots import CoreSlots
+from tests.pki import Pki, make_pki
+from tests.server.test_pk import PkWorld, enable_pk
+from tests.server.test_pk_offloop import HeldKeyStore
+from tests.server.world import ALICE, BOB, make_world
+
+
+@pytest.fixture(scope="module")
+def cancel_pki() -> Pki:
+    return make_pki(dt.datetime.now(dt.UTC).replace(microsecond=0))
+
+
+@dataclass
+class Held:
+    pk: PkWorld
+    store: HeldKeyStore
+    server: KmsServer
+    registry: CollectorRegistry
+    mode: str
+
+    def records(self, cid: str) -> list[dict[str, Any]]:
+        path = self.pk.world.home.path / "audit.log"
+        lines = path.read_text().splitlines() if path.exists() else []
+        return [r for r in map(json.loads, lines) if r.get("correlation_id") == cid]
+
+    def wait_record(self, cid: str) -> dict[str, Any]:
+        """The call's record, once written (the core writes it synchronously when told; in
+        threads mode when the held operation returns). Bounded wait, no timing asserted."""
+        deadline = time.monotonic() + 10
+        while not (found := self.records(cid)) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert len(found) == 1, found
+        return found[0]
+
+    def calls(self, outcome: str, code: str) -> float:
+        value = self.registry.get_sample_value(
+            "kms_calls_total",
+            {"method": "RequestTicket", "outcome": outcome, "code": code, "mikey_error": "none"},
+        )
+        return value or 0.0
+
+    def tickets(self) -> float:
+        return sum(
+            s.value for m in self.registry.collect() if m.name == "kms_tickets_issued"
+            for s in m.samples if s.name == "kms_tickets_issued_total"
+        )
+
+
+@pytest.fixture(params=["inline", "threads"])
+def held(request: pytest.FixtureRequest, tmp_path: Path, cancel_pki: Pki, free_port: Any
+         ) -> Iterator[Held]:
+    for world in make_world(tmp_path / "home"):
+        pk = enable_pk(world, cancel_pki)
+        deps = pk.world.kms.deps  # type: ignore[attr-defined]
+        store = HeldKeyStore(deps.keystore)
+        deps.keystore = store
+        registry = CollectorRegistry()
+        handler = ObservedHandler(pk.world.kms, ServerMetrics(registry))  # type: ignore[arg-type]
+        threads = 0 if request.param == "inline" else 2
+        server = KmsServer(handler, f"127.0.0.1:{free_port()}", slots=CoreSlots(1),
+                           core_threads=threads)
+        assert server.inline is (request.param == "inline")
+        server.start()
+        try:
+            yield Held(pk, store, server, registry, request.param)
+        finally:
+            store.release.set()
+            server.stop()
+
+
+def _check_cancelled(h: Held, record: dict[str, Any], cid: str) -> None:
+    assert record["outcome"] == "cancelled"
+    assert record["event"] == "refused"
+    assert record["reason"] == "cancelled while waiting for the token"
+    assert record["sender"] == ALICE.decode()
+    assert record["data_type"] == "REQUEST_INIT_PK"
+    assert record["correlation_id"] == cid
+    assert "error_no" not in record  # no MIKEY error message: nobody to send it to
+    assert not any(isinstance(v, bytes) for v in record.values())
+
+
+def test_a_pk_request_cancelled_while_its_rsa_step_is_held(held: Held) -> None:
+    pk, store = held.pk, held.store
+    ini = pk.initiator()
+    wire, _ = ini.request_ticket(DesiredPolicy(responders=(BOB,)), pk.now)
+    cid = f"cancel-{held.mode}"
+    with grpc.insecure_channel(f"127.0.0.1:{held.server.port}") as ch:
+        stub = rpc.client_stub(ch)
+        pending = stub.RequestTicket.future(rpc.MikeyMessage(data=wire), timeout=15,
+                                            metadata=((CORRELATION_KEY, cid),))
+        assert store.entered.wait(5)
+        assert pending.cancel()
+        if held.mode == "inline":
+            # Recorded at once, while the RSA operation is still held in the token thread.
+            record = held.wait_record(cid)
+            store.release.set()
+        else:
+            # The core thread waits in the operation; the core hears of it when it returns.
+            assert held.records(cid) == []
+            store.release.set()
+            record = held.wait_record(cid)
+        _check_cancelled(held, record, cid)
+        # The server goes on serving: the next PK Ticket Request is issued.
+        wire2, state2 = ini.request_ticket(DesiredPolicy(responders=(BOB,)), pk.now)
+        data = stub.RequestTicket(rpc.MikeyMessage(data=wire2), timeout=10).data
+        assert ini.accept_ticket(state2, data, pk.now).session_keys
+    assert len(held.records(cid)) == 1  # exactly one record, never also an "ok" one
+    assert held.calls("cancelled", "CANCELLED") == 1
+    assert held.calls("ok", "OK") == 1
+    assert held.tickets() == 1  # the second request's only
+
+
+def test_a_pk_request_cut_off_by_drain_is_recorded_cancelled(held: Held) -> None:
+    pk, store = held.pk, held.store
+    wire, _ = pk.initiator().request_ticket(DesiredPolicy(responders=(BOB,)), pk.now)
+    cid = f"drained-{held.mode}"
+    with grpc.insecure_channel(f"127.0.0.1:{held.server.port}") as ch:
+        pending = rpc.client_stub(ch).RequestTicket.future(
+            rpc.MikeyMessage(data=wire), timeout=15, metadata=((CORRELATION_KEY, cid),))
+        assert store.entered.wait(5)
+        drained: list[bool] = []
+        drainer = threading.Thread(target=lambda: drained.append(held.server.drain(0.3)))
+        drainer.start()
+        drainer.join(20)
+        assert drained == [False]  # the grace passed with the call in flight: cut off
+        with pytest.raises(grpc.RpcError):
+            pending.result()
+    if held.mode == "threads":
+        store.release.set()
+    record = held.wait_record(cid)
+    store.release.set()
+    _check_cancelled(held, record, cid)
+    assert held.calls("cancelled", "CANCELLED") == 1
+    assert held.tickets() == 0
