@@ -189,6 +189,39 @@ def test_slow_peer_is_unavailable_within_its_deadline(fed: Fed) -> None:
     assert "DEADLINE_EXCEEDED" in str(b_rec["reason"])
 
 
+def test_resolve_cancelled_while_the_peer_has_not_answered_is_audited(fed: Fed) -> None:
+    """Bob's client gives up (its deadline, shorter than B's to C) while B waits for C's
+    answer: B writes one record, outcome cancelled, naming Bob and the peer; B goes on
+    serving, and C's late answer (here a refusal) is used for nothing."""
+    ini, grant = grant_from(fed, "C", CAROL, (BOB,))
+    fed.relay.mode = "slow"
+    fed.relay.release.clear()
+    correlation = cid()
+    try:
+        ti, _pending = ini.transfer_init(grant, time.time(), BOB, SESSIONS)
+        wire, _pr = fed.responder(BOB, "B").receive_transfer_init(ti, time.time())
+        with pytest.raises(KmsRefused) as info:
+            fed.client("B", timeout=0.3).resolve_ticket(wire, correlation_id=correlation)
+        assert info.value.code is grpc.StatusCode.DEADLINE_EXCEEDED
+        deadline = time.monotonic() + 10  # a bounded wait for B's record, nothing timed
+        while not fed["B"].audit(correlation) and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        fed.relay.release.set()
+        fed.relay.mode = "pass"
+    (b_rec,) = fed["B"].audit(correlation)
+    assert b_rec["outcome"] == "cancelled"
+    assert b_rec["reason"] == "cancelled while waiting for peer KMS kms:c.example"
+    assert b_rec["sender"] == BOB.decode() and b_rec["peer"] == "kms:c.example"
+    assert "error_no" not in b_rec
+    # B serves the next federated resolve through the relay.
+    ini, grant = grant_from(fed, "C", CAROL, (BOB,))
+    call = run_call(fed.client("C"), ini, fed.client("B"), fed.responder(BOB, "B"),
+                    grant=grant, sessions=SESSIONS)  # fmt: skip
+    check_srtp(call.initiator.srtp[0], call.responder.srtp[0])
+    assert fed["B"].audit(correlation) == [b_rec]  # still one: the late answer added none
+
+
 @pytest.mark.parametrize("mode", ["forge", "stale"])
 def test_forged_peer_response_is_caught(fed: Fed, mode: str) -> None:
     """The answer on B's route to C is tampered with (a flipped MAC byte) or is a genuine
