@@ -24,15 +24,20 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from kms import rpc
+from kms.core.api import Outcome
+from kms.core.steps import cancel
 from kms.endpoint.initiator import DesiredPolicy
 from kms.rpc import CORRELATION_KEY
+from kms.server.federated import FederatingHandler
 from kms.server.grpc_server import KmsServer
 from kms.server.metrics import ServerMetrics
 from kms.server.observed import ObservedHandler
 from kms.server.slots import CoreSlots
+from kms.server.tracing import Tracer
 from tests.pki import Pki, make_pki
 from tests.server.test_pk import PkWorld, enable_pk
-from tests.server.test_pk_offloop import HeldKeyStore
+from tests.server.test_pk_offloop import HeldKeyStore, Spans
+from tests.server.test_slots import BlockedPeer, SteppedCore
 from tests.server.world import ALICE, BOB, make_world
 
 
@@ -163,3 +168,26 @@ def test_a_pk_request_cut_off_by_drain_is_recorded_cancelled(held: Held) -> None
     _check_cancelled(held, record, cid)
     assert held.calls("cancelled", "CANCELLED") == 1
     assert held.tickets() == 0
+
+
+def test_the_observed_federating_handler_passes_a_cancel_to_the_core() -> None:
+    """A resolve cancelled at its peer call (RFC 6043 9): the observing layer hands the
+    cancellation to the federating handler, which has the core record it; the call is
+    counted as cancelled and its span says so (a client's cancel is no server error)."""
+    core, peer = SteppedCore(), BlockedPeer()
+    registry, spans = CollectorRegistry(), Spans()
+    handler = ObservedHandler(
+        FederatingHandler(core, peer, CoreSlots(1)),  # type: ignore[arg-type]
+        ServerMetrics(registry), Tracer(spans),  # type: ignore[arg-type]
+    )
+    steps = handler.resolve_steps(b"t", 1000.0, correlation_id="c")
+    next(steps)  # the peer call, never made here
+    reply = cancel(steps)
+    assert reply.outcome is Outcome.CANCELLED
+    assert [c.wire for c in core.cancelled] == [b"t"] and core.finished == []
+    assert not peer.entered.is_set()
+    assert registry.get_sample_value("kms_calls_total", {
+        "method": "ResolveTicket", "outcome": "cancelled", "code": "CANCELLED",
+        "mikey_error": "none"}) == 1
+    [span] = spans.spans
+    assert span.attributes["kms.outcome"] == "cancelled" and not span.error

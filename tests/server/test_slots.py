@@ -102,6 +102,7 @@ class SteppedCore:
 
     def __init__(self) -> None:
         self.finished: list[tuple[bytes | PeerError, float]] = []
+        self.cancelled: list[PeerCall] = []
 
     def resolve_step(self, wire: bytes, now: float, *, correlation_id: str = "",
                      hops: int = 0) -> PeerCall:
@@ -114,6 +115,10 @@ class SteppedCore:
         """The core's first step as steps (it yields no token operation here)."""
         return self.resolve_step(wire, now, correlation_id=correlation_id, hops=hops)
         yield  # a generator
+
+    def cancel_resolve(self, call: PeerCall) -> KmsReply:
+        self.cancelled.append(call)
+        return KmsReply(Outcome.CANCELLED, audit={"reason": "cancelled"})
 
     def finish_resolve(self, call: PeerCall, answer: bytes | PeerError,
                        now: float) -> KmsReply:
