@@ -49,7 +49,7 @@ import grpc
 
 from kms import rpc
 from kms.core.api import KmsHandler, KmsReply, Outcome, refuse_undecodable
-from kms.core.steps import TokenIo, cancel
+from kms.core.steps import CallCancelled, TokenIo, cancel
 from kms.rpc import CORRELATION_KEY, ERROR_TRAILER, HOPS_KEY
 from kms.server import tracing
 from kms.server.admission import EventCounts, RateLimitedLog, peer_address
@@ -281,6 +281,10 @@ def _record_cancel(steps: CallSteps, cid: str) -> KmsReply:
     receives: the cancellation itself must go on."""
     try:
         reply = cancel(steps)
+    except CallCancelled:
+        # Steps that do not answer a cancellation (a handler's own, without the core's
+        # record): nothing more to record.
+        return KmsReply(Outcome.CANCELLED)
     except Exception as exc:
         log.error("recording a cancelled call raised %s", type(exc).__name__,
                   extra={"fields": {"correlation_id": cid}})

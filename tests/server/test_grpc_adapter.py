@@ -345,6 +345,21 @@ def test_drain_cuts_off_calls_that_outlive_the_grace(
         slow.result()
 
 
+def test_steps_that_ignore_a_cancel_leave_the_server_serving(
+    stub: Any, handler: ScriptedHandler, server: KmsServer
+) -> None:
+    """A handler's own steps that do not answer a cancellation (no core behind them): the
+    cancellation still ends the call, and nothing escapes the adapter."""
+    pending = stub.ResolveTicket.future(rpc.MikeyMessage(data=b"block"), timeout=10)
+    assert handler.entered.wait(5)
+    assert pending.cancel()
+    resp, code, *_ = call(stub, b"ok")
+    assert code is grpc.StatusCode.OK and resp.data == b"RESP:request"
+    handler.release.set()
+    resp, code, *_ = call(stub, b"ok", "ResolveTicket")
+    assert code is grpc.StatusCode.OK and resp.data == b"RESP:resolve"
+
+
 def test_port_in_use_is_a_one_line_error(server: KmsServer) -> None:
     with pytest.raises(ServerError, match=r"^cannot listen on 127\.0\.0\.1:\d+ \(address in use"):
         KmsServer(ScriptedHandler(), f"127.0.0.1:{server.port}")
