@@ -29,6 +29,10 @@ millisecond of C in SoftHSM, runs in the token thread (one per worker). While it
 loop serves the worker's other calls (PSK exchanges, health checks); if the token hangs in
 that operation, the PK call waits and the rest of the worker goes on serving. In threads
 mode each call drives its own steps in its core thread, holding its slot as before.
+
+A call cancelled while its steps wait (client cancel, deadline, drain) is handed back to the
+core at the step where it waits (:func:`kms.core.steps.cancel`), which writes its one audit
+record with outcome CANCELLED; then the cancellation goes on to gRPC.
 """
 
 from __future__ import annotations
