@@ -14,7 +14,7 @@ import datetime as dt
 import json
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -191,3 +191,41 @@ def test_the_observed_federating_handler_passes_a_cancel_to_the_core() -> None:
         "mikey_error": "none"}) == 1
     [span] = spans.spans
     assert span.attributes["kms.outcome"] == "cancelled" and not span.error
+
+
+@pytest.mark.parametrize("mode", ["inline", "threads"])
+def test_a_federated_resolve_cancelled_before_the_peer_answers(mode: str,
+                                                               free_port: Any) -> None:
+    """RFC 6043 9 over a real server: the client cancels while the peer call waits; the
+    core records the cancel (inline at once; in threads mode when the peer call returns)
+    and the peer's late answer is used for nothing; the next resolve is answered."""
+    core, peer = SteppedCore(), BlockedPeer()
+    handler = FederatingHandler(core, peer, CoreSlots(1))  # type: ignore[arg-type]
+    server = KmsServer(handler, f"127.0.0.1:{free_port()}", slots=CoreSlots(1),
+                       core_threads=0 if mode == "inline" else 2)
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+            stub = rpc.client_stub(ch)
+            pending = stub.ResolveTicket.future(rpc.MikeyMessage(data=b"t"), timeout=10)
+            assert peer.entered.wait(5)
+            assert pending.cancel()
+            if mode == "threads":
+                assert core.cancelled == []  # the core thread still waits for the peer
+            else:
+                _wait_for(lambda: bool(core.cancelled))
+            peer.release.set()
+            _wait_for(lambda: bool(core.cancelled))
+            assert [c.wire for c in core.cancelled] == [b"t"]
+            assert stub.ResolveTicket(rpc.MikeyMessage(data=b"u"), timeout=10).data == b"answer:u"
+    finally:
+        peer.release.set()
+        server.stop()
+    assert [answer for answer, _ in core.finished] == [b"answer:u"]  # never b"answer:t"
+
+
+def _wait_for(cond: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + 10  # bounded; no timing asserted
+    while not cond() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert cond()
