@@ -70,6 +70,15 @@ def _resolve(
     return out
 
 
+def _refused_event(audit: dict[str, object]) -> dict[str, object]:
+    """The ``event`` of a record that issued nothing: "refused", unless a step named it
+    otherwise (a forwarded resolve stays "ticket.forwarded", whatever its outcome)."""
+    audit.setdefault("event", "refused")
+    if audit["event"] in ("ticket.issued", "ticket.resolved"):
+        audit["event"] = "refused"
+    return audit
+
+
 @dataclass
 class _Trail:
     """What the error path of one step needs: the audit record so far, the message (for
@@ -310,8 +319,7 @@ class Kms:
         so far, outcome, reason) but without ``error_no``, since no MIKEY error message is
         made: the client is gone. Steps are cancelled only while they wait, before anything
         is issued, so a call never has an "ok" and a "cancelled" record."""
-        audit = trail.audit
-        audit["event"] = "refused"
+        audit = _refused_event(trail.audit)
         audit.update({"outcome": Outcome.CANCELLED.value, "reason": reason})
         self.deps.audit.emit(audit)
         return KmsReply(Outcome.CANCELLED, detail="call cancelled", audit=audit)
@@ -354,10 +362,7 @@ class Kms:
         return self._refuse(trail, internal, now, sign=False)
 
     def _refuse(self, trail: _Trail, r: Refusal, now: float, *, sign: bool = True) -> KmsReply:
-        audit = trail.audit
-        audit.setdefault("event", "refused")
-        if audit["event"] in ("ticket.issued", "ticket.resolved"):
-            audit["event"] = "refused"
+        audit = _refused_event(trail.audit)
         audit.update(
             {"outcome": r.outcome.value, "error_no": int(r.error_no), "reason": r.reason}
         )

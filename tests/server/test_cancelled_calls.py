@@ -132,6 +132,8 @@ def test_a_pk_request_cancelled_while_its_rsa_step_is_held(held: Held) -> None:
             store.release.set()
         else:
             # The core thread waits in the operation; the core hears of it when it returns.
+            # (The call is over for the server once its handler has seen the cancel.)
+            _wait_for(lambda: held.server.servicer.inflight == 0)
             assert held.records(cid) == []
             store.release.set()
             record = held.wait_record(cid)
@@ -211,6 +213,7 @@ def test_a_federated_resolve_cancelled_before_the_peer_answers(mode: str,
             assert peer.entered.wait(5)
             assert pending.cancel()
             if mode == "threads":
+                _wait_for(lambda: server.servicer.inflight == 0)  # the server saw the cancel
                 assert core.cancelled == []  # the core thread still waits for the peer
             else:
                 _wait_for(lambda: bool(core.cancelled))
