@@ -322,6 +322,8 @@ def serve_once(
         # RFC 6043 9: tickets issued by a peer KMS are resolved by asking it (per process),
         # without holding a core slot while the peer answers.
         peers = GrpcPeerResolver.from_config(home.config, home.stores.open_registry)
+        if observed is not None and peers.client_watch is not None:
+            observed.watch_tls(peers.client_watch)  # kms_tls_*{listener="federation_client"}
         home.stores.start_background()  # cluster mode: registry change watch, pruning
         if observed is None:
             handler = build_handler(home, peers=peers, workers=plan.workers, slots=slots)
