@@ -16,6 +16,9 @@ Guarantees kept from the thread-pool server: ``maximum_concurrent_rpcs`` admitte
 request-arrival timeout, shedding, per-address bound), request and metadata size limits,
 connection ageing and SO_REUSEPORT only when several workers share the port, and draining
 (NOT_SERVING, no call started after it began, in-flight calls finished within the grace).
+
+TLS follows renewed certificate files without a restart (:func:`tls_credentials`, grpcio's
+dynamic server credentials fed by :class:`kms.server.tls_files.TlsWatch`).
 """
 
 from __future__ import annotations
