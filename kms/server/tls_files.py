@@ -227,6 +227,12 @@ class TlsWatch:
             self._checked = t
             stamp = self._stat()
             if stamp == self._stamp:
+                if self._rejected is not None:  # the refused files were put back as served
+                    self._rejected = None
+                    log.info("TLS files back to the ones served",
+                             extra={"fields": {"listener": self.listener}})
+                    if self._events is not None:
+                        self._events.pending(self.listener, False)
                 return None
             try:
                 material = load_material(self.cert, self.key, self.client_ca, now=self._now())

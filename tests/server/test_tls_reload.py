@@ -148,27 +148,32 @@ def test_mismatched_pair_is_refused_and_the_old_certificate_kept(
     assert any("TLS certificate reloaded" in r.getMessage() for r in caplog.records)
 
 
+def _expired(s: Served, ca: Ca) -> None:
+    install(s.folder, ca.issue("old", expired=True))  # a matching pair, only the dates wrong
+
+
+def _not_a_certificate(s: Served, ca: Ca) -> None:
+    replace(s.cert, b"-----BEGIN CERTIFICATE-----\nnot base64\n")
+
+
+def _not_a_key(s: Served, ca: Ca) -> None:
+    replace(s.key, b"garbage")
+
+
+def _missing_key(s: Served, ca: Ca) -> None:
+    s.key.unlink()
+
+
 @pytest.mark.parametrize(
     ("write", "reason"),
-    [
-        (lambda ca: (ca.issue("x", expired=True).cert_pem, None), "expired"),
-        (lambda ca: (b"-----BEGIN CERTIFICATE-----\nnot base64\n", None), "certificate_invalid"),
-        (lambda ca: (None, b"garbage"), "key_invalid"),
-    ],
+    [(_expired, "expired"), (_not_a_certificate, "certificate_invalid"),
+     (_not_a_key, "key_invalid"), (_missing_key, "unreadable")],
 )
 def test_unusable_files_are_refused_by_reason(
     served: tuple[Ca, Leaf, Served], write: Any, reason: str,
 ) -> None:
     ca, old, s = served
-    cert_pem, key_pem = write(ca)
-    if cert_pem is not None:
-        expired = ca.issue("x", expired=True)
-        replace(s.cert, cert_pem)
-        if reason == "expired":  # a matching key: only the dates are wrong
-            replace(s.cert, expired.cert_pem)
-            replace(s.key, expired.key_pem)
-    if key_pem is not None:
-        replace(s.key, key_pem)
+    write(s, ca)
     assert peer_serial(s.port) == old.cert.serial_number
     assert s.metric("kms_tls_reload_rejections_total", reason=reason) == 1
     assert s.metric("kms_tls_reload_rejected") == 1
@@ -275,3 +280,20 @@ def test_startup_refuses_what_a_reload_would_refuse(tmp_path: Path) -> None:
     with pytest.raises(TlsFileError) as info:
         load_material(cert, key)
     assert info.value.reason == "expired"
+
+
+def test_files_put_back_after_a_refusal_clear_it(tmp_path: Path) -> None:
+    ca = Ca("CA")
+    cert, key = install(tmp_path, ca.issue("a"))
+    reg = CollectorRegistry()
+    metrics = TlsMetrics(reg)
+    watch = TlsWatch("grpc", cert, key, recheck_s=0, events=metrics)
+    kept = tmp_path / "kept.crt"
+    cert.rename(kept)  # the served file, moved aside (same inode, size, mtime)
+    cert.write_bytes(ca.issue("b").cert_pem)  # a certificate without its key
+    assert watch.poll() is None
+    assert reg.get_sample_value("kms_tls_reload_rejected", {"listener": "grpc"}) == 1
+    kept.rename(cert)  # put back
+    assert watch.poll() is None
+    assert reg.get_sample_value("kms_tls_reload_rejected", {"listener": "grpc"}) == 0
+    assert watch.rejections == 1 and watch.reloads == 0
