@@ -120,7 +120,7 @@ class Plan:
     tls: TlsFiles | None = None
     log_level: str = "INFO"
     metrics: MetricsListen | None = None  # the /metrics listener, None: off
-    tls_recheck_s: float = DEFAULT_RECHECK_S  # renewed TLS files: at most one check per
+    tls_recheck_s: float = DEFAULT_RECHECK_S  # TLS files: at most one stat per this many s
 
     def tls_watch(self) -> TlsWatch | None:
         """The server's TLS files, validated now (ServerError if they cannot be served);
