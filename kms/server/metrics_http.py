@@ -39,7 +39,8 @@ from prometheus_client.registry import Collector
 
 from kms.server.config import KmsConfig, split_listen
 from kms.server.metrics_expiry import ExpiryCollector
-from kms.server.tls_files import DEFAULT_RECHECK_S, TlsEvents, TlsFileError, TlsMaterial, TlsWatch
+from kms.server.metrics_tls import TlsMetrics
+from kms.server.tls_files import DEFAULT_RECHECK_S, TlsFileError, TlsMaterial, TlsWatch
 from kms.store.registry import Registry, RegistryError, TpkState, TpkVersion
 
 log = logging.getLogger("kms.server.metrics")
@@ -245,7 +246,7 @@ class MetricsServer:
         self,
         spec: MetricsListen,
         registry: CollectorRegistry,
-        tls_events: TlsEvents | None = None,
+        tls_events: TlsMetrics | None = None,
         *,
         recheck_s: float = DEFAULT_RECHECK_S,
     ) -> None:
@@ -263,6 +264,7 @@ class MetricsServer:
                 except TlsFileError as exc:
                     raise OSError(f"cannot serve metrics on {spec.listen}: {exc}") from None
                 if tls_events is not None:
+                    tls_events.watching("metrics")
                     self.watch.set_events(tls_events)
                 self._httpd, self._thread = self._start_tls(host, port, registry, self.watch)
         except OSError as exc:
@@ -297,18 +299,42 @@ class MetricsServer:
         self._thread.join(5)
 
 
+class MergedCollector(Collector):
+    """The families of several collectors, those of one name merged into one (their label
+    sets differ): the workers' values (multiprocess files) and the supervisor's own (its
+    ``/metrics`` listener's ``kms_tls_*{listener="metrics"}``) under one family each, as
+    the text format requires."""
+
+    def __init__(self, *parts: Any) -> None:
+        self._parts = parts
+
+    def collect(self) -> Iterable[Any]:
+        families: dict[str, Any] = {}
+        for part in self._parts:
+            for family in part.collect():  # fresh objects on every collect
+                known = families.get(family.name)
+                if known is None:
+                    families[family.name] = family
+                else:
+                    known.samples.extend(family.samples)
+        return list(families.values())
+
+
 def exposition_registry(
     config: KmsConfig,
     registry_path: Path,
     multiproc_dir: Path | None,
     collector: RegistryCollector | None = None,
+    own: CollectorRegistry | None = None,
 ) -> CollectorRegistry:
     """What the listener serves: the registry-derived gauges (``collector``, by default one
     on ``registry_path`` or the configured store backend), plus the workers' values when
-    ``multiproc_dir`` is given (else the caller registers its own families)."""
+    ``multiproc_dir`` is given, merged with the supervisor's ``own`` families (else the
+    caller registers its own families)."""
     reg = CollectorRegistry()
     if multiproc_dir is not None:
-        MultiProcessCollector(reg, path=str(multiproc_dir))  # type: ignore[no-untyped-call]
+        workers = MultiProcessCollector(None, path=str(multiproc_dir))  # type: ignore[no-untyped-call]
+        reg.register(workers if own is None else MergedCollector(workers, own))
     reg.register(collector or RegistryCollector(registry_path, config))
     reg.register(ExpiryCollector(config))
     return reg
@@ -343,6 +369,7 @@ def worker_exited(path: Path, pid: int) -> None:
 __all__ = [
     "MULTIPROC_ENV",
     "MetricsListen",
+    "MergedCollector",
     "MetricsServer",
     "RegistryCollector",
     "exposition_registry",

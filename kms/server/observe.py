@@ -15,7 +15,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from prometheus_client import ProcessCollector
+from prometheus_client import CollectorRegistry, ProcessCollector
 
 from kms.core.api import KmsHandler
 from kms.core.ports import PeerResolver
@@ -148,8 +148,12 @@ def supervise_with_metrics(
     with multiproc_dir(home / STATE_DIR) as folder:
         # Cluster mode: the collector opens the database at the first scrape.
         collector = RegistryCollector(home / REGISTRY_FILE, config)
-        registry = exposition_registry(config, home / REGISTRY_FILE, folder, collector)
-        server = MetricsServer(spec, registry)
+        # The listener's own TLS reloads (kms_tls_*{listener="metrics"}), merged into the
+        # families the workers write.
+        own = CollectorRegistry()
+        tls = TlsMetrics(own)
+        registry = exposition_registry(config, home / REGISTRY_FILE, folder, collector, own)
+        server = MetricsServer(spec, registry, tls)
         log.info(
             "serving metrics",
             extra={"fields": {"metrics_listen": spec.listen, "port": server.port,

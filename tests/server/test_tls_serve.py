@@ -11,6 +11,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from tests.observability.helpers import promtool
 from tests.server.tls_pki import Ca, Leaf, install, peer_serial, replace
 
 SETTLE_S = 8.0  # each worker re-checks at most once per second, on its next handshake
@@ -86,6 +87,14 @@ def test_workers_and_metrics_listener_follow_renewed_certificates(
         assert value(text, 'kms_tls_served_certificate_not_after_timestamp_seconds'
                            '{listener="grpc"}') == new.cert.not_valid_after_utc.timestamp()
         assert value(text, 'kms_tls_reload_rejected{listener="grpc"}') == 0
+        # The supervisor's listener: its own values, merged into the workers' families.
+        assert value(text, 'kms_tls_reloads_total{listener="metrics"}') == 1
+        assert value(text, 'kms_tls_served_certificate_not_after_timestamp_seconds'
+                           '{listener="metrics"}') == (
+            new_metrics.cert.not_valid_after_utc.timestamp())
+        checked = promtool("check", "metrics", stdin=text)  # one family per name, lint-clean
+        assert checked.returncode == 0, checked.stdout + checked.stderr
+        assert checked.stdout.strip() == "" and checked.stderr.strip() == "", checked
 
         # A refused renewal (a certificate without its key): still the new certificate,
         # and /metrics says so.
