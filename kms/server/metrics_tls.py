@@ -6,8 +6,9 @@ the KMS port, ``federation_client``: the certificate presented to peer KMSs, ``m
   certificate being served now (lowest over live worker processes). Unlike
   ``kms_certificate_not_after_timestamp_seconds`` (read from the files at scrape time) this
   is what clients get: after a refused reload the file is new but the served certificate is
-  the old one. A family of its own because, with several workers, the workers write it and
-  the supervisor reads the files; one family from both would be exposed twice.
+  the old one. A family of its own: the file gauges are computed at scrape time by the
+  exposing process, this one is set by each worker and combined over workers (``livemin``);
+  the ``KmsCertificateExpiresSoon`` alert reads both (``certificate="served_<listener>"``).
 * ``kms_tls_reloads_total{listener}``: new certificate sets taken;
 * ``kms_tls_reload_rejections_total{listener,reason}``: new sets refused (one per version of
   the files, not per retry), by :data:`kms.server.tls_files.REASONS`;
