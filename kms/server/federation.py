@@ -9,7 +9,10 @@ verifies the answer; this module only carries the bytes, through the
 * One cached channel per peer address (and trust settings), reused by every worker thread.
 * Mutual TLS by default. The peer's server certificate must chain to the CA registered with
   ``kms peer add --ca`` (else to the system roots) and name the host of its address; this KMS
-  presents ``[federation] client_cert`` (default: its ``[server] tls_cert``). The MIKEY MAC
+  presents ``[federation] client_cert`` (default: its ``[server] tls_cert``). Renewed client
+  certificate files are taken without a restart (:mod:`kms.server.tls_files`): before a peer
+  call, when the files changed and the new pair is valid, new channels are built with it;
+  calls in flight finish on the old channels, which are closed a while later. The MIKEY MAC
   with the key shared with the peer is what authenticates the resolve; TLS keeps tickets and
   identities off the wire and stops a stranger from even reaching the peer's KMS core.
   Plaintext only to a loopback address of a peer registered without a CA, and only with
@@ -48,6 +51,7 @@ from kms import rpc
 from kms.core.ports import PeerError, PeerKms
 from kms.rpc import CORRELATION_KEY, ERROR_TRAILER, HOPS_KEY
 from kms.server.config import KmsConfig, is_loopback, split_listen
+from kms.server.tls_files import TlsFileError, TlsWatch
 from kms.server.tracing import outgoing_metadata
 from kms.store.registry import Registry, UnknownPeer, show_identity
 
@@ -56,6 +60,9 @@ log = logging.getLogger("kms.server.federation")
 BACKOFF_S = 0.05  # first pause before a retry; doubles per attempt
 MIN_ATTEMPT_S = 0.05  # no retry that would have less than this left of the deadline
 RETRY_WAIT_S = 1.2  # a retry waits this long at most for a connection (> max reconnect backoff)
+# A channel built with a client certificate that was since renewed takes no new call; it is
+# closed this long after (far beyond any peer deadline: calls in flight on it are finished).
+RETIRED_CLOSE_S = 120.0
 MAX_DETAIL = 200
 MAX_MESSAGE_BYTES = 64 * 1024  # a RESOLVE_RESP is a few hundred bytes
 
@@ -156,7 +163,7 @@ class GrpcPeerResolver:
         self,
         routes: RouteLookup,
         *,
-        client: ClientIdentity | None = None,
+        client: ClientIdentity | TlsWatch | None = None,
         allow_plaintext: bool = False,
         max_retries: int = 1,
         backoff_s: float = BACKOFF_S,
@@ -164,6 +171,10 @@ class GrpcPeerResolver:
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self._routes = routes
+        # A TlsWatch: the client certificate follows renewed files (checked before a call).
+        self.client_watch = client if isinstance(client, TlsWatch) else None
+        if isinstance(client, TlsWatch):
+            client = ClientIdentity(client.current.cert_pem, client.current.key_pem)
         self._client = client
         self._allow_plaintext = allow_plaintext
         self._max_retries = max(0, max_retries)
@@ -171,6 +182,7 @@ class GrpcPeerResolver:
         self._clock = clock
         self._sleep = sleep
         self._channels: dict[tuple[str, bytes | None, bool], tuple[grpc.Channel, Any]] = {}
+        self._retired: list[tuple[float, grpc.Channel]] = []  # (when, channel)
         self._lock = threading.Lock()
 
     @classmethod
@@ -187,12 +199,9 @@ class GrpcPeerResolver:
         client = None
         if cert is not None and key is not None:
             try:
-                client = ClientIdentity(cert.read_bytes(), key.read_bytes())
-            except OSError as exc:
-                raise FederationConfigError(
-                    f"[federation] cannot read client certificate or key "
-                    f"{exc.filename}: {exc.strerror}"
-                ) from None
+                client = TlsWatch("federation_client", cert, key)
+            except TlsFileError as exc:
+                raise FederationConfigError(f"[federation] client certificate: {exc}") from None
         return cls(
             RegistryRoutes(registry_path),
             client=client,
@@ -257,9 +266,11 @@ class GrpcPeerResolver:
 
     def close(self) -> None:
         with self._lock:
-            channels = list(self._channels.values())
+            channels = [c for c, _stub in self._channels.values()]
+            channels += [c for _when, c in self._retired]
             self._channels.clear()
-        for channel, _stub in channels:
+            self._retired.clear()
+        for channel in channels:
             channel.close()
 
     # --- helpers --------------------------------------------------------------------------
@@ -273,6 +284,7 @@ class GrpcPeerResolver:
         )
         key = (route.address, route.ca_pem, plaintext)
         with self._lock:
+            self._follow_renewal()
             cached = self._channels.get(key)
             if cached is not None:
                 return cached[1]
@@ -296,6 +308,22 @@ class GrpcPeerResolver:
             stub = rpc.client_stub(channel)
             self._channels[key] = (channel, stub)
             return stub
+
+    def _follow_renewal(self) -> None:
+        """With the lock held: a renewed client certificate (valid, see
+        :class:`TlsWatch`) replaces the current one; the TLS channels built with the old one
+        take no new call and are closed after :data:`RETIRED_CLOSE_S`."""
+        now = self._clock()
+        while self._retired and now - self._retired[0][0] >= RETIRED_CLOSE_S:
+            self._retired.pop(0)[1].close()  # oldest first: retired in time order
+        if self.client_watch is None:
+            return
+        new = self.client_watch.poll()  # a stat at most once per second
+        if new is None:
+            return
+        self._client = ClientIdentity(new.cert_pem, new.key_pem)
+        for k in [k for k in self._channels if not k[2]]:  # TLS channels (not plaintext)
+            self._retired.append((now, self._channels.pop(k)[0]))
 
     def _rpc_error(
         self,

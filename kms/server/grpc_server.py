@@ -16,12 +16,16 @@ Guarantees kept from the thread-pool server: ``maximum_concurrent_rpcs`` admitte
 request-arrival timeout, shedding, per-address bound), request and metadata size limits,
 connection ageing and SO_REUSEPORT only when several workers share the port, and draining
 (NOT_SERVING, no call started after it began, in-flight calls finished within the grace).
+
+TLS follows renewed certificate files without a restart (:func:`tls_credentials`, grpcio's
+dynamic server credentials fed by :class:`kms.server.tls_files.TlsWatch`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import logging
 import threading
 import time
 from collections.abc import Awaitable, Callable, Coroutine
@@ -46,8 +50,11 @@ from kms.server.adapter import (
 )
 from kms.server.admission import CallGuard, GuardedHealth, Limits, peer_address
 from kms.server.slots import CoreSlots
+from kms.server.tls_files import DEFAULT_RECHECK_S, TlsFileError, TlsMaterial, TlsWatch
 
 T = TypeVar("T")
+
+log = logging.getLogger("kms.server.grpc")
 
 # A MIKEY message is a few hundred bytes (a PK request with two certificates a few KiB);
 # anything near this limit is not a request we want to spend token time on.
@@ -69,25 +76,47 @@ class ServerError(Exception):
     """The server cannot start (bind failure, unreadable TLS files); one line."""
 
 
-def tls_credentials(
-    cert: Path, key: Path, client_ca: Path | None = None
-) -> grpc.ServerCredentials:
-    """Server TLS credentials; with ``client_ca`` clients must present a certificate issued
-    by it (mutual TLS)."""
+def tls_watch(
+    cert: Path,
+    key: Path,
+    client_ca: Path | None = None,
+    *,
+    recheck_s: float = DEFAULT_RECHECK_S,
+) -> TlsWatch:
+    """The server's TLS files, read and validated now (ServerError, one line, if they cannot
+    be served), watched for renewal afterwards (:mod:`kms.server.tls_files`)."""
+    try:
+        return TlsWatch("grpc", cert, key, client_ca, recheck_s=recheck_s)
+    except TlsFileError as exc:
+        raise ServerError(str(exc)) from None
 
-    def read(path: Path, what: str) -> bytes:
+
+def tls_credentials(watch: TlsWatch) -> grpc.ServerCredentials:
+    """Server TLS credentials that follow renewed files without a restart; with a client CA,
+    clients must present a certificate issued by it (mutual TLS).
+
+    gRPC calls the fetcher before every new handshake, on one of its own threads; it
+    returns a new configuration only when :meth:`TlsWatch.poll` took a renewed, valid set
+    (at most one stat of the files per ``recheck_s``), else None: keep the current one.
+    Connections already open keep the session they negotiated."""
+
+    def configuration(m: TlsMaterial) -> grpc.ServerCertificateConfiguration:
+        return grpc.ssl_server_certificate_configuration(
+            [(m.key_pem, m.cert_pem)], root_certificates=m.ca_pem
+        )
+
+    def fetch() -> grpc.ServerCertificateConfiguration | None:
         try:
-            return path.read_bytes()
-        except OSError as exc:
-            raise ServerError(f"cannot read {what} {path}: {exc.strerror}") from None
+            new = watch.poll()
+        except Exception:  # a bug here must not stop handshakes: keep what is served
+            log.exception("TLS reload check failed", extra={"fields": {"listener": "grpc"}})
+            return None
+        return None if new is None else configuration(new)
 
-    cert_pem = read(cert, "TLS certificate")
-    key_pem = read(key, "TLS key")
-    ca_pem = None if client_ca is None else read(client_ca, "client CA")
-    return grpc.ssl_server_credentials(
-        [(key_pem, cert_pem)],
-        root_certificates=ca_pem,
-        require_client_auth=ca_pem is not None,
+    return grpc.dynamic_ssl_server_credentials(
+        configuration(watch.current),
+        fetch,
+        require_client_authentication=watch.client_ca is not None,
     )
 
 
@@ -313,4 +342,5 @@ __all__ = [
     "correlation_id",
     "peer_hops",
     "tls_credentials",
+    "tls_watch",
 ]

@@ -6,8 +6,10 @@ days before a certificate's notAfter or a CRL's nextUpdate, not when calls start
 
 * ``kms_certificate_not_after_timestamp_seconds{certificate}``: the KMS certificate
   (envelope key, RFC 3830 4.2.5 / RFC 6043 5.1), the KMS signing certificate (SIGNkms), the
-  gRPC server's TLS certificate, the federation client certificate, and the earliest notAfter
-  of the ``[pk] ca_bundle``;
+  gRPC server's TLS certificate, the federation client certificate, the ``/metrics``
+  listener's certificate, and the earliest notAfter of the ``[pk] ca_bundle``. These are the
+  files; what is being served after a refused renewal is
+  ``kms_tls_served_certificate_not_after_timestamp_seconds`` (:mod:`kms.server.metrics_tls`);
 * ``kms_crl_next_update_timestamp_seconds{issuer}``: each CRL of ``[pk] crl`` (RFC 5280
   5.1.2.5); the KMS refuses certificates of an issuer whose CRL is past it (fail closed).
 
@@ -68,6 +70,8 @@ class ExpiryCollector(Collector):
             yield "tls_server", c.server.tls_cert
         if c.federation.client_cert is not None:
             yield "federation_client", c.federation.client_cert
+        if c.metrics.tls_cert is not None:
+            yield "metrics_tls", c.metrics.tls_cert
         if c.pk.ca_bundle is not None:
             yield "ca_bundle", c.pk.ca_bundle
 

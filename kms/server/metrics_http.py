@@ -21,20 +21,26 @@ import logging
 import os
 import platform
 import shutil
+import socket
 import sqlite3
+import ssl
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry, make_wsgi_app, start_http_server
 from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from prometheus_client.registry import Collector
 
 from kms.server.config import KmsConfig, split_listen
 from kms.server.metrics_expiry import ExpiryCollector
+from kms.server.metrics_tls import TlsMetrics
+from kms.server.tls_files import DEFAULT_RECHECK_S, TlsFileError, TlsMaterial, TlsWatch
 from kms.store.registry import Registry, RegistryError, TpkState, TpkVersion
 
 log = logging.getLogger("kms.server.metrics")
@@ -185,25 +191,107 @@ class MetricsListen:
     tls_key: Path | None = None
 
 
-class MetricsServer:
-    """A running ``/metrics`` listener."""
+class _SilentHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        """No line per scrape."""
 
-    def __init__(self, spec: MetricsListen, registry: CollectorRegistry) -> None:
-        host, port = split_listen(spec.listen)
+
+class _TlsWsgiServer(ThreadingWSGIServer):
+    """prometheus-client's threaded WSGI server with TLS whose certificate follows renewed
+    files: each accepted connection is wrapped with the context of the set last taken by
+    the watch (checked there, at most once per recheck interval). The handshake runs in the
+    connection's own thread (on its first read), so a client that connects and stays silent
+    does not hold up the accept loop."""
+
+    watch: TlsWatch
+    context: ssl.SSLContext
+
+    def get_request(self) -> tuple[Any, Any]:
+        sock, addr = self.socket.accept()
         try:
-            self._httpd, self._thread = start_http_server(
-                port,
-                addr=host,
-                registry=registry,
-                certfile=None if spec.tls_cert is None else str(spec.tls_cert),
-                keyfile=None if spec.tls_key is None else str(spec.tls_key),
-            )
+            new = self.watch.poll()
+        except Exception:  # a bug here must not stop the listener: keep what is served
+            log.exception("TLS reload check failed", extra={"fields": {"listener": "metrics"}})
+            new = None
+        if new is not None:
+            self.context = ssl_context(new)
+        return self.context.wrap_socket(
+            sock, server_side=True, do_handshake_on_connect=False
+        ), addr
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A failed handshake (a plaintext or untrusting client) is not the server's error:
+        one debug line, no traceback on stderr."""
+        log.debug("metrics connection failed", extra={"fields": {"peer": str(client_address)}})
+
+
+def ssl_context(material: TlsMaterial) -> ssl.SSLContext:
+    """A server context for one validated set, loaded from memory (an anonymous file) so
+    that what is served is exactly what was validated, even if the files change again."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    fd = os.memfd_create("kms-metrics-tls", os.MFD_CLOEXEC)
+    try:
+        os.write(fd, material.key_pem + b"\n" + material.cert_pem)
+        ctx.load_cert_chain(f"/proc/self/fd/{fd}")
+    finally:
+        os.close(fd)
+    return ctx
+
+
+class MetricsServer:
+    """A running ``/metrics`` listener. With TLS, renewed certificate files are taken without
+    a restart (:mod:`kms.server.tls_files`, ``listener="metrics"``)."""
+
+    def __init__(
+        self,
+        spec: MetricsListen,
+        registry: CollectorRegistry,
+        tls_events: TlsMetrics | None = None,
+        *,
+        recheck_s: float = DEFAULT_RECHECK_S,
+    ) -> None:
+        host, port = split_listen(spec.listen)
+        self.tls = spec.tls_cert is not None
+        self.watch: TlsWatch | None = None
+        try:
+            if spec.tls_cert is None or spec.tls_key is None:
+                self._httpd, self._thread = start_http_server(port, addr=host, registry=registry)
+            else:
+                try:
+                    self.watch = TlsWatch(
+                        "metrics", spec.tls_cert, spec.tls_key, recheck_s=recheck_s
+                    )
+                except TlsFileError as exc:
+                    raise OSError(f"cannot serve metrics on {spec.listen}: {exc}") from None
+                if tls_events is not None:
+                    tls_events.watching("metrics")
+                    self.watch.set_events(tls_events)
+                self._httpd, self._thread = self._start_tls(host, port, registry, self.watch)
         except OSError as exc:
+            if exc.errno is None:
+                raise
             raise OSError(
                 exc.errno, f"cannot serve metrics on {spec.listen}: {exc.strerror}"
             ) from None
         self.port: int = int(self._httpd.server_port)
-        self.tls = spec.tls_cert is not None
+
+    @staticmethod
+    def _start_tls(
+        host: str, port: int, registry: CollectorRegistry, watch: TlsWatch
+    ) -> tuple[Any, threading.Thread]:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                    flags=socket.AI_PASSIVE)[0][0]
+
+        class Server(_TlsWsgiServer):
+            address_family = family
+
+        Server.watch = watch
+        Server.context = ssl_context(watch.current)
+        httpd = make_server(host, port, make_wsgi_app(registry), Server,
+                            handler_class=_SilentHandler)
+        thread = threading.Thread(target=httpd.serve_forever, name="kms-metrics", daemon=True)
+        thread.start()
+        return httpd, thread
 
     def close(self) -> None:
         self._httpd.shutdown()
@@ -211,18 +299,42 @@ class MetricsServer:
         self._thread.join(5)
 
 
+class MergedCollector(Collector):
+    """The families of several collectors, those of one name merged into one (their label
+    sets differ): the workers' values (multiprocess files) and the supervisor's own (its
+    ``/metrics`` listener's ``kms_tls_*{listener="metrics"}``) under one family each, as
+    the text format requires."""
+
+    def __init__(self, *parts: Any) -> None:
+        self._parts = parts
+
+    def collect(self) -> Iterable[Any]:
+        families: dict[str, Any] = {}
+        for part in self._parts:
+            for family in part.collect():  # fresh objects on every collect
+                known = families.get(family.name)
+                if known is None:
+                    families[family.name] = family
+                else:
+                    known.samples.extend(family.samples)
+        return list(families.values())
+
+
 def exposition_registry(
     config: KmsConfig,
     registry_path: Path,
     multiproc_dir: Path | None,
     collector: RegistryCollector | None = None,
+    own: CollectorRegistry | None = None,
 ) -> CollectorRegistry:
     """What the listener serves: the registry-derived gauges (``collector``, by default one
     on ``registry_path`` or the configured store backend), plus the workers' values when
-    ``multiproc_dir`` is given (else the caller registers its own families)."""
+    ``multiproc_dir`` is given, merged with the supervisor's ``own`` families (else the
+    caller registers its own families)."""
     reg = CollectorRegistry()
     if multiproc_dir is not None:
-        MultiProcessCollector(reg, path=str(multiproc_dir))  # type: ignore[no-untyped-call]
+        workers = MultiProcessCollector(None, path=str(multiproc_dir))  # type: ignore[no-untyped-call]
+        reg.register(workers if own is None else MergedCollector(workers, own))
     reg.register(collector or RegistryCollector(registry_path, config))
     reg.register(ExpiryCollector(config))
     return reg
@@ -257,10 +369,12 @@ def worker_exited(path: Path, pid: int) -> None:
 __all__ = [
     "MULTIPROC_ENV",
     "MetricsListen",
+    "MergedCollector",
     "MetricsServer",
     "RegistryCollector",
     "exposition_registry",
     "kms_version",
     "multiproc_dir",
+    "ssl_context",
     "worker_exited",
 ]

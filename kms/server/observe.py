@@ -15,7 +15,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from prometheus_client import ProcessCollector
+from prometheus_client import CollectorRegistry, ProcessCollector
 
 from kms.core.api import KmsHandler
 from kms.core.ports import PeerResolver
@@ -34,9 +34,11 @@ from kms.server.metrics_http import (
     multiproc_dir,
     worker_exited,
 )
+from kms.server.metrics_tls import TlsMetrics
 from kms.server.metrics_token import Probed
 from kms.server.observed import ObservedHandler, ObservedKeyStore, ObservedPeers
 from kms.server.slots import CoreSlots
+from kms.server.tls_files import TlsWatch
 from kms.server.tracing import OtlpJsonExporter, Tracer
 from kms.store.registry import REGISTRY_FILE
 
@@ -53,6 +55,8 @@ class ObservedProcess:
         self.tracer: Tracer | None = None
         # The metered key store, which the worker's token probe uses (kms_token_up).
         self.probed: Probed | None = None
+        # kms_tls_* (certificate reloads) of this process, with metrics on.
+        self.tls: TlsMetrics | None = None
         self._collector: RegistryCollector | None = None
         t = home.config.tracing
         if t.otlp_endpoint is not None:
@@ -62,6 +66,7 @@ class ObservedProcess:
             return
         if workers > 1 and os.environ.get(MULTIPROC_ENV):
             self.metrics = ServerMetrics(None)  # values go to the multiprocess files
+            self.tls = TlsMetrics(None)
             return
         # Cluster mode: the registry gauges read the shared database through this
         # process's own store backend (its connection pool).
@@ -72,7 +77,8 @@ class ObservedProcess:
         registry = exposition_registry(home.config, home.registry.path, None, self._collector)
         ProcessCollector(registry=registry)
         self.metrics = ServerMetrics(registry)
-        self.server = MetricsServer(spec, registry)
+        self.tls = TlsMetrics(registry)
+        self.server = MetricsServer(spec, registry, self.tls)
         log.info(
             "serving metrics",
             extra={"fields": {"metrics_listen": spec.listen, "port": self.server.port,
@@ -114,6 +120,12 @@ class ObservedProcess:
         server.guard.counters.listener = self.metrics.guard_event
         server.servicer.counters.listener = self.metrics.guard_event
 
+    def watch_tls(self, watch: TlsWatch) -> None:
+        """Report ``watch``'s reloads and served certificate (kms_tls_*)."""
+        if self.tls is not None:
+            self.tls.watching(watch.listener)
+            watch.set_events(self.tls)
+
     def close(self) -> None:
         if self.server is not None:
             self.server.close()
@@ -136,8 +148,12 @@ def supervise_with_metrics(
     with multiproc_dir(home / STATE_DIR) as folder:
         # Cluster mode: the collector opens the database at the first scrape.
         collector = RegistryCollector(home / REGISTRY_FILE, config)
-        registry = exposition_registry(config, home / REGISTRY_FILE, folder, collector)
-        server = MetricsServer(spec, registry)
+        # The listener's own TLS reloads (kms_tls_*{listener="metrics"}), merged into the
+        # families the workers write.
+        own = CollectorRegistry()
+        tls = TlsMetrics(own)
+        registry = exposition_registry(config, home / REGISTRY_FILE, folder, collector, own)
+        server = MetricsServer(spec, registry, tls)
         log.info(
             "serving metrics",
             extra={"fields": {"metrics_listen": spec.listen, "port": server.port,

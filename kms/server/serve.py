@@ -59,11 +59,18 @@ from kms.server.config import (
     split_listen,
 )
 from kms.server.federation import FederationConfigError, GrpcPeerResolver
-from kms.server.grpc_server import DEFAULT_THREADS, KmsServer, ServerError, tls_credentials
+from kms.server.grpc_server import (
+    DEFAULT_THREADS,
+    KmsServer,
+    ServerError,
+    tls_credentials,
+    tls_watch,
+)
 from kms.server.metrics_http import MetricsListen
 from kms.server.metrics_token import TOKEN_PROBE_S, PlainProbe, ServingProbe, TokenProbe
 from kms.server.observe import ObservedProcess, supervise_with_metrics
 from kms.server.slots import CoreSlots, core_slots_for, core_threads_for
+from kms.server.tls_files import DEFAULT_RECHECK_S, TlsWatch
 from kms.store.registry import RegistryError
 
 log = logging.getLogger("kms.server.serve")
@@ -113,11 +120,15 @@ class Plan:
     tls: TlsFiles | None = None
     log_level: str = "INFO"
     metrics: MetricsListen | None = None  # the /metrics listener, None: off
+    tls_recheck_s: float = DEFAULT_RECHECK_S  # TLS files: at most one stat per this many s
 
-    def credentials(self) -> Any:
+    def tls_watch(self) -> TlsWatch | None:
+        """The server's TLS files, validated now (ServerError if they cannot be served);
+        each process makes its own and follows renewals on its own."""
         if self.tls is None:
             return None
-        return tls_credentials(self.tls.cert, self.tls.key, self.tls.client_ca)
+        return tls_watch(self.tls.cert, self.tls.key, self.tls.client_ca,
+                         recheck_s=self.tls_recheck_s)
 
     @property
     def mode(self) -> str:
@@ -206,7 +217,7 @@ def make_plan(
         log_level=log_level,
         metrics=metrics_plan(config, metrics_listen),
     )
-    plan.credentials()  # unreadable TLS files: fail now, in one place, not in N workers
+    plan.tls_watch()  # unusable TLS files: fail now, in one place, not in N workers
     return plan
 
 
@@ -311,6 +322,8 @@ def serve_once(
         # RFC 6043 9: tickets issued by a peer KMS are resolved by asking it (per process),
         # without holding a core slot while the peer answers.
         peers = GrpcPeerResolver.from_config(home.config, home.stores.open_registry)
+        if observed is not None and peers.client_watch is not None:
+            observed.watch_tls(peers.client_watch)  # kms_tls_*{listener="federation_client"}
         home.stores.start_background()  # cluster mode: registry change watch, pruning
         if observed is None:
             handler = build_handler(home, peers=peers, workers=plan.workers, slots=slots)
@@ -320,10 +333,13 @@ def serve_once(
             )
         home.stores.set_wait_hook(slots.released)  # database waits hold no core slot
         core_threads = core_threads_for(home.config, n_slots, plan.threads)
+        watch = plan.tls_watch()
+        if watch is not None and observed is not None:
+            observed.watch_tls(watch)  # kms_tls_* metrics of this process
         server = KmsServer(
             handler,
             plan.listen,
-            credentials=plan.credentials(),
+            credentials=None if watch is None else tls_credentials(watch),
             threads=plan.threads,
             reuse_port=plan.workers > 1,
             slots=slots,

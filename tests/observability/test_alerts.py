@@ -22,6 +22,7 @@ REQUIRED = {
     "KmsReplicaDown", "KmsTokenDown", "KmsRefusalRatioHigh", "KmsLatencyP99High",
     "KmsPeerFailing", "KmsTpkNotRotated", "KmsReplayStorm", "KmsAbuseStorm",
     "KmsReplayCacheFull", "KmsCertificateExpiresSoon", "KmsCrlExpiresSoon", "KmsCrlExpired",
+    "KmsTlsReloadRejected",
 }
 
 

@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from prometheus_client import CollectorRegistry
 
 from kms.home import CERT_FILE, SIGNING_CERT_FILE
-from kms.server.config import KmsConfig, PkSettings, TokenSettings
+from kms.server.config import KmsConfig, MetricsSettings, PkSettings, TokenSettings
 from kms.server.metrics_expiry import ExpiryCollector
 from tests.pki import Ca, make_pki, pem
 
@@ -78,3 +78,17 @@ def test_expiry_gauges_follow_the_files(tmp_path: Path) -> None:
     assert value(CERT, certificate="kms_signing") is None
     assert value(CERT, certificate="kms") is not None
     assert value(CRL, issuer=root_issuer) is not None
+
+
+def test_metrics_listener_certificate_is_covered(tmp_path: Path) -> None:
+    pki = make_pki(dt.datetime.now(dt.UTC).replace(microsecond=0))
+    cert = tmp_path / "metrics.pem"
+    cert.write_bytes(pem(pki.other.cert))
+    config = KmsConfig(
+        home=tmp_path, kms_id="kms:kms.example.org", token=TokenSettings(module="softhsm"),
+        metrics=dataclasses.replace(MetricsSettings(), tls_cert=cert, tls_key=cert),
+    )  # fmt: skip
+    reg = CollectorRegistry()
+    reg.register(ExpiryCollector(config))
+    assert reg.get_sample_value(CERT, {"certificate": "metrics_tls"}) == (
+        pki.other.cert.not_valid_after_utc.timestamp())

@@ -36,6 +36,7 @@ from kms.server.settings import SECTIONS, SETTINGS, Setting, settings_markdown
 from kms.server.slots import core_slots_for, core_threads_for
 from kms.server.stores import SqliteStores
 from kms.server.token_needs import required_operations
+from tests.server.tls_pki import Ca
 
 ROOT = Path(__file__).resolve().parents[2]
 SOFTHSM = "/usr/lib/softhsm/libsofthsm2.so"
@@ -72,11 +73,19 @@ def _doc_with(s: Setting) -> dict[str, dict[str, Any]]:
     return doc
 
 
+_CA = Ca("settings test CA")
+_TLS_FILES: dict[str, bytes] = {"clients-ca.pem": _CA.pem}
+for _cert, _key in (("c.pem", "k.pem"), ("server.pem", "server.key"),
+                    ("federation.pem", "federation.key")):
+    _leaf = _CA.issue(_cert)
+    _TLS_FILES[_cert], _TLS_FILES[_key] = _leaf.cert_pem, _leaf.key_pem
+
+
 def _write(home: Path, doc: dict[str, dict[str, Any]]) -> KmsConfig:
     home.mkdir(parents=True, exist_ok=True)
-    for name in ("c.pem", "k.pem", "server.pem", "server.key", "clients-ca.pem",
-                 "federation.pem", "federation.key"):
-        (home / name).write_text("-----BEGIN PLACEHOLDER-----\n")
+    # Real certificates: the server and the federation client validate them at start.
+    for name, data in _TLS_FILES.items():
+        (home / name).write_bytes(data)
     (home / CONFIG_FILE).write_text(_text(doc))
     return parse_config(_text(doc), home)
 
