@@ -39,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     from kms.cli import (  # each registers itself
         admin,
         app_cmd,
+        backup_cmd,
         call_cmd,
         mikey_cmd,
         node_cmd,
@@ -63,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     store_cmd.register(sub)
     revoke_cmd.register(sub)
     node_cmd.register(sub)  # kms node ..., kms audit nodes
+    backup_cmd.register(sub)
     return parser
 
 

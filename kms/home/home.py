@@ -22,12 +22,10 @@ from kms.home.errors import HomeError, HomeNotInitialised
 from kms.home.identity import guess_id_type, validate_identity
 from kms.home.layout import (
     DUMMY_PSK_LABEL,
-    ENVELOPE_LABEL,
-    FORK_MODIFIER_LABEL,
     INIT_MARKER,
+    KMS_OWN_KEYS,
     PSK_MAX_BYTES,
     PSK_MIN_BYTES,
-    SIGNING_LABEL,
     SOFTHSM_CONF,
     TOKEN_DIR,
     TPK_BYTES,
@@ -311,10 +309,7 @@ class Home:
     # --- inventory ------------------------------------------------------------------------
     def key_owners(self) -> dict[str, str]:
         owners = self.registry.key_owners()
-        owners[ENVELOPE_LABEL] = "KMS envelope key (PKE)"
-        owners[SIGNING_LABEL] = "KMS signing key (SIGNkms)"
-        owners[FORK_MODIFIER_LABEL] = "KMS key-forking modifier key (RANDRkms)"
-        owners[DUMMY_PSK_LABEL] = "KMS dummy PSK (unknown identities' MACs)"
+        owners.update(KMS_OWN_KEYS)
         return owners
 
     def key_inventory(self) -> list[KeyEntry]:

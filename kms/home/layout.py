@@ -47,6 +47,13 @@ FORK_MODIFIER_LABEL = "kms/fork-modifier"
 # The dummy PSK an unknown identity's MAC is checked against (no registration oracle); made
 # in the token by `kms serve` on first use.
 DUMMY_PSK_LABEL = "authn/dummy"
+# The KMS's own token objects, with what `kms keys list` says they are.
+KMS_OWN_KEYS = {
+    ENVELOPE_LABEL: "KMS envelope key (PKE)",
+    SIGNING_LABEL: "KMS signing key (SIGNkms)",
+    FORK_MODIFIER_LABEL: "KMS key-forking modifier key (RANDRkms)",
+    DUMMY_PSK_LABEL: "KMS dummy PSK (unknown identities' MACs)",
+}
 FORK_MODIFIER_BYTES = 32
 RSA_BITS = 2048
 TPK_BYTES = 32
