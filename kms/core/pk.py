@@ -183,13 +183,15 @@ class CertificateAuthenticator:
         id_role = IdRole(role)
         if id_role not in (IdRole.IDRI, IdRole.IDRR):
             raise ValueError("role must be IDRi (Ticket Request) or IDRr (Ticket Resolve)")
-        if id_role == IdRole.IDRR:
-            peer = self._certificate_peer(v)
-            if peer is not None and isinstance(v, ResolveInitPk):
-                return (yield from self._authenticate_peer_pk(v, now, *peer))
-            node = self._certificate_node(v)
-            if node is not None and isinstance(v, ResolveInitPk):
-                return (yield from self._authenticate_node_pk(v, now, *node))
+        first = _first_certificate(v)
+        if id_role == IdRole.IDRR and first is not None and isinstance(v, ResolveInitPk):
+            uris = _san_uris(first)
+            peer = self._certificate_peer(uris)
+            if peer is not None:
+                return (yield from self._authenticate_peer_pk(v, now, peer, first))
+            node = self._certificate_node(uris)
+            if node is not None:
+                return (yield from self._authenticate_node_pk(v, now, node, first))
         if not self._endpoints_enabled:
             raise Refusal(
                 ErrorNo.UNSUPPORTED_MESSAGE_TYPE,
@@ -199,7 +201,7 @@ class CertificateAuthenticator:
         suite = message_suite(v.msg)
         kms_id = check_kms_identity(v, deps)
 
-        leaf = self._validate_chain(v, now)
+        leaf = self._validate_chain(v, now, first)
         identity = _bind_identity(v, id_role, leaf)
         self._verify_signature(v, leaf, identity.data, kms_id)
 
@@ -217,22 +219,13 @@ class CertificateAuthenticator:
 
     # --- a peer KMS forwarding a Ticket Resolve (RFC 6043 9) ------------------------------
 
-    def _certificate_peer(self, v: PkInit) -> tuple[PeerKms, x509.Certificate] | None:
+    def _certificate_peer(self, uris: Sequence[bytes]) -> PeerKms | None:
         """The registered certificate peer KMS that the first CERT's subjectAltName URI
-        names, with that certificate; None (the endpoint path) for anything else."""
-        first = v.certs[0] if v.certs else None
-        if first is None or first.cert_type not in _DER_CERT_TYPES:
-            return None
-        try:
-            leaf = x509.load_der_x509_certificate(first.data)
-            san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-            uris = san.get_values_for_type(x509.UniformResourceIdentifier)
-        except (ValueError, x509.ExtensionNotFound):
-            return None
+        names; None (the endpoint path) for anything else."""
         for uri in uris:
-            peer = self._deps.directory.peer(uri.encode("utf-8"))
+            peer = self._deps.directory.peer(uri)
             if peer is not None and peer.psk is None and peer.signing_certs_der:
-                return peer, leaf
+                return peer
         return None
 
     def _check_pinned(
@@ -286,23 +279,16 @@ class CertificateAuthenticator:
 
     # --- an intermediate node (RFC 6043 11.1, kms.core.nodes) ------------------------------
 
-    def _certificate_node(self, v: PkInit) -> tuple[IntermediateNode, x509.Certificate] | None:
-        """The registered certificate node that the first CERT's subjectAltName URI names,
-        with that certificate; None (the endpoint path) for anything else."""
+    def _certificate_node(self, uris: Sequence[bytes]) -> IntermediateNode | None:
+        """The registered certificate node that the first CERT's subjectAltName URI names;
+        None (the endpoint path) for anything else."""
         nodes = self._deps.nodes
-        first = v.certs[0] if v.certs else None
-        if nodes is None or first is None or first.cert_type not in _DER_CERT_TYPES:
-            return None
-        try:
-            leaf = x509.load_der_x509_certificate(first.data)
-            san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-            uris = san.get_values_for_type(x509.UniformResourceIdentifier)
-        except (ValueError, x509.ExtensionNotFound):
+        if nodes is None:
             return None
         for uri in uris:
-            node = nodes.node(uri.encode("utf-8"))
+            node = nodes.node(uri)
             if node is not None and node.psk is None and node.signing_certs_der:
-                return node, leaf
+                return node
         return None
 
     def _authenticate_node_pk(
@@ -337,7 +323,9 @@ class CertificateAuthenticator:
 
     # --- steps --------------------------------------------------------------------------
 
-    def _validate_chain(self, v: PkInit, now: float) -> x509.Certificate:
+    def _validate_chain(
+        self, v: PkInit, now: float, first: x509.Certificate | None
+    ) -> x509.Certificate:
         """CERTi / CERTr: own certificate first, each next one certifying the previous
         (RFC 6043 4.2.1.1, 6.7), ending at (or issued by) a CA of the bundle.
 
@@ -353,9 +341,12 @@ class CertificateAuthenticator:
         if len(payloads) > MAX_CHAIN_CERTS:
             raise invalid_cert(f"more than {MAX_CHAIN_CERTS} certificates")
         certs: list[x509.Certificate] = []
-        for p in payloads:
+        for i, p in enumerate(payloads):
             if p.cert_type not in _DER_CERT_TYPES:
                 raise invalid_cert(f"CERT type {p.cert_type} not supported")
+            if i == 0 and first is not None:
+                certs.append(first)  # already parsed, once
+                continue
             try:
                 certs.append(x509.load_der_x509_certificate(p.data))
             except ValueError:
@@ -471,15 +462,32 @@ class CertificateAuthenticator:
         return env_key
 
 
+def _first_certificate(v: PkInit) -> x509.Certificate | None:
+    """The first CERT (RFC 6043 6.7: the sender's own certificate), parsed once; None when
+    it is absent, not DER, or undecodable (the chain check then says why)."""
+    first = v.certs[0] if v.certs else None
+    if first is None or first.cert_type not in _DER_CERT_TYPES:
+        return None
+    try:
+        return x509.load_der_x509_certificate(first.data)
+    except ValueError:
+        return None
+
+
+def _san_uris(cert: x509.Certificate) -> tuple[bytes, ...]:
+    """The certificate's subjectAltName URIs; none without (or with a broken) extension."""
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except (ValueError, x509.ExtensionNotFound):
+        return ()
+    return tuple(u.encode("utf-8") for u in san.get_values_for_type(x509.UniformResourceIdentifier))
+
+
 def _bind_identity(v: PkInit, role: IdRole, leaf: x509.Certificate) -> Idr:
     """The sender's identity: IDRi / IDRr must be one of the certificate's subjectAltName
     URIs (exact bytes, docs/rfc-readings.md R8); without the IDR, the certificate's single
     URI is the identity (R7)."""
-    try:
-        san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        uris = [u.encode("utf-8") for u in san.get_values_for_type(x509.UniformResourceIdentifier)]
-    except x509.ExtensionNotFound:
-        uris = []
+    uris = _san_uris(leaf)
     if not uris:
         raise invalid_cert("certificate has no subjectAltName URI")
     idr = sender_of(v)[0]
