@@ -12,6 +12,7 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from kms.cli.errors import CliError
 from kms.keystore import KeyStoreError
@@ -24,8 +25,18 @@ def default_home() -> Path:
     return Path(os.environ.get("KMS_HOME") or "kms-home")
 
 
+class _ExactParser(argparse.ArgumentParser):
+    """No abbreviated options (``--psk`` for ``--psk-hex``): a script's option must mean
+    the same after a later release adds a longer one. Sub-command parsers are made of the
+    same class (argparse uses the parent's), so this holds for every command."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _ExactParser(
         prog="kms",
         description="HSM-backed Key Management Service for MIKEY-TICKET (RFC 6043).",
     )
