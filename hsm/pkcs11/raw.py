@@ -7,10 +7,16 @@ operations this costs more than the token's own work (create + destroy of an AES
 object 78-126 us through python-pkcs11, 25-47 us this way, measured side by side;
 docs/performance.md, "In-process cost breakdown"). The calls here are the same PKCS#11 calls
 on the same sessions and the same token (PKCS#11 v2.40 sections 5.7 C_CreateObject /
-C_DestroyObject, 5.8 C_EncryptInit / C_Encrypt, 5.11 C_SignInit / C_Sign), only without the
-extra round trips and classes. Keys still never leave the token: objects are created
-sensitive and non-extractable, exactly as :class:`hsm.pkcs11.working.SessionObjects` did
-through python-pkcs11.
+C_DestroyObject, 5.8 C_EncryptInit / C_Encrypt, 5.9 C_DecryptInit / C_Decrypt, 5.11
+C_SignInit / C_Sign), only without the extra round trips and classes.
+
+The RSA decryption of a PKE (RFC 3830 4.2.5) comes here too, for another reason: it runs in a
+thread of its own next to the event loop, and every return from a foreign call must take the
+GIL back from a loop that may hold it for a switch interval. python-pkcs11 makes three calls
+(init, a length query, the decryption); here the output buffer is sized from the key, so two.
+
+Keys still never leave the token: objects are created sensitive and non-extractable, exactly
+as :class:`hsm.pkcs11.working.SessionObjects` did through python-pkcs11.
 
 A failing call raises the python-pkcs11 exception for its return value, so that
 :func:`hsm.pkcs11.errors.convert` maps it as before.
@@ -38,6 +44,14 @@ class _Attr(ctypes.Structure):  # CK_ATTRIBUTE
 
 class _Mech(ctypes.Structure):  # CK_MECHANISM
     _fields_ = (("mechanism", _ULONG), ("param", ctypes.c_void_p), ("length", _ULONG))
+
+
+class _OaepParams(ctypes.Structure):  # CK_RSA_PKCS_OAEP_PARAMS
+    _fields_ = (("hash_alg", _ULONG), ("mgf", _ULONG), ("source", _ULONG),
+                ("source_data", ctypes.c_void_p), ("source_len", _ULONG))
+
+
+_CKZ_DATA_SPECIFIED = 1  # PKCS#11 v2.40 section 2.1.8: the OAEP label is given (here: empty)
 
 
 class _Version(ctypes.Structure):
@@ -118,8 +132,9 @@ def _bool(v: ctypes.c_ubyte) -> tuple[int, int]:
 
 
 class RawCalls:
-    """C_CreateObject / C_DestroyObject / C_SignInit+C_Sign / C_EncryptInit+C_Encrypt of one
-    loaded module, on python-pkcs11's sessions (by their handles)."""
+    """C_CreateObject / C_DestroyObject / C_SignInit+C_Sign / C_EncryptInit+C_Encrypt /
+    C_DecryptInit+C_Decrypt of one loaded module, on python-pkcs11's sessions (by their
+    handles)."""
 
     def __init__(self, module_path: str) -> None:
         # The same dlopen handle python-pkcs11 and hsm.pkcs11.module hold; holding it keeps
@@ -139,6 +154,8 @@ class RawCalls:
         self._sign = _RUN(fl.C_Sign)
         self._encrypt_init = _INIT(fl.C_EncryptInit)
         self._encrypt = _RUN(fl.C_Encrypt)
+        self._decrypt_init = _INIT(fl.C_DecryptInit)
+        self._decrypt = _RUN(fl.C_Decrypt)
 
     # --- objects --------------------------------------------------------------------------
     def create_session_key(self, session: int, value: bytes, *, aes: bool) -> int:
@@ -199,6 +216,23 @@ class RawCalls:
         if rv:
             raise error_for(rv)
         return self._finish(self._encrypt, session, data, len(data) + 32)
+
+    def rsa_decrypt(
+        self, session: int, key: int, mechanism: int, data: bytes, modulus_bytes: int,
+        oaep: tuple[int, int] | None = None,
+    ) -> bytes:
+        """C_DecryptInit + C_Decrypt (single part) with an RSA private key: CKM_RSA_PKCS, or
+        CKM_RSA_PKCS_OAEP with ``oaep`` = (hash mechanism, MGF) and an empty label. The
+        plaintext is never longer than the modulus, so no length query is needed."""
+        params = None
+        if oaep is not None:
+            params = _OaepParams(oaep[0], oaep[1], _CKZ_DATA_SPECIFIED, None, 0)
+        mech = _Mech(mechanism, ctypes.addressof(params) if params is not None else None,
+                     ctypes.sizeof(params) if params is not None else 0)
+        rv = self._decrypt_init(session, ctypes.byref(mech), key)
+        if rv:
+            raise error_for(rv)
+        return self._finish(self._decrypt, session, data, modulus_bytes)
 
     @staticmethod
     def _finish(fn: Any, session: int, data: bytes, out_len: int) -> bytes:

@@ -219,21 +219,22 @@ class Pkcs11KeyStore:
         return self._with_missing_refresh(key, lambda: self._rsa_decrypt(key, data, padding))
 
     def _rsa_decrypt(self, key: KeyRef, data: bytes, padding: RsaPadding) -> bytes:
-        param: tuple[Mechanism, MGF, None] | None
+        oaep: tuple[int, int] | None
         if padding == RsaPadding.PKCS1V15:
-            op, mech, param = Operation.RSA_DECRYPT_PKCS1V15, Mechanism.RSA_PKCS, None
+            op, mech, oaep = Operation.RSA_DECRYPT_PKCS1V15, Mechanism.RSA_PKCS, None
         elif padding == RsaPadding.OAEP_SHA1:
             # OAEP with SHA-1 / MGF1-SHA-1 and no label: the one OAEP SoftHSM offers
             # (RFC 8017 7.1 with its default parameters).
             op, mech = Operation.RSA_DECRYPT_OAEP_SHA1, Mechanism.RSA_PKCS_OAEP
-            param = (Mechanism.SHA_1, MGF.SHA1, None)
+            oaep = (int(Mechanism.SHA_1), int(MGF.SHA1))
         else:
             raise InvalidSealedData(SEALED_DATA_MESSAGE)
         tok = self._t()
         tok.plan.method(op)  # a padding the module lacks: UnsupportedOperation, not sealed
         with tok.session("rsa_decrypt", sealed=True) as (conn, ps):
-            _, obj = lookup(conn, ps, key.label, ObjectClass.PRIVATE_KEY, (KeyType.RSA,))
-            return bytes(obj.decrypt(data, mechanism=mech, mechanism_param=param))
+            meta, obj = lookup(conn, ps, key.label, ObjectClass.PRIVATE_KEY, (KeyType.RSA,))
+            return self._raw.rsa_decrypt(ps.session.handle, _handle(obj), int(mech), data,
+                                         (meta.info.length_bits + 7) // 8, oaep)
 
     def sign(self, key: KeyRef, data: bytes, scheme: SignScheme) -> bytes:
         return self._with_missing_refresh(key, lambda: self._sign(key, data, scheme))
