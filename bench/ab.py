@@ -17,6 +17,11 @@ Each round also gives a paired ratio (this round's value over the same round's b
 the table prints their spread (the middle half of the rounds, and the extremes), because
 on a shared machine one side can be 20-40 % off the other with identical code. ``--aa``
 serves this tree on both sides (an A/A run): its spread is the noise a real A/B must beat.
+
+``--rate R`` adds latency at a fixed offered load: after each closed-loop window, the same
+workload runs open loop at R calls/s from 8 clients (latency counted from each call's
+scheduled time), and the table gives each side's p50 / p99 and the paired p99 ratios; e.g.
+``--workloads "request pk" --clients 8 --rate 160`` for p99 at about half a PK peak.
 """
 
 from __future__ import annotations
@@ -51,6 +56,8 @@ def main() -> int:
     ap.add_argument("--clients", default="1,8")
     ap.add_argument("--workloads", default="echo,request psk,resolve psk")
     ap.add_argument("--seconds", type=float, default=2.0)
+    ap.add_argument("--rate", type=float,
+                    help="also run each workload open loop at this many calls/s (8 clients)")
     args = ap.parse_args()
     if (args.base is None) == (not args.aa):
         ap.error("give --base PATH, or --aa")
@@ -91,6 +98,8 @@ def main() -> int:
         cpu: dict[tuple[str, str, int], list[float]] = {}
         rates: dict[tuple[str, str, int], list[float]] = {}
         errors: dict[tuple[str, str, int], int] = {}
+        p50s: dict[tuple[str, str, int], list[float]] = {}
+        p99s: dict[tuple[str, str, int], list[float]] = {}
         for rnd in range(args.rounds):
             for side in ("base", "this"):
                 if side == "base" and shim is not None:
@@ -118,6 +127,17 @@ def main() -> int:
                                       f"{name} c={c}: {r.rate:,.0f}/s "
                                       f"{r.server_cpu_ms_per_call:.3f} ms/call "
                                       f"errors {dict(r.errors)}",
+                                      file=sys.stderr, flush=True)
+                            if args.rate and not echo:
+                                per = math.ceil(args.rate * (args.seconds + 0.5) * 1.3 / 8) + 3
+                                r = run_load(target, work[name], clients=8, per_client_msgs=per,
+                                             warmup=0.5, duration=args.seconds, rate=args.rate,
+                                             server_pid=spid)
+                                p50s.setdefault((side, name, 0), []).append(r.pct(0.5))
+                                p99s.setdefault((side, name, 0), []).append(r.pct(0.99))
+                                print(f"[{time.strftime('%H:%M:%S')}] round {rnd + 1} {side} "
+                                      f"{name} open loop {args.rate:g}/s: {r.rate:,.0f}/s "
+                                      f"p50 {r.pct(0.5):.2f} ms p99 {r.pct(0.99):.2f} ms",
                                       file=sys.stderr, flush=True)
         os.environ.pop(TREE_ENV, None)
 
@@ -177,6 +197,17 @@ def main() -> int:
                        if name != "echo" and "echo" in names else f"{'-':>28}")
                 print(f"{name:<18} {c:>7} {spread(paired(name, c)):>28} {own:>28} "
                       f"{spread(paired(name, c, rates)):>28}")
+        if args.rate:
+            print(f"\nopen loop at {args.rate:g} calls/s offered, 8 clients: latency ms, "
+                  "medians over the rounds; paired p99 ratios this/base")
+            print(f"{'workload':<18} {'p50 base':>8} {'p50 this':>8} {'p99 base':>8} "
+                  f"{'p99 this':>8} {'p99 this/base':>28}")
+            for name in names:
+                if name == "echo":
+                    continue
+                print(f"{name:<18} {med('base', name, 0, p50s):>8.2f} "
+                      f"{med('this', name, 0, p50s):>8.2f} {med('base', name, 0, p99s):>8.2f} "
+                      f"{med('this', name, 0, p99s):>8.2f} {spread(paired(name, 0, p99s)):>28}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return 0
