@@ -20,11 +20,12 @@ from typing import Any
 import grpc
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from kms import rpc
+from tests.server.tls_pki import pem
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -245,15 +246,6 @@ def _cert(
     return b.sign(issuer_key, hashes.SHA256())
 
 
-def _pem(obj: Any) -> bytes:
-    if isinstance(obj, x509.Certificate):
-        return obj.public_bytes(serialization.Encoding.PEM)
-    return bytes(obj.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    ))
-
-
 def test_mutual_tls_from_kms_toml(
     serve_home: Path, serve_proc: Any, free_port: Any, tmp_path: Path
 ) -> None:
@@ -264,7 +256,7 @@ def test_mutual_tls_from_kms_toml(
     client = _cert("sip:alice@example.org", client_key, "test CA", ca_key)
     (serve_home / "tls").mkdir()
     for name, obj in (("ca.pem", ca), ("server.pem", server), ("server.key", server_key)):
-        (serve_home / "tls" / name).write_bytes(_pem(obj))
+        (serve_home / "tls" / name).write_bytes(pem(obj))
     toml = serve_home / "kms.toml"
     text = toml.read_text()
     text = text.replace('# tls_cert = "server.pem"', 'tls_cert = "tls/server.pem"')
@@ -278,9 +270,9 @@ def test_mutual_tls_from_kms_toml(
     p.wait_ready()
     assert '"tls": "mutual TLS"' in p.stderr
 
-    with_cert = grpc.ssl_channel_credentials(_pem(ca), _pem(client_key), _pem(client))
+    with_cert = grpc.ssl_channel_credentials(pem(ca), pem(client_key), pem(client))
     assert request(target, b"junk", with_cert)[0] is grpc.StatusCode.INVALID_ARGUMENT
-    without_cert = grpc.ssl_channel_credentials(_pem(ca))
+    without_cert = grpc.ssl_channel_credentials(pem(ca))
     assert request(target, b"junk", without_cert)[0] is grpc.StatusCode.UNAVAILABLE
     assert request(target, b"junk")[0] is grpc.StatusCode.UNAVAILABLE  # plaintext client
     assert p.terminate() == 0, p.stderr
