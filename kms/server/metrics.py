@@ -71,6 +71,14 @@ METHODS = {"request_ticket": "RequestTicket", "resolve_ticket": "ResolveTicket"}
 _ERROR_NOS = frozenset(str(int(e)) for e in ErrorNo)
 _KEY_TYPES = {"TGK": "tgk", "TEK": "tek", "GTGK": "gtgk"}
 PEER_OUTCOMES = ("ok", "refused", "invalid", "unavailable")
+
+
+def _result(outcome: Outcome, ok: str) -> str:
+    """A resolve's or a node request's result label: a call its client cancelled is not a
+    refusal (nothing was refused; kms.core.steps)."""
+    if outcome is Outcome.OK:
+        return ok
+    return "cancelled" if outcome is Outcome.CANCELLED else "refused"
 NODE_ROLES = frozenset({"recorder", "bridge", "transcoder"})
 # The call guard's event counts (kms.server.admission) by their ``reason`` label value.
 GUARD_REASONS = {
@@ -128,7 +136,8 @@ class ServerMetrics:
         self.resolves = Counter(
             "kms_resolves_total",
             "Ticket resolves: path local (this KMS issued the ticket) or forwarded (asked "
-            "the issuing peer KMS, RFC 6043 9); result ok or refused",
+            "the issuing peer KMS, RFC 6043 9); result ok, refused, or cancelled (the client "
+            "went away while the KMS waited)",
             ("path", "result"),
             registry=r,
         )
@@ -136,7 +145,7 @@ class ServerMetrics:
             "kms_node_key_requests_total",
             "Key requests of intermediate nodes (RFC 6043 11.1) by node role (recorder, "
             "bridge, transcoder; unknown before the node authenticated) and outcome: "
-            "released (keys sent, audit event ticket.node_keys) or refused",
+            "released (keys sent, audit event ticket.node_keys), refused, or cancelled",
             ("role", "outcome"),
             registry=r,
         )
@@ -312,14 +321,14 @@ class ServerMetrics:
             self.child(
                 self.resolves,
                 "forwarded" if forwarded else "local",
-                "ok" if outcome is Outcome.OK else "refused",
+                _result(outcome, "ok"),
             ).inc()
         if "node" in audit:  # an intermediate node's request (kms.core.nodes)
             role = str(audit.get("role", "unknown"))
             self.child(
                 self.node_keys,
                 role if role in NODE_ROLES else "unknown",
-                "released" if outcome is Outcome.OK else "refused",
+                _result(outcome, "released"),
             ).inc()
         if outcome is Outcome.RATE_LIMITED:
             reason = str(audit.get("reason", ""))

@@ -256,3 +256,22 @@ def test_metrics_over_tls(home: Home, tmp_path: Path) -> None:
         assert report["tpk"]["versions"]["current"] == 1
     finally:
         server.close()
+
+
+@pytest.mark.parametrize(("outcome", "resolve", "node"), [
+    (Outcome.OK, "ok", "released"),
+    (Outcome.UNAUTHENTICATED, "refused", "refused"),
+    (Outcome.CANCELLED, "cancelled", "cancelled"),
+])
+def test_a_cancelled_resolve_is_counted_cancelled_not_refused(
+    outcome: Outcome, resolve: str, node: str
+) -> None:
+    """The client went away while the KMS waited (kms.core.steps): nothing was refused, so
+    the resolve and node counters say cancelled, as kms_calls_total does."""
+    reg = CollectorRegistry()
+    m = ServerMetrics(reg)
+    audit: dict[str, object] = {"ticket_id": "ab" * 16, "node": "sip:rec@example.org",
+                                "role": "recorder", "event": "ticket.forwarded"}
+    m.observe_call("resolve_ticket", KmsReply(outcome, audit=audit), 0.01)
+    assert sample(reg, "kms_resolves_total", path="forwarded", result=resolve) == 1
+    assert sample(reg, "kms_node_key_requests_total", role="recorder", outcome=node) == 1
