@@ -106,7 +106,11 @@ def _snapshot_sqlite(path: Path) -> bytes:
 @contextlib.contextmanager
 def _registry_write_lock(registry: Path) -> Iterator[None]:
     """Hold the registry's write lock (what every provisioning command takes first)."""
-    conn = sqlite3.connect(registry, timeout=LOCK_WAIT_S, isolation_level=None)
+    try:  # mode=rw: a missing registry is an error, not a new empty database
+        conn = sqlite3.connect(f"file:{registry}?mode=rw", uri=True, timeout=LOCK_WAIT_S,
+                               isolation_level=None)
+    except sqlite3.OperationalError as exc:
+        raise BackupError(f"registry {registry} cannot be opened ({exc})") from None
     try:
         try:
             conn.execute("BEGIN IMMEDIATE")
@@ -184,19 +188,14 @@ def create_backup(
 
 
 def _outside_paths(config: Any, home: Path) -> Iterator[tuple[str, Path]]:
-    """Files kms.toml names outside the home: not archived (say so, not silently)."""
-    candidates = [
-        ("[server] tls_cert", config.server.tls_cert),
-        ("[server] tls_key", config.server.tls_key),
-        ("[server] tls_client_ca", config.server.tls_client_ca),
-        ("[token] pin_file", config.token.pin_file),
-        ("[token] softhsm_conf", config.token.softhsm_conf),
-        ("[pk] ca_bundle", getattr(config.pk, "ca_bundle", None)),
-        ("[pk] crl", getattr(config.pk, "crl", None)),
-    ]
-    for what, path in candidates:
+    """Files kms.toml names outside the home (every setting of kind path): not archived, and
+    said so rather than silently."""
+    from kms.server.settings import SETTINGS, Kind
+
+    for s in SETTINGS:
+        path = getattr(getattr(config, s.section), s.key) if s.kind is Kind.PATH else None
         if path is not None and not Path(path).absolute().is_relative_to(home):
-            yield what, Path(path)
+            yield f"[{s.section}] {s.key}", Path(path)
 
 
 def _registry_labels(registry_bytes: bytes) -> set[str]:

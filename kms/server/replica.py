@@ -14,12 +14,11 @@ import shutil
 from pathlib import Path
 
 from kms.server.config import CONFIG_FILE, ConfigError, load_config, parse_config
+from kms.server.settings import SETTINGS, Kind
 
-# Keys of kms.toml whose values are paths (relative ones are resolved against the home).
-PATH_KEYS = (
-    "pin_file", "softhsm_conf", "tls_cert", "tls_key", "tls_client_ca", "ca_bundle", "crl",
-    "client_cert", "client_key", "password_file",
-)
+# Keys of kms.toml whose values are paths (relative ones are resolved against the home), as
+# the settings table declares them.
+PATH_KEYS = tuple(dict.fromkeys(s.key for s in SETTINGS if s.kind is Kind.PATH))
 # The [server] section: from its header to the next section header (or the end).
 SERVER_SECTION = re.compile(r"(?ms)^\[server\][ \t]*$.*?(?=^\[|\Z)")
 COPIED_FILES = ("kms-cert.pem", "kms-signing-cert.pem")

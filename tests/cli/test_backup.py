@@ -175,3 +175,12 @@ def test_backup_error_is_a_home_error() -> None:
     from kms.home.errors import HomeError
 
     assert issubclass(BackupError, HomeError)
+
+
+def test_a_home_without_its_registry_is_refused_and_left_as_it_is(
+    home: Path, tmp_path: Path, kms_fails: Any
+) -> None:
+    (home / "registry.sqlite3").unlink()
+    kms_fails(home, "backup", "create", str(tmp_path / "b.tar.gz"), match="cannot be opened")
+    assert not (home / "registry.sqlite3").exists()  # not made anew, empty
+    assert not (tmp_path / "b.tar.gz").exists()
