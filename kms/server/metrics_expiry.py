@@ -20,7 +20,6 @@ KMS itself refuses to start without its own certificates).
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -33,19 +32,9 @@ from prometheus_client.registry import Collector
 from kms.home import CERT_FILE, SIGNING_CERT_FILE
 from kms.server.config import KmsConfig
 from kms.server.crl import CrlError, CrlStore
+from kms.server.tls_files import Stamp, file_stamp
 
 log = logging.getLogger("kms.server.metrics")
-
-Stamp = tuple[int, int]  # (size, mtime_ns) of a file
-
-
-def _stamp(path: Path) -> Stamp | None:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return st.st_size, st.st_mtime_ns
-
 
 def earliest_not_after(path: Path) -> float:
     """The earliest notAfter (Unix time) of the PEM certificates in ``path``."""
@@ -76,7 +65,7 @@ class ExpiryCollector(Collector):
             yield "ca_bundle", c.pk.ca_bundle
 
     def _not_after(self, path: Path) -> float | None:
-        stamp = _stamp(path)
+        stamp = file_stamp(path)
         if stamp is None:
             return None
         known = self._certs.get(path)

@@ -155,7 +155,10 @@ def load_material(
     )
 
 
-def _stamp(path: Path | None) -> Stamp:
+def file_stamp(path: Path | None) -> Stamp:
+    """What tells that a file changed without reading it (None: no such file). Every file
+    the KMS re-reads when it changes (TLS files here, certificates for the expiry metrics)
+    is compared by this stamp."""
     if path is None:
         return None
     try:
@@ -215,7 +218,7 @@ class TlsWatch:
             events.pending(self.listener, self._rejected is not None)
 
     def _stat(self) -> tuple[Stamp, ...]:
-        return _stamp(self.cert), _stamp(self.key), _stamp(self.client_ca)
+        return file_stamp(self.cert), file_stamp(self.key), file_stamp(self.client_ca)
 
     def poll(self) -> TlsMaterial | None:
         """The new set when the files changed and the new set is valid; None when there is
