@@ -36,6 +36,7 @@ from kms.store.psk_versions import SQLITE_MIGRATION as _PSK_VERSIONS_MIGRATION
 from kms.store.psk_versions import PskVersionTables
 from kms.store.revocations import SQLITE_MIGRATION as _REVOCATIONS_MIGRATION
 from kms.store.revocations import RevocationTables
+from kms.store.wal import enable_wal
 
 REGISTRY_FILE = "registry.sqlite3"
 BUSY_TIMEOUT_MS = 10_000
@@ -289,8 +290,7 @@ class Registry(RevocationTables, PskVersionTables, NodeTables):
         try:
             conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
             conn.execute("PRAGMA foreign_keys = ON")
-            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-            if str(mode).lower() != "wal":
+            if enable_wal(conn, BUSY_TIMEOUT_MS / 1000) != "wal":
                 raise RegistryUnavailable(f"registry {path}: cannot enable WAL mode")
             # NORMAL is durable across application crashes in WAL mode; it only risks the
             # last commits on power loss, and a token object without its row is recoverable.

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from kms.core.ports import ReplayCacheFull, StoreUnavailable
+from kms.store.wal import enable_wal
 
 log = logging.getLogger("kms.store.state")
 
@@ -72,7 +73,7 @@ class SqliteSeenSet:
             conn = sqlite3.connect(
                 self.path, timeout=10.0, isolation_level=None, check_same_thread=False
             )
-            conn.execute("PRAGMA journal_mode=WAL")
+            enable_wal(conn, timeout_s=10.0)
             conn.execute("PRAGMA synchronous=NORMAL")
             self._local.conn = conn
             with self._lock:
