@@ -55,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
         mikey_cmd,
         node_cmd,
         peer_cmd,
+        peer_psk_cmd,
         psk_cmd,
         revoke_cmd,
         serve_cmd,
@@ -69,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve_cmd.register(sub)
     call_cmd.register(sub)
     peer_cmd.register(sub)
+    peer_psk_cmd.register(sub)  # kms peer set / rotate-psk / use-psk / retire-psk / psk-list
     app_cmd.register(sub)
     token_cmd.register(sub)
     status_cmd.register(sub)

@@ -155,6 +155,7 @@ def cmd_peer_list(args: argparse.Namespace) -> int:
                 "resolve_for": list(p.resolve_for),
                 "rate_per_s": p.rate_limit,
                 "deadline_ms": p.deadline_ms,
+                "send_version": p.send_version,
                 "created_at": _show_time(p.created_at),
             }
             for p in peers

@@ -17,7 +17,7 @@ from kms.core.api import Outcome
 from kms.core.context import Authenticated, Deps, noting
 from kms.core.errors import Refusal, auth_failure, denied, precondition
 from kms.core.ports import PeerKms, ReplayCacheFull
-from kms.core.psk_versions import named_psk
+from kms.core.psk_versions import PeerPsk, named_psk, peer_psk
 from kms.keystore import KeyNotFound
 from kms.mikey.compose import InitialMessage, sender_of
 from kms.mikey.constants import EncrAlg, ErrorNo, IdRole, IdType, TsType
@@ -199,23 +199,29 @@ def check_replay(msg: Message, deps: Deps, now: float) -> None:
         raise _replayed()
 
 
-def forwarding_peer(v: InitialMessage, deps: Deps) -> PeerKms | None:
-    """RFC 6043 9: a RESOLVE_INIT_PSK whose IDRpsk names a registered peer KMS comes from
-    that KMS, resolving on behalf of the Responder named by IDRr."""
+def forwarding_peer(v: InitialMessage, deps: Deps, now: float) -> PeerPsk | None:
+    """RFC 6043 9: a RESOLVE_INIT_PSK whose IDRpsk names a registered peer KMS (or a version
+    of the key shared with it, ``<kms id>#psk<N>``) comes from that KMS, resolving on behalf
+    of the Responder named by IDRr."""
     if not isinstance(v, ResolveInitPsk) or v.idr_psk is None:
         return None
-    return deps.directory.peer(v.idr_psk.data)
+    return peer_psk(v.idr_psk.data, deps.psk_versions, deps.directory, now)
 
 
 def authenticate_peer(
-    v: ResolveInitPsk, deps: Deps, now: float, peer: PeerKms
+    v: ResolveInitPsk, deps: Deps, now: float, named: PeerPsk
 ) -> tuple[Authenticated, dict[str, object]]:
-    """A peer KMS forwarding a Ticket Resolve: MAC with the key shared with that peer over
-    RESOLVE_INIT || IDRr || IDRkms, then the issuing side's trust: may this peer resolve for
-    that identity, and within its quota (docs/federation.md)."""
+    """A peer KMS forwarding a Ticket Resolve: MAC with the key shared with that peer (the
+    version IDRpsk names) over RESOLVE_INIT || IDRr || IDRkms, then the issuing side's
+    trust: may this peer resolve for that identity, and within its quota
+    (docs/federation.md). An unknown or retired version is refused like a wrong MAC, after
+    the same work (the dummy key's)."""
     msg = v.msg
     suite = message_suite(msg)
+    peer = named.peer
     notes: dict[str, object] = {"peer": peer.kms_id.decode("utf-8", "replace")}
+    if named.version is not None:
+        notes["psk_version"] = named.version
     with noting(notes):
         identity = peer_responder(v)
     notes["sender"] = claimed_identity(identity.data)
@@ -224,20 +230,28 @@ def authenticate_peer(
         if peer.psk is None:
             raise auth_failure("peer has no shared key for RESOLVE_INIT_PSK")
         rand_r = v.rand_r.value
-        try:
-            keys, resp_keys = exchange_keys(
-                deps.keystore, peer.psk, msg, None, rand_r, suite, suite
-            )
-        except KeyNotFound:
-            raise auth_failure("peer key registered but missing in the token") from None
-        if not check_mac(msg, keys, suite, identity.data + kms_id):
+        key = named.key if named.key is not None else deps.dummy_psk
+        verified = False
+        keys = resp_keys = None
+        if key is not None:
+            try:
+                keys, resp_keys = exchange_keys(deps.keystore, key, msg, None, rand_r, suite, suite)
+            except KeyNotFound:
+                if named.key is not None:
+                    raise auth_failure("peer key registered but missing in the token") from None
+            else:
+                verified = check_mac(msg, keys, suite, identity.data + kms_id)
+        if named.key is None:
+            raise auth_failure(f"peer {named.reason}")
+        if not verified:
             raise auth_failure("peer MAC verification failed")
     notes["sender"] = identity.data.decode("utf-8", "replace")  # vouched for by the peer
     with noting(notes):
         check_timestamp(v, deps, now)  # after the MAC, as for endpoints
         check_peer_resolves_for(peer, identity.data, "peer")
+    # The RESOLVE_RESP is protected with the version the request used (as for endpoints).
     auth = Authenticated(
-        identity, peer.psk, suite, None, rand_r, kms_id, "peer", peer.kms_id,
+        identity, named.key, suite, None, rand_r, kms_id, "peer", peer.kms_id,
         response_keys=resp_keys,
     )
     with noting(notes, auth):

@@ -27,6 +27,7 @@ from kms.core.api import Outcome
 from kms.core.context import Authenticated, Call, Deps, Issued, noting
 from kms.core.errors import Refusal, denied
 from kms.core.ports import PeerError, PeerFailure, PeerKms
+from kms.core.psk_versions import version_name
 from kms.core.request import fresh_timestamp
 from kms.core.resolve import build_resolve_resp
 from kms.keystore import Key, SignScheme
@@ -225,7 +226,7 @@ def _forwarded_resolve_init(
     peer: PeerKms,
 ) -> tuple[Message, bytes]:
     """RESOLVE_INIT_PSK = HDR, T, RANDRr, IDRr (end Responder), IDRkms (issuer), TICKET,
-    IDRpsk (this KMS: names the key shared with the issuer), V."""
+    IDRpsk (this KMS, and the version of the key shared with the issuer it sends with), V."""
     ks = deps.keystore
     assert peer.psk is not None
     header, head, rand_r = _forwarded_head(DataType.RESOLVE_INIT_PSK, v, auth, deps, now)
@@ -233,7 +234,10 @@ def _forwarded_resolve_init(
         *head,
         Idr(IdRole.IDRKMS, issuer.id_type, issuer.data),
         ticket,
-        Idr(IdRole.IDRPSK, deps.policy.kms_id_type, deps.policy.kms_id),
+        # The version of the shared key this KMS sends with: ``<kms id>#psk<N>``, version 1
+        # by the bare id (RFC 6043 4.2.3: IDRpsk indicates the pre-shared key used).
+        Idr(IdRole.IDRPSK, deps.policy.kms_id_type,
+            version_name(deps.policy.kms_id, peer.psk_version)),
         placeholder_v(auth.suite.mac_alg),
     ]
     draft = Message(header, tuple(payloads))

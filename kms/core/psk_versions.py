@@ -6,6 +6,10 @@ Reading (docs/design.md): IDRpsk ID Data names a PSK version, ``<identity>#psk<N
 IDRpsk (what every endpoint sent before rotation existed). The response is protected with
 the PSK the request used (the response keys derive from ``Authenticated.response_key``). A
 retired version, or one whose overlap has ended, is refused exactly like a wrong MAC.
+
+Peer KMSs (RFC 6043 9) rotate the key they share the same way: the forwarded
+RESOLVE_INIT_PSK's IDRpsk names the sending KMS, ``<kms id>#psk<N>`` once both sides use
+version N (:func:`peer_psk`); the RESOLVE_RESP is protected with the version the request used.
 """
 
 from __future__ import annotations
@@ -20,7 +24,26 @@ from kms.mikey.ticket import Idr
 from kms.mikey.views import RequestInitPsk, ResolveInitPsk
 
 if TYPE_CHECKING:
-    from kms.core.ports import Directory
+    from kms.core.ports import Directory, PeerKms
+
+NAME_SEPARATOR = b"#psk"
+MAX_VERSION_DIGITS = 9
+
+
+def version_name(identity: bytes, version: int) -> bytes:
+    """What IDRpsk carries for ``version`` of ``identity``'s PSK: the identity itself for
+    version 1 (as before any rotation), else ``<identity>#psk<N>``."""
+    return identity if version == 1 else identity + NAME_SEPARATOR + str(version).encode()
+
+
+def split_version_name(name: bytes) -> tuple[bytes, int] | None:
+    """(owner, N) of a name ``<owner>#psk<N>`` (N >= 2 without leading zeros), else None."""
+    owner, sep, number = name.rpartition(NAME_SEPARATOR)
+    if not sep or not owner or not number.isdigit() or len(number) > MAX_VERSION_DIGITS:
+        return None
+    if number.startswith(b"0") or int(number) < 2:
+        return None
+    return owner, int(number)
 
 
 @dataclass(frozen=True)
@@ -109,3 +132,37 @@ def ticket_psk(
     if not ref.live(now):
         return None, f"PSK version {ref.version} retired"
     return ref.key, ""
+
+
+@dataclass(frozen=True)
+class PeerPsk:
+    """The peer KMS a forwarded RESOLVE_INIT_PSK comes from and the version of the key
+    shared with it that its IDRpsk names."""
+
+    peer: PeerKms
+    key: KeyRef | None  # None: refuse like a wrong MAC (``reason`` goes to the audit log)
+    version: int | None  # None: the peer's key was never rotated (its registered key)
+    reason: str = ""
+
+
+def peer_psk(
+    name: bytes, versions: PskVersions | None, directory: Directory, now: float
+) -> PeerPsk | None:
+    """Which peer KMS, and which key shared with it, IDRpsk ``name`` designates; None when
+    ``name`` is no peer's (an endpoint or a node then). ``name`` is the peer's KMS id
+    (version 1, or a peer that never rotated) or ``<kms id>#psk<N>``. A retired version,
+    and a version this KMS does not know, come back with key None: refused exactly like a
+    wrong MAC, so that a prober learns nothing about which versions exist."""
+    ref = versions.psk_version(name) if versions is not None else None
+    peer = directory.peer(ref.owner if ref is not None else name)
+    if peer is None:
+        split = split_version_name(name) if ref is None else None
+        owner = directory.peer(split[0]) if split is not None else None
+        if split is None or owner is None or owner.psk is None:
+            return None
+        return PeerPsk(owner, None, split[1], f"unknown PSK version {split[1]}")
+    if ref is None:
+        return PeerPsk(peer, peer.psk, None)
+    if not ref.live(now):
+        return PeerPsk(peer, None, ref.version, f"PSK version {ref.version} retired")
+    return PeerPsk(peer, ref.key, ref.version)

@@ -214,7 +214,7 @@ class Kms:
         self, v: RequestInitPsk | ResolveInitPsk, now: float, role: IdRole
     ) -> tuple[Authenticated, dict[str, object]]:
         """A PSK message (endpoint, peer KMS or node): no step to yield, a plain call."""
-        peer = forwarding_peer(v, self.deps)
+        peer = forwarding_peer(v, self.deps, now)
         if peer is not None and isinstance(v, ResolveInitPsk):
             return authenticate_peer(v, self.deps, now, peer)
         node = node_request(v, self.deps)

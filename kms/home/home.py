@@ -271,16 +271,23 @@ class Home:
         return self._with_new_key(row, lambda ks, lbl: ks.import_secret(lbl, secret))
 
     def remove_peer(self, kms_id: bytes) -> Peer:
-        """Unregister a peer KMS and destroy the key shared with it."""
+        """Unregister a peer KMS and destroy the key shared with it (every live version,
+        when rotated)."""
         peer = self.registry.get_peer(kms_id)  # UnknownPeer before the token is opened
         if peer.key_label is None:
             return self.registry.remove_peer(kms_id)
         ks = self.keystore()
         with self.registry.transaction():
+            versions = self.registry.psk_versions(kms_id)  # rotated keys (v2, v3, ...)
             peer = self.registry.remove_peer(kms_id)
-            if peer.key_label is not None:
+            labels = {v.key_label for v in versions if not v.retired}
+            if peer.key_label is not None and not any(
+                v.retired and v.key_label == peer.key_label for v in versions
+            ):
+                labels.add(peer.key_label)
+            for label in sorted(labels):
                 with contextlib.suppress(KeyNotFound):
-                    ks.delete(peer.key_label)
+                    ks.delete(label)
         return peer
 
     # --- TPK ----------------------------------------------------------------------------

@@ -198,9 +198,16 @@ class RegistryDirectory:
         signing: tuple[bytes, ...] = ()
         if p.key_label is None and p.cert_pem:
             envelope, signing = split_peer_certs(p.cert_pem)
+        label = p.key_label
+        if label is not None and p.send_version != 1:  # `kms peer use-psk`: a rotated version
+            label = next((
+                v.key_label for v in self.registry.psk_versions(p.kms_id)
+                if v.version == p.send_version
+            ), None)  # fmt: skip
         return PeerKms(
             kms_id=p.kms_id,
-            psk=KeyRef(p.key_label) if p.key_label else None,
+            psk=KeyRef(label) if label else None,
+            psk_version=p.send_version,
             resolve_for=p.resolve_for,
             rate_per_s=p.rate_limit,
             deadline_s=p.deadline_ms / 1000.0,

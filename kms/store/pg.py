@@ -30,6 +30,7 @@ from psycopg import conninfo as pg_conninfo
 
 from kms.core.ports import StoreUnavailable
 from kms.store.nodes import PG_MIGRATION as _NODES_MIGRATION
+from kms.store.peer_versions import PG_MIGRATION as _PEER_VERSIONS_MIGRATION
 from kms.store.psk_versions import PG_MIGRATION as _PSK_VERSIONS_MIGRATION
 from kms.store.revocations import PG_MIGRATION as _REVOCATIONS_MIGRATION
 
@@ -222,6 +223,9 @@ MIGRATIONS: Sequence[str] = (
     _PSK_VERSIONS_MIGRATION,
     # 4: authorised intermediate nodes (RFC 6043 11.1); see kms.store.nodes
     _NODES_MIGRATION,
+    # 5: which version of a peer KMS's shared key this KMS sends with; see
+    # kms.store.peer_versions
+    _PEER_VERSIONS_MIGRATION,
 )
 
 REGISTRY_TABLES = (

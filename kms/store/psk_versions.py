@@ -19,7 +19,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
-NAME_SEPARATOR = b"#psk"
+from kms.core.psk_versions import NAME_SEPARATOR, version_name
 
 
 class PskVersionError(Exception):
@@ -38,10 +38,6 @@ class PskVersion:
 
     def usable(self, now: float) -> bool:
         return not self.retired and (self.retire_at is None or now < self.retire_at)
-
-
-def version_name(identity: bytes, version: int) -> bytes:
-    return identity if version == 1 else identity + NAME_SEPARATOR + str(version).encode()
 
 
 class PskVersionTables:
@@ -71,11 +67,14 @@ class PskVersionTables:
         return _version(rows[0]) if rows else None
 
     def add_psk_version(
-        self, identity: bytes, base_label: str, key_label: str, overlap_s: int | None
-    ) -> PskVersion:
+        self, identity: bytes, base_label: str, key_label: str, overlap_s: int | None,
+        number: int | None = None,
+    ) -> PskVersion:  # fmt: skip
         """Record a new version; ``overlap_s``: the older usable versions stop being usable
-        that many seconds from now (None: until retired explicitly). Call inside the
-        transaction that creates the token object."""
+        that many seconds from now (None: until retired explicitly). ``number``: the version
+        number (default: one more than the newest; a peer KMS's must match the number its
+        operator gave the same key, so it may skip some). Call inside the transaction that
+        creates the token object."""
         now = int(time.time())
         with self.transaction():
             existing = self.psk_versions(identity)
@@ -86,7 +85,13 @@ class PskVersionTables:
                     (identity, identity, base_label, now),
                 )
                 existing = self.psk_versions(identity)
-            number = max(v.version for v in existing) + 1
+            newest = max(v.version for v in existing)
+            if number is None:
+                number = newest + 1
+            elif number <= newest:
+                raise PskVersionError(
+                    f"PSK version {number} must be newer than version {newest}"
+                )
             name = version_name(identity, number)
             if overlap_s is not None:
                 self._q(
@@ -181,3 +186,8 @@ PG_MIGRATION = """
     CREATE TRIGGER psk_versions_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE
         ON psk_versions FOR EACH STATEMENT EXECUTE FUNCTION kms_registry_changed();
     """
+
+__all__ = [
+    "NAME_SEPARATOR", "PG_MIGRATION", "SQLITE_MIGRATION", "PskVersion", "PskVersionError",
+    "PskVersionTables", "version_name",
+]  # fmt: skip

@@ -32,6 +32,8 @@ from kms.core.ports import StoreUnavailable
 from kms.mikey.constants import IdType
 from kms.store.nodes import SQLITE_MIGRATION as _NODES_MIGRATION
 from kms.store.nodes import NodeTables
+from kms.store.peer_versions import SQLITE_MIGRATION as _PEER_VERSIONS_MIGRATION
+from kms.store.peer_versions import PeerVersionTables
 from kms.store.psk_versions import SQLITE_MIGRATION as _PSK_VERSIONS_MIGRATION
 from kms.store.psk_versions import PskVersionTables
 from kms.store.revocations import SQLITE_MIGRATION as _REVOCATIONS_MIGRATION
@@ -170,6 +172,7 @@ class Peer:
     resolve_for: tuple[str, ...] = ()
     rate_limit: float = 0.0
     deadline_ms: int = 2000
+    send_version: int = 1  # the version of the shared key this KMS sends with (use-psk)
 
 
 @dataclass(frozen=True)
@@ -253,6 +256,9 @@ MIGRATIONS: Sequence[str] = (
     _PSK_VERSIONS_MIGRATION,
     # 5: authorised intermediate nodes (RFC 6043 11.1); see kms.store.nodes
     _NODES_MIGRATION,
+    # 6: which version of a peer KMS's shared key this KMS sends with; see
+    # kms.store.peer_versions
+    _PEER_VERSIONS_MIGRATION,
 )
 
 
@@ -260,7 +266,7 @@ def _now() -> int:
     return int(time.time())
 
 
-class Registry(RevocationTables, PskVersionTables, NodeTables):
+class Registry(RevocationTables, PskVersionTables, NodeTables, PeerVersionTables):
     """Typed access to the registry database. One instance per process/thread."""
 
     def __init__(self, conn: sqlite3.Connection, path: Path) -> None:
@@ -711,7 +717,7 @@ class Registry(RevocationTables, PskVersionTables, NodeTables):
     def get_peer(self, kms_id: bytes) -> Peer:
         rows = self._q(
             "SELECT kms_id, address, auth, key_label, cert_pem, ca_pem, created_at, resolve_for, "
-            "rate_limit, deadline_ms FROM peers "
+            "rate_limit, deadline_ms, send_version FROM peers "
             "WHERE kms_id = ?",
             (kms_id,),
         )
@@ -722,7 +728,7 @@ class Registry(RevocationTables, PskVersionTables, NodeTables):
     def list_peers(self) -> list[Peer]:
         rows = self._q(
             "SELECT kms_id, address, auth, key_label, cert_pem, ca_pem, created_at, resolve_for, "
-            "rate_limit, deadline_ms FROM peers "
+            "rate_limit, deadline_ms, send_version FROM peers "
             "ORDER BY kms_id"
         )
         return [_peer(r) for r in rows]
@@ -730,6 +736,7 @@ class Registry(RevocationTables, PskVersionTables, NodeTables):
     def remove_peer(self, kms_id: bytes) -> Peer:
         with self.transaction():
             peer = self.get_peer(kms_id)
+            self._q("DELETE FROM psk_versions WHERE identity = ?", (kms_id,))
             self._q("DELETE FROM peers WHERE kms_id = ?", (kms_id,))
         return peer
 
@@ -741,10 +748,11 @@ class Registry(RevocationTables, PskVersionTables, NodeTables):
             owners[ep.key_label] = f"endpoint {show_identity(ep.identity)}"
         for tpk in self.tpk_versions():
             owners[tpk.key_label] = f"TPK v{tpk.version} ({tpk.state.value})"
+        kinds: dict[bytes, str] = {}
         for peer in self.list_peers():
             if peer.key_label:
                 owners[peer.key_label] = f"peer {show_identity(peer.kms_id)}"
-        kinds: dict[bytes, str] = {}
+                kinds[peer.kms_id] = "peer"
         for node in self.list_nodes():
             kinds[node.identity] = f"{node.role.value} node"
             if node.key_label is not None:
@@ -812,4 +820,5 @@ def _peer(r: Any) -> Peer:
         resolve_for=tuple(x for x in str(r[7]).split("\n") if x),
         rate_limit=float(r[8]),
         deadline_ms=int(r[9]),
+        send_version=int(r[10]),
     )
