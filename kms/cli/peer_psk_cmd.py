@@ -178,10 +178,18 @@ def register(sub: Any) -> None:  # argparse._SubParsersAction
                        "replaces the list)")  # fmt: skip
     trust.add_argument("--clear-resolve-for", action="store_true",
                        help="the peer may resolve for nobody")  # fmt: skip
-    q.add_argument("--rate", type=float, metavar="N",
-                   help="resolves per second the peer may ask of us (0: unlimited)")
-    q.add_argument("--deadline-ms", type=int, metavar="N",
-                   help="deadline for calls to the peer, retries included")
+    q.add_argument(
+        "--rate",
+        type=float,
+        metavar="N",
+        help="resolves per second the peer may ask of us (0: unlimited)",
+    )
+    q.add_argument(
+        "--deadline-ms",
+        type=int,
+        metavar="N",
+        help="deadline for calls to the peer, retries included",
+    )
     q.set_defaults(func=cmd_peer_set)
 
     q = psub.add_parser(
@@ -202,8 +210,12 @@ def register(sub: Any) -> None:  # argparse._SubParsersAction
     src = q.add_mutually_exclusive_group(required=True)
     src.add_argument("--psk-hex", metavar="HEX", help="the new shared key in hexadecimal")
     src.add_argument("--psk-file", metavar="FILE", help="file holding the new key in hex")
-    q.add_argument("--version", type=int, metavar="N",
-                   help="the version number (default: one more than the newest)")
+    q.add_argument(
+        "--version",
+        type=int,
+        metavar="N",
+        help="the version number (default: one more than the newest)",
+    )
     q.set_defaults(func=cmd_rotate)
 
     q = psub.add_parser(
