@@ -142,6 +142,8 @@ def start_forward(
     notes["peer"] = peer.kms_id.decode("utf-8", "replace")
     if peer.psk is None:
         notes["peer_auth"] = "pk"
+    elif peer.psk_version != 1:
+        notes["peer_psk_version"] = peer.psk_version  # `kms peer use-psk`: the key we send with
     built: list[tuple[Message, bytes, Key]] = []
 
     def build() -> bytes:

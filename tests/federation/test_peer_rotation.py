@@ -236,6 +236,10 @@ def test_rotation_on_both_sides_while_calls_go_on(two: Two) -> None:
         served = [r for r in d.audit() if r.get("method") == "peer" and r.get("peer") == peer]
         assert {r.get("psk_version") for r in served} >= {None, 2}, served[-1]
         assert served[-1]["psk_version"] == 2 and served[-1]["outcome"] == "ok"
+    # ...and what each forwarded with: v2 from its use-psk on.
+    for d in (a, b):
+        sent = [r for r in d.audit() if r.get("via_peer")]
+        assert sent[0].get("peer_psk_version") is None and sent[-1]["peer_psk_version"] == 2
     listed = versions(a, B_ID)
     assert [(v["version"], v["state"], v["sending"]) for v in listed] == [
         (1, "retired", False), (2, "active", True),
