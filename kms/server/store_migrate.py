@@ -75,7 +75,7 @@ _TABLES: dict[str, tuple[str, ...]] = {
     "group_members": ("group_id", "member_id"),
     "applications": ("id", "identity", "created_at"),
     "peers": ("id", "kms_id", "address", "auth", "key_label", "cert_pem", "ca_pem",
-              "created_at", "resolve_for", "rate_limit", "deadline_ms"),
+              "created_at", "resolve_for", "rate_limit", "deadline_ms", "send_version"),
     "tpk_versions": ("version", "key_label", "state", "created_at"),
     "revocations": ("kind", "subject", "not_before", "created_at", "reason"),
     "psk_versions": ("identity", "version", "name", "key_label", "retired", "created_at",

@@ -65,6 +65,9 @@ def test_migrate_gives_identical_answers_and_loses_nothing(
     run_kms(home, "peer", "add", "kms:b.example", "--address", "127.0.0.1:1",
             "--psk-file", str(tmp_path / "ab.psk"), "--resolve-for", "sip:*@b.example",
             "--rate", "2.5", "--deadline-ms", "1500")
+    # A rotated peer key sent with version 2 (peers.send_version, psk_versions) moves too.
+    run_kms(home, "peer", "rotate-psk", "kms:b.example", "--psk-hex", "6b" * 32)
+    run_kms(home, "peer", "use-psk", "kms:b.example", "2")
     run_kms(home, "tpk", "rotate")
 
     with running_kms(home) as kms:
@@ -107,6 +110,7 @@ def test_migrate_gives_identical_answers_and_loses_nothing(
     assert "nothing to do" in again.stdout
 
     assert answers(home) == before
+    assert '"send_version": 2' in before["peer list --json"]
 
     with running_kms(home) as kms2:
         k = Kms(home, kms2.serve, ks=kms.ks)
