@@ -220,7 +220,7 @@ def build_handler(
         keystore=RescanOnFirstMiss(keystore),
         directory=directory,
         revocations=directory,  # suspended endpoints, revoked tickets (kms revoke)
-        psk_versions=directory,  # rotated endpoint PSKs (kms endpoint rotate-psk)
+        psk_versions=directory,  # rotated PSKs of endpoints, nodes and peer KMSs (rotate-psk)
         replay=replay,
         ledger=stores.resolve_ledger(),
         rate=stores.rate_limiter(),
