@@ -6,7 +6,9 @@ the key used, 4.2.3). Two domains, provisioned and operated with the CLI only:
     B (kms:b.example)  Bob     peer A: may resolve for sip:*@a.example
 
 A client keeps making calls both ways (A's ticket resolved at B, B's at A: each forwarded
-to the issuer) while the operators run the whole procedure of docs/federation.md.
+to the issuer) while the operators run the whole procedure of docs/federation.md. B's
+registry is put back to the schema the previous release wrote (no ``peers.send_version``)
+before its first start: `kms serve` migrates it and B keeps resolving, then rotates.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import contextlib
 import datetime as dt
 import json
 import shutil
+import sqlite3
 import threading
 import time
 import uuid
@@ -101,6 +104,7 @@ def two(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Two]:
                 f.result()
         for d in (a, b):
             set_policy(d.home, rate_limit_per_s=0)  # the loop below calls as fast as it can
+        _as_the_previous_release_left_it(b.home / "registry.sqlite3")
         with futures.ThreadPoolExecutor(2) as pool:
             for f in [pool.submit(d.start) for d in (a, b)]:
                 f.result()
@@ -109,6 +113,18 @@ def two(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Two]:
         yield two
         for d in (a, b):
             d.stop()
+
+
+def _as_the_previous_release_left_it(path: Path) -> None:
+    """Schema 5: the registry of a home made before peer key versions (its peer rows kept)."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 6
+        conn.execute("ALTER TABLE peers DROP COLUMN send_version")
+        conn.execute("PRAGMA user_version = 5")
+        assert conn.execute("SELECT count(*) FROM peers").fetchone()[0] == 1
+    finally:
+        conn.close()
 
 
 def cross_call(two: Two, clients: dict[str, KmsClient], caller: bytes, callee: bytes) -> str:
@@ -207,6 +223,8 @@ def forged_peer_resolve(two: Two, key: bytes, psk_name: bytes) -> KmsRefused | N
 
 def test_rotation_on_both_sides_while_calls_go_on(two: Two) -> None:
     a, b = two["A"], two["B"]
+    with contextlib.closing(sqlite3.connect(b.home / "registry.sqlite3")) as conn:  # migrated
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 6
     old_a = versions(a, B_ID)
     assert [(v["version"], v["state"], v["sending"]) for v in old_a] == [(1, "active", True)]
     v1_label_a = old_a[0]["key_label"]
