@@ -142,12 +142,12 @@ class PeerKms:
 
     kms_id: bytes
     psk: KeyRef | None  # key shared with the peer, in the token (None: certificate peer)
-    # ...the version ``psk`` is: this KMS sends with it (IDRpsk names it, RFC 6043 4.2.3, as
-    # kms.core.psk_versions does for endpoints); what it accepts is the live versions.
     resolve_for: tuple[str, ...] = ()  # identity patterns it may resolve for (issuing side)
     rate_per_s: float = 0.0  # resolves per second it may ask of us (0: unlimited)
     deadline_s: float = 2.0  # how long we wait for it
     kms_id_type: int = 1  # URI
+    # The version of the shared key ``psk`` is: this KMS sends with it, IDRpsk naming it
+    # (RFC 6043 4.2.3, kms.core.psk_versions); it accepts every live version from the peer.
     psk_version: int = 1
     # Certificate peers (psk None; RESOLVE_INIT_PK between KMSs), from `peer add --cert`:
     # the peer's envelope certificate (DER: we encrypt env_key to it, CHASH names it) and its
