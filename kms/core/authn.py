@@ -205,7 +205,10 @@ def forwarding_peer(v: InitialMessage, deps: Deps, now: float) -> PeerPsk | None
     of the Responder named by IDRr."""
     if not isinstance(v, ResolveInitPsk) or v.idr_psk is None:
         return None
-    return peer_psk(v.idr_psk.data, deps.psk_versions, deps.directory, now)
+    name = v.idr_psk.data
+    if v.idr_r is not None and v.idr_r.data == name:
+        return None  # an endpoint naming its own PSK (a peer names itself, not IDRr): no read
+    return peer_psk(name, deps.psk_versions, deps.directory, now)
 
 
 def authenticate_peer(

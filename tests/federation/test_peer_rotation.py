@@ -65,6 +65,11 @@ class Two:
     def __getitem__(self, name: str) -> Domain:
         return self.domains[name]
 
+    def close(self) -> None:
+        for c in self.clients:
+            c.close()
+        self.clients.clear()
+
     def client(self, name: str) -> KmsClient:
         c = KmsClient(
             self.domains[name].target, root_certificates=self.ca.path,
@@ -86,7 +91,14 @@ class Two:
 @pytest.fixture(scope="module")
 def two(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Two]:
     assert shutil.which("softhsm2-util"), "softhsm2-util is required (scripts/setup.sh)"
-    root = tmp_path_factory.mktemp("peer-rotation")
+    with two_domains(tmp_path_factory.mktemp("peer-rotation")) as t:
+        yield t
+
+
+@contextlib.contextmanager
+def two_domains(root: Path) -> Iterator[Two]:
+    """A and B provisioned with the CLI (B's registry as the previous release left it) and
+    serving; stopped again on the way out (also used by bench/peer_rotation.py)."""
     with contextlib.ExitStack() as stack:
         ca = TestCa(root / "pki")
         a = Domain("A", A_ID, root / "A", free_port(), ca.issue("kms-a"))
@@ -109,8 +121,9 @@ def two(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Two]:
             for f in [pool.submit(d.start) for d in (a, b)]:
                 f.result()
         two = Two({"A": a, "B": b}, ca, ca.issue("endpoints"))
-        stack.callback(lambda: [c.close() for c in two.clients])
+        stack.callback(two.close)
         yield two
+        two.close()
         for d in (a, b):
             d.stop()
 
