@@ -2,6 +2,23 @@
 
 Each worker has its own connection; a UNIQUE key makes "check and store" one atomic INSERT,
 so two workers receiving copies of the same message cannot both accept it.
+
+The request path only inserts. What used to stall it now runs in a housekeeping thread of
+each process, on a connection of its own (SQLite runs without the GIL):
+
+* WAL checkpoints. SQLite's automatic checkpoint runs in the connection whose commit takes
+  the WAL past 1,000 pages, and it syncs the WAL and the database file: 2.5-6 ms on the
+  serving thread every ~400 inserts (measured in ``kms serve``), which every call queued
+  behind it waited for. Here a passive checkpoint runs every ``HOUSEKEEPING_S`` after
+  inserts; it does not block writers. The serving connections keep an automatic checkpoint
+  only as a backstop, at ``BACKSTOP_PAGES``, should the thread fall behind.
+* Pruning. Deleting 1,000 expired rows and counting a table of 120,000 took 7-27 ms
+  (measured). It runs every ``prune_every`` inserts as before, but in the thread and in
+  batches of ``PRUNE_BATCH`` rows, each its own short write transaction, so that an insert
+  never waits behind a long one.
+
+Only a replay cache full of live rows still counts on the request path, before it refuses a
+message (it must not refuse on a stale count).
 """
 
 from __future__ import annotations
@@ -19,6 +36,9 @@ from kms.store.wal import enable_wal
 log = logging.getLogger("kms.store.state")
 
 FULL_LOG_EVERY_S = 10.0
+# The serving connections' own automatic checkpoint (pages of the WAL): only reached when
+# the housekeeping thread falls behind (SQLite's default is 1,000).
+BACKSTOP_PAGES = 10_000
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS seen (
@@ -43,6 +63,8 @@ class SqliteSeenSet:
     """
 
     RECOUNT_S = 0.05
+    HOUSEKEEPING_S = 0.25
+    PRUNE_BATCH = 256
 
     def __init__(
         self,
@@ -57,12 +79,20 @@ class SqliteSeenSet:
         self.prune_every = prune_every or max(1, min(1000, capacity // 10))
         self.evict_live = evict_live
         self.refused_full = 0
+        self.checkpoints = 0  # passive checkpoints the housekeeping thread has run
         self._local = threading.local()
         self._count = 0
         self._live = 0  # live rows at the last count, plus this process's inserts since
         self._counted_at = -1.0
         self._lock = threading.Lock()
         self._conns: list[sqlite3.Connection] = []  # every thread's, for close()
+        self._last_now = 0.0  # the latest ``now`` an insert was made at: pruning's clock
+        self._writes = 0  # committed inserts (and take-overs) of this process
+        self._checkpointed_writes = 0  # ... when the last checkpoint started
+        self._prune_due = False
+        self._wake = threading.Event()
+        self._closing = False
+        self._keeper: threading.Thread | None = None
         with self._conn() as conn:
             conn.executescript(_SCHEMA)
 
@@ -75,24 +105,71 @@ class SqliteSeenSet:
             )
             enable_wal(conn, timeout_s=10.0)
             conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute(f"PRAGMA wal_autocheckpoint={BACKSTOP_PAGES}")
             self._local.conn = conn
             with self._lock:
                 self._conns.append(conn)
         return conn
 
     def close(self) -> None:
-        """Close every thread's connection (the last one checkpoints the WAL)."""
+        """Stop the housekeeping thread, close every thread's connection (the last one
+        checkpoints the WAL)."""
+        with self._lock:
+            self._closing = True
+            keeper = self._keeper
+        self._wake.set()
+        if keeper is not None:
+            keeper.join(timeout=30)
         with self._lock:
             conns, self._conns = self._conns, []
         for conn in conns:
             conn.close()
 
+    def _start_keeper(self) -> None:
+        with self._lock:
+            if self._keeper is not None or self._closing:
+                return
+            self._keeper = threading.Thread(
+                target=self._housekeeping, name=f"kms-sqlite-{self.path.stem}", daemon=True
+            )
+        self._keeper.start()
+
+    def _housekeeping(self) -> None:
+        """Checkpoint after writes, prune when due; until close()."""
+        while True:
+            self._wake.wait(self.HOUSEKEEPING_S)
+            self._wake.clear()
+            with self._lock:
+                if self._closing:
+                    return
+                prune, self._prune_due = self._prune_due, False
+                writes, now = self._writes, self._last_now
+            try:
+                if prune:
+                    self.prune(now)
+                if writes != self._checkpointed_writes:
+                    # PASSIVE: copies what it can without waiting for, or blocking, anyone.
+                    self._conn().execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                    self._checkpointed_writes = writes
+                    self.checkpoints += 1
+            except sqlite3.Error as exc:
+                # The next round tries again; the backstop checkpoint keeps the WAL bounded.
+                log.warning(
+                    "state database housekeeping failed: %s", type(exc).__name__,
+                    extra={"fields": {"database": self.path.name, "error": str(exc)}},
+                )
+
     def add(self, key: bytes, expires_at: float, now: float) -> bool:
         """Insert ``key``; False if a live copy is already there."""
         conn = self._conn()
+        if self._keeper is None:
+            self._start_keeper()
         with self._lock:
             self._count += 1
-            prune = self._count % self.prune_every == 0
+            self._last_now = max(self._last_now, now)
+            if self._count % self.prune_every == 0:
+                self._prune_due = True
+                self._wake.set()
             full = not self.evict_live and self._live >= self.capacity
             recount = full and time.monotonic() - self._counted_at >= self.RECOUNT_S
         if full and not recount:
@@ -101,7 +178,7 @@ class SqliteSeenSet:
                 conn.execute("SELECT 1 FROM seen WHERE expires_at <= ? LIMIT 1", (now,))
                 .fetchone() is not None
             )
-        if prune or recount:
+        if recount:
             self.prune(now)
             with self._lock:
                 full = not self.evict_live and self._live >= self.capacity
@@ -124,20 +201,37 @@ class SqliteSeenSet:
                 "UPDATE seen SET expires_at = ? WHERE digest = ? AND expires_at <= ?",
                 (expires_at, key, now),
             )
+            if cur.rowcount == 1:
+                with self._lock:
+                    self._writes += 1
             return cur.rowcount == 1
         with self._lock:
             self._live += 1
+            self._writes += 1
         return True
 
     def prune(self, now: float) -> None:
+        """Delete the rows expired at ``now`` (and, with ``evict_live``, those beyond
+        ``capacity`` that expire first), in batches of ``PRUNE_BATCH`` rows, one short write
+        transaction each; then count the live rows."""
         conn = self._conn()
-        conn.execute("DELETE FROM seen WHERE expires_at <= ?", (now,))
+        batch = self.PRUNE_BATCH
+        while conn.execute(
+            "DELETE FROM seen WHERE digest IN "
+            "(SELECT digest FROM seen WHERE expires_at <= ? LIMIT ?)", (now, batch)
+        ).rowcount == batch:
+            pass
         if self.evict_live:
-            conn.execute(
-                "DELETE FROM seen WHERE digest IN (SELECT digest FROM seen ORDER BY expires_at "
-                "LIMIT max(0, (SELECT count(*) FROM seen) - ?))",
-                (self.capacity,),
-            )
+            excess = int(conn.execute("SELECT count(*) FROM seen").fetchone()[0]) - self.capacity
+            while excess > 0:
+                gone = conn.execute(
+                    "DELETE FROM seen WHERE digest IN "
+                    "(SELECT digest FROM seen ORDER BY expires_at LIMIT ?)",
+                    (min(excess, batch),),
+                ).rowcount
+                if gone <= 0:  # another process pruned the same rows meanwhile
+                    break
+                excess -= gone
             return
         live = int(conn.execute("SELECT count(*) FROM seen").fetchone()[0])
         with self._lock:
