@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import fcntl
+import gc
 import json
 import logging
 import multiprocessing
@@ -362,6 +363,7 @@ def serve_once(
                               "core_slots": slots.size,
                               "core_calls": "threads" if core_threads else "inline"}},
         )
+        freeze_startup_objects()
         ready(server)
         while not stop.wait(PARENT_CHECK_S):
             if parent_pid is not None and os.getppid() != parent_pid:
@@ -386,6 +388,19 @@ def serve_once(
         if observed is not None:
             observed.close()
         home.close()
+
+
+def freeze_startup_objects() -> None:
+    """Move what start-up made (modules, the handler, sessions, caches: ~50,000 objects,
+    alive as long as the process) out of the garbage collector's sight (``gc.freeze``).
+
+    A full collection scans every tracked object. It comes every few thousand calls, runs
+    on whichever thread allocates at that moment, the event loop mostly, and took 18-23 ms
+    in a serving worker (measured with ``gc.callbacks``): a stall every call queued behind
+    it waits for. Frozen, a full collection scans only what calls have made since.
+    Start-up's own garbage is collected first, so that nothing freed is kept."""
+    gc.collect()
+    gc.freeze()
 
 
 def one_line(exc: BaseException) -> str:
