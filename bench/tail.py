@@ -2,6 +2,7 @@
 """p99 at half load: each exchange's tail beside the echo call's at the same offered rate.
 
     .venv/bin/python -m bench.tail [--rounds 3] [--seconds 10] [--workloads "request psk,..."]
+                                   [--rate R] [--tree OTHER_SOURCE_TREE]
 
 ``bench.run --quick`` reads p99 at half of peak from one 1 s window: some 270 calls, so its
 p99 is about the third-slowest call, and the machine's scheduling (8 load processes and the
@@ -141,6 +142,8 @@ def main() -> None:
     ap.add_argument("--workloads", default="request psk,request pk,resolve psk,resolve pk")
     ap.add_argument("--rate", type=float, default=0.0,
                     help="offered rate for every workload (default: half of its peak)")
+    ap.add_argument("--tree", type=Path,
+                    help="serve the kms/hsm packages of this source tree (before/after runs)")
     args = ap.parse_args()
 
     from bench import inproc
