@@ -24,8 +24,11 @@ A failing call raises the python-pkcs11 exception for its return value, so that
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import sys
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 import pkcs11.exceptions as p11e
@@ -229,10 +232,11 @@ class RawCalls:
             params = _OaepParams(oaep[0], oaep[1], _CKZ_DATA_SPECIFIED, None, 0)
         mech = _Mech(mechanism, ctypes.addressof(params) if params is not None else None,
                      ctypes.sizeof(params) if params is not None else 0)
-        rv = self._decrypt_init(session, ctypes.byref(mech), key)
-        if rv:
-            raise error_for(rv)
-        return self._finish(self._decrypt, session, data, modulus_bytes)
+        with gil_back_soon():
+            rv = self._decrypt_init(session, ctypes.byref(mech), key)
+            if rv:
+                raise error_for(rv)
+            return self._finish(self._decrypt, session, data, modulus_bytes)
 
     @staticmethod
     def _finish(fn: Any, session: int, data: bytes, out_len: int) -> bytes:
@@ -246,6 +250,33 @@ class RawCalls:
 
 _lock = threading.Lock()
 _by_path: dict[str, RawCalls] = {}
+
+# While a thread is inside a long foreign call (an RSA decryption, ~1 ms of token work), a
+# thread waiting for the GIL asks the holder for it after GIL_BACK_S instead of the switch
+# interval (5 ms): the calling thread gets the GIL back soon after the token returns, instead
+# of waiting up to 5 ms behind an event loop that computes. The interval is process-wide;
+# nested and concurrent calls restore it when the last one leaves.
+GIL_BACK_S = 0.0001
+_boost_lock = threading.Lock()
+_boosted = 0
+_saved_interval = 0.0
+
+
+@contextlib.contextmanager
+def gil_back_soon() -> Iterator[None]:
+    global _boosted, _saved_interval
+    with _boost_lock:
+        if _boosted == 0:
+            _saved_interval = sys.getswitchinterval()
+            sys.setswitchinterval(GIL_BACK_S)
+        _boosted += 1
+    try:
+        yield
+    finally:
+        with _boost_lock:
+            _boosted -= 1
+            if _boosted == 0:
+                sys.setswitchinterval(_saved_interval)
 
 
 def calls_for(module_path: str) -> RawCalls:

@@ -22,8 +22,15 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.serialization import load_der_public_key
 
 from hsm import open_keystore
-from hsm.pkcs11 import MISSING_KEY_RESCAN_S, Pkcs11KeyStore, TokenConfigError
-from kms.keystore import Digest, KeyNotFound, KeyRef, RsaPadding, TokenUnavailable
+from hsm.pkcs11 import MISSING_KEY_RESCAN_S, Pkcs11KeyStore, TokenConfigError, raw
+from kms.keystore import (
+    Digest,
+    InvalidSealedData,
+    KeyNotFound,
+    KeyRef,
+    RsaPadding,
+    TokenUnavailable,
+)
 from kms.mikey.prf import prf
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -462,3 +469,44 @@ def test_working_copies_are_bounded(store: Pkcs11KeyStore, monkeypatch: pytest.M
     finally:
         for label in values:
             store.delete(label)
+
+
+def test_rsa_decryption_asks_for_the_gil_back_soon_and_restores_the_interval(
+    store: Pkcs11KeyStore,
+) -> None:
+    """While an RSA decryption is in the token, a thread waiting for the GIL asks for it
+    after GIL_BACK_S (the decrypting thread must not wait a whole switch interval behind a
+    thread that computes); concurrent decryptions restore the interval when the last one
+    leaves, errors included."""
+    store.generate_rsa("envelope-boost", 2048)
+    before = sys.getswitchinterval()
+    try:
+        public = load_der_public_key(store.public_key_der(KeyRef("envelope-boost")))
+        secret = os.urandom(32)
+        ct = public.encrypt(secret, padding.PKCS1v15())  # type: ignore[union-attr]
+        with raw.gil_back_soon():
+            assert sys.getswitchinterval() == pytest.approx(raw.GIL_BACK_S)
+            with raw.gil_back_soon():  # nested
+                assert sys.getswitchinterval() == pytest.approx(raw.GIL_BACK_S)
+            assert sys.getswitchinterval() == pytest.approx(raw.GIL_BACK_S)
+        assert sys.getswitchinterval() == before
+        results: list[bytes] = []
+
+        def decrypt() -> None:
+            for _ in range(10):
+                results.append(store.rsa_decrypt(KeyRef("envelope-boost"), ct,
+                                                 RsaPadding.PKCS1V15))
+
+        threads = [threading.Thread(target=decrypt) for _ in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert results == [secret] * 30
+        assert sys.getswitchinterval() == before
+        with pytest.raises(InvalidSealedData):  # a refused decryption restores it too
+            store.rsa_decrypt(KeyRef("envelope-boost"), b"\x00" * 256, RsaPadding.PKCS1V15)
+        assert sys.getswitchinterval() == before
+    finally:
+        sys.setswitchinterval(before)
+        store.delete("envelope-boost")
