@@ -8,6 +8,8 @@ computes. This prints, for the key store's RSA decryption and for one HMAC under
 key (the loop's kind of token call), the rate alone and next to a thread that only runs
 Python, and the ratio, at each switch interval asked for (sys.setswitchinterval: how long a
 thread computing in Python keeps the GIL while another waits for it). Rounds alternate.
+The key store's RSA decryption asks for the GIL back after ``hsm.pkcs11.raw.GIL_BACK_S``
+whatever the interval (``gil_back_soon``): its row shows that, the HMAC's the plain convoy.
 
     .venv/bin/python -m bench.gil_convoy [--seconds 1.0] [--rounds 3] [--intervals-ms 5,0.5]
 """
