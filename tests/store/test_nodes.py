@@ -2,14 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
 import pytest
 
 from kms.store.nodes import NodeError, NodeRole
-from kms.store.pg import PgDatabase, PgSettings
-from kms.store.pg_registry import PgRegistry
 from kms.store.psk_versions import PskVersionError
 from kms.store.registry import IdentityConflict, IdType, Registry
 
@@ -18,18 +13,11 @@ TEAM = b"sip:team@example.org"
 REC = b"node:recorder-1"
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def reg(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Registry]:
-    if request.param == "sqlite":
-        r = Registry.open(tmp_path / "registry.sqlite3", create=True)
-    else:
-        db = PgDatabase(PgSettings(dsn=request.getfixturevalue("pg_dsn")))
-        r = PgRegistry(db, owns_db=True)
-        r.migrate()
-    r.add_endpoint(ALICE, IdType.URI, "psk/alice")
-    r.add_group(TEAM, [ALICE])
-    yield r
-    r.close()
+@pytest.fixture
+def reg(new_registry: Registry) -> Registry:
+    new_registry.add_endpoint(ALICE, IdType.URI, "psk/alice")
+    new_registry.add_group(TEAM, [ALICE])
+    return new_registry
 
 
 def test_add_show_list_remove(reg: Registry) -> None:

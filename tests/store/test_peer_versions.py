@@ -5,8 +5,6 @@ registry made before the sending version existed (old schema) that keeps its pee
 from __future__ import annotations
 
 import sqlite3
-import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psycopg
@@ -18,23 +16,18 @@ from kms.store.pg import PgDatabase, PgSettings, RegistryWatcher
 from kms.store.pg_registry import PgRegistry
 from kms.store.psk_versions import PskVersionError
 from kms.store.registry import MIGRATIONS, PeerAuth, Registry, UnknownPeer, _statements
+from tests.store.registries import generation_changes
 
 PEER = b"kms:b.example.org"
 CERT_PEER = b"kms:c.example.org"
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def reg(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Registry]:
-    if request.param == "sqlite":
-        r = Registry.open(tmp_path / "registry.sqlite3", create=True)
-    else:
-        db = PgDatabase(PgSettings(dsn=request.getfixturevalue("pg_dsn")))
-        r = PgRegistry(db, owns_db=True)
-        r.migrate()
-    r.add_peer(PEER, "127.0.0.1:1", PeerAuth.PSK, key_label="peer/b.1", resolve_for=("sip:*@b",))
-    r.add_peer(CERT_PEER, "127.0.0.1:2", PeerAuth.CERT, cert_pem="PEM")
-    yield r
-    r.close()
+@pytest.fixture
+def reg(new_registry: Registry) -> Registry:
+    new_registry.add_peer(PEER, "127.0.0.1:1", PeerAuth.PSK, key_label="peer/b.1",
+                          resolve_for=("sip:*@b",))
+    new_registry.add_peer(CERT_PEER, "127.0.0.1:2", PeerAuth.CERT, cert_pem="PEM")
+    return new_registry
 
 
 def test_set_changes_only_what_is_given(reg: Registry) -> None:
@@ -175,18 +168,8 @@ def test_postgresql_peer_changes_bump_the_registry_generation(pg_dsn: str) -> No
     try:
         assert watcher.wait_synced(10)
 
-        def generation_changes(action: Callable[[], object]) -> bool:
-            before = watcher.generation
-            action()
-            deadline = time.monotonic() + 10
-            while time.monotonic() < deadline:
-                if watcher.generation != before:
-                    return True
-                time.sleep(0.02)
-            return False
-
-        assert generation_changes(lambda: r.update_peer(PEER, address="127.0.0.1:3"))
-        assert generation_changes(lambda: r.use_peer_psk_version(PEER, 2))
+        assert generation_changes(watcher, lambda: r.update_peer(PEER, address="127.0.0.1:3"))
+        assert generation_changes(watcher, lambda: r.use_peer_psk_version(PEER, 2))
     finally:
         watcher.close()
         db.close()

@@ -3,30 +3,19 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
-from kms.store.pg import PgDatabase, PgSettings
-from kms.store.pg_registry import PgRegistry
 from kms.store.psk_versions import PskVersionError
 from kms.store.registry import IdType, Registry
 
 ALICE = b"sip:alice@example.org"
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def reg(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Registry]:
-    if request.param == "sqlite":
-        r = Registry.open(tmp_path / "registry.sqlite3", create=True)
-    else:
-        db = PgDatabase(PgSettings(dsn=request.getfixturevalue("pg_dsn")))
-        r = PgRegistry(db, owns_db=True)
-        r.migrate()
-    r.add_endpoint(ALICE, IdType.URI, "psk/alice")
-    yield r
-    r.close()
+@pytest.fixture
+def reg(new_registry: Registry) -> Registry:
+    new_registry.add_endpoint(ALICE, IdType.URI, "psk/alice")
+    return new_registry
 
 
 def test_rotate_names_versions_and_keeps_version_1(reg: Registry) -> None:

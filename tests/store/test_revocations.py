@@ -5,7 +5,7 @@ of each change through the registry generation (the cache invalidation of cluste
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,6 +18,7 @@ from kms.store.revocations import (
     RevocationKind,
     parse_ticket_id,
 )
+from tests.store.registries import generation_changes
 
 ALICE = b"sip:alice@example.org"
 BOB = b"sip:bob@example.org"
@@ -116,20 +117,10 @@ def test_postgresql_revocation_bumps_the_registry_generation(pg_dsn: str) -> Non
     try:
         assert watcher.wait_synced(10)
 
-        def generation_changes(action: Callable[[], object]) -> bool:
-            before = watcher.generation
-            action()
-            deadline = time.monotonic() + 10
-            while time.monotonic() < deadline:
-                if watcher.generation != before:
-                    return True
-                time.sleep(0.02)
-            return False
-
-        assert generation_changes(lambda: r.revoke_ticket(bytes(16)))
-        assert generation_changes(lambda: r.suspend(b"sip:x@example.org"))
-        assert generation_changes(lambda: r.resume(b"sip:x@example.org"))
-        assert generation_changes(lambda: r.revoke_requested_before(ALICE, 10))
+        assert generation_changes(watcher, lambda: r.revoke_ticket(bytes(16)))
+        assert generation_changes(watcher, lambda: r.suspend(b"sip:x@example.org"))
+        assert generation_changes(watcher, lambda: r.resume(b"sip:x@example.org"))
+        assert generation_changes(watcher, lambda: r.revoke_requested_before(ALICE, 10))
     finally:
         watcher.close()
         db.close()
