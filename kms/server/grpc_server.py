@@ -70,6 +70,7 @@ HEALTH_SERVICES = ("", SERVICE_NAME)
 # own); more is refused with RESOURCE_EXHAUSTED by the transport before any handler runs.
 MAX_METADATA_BYTES = 4096
 STARTUP_TIMEOUT_S = 30.0
+LAG_PROBE_S = 0.25  # how often the event loop's lag is sampled (kms_event_loop_lag_seconds)
 
 
 class ServerError(Exception):
@@ -163,6 +164,24 @@ class KmsServer:
     @property
     def inline(self) -> bool:
         return self.servicer.runner.inline
+
+    def watch_lag(self, observe: Callable[[float], None]) -> None:
+        """Every ``LAG_PROBE_S``, how late the event loop ran a callback that was due then,
+        in seconds, to ``observe``: the time the loop spent on other work first (a call's
+        computation, a stall), which is what a call waiting for the loop waits."""
+
+        def probe(due: float) -> None:
+            now = self._loop.time()
+            try:
+                observe(max(0.0, now - due))
+            finally:
+                self._loop.call_at(now + LAG_PROBE_S, probe, now + LAG_PROBE_S)
+
+        def first() -> None:
+            due = self._loop.time() + LAG_PROBE_S
+            self._loop.call_at(due, probe, due)
+
+        self._loop.call_soon_threadsafe(first)
 
     # --- the loop thread ----------------------------------------------------------------
 

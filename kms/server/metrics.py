@@ -54,6 +54,7 @@ from kms.server.slots import CoreSlots
 CALL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 TOKEN_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 1.0)
 PEER_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0)
+LAG_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 
 # gRPC status names per outcome (kms.server.grpc_server.STATUS_BY_OUTCOME, without grpc).
 STATUS_NAMES: dict[Outcome, str] = {
@@ -119,6 +120,13 @@ class ServerMetrics:
             "Time from admission to reply per KMS call, waiting for a core slot included",
             ("method",),
             buckets=CALL_BUCKETS,
+            registry=r,
+        )
+        self.loop_lag = Histogram(
+            "kms_event_loop_lag_seconds",
+            "How late a worker's event loop ran a callback due every 0.25 s: the time it "
+            "spent on other work first, which calls waiting for the loop wait too",
+            buckets=LAG_BUCKETS,
             registry=r,
         )
         self.slot_wait = Histogram(

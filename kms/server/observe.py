@@ -114,11 +114,13 @@ class ObservedProcess:
 
     def watch_server(self, server: KmsServer) -> None:
         """Export the call guard's and the adapter's event counts (stalled calls timed
-        out, waiting calls shed, per-peer and health Watch refusals, undecodable bodies)."""
+        out, waiting calls shed, per-peer and health Watch refusals, undecodable bodies)
+        and the event loop's lag."""
         if self.metrics is None:
             return
         server.guard.counters.listener = self.metrics.guard_event
         server.servicer.counters.listener = self.metrics.guard_event
+        server.watch_lag(self.metrics.loop_lag.observe)
 
     def watch_tls(self, watch: TlsWatch) -> None:
         """Report ``watch``'s reloads and served certificate (kms_tls_*)."""

@@ -77,6 +77,17 @@ def test_families_present_at_zero_before_any_event(hardened: tuple[Kms, int]) ->
     assert "# TYPE kms_replay_cache_full_refusals_total counter" in text
 
 
+def test_event_loop_lag_is_sampled_in_every_worker(hardened: tuple[Kms, int]) -> None:
+    """Each worker samples its event loop's lag every 0.25 s (kms_event_loop_lag_seconds):
+    both workers' samples add up in the supervisor's exposition."""
+    _, port = hardened
+    first = value(samples(scrape(port)), "kms_event_loop_lag_seconds_count")
+    s = wait_for(port, "kms_event_loop_lag_seconds_count", at_least=first + 8)
+    # Two workers, four samples a second each: 8 more within about a second.
+    assert value(s, "kms_event_loop_lag_seconds_count") >= first + 8
+    assert "# TYPE kms_event_loop_lag_seconds histogram" in scrape(port)
+
+
 def test_stalled_call_is_counted_as_request_timeout(hardened: tuple[Kms, int]) -> None:
     kms, port = hardened
     before = value(samples(scrape(port)), "kms_guard_refusals_total", reason="request_timeout")

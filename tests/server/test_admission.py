@@ -293,3 +293,23 @@ def test_calls_beyond_the_admitted_are_refused_at_once(free_port: Any, core_thre
     finally:
         handler.release.set()
         s.stop()
+
+
+def test_event_loop_lag_is_sampled_and_shows_a_stall(small_server: KmsServer) -> None:
+    """``watch_lag`` reports, every LAG_PROBE_S, how late the loop ran a callback due then;
+    a 600 ms stall of the loop (here: a blocking callback) holds the next sample, due within
+    0.25 s of its start, at least 350 ms late; the server answers again afterwards."""
+    lags: list[float] = []
+    small_server.watch_lag(lags.append)
+    deadline = time.monotonic() + 10
+    while len(lags) < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(lags) >= 3
+    assert all(lag >= 0.0 for lag in lags)
+    small_server._loop.call_soon_threadsafe(time.sleep, 0.6)
+    deadline = time.monotonic() + 10
+    while not any(lag >= 0.3 for lag in lags) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert any(lag >= 0.3 for lag in lags)
+    with grpc.insecure_channel(f"127.0.0.1:{small_server.port}", options=OWN) as ch:
+        assert rpc.client_stub(ch).RequestTicket(rpc.MikeyMessage(data=b"ok"), timeout=5).data
