@@ -38,9 +38,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+# bench.run first: its --tree handling must run before anything imports kms.
+from bench.run import RESULTS, log, server  # noqa: E402, I001
 from bench.load import LoadResult, run_load  # noqa: E402
 from bench.messages import Workload, obtain_grant  # noqa: E402
-from bench.run import RESULTS, log, server  # noqa: E402
 
 CLIENTS = 8
 

@@ -1,6 +1,6 @@
 """A serving worker moves what start-up made out of the collector's sight (``gc.freeze``), so
 that a full collection scans only what calls have made since, instead of stalling the event
-loop for every object of the process (docs/performance.md, "Tail latency")."""
+loop for every object of the process (docs/performance.md, "stalls of the event loop")."""
 
 from __future__ import annotations
 
