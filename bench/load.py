@@ -162,18 +162,20 @@ def _client_process(
 _TICK = os.sysconf("SC_CLK_TCK")
 
 
-def _stat(pid: int) -> tuple[int, float] | None:
-    """(parent pid, utime + stime in seconds) of ``pid`` from /proc, None if gone."""
+def _stat(pid: int, task: str = "") -> tuple[int, float] | None:
+    """(parent pid, utime + stime in seconds) of ``pid`` (or of its thread ``task``) from
+    /proc, None if gone."""
+    path = f"/proc/{pid}/task/{task}/stat" if task else f"/proc/{pid}/stat"
     try:
-        with open(f"/proc/{pid}/stat") as f:
+        with open(path) as f:
             fields = f.read().rsplit(")", 1)[1].split()
     except OSError:
         return None
     return int(fields[1]), (int(fields[11]) + int(fields[12])) / _TICK
 
 
-def tree_cpu(roots: list[int]) -> float:
-    """CPU seconds used so far by ``roots`` and all their descendants (Linux /proc)."""
+def _tree(roots: list[int]) -> tuple[set[int], dict[int, tuple[int, float]]]:
+    """``roots`` and all their descendants, and every process's /proc stat."""
     stats = {}
     for name in os.listdir("/proc"):
         if name.isdigit():
@@ -188,7 +190,29 @@ def tree_cpu(roots: list[int]) -> float:
             if ppid in want and pid not in want:
                 want.add(pid)
                 changed = True
+    return want, stats
+
+
+def tree_cpu(roots: list[int]) -> float:
+    """CPU seconds used so far by ``roots`` and all their descendants (Linux /proc)."""
+    want, stats = _tree(roots)
     return sum(stats[p][1] for p in want if p in stats)
+
+
+def thread_cpu(root: int) -> dict[str, float]:
+    """CPU seconds used so far by each thread of ``root`` and its descendants, by thread
+    id (Linux /proc)."""
+    out: dict[str, float] = {}
+    for pid in _tree([root])[0]:
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            st = _stat(pid, tid)
+            if st is not None:
+                out[tid] = st[1]
+    return out
 
 
 def connections_by_pid(pids: list[int], port: int) -> dict[int, int]:

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import os
 import random
 import shutil
 import statistics
@@ -40,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 
 # bench.run first: its --tree handling must run before anything imports kms.
 from bench.run import RESULTS, log, server  # noqa: E402, I001
-from bench.load import LoadResult, run_load  # noqa: E402
+from bench.load import LoadResult, run_load, thread_cpu  # noqa: E402
 from bench.messages import Workload, obtain_grant  # noqa: E402
 
 CLIENTS = 8
@@ -51,34 +50,6 @@ def pct(values: list[float], q: float) -> float:
         return math.nan
     s = sorted(values)
     return s[min(len(s) - 1, int(q * len(s)))]
-
-
-def thread_ticks(root: int) -> dict[str, int]:
-    """CPU clock ticks of every thread of ``root`` and its children (/proc)."""
-    kids: dict[int, list[int]] = {}
-    for n in os.listdir("/proc"):
-        if n.isdigit():
-            try:
-                stat = Path(f"/proc/{n}/stat").read_text()
-            except OSError:
-                continue
-            kids.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(n))
-    out: dict[str, int] = {}
-    todo = [root]
-    while todo:
-        pid = todo.pop()
-        todo += kids.get(pid, [])
-        try:
-            tids = os.listdir(f"/proc/{pid}/task")
-        except OSError:
-            continue
-        for tid in tids:
-            try:
-                f = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            out[tid] = int(f[11]) + int(f[12])  # utime + stime
-    return out
 
 
 def model_p(service_ms: float, rate: float, seconds: float, q: float, seed: int = 1) -> float:
@@ -122,17 +93,17 @@ def open_loop(target: str, w: Workload, rate: float, seconds: float,
               spid: int) -> tuple[LoadResult, float]:
     """The load result and the busiest server thread's CPU per call in the window (the
     event loop's: the serialised part of a call, the queue's service time)."""
-    ticks: dict[str, dict[str, int]] = {}
+    cpu: dict[str, dict[str, float]] = {}
 
     def on_window(what: str) -> None:
-        ticks[what] = thread_ticks(spid)
+        cpu[what] = thread_cpu(spid)
 
     per = math.ceil(rate * (seconds + 0.5) * 1.3 / CLIENTS) + 3
     r = run_load(target, w, clients=CLIENTS, per_client_msgs=per, warmup=0.5,
                  duration=seconds, rate=rate, server_pid=spid, on_window=on_window)
-    a, b = ticks.get("start", {}), ticks.get("end", {})
-    busiest = max((b[t] - a.get(t, 0) for t in b), default=0)
-    per_call = busiest / os.sysconf("SC_CLK_TCK") / r.completed * 1e3 if r.completed else 0.0
+    a, b = cpu.get("start", {}), cpu.get("end", {})
+    busiest = max((b[t] - a.get(t, 0.0) for t in b), default=0.0)
+    per_call = busiest / r.completed * 1e3 if r.completed else 0.0
     return r, per_call
 
 
