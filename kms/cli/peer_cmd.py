@@ -83,13 +83,28 @@ def _check_peer_certs(pem: str, kms_id: bytes) -> None:
         )
 
 
+def checked_address(address: str) -> list[str]:
+    """The hosts of ``--address`` (HOST:PORT, or IP:PORT,... for a cluster), or a CliError."""
+    try:
+        return peer_target(address)[1]
+    except ValueError as exc:
+        raise CliError(f"--address {address}: {exc}") from None
+
+
+def check_rate(rate: float) -> None:
+    if rate < 0:
+        raise CliError("--rate must be >= 0 (0: unlimited)")
+
+
+def check_deadline(deadline_ms: int) -> None:
+    if not 1 <= deadline_ms <= 60_000:
+        raise CliError("--deadline-ms must be 1..60000")
+
+
 @_errors_to_cli
 def cmd_peer_add(args: argparse.Namespace) -> int:
     kms_id = _kms_id(args.kms_id)
-    try:
-        _target, hosts = peer_target(args.address)  # HOST:PORT, or IP:PORT,... (a cluster)
-    except ValueError as exc:
-        raise CliError(f"--address {args.address}: {exc}") from None
+    hosts = checked_address(args.address)
     psk: bytes | None = None
     if args.psk_hex is not None or args.psk_file is not None:
         psk = read_psk(args.psk_hex, args.psk_file, "--psk")
@@ -97,15 +112,13 @@ def cmd_peer_add(args: argparse.Namespace) -> int:
     if cert_pem is not None:
         _check_peer_certs(cert_pem, kms_id)
     ca_pem = None if args.ca is None else _read_pem(args.ca, "--ca")
-    if args.rate < 0:
-        raise CliError("--rate must be >= 0 (0: unlimited)")
+    check_rate(args.rate)
     patterns = tuple(args.resolve_for or ())
     if any(not p or "\n" in p for p in patterns):
         raise CliError("--resolve-for patterns must be non-empty single lines")
     with _open(args) as h:
         deadline_ms = args.deadline_ms or h.config.federation.default_deadline_ms
-        if not 1 <= deadline_ms <= 60_000:
-            raise CliError("--deadline-ms must be 1..60000")
+        check_deadline(deadline_ms)
         peer = h.add_peer(
             kms_id, args.address, psk=psk, cert_pem=cert_pem, ca_pem=ca_pem,
             resolve_for=patterns, rate_limit=args.rate, deadline_ms=deadline_ms,

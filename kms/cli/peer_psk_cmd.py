@@ -17,9 +17,8 @@ from typing import Any
 
 from kms.cli.admin import _errors_to_cli, _json_flag, _open, _show_time, print_listing
 from kms.cli.errors import CliError
-from kms.cli.peer_cmd import _kms_id, _read_pem
+from kms.cli.peer_cmd import _kms_id, _read_pem, check_deadline, check_rate, checked_address
 from kms.cli.psk_input import read_psk
-from kms.server.federation import peer_target
 from kms.server.psk_rotation import Owner, registered_label, retire_psk, rotate_psk
 from kms.store.peer_versions import PeerUpdateError
 from kms.store.psk_versions import PskVersionError, version_name
@@ -30,20 +29,17 @@ from kms.store.registry import show_identity
 def cmd_peer_set(args: argparse.Namespace) -> int:
     kms_id = _kms_id(args.kms_id)
     if args.address is not None:
-        try:
-            peer_target(args.address)
-        except ValueError as exc:
-            raise CliError(f"--address {args.address}: {exc}") from None
+        checked_address(args.address)
     ca_pem = None if args.ca is None else _read_pem(args.ca, "--ca")
     patterns: tuple[str, ...] | None = None
     if args.clear_resolve_for:
         patterns = ()
     elif args.resolve_for:
         patterns = tuple(args.resolve_for)
-    if args.rate is not None and args.rate < 0:
-        raise CliError("--rate must be >= 0 (0: unlimited)")
-    if args.deadline_ms is not None and not 1 <= args.deadline_ms <= 60_000:
-        raise CliError("--deadline-ms must be 1..60000")
+    if args.rate is not None:
+        check_rate(args.rate)
+    if args.deadline_ms is not None:
+        check_deadline(args.deadline_ms)
     given = (args.address, ca_pem, patterns, args.rate, args.deadline_ms)
     if all(v is None for v in given):
         raise CliError(
@@ -132,7 +128,7 @@ def cmd_list(args: argparse.Namespace) -> int:
             "version": v.version,
             "name": show_identity(v.name),
             "key_label": v.key_label,
-            "state": "retired" if v.retired else ("active" if v.usable(now) else "expired"),
+            "state": v.state(now),
             "sending": v.version == peer.send_version,
             "created_at": _show_time(v.created_at),
         }

@@ -101,7 +101,7 @@ def cmd_list(args: argparse.Namespace) -> int:
             "version": v.version,
             "name": _show_name(v.name),
             "key_label": v.key_label,
-            "state": "retired" if v.retired else ("active" if v.usable(now) else "expired"),
+            "state": v.state(now),
             "created_at": _show_time(v.created_at),
             "accepted_until": _show_time(v.retire_at) if v.retire_at is not None else None,
         }

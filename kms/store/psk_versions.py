@@ -39,6 +39,11 @@ class PskVersion:
     def usable(self, now: float) -> bool:
         return not self.retired and (self.retire_at is None or now < self.retire_at)
 
+    def state(self, now: float) -> str:
+        """What `psk-list` shows: retired, active (accepted now) or expired (its overlap
+        ended)."""
+        return "retired" if self.retired else ("active" if self.usable(now) else "expired")
+
 
 class PskVersionTables:
     """Mixed into :class:`kms.store.registry.Registry` (and so the PostgreSQL registry)."""
