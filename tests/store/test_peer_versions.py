@@ -4,7 +4,6 @@ registry made before the sending version existed (old schema) that keeps its pee
 
 from __future__ import annotations
 
-import sqlite3
 from pathlib import Path
 
 import psycopg
@@ -15,8 +14,8 @@ from kms.store.pg import MIGRATIONS as PG_MIGRATIONS
 from kms.store.pg import PgDatabase, PgSettings, RegistryWatcher
 from kms.store.pg_registry import PgRegistry
 from kms.store.psk_versions import PskVersionError
-from kms.store.registry import MIGRATIONS, PeerAuth, Registry, UnknownPeer, _statements
-from tests.store.registries import generation_changes
+from kms.store.registry import MIGRATIONS, PeerAuth, Registry, UnknownPeer
+from tests.store.registries import generation_changes, sqlite_registry_at
 
 PEER = b"kms:b.example.org"
 CERT_PEER = b"kms:c.example.org"
@@ -110,11 +109,7 @@ def test_remove_forgets_the_versions(reg: Registry) -> None:
 
 def _old_sqlite_registry(path: Path) -> None:
     """A registry as main wrote it before the sending version (schema 5) with one peer."""
-    conn = sqlite3.connect(path, isolation_level=None)
-    for script in MIGRATIONS[:5]:
-        for st in _statements(script):
-            conn.execute(st)
-    conn.execute("PRAGMA user_version = 5")
+    conn = sqlite_registry_at(path, 5)
     conn.execute(
         "INSERT INTO peers (kms_id, address, auth, key_label, created_at, resolve_for) "
         "VALUES (?, '127.0.0.1:9', 'psk', 'peer/old', 0, 'sip:*@b')",

@@ -12,13 +12,13 @@ import pytest
 
 from kms.store.pg import PgDatabase, PgSettings, RegistryWatcher
 from kms.store.pg_registry import PgRegistry
-from kms.store.registry import IdType, Registry
+from kms.store.registry import MIGRATIONS, IdType, Registry
 from kms.store.revocations import (
     RevocationError,
     RevocationKind,
     parse_ticket_id,
 )
-from tests.store.registries import generation_changes
+from tests.store.registries import generation_changes, sqlite_registry_at
 
 ALICE = b"sip:alice@example.org"
 BOB = b"sip:bob@example.org"
@@ -84,16 +84,8 @@ def test_bad_input(reg: Registry) -> None:
 
 
 def test_sqlite_migration_from_schema_2_keeps_rows(tmp_path: Path) -> None:
-    import sqlite3
-
-    from kms.store.registry import MIGRATIONS, _statements
-
     path = tmp_path / "registry.sqlite3"
-    conn = sqlite3.connect(path, isolation_level=None)
-    for script in MIGRATIONS[:2]:
-        for st in _statements(script):
-            conn.execute(st)
-    conn.execute("PRAGMA user_version = 2")
+    conn = sqlite_registry_at(path, 2)
     conn.execute(
         "INSERT INTO endpoints (identity, id_type, key_label, created_at) "
         "VALUES (?, 1, 'psk/a', 0)",
