@@ -35,7 +35,7 @@ from kms.store.wal import enable_wal
 
 log = logging.getLogger("kms.store.state")
 
-FULL_LOG_EVERY_S = 10.0
+WARN_EVERY_S = 10.0  # one warning per this many seconds for a condition that repeats
 # The serving connections' own automatic checkpoint (pages of the WAL): only reached when
 # the housekeeping thread falls behind (SQLite's default is 1,000).
 BACKSTOP_PAGES = 10_000
@@ -136,6 +136,7 @@ class SqliteSeenSet:
 
     def _housekeeping(self) -> None:
         """Checkpoint after writes, prune when due; until close()."""
+        warned_at = -WARN_EVERY_S
         while True:
             self._wake.wait(self.HOUSEKEEPING_S)
             self._wake.clear()
@@ -154,10 +155,13 @@ class SqliteSeenSet:
                     self.checkpoints += 1
             except sqlite3.Error as exc:
                 # The next round tries again; the backstop checkpoint keeps the WAL bounded.
-                log.warning(
-                    "state database housekeeping failed: %s", type(exc).__name__,
-                    extra={"fields": {"database": self.path.name, "error": str(exc)}},
-                )
+                # A failure that lasts (a full disk) repeats every round: warn now and then.
+                if time.monotonic() - warned_at >= WARN_EVERY_S:
+                    warned_at = time.monotonic()
+                    log.warning(
+                        "state database housekeeping failed: %s", type(exc).__name__,
+                        extra={"fields": {"database": self.path.name, "error": str(exc)}},
+                    )
 
     def add(self, key: bytes, expires_at: float, now: float) -> bool:
         """Insert ``key``; False if a live copy is already there."""
@@ -243,9 +247,9 @@ _last_full_log = [0.0]
 
 
 def log_full(path: Path, capacity: int) -> None:
-    """One warning per ``FULL_LOG_EVERY_S`` (an overload repeats it for every request)."""
+    """One warning per ``WARN_EVERY_S`` (an overload repeats it for every request)."""
     now = time.monotonic()
-    if now - _last_full_log[0] >= FULL_LOG_EVERY_S:
+    if now - _last_full_log[0] >= WARN_EVERY_S:
         _last_full_log[0] = now
         log.warning(
             "replay cache full of live entries: new messages refused",
