@@ -55,10 +55,15 @@ class LoadResult:
         return self.completed / self.duration
 
     def pct(self, q: float) -> float:
-        if not self.latencies_ms:
-            return math.nan
-        s = sorted(self.latencies_ms)
-        return s[min(len(s) - 1, int(q * len(s)))]
+        return percentile(self.latencies_ms, q)
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The ``q`` quantile of ``values`` (nearest rank), NaN for none."""
+    if not values:
+        return math.nan
+    s = sorted(values)
+    return s[min(len(s) - 1, int(q * len(s)))]
 
 
 def _client_process(

@@ -39,17 +39,10 @@ sys.path.insert(0, str(ROOT))
 
 # bench.run first: its --tree handling must run before anything imports kms.
 from bench.run import RESULTS, log, server  # noqa: E402, I001
-from bench.load import LoadResult, run_load, thread_cpu  # noqa: E402
+from bench.load import LoadResult, percentile, run_load, thread_cpu  # noqa: E402
 from bench.messages import Workload, obtain_grant  # noqa: E402
 
 CLIENTS = 8
-
-
-def pct(values: list[float], q: float) -> float:
-    if not values:
-        return math.nan
-    s = sorted(values)
-    return s[min(len(s) - 1, int(q * len(s)))]
 
 
 def model_p(service_ms: float, rate: float, seconds: float, q: float, seed: int = 1) -> float:
@@ -68,7 +61,7 @@ def model_p(service_ms: float, rate: float, seconds: float, q: float, seed: int 
             start = max(a, free_at)
             free_at = start + service_ms / 1e3
             lat.append((free_at - a) * 1e3)
-    return pct(lat, q)
+    return percentile(lat, q)
 
 
 @dataclasses.dataclass
@@ -174,9 +167,9 @@ def main() -> None:
         for name, rate, ex, echo, _service, _model in rows:
             for label, side in ((name, ex), ("  echo, same rate", echo)):
                 rounds = "/".join(f"{p:.1f}" for p in side.p99s)
-                print(f"{label:<16}{rate:>7.0f}{side.done:>7}"
-                      f"{pct(side.latencies, 0.5):>7.2f}{pct(side.latencies, 0.9):>7.2f}"
-                      f"{pct(side.latencies, 0.99):>7.2f}{pct(side.latencies, 0.999):>7.2f}"
+                qs = "".join(f"{percentile(side.latencies, q):>7.2f}"
+                             for q in (0.5, 0.9, 0.99, 0.999))
+                print(f"{label:<16}{rate:>7.0f}{side.done:>7}{qs}"
                       f"  {rounds:<20}{side.errors:>6}")
         print("\nwhere the p99 comes from (ms): service = the event loop's CPU per call (the "
               "busiest server\nthread), process = all server threads' CPU per call; model = "
@@ -184,9 +177,9 @@ def main() -> None:
         print(f"{'workload':<16}{'service':>8}{'process':>8}{'model':>7}{'echo':>7}"
               f"{'measured':>9}{'  < 10 ms':>9}")
         for name, _rate, ex, echo, service, model in rows:
-            p99 = pct(ex.latencies, 0.99)
+            p99 = percentile(ex.latencies, 0.99)
             print(f"{name:<16}{service:>8.2f}{statistics.median(ex.cpu_ms):>8.2f}{model:>7.2f}"
-                  f"{pct(echo.latencies, 0.99):>7.2f}{p99:>9.2f}"
+                  f"{percentile(echo.latencies, 0.99):>7.2f}{p99:>9.2f}"
                   f"{'yes' if p99 < 10 else 'NO':>9}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
